@@ -1,0 +1,4 @@
+from tag2mask.cli.main import main
+
+if __name__ == "__main__":
+    raise SystemExit(main())
