@@ -1,0 +1,37 @@
+"""``tag2mask info``: describe a CLIP checkpoint without running it."""
+
+from __future__ import annotations
+
+import argparse
+
+from tag2mask.cli.common import add_weights_options
+
+
+def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "info",
+        help="print a CLIP checkpoint's architecture, parameter count, dtype and source format",
+        description="Load CLIP weights (any supported format) on the CPU and describe them.",
+    )
+    add_weights_options(p, required=True)
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from tag2mask.clip.loading import read_state_dict, load_clip
+
+    model = load_clip(args.weights, allow_download=args.allow_download or None)
+    sd, _, _ = read_state_dict(model.source_path)
+    dtypes = sorted({str(v.dtype).replace("torch.", "") for v in sd.values() if torch.is_floating_point(v)})
+    cfg = model.config
+    print(f"source:       {model.source_path}")
+    print(f"format:       {model.source_format}")
+    print(f"architecture: {cfg.describe()}")
+    print(f"parameters:   {model.num_parameters():,} (image {sum(p.numel() for p in model.visual.parameters()):,})")
+    print(f"stored dtype: {', '.join(dtypes)}")
+    print(f"activation:   {cfg.activation}; context length {cfg.text.context_length}; vocab {cfg.text.vocab_size}")
+    print(f"fingerprint:  {model.fingerprint}")
+    return 0

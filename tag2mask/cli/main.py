@@ -1,0 +1,53 @@
+"""The ``tag2mask`` command: one entry point, one sub-command module each.
+
+Each module in ``COMMANDS`` exposes ``add_parser(subparsers) -> argparse.ArgumentParser`` and sets
+``func=run`` on it, where ``run(args) -> int`` returns the exit code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+from typing import Sequence
+
+from tag2mask import __version__
+
+# sub-command name -> module implementing it
+COMMANDS: dict[str, str] = {
+    "info": "tag2mask.cli.info_cmd",
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="tag2mask",
+        description="Turn a frozen CLIP into a semantic segmenter without pixel labels.",
+    )
+    parser.add_argument("--version", action="version", version=f"tag2mask {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for module_name in COMMANDS.values():
+        importlib.import_module(module_name).add_parser(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    try:
+        return int(args.func(args) or 0)
+    except (ValueError, FileNotFoundError, ImportError, KeyError) as e:
+        # user-facing problems (bad weights, bad labels, missing extras): one clear line, no traceback
+        if os.environ.get("TAG2MASK_DEBUG"):
+            raise
+        msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"tag2mask {args.command}: error: {msg}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

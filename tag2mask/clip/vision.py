@@ -1,0 +1,183 @@
+"""CLIP's ViT image tower with the dense hooks the localisation methods need.
+
+The hooks (``forward_intermediates``, ``run_blocks``, ``forward_dense``) replace the monkeypatched
+copies of OpenAI's model that the official CLIP-ES / WeCLIP / MaskCLIP repositories vendor.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tag2mask.clip.layers import LayerNorm, ResidualAttentionBlock, Transformer
+
+LastBlockFn = Callable[[ResidualAttentionBlock, torch.Tensor, tuple[int, int]], torch.Tensor]
+
+
+@dataclass
+class VisionIntermediates:
+    """What :meth:`VisionTransformer.forward_intermediates` returns.
+
+    ``tokens[i]`` is the residual stream after block ``i`` (B, L, C), CLS at index 0;
+    ``attentions[i]`` its head-averaged softmax attention (B, L, L) when requested;
+    ``grid`` is the patch grid (h, w), L = 1 + h*w.
+    """
+
+    tokens: list[torch.Tensor] = field(default_factory=list)
+    attentions: list[torch.Tensor] = field(default_factory=list)
+    grid: tuple[int, int] = (0, 0)
+
+    @property
+    def last(self) -> torch.Tensor:
+        return self.tokens[-1]
+
+
+class VisionTransformer(nn.Module):
+    """OpenAI CLIP ViT: ``conv1`` patchify, CLS, positional embedding, ``ln_pre``, blocks, ``ln_post``, ``proj``.
+
+    Positional-embedding behaviour at other resolutions is set by two attributes, which presets
+    change: ``pos_interpolation`` (``'bilinear'`` as CLIP-ES/WeCLIP, or ``'bicubic'`` as MaskCLIP/HF)
+    and ``round_pos_embed_fp16`` (the official CLIP-ES/WeCLIP code casts the interpolated table to fp16).
+    """
+
+    def __init__(
+        self,
+        image_size: int,
+        patch_size: int,
+        width: int,
+        layers: int,
+        heads: int,
+        output_dim: int,
+        activation: str = "quick_gelu",
+        ln_eps: float = 1e-5,
+    ):
+        super().__init__()
+        self.image_size = image_size
+        self.patch_size = patch_size
+        self.width = width
+        self.output_dim = output_dim
+        self.conv1 = nn.Conv2d(3, width, kernel_size=patch_size, stride=patch_size, bias=False)
+        scale = width**-0.5
+        self.class_embedding = nn.Parameter(scale * torch.randn(width))
+        grid = image_size // patch_size
+        self.positional_embedding = nn.Parameter(scale * torch.randn(grid * grid + 1, width))
+        self.ln_pre = LayerNorm(width, eps=ln_eps)
+        self.transformer = Transformer(width, layers, heads, activation, ln_eps)
+        self.ln_post = LayerNorm(width, eps=ln_eps)
+        self.proj = nn.Parameter(scale * torch.randn(width, output_dim))
+        self.pos_interpolation = "bilinear"
+        self.round_pos_embed_fp16 = False
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.transformer.resblocks
+
+    @property
+    def num_blocks(self) -> int:
+        return len(self.transformer.resblocks)
+
+    @property
+    def pretrain_grid(self) -> int:
+        return int(math.isqrt(self.positional_embedding.shape[0] - 1))
+
+    def interpolate_pos_embed(
+        self, h: int, w: int, mode: Optional[str] = None, round_fp16: Optional[bool] = None
+    ) -> torch.Tensor:
+        """Positional embedding for an (h, w) patch grid -> (1 + h*w, C); the CLS row is kept as is.
+
+        The patch rows are viewed as a square grid (channels first), resized with
+        ``F.interpolate(align_corners=False)`` in float32, flattened row-major.
+        """
+        mode = mode or self.pos_interpolation
+        round_fp16 = self.round_pos_embed_fp16 if round_fp16 is None else round_fp16
+        pos = self.positional_embedding
+        g = self.pretrain_grid
+        if (h, w) == (g, g):
+            table = pos
+        else:
+            patch = pos[1:].float().reshape(1, g, g, -1).permute(0, 3, 1, 2)
+            patch = F.interpolate(patch, size=(h, w), mode=mode, align_corners=False)
+            patch = patch.permute(0, 2, 3, 1).reshape(h * w, -1).to(pos.dtype)
+            table = torch.cat([pos[:1], patch], dim=0)
+        if round_fp16:
+            table = table.half().to(pos.dtype)
+        return table
+
+    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Patchify + CLS + positional embedding + ``ln_pre``: (B, 3, H, W) -> ((B, L, C), (h, w)).
+
+        H and W are floored to multiples of the patch size by the stride-``patch`` convolution.
+        """
+        x = self.conv1(images.to(self.conv1.weight.dtype))
+        b, c, h, w = x.shape
+        x = x.flatten(2).transpose(1, 2)
+        cls = self.class_embedding.to(x.dtype).expand(b, 1, c)
+        x = torch.cat([cls, x], dim=1)
+        x = x + self.interpolate_pos_embed(h, w).to(x.dtype)
+        return self.ln_pre(x), (h, w)
+
+    def run_blocks(
+        self,
+        x: torch.Tensor,
+        start: int = 0,
+        end: Optional[int] = None,
+        return_attention: bool = False,
+        keep_tokens: bool = True,
+        out: Optional[VisionIntermediates] = None,
+    ) -> VisionIntermediates:
+        """Run blocks ``start .. end-1`` on a token stream (B, L, C), collecting outputs (and attention)."""
+        end = self.num_blocks if end is None else end
+        out = out if out is not None else VisionIntermediates()
+        for i in range(start, end):
+            x, attn = self.blocks[i](x, need_weights=return_attention)
+            if keep_tokens or i == end - 1:
+                out.tokens.append(x)
+            if attn is not None:
+                out.attentions.append(attn)
+        if not out.tokens:
+            out.tokens.append(x)
+        return out
+
+    def forward_intermediates(
+        self,
+        images: torch.Tensor,
+        num_blocks: Optional[int] = None,
+        return_attention: bool = False,
+        keep_tokens: bool = True,
+    ) -> VisionIntermediates:
+        """Embed ``images`` (B, 3, H, W) and run the first ``num_blocks`` blocks (all by default).
+
+        With ``keep_tokens=False`` only the last block's output is kept (saves memory).
+        """
+        x, grid = self.embed(images)
+        out = VisionIntermediates(grid=grid)
+        return self.run_blocks(x, 0, num_blocks, return_attention, keep_tokens, out)
+
+    def head(self, x: torch.Tensor) -> torch.Tensor:
+        """``ln_post`` then ``proj`` on every token: (B, L, C) -> (B, L, D)."""
+        return self.ln_post(x) @ self.proj
+
+    def forward_dense(
+        self, images: torch.Tensor, last_block: Optional[LastBlockFn] = None
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Dense patch features in the joint space: (B, 3, H, W) -> ((B, h*w, D), (h, w)).
+
+        ``last_block(block, x, grid)`` replaces the last block (x = its input (B, L, C); it returns the
+        new stream (B, L, C)). MaskCLIP, SCLIP, ClearCLIP and NACLIP are such functions.
+        """
+        x, grid = self.embed(images)
+        x = self.run_blocks(x, 0, self.num_blocks - 1, keep_tokens=False).last
+        block = self.blocks[-1]
+        x = block(x)[0] if last_block is None else last_block(block, x, grid)
+        return self.head(x)[:, 1:], grid
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Standard CLIP image embedding (CLS token after ``ln_post`` and ``proj``): (B, 3, H, W) -> (B, D)."""
+        x, _ = self.embed(images)
+        x = self.transformer(x)
+        return self.ln_post(x[:, 0]) @ self.proj
