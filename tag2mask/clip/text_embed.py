@@ -109,9 +109,15 @@ def cache_key(fingerprint: str, templates: Sequence[str], names: Sequence[str]) 
     return hashlib.sha256(payload.encode("utf-8")).hexdigest()
 
 
+# Fingerprints that do not identify the weights (every randomly initialised model shares them).
+_UNCACHEABLE_FINGERPRINTS = frozenset({"", "random-init"})
+
+
 def _model_fingerprint(model: torch.nn.Module) -> Optional[str]:
     fp = getattr(model, "fingerprint", None)
-    return str(fp) if fp else None
+    if fp is None or str(fp) in _UNCACHEABLE_FINGERPRINTS:
+        return None
+    return str(fp)
 
 
 def _load_cached(path: Path, rows: int) -> Optional[torch.Tensor]:
@@ -159,7 +165,7 @@ def embed_names(
 
     Args:
         model: has ``encode_text(tokens (N, 77) int64) -> (N, D)`` and ``fingerprint: str``
-            (without a fingerprint nothing is cached).
+            (nothing is cached without a fingerprint or for ``"random-init"``).
         names: prompt names, each substituted into every template.
         templates: format strings with one ``{}``.
         batch_size: max sentences per ``encode_text`` call.

@@ -1,0 +1,281 @@
+"""Class vocabularies: display names, prompt synonyms and background words.
+
+A :class:`Vocabulary` holds K classes.  Each class has a display name and one or more prompt
+strings ("synonyms"); a class's score is the max over its synonyms' scores.  ``background`` lists
+extra prompts that compete in the softmax but never receive a mask (CLIP-ES's "class-related
+background"); it may be empty.
+
+Text grammars
+-------------
+**Name-set file** (:func:`parse_nameset_file`), UTF-8, one class per line::
+
+    # comments and blank lines are ignored
+    person, people, human        <- synonyms separated by ','; the first is the display name
+    dog
+    background: sky, grass       <- background words (the line may repeat; words accumulate)
+
+A line that is exactly ``background`` (no colon) is rejected: the word is reserved so that a
+copied 21-class list with a background entry does not silently create a "background" class.
+
+**Inline string** (:func:`parse_class_string`): sections separated by ``;``.  A section starting
+with ``background:`` lists background words separated by ``,``; any other section lists classes
+separated by ``,``, with ``|`` separating synonyms of one class::
+
+    "cat, person|people|human; background: sky, grass, wall"
+
+``mode`` controls how synonyms become prompts: ``"max"`` embeds each synonym separately and takes
+the max score; ``"joined"`` writes them into one prompt joined by ``','`` (CLIP-ES's
+sentence-level fusion, e.g. ``'person with clothes,people,human'``).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterable, Sequence, Union
+
+from tag2mask.vocab import classes as _classes
+
+PROMPT_MODES = ("max", "joined")
+PRESETS = ("voc", "coco", "voc-maskclip")
+_BACKGROUND_KEY = "background"
+
+
+def _clean(word: str) -> str:
+    return " ".join(word.split())
+
+
+@dataclass(frozen=True)
+class Vocabulary:
+    """K classes with prompt synonyms plus optional background words.
+
+    Attributes:
+        names: display name per class, class index 0..K-1.
+        synonyms: prompt strings per class (at least one each).
+        background: background prompt strings (may be empty).
+        mode: ``"max"`` (one prompt per synonym, class score = max) or ``"joined"``
+            (all synonyms of a class in one ``','``-joined prompt).
+    """
+
+    names: tuple[str, ...]
+    synonyms: tuple[tuple[str, ...], ...]
+    background: tuple[str, ...] = ()
+    mode: str = "max"
+
+    def __post_init__(self) -> None:
+        # Coerce lists to tuples so the frozen object is hashable and really immutable.
+        object.__setattr__(self, "names", tuple(self.names))
+        object.__setattr__(self, "synonyms", tuple(tuple(s) for s in self.synonyms))
+        object.__setattr__(self, "background", tuple(self.background))
+        if not self.names:
+            raise ValueError("a vocabulary needs at least one class; the class list is empty")
+        if len(self.names) != len(self.synonyms):
+            raise ValueError(f"{len(self.names)} class names but {len(self.synonyms)} synonym groups")
+        if self.mode not in PROMPT_MODES:
+            raise ValueError(f"unknown prompt mode {self.mode!r}; choose one of {PROMPT_MODES}")
+        for name, syns in zip(self.names, self.synonyms):
+            if not name or not name.strip():
+                raise ValueError("class names must be non-empty strings")
+            if not syns or any(not s or not s.strip() for s in syns):
+                raise ValueError(f"class {name!r} needs at least one non-empty prompt synonym")
+        _reject_duplicates(self.names, "class name")
+        _reject_duplicates(self.background, "background word")
+        clash = {n.lower() for n in self.names} & {b.lower() for b in self.background}
+        if clash:
+            raise ValueError(f"words listed both as class and as background: {sorted(clash)}")
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.names)
+
+    def prompt_names(self) -> tuple[tuple[str, ...], ...]:
+        """Prompt strings per class after applying ``mode`` (what gets put into the templates)."""
+        if self.mode == "joined":
+            return tuple((",".join(s),) for s in self.synonyms)
+        return self.synonyms
+
+    def flat_prompts(self) -> tuple[list[str], list[int]]:
+        """All class prompts in one list, plus the class index of each (for one text batch)."""
+        prompts: list[str] = []
+        index: list[int] = []
+        for k, group in enumerate(self.prompt_names()):
+            prompts.extend(group)
+            index.extend([k] * len(group))
+        return prompts, index
+
+    def index_of(self, name: str) -> int:
+        """Class index of a display name (exact, then case-insensitive, then any synonym).
+
+        Raises ``KeyError`` listing the valid names.
+        """
+        if name in self.names:
+            return self.names.index(name)
+        key = _clean(name).lower()
+        for k, n in enumerate(self.names):
+            if n.lower() == key:
+                return k
+        for k, syns in enumerate(self.synonyms):
+            if any(_clean(s).lower() == key for s in syns):
+                return k
+        raise KeyError(f"class {name!r} is not in this vocabulary; valid names: {list(self.names)}")
+
+    def with_background(self, background: Iterable[str]) -> "Vocabulary":
+        """Copy with a different background list."""
+        return Vocabulary(self.names, self.synonyms, tuple(background), self.mode)
+
+    @classmethod
+    def from_names(
+        cls,
+        names: Sequence[Union[str, Sequence[str]]],
+        background: Iterable[str] = (),
+        mode: str = "max",
+        display_names: Sequence[str] | None = None,
+    ) -> "Vocabulary":
+        """Build from class entries: a string is one literal prompt (commas are kept, as
+        CLIP-ES uses them inside names); a sequence of strings is a synonym group whose first
+        element is the display name.  ``display_names`` overrides the display names.
+        """
+        groups: list[tuple[str, ...]] = []
+        for entry in names:
+            group = (entry,) if isinstance(entry, str) else tuple(entry)
+            groups.append(tuple(_clean(s) for s in group))
+        if display_names is None:
+            shown = [g[0] if g else "" for g in groups]
+        else:
+            shown = [_clean(n) for n in display_names]
+        return cls(tuple(shown), tuple(groups), tuple(_clean(b) for b in background), mode)
+
+
+def _reject_duplicates(words: Sequence[str], what: str) -> None:
+    seen: dict[str, str] = {}
+    dups = []
+    for w in words:
+        key = w.lower()
+        if key in seen:
+            dups.append(w)
+        seen[key] = w
+    if dups:
+        raise ValueError(f"duplicate {what}(s): {dups}")
+
+
+def get_vocabulary(name: str) -> Vocabulary:
+    """Preset vocabularies.
+
+    * ``"voc"``  -- 20 VOC classes, CLIP-ES prompt names (one sentence-level prompt per class),
+      25 CLIP-ES background words.
+    * ``"coco"`` -- 80 COCO classes, CLIP-ES prompt names (incl. the ``sknowboard`` typo),
+      23 background words.
+    * ``"voc-maskclip"`` -- 20 VOC classes with MaskCLIP's names, no background words.
+    """
+    key = name.strip().lower()
+    if key == "voc":
+        return Vocabulary.from_names(
+            _classes.VOC_CLIP_ES_NAMES, _classes.VOC_BACKGROUND_WORDS, display_names=_classes.VOC_CLASSES
+        )
+    if key == "coco":
+        return Vocabulary.from_names(
+            _classes.COCO_CLIP_ES_NAMES, _classes.COCO_BACKGROUND_WORDS, display_names=_classes.COCO_CLASSES
+        )
+    if key == "voc-maskclip":
+        return Vocabulary.from_names(_classes.MASKCLIP_VOC_NAMES, display_names=_classes.VOC_CLASSES)
+    raise KeyError(f"unknown vocabulary preset {name!r}; choose one of {list(PRESETS)}")
+
+
+def _split_words(text: str, sep: str) -> list[str]:
+    return [w for w in (_clean(p) for p in text.split(sep)) if w]
+
+
+def _background_section(text: str) -> str | None:
+    """The word list after ``background:`` or None if ``text`` is not a background section."""
+    head, colon, rest = text.partition(":")
+    if colon and head.strip().lower() == _BACKGROUND_KEY:
+        return rest
+    return None
+
+
+def _reserved(word: str, where: str) -> None:
+    if word.lower() == _BACKGROUND_KEY:
+        raise ValueError(
+            f"{where}: 'background' is reserved; list background words as 'background: sky, grass' instead"
+        )
+
+
+def parse_nameset_file(path: Union[str, os.PathLike], mode: str = "max") -> Vocabulary:
+    """Read a name-set file (grammar in the module docstring)."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"class-name file not found: {p}")
+    groups: list[list[str]] = []
+    background: list[str] = []
+    for lineno, raw in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        bg = _background_section(line)
+        if bg is not None:
+            background.extend(_split_words(bg, ","))
+            continue
+        syns = _split_words(line, ",")
+        if not syns:
+            raise ValueError(f"{p}:{lineno}: no class name on this line: {raw!r}")
+        _reserved(syns[0], f"{p}:{lineno}")
+        groups.append(syns)
+    if not groups:
+        raise ValueError(f"{p}: the file lists no classes (only comments, blanks or background lines)")
+    try:
+        return Vocabulary.from_names(groups, background, mode=mode)
+    except ValueError as exc:
+        raise ValueError(f"{p}: {exc}") from None
+
+
+def parse_class_string(text: str, mode: str = "max") -> Vocabulary:
+    """Parse an inline spec such as ``"cat, person|people; background: sky, grass"``."""
+    groups: list[list[str]] = []
+    background: list[str] = []
+    for section in text.split(";"):
+        if not section.strip():
+            continue
+        bg = _background_section(section)
+        if bg is not None:
+            background.extend(_split_words(bg, ","))
+            continue
+        for entry in _split_words(section, ","):
+            syns = _split_words(entry, "|")
+            if not syns:
+                raise ValueError(f"empty class entry {entry!r} in class string {text!r}")
+            _reserved(syns[0], f"class string {text!r}")
+            groups.append(syns)
+    if not groups:
+        raise ValueError(f"class string {text!r} lists no classes; expected e.g. 'cat, dog; background: sky'")
+    return Vocabulary.from_names(groups, background, mode=mode)
+
+
+def load_vocabulary(spec: str, mode: str = "max") -> Vocabulary:
+    """``voc`` / ``coco`` / ``voc-maskclip``, a name-set file path, or an inline class string.
+
+    ``mode`` applies to files and inline strings (presets are fixed to CLIP-ES prompts).
+    """
+    if not isinstance(spec, (str, os.PathLike)):
+        raise TypeError(f"vocabulary spec must be a string or path, got {type(spec).__name__}")
+    spec_str = os.fspath(spec)
+    if not spec_str.strip():
+        raise ValueError("vocabulary spec is empty; use 'voc', 'coco', a file path or 'cat, dog'")
+    if spec_str.strip().lower() in PRESETS:
+        return get_vocabulary(spec_str)
+    p = Path(spec_str).expanduser()
+    if p.is_file():
+        return parse_nameset_file(p, mode=mode)
+    looks_like_path = p.suffix.lower() in (".txt", ".names", ".csv") or (os.sep in spec_str and "," not in spec_str)
+    if looks_like_path:
+        raise FileNotFoundError(f"class-name file not found: {p}")
+    return parse_class_string(spec_str, mode=mode)
+
+
+__all__ = [
+    "Vocabulary", "PROMPT_MODES", "PRESETS", "get_vocabulary", "parse_nameset_file",
+    "parse_class_string", "load_vocabulary",
+]
