@@ -1,0 +1,138 @@
+"""Image-level label files for a plain folder of images.
+
+Two formats:
+
+* JSON: an object ``{"image file name": ["class", ...], ...}``;
+* CSV: header ``image,labels``, then one row per image, class names separated by ``;``
+  (``cat;dog``), an empty cell meaning "no label".
+
+Image names are paths *relative to the image folder*; absolute paths, ``..`` components or
+anything resolving (through symlinks too) outside the folder are refused for that item.
+Class names are matched after stripping whitespace, case-insensitively; unknown names raise
+an error that lists the valid ones. Repeated names in one list are dropped, keeping the first
+appearance order (CAM outputs are stored in label order).
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path, PurePosixPath, PureWindowsPath
+from typing import Iterable, Sequence
+
+__all__ = [
+    "LabelFileError",
+    "read_labels_file",
+    "dedupe",
+    "names_to_ids",
+    "safe_image_path",
+]
+
+
+class LabelFileError(ValueError):
+    """A label file (or one of its entries) is invalid; the message names file and entry."""
+
+
+def dedupe(items: Iterable[str]) -> list[str]:
+    """Drop repeated items, keeping the order of first appearance."""
+    seen: set[str] = set()
+    out: list[str] = []
+    for x in items:
+        if x not in seen:
+            seen.add(x)
+            out.append(x)
+    return out
+
+
+def _read_json(path: Path) -> dict[str, list[str]]:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8-sig"))
+    except json.JSONDecodeError as exc:
+        raise LabelFileError(f"{path}: invalid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise LabelFileError(f"{path}: expected a JSON object {{\"image\": [\"class\", ...]}}, got {type(data).__name__}")
+    out: dict[str, list[str]] = {}
+    for name, labels in data.items():
+        if not isinstance(labels, list) or not all(isinstance(x, str) for x in labels):
+            raise LabelFileError(f"{path}: entry {name!r}: labels must be a list of class-name strings, got {labels!r}")
+        out[name] = dedupe(x.strip() for x in labels if x.strip())
+    return out
+
+
+def _read_csv(path: Path) -> dict[str, list[str]]:
+    out: dict[str, list[str]] = {}
+    with path.open(newline="", encoding="utf-8-sig") as f:
+        reader = csv.reader(f)
+        header = next(reader, None)
+        if header is None or [h.strip().lower() for h in header[:2]] != ["image", "labels"] or len(header) != 2:
+            raise LabelFileError(f"{path}: CSV header must be 'image,labels', got {header!r}")
+        for lineno, row in enumerate(reader, start=2):
+            if not row or all(not c.strip() for c in row):
+                continue  # blank line
+            if len(row) != 2:
+                raise LabelFileError(f"{path}:{lineno}: expected 2 columns (image,labels), got {len(row)}: {row!r}")
+            name, cell = row[0].strip(), row[1]
+            if not name:
+                raise LabelFileError(f"{path}:{lineno}: empty image name")
+            if name in out:
+                raise LabelFileError(f"{path}:{lineno}: image {name!r} listed twice")
+            out[name] = dedupe(x.strip() for x in cell.split(";") if x.strip())
+    return out
+
+
+def read_labels_file(path: str | Path) -> dict[str, list[str]]:
+    """Parse a ``.json`` or ``.csv`` label file into ``{image name: [class name, ...]}``.
+
+    Names are not validated here (see :func:`names_to_ids`, :func:`safe_image_path`).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"label file not found: {path}")
+    suffix = path.suffix.lower()
+    if suffix == ".json":
+        return _read_json(path)
+    if suffix == ".csv":
+        return _read_csv(path)
+    raise LabelFileError(f"{path}: unknown label file type {suffix!r}; use .json or .csv")
+
+
+def names_to_ids(labels: Sequence[str], class_names: Sequence[str], where: str = "") -> list[int]:
+    """Map class names to 0-based ids into ``class_names`` (first-appearance order, no repeats).
+
+    Raises:
+        LabelFileError: an unknown name; the message lists the valid names.
+    """
+    index = {n.strip().lower(): i for i, n in enumerate(class_names)}
+    ids: list[int] = []
+    for name in labels:
+        key = name.strip().lower()
+        if key not in index:
+            prefix = f"{where}: " if where else ""
+            raise LabelFileError(
+                f"{prefix}unknown class name {name!r}; valid names are: {', '.join(class_names)}")
+        if index[key] not in ids:
+            ids.append(index[key])
+    return ids
+
+
+def safe_image_path(image_dir: str | Path, name: str, where: str = "") -> Path:
+    """Resolve ``name`` inside ``image_dir``, refusing anything that escapes it.
+
+    Raises:
+        LabelFileError: absolute path, drive letter, ``..`` component, or a path (or
+            symlink) resolving outside ``image_dir``.
+    """
+    prefix = f"{where}: " if where else ""
+    if not name or "\x00" in name:
+        raise LabelFileError(f"{prefix}invalid image name {name!r}")
+    win = PureWindowsPath(name)
+    posix = PurePosixPath(name.replace("\\", "/"))
+    if posix.is_absolute() or win.is_absolute() or win.drive or name.startswith(("/", "\\")):
+        raise LabelFileError(f"{prefix}image name {name!r} is an absolute path; names must be relative to {image_dir}")
+    if ".." in posix.parts:
+        raise LabelFileError(f"{prefix}image name {name!r} points outside the image folder {image_dir} ('..')")
+    root = Path(image_dir).resolve()
+    full = (root / Path(*posix.parts)).resolve()
+    if full != root and root not in full.parents:
+        raise LabelFileError(f"{prefix}image name {name!r} resolves outside the image folder {image_dir}")
+    return full
