@@ -38,3 +38,45 @@ def add_precision_option(parser: argparse.ArgumentParser) -> None:
         choices=("fp32", "bf16", "fp16"),
         help="autocast precision for the CLIP forward passes (default fp32; bf16 is faster on recent CPUs/GPUs)",
     )
+
+
+def shipped_weights_path():
+    """The tiny CLIP trained on tag2mask's synthetic world, shipped inside the package."""
+    from pathlib import Path
+
+    return Path(__file__).resolve().parent.parent / "assets" / "tiny_clip.safetensors"
+
+
+def load_model_from_args(args: argparse.Namespace, official_rounding: bool = False):
+    """Load ``--weights`` (or the shipped tiny CLIP) on ``--device``.
+
+    ``official_rounding`` reproduces the official CLIP-ES/WeCLIP loaders: Conv/Linear weights and
+    projections rounded to fp16, interpolated positional embeddings rounded to fp16.
+    """
+    from tag2mask.clip.loading import WeightsNotFoundError, load_clip
+    from tag2mask.runtime import resolve_device
+
+    weights = args.weights
+    if weights is None:
+        weights = shipped_weights_path()
+        if not weights.exists():
+            raise WeightsNotFoundError(
+                f"no --weights given and the shipped tiny CLIP is missing ({weights}); pass --weights"
+            )
+    model = load_clip(
+        weights,
+        device=resolve_device(args.device),
+        round_fp16_weights=official_rounding,
+        allow_download=True if getattr(args, "allow_download", False) else None,
+    )
+    if official_rounding and model.is_vit:
+        model.visual.round_pos_embed_fp16 = True
+    return model
+
+
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """Options every batch job shares: resume, overwrite, verbosity."""
+    parser.add_argument("--resume", action="store_true", help="skip items already finished in OUT (outputs verified)")
+    parser.add_argument("--overwrite", action="store_true", help="allow re-running into OUT with different settings")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--limit", type=int, default=None, help="process at most this many items (for a quick look)")

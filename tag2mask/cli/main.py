@@ -17,6 +17,9 @@ from tag2mask import __version__
 # sub-command name -> module implementing it
 COMMANDS: dict[str, str] = {
     "info": "tag2mask.cli.info_cmd",
+    "label": "tag2mask.cli.label_cmd",
+    "eval": "tag2mask.cli.eval_cmd",
+    "synth": "tag2mask.cli.synth_cmd",
 }
 
 

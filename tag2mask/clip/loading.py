@@ -256,6 +256,8 @@ def load_clip(
     model.fingerprint = _fingerprint(path) + (":fp16r" if round_fp16_weights else "")
     model.source_format = fmt
     model.source_path = str(path)
+    # frozen by default: methods that need gradients ask for them on activations, never on weights
+    model.requires_grad_(False)
     return model.to(device=device, dtype=dtype).eval()
 
 

@@ -102,7 +102,7 @@ class ClipES:
         fg, bg = embed_vocabulary(model, vocab, config.templates, cache_dir=text_cache_dir)
         self.fg: TextEmbeddings = fg.to(self.device)
         self.bg: Optional[TextEmbeddings] = bg.to(self.device) if bg is not None else None
-        self.logit_scale = float(model.logit_scale.exp())
+        self.logit_scale = float(model.logit_scale.detach().exp())
 
     # ------------------------------------------------------------------------------------------
     def _text_rows(self, label_ids: Sequence[int]) -> tuple[torch.Tensor, list[list[int]]]:
