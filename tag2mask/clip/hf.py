@@ -90,13 +90,35 @@ def convert_hf_state_dict(sd: dict[str, torch.Tensor]) -> dict[str, torch.Tensor
     return out
 
 
+# transformers' CLIPVisionConfig / CLIPTextConfig defaults: config.json files may omit keys left at
+# these values, and older hub files keep (some of) them under ``*_config_dict`` instead.
+_HF_VISION_DEFAULTS: dict[str, Any] = {
+    "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12, "image_size": 224,
+    "patch_size": 32, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+}
+_HF_TEXT_DEFAULTS: dict[str, Any] = {
+    "hidden_size": 512, "num_hidden_layers": 12, "num_attention_heads": 8, "max_position_embeddings": 77,
+    "vocab_size": 49408, "hidden_act": "quick_gelu", "layer_norm_eps": 1e-5,
+}
+
+
+def _sub_config(config_json: dict[str, Any], name: str, defaults: dict[str, Any]) -> dict[str, Any]:
+    """defaults < ``<name>_config`` < ``<name>_config_dict`` (the precedence transformers applies)."""
+    merged = dict(defaults)
+    merged.update(config_json.get(f"{name}_config") or {})
+    merged.update(config_json.get(f"{name}_config_dict") or {})
+    return merged
+
+
 def config_from_hf(config_json: dict[str, Any]) -> CLIPConfig:
     """Build a :class:`CLIPConfig` from a HF ``config.json`` of a ``CLIPModel`` (head counts taken as given)."""
-    v = config_json["vision_config"]
-    t = config_json["text_config"]
-    act = v.get("hidden_act", "quick_gelu")
+    v = _sub_config(config_json, "vision", _HF_VISION_DEFAULTS)
+    t = _sub_config(config_json, "text", _HF_TEXT_DEFAULTS)
+    act = v["hidden_act"]
     if act not in ("quick_gelu", "gelu"):
         raise ValueError(f"unsupported activation {act!r} in the Hugging Face config")
+    if t["hidden_act"] != act:
+        raise ValueError(f"different activations in the towers ({act!r} vs {t['hidden_act']!r}) are not supported")
     return CLIPConfig(
         embed_dim=config_json.get("projection_dim", 512),
         vision=VisionConfig(
@@ -110,11 +132,11 @@ def config_from_hf(config_json: dict[str, Any]) -> CLIPConfig:
             width=t["hidden_size"],
             layers=t["num_hidden_layers"],
             heads=t["num_attention_heads"],
-            context_length=t.get("max_position_embeddings", 77),
+            context_length=t["max_position_embeddings"],
             vocab_size=t["vocab_size"],
         ),
         activation=act,
-        ln_eps=v.get("layer_norm_eps", 1e-5),
+        ln_eps=v["layer_norm_eps"],
     )
 
 

@@ -126,6 +126,8 @@ def read_state_dict(path: PathLike) -> tuple[dict[str, torch.Tensor], Optional[C
     if not path.exists():
         raise WeightsNotFoundError(f"{path}: no such file or folder")
     config: Optional[CLIPConfig] = None
+    if path.is_file() and path.stat().st_size == 0:
+        raise WeightsError(f"{path}: the file is empty (an interrupted download or copy?)")
     try:
         if path.is_dir():
             sd, config = read_hf_folder(path)
@@ -155,13 +157,14 @@ def read_state_dict(path: PathLike) -> tuple[dict[str, torch.Tensor], Optional[C
         raise WeightsError(f"{path}: not a readable CLIP checkpoint ({type(e).__name__}: {e})") from e
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise WeightsError(f"{path}: does not contain a state dict of tensors")
+    sd = strip_non_parameters(sd)  # before the layout check, so that a ``module.``-prefixed HF dict is recognised
     if is_hf_state_dict(sd):
         try:
             sd = convert_hf_state_dict(sd)
         except KeyError as e:
             raise WeightsError(f"{path}: {e.args[0]}") from e
         fmt = fmt + "+hf-layout" if fmt != "huggingface-folder" else fmt
-    return strip_non_parameters(sd), config, fmt
+    return sd, config, fmt
 
 
 def _unwrap_checkpoint(obj: Any, path: Path) -> dict[str, torch.Tensor]:
