@@ -129,12 +129,17 @@ class VisionTransformer(nn.Module):
         return_attention: bool = False,
         keep_tokens: bool = True,
         out: Optional[VisionIntermediates] = None,
+        attention_from: int = 0,
     ) -> VisionIntermediates:
-        """Run blocks ``start .. end-1`` on a token stream (B, L, C), collecting outputs (and attention)."""
+        """Run blocks ``start .. end-1`` on a token stream (B, L, C), collecting outputs (and attention).
+
+        Attention maps are formed only for blocks ``>= attention_from``; earlier blocks take the
+        fused ``scaled_dot_product_attention`` path.
+        """
         end = self.num_blocks if end is None else end
         out = out if out is not None else VisionIntermediates()
         for i in range(start, end):
-            x, attn = self.blocks[i](x, need_weights=return_attention)
+            x, attn = self.blocks[i](x, need_weights=return_attention and i >= attention_from)
             if keep_tokens or i == end - 1:
                 out.tokens.append(x)
             if attn is not None:
@@ -149,14 +154,16 @@ class VisionTransformer(nn.Module):
         num_blocks: Optional[int] = None,
         return_attention: bool = False,
         keep_tokens: bool = True,
+        attention_from: int = 0,
     ) -> VisionIntermediates:
         """Embed ``images`` (B, 3, H, W) and run the first ``num_blocks`` blocks (all by default).
 
-        With ``keep_tokens=False`` only the last block's output is kept (saves memory).
+        With ``keep_tokens=False`` only the last block's output is kept (saves memory); attention
+        maps are returned for blocks ``>= attention_from`` (one (B, L, L) map each).
         """
         x, grid = self.embed(images)
         out = VisionIntermediates(grid=grid)
-        return self.run_blocks(x, 0, num_blocks, return_attention, keep_tokens, out)
+        return self.run_blocks(x, 0, num_blocks, return_attention, keep_tokens, out, attention_from)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """``ln_post`` then ``proj`` on every token: (B, L, C) -> (B, L, D)."""

@@ -136,7 +136,11 @@ class ClipES:
         text, targets = self._text_rows(label_ids)
         with self._autocast():
             with torch.no_grad():
-                inter = visual.forward_intermediates(x, visual.num_blocks - 1, return_attention=True, keep_tokens=False)
+                # only the last ``attention_layers`` maps are used (the last block's comes from GradCAM)
+                first = max(0, visual.num_blocks - cfg.attention_layers)
+                inter = visual.forward_intermediates(
+                    x, visual.num_blocks - 1, return_attention=True, keep_tokens=False, attention_from=first
+                )
             grid = inter.grid
             gc = softmax_gradcam(visual, inter.last, grid, text, targets, self.logit_scale)
         attn = [a[0].float() for a in inter.attentions] + [gc.last_attention.float()]
