@@ -16,6 +16,7 @@ from tag2mask import __version__
 
 # sub-command name -> module implementing it
 COMMANDS: dict[str, str] = {
+    "demo": "tag2mask.cli.demo_cmd",
     "info": "tag2mask.cli.info_cmd",
     "label": "tag2mask.cli.label_cmd",
     "eval": "tag2mask.cli.eval_cmd",

@@ -57,8 +57,9 @@ def mean_attention(attn_maps: Union[Sequence[torch.Tensor], torch.Tensor], last:
         stack = stack[:, 0]
     if stack.dim() != 3 or stack.shape[-1] != stack.shape[-2]:
         raise ValueError(f"expected (n_layers, L, L) attention, got {tuple(stack.shape)}")
-    if not 1 <= last <= stack.shape[0]:
-        raise ValueError(f"last={last} but only {stack.shape[0]} maps were given")
+    if last < 1:
+        raise ValueError(f"last must be at least 1, got {last}")
+    # like the official ``[-last:]`` slice: a model with fewer blocks averages all of them
     sel = stack[-last:]
     if drop_cls:
         sel = sel[:, 1:, 1:]

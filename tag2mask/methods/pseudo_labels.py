@@ -67,7 +67,7 @@ class LabelRefiner:
         c = torch.from_numpy(np.asarray(cams, dtype=np.float32)).to(self.device)
         bg = (1 - c.max(dim=0, keepdim=True).values).clamp_min(0) ** self.bg_power
         scores = torch.cat([bg, c], dim=0)[None]
-        image = torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device).permute(2, 0, 1)[None].float() / 255.0
+        image = torch.from_numpy(np.array(rgb, dtype=np.uint8)).to(self.device).permute(2, 0, 1)[None].float() / 255.0
         with torch.no_grad():
             refined = self._pamr(image, scores)[0]
         return labels_from_scores(refined.cpu().numpy(), pad_keys(keys), None)

@@ -140,7 +140,7 @@ def dense_crf(probs: np.ndarray, image: np.ndarray, params: CRFParams = CLIP_ES_
     if p.ndim != 3:
         raise ValueError(f"expected (C, H, W) probabilities, got shape {p.shape}")
     C, H, W = p.shape
-    img = np.ascontiguousarray(np.asarray(image, dtype=np.uint8))
+    img = np.array(image, dtype=np.uint8, order="C")  # a writable copy: pydensecrf refuses read-only buffers
     if img.shape != (H, W, 3):
         raise ValueError(f"image shape {img.shape} does not match probabilities {(H, W)}")
     crf = dcrf.DenseCRF2D(W, H, C)

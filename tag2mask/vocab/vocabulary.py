@@ -38,7 +38,7 @@ from typing import Iterable, Sequence, Union
 from tag2mask.vocab import classes as _classes
 
 PROMPT_MODES = ("max", "joined")
-PRESETS = ("voc", "coco", "voc-maskclip")
+PRESETS = ("voc", "coco", "voc-maskclip", "synth")
 _BACKGROUND_KEY = "background"
 
 
@@ -170,6 +170,8 @@ def get_vocabulary(name: str) -> Vocabulary:
     * ``"coco"`` -- 80 COCO classes, CLIP-ES prompt names (incl. the ``sknowboard`` typo),
       23 background words.
     * ``"voc-maskclip"`` -- 20 VOC classes with MaskCLIP's names, no background words.
+    * ``"synth"`` -- the 12 object classes of tag2mask's synthetic world, its 6 stuff textures as
+      background words (ids match the synthetic masks: class k -> label k + 1).
     """
     key = name.strip().lower()
     if key == "voc":
@@ -182,6 +184,10 @@ def get_vocabulary(name: str) -> Vocabulary:
         )
     if key == "voc-maskclip":
         return Vocabulary.from_names(_classes.MASKCLIP_VOC_NAMES, display_names=_classes.VOC_CLASSES)
+    if key == "synth":
+        from tag2mask.synth.world import OBJECT_NAMES, STUFF_NAMES
+
+        return Vocabulary.from_names(list(OBJECT_NAMES), list(STUFF_NAMES))
     raise KeyError(f"unknown vocabulary preset {name!r}; choose one of {list(PRESETS)}")
 
 

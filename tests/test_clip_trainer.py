@@ -1,0 +1,111 @@
+"""Tiny-CLIP trainer: smoke run, save/load round trip, AP/mAP on hand-made cases, batch targets."""
+
+from __future__ import annotations
+
+import csv
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from tag2mask.clip.loading import load_clip
+from tag2mask.training.clip_trainer import (
+    NUM_CONCEPTS,
+    BatchSampler,
+    ScenePool,
+    TrainConfig,
+    average_precision,
+    concepts_from_caption,
+    main,
+    mean_average_precision,
+    multi_positive_infonce,
+)
+
+ASSET = Path(__file__).resolve().parents[1] / "tag2mask" / "assets" / "tiny_clip.safetensors"
+
+
+def _tiny_cfg(out: Path, **kw) -> list[str]:
+    args = {
+        "--out": str(out), "--steps": "3", "--batch-size": "8", "--pool-size": "16", "--pool-workers": "1",
+        "--image-size": "64", "--vision-width": "64", "--vision-layers": "2", "--text-layers": "1",
+        "--embed-dim": "32", "--warmup": "1", "--log-every": "1", "--eval-every": "3", "--n-val": "8",
+        "--device": "cpu", "--seed": "0", "--dense-eval": "4",
+    }
+    args.update(kw)
+    return [x for kv in args.items() for x in kv] + ["--no-progress"]
+
+
+def test_smoke_run_writes_log_and_loadable_weights(tmp_path):
+    torch.set_num_threads(1)
+    assert main(_tiny_cfg(tmp_path)) == 0
+    rows = list(csv.DictReader(open(tmp_path / "train_log.csv")))
+    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    losses = [float(r["loss"]) for r in rows]
+    assert all(math.isfinite(x) for x in losses)
+    assert 0.0 <= float(rows[-1]["val_map"]) <= 1.0
+    model = load_clip(tmp_path / "tiny_clip.safetensors")
+    assert next(model.parameters()).dtype == torch.float32
+    assert model.config.vision.width == 64 and model.config.vision.image_size == 64
+    assert model.config.embed_dim == 32
+    with torch.no_grad():
+        emb = model.encode_image(torch.zeros(2, 3, 64, 64))
+    assert emb.shape == (2, 32) and torch.isfinite(emb).all()
+
+
+def test_average_precision_hand_made():
+    # ranking: pos, neg, pos, neg -> precisions at positives 1/1 and 2/3
+    assert average_precision(np.array([0.9, 0.8, 0.7, 0.1]), np.array([1, 0, 1, 0])) == pytest.approx((1 + 2 / 3) / 2)
+    assert average_precision(np.array([0.1, 0.2, 0.3]), np.array([0, 0, 1])) == pytest.approx(1.0)
+    assert average_precision(np.array([0.3, 0.2, 0.1]), np.array([0, 0, 1])) == pytest.approx(1 / 3)
+    assert math.isnan(average_precision(np.array([0.3, 0.2]), np.array([0, 0])))
+
+
+def test_mean_average_precision_skips_classes_without_positives():
+    scores = np.array([[0.9, 0.1, 0.5], [0.2, 0.8, 0.4], [0.1, 0.3, 0.6]])
+    targets = np.array([[1, 0, 0], [0, 0, 0], [0, 1, 0]])
+    # class 0: AP 1; class 1: positive ranked 2nd -> 1/2; class 2 has no positive -> skipped
+    assert mean_average_precision(scores, targets) == pytest.approx(0.75)
+
+
+def test_concepts_from_caption_plurals_and_stuff():
+    hot = concepts_from_caption("two red crosses and a star over green grass")
+    names = ["star", "ring", "cross", "heart", "triangle", "square", "disk", "crescent", "diamond", "arrow",
+             "hexagon", "bolt", "grass", "water", "sky", "brick", "sand", "wood"]
+    assert hot.shape == (NUM_CONCEPTS,)
+    assert {names[i] for i in np.flatnonzero(hot)} == {"cross", "star", "grass"}
+
+
+def test_pool_concepts_match_scene_labels_and_targets_are_consistent():
+    pool = ScenePool(24, 64, workers=1, progress=False)
+    from tag2mask.synth.scenes import generate_scene
+    from tag2mask.synth.splits import seed_for
+
+    for i in range(24):
+        s = generate_scene(seed_for("train", i), 64)
+        assert sorted(np.flatnonzero(pool.concepts[i, :12]) + 1) == sorted(s.labels)
+    cfg = TrainConfig(batch_size=16, seed=1)
+    batch = BatchSampler(pool, cfg, torch.device("cpu")).sample()
+    pos = batch["positives"]
+    assert pos.shape == (16, 16) and pos.diagonal().all()
+    assert batch["images"].shape == (16, 3, 64, 64)
+    assert batch["tokens"].dtype == torch.long and (batch["tokens"].argmax(1) > 0).all()
+
+
+def test_multi_positive_infonce_reduces_to_clip_loss_with_identity():
+    logits = torch.randn(5, 5)
+    eye = torch.eye(5, dtype=torch.bool)
+    ref = 0.5 * (
+        torch.nn.functional.cross_entropy(logits, torch.arange(5))
+        + torch.nn.functional.cross_entropy(logits.t(), torch.arange(5))
+    )
+    assert multi_positive_infonce(logits, eye) == pytest.approx(float(ref), rel=1e-5)
+
+
+@pytest.mark.skipif(not ASSET.exists(), reason="shipped tiny CLIP weights not present")
+def test_shipped_weights_load_and_fit_the_size_budget():
+    assert ASSET.stat().st_size <= 15 * 1024 * 1024
+    model = load_clip(ASSET)
+    assert next(model.parameters()).dtype == torch.float32
+    assert model.config.vision.image_size == 224 and model.config.vision.patch_size == 16
