@@ -165,3 +165,12 @@ def test_registry_and_detect(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="known: coco, folder, voc"):
         open_dataset("ade")
     assert names_to_ids(["cat", "CAT "], VOC) == [7]
+
+
+def test_json_labels_with_a_duplicate_image_are_refused(tmp_path):
+    from tag2mask.data.labels import LabelFileError, read_labels_file
+
+    path = tmp_path / "tags.json"
+    path.write_text('{"a.jpg": ["cat"], "b.jpg": ["dog"], "a.jpg": ["dog"]}')
+    with pytest.raises(LabelFileError, match="a.jpg"):
+        read_labels_file(path)

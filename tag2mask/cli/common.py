@@ -79,4 +79,5 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--resume", action="store_true", help="skip items already finished in OUT (outputs verified)")
     parser.add_argument("--overwrite", action="store_true", help="allow re-running into OUT with different settings")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--verbose", action="store_true", help="print one line per item (the JSON log in OUT/logs/ always has them)")
     parser.add_argument("--limit", type=int, default=None, help="process at most this many items (for a quick look)")

@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
+import math
 import platform
-import sys
-import time
 from pathlib import Path
+from typing import Any
 
 from tag2mask.cli.common import (
     add_device_option,
@@ -17,6 +16,22 @@ from tag2mask.cli.common import (
 )
 
 REFINERS = ("crf", "pamr", "none")
+#: default --max-pixels: 1 MP (about 1000x1000). CLIP-ES's attention affinity is quadratic in the
+#: number of 16x16 patches (1 MP = 3,900 tokens -> 61 MB per attention map, 4 MP -> 1 GB), so larger
+#: images would exhaust memory; VOC / COCO images (at most 640x640 = 0.41 MP) are never resized.
+DEFAULT_MAX_PIXELS = 1_000_000
+#: default --max-decode-pixels: the decoder's own decompression-bomb limit (tag2mask.data.images)
+MAX_DECODE_PIXELS = 100_000_000
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(float(text))  # accept 4e6 as well as 4000000
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
 
 
 def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
@@ -32,7 +47,9 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
             "examples:\n"
             "  tag2mask label photos/ --labels tags.json --classes classes.txt --out run1\n"
             "  tag2mask label VOCdevkit/VOC2012 --split train --classes voc --weights ViT-B-16.pt --refine crf --out seeds\n"
-            "LABELS formats: JSON {\"img.jpg\": [\"cat\", \"dog\"]} or CSV with header 'image,labels' and ';'-separated names."
+            "LABELS formats: JSON {\"img.jpg\": [\"cat\", \"dog\"]} or CSV with header 'image,labels' and ';'-separated names.\n"
+            "scale out: torchrun --nproc-per-node 4 -m tag2mask label ... (see docs/batch_jobs.md)\n"
+            "exit code: 0 all items ok, 1 some items failed (listed in OUT/manifest.jsonl), 2 bad arguments"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -46,7 +63,7 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
         "or an inline list 'cat, dog; background: sky, grass' (default: voc)",
     )
     p.add_argument("--method", default="clip-es", choices=("clip-es",), help="localisation method (default: clip-es)")
-    p.add_argument("--out", required=True, help="output folder (masks/, cams/, arrays/, run.json, manifest.jsonl)")
+    p.add_argument("--out", required=True, help="output folder (masks/, cams/, arrays/, run.json, manifest.jsonl, logs/)")
     p.add_argument("--refine", default="pamr", choices=REFINERS, help="post-processing: dense CRF (extra 'crf'), PAMR (default), none")
     p.add_argument("--box-threshold", type=float, default=None, help="CAM box threshold lambda (default: 0.4; 0.7 for coco)")
     p.add_argument("--bg-power", type=float, default=1.0, help="background score (1 - max CAM)^p (default 1)")
@@ -55,6 +72,21 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     p.add_argument("--flip", action="store_true", help="also average horizontally flipped views")
     p.add_argument("--no-compat", dest="compat", action="store_false", help="do not reproduce the official fp16 weight rounding and CRF image quirk")
     p.add_argument("--save-arrays", action="store_true", help="also save every intermediate array (arrays/<stem>.npz), as in the golden fixtures")
+    p.add_argument(
+        "--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
+        help=f"largest image (width*height) processed at full size (default {DEFAULT_MAX_PIXELS:,}; CLIP-ES memory "
+        "grows with the square of the pixel count). Larger images are downscaled to fit, keeping the aspect "
+        "ratio, and their mask is scaled back (nearest) to the original size; see --max-pixels-policy",
+    )
+    p.add_argument(
+        "--max-pixels-policy", default="downscale", choices=("downscale", "refuse"),
+        help="what to do with an image above --max-pixels: downscale (default) or refuse it (an error record)",
+    )
+    p.add_argument(
+        "--max-decode-pixels", type=_positive_int, default=MAX_DECODE_PIXELS,
+        help=f"images above this many pixels are refused before decoding (decompression-bomb guard; default {MAX_DECODE_PIXELS:,})",
+    )
+    p.add_argument("--coco-json", action="store_true", help="also write OUT/annotations.json (COCO RLE, merged over ranks) at the end")
     add_weights_options(p)
     add_device_option(p)
     add_precision_option(p)
@@ -72,33 +104,141 @@ def _open_items(args: argparse.Namespace, class_names: list[str]):
             raise ValueError(f"{args.images}: not a VOC root, so --labels is required (JSON or CSV)")
         return VOCDataset(args.images, split=args.split, class_names=class_names)
     image_dir = Path(args.images)
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"image folder not found: {image_dir}")
     if kind == "voc":
         image_dir = image_dir / "JPEGImages" if (image_dir / "JPEGImages").is_dir() else image_dir / "VOC2012" / "JPEGImages"
     return FolderDataset(image_dir, args.labels, class_names, strict=False)
 
 
+def _item_keys(dataset) -> list[str]:
+    """Item names without building samples (a VOC sample parses its XML; that may fail per item)."""
+    return dataset.names
+
+
+def _describe(dataset, i: int) -> str:
+    """The image file of item ``i`` for messages (its name if the sample cannot be built)."""
+    try:
+        return str(dataset[i].image_path)
+    except Exception:
+        return str(dataset.names[i])
+
+
 def _settings(args: argparse.Namespace, model) -> dict:
-    keys = ("method", "classes", "refine", "box_threshold", "bg_power", "confidence", "scales", "flip", "compat", "precision", "save_arrays")
+    keys = ("method", "classes", "refine", "box_threshold", "bg_power", "confidence", "scales", "flip", "compat",
+            "precision", "save_arrays", "max_pixels", "max_pixels_policy")
     s = {k: getattr(args, k) for k in keys}
     s["weights"] = model.fingerprint
     return s
 
 
+def _device_for_rank(device: str) -> str:
+    """Under torchrun with CUDA, each local rank takes its own GPU (``cuda:LOCAL_RANK``)."""
+    from tag2mask.jobs.distributed import dist_info
+
+    info = dist_info()
+    if info.distributed and device in ("auto", "cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            return f"cuda:{info.local_rank % torch.cuda.device_count()}"
+    return device
+
+
+def fit_max_pixels(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """The largest ``(w, h)`` with the same aspect ratio and ``w * h <= max_pixels`` (each side >= 1).
+
+    Images already within the limit are returned unchanged.
+    """
+    if width * height <= max_pixels:
+        return width, height
+    scale = math.sqrt(max_pixels / (width * height))
+    w, h = max(1, int(width * scale)), max(1, int(height * scale))
+    while w * h > max_pixels:  # floating point may overshoot by a pixel row
+        if w >= h:
+            w -= 1
+        else:
+            h -= 1
+    return w, h
+
+
+class _Labeller:
+    """``process_fn`` of the runner: one sample -> mask, CAMs (and arrays) written atomically."""
+
+    def __init__(self, args: argparse.Namespace, cam_maker, refiner, vocab, out: Path, image_root: Path) -> None:
+        self.args, self.cam_maker, self.refiner, self.vocab = args, cam_maker, refiner, vocab
+        self.image_root = image_root
+        self.dirs = {name: out / name for name in ("masks", "cams") + (("arrays",) if args.save_arrays else ())}
+
+    def __call__(self, sample) -> "Any":
+        import numpy as np
+        from PIL import Image
+
+        from tag2mask.data.images import load_image
+        from tag2mask.jobs.runner import ItemError, ItemOutput
+
+        args = self.args
+        if not sample.label_ids:
+            raise ItemError("labels", f"{sample.image_path}: empty label list; every image needs at least one class name")
+        image = load_image(sample.image_path, max_pixels=args.max_decode_pixels)
+        width, height = image.size
+        info: dict[str, Any] = {"labels": [self.vocab.names[k] for k in sample.label_ids], "size": [height, width]}
+        try:
+            info["image"] = Path(sample.image_path).resolve().relative_to(self.image_root.resolve()).as_posix()
+        except ValueError:
+            info["image"] = str(sample.image_path)
+        w, h = fit_max_pixels(width, height, args.max_pixels)
+        if (w, h) != (width, height):
+            if args.max_pixels_policy == "refuse":
+                raise ItemError("too_large", f"{sample.image_path}: image is {width}x{height} = {width * height:,} pixels, "
+                                f"more than --max-pixels {args.max_pixels:,}; raise --max-pixels or use "
+                                "--max-pixels-policy downscale")
+            # reducing_gap: a fast box pre-reduction then bicubic, antialiased like a plain bicubic
+            image = image.resize((w, h), Image.BICUBIC, reducing_gap=3.0)
+            info["processed_size"] = [h, w]
+        result = self.cam_maker(image, sample.label_ids, keep_arrays=args.save_arrays)
+        rgb = np.array(image, dtype=np.uint8)  # a writable copy: the refiners hand it to torch
+        label, extra = self.refiner(result.cams, result.keys, rgb)
+        if (w, h) != (width, height):
+            # the mask must align with the original image; CAMs stay at the processed size (manifest: processed_size)
+            label = np.asarray(Image.fromarray(np.asarray(label, np.uint8)).resize((width, height), Image.NEAREST))
+        return ItemOutput(self._write(sample.name, label, result, extra), info)
+
+    def _write(self, stem: str, label, result, extra) -> list[Path]:
+        import numpy as np
+
+        from tag2mask.io.atomic import atomic_path
+        from tag2mask.io.palette import save_label_png
+
+        mask_path = self.dirs["masks"] / f"{stem}.png"
+        cam_path = self.dirs["cams"] / f"{stem}.npz"
+        save_label_png(mask_path, label)  # atomic (temp file in the same folder, fsync, rename)
+        with atomic_path(cam_path) as tmp:
+            with open(tmp, "wb") as f:
+                np.savez_compressed(f, keys=result.keys, cams=result.cams)
+        outputs = [mask_path, cam_path]
+        if "arrays" in self.dirs:
+            arr_path = self.dirs["arrays"] / f"{stem}.npz"
+            with atomic_path(arr_path) as tmp:
+                with open(tmp, "wb") as f:
+                    np.savez_compressed(f, **result.arrays, **extra)
+            outputs.append(arr_path)
+        return outputs
+
+
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
     import torch
-    from tqdm import tqdm
 
     import tag2mask
     from tag2mask.cli.common import load_model_from_args
-    from tag2mask.data.images import load_image
-    from tag2mask.io.atomic import atomic_path
-    from tag2mask.io.manifest import RunManifest, check_settings
+    from tag2mask.jobs.runner import JobOptions, print_summary, process_exit_code, run_items
     from tag2mask.methods.clip_es import ClipES, preset_for
     from tag2mask.methods.pseudo_labels import LabelRefiner
     from tag2mask.vocab.vocabulary import load_vocabulary
 
     out = Path(args.out)
+    if args.limit is not None and args.limit < 0:
+        raise ValueError(f"--limit must be >= 0, got {args.limit}")
     vocab = load_vocabulary(args.classes)
     preset = "coco" if args.classes == "coco" else "voc"
     overrides = dict(scales=tuple(args.scales), flip=args.flip, precision=args.precision)
@@ -106,99 +246,42 @@ def run(args: argparse.Namespace) -> int:
         overrides["box_threshold"] = args.box_threshold
     config = preset_for(preset, **overrides)
     items = _open_items(args, list(vocab.names))
+    args.device = _device_for_rank(args.device)
     model = load_model_from_args(args, official_rounding=args.compat)
-    check_settings(out, _settings(args, model), args.overwrite)
+    settings = _settings(args, model)
     cam_maker = ClipES(model, vocab, config)
     refiner = LabelRefiner(args.refine, bg_power=args.bg_power, confidence=args.confidence, compat=args.compat, device=model_device(model))
+    # COCO "file_name" and the manifest's "image" field are relative to the image folder
+    image_root = Path(items.image_dir) if hasattr(items, "image_dir") else Path(items.root) / "JPEGImages"
+    labeller = _Labeller(args, cam_maker, refiner, vocab, out, image_root)
 
-    dirs = {name: out / name for name in ("masks", "cams") + (("arrays",) if args.save_arrays else ())}
-    for d in dirs.values():
-        d.mkdir(parents=True, exist_ok=True)
-    manifest = RunManifest(out)
-    done = manifest.completed() if args.resume else {}
-    failed, written, skipped = [], 0, 0
-    for entry, message in getattr(items, "errors", []):
-        manifest.record(entry, "error", error=message)
-        failed.append((entry, message))
-    n_items = len(items) if args.limit is None else min(args.limit, len(items))
-    started = time.time()
-    bar = tqdm(range(n_items), desc="label", unit="img", disable=args.quiet, file=sys.stderr)
-    for i in bar:
-        try:
-            sample = items[i]
-        except (ValueError, FileNotFoundError) as e:  # a bad annotation file: report, keep going
-            manifest.record(f"#{i}", "error", error=str(e))
-            failed.append((f"#{i}", str(e)))
-            continue
-        if sample.name in done:
-            skipped += 1
-            continue
-        try:
-            image = load_image(sample.image_path)
-            if not sample.label_ids:
-                raise ValueError(f"{sample.image_path}: no image-level labels")
-            result = cam_maker(image, sample.label_ids, keep_arrays=args.save_arrays)
-            rgb = np.asarray(image, dtype=np.uint8)
-            label, extra = refiner(result.cams, result.keys, rgb)
-            outputs = _write_outputs(dirs, sample.name, label, result, extra, atomic_path)
-        except Exception as e:  # one bad item never stops the job; it is reported in the manifest
-            if isinstance(e, (KeyboardInterrupt, MemoryError)):
-                raise
-            manifest.record(sample.name, "error", error=f"{type(e).__name__}: {e}")
-            failed.append((sample.name, str(e)))
-            continue
-        manifest.record(sample.name, "ok", outputs=outputs, labels=[vocab.names[k] for k in result.keys])
-        written += 1
-    manifest.close()
-    elapsed = time.time() - started
     record = {
         "tag2mask": tag2mask.__version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
-        "settings": _settings(args, model),
+        "command": "label",
+        "settings": settings,
         "clip_es": config.__dict__,
         "classes": list(vocab.names),
         "weights": getattr(model, "source_path", None),
         "device": str(model_device(model)),
-        "items": n_items,
-        "written": written,
-        "skipped_already_done": skipped,
-        "failed": len(failed),
-        "seconds": round(elapsed, 2),
-        "images_per_second": round(written / elapsed, 3) if elapsed > 0 else None,
     }
-    from tag2mask.io.atomic import atomic_write_text
 
-    atomic_write_text(out / "run.json", json.dumps(record, indent=2, default=str))
-    print(f"label: {written} written, {skipped} already done, {len(failed)} failed -> {out}", file=sys.stderr)
-    for name, msg in failed[:20]:
-        print(f"  failed {name}: {msg}", file=sys.stderr)
-    return 1 if failed else 0
+    def finalize(run_dir: Path, summary) -> None:
+        if args.coco_json:
+            from tag2mask.jobs.coco_export import write_coco_from_manifest
+
+            record["coco_json"] = write_coco_from_manifest(run_dir, vocab.names, run_dir / "annotations.json")
+
+    options = JobOptions(resume=args.resume, overwrite=args.overwrite, quiet=args.quiet, verbose=args.verbose,
+                         limit=args.limit, desc="label", unit="img")
+    summary = run_items(items, labeller, out, settings, options, keys=_item_keys(items),
+                        preflight_errors=getattr(items, "errors", []), describe=lambda i: _describe(items, i),
+                        run_record=record, finalize=finalize)
+    if not args.quiet or summary.failed:
+        print_summary(summary, out, "label")
+    return process_exit_code(summary)
 
 
 def model_device(model):
     return next(model.parameters()).device
-
-
-def _write_outputs(dirs, stem, label, result, extra, atomic_path) -> list[str]:
-    import numpy as np
-
-    from tag2mask.io.palette import save_label_png
-
-    mask_path = dirs["masks"] / f"{stem}.png"
-    cam_path = dirs["cams"] / f"{stem}.npz"
-    for p in (mask_path, cam_path):
-        p.parent.mkdir(parents=True, exist_ok=True)
-    save_label_png(mask_path, label)
-    with atomic_path(cam_path) as tmp:
-        with open(tmp, "wb") as f:
-            np.savez_compressed(f, keys=result.keys, cams=result.cams)
-    outputs = [str(mask_path), str(cam_path)]
-    if "arrays" in dirs:
-        arr_path = dirs["arrays"] / f"{stem}.npz"
-        arr_path.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(arr_path) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez_compressed(f, **result.arrays, **extra)
-        outputs.append(str(arr_path))
-    return outputs

@@ -44,7 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
-    except (ValueError, FileNotFoundError, ImportError, KeyError) as e:
+    except (ValueError, OSError, ImportError, KeyError) as e:
         # user-facing problems (bad weights, bad labels, missing extras): one clear line, no traceback
         if os.environ.get("TAG2MASK_DEBUG"):
             raise

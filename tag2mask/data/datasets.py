@@ -85,6 +85,11 @@ class _Base:
 
     _names: list[str]
 
+    @property
+    def names(self) -> list[str]:
+        """Item names (file stems / ids) in iteration order, without loading anything."""
+        return list(self._names)
+
     def __len__(self) -> int:
         return len(self._names)
 

@@ -45,8 +45,17 @@ def dedupe(items: Iterable[str]) -> list[str]:
 
 
 def _read_json(path: Path) -> dict[str, list[str]]:
+    def no_duplicate_keys(pairs: list[tuple[str, object]]) -> dict:
+        seen: dict = {}
+        for key, value in pairs:
+            if key in seen:
+                # json.loads would silently keep the last one; a tag file listing an image twice is a mistake
+                raise LabelFileError(f"{path}: image {key!r} is listed more than once")
+            seen[key] = value
+        return seen
+
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"))
+        data = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=no_duplicate_keys)
     except json.JSONDecodeError as exc:
         raise LabelFileError(f"{path}: invalid JSON ({exc})") from exc
     if not isinstance(data, dict):
