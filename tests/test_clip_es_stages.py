@@ -71,8 +71,10 @@ def test_mean_attention_layout():
     assert torch.allclose(W, maps[4:, 1:, 1:].mean(0))
     assert torch.allclose(mean_attention(maps[:, None], last=8), W)  # (n_layers, 1, L, L) accepted
     assert mean_attention(maps, last=2, drop_cls=False).shape == (5, 5)
+    # like the official [-8:] slice, a model with fewer blocks averages all of its maps
+    assert torch.allclose(mean_attention(maps, last=13), maps[:, 1:, 1:].mean(0))
     with pytest.raises(ValueError):
-        mean_attention(maps, last=13)
+        mean_attention(maps, last=0)
 
 
 def test_transition_power_is_one_matmul():
