@@ -190,3 +190,36 @@ def test_eval_cli_labels(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     shutil.rmtree(gt)
     assert _main(["eval", str(pred), "--gt", str(gt), "--quiet"]) == 2
     assert "ground-truth folder not found" in capsys.readouterr().err
+
+
+def test_eval_html_report(tmp_path):
+    """`tag2mask eval --html` writes overlays and an index.html with per-image mIoU, worst first."""
+    import argparse
+
+    from PIL import Image
+
+    from tag2mask.cli import eval_cmd
+    from tag2mask.io.palette import save_label_png
+
+    images, pred, gt = tmp_path / "img", tmp_path / "pred", tmp_path / "gt"
+    for d in (images, pred, gt):
+        d.mkdir()
+    rng = np.random.default_rng(0)
+    for stem, shift in (("good", 0), ("bad", 8)):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(images / f"{stem}.jpg")
+        lab = np.zeros((32, 32), np.uint8)
+        lab[8:24, 8:24] = 15
+        save_label_png(gt / f"{stem}.png", lab)
+        save_label_png(pred / f"{stem}.png", np.roll(lab, shift, axis=1))
+    parser = argparse.ArgumentParser()
+    eval_cmd.add_parser(parser.add_subparsers())
+    args = parser.parse_args(["eval", str(pred), "--gt", str(gt), "--classes", "voc", "--quiet",
+                              "--html", str(tmp_path / "report"), "--images", str(images)])
+    assert args.func(args) == 0
+    page = (tmp_path / "report" / "index.html").read_text()
+    assert page.index("bad") < page.index("good")  # worst image first
+    assert (tmp_path / "report" / "overlays" / "bad.png").is_file()
+    assert (tmp_path / "report" / "gt_overlays" / "good.png").is_file()
+    assert "GT overlay" in page and "100.0" in page
+    args = parser.parse_args(["eval", str(pred), "--gt", str(gt), "--quiet", "--html", str(tmp_path / "r2")])
+    assert args.func(args) == 2  # --html without --images is a clear error

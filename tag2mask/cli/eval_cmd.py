@@ -198,8 +198,43 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--ignore-index", type=int, default=255)
     p.add_argument("--out", default=None, help="output JSON [PRED/eval.json]")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--html", default=None, metavar="DIR",
+                   help="also write DIR/index.html with each image, its prediction overlay, the GT overlay and "
+                        "its mIoU (needs --images; label maps only)")
+    p.add_argument("--images", default=None, help="folder of the input images (<stem>.jpg/.png), for --html")
     p.set_defaults(func=run)
     return p
+
+
+def write_html_report(html_dir: Path, pred_dir: Path, gt_dir: Path, images: str | None,
+                      names: Sequence[str], report: dict) -> None:
+    """``html_dir/index.html``: image, prediction overlay, GT overlay and per-image mIoU, worst first."""
+    from tag2mask.data.datasets import IMAGE_SUFFIXES
+    from tag2mask.data.images import load_image_array
+    from tag2mask.io.html_report import write_index_html
+    from tag2mask.io.visualize import save_overlay
+
+    if images is None:
+        raise ValueError("--html needs --images (the folder of the input images)")
+    image_dir = Path(images)
+    if not image_dir.is_dir():
+        raise FileNotFoundError(f"image folder not found: {image_dir}")
+    fg = list(names[1:])  # overlays name label k as names[k]; their legend takes foreground names
+    rows = []
+    per_image = report["per_image_miou"]
+    for stem in sorted(per_image, key=lambda k: (per_image[k] is None, per_image[k] or 0.0)):
+        src = next((image_dir / f"{stem}{ext}" for ext in IMAGE_SUFFIXES if (image_dir / f"{stem}{ext}").is_file()), None)
+        if src is None:
+            raise FileNotFoundError(f"no image for {stem!r} in {image_dir}")
+        rgb = load_image_array(src)
+        pred_rel, gt_rel = f"overlays/{stem}.png", f"gt_overlays/{stem}.png"
+        save_overlay(html_dir / pred_rel, rgb, read_label_png(pred_dir / f"{stem}.png"), fg)
+        save_overlay(html_dir / gt_rel, rgb, read_label_png(gt_dir / f"{stem}.png"), fg)
+        rows.append({"name": stem, "image": str(src.resolve()), "overlay": pred_rel, "gt_overlay": gt_rel,
+                     "iou": per_image[stem]})
+    miou = report["scores"]["Mean IoU"]
+    write_index_html(html_dir, rows, title=f"tag2mask eval: {pred_dir}",
+                     summary={"images": len(rows), "mIoU": _pct(miou).strip(), "GT": str(gt_dir)})
 
 
 def _p(v: float) -> float | int:
@@ -240,6 +275,13 @@ def run(args: argparse.Namespace) -> int:
             s, u, h = seen_unseen_scores(sc["Class IoU"], unseen)
             report["seen_unseen"][key] = {"mIoU_seen": s, "mIoU_unseen": u, "hIoU": h}
             print(f"{key}: seen {_pct(s).strip()}  unseen {_pct(u).strip()}  hIoU {_pct(h).strip()}")
+    if args.html and not args.cams:
+        try:
+            write_html_report(Path(args.html), Path(args.pred), Path(args.gt), args.images, names, report)
+        except (FileNotFoundError, ValueError) as exc:
+            print(f"tag2mask eval: error: {exc}", file=sys.stderr)
+            return 2
+        print(f"wrote {Path(args.html) / 'index.html'}")
     out = Path(args.out) if args.out else Path(args.pred) / "eval.json"
     atomic_write_text(out, json.dumps(report, indent=1, allow_nan=False))
     print(f"wrote {out}")

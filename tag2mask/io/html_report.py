@@ -38,7 +38,7 @@ def write_index_html(out_dir: str | Path, rows: Iterable[Mapping], title: str = 
 
     Args:
         out_dir: run folder (links are made relative to it).
-        rows: mappings with ``name`` and optional ``image``, ``overlay``, ``cam`` (paths, absolute
+        rows: mappings with ``name`` and optional ``image``, ``overlay``, ``gt_overlay``, ``cam`` (paths, absolute
             or relative to ``out_dir``), ``labels`` (list of names) and ``iou`` (per-image mIoU
             in [0, 1], shown as a percentage; the column appears when any row has GT).
         title: page title.
@@ -51,17 +51,19 @@ def write_index_html(out_dir: str | Path, rows: Iterable[Mapping], title: str = 
     rows = list(rows)
     has_iou = any("iou" in r for r in rows)
     has_cam = any(r.get("cam") for r in rows)
+    has_gt = any(r.get("gt_overlay") for r in rows)
     e = html.escape
     parts = [f"<!DOCTYPE html><html><head><meta charset='utf-8'><title>{e(title)}</title>",
              f"<style>{_STYLE}</style></head><body><h1>{e(title)}</h1>"]
     if summary:
         parts.append("<ul>" + "".join(f"<li><b>{e(str(k))}</b>: {e(str(v))}</li>" for k, v in summary.items())
                      + "</ul>")
-    head = ["name", "image", "overlay"] + (["CAM"] if has_cam else []) + ["labels"] + (["mIoU (%)"] if has_iou else [])
+    head = (["name", "image", "overlay"] + (["GT overlay"] if has_gt else []) + (["CAM"] if has_cam else [])
+            + ["labels"] + (["mIoU (%)"] if has_iou else []))
     parts.append("<table><tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>")
     for r in rows:
         cells = [e(str(r.get("name", "")))]
-        keys = ("image", "overlay", "cam") if has_cam else ("image", "overlay")
+        keys = ("image", "overlay") + (("gt_overlay",) if has_gt else ()) + (("cam",) if has_cam else ())
         for key in keys:
             src = _src(out_dir, r.get(key))
             cells.append(f"<a href='{e(src)}'><img src='{e(src)}' alt='{e(key)}' loading='lazy'></a>" if src else "")
