@@ -104,3 +104,40 @@ def test_label_command_reproduces_fixture(tmp_path, tiny_clip_path):
     assert record["written"] == len(CASES) and record["failed"] == 0
     lines = (out / "manifest.jsonl").read_text().splitlines()
     assert sorted(json.loads(l)["item"] for l in lines) == sorted(c["name"] for c in CASES)
+
+
+def test_batch_equals_single_images(cam_maker):
+    """Equal-size images share one encoder pass; results match one-by-one calls."""
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)) for _ in range(3)]
+    images.append(Image.fromarray(rng.integers(0, 255, (48, 33, 3), dtype=np.uint8)))  # another size
+    labels = [[14, 11], [2], [7, 8, 9], [0]]
+    batched = cam_maker.batch(images, labels)
+    for im, ids, res in zip(images, labels, batched):
+        single = cam_maker(im, ids)
+        assert np.array_equal(res.keys, single.keys)
+        assert res.cams.shape == (len(ids), im.size[1], im.size[0])
+        assert np.abs(res.cams.astype(np.float32) - single.cams.astype(np.float32)).max() <= 2e-3
+
+
+def test_multiscale_flip_and_bf16_run(tiny_clip_path):
+    """Test-time augmentation averages views at the image size; bf16 autocast stays close to fp32."""
+    from dataclasses import replace
+
+    from tag2mask.clip.loading import load_clip
+    from tag2mask.methods.clip_es import PRESETS, ClipES
+    from tag2mask.vocab.vocabulary import get_vocabulary
+
+    model = load_clip(tiny_clip_path)
+    image = Image.open(DATA / CASES[0]["image"])
+    ids = CASES[0]["label_ids"]
+    base = ClipES(model, get_vocabulary("voc"), PRESETS["voc"], text_cache_dir=False)(image, ids)
+    tta = ClipES(model, get_vocabulary("voc"), replace(PRESETS["voc"], scales=(1.0, 0.75), flip=True),
+                 text_cache_dir=False)(image, ids)
+    assert tta.cams.shape == base.cams.shape and tta.cams.dtype == np.float16
+    assert not np.array_equal(tta.cams, base.cams)
+    assert 0.0 <= float(tta.cams.min()) and float(tta.cams.max()) <= 1.0
+    bf16 = ClipES(model, get_vocabulary("voc"), replace(PRESETS["voc"], precision="bf16"),
+                  text_cache_dir=False)(image, ids)
+    assert bf16.cams.shape == base.cams.shape
+    assert np.abs(bf16.cams.astype(np.float32) - base.cams.astype(np.float32)).mean() < 0.1

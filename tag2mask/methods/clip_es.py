@@ -128,12 +128,24 @@ class ClipES:
 
         Returns (refined (K, h, w) float32, cams (K, h, w) float32, arrays dict).
         """
+        return self.lowres_batch([image], [label_ids], keep_arrays)[0]
+
+    def lowres_batch(
+        self, images: Sequence[Image.Image], label_lists: Sequence[Sequence[int]], keep_arrays: bool = False
+    ) -> list[tuple[torch.Tensor, torch.Tensor, dict[str, np.ndarray]]]:
+        """:meth:`lowres` for several images of the same size: one batched pass of the frozen blocks.
+
+        GradCAM and the affinity stay per image (each has its own classes); on a GPU the batched
+        encoder is where the time goes, so equal-size batches raise throughput.
+        """
         cfg = self.config
-        width, height = image.size
+        sizes = {im.size for im in images}
+        if len(sizes) != 1:
+            raise ValueError(f"lowres_batch needs images of one size, got {sorted(sizes)}")
+        width, height = images[0].size
         h16, w16 = size_to_multiple(height, width, 16, "ceil")
-        x = to_normalized_tensor(resize_pil(image, h16, w16), CLIP_MEAN, CLIP_STD).to(self.device)
+        x = torch.cat([to_normalized_tensor(resize_pil(im, h16, w16), CLIP_MEAN, CLIP_STD) for im in images]).to(self.device)
         visual = self.model.visual
-        text, targets = self._text_rows(label_ids)
         with self._autocast():
             with torch.no_grad():
                 # only the last ``attention_layers`` maps are used (the last block's comes from GradCAM)
@@ -141,57 +153,86 @@ class ClipES:
                 inter = visual.forward_intermediates(
                     x, visual.num_blocks - 1, return_attention=True, keep_tokens=False, attention_from=first
                 )
-            grid = inter.grid
-            gc = softmax_gradcam(visual, inter.last, grid, text, targets, self.logit_scale)
-        attn = [a[0].float() for a in inter.attentions] + [gc.last_attention.float()]
-        w_mean = mean_attention(attn, last=cfg.attention_layers)
-        trans = transition_matrix(w_mean, rounds=cfg.sinkhorn_rounds)
-        cams = gc.cams.float()
-        boxes = cam_box_masks(cams, cfg.box_threshold)
-        refined = refine_cams(trans, cams, boxes)
-        arrays: dict[str, np.ndarray] = {}
-        if keep_arrays:
-            arrays = {
-                "input": x.cpu().numpy(),
-                "probs": gc.probs.float().cpu().numpy()[None].repeat(len(label_ids), 0),
-                "cam_lowres": cams.cpu().numpy(),
-                "attn_mean8": w_mean.cpu().numpy(),
-                "trans_mat": trans.cpu().numpy(),
-                "box_mask": boxes.cpu().numpy() if isinstance(boxes, torch.Tensor) else boxes,
-                "refined_lowres": refined.cpu().numpy(),
-            }
-        return refined, cams, arrays
+        out = []
+        for b, label_ids in enumerate(label_lists):
+            text, targets = self._text_rows(label_ids)
+            with self._autocast():
+                gc = softmax_gradcam(visual, inter.last[b : b + 1], inter.grid, text, targets, self.logit_scale)
+            attn = [a[b].float() for a in inter.attentions] + [gc.last_attention.float()]
+            w_mean = mean_attention(attn, last=cfg.attention_layers)
+            trans = transition_matrix(w_mean, rounds=cfg.sinkhorn_rounds)
+            cams = gc.cams.float()
+            boxes = cam_box_masks(cams, cfg.box_threshold)
+            refined = refine_cams(trans, cams, boxes)
+            arrays: dict[str, np.ndarray] = {}
+            if keep_arrays:
+                arrays = {
+                    "input": x[b : b + 1].cpu().numpy(),
+                    "probs": gc.probs.float().cpu().numpy()[None].repeat(len(label_ids), 0),
+                    "cam_lowres": cams.cpu().numpy(),
+                    "attn_mean8": w_mean.cpu().numpy(),
+                    "trans_mat": trans.cpu().numpy(),
+                    "box_mask": boxes.cpu().numpy() if isinstance(boxes, torch.Tensor) else boxes,
+                    "refined_lowres": refined.cpu().numpy(),
+                }
+            out.append((refined, cams, arrays))
+        return out
 
-    def __call__(self, image: Image.Image, label_ids: Sequence[int], keep_arrays: bool = False) -> ClipESResult:
-        """Refined CAMs of ``image`` for its classes ``label_ids`` -> :class:`ClipESResult`."""
+    def _check_labels(self, label_ids: Sequence[int]) -> list[int]:
         label_ids = list(dict.fromkeys(int(i) for i in label_ids))
         if not label_ids:
             raise ValueError("CLIP-ES needs at least one image-level label per image")
         for i in label_ids:
             if not 0 <= i < self.fg.num_classes:
                 raise ValueError(f"label id {i} is outside the vocabulary (0..{self.fg.num_classes - 1})")
-        width, height = image.size
-        total = None
-        arrays: dict[str, np.ndarray] = {}
+        return label_ids
+
+    def __call__(self, image: Image.Image, label_ids: Sequence[int], keep_arrays: bool = False) -> ClipESResult:
+        """Refined CAMs of ``image`` for its classes ``label_ids`` -> :class:`ClipESResult`."""
+        return self.batch([image], [label_ids], keep_arrays)[0]
+
+    def batch(
+        self, images: Sequence[Image.Image], label_lists: Sequence[Sequence[int]], keep_arrays: bool = False
+    ) -> list[ClipESResult]:
+        """CAMs for several images; images of equal size share batched encoder passes.
+
+        Results are identical to calling the object on each image (up to float summation order).
+        """
+        if len(images) != len(label_lists):
+            raise ValueError(f"{len(images)} images but {len(label_lists)} label lists")
+        labels = [self._check_labels(ids) for ids in label_lists]
+        groups: dict[tuple[int, int], list[int]] = {}
+        for i, im in enumerate(images):
+            groups.setdefault(im.size, []).append(i)
+        results: list[Optional[ClipESResult]] = [None] * len(images)
         views = [(s, f) for s in self.config.scales for f in ((False, True) if self.config.flip else (False,))]
-        for n, (scale, flip) in enumerate(views):
-            view = image
-            if scale != 1.0:
-                view = view.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.BICUBIC)
-            if flip:
-                view = view.transpose(Image.FLIP_LEFT_RIGHT)
-            refined, _, view_arrays = self.lowres(view, label_ids, keep_arrays and n == 0)
-            high = self._upsample(refined, (height, width))
-            if flip:
-                high = high[:, :, ::-1]
-            total = high if total is None else total + high
-            arrays = arrays or view_arrays
-        cams = (total / len(views)).astype(np.float16) if len(views) > 1 else total.astype(np.float16)
-        result = ClipESResult(keys=np.asarray(label_ids, dtype=np.int64), cams=cams, arrays=arrays)
-        if keep_arrays:
-            arrays["attn_highres"] = cams
-            arrays["keys"] = result.keys
-        return result
+        for (width, height), idx in groups.items():
+            totals: list[Optional[np.ndarray]] = [None] * len(idx)
+            arrays: list[dict[str, np.ndarray]] = [{} for _ in idx]
+            for n, (scale, flip) in enumerate(views):
+                batch_views = []
+                for i in idx:
+                    view = images[i]
+                    if scale != 1.0:
+                        view = view.resize((max(1, round(width * scale)), max(1, round(height * scale))), Image.BICUBIC)
+                    if flip:
+                        view = view.transpose(Image.FLIP_LEFT_RIGHT)
+                    batch_views.append(view)
+                outs = self.lowres_batch(batch_views, [labels[i] for i in idx], keep_arrays and n == 0)
+                for j, (refined, _, view_arrays) in enumerate(outs):
+                    high = self._upsample(refined, (height, width))
+                    if flip:
+                        high = high[:, :, ::-1]
+                    totals[j] = high if totals[j] is None else totals[j] + high
+                    arrays[j] = arrays[j] or view_arrays
+            for j, i in enumerate(idx):
+                cams = (totals[j] / len(views) if len(views) > 1 else totals[j]).astype(np.float16)
+                result = ClipESResult(keys=np.asarray(labels[i], dtype=np.int64), cams=cams, arrays=arrays[j])
+                if keep_arrays:
+                    result.arrays["attn_highres"] = cams
+                    result.arrays["keys"] = result.keys
+                results[i] = result
+        return results  # type: ignore[return-value]
 
     def _upsample(self, refined: torch.Tensor, size_hw: tuple[int, int]) -> np.ndarray:
         """Official order: min-max at low resolution (eps 1e-7), then bilinear to the image size (float32)."""
