@@ -117,7 +117,7 @@ def run_variant(variant: str, device: str, n: int, warmup: int) -> dict:
     torch.set_grad_enabled(True)
     model = build_model(device)
     vocab = get_vocabulary("voc")
-    precision = "bf16" if variant.endswith("bf16") else "fp32"
+    precision = "bf16" if "bf16" in variant else ("fp16" if "fp16" in variant else "fp32")
     maker = ClipES(model, vocab, preset_for("voc", precision=precision), text_cache_dir=False)
     images = make_images(n + warmup)
     if variant.startswith("reference"):
@@ -127,13 +127,18 @@ def run_variant(variant: str, device: str, n: int, warmup: int) -> dict:
     else:
         model.requires_grad_(False)
         fn = lambda im: maker(im, LABELS).cams  # noqa: E731
+    batch = int(variant.split("batch")[1].split("-")[0]) if "batch" in variant else 1
     for im in images[:warmup]:
         fn(im)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
     t0 = time.perf_counter()
-    outs = [fn(im) for im in images[warmup:]]
+    if batch > 1:  # equal-size images share the frozen encoder passes
+        timed = images[warmup:]
+        outs = [r.cams for i in range(0, n, batch) for r in maker.batch(timed[i : i + batch], [LABELS] * len(timed[i : i + batch]))]
+    else:
+        outs = [fn(im) for im in images[warmup:]]
     if device.startswith("cuda"):
         torch.cuda.synchronize()
     dt = time.perf_counter() - t0
@@ -147,7 +152,8 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--n", type=int, default=6, help="timed images per variant")
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--variants", nargs="+", default=["reference", "ours", "ours-bf16"])
+    ap.add_argument("--variants", nargs="+", default=["reference", "ours", "ours-bf16"],
+                    help="reference | ours | ours-bf16 | ours-fp16 | ours-batch8 | ours-batch8-bf16 ...")
     ap.add_argument("--child", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
