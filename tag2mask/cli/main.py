@@ -19,6 +19,7 @@ COMMANDS: dict[str, str] = {
     "demo": "tag2mask.cli.demo_cmd",
     "info": "tag2mask.cli.info_cmd",
     "label": "tag2mask.cli.label_cmd",
+    "segment": "tag2mask.cli.segment_cmd",
     "eval": "tag2mask.cli.eval_cmd",
     "synth": "tag2mask.cli.synth_cmd",
 }
