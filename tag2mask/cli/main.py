@@ -22,6 +22,7 @@ COMMANDS: dict[str, str] = {
     "segment": "tag2mask.cli.segment_cmd",
     "eval": "tag2mask.cli.eval_cmd",
     "synth": "tag2mask.cli.synth_cmd",
+    "train": "tag2mask.cli.train_cmd",
 }
 
 

@@ -1,0 +1,154 @@
+"""``tag2mask train weclip``: train a WeCLIP decoder on online pseudo labels from image-level labels.
+
+Examples::
+
+    tag2mask train weclip --data synth --out runs/synth --iters 2000
+    tag2mask train weclip --data VOCdevkit/VOC2012 --weights ViT-B-16.pt --out runs/voc --device cuda
+    torchrun --nproc-per-node 2 -m tag2mask train weclip --data synth --out runs/ddp --device cpu
+    tag2mask train weclip --data synth --out runs/synth --resume          # continue from runs/synth/latest.pt
+
+The sub-command is also runnable as ``python -m tag2mask.cli.train_cmd weclip ...``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from tag2mask.cli.common import add_device_option, add_precision_option, add_weights_options
+
+__all__ = ["add_parser", "run", "main"]
+
+# default (train split, val split) per data set kind; the official VOC run validates on VOC train
+_SPLITS = {"synth": ("train", "val"), "voc": ("train_aug", "train"), "coco": ("train", None), "folder": ("train", None)}
+
+
+def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
+    p = sub.add_parser("train", help="train a segmenter from image-level labels (WeCLIP)",
+                       description="Train a method that needs training. Available: weclip.")
+    methods = p.add_subparsers(dest="method", metavar="METHOD")
+    w = methods.add_parser(
+        "weclip",
+        help="WeCLIP: frozen CLIP + decoder trained on its online pseudo labels",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    w.add_argument("--data", required=True,
+                   help="'synth' (synthetic world), a VOC root (labels from Annotations/*.xml), a COCO root in the "
+                        "WSSS layout (<split>.txt with class ids) or an image folder (with --labels)")
+    w.add_argument("--preset", choices=("voc", "coco", "synth"), default=None,
+                   help="recipe preset (default: from the data set kind; folders use voc)")
+    w.add_argument("--classes", default=None,
+                   help="foreground class prompts: 'a, b, c' or a file with one class per line (default: the preset's)")
+    w.add_argument("--background", default=None, help="background words 'sky, grass' (default: the preset's)")
+    w.add_argument("--labels", default=None, help="JSON/CSV image-level labels for an image folder")
+    w.add_argument("--train-split", default=None, help="training split (VOC train_aug, COCO train, synth train)")
+    w.add_argument("--val-split", default=None, help="validation split with GT masks; 'none' disables (VOC default: train)")
+    w.add_argument("--val-limit", type=int, default=None, help="validate on at most this many images")
+    w.add_argument("--out", required=True, help="run folder: checkpoints, config.json, train_log.csv, val_log.csv")
+    w.add_argument("--iters", type=int, default=None, help="total iterations (VOC 30000, COCO 80000)")
+    w.add_argument("--batch-size", type=int, default=None, help="global batch, split over processes (default 4)")
+    w.add_argument("--crop", type=int, default=None, help="square crop size, multiple of 16 (default 320)")
+    w.add_argument("--lr", type=float, default=None, help="effective decoder learning rate (default 2e-3 = official 2e-4 x 10)")
+    w.add_argument("--rfm-start", type=int, default=None,
+                   help="0-based iteration from which RFM is used (VOC 9144 = released code's effective switch; "
+                        "15000 = its nominal one; COCO 40000)")
+    w.add_argument("--normalization", choices=("imagenet", "clip"), default=None,
+                   help="input normalisation (official: imagenet)")
+    w.add_argument("--no-compat", action="store_true",
+                   help="pure float32 numerics (no fp16 rounding of CLIP weights / positional embeddings / decoder out-proj)")
+    w.add_argument("--val-every", type=int, default=2000, help="validate every N iterations (0 = never)")
+    w.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint every N iterations")
+    w.add_argument("--log-every", type=int, default=10, help="log losses every N iterations")
+    w.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="resume from a checkpoint (file or run folder); without a value: OUT/latest.pt if present")
+    w.add_argument("--stop-at", type=int, default=None, help="leave after this iteration (schedule still targets --iters)")
+    w.add_argument("--seed", type=int, default=1, help="random seed (official: 1)")
+    w.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    w.add_argument("--synth-n", type=int, default=64, help="synthetic images per split")
+    w.add_argument("--synth-size", type=int, default=160, help="synthetic image size")
+    w.add_argument("--tensorboard", choices=("auto", "on", "off"), default="auto", help="TensorBoard logs (auto: if installed)")
+    w.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_weights_options(w)
+    add_device_option(w)
+    add_precision_option(w)
+    w.set_defaults(func=run)
+    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
+    return w
+
+
+def _split_names(text: str) -> tuple[str, ...]:
+    from tag2mask.methods.weclip.model import PRESET_NAMES, preset
+
+    if text.strip().lower() in PRESET_NAMES:  # "--classes voc": the preset's prompt names
+        return preset(text).classes
+    path = Path(text)
+    if path.is_file():
+        return tuple(ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#"))
+    return tuple(n.strip() for n in text.split(",") if n.strip())
+
+
+def build_config(args: argparse.Namespace):
+    """The :class:`WeCLIPConfig` of the command line (preset + overrides) and the data set kind."""
+    from tag2mask.data.datasets import detect_dataset
+    from tag2mask.methods.weclip.model import preset
+    from tag2mask.training.weclip_trainer import config_with_overrides
+
+    kind = "synth" if args.data == "synth" else detect_dataset(args.data)
+    if kind is None:
+        raise FileNotFoundError(f"--data {args.data}: not 'synth', a VOC/COCO root or an image folder")
+    config = preset(args.preset or (kind if kind in ("voc", "coco", "synth") else "voc"))
+    if kind == "folder" and args.classes is None:
+        raise ValueError("--data FOLDER needs --classes (the foreground class names of its label file)")
+    return config_with_overrides(
+        config,
+        classes=_split_names(args.classes) if args.classes else None,
+        background=_split_names(args.background) if args.background is not None else None,
+        max_iters=args.iters, batch_size=args.batch_size, crop_size=args.crop, lr=args.lr,
+        rfm_start_iter=args.rfm_start, normalization=args.normalization,
+        compat_numerics=False if args.no_compat else None,
+    ), kind
+
+
+def run(args: argparse.Namespace) -> int:
+    from tag2mask.cli.common import shipped_weights_path
+    from tag2mask.training.weclip_trainer import TrainOptions, train_weclip
+
+    if getattr(args, "method", None) != "weclip":
+        raise ValueError("choose a method: tag2mask train weclip ...")
+    config, kind = build_config(args)
+    train_split, val_split = _SPLITS[kind]
+    if args.val_split is not None:
+        val_split = None if args.val_split.lower() == "none" else args.val_split
+    weights = args.weights or str(shipped_weights_path())
+    opts = TrainOptions(
+        out_dir=args.out, weights=weights, data=args.data, train_split=args.train_split or train_split,
+        val_split=val_split, labels_file=args.labels, synth_n=args.synth_n, synth_size=args.synth_size,
+        val_limit=args.val_limit, ckpt_every=args.ckpt_every, val_every=args.val_every, log_every=args.log_every,
+        resume=args.resume, stop_at=args.stop_at, device=args.device, precision=args.precision, seed=args.seed,
+        num_workers=args.workers, tensorboard=args.tensorboard, progress=not args.quiet,
+    )
+    summary = train_weclip(config, opts)
+    if os.environ.get("RANK", "0") == "0":
+        last = summary.get("last", {})
+        print(json.dumps({"iterations": summary["iterations"], "loss": last.get("loss"),
+                          "val": summary["val"][-1] if summary["val"] else None,
+                          "checkpoint": str(Path(args.out) / "latest.pt")}))
+    return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """Stand-alone entry (``python -m tag2mask.cli.train_cmd weclip ...``)."""
+    parser = argparse.ArgumentParser(prog="tag2mask")
+    sub = parser.add_subparsers(dest="command")
+    add_parser(sub)
+    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
