@@ -25,6 +25,7 @@ LABELS = {
     "clip-es": "GradCAM + CAA (CLIP-ES seeds)",
     "clip-es+pamr": "GradCAM + CAA + PAMR",
     "clip-es+crf": "GradCAM + CAA + dense CRF",
+    "weclip": "WeCLIP (decoder trained on synth train, image only)",
 }
 
 
@@ -34,6 +35,7 @@ def main() -> None:
     ap.add_argument("--weights", default=None)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
+    ap.add_argument("--weclip-checkpoint", default=None, help="add WeCLIP trained on synth train (tag2mask train weclip --data synth)")
     args = ap.parse_args()
     model = load_clip(args.weights or shipped_weights_path(), device=args.device)
     from tag2mask.training.clip_trainer import zero_shot_map
@@ -47,7 +49,10 @@ def main() -> None:
     except ImportError:
         with_crf = False
     methods = [m for m in args.methods if m != "clip-es+crf" or with_crf]
-    scores = evaluate_methods(model, args.n, methods, split="val", with_crf=with_crf)
+    if args.weclip_checkpoint and "weclip" not in methods:
+        methods.append("weclip")
+    scores = evaluate_methods(model, args.n, methods, split="val", with_crf=with_crf,
+                              weclip_checkpoint=args.weclip_checkpoint)
     for s in scores.values():
         s.name = LABELS.get(s.name, s.name)
     print(

@@ -49,8 +49,13 @@ def build_predictors(
     vocab: Vocabulary,
     methods: Sequence[str],
     with_crf: bool,
+    weclip_checkpoint: Optional[str] = None,
 ) -> dict[str, Callable[[Image.Image, list[int]], np.ndarray]]:
-    """name -> predict(image, label_ids) giving a (H, W) uint8 label map (0 bg, class id + 1)."""
+    """name -> predict(image, label_ids) giving a (H, W) uint8 label map (0 bg, class id + 1).
+
+    ``weclip`` needs ``weclip_checkpoint`` (a run trained with ``tag2mask train weclip --data synth``
+    on the same CLIP weights); it predicts from the image alone.
+    """
     from tag2mask.methods.clip_es import ClipES, preset_for
     from tag2mask.methods.pseudo_labels import LabelRefiner
 
@@ -78,6 +83,13 @@ def build_predictors(
         if crf is not None:
             table["clip-es+crf"] = es_with(crf)
         preds.update({k: v for k, v in table.items() if k in methods})
+    if "weclip" in methods:
+        if not weclip_checkpoint:
+            raise ValueError("method 'weclip' needs a trained checkpoint (tag2mask train weclip --data synth)")
+        from tag2mask.methods.weclip.inference import WeCLIPSegmenter
+
+        weclip = WeCLIPSegmenter(weclip_checkpoint, device=device, weights=getattr(model, "source_path", None))
+        preds["weclip"] = lambda image, ids: weclip.predict(image)[0]
     for m in methods:
         if m in OVSS_METHODS:
             from tag2mask.methods.ovss.segmenter import OpenVocabSegmenter
@@ -96,11 +108,12 @@ def evaluate_methods(
     with_crf: bool = False,
     on_image: Optional[Callable[[int, Image.Image, np.ndarray, dict[str, np.ndarray]], None]] = None,
     progress: Optional[Callable[[Iterable], Iterable]] = None,
+    weclip_checkpoint: Optional[str] = None,
 ) -> dict[str, MethodScore]:
     """Score ``methods`` on ``n_images`` synthetic scenes of ``split``; labels come from the scenes."""
     vocab = get_vocabulary("synth")
     num_classes = len(OBJECT_NAMES) + 1
-    predictors = build_predictors(model, vocab, methods, with_crf)
+    predictors = build_predictors(model, vocab, methods, with_crf, weclip_checkpoint)
     scores = {m: MethodScore(m, ConfusionMatrix(num_classes)) for m in predictors}
     data = SyntheticDataset(split, n_images, size)
     indices = range(n_images)

@@ -37,6 +37,10 @@ def _args(parser, *argv):
     return parser.parse_args(["segment", *argv])
 
 
+def _manifest(out):
+    return [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines() if line.strip()]
+
+
 def test_end_to_end_folder(parser, tiny_clip_path, tmp_path):
     images = _write_images(tmp_path / "in")
     out = tmp_path / "out"
@@ -59,6 +63,51 @@ def test_end_to_end_folder(parser, tiny_clip_path, tmp_path):
     assert record["class_names"] == ["background", "cat", "dog"]
     assert record["settings"]["method"] == "sclip"
     assert all(r["status"] == "ok" for r in record["images"])
+    assert record["images"][0]["outputs"]["mask"] == str(out / "masks" / "img0.png")
+    # every image exactly once in the manifest, with its verified outputs
+    lines = _manifest(out)
+    assert sorted(r["item"] for r in lines) == ["img0", "img1"] and all(r["status"] == "ok" for r in lines)
+    for r in lines:
+        stem = r["item"]
+        assert sorted(r["outputs"]) == [f"logits/{stem}.npz", f"masks/{stem}.png", f"overlays/{stem}.png"]
+
+
+def test_resume_redoes_only_missing_outputs(parser, tiny_clip_path, tmp_path, capsys):
+    images = _write_images(tmp_path / "in", sizes=((64, 48), (40, 56), (50, 50)))
+    out = tmp_path / "out"
+    argv = [str(images), "--classes", "cat, dog", "--weights", str(tiny_clip_path), "--out", str(out),
+            "--mode", "whole", "--quiet"]
+    assert segment_cmd.run(_args(parser, *argv)) == 0
+    first = {p.name: p.stat().st_mtime_ns for p in (out / "masks").iterdir()}
+    assert segment_cmd.run(_args(parser, *argv, "--resume")) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert (record["written"], record["skipped"], record["failed"]) == (0, 3, 0)
+    assert {p.name: p.stat().st_mtime_ns for p in (out / "masks").iterdir()} == first
+    (out / "masks" / "img1.png").unlink()
+    assert segment_cmd.run(_args(parser, *argv, "--resume")) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert (record["written"], record["skipped"], record["failed"]) == (1, 2, 0)
+    assert (out / "masks" / "img1.png").exists()
+    assert sorted(r["item"] for r in _manifest(out)) == ["img0", "img1", "img2"]
+    assert len(record["images"]) == 3 and all(r["status"] == "ok" for r in record["images"])
+    redo = [json.loads(x) for x in (out / "logs" / "rank0.log").read_text().splitlines()]
+    assert [e["item"] for e in redo if e["event"] == "redo"] == ["img1"]
+
+
+def test_settings_guard_and_limit(parser, tiny_clip_path, tmp_path):
+    images = _write_images(tmp_path / "in", sizes=((48, 48), (40, 40)))
+    out = tmp_path / "out"
+    argv = [str(images), "--classes", "cat, dog", "--weights", str(tiny_clip_path), "--out", str(out),
+            "--mode", "whole", "--quiet"]
+    assert segment_cmd.run(_args(parser, *argv, "--method", "sclip", "--limit", "1")) == 0
+    assert [r["item"] for r in _manifest(out)] == ["img0"]
+    with pytest.raises(ValueError, match="different settings.*method.*--overwrite"):
+        segment_cmd.run(_args(parser, *argv, "--method", "maskclip", "--resume"))
+    assert json.loads((out / "settings.json").read_text())["method"] == "sclip"
+    assert segment_cmd.run(_args(parser, *argv, "--method", "maskclip", "--overwrite")) == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["settings"]["method"] == "maskclip" and record["written"] == 2
+    assert sorted(r["item"] for r in _manifest(out)) == ["img0", "img1"]
 
 
 def test_single_image_whole_mode_without_background(parser, tiny_clip_path, tmp_path):
@@ -75,19 +124,23 @@ def test_single_image_whole_mode_without_background(parser, tiny_clip_path, tmp_
 def test_unreadable_image_is_reported_and_skipped(parser, tiny_clip_path, tmp_path, capsys):
     images = _write_images(tmp_path / "in")
     (images / "broken.jpg").write_bytes(b"this is not a jpeg")
+    good = (images / "img0.png").read_bytes()
+    (images / "cut.png").write_bytes(good[: len(good) // 2])  # truncated
     (images / "notes.txt").write_text("ignored: not an image suffix")
     out = tmp_path / "out"
     args = _args(parser, str(images), "--classes", "cat, dog", "--weights", str(tiny_clip_path), "--out", str(out),
                  "--mode", "whole", "--quiet")
     assert segment_cmd.run(args) == 1
     err = capsys.readouterr().err
-    assert "broken.jpg" in err and "2 written, 1 failed" in err
+    assert "broken.jpg" in err and "cut.png" in err and "2 written, 0 already done, 2 failed of 4 items" in err
     assert (out / "masks" / "img0.png").exists() and (out / "masks" / "img1.png").exists()
-    assert not (out / "masks" / "broken.png").exists()
+    assert not (out / "masks" / "broken.png").exists() and not (out / "masks" / "cut.png").exists()
     record = json.loads((out / "run.json").read_text())
-    assert record["failed"] == 1
-    bad = [r for r in record["images"] if r["status"] == "error"]
-    assert len(bad) == 1 and bad[0]["input"].endswith("broken.jpg")
+    assert record["failed"] == 2 and record["exit_code"] == 1
+    bad = sorted(r["input"] for r in record["images"] if r["status"] == "error")
+    assert len(bad) == 2 and bad[0].endswith("broken.jpg") and bad[1].endswith("cut.png")
+    errors = {r["item"]: r for r in _manifest(out) if r["status"] == "error"}
+    assert set(errors) == {"broken", "cut"} and {r["error_kind"] for r in errors.values()} == {"decode"}
 
 
 @pytest.mark.parametrize("classes", ["", "  ", "; background: sky"])

@@ -3,14 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import json
 import platform
-import sys
-import time
 from pathlib import Path
-from typing import Iterable, Iterator
 
-from tag2mask.cli.common import add_device_option, add_weights_options
+from tag2mask.cli.common import add_device_option, add_run_options, add_weights_options
 
 METHOD_CHOICES = ("maskclip", "sclip", "clearclip", "naclip")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -23,21 +19,24 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
         description=(
             "Write a palette PNG label map per image (0 = background when background words or a probability "
             "threshold are given, then the classes in order), optionally an overlay with a legend and the "
-            "per-class logits, plus OUT/run.json."
+            "per-class logits, plus OUT/run.json and OUT/manifest.jsonl. Runs on the batch-job runner: "
+            "--resume, settings guard, per-item error records, torchrun sharding (docs/batch_jobs.md)."
         ),
         epilog=(
             "examples:\n"
             "  tag2mask segment photo.jpg --classes \"cat, dog; background: sky, grass, wall\" --out seg --overlay\n"
             "  tag2mask segment photos/ --classes names.txt --method naclip --pamr --weights ViT-B-16.pt --out seg\n"
             "name-set file: one class per line, comma-separated synonyms (class score = max over synonyms),\n"
-            "and 'background: sky, wall, ...' lines for background words. See docs/open_vocabulary.md."
+            "and 'background: sky, wall, ...' lines for background words. See docs/open_vocabulary.md.\n"
+            "scale out: torchrun --nproc-per-node 4 -m tag2mask segment ... (see docs/batch_jobs.md)\n"
+            "exit code: 0 all images ok, 1 some images failed (listed in OUT/manifest.jsonl), 2 bad arguments"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("input", metavar="IMAGE_OR_FOLDER", help="an image file or a folder of images (not recursive)")
     p.add_argument("--classes", required=True, help="inline 'cat, dog|puppy; background: sky, grass' or a name-set file")
     p.add_argument("--method", default="naclip", choices=METHOD_CHOICES, help="last-block variant (default: naclip)")
-    p.add_argument("--out", required=True, help="output folder (masks/, overlays/, logits/, run.json)")
+    p.add_argument("--out", required=True, help="output folder (masks/, overlays/, logits/, run.json, manifest.jsonl, logs/)")
     p.add_argument("--mode", default="slide", choices=("whole", "slide"), help="whole image or sliding window (default: slide)")
     p.add_argument("--short-side", type=int, default=448, help="resize so the short side is this (default 448; 0 keeps the size)")
     p.add_argument("--crop", type=int, default=224, help="sliding-window crop (default 224)")
@@ -51,9 +50,9 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     p.add_argument("--pamr", action="store_true", help="refine with PAMR (10 steps, dilations 8 and 16, as NACLIP)")
     p.add_argument("--overlay", action="store_true", help="also write OUT/overlays/<stem>.png with a legend")
     p.add_argument("--save-logits", action="store_true", help="also write OUT/logits/<stem>.npz (per-class logits, float32)")
-    p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_weights_options(p)
     add_device_option(p)
+    add_run_options(p)
     p.set_defaults(func=run)
     return p
 
@@ -78,31 +77,84 @@ def _output_stems(files: list[Path]) -> dict[Path, str]:
     return {f: (f.stem if counts[f.stem] == 1 else f.name.replace(".", "_")) for f in files}
 
 
-def _progress(items: Iterable, total: int, quiet: bool) -> Iterator:
-    """tqdm over ``items`` on stderr, or a plain iterator when tqdm is missing or ``quiet``."""
-    if quiet:
-        return iter(items)
-    try:
-        from tqdm import tqdm
-    except ImportError:  # tqdm is a declared dependency; a bare environment still works, silently
-        return iter(items)
-    return iter(tqdm(items, total=total, desc="segment", unit="img", file=sys.stderr))
+def _device_for_rank(device: str) -> str:
+    """Under torchrun with CUDA, each local rank takes its own GPU (``cuda:LOCAL_RANK``)."""
+    from tag2mask.jobs.distributed import dist_info
+
+    info = dist_info()
+    if info.distributed and device in ("auto", "cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            return f"cuda:{info.local_rank % torch.cuda.device_count()}"
+    return device
 
 
-def _settings(args: argparse.Namespace) -> dict:
+def _settings(args: argparse.Namespace, vocab, model) -> dict:
+    """Everything that changes the outputs (the runner's --overwrite guard compares them)."""
     keys = ("method", "classes", "mode", "short_side", "crop", "stride", "prob_threshold", "area_threshold",
-            "logit_scale", "templates", "compat", "pamr")
-    return {k: getattr(args, k) for k in keys}
+            "logit_scale", "templates", "compat", "pamr", "overlay", "save_logits")
+    s = {k: getattr(args, k) for k in keys}
+    # --classes may name a file: record what it resolved to, so an edited file counts as a change
+    s["vocabulary"] = {"names": list(vocab.names), "synonyms": [list(x) for x in vocab.synonyms],
+                       "background": list(vocab.background), "mode": vocab.mode}
+    s["weights"] = getattr(model, "fingerprint", None)
+    return s
+
+
+#: output folder -> the kind name used in run.json's per-image "outputs"
+_OUTPUT_KINDS = {"masks": "mask", "overlays": "overlay", "logits": "logits"}
+
+
+class _Segmenter:
+    """``process_fn`` of the runner: one image path -> mask (+ overlay, + logits), written atomically."""
+
+    def __init__(self, segmenter, args: argparse.Namespace, out: Path, stems: dict[Path, str]) -> None:
+        self.segmenter, self.args, self.out, self.stems = segmenter, args, out, stems
+
+    def __call__(self, path: Path):
+        import numpy as np
+
+        from tag2mask.data.images import load_image
+        from tag2mask.jobs.runner import ItemOutput
+
+        image = load_image(path)  # ImageDecodeError (unreadable, truncated, ...) -> a "decode" error record
+        res = self.segmenter.predict(image)
+        written = _write_outputs(self.out, self.stems[path], np.asarray(image, dtype=np.uint8), res, self.args)
+        info = {"input": str(path), "size": [image.size[1], image.size[0]],
+                "present": [res.class_names[v] for v in res.present()]}
+        return ItemOutput(list(written.values()), info)
+
+
+def _image_records(out: Path, files: list[Path], stems: dict[Path, str]) -> list[dict]:
+    """run.json's per-image list (input order), rebuilt from the merged manifest."""
+    from tag2mask.io.manifest import MANIFEST_NAME, latest_records
+
+    records = latest_records([out / MANIFEST_NAME])
+    images = []
+    for f in files:
+        rec = records.get(stems[f])
+        if rec is None:  # not reached (--limit) or not in this run
+            continue
+        entry: dict = {"input": str(f), "status": rec.get("status")}
+        if rec.get("status") == "ok":
+            outputs = {}
+            for rel in rec.get("outputs", []):
+                p = Path(rel)
+                outputs[_OUTPUT_KINDS.get(p.parent.name, p.parent.name)] = str(p if p.is_absolute() else out / p)
+            entry.update(outputs=outputs, present=rec.get("present"), seconds=rec.get("seconds"))
+        else:
+            entry.update(error=rec.get("error"), error_kind=rec.get("error_kind"))
+        images.append(entry)
+    return images
 
 
 def run(args: argparse.Namespace) -> int:
-    import numpy as np
     import torch
 
     import tag2mask
     from tag2mask.cli.common import load_model_from_args
-    from tag2mask.data.images import load_image
-    from tag2mask.io.atomic import atomic_write_text
+    from tag2mask.jobs.runner import JobOptions, print_summary, process_exit_code, run_items
     from tag2mask.methods.ovss.segmenter import METHODS, OpenVocabSegmenter
     from tag2mask.vocab.vocabulary import load_vocabulary
 
@@ -111,43 +163,28 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown method {args.method!r}; choose one of {list(METHOD_CHOICES)}")
     if not str(args.classes).strip():
         raise ValueError("--classes is empty; give e.g. 'cat, dog; background: sky' or a name-set file")
+    if args.limit is not None and args.limit < 0:
+        raise ValueError(f"--limit must be >= 0, got {args.limit}")
     vocab = load_vocabulary(args.classes)
     files = list_images(Path(args.input))
     out = Path(args.out)
 
+    args.device = _device_for_rank(args.device)
     model = load_model_from_args(args)
     segmenter = OpenVocabSegmenter(
         model, vocab, args.method, templates=args.templates, compat=args.compat, mode=args.mode,
         short_side=args.short_side or None, crop=args.crop, stride=args.stride, logit_scale=args.logit_scale,
         prob_threshold=args.prob_threshold, area_threshold=args.area_threshold, pamr=args.pamr,
     )
+    settings = _settings(args, vocab, model)
     stems = _output_stems(files)
-    results, failed = [], []
-    started = time.time()
-    for path in _progress(files, len(files), args.quiet):
-        t0 = time.time()
-        try:
-            image = load_image(path)
-            res = segmenter.predict(image)
-            outputs = _write_outputs(out, stems[path], np.asarray(image, dtype=np.uint8), res, args)
-        except Exception as e:  # one bad image never stops the job; it is reported and counted
-            if isinstance(e, (KeyboardInterrupt, MemoryError)):
-                raise
-            msg = f"{type(e).__name__}: {e}"
-            print(f"segment: skipped {path}: {msg}", file=sys.stderr)
-            failed.append((str(path), msg))
-            results.append({"input": str(path), "status": "error", "error": msg})
-            continue
-        present = [res.class_names[v] for v in res.present()]
-        results.append({"input": str(path), "status": "ok", "outputs": outputs, "present": present,
-                        "seconds": round(time.time() - t0, 3)})
-    elapsed = time.time() - started
     record = {
         "tag2mask": tag2mask.__version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "command": "segment",
-        "settings": _settings(args),
+        "input": str(args.input),
+        "settings": settings,
         "segmenter": repr(segmenter),
         "logit_scale": segmenter.logit_scale,
         "templates": segmenter.templates if isinstance(segmenter.templates, str) else list(segmenter.templates),
@@ -156,14 +193,19 @@ def run(args: argparse.Namespace) -> int:
         "weights": getattr(model, "source_path", None),
         "weights_fingerprint": getattr(model, "fingerprint", None),
         "device": str(segmenter.device),
-        "images": results,
-        "written": len(files) - len(failed),
-        "failed": len(failed),
-        "seconds": round(elapsed, 2),
     }
-    atomic_write_text(out / "run.json", json.dumps(record, indent=2, default=str))
-    print(f"segment: {len(files) - len(failed)} written, {len(failed)} failed -> {out}", file=sys.stderr)
-    return 1 if failed else 0
+
+    def finalize(run_dir: Path, summary) -> None:
+        record["images"] = _image_records(run_dir, files, stems)
+
+    options = JobOptions(resume=args.resume, overwrite=args.overwrite, quiet=args.quiet, verbose=args.verbose,
+                         limit=args.limit, desc="segment", unit="img")
+    summary = run_items(files, _Segmenter(segmenter, args, out, stems), out, settings, options,
+                        keys=[stems[f] for f in files], describe=lambda i: str(files[i]),
+                        run_record=record, finalize=finalize)
+    if not args.quiet or summary.failed:
+        print_summary(summary, out, "segment")
+    return process_exit_code(summary)
 
 
 def _write_outputs(out: Path, stem: str, rgb, res, args: argparse.Namespace) -> dict[str, str]:
