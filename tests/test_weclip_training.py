@@ -140,3 +140,35 @@ def test_config_json_roundtrip_and_presets() -> None:
     assert (voc.crop_size, voc.batch_size, voc.max_iters, voc.lr, voc.warmup_iters) == (320, 4, 30000, 2e-3, 50)
     with pytest.raises(ValueError):
         WeCLIPConfig.from_dict({**voc.to_dict(), "typo": 1})
+
+
+def test_segment_command_with_a_weclip_checkpoint(tmp_path):
+    """`tag2mask segment --checkpoint RUN` segments a folder with a trained WeCLIP run."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from tag2mask.cli.main import main
+    from tag2mask.io.palette import read_label_png
+
+    run = tmp_path / "run"
+    rc = main(["train", "weclip", "--data", "synth", "--out", str(run), "--iters", "2", "--batch-size", "2",
+               "--crop", "64", "--val-split", "none", "--device", "cpu", "--no-compat", "--quiet",
+               "--synth-n", "4", "--synth-size", "64"])
+    assert rc == 0
+    images = tmp_path / "images"
+    images.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (50, 70, 3), dtype=np.uint8)).save(images / f"im{i}.png")
+    out = tmp_path / "seg"
+    rc = main(["segment", str(images), "--checkpoint", str(run), "--out", str(out), "--device", "cpu",
+               "--quiet", "--overlay"])
+    assert rc == 0
+    for i in range(2):
+        label = read_label_png(out / "masks" / f"im{i}.png")
+        assert label.shape == (50, 70) and label.max() <= 12
+        assert (out / "overlays" / f"im{i}.png").is_file()
+    record = json.loads((out / "run.json").read_text())
+    assert record["class_names"][0] == "background" and len(record["class_names"]) == 13

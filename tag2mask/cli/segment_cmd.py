@@ -34,7 +34,12 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("input", metavar="IMAGE_OR_FOLDER", help="an image file or a folder of images (not recursive)")
-    p.add_argument("--classes", required=True, help="inline 'cat, dog|puppy; background: sky, grass' or a name-set file")
+    p.add_argument("--classes", default=None,
+                   help="inline 'cat, dog|puppy; background: sky, grass' or a name-set file (required unless --checkpoint)")
+    p.add_argument("--checkpoint", default=None,
+                   help="segment with a trained WeCLIP run instead (a checkpoint file or run folder from "
+                        "'tag2mask train weclip'): long side 512, scales {1, 0.75} + flip; classes come from the run")
+    p.add_argument("--crf", action="store_true", help="with --checkpoint: dense CRF with WeCLIP's parameters (extra 'crf')")
     p.add_argument("--method", default="naclip", choices=METHOD_CHOICES, help="last-block variant (default: naclip)")
     p.add_argument("--out", required=True, help="output folder (masks/, overlays/, logits/, run.json, manifest.jsonl, logs/)")
     p.add_argument("--mode", default="slide", choices=("whole", "slide"), help="whole image or sliding window (default: slide)")
@@ -158,7 +163,11 @@ def run(args: argparse.Namespace) -> int:
     from tag2mask.methods.ovss.segmenter import METHODS, OpenVocabSegmenter
     from tag2mask.vocab.vocabulary import load_vocabulary
 
+    if args.checkpoint:
+        return _run_checkpoint(args)
     # cheap checks first, so a typo fails before the model is loaded
+    if args.classes is None:
+        raise ValueError("--classes is required (or --checkpoint for a trained WeCLIP run)")
     if args.method not in METHODS:
         raise ValueError(f"unknown method {args.method!r}; choose one of {list(METHOD_CHOICES)}")
     if not str(args.classes).strip():
@@ -194,6 +203,62 @@ def run(args: argparse.Namespace) -> int:
         "weights_fingerprint": getattr(model, "fingerprint", None),
         "device": str(segmenter.device),
     }
+
+    def finalize(run_dir: Path, summary) -> None:
+        record["images"] = _image_records(run_dir, files, stems)
+
+    options = JobOptions(resume=args.resume, overwrite=args.overwrite, quiet=args.quiet, verbose=args.verbose,
+                         limit=args.limit, desc="segment", unit="img")
+    summary = run_items(files, _Segmenter(segmenter, args, out, stems), out, settings, options,
+                        keys=[stems[f] for f in files], describe=lambda i: str(files[i]),
+                        run_record=record, finalize=finalize)
+    if not args.quiet or summary.failed:
+        print_summary(summary, out, "segment")
+    return process_exit_code(summary)
+
+
+class _CheckpointSegmenter:
+    """A trained WeCLIP run behind the ``predict(image) -> SegmentationResult`` interface."""
+
+    def __init__(self, checkpoint: str, device: str, weights, crf: bool) -> None:
+        from tag2mask.methods.weclip.inference import WeCLIPSegmenter
+
+        self.inner = WeCLIPSegmenter(checkpoint, device=device, weights=weights, crf=crf)
+        self.class_names = ("background",) + tuple(self.inner.config.classes)
+        self.device = self.inner.device
+
+    def predict(self, image):
+        from tag2mask.methods.ovss.segmenter import SegmentationResult
+
+        label, probs = self.inner.predict(image)
+        return SegmentationResult(label=label, logits=probs, class_names=self.class_names, has_background=True)
+
+
+def _run_checkpoint(args: argparse.Namespace) -> int:
+    """``segment --checkpoint``: WeCLIP inference over a folder on the same batch runner."""
+    import hashlib
+
+    import tag2mask
+    from tag2mask.jobs.runner import JobOptions, print_summary, process_exit_code, run_items
+
+    if args.limit is not None and args.limit < 0:
+        raise ValueError(f"--limit must be >= 0, got {args.limit}")
+    ckpt = Path(args.checkpoint)
+    if ckpt.is_dir():
+        ckpt = ckpt / "latest.pt"
+    if not ckpt.is_file():
+        raise FileNotFoundError(f"WeCLIP checkpoint not found: {ckpt}")
+    files = list_images(Path(args.input))
+    out = Path(args.out)
+    args.device = _device_for_rank(args.device)
+    segmenter = _CheckpointSegmenter(str(ckpt), args.device, args.weights, args.crf)
+    digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()[:16]
+    settings = {"method": "weclip", "checkpoint": digest, "crf": args.crf, "overlay": args.overlay,
+                "save_logits": args.save_logits}
+    stems = _output_stems(files)
+    record = {"tag2mask": tag2mask.__version__, "command": "segment", "input": str(args.input),
+              "settings": settings, "checkpoint": str(ckpt), "class_names": list(segmenter.class_names),
+              "device": str(segmenter.device)}
 
     def finalize(run_dir: Path, summary) -> None:
         record["images"] = _image_records(run_dir, files, stems)
