@@ -163,7 +163,9 @@ def _synth() -> WeCLIPConfig:
     # The synthetic world's stuff textures play the role of CLIP-ES's background words.
     from tag2mask.synth import OBJECT_NAMES, STUFF_NAMES
 
+    # the shipped tiny CLIP was trained with "a photo of a {}." prompts, not CLIP-ES's origami template
     return WeCLIPConfig(dataset="synth", classes=tuple(OBJECT_NAMES), background=tuple(STUFF_NAMES),
+                        templates=("a photo of a {}.",),
                         crop_size=128, max_iters=2000, rfm_start_iter=1000, test_long_side=224)
 
 
