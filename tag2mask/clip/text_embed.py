@@ -56,7 +56,7 @@ class TextEmbeddings:
                 f"class_index must be ({self.features.shape[0]},), got {tuple(self.class_index.shape)}"
             )
         present = torch.unique(self.class_index)
-        if present.numel() != self.num_classes or (present != torch.arange(self.num_classes)).any():
+        if present.numel() != self.num_classes or (present != torch.arange(self.num_classes, device=present.device)).any():
             raise ValueError(f"class_index must cover every class 0..{self.num_classes - 1} at least once")
 
     @property
