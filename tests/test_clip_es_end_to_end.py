@@ -57,8 +57,9 @@ def test_clip_es_arrays_match_official(cam_maker, case):
     _check_arrays(result.arrays, ref, case)
 
 
-def test_batched_gradcam_equals_per_class_loop(cam_maker):
-    """All classes in one vmapped backward == one GradCAM call per class."""
+@pytest.mark.parametrize("vjp_mode", ["vmap", "loop"])
+def test_batched_gradcam_equals_per_class_loop(cam_maker, vjp_mode):
+    """All classes from one forward (vmapped or sequential VJPs) == one GradCAM call per class."""
     import torch
 
     from tag2mask.localization.gradcam import softmax_gradcam
@@ -70,7 +71,7 @@ def test_batched_gradcam_equals_per_class_loop(cam_maker):
     x = torch.from_numpy(ref["block11_out"])[None]
     visual = cam_maker.model.visual
     scale = cam_maker.logit_scale
-    batched = softmax_gradcam(visual, x, tuple(case["grid_hw"]), text, list(range(len(keys))), scale)
+    batched = softmax_gradcam(visual, x, tuple(case["grid_hw"]), text, list(range(len(keys))), scale, vjp_mode)
     for k in range(len(keys)):
         single = softmax_gradcam(visual, x, tuple(case["grid_hw"]), text, [k], scale)
         assert torch.allclose(batched.cams_raw[k], single.cams_raw[0], rtol=1e-5, atol=1e-9)
