@@ -132,19 +132,6 @@ def _settings(args: argparse.Namespace, model) -> dict:
     return s
 
 
-def _device_for_rank(device: str) -> str:
-    """Under torchrun with CUDA, each local rank takes its own GPU (``cuda:LOCAL_RANK``)."""
-    from tag2mask.jobs.distributed import dist_info
-
-    info = dist_info()
-    if info.distributed and device in ("auto", "cuda"):
-        import torch
-
-        if torch.cuda.is_available():
-            return f"cuda:{info.local_rank % torch.cuda.device_count()}"
-    return device
-
-
 def fit_max_pixels(width: int, height: int, max_pixels: int) -> tuple[int, int]:
     """The largest ``(w, h)`` with the same aspect ratio and ``w * h <= max_pixels`` (each side >= 1).
 
@@ -231,6 +218,7 @@ def run(args: argparse.Namespace) -> int:
 
     import tag2mask
     from tag2mask.cli.common import load_model_from_args
+    from tag2mask.jobs.distributed import device_for_rank
     from tag2mask.jobs.runner import JobOptions, print_summary, process_exit_code, run_items
     from tag2mask.methods.clip_es import ClipES, preset_for
     from tag2mask.methods.pseudo_labels import LabelRefiner
@@ -246,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
         overrides["box_threshold"] = args.box_threshold
     config = preset_for(preset, **overrides)
     items = _open_items(args, list(vocab.names))
-    args.device = _device_for_rank(args.device)
+    args.device = device_for_rank(args.device)
     model = load_model_from_args(args, official_rounding=args.compat)
     settings = _settings(args, model)
     cam_maker = ClipES(model, vocab, config)

@@ -82,19 +82,6 @@ def _output_stems(files: list[Path]) -> dict[Path, str]:
     return {f: (f.stem if counts[f.stem] == 1 else f.name.replace(".", "_")) for f in files}
 
 
-def _device_for_rank(device: str) -> str:
-    """Under torchrun with CUDA, each local rank takes its own GPU (``cuda:LOCAL_RANK``)."""
-    from tag2mask.jobs.distributed import dist_info
-
-    info = dist_info()
-    if info.distributed and device in ("auto", "cuda"):
-        import torch
-
-        if torch.cuda.is_available():
-            return f"cuda:{info.local_rank % torch.cuda.device_count()}"
-    return device
-
-
 def _settings(args: argparse.Namespace, vocab, model) -> dict:
     """Everything that changes the outputs (the runner's --overwrite guard compares them)."""
     keys = ("method", "classes", "mode", "short_side", "crop", "stride", "prob_threshold", "area_threshold",
@@ -159,7 +146,7 @@ def run(args: argparse.Namespace) -> int:
 
     import tag2mask
     from tag2mask.cli.common import load_model_from_args
-    from tag2mask.jobs.runner import JobOptions, print_summary, process_exit_code, run_items
+    from tag2mask.jobs.distributed import device_for_rank
     from tag2mask.methods.ovss.segmenter import METHODS, OpenVocabSegmenter
     from tag2mask.vocab.vocabulary import load_vocabulary
 
@@ -178,7 +165,7 @@ def run(args: argparse.Namespace) -> int:
     files = list_images(Path(args.input))
     out = Path(args.out)
 
-    args.device = _device_for_rank(args.device)
+    args.device = device_for_rank(args.device)
     model = load_model_from_args(args)
     segmenter = OpenVocabSegmenter(
         model, vocab, args.method, templates=args.templates, compat=args.compat, mode=args.mode,
@@ -203,6 +190,13 @@ def run(args: argparse.Namespace) -> int:
         "weights_fingerprint": getattr(model, "fingerprint", None),
         "device": str(segmenter.device),
     }
+    return _run_job(args, files, stems, out, segmenter, settings, record)
+
+
+def _run_job(args: argparse.Namespace, files: list[Path], stems: dict[Path, str], out: Path, segmenter,
+             settings: dict, record: dict) -> int:
+    """Run ``segmenter`` over ``files`` on the batch runner (manifest, resume, torchrun); exit code."""
+    from tag2mask.jobs.runner import JobOptions, print_summary, process_exit_code, run_items
 
     def finalize(run_dir: Path, summary) -> None:
         record["images"] = _image_records(run_dir, files, stems)
@@ -239,7 +233,7 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
     import hashlib
 
     import tag2mask
-    from tag2mask.jobs.runner import JobOptions, print_summary, process_exit_code, run_items
+    from tag2mask.jobs.distributed import device_for_rank
 
     if args.limit is not None and args.limit < 0:
         raise ValueError(f"--limit must be >= 0, got {args.limit}")
@@ -250,7 +244,7 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
         raise FileNotFoundError(f"WeCLIP checkpoint not found: {ckpt}")
     files = list_images(Path(args.input))
     out = Path(args.out)
-    args.device = _device_for_rank(args.device)
+    args.device = device_for_rank(args.device)
     segmenter = _CheckpointSegmenter(str(ckpt), args.device, args.weights, args.crf)
     digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()[:16]
     settings = {"method": "weclip", "checkpoint": digest, "crf": args.crf, "overlay": args.overlay,
@@ -259,18 +253,7 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
     record = {"tag2mask": tag2mask.__version__, "command": "segment", "input": str(args.input),
               "settings": settings, "checkpoint": str(ckpt), "class_names": list(segmenter.class_names),
               "device": str(segmenter.device)}
-
-    def finalize(run_dir: Path, summary) -> None:
-        record["images"] = _image_records(run_dir, files, stems)
-
-    options = JobOptions(resume=args.resume, overwrite=args.overwrite, quiet=args.quiet, verbose=args.verbose,
-                         limit=args.limit, desc="segment", unit="img")
-    summary = run_items(files, _Segmenter(segmenter, args, out, stems), out, settings, options,
-                        keys=[stems[f] for f in files], describe=lambda i: str(files[i]),
-                        run_record=record, finalize=finalize)
-    if not args.quiet or summary.failed:
-        print_summary(summary, out, "segment")
-    return process_exit_code(summary)
+    return _run_job(args, files, stems, out, segmenter, settings, record)
 
 
 def _write_outputs(out: Path, stem: str, rgb, res, args: argparse.Namespace) -> dict[str, str]:

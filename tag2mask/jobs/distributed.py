@@ -133,3 +133,14 @@ def shutdown(created: bool) -> None:
     """Destroy the process group if :func:`init_distributed` created it."""
     if created and _active():
         _dist().destroy_process_group()
+
+
+def device_for_rank(device: str) -> str:
+    """Under torchrun with CUDA, each local rank takes its own GPU (``cuda:LOCAL_RANK``)."""
+    info = dist_info()
+    if info.distributed and device in ("auto", "cuda"):
+        import torch
+
+        if torch.cuda.is_available():
+            return f"cuda:{info.local_rank % torch.cuda.device_count()}"
+    return device
