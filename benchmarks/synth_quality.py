@@ -42,12 +42,9 @@ def main() -> None:
 
     t0 = time.time()
     zs = zero_shot_map(model, n_val=args.n)
-    try:
-        import pydensecrf  # noqa: F401
+    import importlib.util
 
-        with_crf = "clip-es+crf" in args.methods
-    except ImportError:
-        with_crf = False
+    with_crf = "clip-es+crf" in args.methods and importlib.util.find_spec("pydensecrf") is not None
     methods = [m for m in args.methods if m != "clip-es+crf" or with_crf]
     if args.weclip_checkpoint and "weclip" not in methods:
         methods.append("weclip")

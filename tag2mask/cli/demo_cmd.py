@@ -57,9 +57,9 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError(f"unknown demo method(s) {unknown}; choose from {list(DEFAULT_METHODS)}")
     with_crf = "clip-es+crf" in methods
     if with_crf:
-        try:
-            import pydensecrf  # noqa: F401
-        except ImportError:
+        import importlib.util
+
+        if importlib.util.find_spec("pydensecrf") is None:
             print("demo: pydensecrf is not installed (pip install 'tag2mask[crf]'); skipping clip-es+crf", file=sys.stderr)
             methods.remove("clip-es+crf")
             with_crf = False

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Sequence
 
-import numpy as np
 from PIL import Image, ImageDraw
 
 from tag2mask.synth.export import voc_palette

@@ -299,9 +299,11 @@ class OpenVocabSegmenter:
             captured: dict[str, torch.Tensor] = {}
             block_fn = self._last_block
             if self.key_smoothing > 0:
-                def block_fn(block, x, grid):  # noqa: E306 - capture the keys on the way through
+                def capturing_block(block, x, grid):  # noqa: E306 - capture the keys on the way through
                     captured["keys"] = maskclip_keys(block, x)[:, 1:]
                     return self._last_block(block, x, grid)
+
+                block_fn = capturing_block
             with self._numerics():
                 feats, (gh, gw) = self.visual.forward_dense(images, last_block=block_fn)
             keys = captured.get("keys")
