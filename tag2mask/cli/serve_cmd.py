@@ -1,0 +1,43 @@
+"""``tag2mask serve``: the web demo (upload an image, type class names, see the segmentation)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from tag2mask.cli.common import add_device_option, add_weights_options
+
+
+def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
+    p = sub.add_parser(
+        "serve",
+        help="web demo: upload an image and class names, get the segmentation (open-vocabulary methods)",
+        description=(
+            "Start a small web server (standard library, no extra packages). Open http://HOST:PORT/ in a "
+            "browser, or POST a multipart form (image, classes, method, mode) to /api/segment for JSON. "
+            "Binds to 127.0.0.1 unless --host says otherwise."
+        ),
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 picks a free one)")
+    add_weights_options(p)
+    add_device_option(p)
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    from tag2mask.cli.common import load_model_from_args
+    from tag2mask.web.server import make_server
+
+    model = load_model_from_args(args)
+    server = make_server(model, args.host, args.port)
+    host, port = server.server_address[:2]
+    print(f"tag2mask serve: http://{host}:{port}/  (Ctrl-C to stop)", file=sys.stderr, flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+    return 0

@@ -1,0 +1,1 @@
+"""The web demo (standard library HTTP server): ``tag2mask serve``."""
