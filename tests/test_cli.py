@@ -1,0 +1,30 @@
+"""Every sub-command has --help, and user mistakes end in one clear line with exit code 2."""
+
+from __future__ import annotations
+
+import pytest
+
+from tag2mask.cli.main import COMMANDS, main
+
+NESTED = {"train": ["weclip"], "synth": ["export"]}
+
+
+@pytest.mark.parametrize("command", sorted(COMMANDS))
+def test_every_subcommand_has_help(command, capsys):
+    for argv in [[command]] + [[command, sub] for sub in NESTED.get(command, [])]:
+        with pytest.raises(SystemExit) as exc:
+            main(argv + ["--help"])
+        assert exc.value.code == 0
+        assert "usage: tag2mask " + " ".join(argv) in capsys.readouterr().out
+
+
+def test_no_command_prints_help(capsys):
+    assert main([]) == 2
+    assert "COMMAND" in capsys.readouterr().out
+
+
+def test_user_errors_are_one_line(tmp_path, capsys):
+    rc = main(["info", "--weights", str(tmp_path / "missing.pt")])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert "missing.pt" in err and "Traceback" not in err
