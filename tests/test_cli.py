@@ -28,3 +28,11 @@ def test_user_errors_are_one_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert rc == 2
     assert "missing.pt" in err and "Traceback" not in err
+
+
+def test_info_reports_the_stored_dtype(capsys):
+    from tag2mask.cli.common import shipped_weights_path
+
+    assert main(["info", "--weights", str(shipped_weights_path())]) == 0
+    out = capsys.readouterr().out
+    assert "stored dtype: float16" in out and "format:       safetensors" in out

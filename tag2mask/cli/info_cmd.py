@@ -19,13 +19,10 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    import torch
-
-    from tag2mask.clip.loading import read_state_dict, load_clip
+    from tag2mask.clip.loading import load_clip
 
     model = load_clip(args.weights, allow_download=args.allow_download or None)
-    sd, _, _ = read_state_dict(model.source_path)
-    dtypes = sorted({str(v.dtype).replace("torch.", "") for v in sd.values() if torch.is_floating_point(v)})
+    dtypes = model.stored_dtypes
     cfg = model.config
     print(f"source:       {model.source_path}")
     print(f"format:       {model.source_format}")

@@ -253,12 +253,14 @@ def load_clip(
     sd, config, fmt = read_state_dict(path)
     if config is not None and activation is not None:
         config.activation = activation
+    stored_dtypes = sorted({str(v.dtype).replace("torch.", "") for v in sd.values() if v.is_floating_point()})
     model = build_from_state_dict(sd, config, activation or "quick_gelu", source=str(path))
     if round_fp16_weights:
         round_weights_to_fp16(model)
     model.fingerprint = _fingerprint(path) + (":fp16r" if round_fp16_weights else "")
     model.source_format = fmt
     model.source_path = str(path)
+    model.stored_dtypes = stored_dtypes  # as in the file, before the float32 load (for `tag2mask info`)
     # frozen by default: methods that need gradients ask for them on activations, never on weights
     model.requires_grad_(False)
     return model.to(device=device, dtype=dtype).eval()
