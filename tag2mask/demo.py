@@ -64,7 +64,6 @@ def build_predictors(
     needs_es = any(m.startswith("clip-es") or m == "gradcam" for m in methods)
     if needs_es:
         maker = ClipES(model, vocab, preset_for("voc", templates=SYNTH_TEMPLATES))
-        no_caa = ClipES(model, vocab, preset_for("voc", templates=SYNTH_TEMPLATES))
         plain = LabelRefiner("none", device=device)
         pamr = LabelRefiner("pamr", device=device)
         # scored without the 0.95 ignore region, as the official --eval_only does
@@ -72,8 +71,8 @@ def build_predictors(
 
         def gradcam_only(image: Image.Image, ids: list[int]) -> np.ndarray:
             # raw softmax-GradCAM (no attention affinity), upsampled like the refined maps
-            _, cams, _ = no_caa.lowres(image, ids)
-            high = no_caa._upsample(cams, (image.size[1], image.size[0])).astype(np.float16)
+            _, cams, _ = maker.lowres(image, ids)
+            high = maker._upsample(cams, (image.size[1], image.size[0])).astype(np.float16)
             return plain(high, np.asarray(ids), np.asarray(image))[0]
 
         def es_with(refiner):

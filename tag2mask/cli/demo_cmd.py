@@ -92,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         on_image=on_image,
         progress=lambda it: tqdm(it, desc="demo", unit="scene", file=sys.stderr),
     )
-    for row, i in zip(rows, range(len(rows))):
+    for i, row in enumerate(rows):
         row["iou"] = {m: s.per_image[i] for m, s in scores.items()}
     summary = {f"{m} mIoU": f"{100 * s.miou:.1f}%" for m, s in scores.items()}
     write_index_html(out, _html_rows(rows, scores), title="tag2mask demo (synthetic scenes)", summary=summary)
