@@ -16,6 +16,7 @@ from tag2mask.training.clip_trainer import (
     BatchSampler,
     ScenePool,
     TrainConfig,
+    attention_affinity_loss,
     average_precision,
     concepts_from_caption,
     main,
@@ -101,6 +102,46 @@ def test_multi_positive_infonce_reduces_to_clip_loss_with_identity():
         + torch.nn.functional.cross_entropy(logits.t(), torch.arange(5))
     )
     assert multi_positive_infonce(logits, eye) == pytest.approx(float(ref), rel=1e-5)
+
+
+def test_attention_affinity_loss_is_zero_at_the_target_and_positive_elsewhere():
+    torch.manual_seed(0)
+    dense = torch.randn(2, 6, 8)
+    f = torch.nn.functional.normalize(dense, dim=-1)
+    target = (f @ f.transpose(1, 2) / 0.1).softmax(-1)
+    # attention maps with a CLS row/column whose patch block renormalises to the target
+    att = torch.zeros(2, 7, 7)
+    att[:, 0] = 1 / 7
+    att[:, 1:, 0] = 0.3
+    att[:, 1:, 1:] = 0.7 * target
+    assert float(attention_affinity_loss([att], dense, 0.1)) == pytest.approx(0.0, abs=1e-5)
+    uniform = torch.full((2, 7, 7), 1 / 7)
+    loss = attention_affinity_loss([att, uniform], dense, 0.1)
+    assert float(loss) > 0.05
+    # the target is a stop-gradient: only the attention receives gradient
+    dense.requires_grad_(True)
+    uniform.requires_grad_(True)
+    attention_affinity_loss([uniform], dense, 0.1).backward()
+    assert dense.grad is None and uniform.grad.abs().sum() > 0
+
+
+def test_image_features_returns_attention_of_the_requested_blocks():
+    from tag2mask.training.clip_eval import image_features
+    from tag2mask.training.clip_trainer import build_model, model_config
+
+    model = build_model(model_config(TrainConfig(image_size=32, patch_size=16, vision_width=64, vision_layers=3, embed_dim=16)))
+    feats = image_features(model, torch.randn(2, 3, 32, 32), attention_from=1)
+    assert len(feats["attentions"]) == 2
+    assert all(a.shape == (2, 5, 5) for a in feats["attentions"])
+    assert torch.allclose(feats["attentions"][-1].sum(-1), torch.ones(2, 5), atol=1e-5)
+    assert "attentions" not in image_features(model, torch.randn(1, 3, 32, 32))
+
+
+def test_smoke_run_with_attention_loss_logs_it(tmp_path):
+    torch.set_num_threads(1)
+    assert main(_tiny_cfg(tmp_path, **{"--w-attn": "1", "--attn-start": "0", "--dense-eval": "0"})) == 0
+    rows = list(csv.DictReader(open(tmp_path / "train_log.csv")))
+    assert all(float(r["attn"]) > 0 for r in rows)
 
 
 @pytest.mark.skipif(not ASSET.exists(), reason="shipped tiny CLIP weights not present")

@@ -23,14 +23,24 @@ EVAL_TEMPLATE = "a photo of a {}."
 CONCEPT_NAMES: tuple[str, ...] = OBJECT_NAMES + STUFF_NAMES  # 12 objects then 6 stuff
 
 
-def image_features(model: CLIP, images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """CLS and mean-patch embeddings plus the three kinds of dense patch features (B, hw, D)."""
+def image_features(model: CLIP, images: torch.Tensor, attention_from: Optional[int] = None) -> dict[str, torch.Tensor]:
+    """CLS and mean-patch embeddings plus the three kinds of dense patch features (B, hw, D).
+
+    With ``attention_from`` set, ``"attentions"`` holds the head-averaged attention (B, L, L) of
+    every block from that index on (computed without SDPA, so it costs memory).
+    """
     v = model.visual
     x, _ = v.embed(images)
-    for blk in v.blocks[:-1]:
-        x = blk(x)[0]
+    attentions = []
+    wanted = [attention_from is not None and i >= attention_from for i in range(len(v.blocks))]
+    for blk, want in zip(v.blocks[:-1], wanted):
+        x, weights = blk(x, need_weights=want)
+        if weights is not None:
+            attentions.append(weights)
     last = v.blocks[-1]
-    out = last(x)[0]
+    out, weights = last(x, need_weights=wanted[-1])
+    if weights is not None:
+        attentions.append(weights)
     tokens = v.head(out)
     a = last.ln_1(x)
     w = last.attn.in_proj_weight[2 * last.attn.width:]
@@ -44,6 +54,7 @@ def image_features(model: CLIP, images: torch.Tensor) -> dict[str, torch.Tensor]
         "dense_std": tokens[:, 1:],
         "dense_maskclip": v.head(mc),
         "dense_value": v.head(val),
+        **({"attentions": attentions} if attention_from is not None else {}),
     }
 
 

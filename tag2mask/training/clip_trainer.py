@@ -25,6 +25,15 @@ Losses (all label-free at the pixel level):
   texts, a softmax over concepts is taken per patch, and the top-k mean over patches of each concept's
   probability is trained with BCE against the caption's concepts. Absent concepts must win no patch,
   present ones some patches, so patches learn the concept at their own location.
+* **attention affinity** (``w_attn``, off by default; on for the shipped model): the head-averaged
+  patch-to-patch attention of every block from ``attn_from_block`` on (CLS row and column dropped,
+  rows renormalised, as CLIP-ES's affinity does) is pulled, by KL divergence, towards the affinity of
+  the model's own final dense features, ``softmax_j(cos(f_i, f_j) / attn_tau)``, with the features
+  detached; it starts at ``attn_start`` of the schedule, once those features mean something. Why: a
+  large CLIP's deep attention links the patches of one object (the premise of CLIP-ES's CAA), but a
+  6-block model trained for minutes does not develop this, and its last block's patch-to-patch
+  attention receives no gradient at all from image-level losses (only the CLS output is used). The
+  target is built from the model's own features, never from masks.
 
 Images come from a pool of pre-generated training scenes kept in memory (uint8) with a few caption
 variants each; augmentation is random flips and 90-degree rotations (captions have no spatial words).
@@ -141,6 +150,10 @@ class TrainConfig:
     w_bce: float = 1.0
     w_dense: float = 1.0
     dense_topk: int = 4
+    w_attn: float = 0.0
+    attn_from_block: int = 0
+    attn_tau: float = 0.1
+    attn_start: float = 0.1
     bf16: bool = True
     seed: int = 0
     device: str = "auto"
@@ -332,10 +345,28 @@ class LossHead(nn.Module):
         self.dense_scale = nn.Parameter(torch.tensor(math.log(10.0)))
 
 
+def attention_affinity_loss(attentions: Sequence[torch.Tensor], dense: torch.Tensor, tau: float) -> torch.Tensor:
+    """KL from the (stop-gradient) affinity of the dense features to each block's patch attention.
+
+    attentions: (B, 1 + n, 1 + n) head-averaged maps; dense: (B, n, D) patch features. The CLS row and
+    column are dropped and the patch rows renormalised, as CAA does; the target row of patch i is
+    ``softmax_j(cos(f_i, f_j) / tau)``.
+    """
+    f = F.normalize(dense.detach().float(), dim=-1)
+    target = (f @ f.transpose(1, 2) / tau).softmax(dim=-1)
+    total = dense.new_zeros((), dtype=torch.float32)
+    for a in attentions:
+        p = a[:, 1:, 1:].float()
+        p = p / p.sum(dim=-1, keepdim=True).clamp_min(1e-12)
+        total = total + (target * (target.clamp_min(1e-12).log() - p.clamp_min(1e-12).log())).sum(-1).mean()
+    return total / max(1, len(attentions))
+
+
 def compute_losses(
-    model: CLIP, head: LossHead, batch: dict[str, torch.Tensor], concept_tokens: torch.Tensor, cfg: TrainConfig
+    model: CLIP, head: LossHead, batch: dict[str, torch.Tensor], concept_tokens: torch.Tensor, cfg: TrainConfig,
+    attn_weight: float = 0.0,
 ) -> dict[str, torch.Tensor]:
-    feats = image_features(model, batch["images"])
+    feats = image_features(model, batch["images"], attention_from=cfg.attn_from_block if attn_weight > 0 else None)
     txt = F.normalize(model.encode_text(batch["tokens"]).float(), dim=-1)
     concept_txt = F.normalize(model.encode_text(concept_tokens).float(), dim=-1)  # (18, D)
     scale = model.logit_scale.clamp(max=math.log(100.0)).exp()
@@ -357,10 +388,12 @@ def compute_losses(
         # written out: F.binary_cross_entropy refuses to run under CUDA autocast
         bce = -(hot * score.log() + (1 - hot) * (1 - score).log()).mean()
         l_dense = l_dense + bce / 3
+    l_attn = attention_affinity_loss(feats["attentions"], feats["dense_std"], cfg.attn_tau) if attn_weight > 0 else 0.0
     losses["clip"] = l_clip
     losses["bce"] = l_bce
     losses["dense"] = l_dense
-    losses["total"] = cfg.w_clip * l_clip + cfg.w_bce * l_bce + cfg.w_dense * l_dense
+    losses["attn"] = torch.as_tensor(l_attn, dtype=torch.float32)
+    losses["total"] = cfg.w_clip * l_clip + cfg.w_bce * l_bce + cfg.w_dense * l_dense + attn_weight * l_attn
     return losses
 
 
@@ -408,7 +441,7 @@ def train(cfg: TrainConfig, pool: Optional[ScenePool] = None, progress: bool = T
     use_bf16 = cfg.bf16 and device.type == "cuda"
     log: list[dict] = []
     log_path = out / "train_log.csv"
-    fields = ["step", "elapsed_s", "lr", "loss", "clip", "bce", "dense", "logit_scale", "val_map", "val_map_mean"]
+    fields = ["step", "elapsed_s", "lr", "loss", "clip", "bce", "dense", "attn", "logit_scale", "val_map", "val_map_mean"]
     with open(log_path, "w", newline="") as fh:
         csv.writer(fh).writerow(fields)
     meta = {"trainer": "tag2mask.training.clip_trainer", "train_config": json.dumps(asdict(cfg))}
@@ -430,7 +463,9 @@ def train(cfg: TrainConfig, pool: Optional[ScenePool] = None, progress: bool = T
         batch = sampler.sample()
         concept_tokens = tokenize(concept_prompts(prompt_rng)).to(device)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            losses = compute_losses(model, head, batch, concept_tokens, cfg)
+            # the affinity target comes from the model's own dense features: only once they mean something
+            attn_weight = cfg.w_attn if prog >= cfg.attn_start else 0.0
+            losses = compute_losses(model, head, batch, concept_tokens, cfg, attn_weight)
         opt.zero_grad(set_to_none=True)
         losses["total"].backward()
         if cfg.grad_clip > 0:
@@ -445,7 +480,7 @@ def train(cfg: TrainConfig, pool: Optional[ScenePool] = None, progress: bool = T
             row = {
                 "step": step + 1, "elapsed_s": round(time.time() - t_train, 1), "lr": cfg.lr * mult,
                 "loss": running["total"] / n_run, "clip": running["clip"] / n_run, "bce": running["bce"] / n_run,
-                "dense": running["dense"] / n_run, "logit_scale": float(model.logit_scale.detach().exp()),
+                "dense": running["dense"] / n_run, "attn": running["attn"] / n_run, "logit_scale": float(model.logit_scale.detach().exp()),
                 "val_map": "", "val_map_mean": "",
             }
             running, n_run = {}, 0
