@@ -34,6 +34,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--weights", default=None)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--split", default="val", choices=["train", "val", "test"], help="synth split to score (default val)")
     ap.add_argument("--methods", nargs="+", default=list(METHODS))
     ap.add_argument("--weclip-checkpoint", default=None, help="add WeCLIP trained on synth train (tag2mask train weclip --data synth)")
     args = ap.parse_args()
@@ -41,22 +42,22 @@ def main() -> None:
     from tag2mask.training.clip_trainer import zero_shot_map
 
     t0 = time.time()
-    zs = zero_shot_map(model, n_val=args.n)
+    zs = zero_shot_map(model, n_val=args.n)  # always on val
     import importlib.util
 
     with_crf = "clip-es+crf" in args.methods and importlib.util.find_spec("pydensecrf") is not None
     methods = [m for m in args.methods if m != "clip-es+crf" or with_crf]
     if args.weclip_checkpoint and "weclip" not in methods:
         methods.append("weclip")
-    scores = evaluate_methods(model, args.n, methods, split="val", with_crf=with_crf,
+    scores = evaluate_methods(model, args.n, methods, split=args.split, with_crf=with_crf,
                               weclip_checkpoint=args.weclip_checkpoint)
     for s in scores.values():
         s.name = LABELS.get(s.name, s.name)
     print(
-        f"synth val, {args.n} images, weights {args.weights or 'shipped tiny CLIP'}, device {args.device} "
+        f"synth {args.split}, {args.n} images, weights {args.weights or 'shipped tiny CLIP'}, device {args.device} "
         f"({platform.machine()}), torch {torch.__version__}, {time.strftime('%Y-%m-%d')}, {time.time() - t0:.0f} s"
     )
-    print(f"zero-shot multi-label mAP: {zs:.3f}")
+    print(f"zero-shot multi-label mAP (val): {zs:.3f}")
     print(results_table(scores, args.n))
 
 
