@@ -31,17 +31,12 @@ def image_features(model: CLIP, images: torch.Tensor, attention_from: Optional[i
     """
     v = model.visual
     x, _ = v.embed(images)
-    attentions = []
-    wanted = [attention_from is not None and i >= attention_from for i in range(len(v.blocks))]
-    for blk, want in zip(v.blocks[:-1], wanted):
-        x, weights = blk(x, need_weights=want)
-        if weights is not None:
-            attentions.append(weights)
+    want, first = attention_from is not None, attention_from or 0
+    inter = v.run_blocks(x, 0, v.num_blocks - 1, want, keep_tokens=False, attention_from=first)
+    x = inter.last  # the last block's input: the value paths below start from it
+    inter = v.run_blocks(x, v.num_blocks - 1, None, want, keep_tokens=False, out=inter, attention_from=first)
     last = v.blocks[-1]
-    out, weights = last(x, need_weights=wanted[-1])
-    if weights is not None:
-        attentions.append(weights)
-    tokens = v.head(out)
+    tokens = v.head(inter.last)
     a = last.ln_1(x)
     w = last.attn.in_proj_weight[2 * last.attn.width:]
     bias = last.attn.in_proj_bias[2 * last.attn.width:]
@@ -54,7 +49,7 @@ def image_features(model: CLIP, images: torch.Tensor, attention_from: Optional[i
         "dense_std": tokens[:, 1:],
         "dense_maskclip": v.head(mc),
         "dense_value": v.head(val),
-        **({"attentions": attentions} if attention_from is not None else {}),
+        **({"attentions": inter.attentions} if want else {}),
     }
 
 
