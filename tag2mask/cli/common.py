@@ -11,6 +11,15 @@ from typing import Iterable, Optional
 from tag2mask.runtime import DEVICE_CHOICES
 
 
+def plain_text(doc: str) -> str:
+    """A docstring as plain ``--help`` text: no reST literals (````x````), roles (``:func:`x```) or ``::``."""
+    import re
+
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", doc)
+    text = text.replace("``", "")
+    return re.sub(r"::(\s*)$", r":\1", text, flags=re.M)
+
+
 def add_device_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device",

@@ -46,6 +46,7 @@ table.grid td{{padding:3px;vertical-align:top;text-align:center;font-size:.85em}
 table.grid th.row{{position:static;text-align:left;border:0;font-weight:normal;max-width:9em;vertical-align:top}}
 table.grid img{{width:clamp(90px,calc((100vw - 15em) / var(--cols, 4)),{THUMB_PX}px);display:block}}
 .muted{{color:#777}}
+.overview{{display:flex;flex-wrap:wrap;gap:0 3em;align-items:flex-start}}
 """
 
 
@@ -198,11 +199,14 @@ def write_report(
     if summary:
         parts.append("<dl class='kv'>" + "".join(f"<dt>{e(str(k))}</dt><dd>{e(str(v))}</dd>"
                                                  for k, v in summary.items()) + "</dl>")
+    overview = []  # the table and the chart side by side when the window is wide enough
     if table is not None:
-        parts.append(_table_html(table))
+        overview.append(f"<div>{_table_html(table)}</div>")
     if chart is not None:
         chart_title, values = chart
-        parts.append(f"<h2>{e(chart_title)}</h2>" + bar_chart_svg(values, title=chart_title, unit="%"))
+        overview.append(f"<div><h2>{e(chart_title)}</h2>{bar_chart_svg(values, title=chart_title, unit='%')}</div>")
+    if overview:
+        parts.append(f"<div class='overview'>{''.join(overview)}</div>")
     if grid is not None:
         columns, rows = grid
         if grid_title:
