@@ -89,6 +89,7 @@ def load_model_from_args(args: argparse.Namespace, official_rounding: bool = Fal
 
     weights = args.weights
     if weights is None:
+        reject_options(args, ("allow_download",), "without --weights (the shipped tiny CLIP is never downloaded)")
         weights = shipped_weights_path()
         if not weights.exists():
             raise WeightsNotFoundError(

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from tag2mask.cli.common import add_device_option, add_weights_options
+from tag2mask.cli.common import add_device_option, add_weights_options, record_given_options
 
 DEFAULT_METHODS = ("gradcam", "clip-es", "clip-es+pamr", "clip-es+crf", "maskclip", "sclip", "clearclip", "naclip")
 
@@ -22,19 +22,20 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
             "the open-vocabulary methods get only the class names."
         ),
     )
-    p.add_argument("--out", default="tag2mask-demo", help="output folder (default: ./tag2mask-demo)")
-    p.add_argument("--n", type=int, default=8, help="number of scenes (default 8)")
-    p.add_argument("--size", type=int, default=224, help="scene size in pixels (default 224)")
+    p.add_argument("--out", default="tag2mask-demo", help="output folder (default: tag2mask-demo)")
+    p.add_argument("--n", type=int, default=8, help="number of scenes (default: 8)")
+    p.add_argument("--size", type=int, default=224, help="scene size in pixels (default: 224)")
     p.add_argument(
         "--methods",
         nargs="+",
         default=list(DEFAULT_METHODS),
-        help=f"methods to run (default: all of {', '.join(DEFAULT_METHODS)}; clip-es+crf needs the 'crf' extra "
-        "and is skipped with a note when it is missing)",
+        help=f"methods to run (default: {' '.join(DEFAULT_METHODS)}); clip-es+crf needs the 'crf' extra "
+        "and is skipped with a note when it is missing",
     )
     add_weights_options(p)
     add_device_option(p)
     p.set_defaults(func=run)
+    record_given_options(p)
     return p
 
 

@@ -22,8 +22,11 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from tag2mask.clip.loading import load_clip
+    from tag2mask.cli.common import reject_options
     from tag2mask.clip.shipped import SHIPPED_WEIGHTS, TINY_CLIP_NOTE, is_shipped_tiny_clip
 
+    if args.weights is None:
+        reject_options(args, ("allow_download",), "without --weights (the shipped tiny CLIP is never downloaded)")
     model = load_clip(args.weights or SHIPPED_WEIGHTS, allow_download=args.allow_download or None)
     dtypes = model.stored_dtypes
     cfg = model.config

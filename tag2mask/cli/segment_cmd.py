@@ -211,6 +211,9 @@ def run(args: argparse.Namespace) -> int:
         "input": str(args.input),
         "settings": settings,
         "segmenter": repr(segmenter),
+        # what ran, next to what was asked (settings): a preset or the method may change these
+        "window": {"mode": segmenter.mode, "short_side": segmenter.short_side, "crop": segmenter.crop,
+                   "stride": segmenter.stride},
         "logit_scale": segmenter.logit_scale,
         "templates": segmenter.templates if isinstance(segmenter.templates, str) else list(segmenter.templates),
         "class_names": list(segmenter.class_names),
