@@ -44,6 +44,12 @@ def add_weights_options(parser: argparse.ArgumentParser, required: bool = False)
     )
 
 
+def check_weights_options(args: argparse.Namespace) -> None:
+    """``--allow-download`` needs ``--weights`` (the shipped tiny CLIP is never downloaded)."""
+    if getattr(args, "weights", None) is None:
+        reject_options(args, ("allow_download",), "without --weights (the shipped tiny CLIP is never downloaded)")
+
+
 def add_precision_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--precision",
@@ -87,9 +93,9 @@ def load_model_from_args(args: argparse.Namespace, official_rounding: bool = Fal
     from tag2mask.clip.loading import WeightsNotFoundError, load_clip
     from tag2mask.runtime import resolve_device
 
+    check_weights_options(args)
     weights = args.weights
     if weights is None:
-        reject_options(args, ("allow_download",), "without --weights (the shipped tiny CLIP is never downloaded)")
         weights = shipped_weights_path()
         if not weights.exists():
             raise WeightsNotFoundError(

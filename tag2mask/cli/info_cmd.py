@@ -22,11 +22,10 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from tag2mask.clip.loading import load_clip
-    from tag2mask.cli.common import reject_options
+    from tag2mask.cli.common import check_weights_options
     from tag2mask.clip.shipped import SHIPPED_WEIGHTS, TINY_CLIP_NOTE, is_shipped_tiny_clip
 
-    if args.weights is None:
-        reject_options(args, ("allow_download",), "without --weights (the shipped tiny CLIP is never downloaded)")
+    check_weights_options(args)
     model = load_clip(args.weights or SHIPPED_WEIGHTS, allow_download=args.allow_download or None)
     dtypes = model.stored_dtypes
     cfg = model.config

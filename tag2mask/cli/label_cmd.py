@@ -13,6 +13,7 @@ from tag2mask.cli.common import (
     add_precision_option,
     add_run_options,
     add_weights_options,
+    check_weights_options,
     given,
     record_given_options,
     reject_options,
@@ -106,6 +107,7 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
 
 def check_options(args: argparse.Namespace) -> None:
     """Options that do not apply to the chosen refinement / input are errors, not silently ignored."""
+    check_weights_options(args)
     if args.refine != "crf":
         reject_options(args, ("confidence",), f"with --refine {args.refine} (it masks low-confidence CRF pixels)")
     else:

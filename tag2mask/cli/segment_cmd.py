@@ -10,6 +10,7 @@ from tag2mask.cli.common import (
     add_device_option,
     add_run_options,
     add_weights_options,
+    check_weights_options,
     record_given_options,
     reject_options,
 )
@@ -80,6 +81,7 @@ _OVSS_OPTIONS = ("classes", "method", "mode", "short_side", "crop", "stride", "p
 
 def check_options(args: argparse.Namespace) -> None:
     """Options that do not apply to what was asked are errors, not silently ignored."""
+    check_weights_options(args)
     if args.checkpoint:
         reject_options(args, _OVSS_OPTIONS + ("allow_download",),
                        "with --checkpoint (a trained WeCLIP run brings its own classes and test settings)")
