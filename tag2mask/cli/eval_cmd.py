@@ -271,6 +271,8 @@ def class_list_warnings(args: argparse.Namespace, names: Sequence[str], gt_value
         run_names = {int(v): str(k) for k, v in run_record["label_values"].items()}
     elif "classes" in run_record:  # tag2mask label: foreground names, label value = index + 1
         run_names = {i + 1: str(n) for i, n in enumerate(run_record["classes"])}
+    elif "class_names" in run_record:  # tag2mask segment --checkpoint: label value = index
+        run_names = {i: str(n) for i, n in enumerate(run_record["class_names"])}
     else:
         run_names = {}
     differ = [v for v, n in sorted(run_names.items()) if v < len(names) and n.lower() != names[v].lower()]

@@ -282,7 +282,7 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
     out = Path(args.out)
     args.device = device_for_rank(args.device)
     segmenter = _CheckpointSegmenter(str(ckpt), args.device, args.weights, args.crf)
-    warning = toy_model_warning(getattr(segmenter.inner.model, "clip", None), [args.input])
+    warning = toy_model_warning(getattr(getattr(segmenter.inner, "model", None), "clip", None), [args.input])
     digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()[:16]
     settings = {"method": "weclip", "checkpoint": digest, "crf": args.crf, "overlay": args.overlay,
                 "save_logits": args.save_logits}
