@@ -42,7 +42,8 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     )
     p.add_argument("input", metavar="IMAGE_OR_FOLDER", help="an image file or a folder of images (not recursive)")
     p.add_argument("--classes", default=None,
-                   help="inline 'cat, dog|puppy; background: sky, grass' or a name-set file (required unless --checkpoint)")
+                   help="inline 'cat, dog|puppy; background: sky, grass' or a name-set file (required; with --checkpoint "
+                        "the run's classes are used instead)")
     p.add_argument("--checkpoint", default=None,
                    help="segment with a trained WeCLIP run instead (a checkpoint file or run folder from "
                         "'tag2mask train weclip'): classes, test size and scales come from the run (WeCLIP recipe: "
