@@ -25,6 +25,29 @@ from tag2mask.vocab.vocabulary import Vocabulary, get_vocabulary
 SYNTH_TEMPLATES = ("a photo of a {}.",)
 OVSS_METHODS = ("maskclip", "sclip", "clearclip", "naclip")
 
+TOLD_TAGS = "the scene's tags"
+TOLD_NAMES = "all class names"
+#: method -> (what it is, in one line; what it is told about each image)
+METHOD_INFO: dict[str, tuple[str, str]] = {
+    "gradcam": ("CLIP-ES without its attention affinity: raw softmax-GradCAM of each tag, argmax against "
+                "a (1 - max) background", TOLD_TAGS),
+    "clip-es": ("CLIP-ES (CVPR'23): softmax-GradCAM refined by class-aware attention affinity inside the "
+                "CAM boxes; no post-processing", TOLD_TAGS),
+    "clip-es+pamr": ("CLIP-ES followed by PAMR, pixel-adaptive refinement along colour edges", TOLD_TAGS),
+    "clip-es+crf": ("CLIP-ES followed by its dense CRF (stage 2; scored without the 0.95 ignore region)",
+                    TOLD_TAGS),
+    "maskclip": ("MaskCLIP (ECCV'22): the last block's value embeddings as dense features, matched to the "
+                 "class prompts", TOLD_NAMES),
+    "sclip": ("SCLIP: last-block attention replaced by query-query + key-key correlative attention",
+              TOLD_NAMES),
+    "clearclip": ("ClearCLIP: last block with query-query attention, without residual and feed-forward",
+                  TOLD_NAMES),
+    "naclip": ("NACLIP: last block with key-key attention plus a Gaussian neighbourhood prior, without "
+               "residual and feed-forward", TOLD_NAMES),
+    "weclip": ("WeCLIP (CVPR'24): a decoder trained on frozen-CLIP pseudo-labels; predicts from the image "
+               "alone", "nothing (trained on tags)"),
+}
+
 
 @dataclass
 class MethodScore:
@@ -105,11 +128,15 @@ def evaluate_methods(
     size: int = 224,
     split: str = "test",
     with_crf: bool = False,
-    on_image: Optional[Callable[[int, Image.Image, np.ndarray, dict[str, np.ndarray]], None]] = None,
+    on_image: Optional[Callable[[int, Image.Image, np.ndarray, dict[str, np.ndarray], list[str]], None]] = None,
     progress: Optional[Callable[[Iterable], Iterable]] = None,
     weclip_checkpoint: Optional[str] = None,
 ) -> dict[str, MethodScore]:
-    """Score ``methods`` on ``n_images`` synthetic scenes of ``split``; labels come from the scenes."""
+    """Score ``methods`` on ``n_images`` synthetic scenes of ``split``; labels come from the scenes.
+
+    ``on_image(i, image, gt, outputs, tags)`` sees each scene: its (H, W) uint8 ground truth, the
+    (H, W) uint8 label map of every method and the scene's tag names.
+    """
     vocab = get_vocabulary("synth")
     num_classes = len(OBJECT_NAMES) + 1
     predictors = build_predictors(model, vocab, methods, with_crf, weclip_checkpoint)
@@ -129,7 +156,7 @@ def evaluate_methods(
             scores[name].per_image.append(_image_iou(pred, scene.mask, num_classes))
             outputs[name] = pred
         if on_image is not None:
-            on_image(i, image, scene.mask, outputs)
+            on_image(i, image, scene.mask, outputs, [vocab.names[k] for k in ids])
     return scores
 
 

@@ -43,9 +43,47 @@ def test_demo_command_writes_results(tmp_path, capsys):
     results = json.loads((out / "results.json").read_text())
     assert set(results) == {"clip-es", "sclip"}
     assert all(0.0 <= v <= 1.0 for v in results.values())
-    assert (out / "index.html").read_text().count("<img") >= 4
     assert len(list((out / "masks" / "sclip").glob("*.png"))) == 2
     assert "mIoU" in capsys.readouterr().out
+
+
+def test_demo_page_is_a_grid_under_a_summary(tmp_path, tiny_clip_path):
+    """One row per scene (input, ground truth, each method), a summary table, a chart, the toy-model note."""
+    import html
+    import re
+
+    from tag2mask.cli.main import main
+    from tag2mask.demo import METHOD_INFO
+
+    out = tmp_path / "demo"
+    methods = ["clip-es", "sclip"]
+    assert main(["demo", "--out", str(out), "--n", "3", "--methods", *methods, "--device", "cpu"]) == 0
+    page = (out / "index.html").read_text()
+    results = json.loads((out / "results.json").read_text())
+    grid = page[page.index("<table class='grid'"):]
+    header = re.findall(r"<th>([^<]*)</th>", grid)
+    assert header == ["input", "ground truth", *methods]
+    for i in range(3):
+        scene = f"scene_{i:03d}"
+        assert grid.count(f"<b>{scene}</b>") == 1  # one row per scene ...
+        assert page.count(f"images/{scene}.png") == 2  # ... and its input shown once (link + img)
+        assert all(f"overlays/{m}/{scene}.png" in grid for m in ["ground_truth", *methods])
+    assert grid.count("<tr>") == 1 + 3
+    summary = page[page.index("<table class='summary'"):page.index("<table class='grid'")]
+    for m in methods:
+        what, told = METHOD_INFO[m]
+        row = re.search(rf"<tr><td[^>]*>{re.escape(m)}</td>(.*?)</tr>", summary).group(1)
+        assert html.escape(what) in row and html.escape(told) in row
+        assert f">{100 * results[m]:.1f}<" in row
+    assert "the scene&#x27;s tags" in summary and "all class names" in summary
+    assert summary.count("<svg") == 1 and "<script" not in page
+    assert "About the model" in page and "synthetic shapes world" in page
+    assert "<th>labels</th>" not in page
+
+    other = tmp_path / "other"
+    assert main(["demo", "--out", str(other), "--n", "1", "--methods", "sclip", "--device", "cpu",
+                 "--weights", str(tiny_clip_path)]) == 0
+    assert "About the model" not in (other / "index.html").read_text()
 
 
 def test_caa_improves_the_shipped_models_gradcam_seeds():

@@ -15,7 +15,7 @@ from tag2mask.cli import eval_cmd
 from tag2mask.io.atomic import atomic_path, atomic_write_bytes
 from tag2mask.io.coco_rle import (counts_to_string, decode, encode, mask_bbox, masks_to_coco_json,
                                   rle_counts, string_to_counts)
-from tag2mask.io.html_report import write_index_html
+from tag2mask.io.html_report import GridCell, GridRow, Table, bar_chart_svg, write_report
 from tag2mask.io.palette import read_label_png, save_label_png, voc_palette
 from tag2mask.io.visualize import cam_heatmap, overlay_image, save_cam_heatmap, save_overlay
 
@@ -129,16 +129,32 @@ def test_overlay_and_heatmap(tmp_path: Path) -> None:
     assert Image.open(tmp_path / "o.png").mode == "RGB" and (tmp_path / "h.png").is_file()
 
 
-def test_index_html(tmp_path: Path) -> None:
+def test_report_page(tmp_path: Path) -> None:
     (tmp_path / "overlays").mkdir()
-    page = write_index_html(tmp_path, [
-        {"name": "a<b", "image": tmp_path / "images" / "a b.jpg", "overlay": "overlays/a.png", "iou": 0.5,
-         "labels": ["cat"]},
-        {"name": "c", "image": "images/c.jpg", "overlay": "overlays/c.png", "iou": None},
-    ], summary={"mIoU": "50.0"})
+    page = write_report(
+        tmp_path, "run <1>", warnings=["toy <model>"], notes=["a note"], summary={"mIoU": "50.0"},
+        table=Table(["method", "mIoU (%)"], [["a<b", "50.0"]], numeric=("mIoU (%)",)),
+        chart=("mIoU", [("a<b", 50.0), ("c", None)]),
+        legend=[("cat", (64, 0, 0))],
+        grid=(["input", "overlay"], [GridRow("img1", [GridCell(tmp_path / "images" / "a b.jpg"),
+                                                      GridCell("overlays/a.png", "mIoU 50.0")], detail="tags: cat")]),
+    )
     text = page.read_text()
-    assert "a&lt;b" in text and "images/a%20b.jpg" in text and "50.0" in text and "mIoU (%)" in text
+    assert "run &lt;1&gt;" in text and "toy &lt;model&gt;" in text and "a&lt;b" in text
+    assert "images/a%20b.jpg" in text and "overlays/a.png" in text and "mIoU 50.0" in text
     assert str(tmp_path) not in text  # links are relative
+    assert text.count("<svg") == 1 and "<script" not in text and "rgb(64, 0, 0)" in text
+    assert text.count("<tr>") == 2 + 2  # summary table: header + 1 row; grid: header + 1 row
+
+
+def test_bar_chart_bars_are_proportional() -> None:
+    import re
+
+    svg = bar_chart_svg([("a", 25.0), ("b", 100.0), ("c", None), ("d", 150.0)], max_value=100.0, width=620)
+    widths = [float(w) for w in re.findall(r"<rect [^>]*width='([\d.]+)'", svg)]
+    assert len(widths) == 3  # no bar for a missing value
+    assert widths[1] == pytest.approx(4 * widths[0]) and widths[2] == widths[1]  # clipped at the axis end
+    assert ">–<" in svg and svg.startswith("<svg") and svg.endswith("</svg>")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -220,6 +236,6 @@ def test_eval_html_report(tmp_path):
     assert page.index("bad") < page.index("good")  # worst image first
     assert (tmp_path / "report" / "overlays" / "bad.png").is_file()
     assert (tmp_path / "report" / "gt_overlays" / "good.png").is_file()
-    assert "GT overlay" in page and "100.0" in page
+    assert "ground truth" in page and "mIoU 100.0" in page and "IoU (%) per class" in page
     args = parser.parse_args(["eval", str(pred), "--gt", str(gt), "--quiet", "--html", str(tmp_path / "r2")])
     assert args.func(args) == 2  # --html without --images is a clear error

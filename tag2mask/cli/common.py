@@ -3,8 +3,21 @@
 from __future__ import annotations
 
 import argparse
+import functools
+import os
+import sys
+from typing import Iterable, Optional
 
 from tag2mask.runtime import DEVICE_CHOICES
+
+
+def plain_text(doc: str) -> str:
+    """A docstring as plain ``--help`` text: no reST literals (````x````), roles (``:func:`x```) or ``::``."""
+    import re
+
+    text = re.sub(r":[a-z]+:`~?([^`]+)`", r"\1", doc)
+    text = text.replace("``", "")
+    return re.sub(r"::(\s*)$", r":\1", text, flags=re.M)
 
 
 def add_device_option(parser: argparse.ArgumentParser) -> None:
@@ -31,6 +44,12 @@ def add_weights_options(parser: argparse.ArgumentParser, required: bool = False)
     )
 
 
+def check_weights_options(args: argparse.Namespace) -> None:
+    """``--allow-download`` needs ``--weights`` (the shipped tiny CLIP is never downloaded)."""
+    if getattr(args, "weights", None) is None:
+        reject_options(args, ("allow_download",), "without --weights (the shipped tiny CLIP is never downloaded)")
+
+
 def add_precision_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--precision",
@@ -42,9 +61,27 @@ def add_precision_option(parser: argparse.ArgumentParser) -> None:
 
 def shipped_weights_path():
     """The tiny CLIP trained on tag2mask's synthetic world, shipped inside the package."""
-    from pathlib import Path
+    from tag2mask.clip.shipped import SHIPPED_WEIGHTS
 
-    return Path(__file__).resolve().parent.parent / "assets" / "tiny_clip.safetensors"
+    return SHIPPED_WEIGHTS
+
+
+def toy_model_warning(model, inputs: Iterable["str | os.PathLike"]) -> Optional[str]:
+    """Warn (once, on the main process) when the shipped tiny CLIP runs on non-synthetic inputs.
+
+    ``inputs`` are the paths the command was given; the note is skipped when all of them lie in a
+    ``tag2mask synth export`` folder. Returns the note for ``run.json`` / pages, or ``None``.
+    """
+    from tag2mask.clip.shipped import TINY_CLIP_NOTE, is_shipped_tiny_clip
+    from tag2mask.jobs.distributed import dist_info
+    from tag2mask.synth.export import is_synthetic_export
+
+    inputs = list(inputs)
+    if not is_shipped_tiny_clip(model) or (inputs and all(is_synthetic_export(p) for p in inputs)):
+        return None
+    if dist_info().is_main:
+        print(f"warning: {TINY_CLIP_NOTE}", file=sys.stderr)
+    return TINY_CLIP_NOTE
 
 
 def load_model_from_args(args: argparse.Namespace, official_rounding: bool = False):
@@ -56,6 +93,7 @@ def load_model_from_args(args: argparse.Namespace, official_rounding: bool = Fal
     from tag2mask.clip.loading import WeightsNotFoundError, load_clip
     from tag2mask.runtime import resolve_device
 
+    check_weights_options(args)
     weights = args.weights
     if weights is None:
         weights = shipped_weights_path()
@@ -81,3 +119,44 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--verbose", action="store_true", help="print one line per item (the JSON log in OUT/logs/ always has them)")
     parser.add_argument("--limit", type=int, default=None, help="process at most this many items (for a quick look)")
+
+
+# --- options that do not apply -------------------------------------------------------------------
+# argparse does not say which options were typed and which hold their default, but "an option that
+# does not apply is an error" needs exactly that (``--method naclip`` with ``--checkpoint`` is a
+# mistake even though naclip is the default). ``record_given_options`` makes every option action
+# of a parser also note what was typed in ``args.given_options``: ``(dest, option string)`` pairs.
+
+
+@functools.lru_cache(maxsize=None)
+def _recording(action_class: type) -> type:
+    class Recording(action_class):  # type: ignore[misc, valid-type]
+        def __call__(self, parser, namespace, values, option_string=None):
+            typed = tuple(getattr(namespace, "given_options", ())) + ((self.dest, option_string),)
+            setattr(namespace, "given_options", typed)
+            super().__call__(parser, namespace, values, option_string)
+
+    Recording.__name__ = f"Recording{action_class.__name__}"
+    return Recording
+
+
+def record_given_options(parser: argparse.ArgumentParser) -> None:
+    """Make ``parser`` record the options the user typed in ``args.given_options``; call it last."""
+    parser.set_defaults(given_options=())
+    for action in parser._actions:
+        if action.option_strings and not isinstance(action, (argparse._HelpAction, argparse._VersionAction)):
+            action.__class__ = _recording(type(action))
+
+
+def given(args: argparse.Namespace, dest: str) -> bool:
+    """Whether option ``dest`` was typed (needs :func:`record_given_options` on the parser)."""
+    return any(d == dest for d, _ in getattr(args, "given_options", ()))
+
+
+def reject_options(args: argparse.Namespace, dests: Iterable[str], reason: str) -> None:
+    """Raise ``ValueError`` naming every typed option of ``dests``: they do not apply because ``reason``."""
+    dests = set(dests)
+    typed = list(dict.fromkeys(opt for d, opt in getattr(args, "given_options", ()) if d in dests))
+    if typed:
+        verb = "does" if len(typed) == 1 else "do"
+        raise ValueError(f"{', '.join(typed)} {verb} not apply {reason}")

@@ -20,6 +20,7 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
+from tag2mask.cli.common import plain_text, record_given_options, reject_options
 from tag2mask.evaluation.cam_eval import evaluate_cams, load_cam_npz
 from tag2mask.evaluation.miou import ConfusionMatrix, seen_unseen_scores
 from tag2mask.io.atomic import atomic_write_text
@@ -43,21 +44,32 @@ COCO_CLASSES = [
 
 
 def resolve_classes(spec: str, num_classes: int | None = None) -> list[str]:
-    """Class names *including background at index 0* for ``voc``, ``coco`` or a FILE.
+    """Class names *including background at index 0* for ``voc``, ``coco``, ``synth``, a FILE or an inline list.
 
     FILE: one class per line; only the first comma-separated name of a line is used (the
     rest are synonyms); blank lines and ``#`` comments skipped. Background is prepended
-    unless the first name is ``background``. ``num_classes`` overrides the count: extra
-    classes are named ``class <k>``; fewer than listed is an error.
+    unless the first name is ``background``. An inline list is read as everywhere else
+    (``"cat, dog|puppy; background: sky"``: display names, background words dropped).
+    ``num_classes`` overrides the count: extra classes are named ``class <k>``; fewer than
+    listed is an error.
     """
+    path = Path(spec)
     if spec.lower() == "voc":
         names = ["background"] + VOC_CLASSES
     elif spec.lower() == "coco":
         names = ["background"] + COCO_CLASSES
+    elif spec.lower() == "synth":
+        from tag2mask.synth.world import OBJECT_NAMES
+
+        names = ["background"] + list(OBJECT_NAMES)
+    elif not path.is_file() and ("," in spec or ";" in spec):
+        from tag2mask.vocab.vocabulary import parse_class_string
+
+        names = ["background"] + list(parse_class_string(spec).names)
     else:
-        path = Path(spec)
         if not path.is_file():
-            raise FileNotFoundError(f"--classes: expected 'voc', 'coco' or a class file; {spec} not found")
+            raise FileNotFoundError(f"--classes: expected voc, coco, synth, a class file or an inline list "
+                                    f"'cat, dog'; {spec} not found")
         names = []
         for line in path.read_text(encoding="utf-8-sig").splitlines():
             line = line.strip()
@@ -129,17 +141,21 @@ def evaluate_label_folder(pred_dir: str | Path, gt_dir: str | Path, num_classes:
 
     Returns:
         ``{"scores": ConfusionMatrix.scores(), "per_image": {stem: mIoU | None},
-        "num_images": n}``.
+        "num_images": n, "gt_values": sorted label values seen in the GT (ignore excluded)}``.
     """
     pairs = _pairs(Path(pred_dir), Path(gt_dir), ".png")
     total = ConfusionMatrix(num_classes, ignore_index)
     per_image: dict[str, float | None] = {}
+    gt_values: set[int] = set()
     for stem, p, g in _progress(pairs, len(pairs), progress, "eval"):
         one = ConfusionMatrix(num_classes, ignore_index)
-        one.update(read_label_png(p), read_label_png(g), name=f"{p} vs {g}")
+        gt = read_label_png(g)
+        gt_values.update(int(v) for v in np.unique(gt) if v != ignore_index)
+        one.update(read_label_png(p), gt, name=f"{p} vs {g}")
         total.merge(one)
         per_image[stem] = one.scores()["Mean IoU"]
-    return {"scores": total.scores(), "per_image": per_image, "num_images": len(pairs)}
+    return {"scores": total.scores(), "per_image": per_image, "num_images": len(pairs),
+            "gt_values": sorted(gt_values)}
 
 
 def evaluate_cam_folder(cam_dir: str | Path, gt_dir: str | Path, num_classes: int,
@@ -183,58 +199,156 @@ def format_table(names: Sequence[str], columns: dict[str, dict]) -> str:
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     """Register the ``eval`` sub-command."""
     p = subparsers.add_parser("eval", help="score predicted label maps or CAMs against ground truth",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                              description=plain_text(__doc__), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("pred", metavar="PRED", help="folder of palette PNGs; with --cams, a folder of "
                    "<stem>.npz CAM files or a run folder containing cams/")
     p.add_argument("--gt", required=True, help="folder of ground-truth <stem>.png masks (255 = ignore)")
-    p.add_argument("--classes", default="voc", help="voc | coco | FILE (one class per line) [voc]")
-    p.add_argument("--num-classes", type=int, default=None, help="number of classes incl. background")
+    p.add_argument("--classes", default="voc",
+                   help="voc, coco, synth, a class file (one class per line, first comma-separated name used; a "
+                        "first line 'background' is allowed) or an inline list 'cat, dog' (default: voc)")
+    p.add_argument("--num-classes", type=int, default=None,
+                   help="number of classes incl. background, when more than --classes names (default: from --classes)")
     p.add_argument("--cams", action="store_true", help="evaluate CAMs (CLIP-ES seed protocol)")
-    p.add_argument("--bg-powers", type=float, nargs="+", default=[1, 2], help="bg = (1 - max)^p sweep [1 2]")
+    p.add_argument("--bg-powers", type=float, nargs="+", default=[1, 2],
+                   help="with --cams: background score (1 - max CAM)^p, one column per p (default: 1 2)")
     p.add_argument("--thresholds", type=float, nargs="+", default=None,
-                   help="constant background thresholds (replaces --bg-powers)")
+                   help="with --cams: constant background thresholds, instead of --bg-powers")
     p.add_argument("--unseen", nargs="+", default=None, help="unseen classes (names or label values) for "
                    "seen/unseen mIoU and hIoU")
-    p.add_argument("--ignore-index", type=int, default=255)
-    p.add_argument("--out", default=None, help="output JSON [PRED/eval.json]")
+    p.add_argument("--ignore-index", type=int, default=255, help="ground-truth value that is not scored (default: 255)")
+    p.add_argument("--out", default=None, help="output JSON (default: PRED/eval.json)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--html", default=None, metavar="DIR",
-                   help="also write DIR/index.html with each image, its prediction overlay, the GT overlay and "
-                        "its mIoU (needs --images; label maps only)")
-    p.add_argument("--images", default=None, help="folder of the input images (<stem>.jpg/.png), for --html")
+                   help="label maps only: also write DIR/index.html with the scores, a per-class chart and, per "
+                        "image (worst first), the input, the prediction and the ground truth (needs --images)")
+    p.add_argument("--images", default=None, help="with --html: folder of the input images (<stem>.jpg, .png, ...)")
     p.set_defaults(func=run)
+    record_given_options(p)
     return p
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """Options that do not apply to the chosen mode are errors, not silently ignored."""
+    if args.cams:
+        reject_options(args, ("html", "images"), "with --cams (the page shows label maps)")
+        if args.thresholds is not None:
+            reject_options(args, ("bg_powers",), "with --thresholds (they replace the power sweep)")
+    else:
+        reject_options(args, ("bg_powers", "thresholds"), "without --cams (they turn CAMs into label maps)")
+        if args.html is None:
+            reject_options(args, ("images",), "without --html")
+        elif args.images is None:
+            raise ValueError("--html needs --images (the folder of the input images)")
+
+
+def prediction_run_record(pred_dir: str | Path) -> dict:
+    """``run.json`` of the run that wrote the predictions (``PRED`` or its parent), or ``{}``."""
+    for folder in (Path(pred_dir), Path(pred_dir).parent):
+        try:
+            record = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            continue
+        if isinstance(record, dict):
+            return record
+    return {}
+
+
+def _values_text(values: Sequence[int]) -> str:
+    return ", ".join(str(v) for v in values[:12]) + (" ..." if len(values) > 12 else "")
+
+
+def class_list_warnings(args: argparse.Namespace, names: Sequence[str], gt_values: Sequence[int],
+                        run_record: dict) -> list[str]:
+    """Signs that --classes does not fit the data: GT values it does not name, a different class list in
+    the predictions' run.json or in a classes.txt beside the GT folder."""
+    warnings = []
+    which = f"--classes {args.classes}"
+    beyond = [v for v in gt_values if v >= len(names)]
+    if beyond:
+        warnings.append(f"the ground truth holds label values {_values_text(beyond)} that {which} ({len(names)} classes "
+                        "with background) does not name; their pixels were not scored. Is --classes right?")
+    if "label_values" in run_record:  # tag2mask segment: {class name: label value}
+        run_names = {int(v): str(k) for k, v in run_record["label_values"].items()}
+    elif "classes" in run_record:  # tag2mask label: foreground names, label value = index + 1
+        run_names = {i + 1: str(n) for i, n in enumerate(run_record["classes"])}
+    elif "class_names" in run_record:  # tag2mask segment --checkpoint: label value = index
+        run_names = {i: str(n) for i, n in enumerate(run_record["class_names"])}
+    else:
+        run_names = {}
+    differ = [v for v, n in sorted(run_names.items()) if v < len(names) and n.lower() != names[v].lower()]
+    if differ or any(v >= len(names) for v in run_names):
+        v = (differ or [max(run_names)])[0]
+        ours = names[v] if v < len(names) else "nothing"
+        warnings.append(f"the predictions' run (run.json) writes label value {v} for {run_names[v]!r}, but {which} "
+                        f"calls it {ours!r}; pass the run's classes to --classes")
+    listed = Path(args.gt).parent / "classes.txt"
+    if listed.is_file():
+        theirs = [ln.split(",")[0].strip() for ln in listed.read_text(encoding="utf-8-sig").splitlines()
+                  if ln.strip() and not ln.startswith("#")]
+        theirs = theirs[1:] if theirs and theirs[0].lower() == "background" else theirs
+        if [n.lower() for n in theirs] != [n.lower() for n in names[1:1 + len(theirs)]] or len(theirs) != len(names) - 1:
+            from tag2mask.synth.export import is_synthetic_export
+
+            fix = "synth" if is_synthetic_export(listed.parent) else str(listed)
+            warnings.append(f"{listed} lists {len(theirs)} classes ({', '.join(theirs[:6])}{' ...' if len(theirs) > 6 else ''}), "
+                            f"not the {len(names) - 1} of {which}; pass --classes {fix}")
+    return warnings
+
+
+def coverage_note(gt_dir: str | Path, num_scored: int) -> str | None:
+    """Says so when the GT folder has masks without a prediction (they are not in the score)."""
+    gt_total = sum(1 for p in Path(gt_dir).iterdir() if p.suffix.lower() == ".png" and p.is_file())
+    if gt_total <= num_scored:
+        return None
+    return (f"{num_scored:,} predictions were scored; the ground-truth folder has {gt_total:,} masks, so "
+            f"{gt_total - num_scored:,} images have no prediction and are not part of the score")
+
+
 def write_html_report(html_dir: Path, pred_dir: Path, gt_dir: Path, images: str | None,
-                      names: Sequence[str], report: dict) -> None:
-    """``html_dir/index.html``: image, prediction overlay, GT overlay and per-image mIoU, worst first."""
-    from tag2mask.data.datasets import IMAGE_SUFFIXES
+                      names: Sequence[str], report: dict) -> Path:
+    """``html_dir/index.html``: scores, per-class IoU chart, then input / prediction / GT per image, worst first."""
+    from tag2mask.data.datasets import find_image
     from tag2mask.data.images import load_image_array
-    from tag2mask.io.html_report import write_index_html
-    from tag2mask.io.visualize import save_overlay
+    from tag2mask.io.html_report import GridCell, GridRow, Table, format_percent, write_report
+    from tag2mask.io.visualize import legend_entries, save_overlay
 
     if images is None:
         raise ValueError("--html needs --images (the folder of the input images)")
     image_dir = Path(images)
     if not image_dir.is_dir():
         raise FileNotFoundError(f"image folder not found: {image_dir}")
-    fg = list(names[1:])  # overlays name label k as names[k]; their legend takes foreground names
-    rows = []
+    fg = list(names[1:])  # overlays name label k as names[k]; the legend takes foreground names
     per_image = report["per_image_miou"]
+    rows, present = [], set()
     for stem in sorted(per_image, key=lambda k: (per_image[k] is None, per_image[k] or 0.0)):
-        src = next((image_dir / f"{stem}{ext}" for ext in IMAGE_SUFFIXES if (image_dir / f"{stem}{ext}").is_file()), None)
-        if src is None:
+        src = find_image(image_dir, stem)
+        if not src.is_file():
             raise FileNotFoundError(f"no image for {stem!r} in {image_dir}")
         rgb = load_image_array(src)
+        pred, gt = read_label_png(pred_dir / f"{stem}.png"), read_label_png(gt_dir / f"{stem}.png")
+        present.update(int(v) for v in np.unique(np.concatenate([pred.ravel(), gt.ravel()])) if 0 < v < len(names))
         pred_rel, gt_rel = f"overlays/{stem}.png", f"gt_overlays/{stem}.png"
-        save_overlay(html_dir / pred_rel, rgb, read_label_png(pred_dir / f"{stem}.png"), fg)
-        save_overlay(html_dir / gt_rel, rgb, read_label_png(gt_dir / f"{stem}.png"), fg)
-        rows.append({"name": stem, "image": str(src.resolve()), "overlay": pred_rel, "gt_overlay": gt_rel,
-                     "iou": per_image[stem]})
-    miou = report["scores"]["Mean IoU"]
-    write_index_html(html_dir, rows, title=f"tag2mask eval: {pred_dir}",
-                     summary={"images": len(rows), "mIoU": _pct(miou).strip(), "GT": str(gt_dir)})
+        save_overlay(html_dir / pred_rel, rgb, pred, fg, legend=False)
+        save_overlay(html_dir / gt_rel, rgb, gt, fg, legend=False)
+        rows.append(GridRow(stem, [GridCell(src.resolve()), GridCell(pred_rel, f"mIoU {format_percent(per_image[stem])}"),
+                                   GridCell(gt_rel)]))
+    scores = report["scores"]
+    class_rows = [(n, iou) for n, iou in zip(names, scores["Class IoU"]) if iou is not None]
+    summary = {"images": len(rows), "mIoU": f"{format_percent(scores['Mean IoU'])} %",
+               "pixel accuracy": f"{format_percent(scores['Pixel Accuracy'])} %",
+               "mean accuracy": f"{format_percent(scores['Mean Accuracy'])} %",
+               "classes": f"{report['classes_spec']} ({len(names)} with background)",
+               "predictions": str(pred_dir), "ground truth": str(gt_dir)}
+    notes = ["mIoU is computed over all images at once; classes absent from both the ground truth and the "
+             "predictions are left out. Images are sorted worst first; the number under each prediction is "
+             "that image's mIoU."] + report.get("notes", [])
+    return write_report(
+        html_dir, f"tag2mask eval: {pred_dir}", warnings=report.get("warnings", []), notes=notes, summary=summary,
+        table=Table(["class", "IoU (%)"], [(n, format_percent(v)) for n, v in class_rows], numeric=("IoU (%)",)),
+        chart=("IoU (%) per class", [(n, 100 * v) for n, v in class_rows]),
+        legend=legend_entries(fg, sorted(present)), grid=(["input", "prediction", "ground truth"], rows),
+        grid_title="Images, worst first (click an image for full size)",
+    )
 
 
 def _p(v: float) -> float | int:
@@ -244,6 +358,7 @@ def _p(v: float) -> float | int:
 def run(args: argparse.Namespace) -> int:
     """Execute ``tag2mask eval``; returns the exit code (2 on bad input)."""
     try:
+        check_options(args)
         names = resolve_classes(args.classes, args.num_classes)
         unseen = _resolve_unseen(args.unseen, names) if args.unseen else None
         progress = not args.quiet
@@ -257,14 +372,25 @@ def run(args: argparse.Namespace) -> int:
             for k in ("best_p", "best_threshold"):
                 if k in res:
                     report[k] = res[k]
+            gt_values: list[int] = []
         else:
             res = evaluate_label_folder(args.pred, args.gt, len(names), args.ignore_index, progress)
             columns = {"IoU": res["scores"]}
             report = {"mode": "labels", "num_images": res["num_images"], "class_names": names,
                       "scores": res["scores"], "per_image_miou": res["per_image"]}
+            gt_values = res["gt_values"]
     except (FileNotFoundError, ValueError) as exc:
         print(f"tag2mask eval: error: {exc}", file=sys.stderr)
         return 2
+    run_record = prediction_run_record(args.pred)
+    report["classes_spec"] = args.classes
+    report["warnings"] = class_list_warnings(args, names, gt_values, run_record) + list(run_record.get("warnings", []))
+    note = coverage_note(args.gt, report["num_images"])
+    report["notes"] = [note] if note else []
+    for text in report["warnings"]:
+        print(f"warning: {text}", file=sys.stderr)
+    for text in report["notes"]:
+        print(f"note: {text}", file=sys.stderr)
     print(format_table(names, columns))
     if args.cams:
         print(f"best: {report['best']} (mIoU {_pct(report['best_miou']).strip()})")
@@ -275,13 +401,13 @@ def run(args: argparse.Namespace) -> int:
             s, u, h = seen_unseen_scores(sc["Class IoU"], unseen)
             report["seen_unseen"][key] = {"mIoU_seen": s, "mIoU_unseen": u, "hIoU": h}
             print(f"{key}: seen {_pct(s).strip()}  unseen {_pct(u).strip()}  hIoU {_pct(h).strip()}")
-    if args.html and not args.cams:
+    if args.html:
         try:
-            write_html_report(Path(args.html), Path(args.pred), Path(args.gt), args.images, names, report)
+            page = write_html_report(Path(args.html), Path(args.pred), Path(args.gt), args.images, names, report)
         except (FileNotFoundError, ValueError) as exc:
             print(f"tag2mask eval: error: {exc}", file=sys.stderr)
             return 2
-        print(f"wrote {Path(args.html) / 'index.html'}")
+        print(f"wrote {page}")
     out = Path(args.out) if args.out else Path(args.pred) / "eval.json"
     atomic_write_text(out, json.dumps(report, indent=1, allow_nan=False))
     print(f"wrote {out}")

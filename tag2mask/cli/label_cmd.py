@@ -13,6 +13,10 @@ from tag2mask.cli.common import (
     add_precision_option,
     add_run_options,
     add_weights_options,
+    check_weights_options,
+    given,
+    record_given_options,
+    reject_options,
 )
 
 REFINERS = ("crf", "pamr", "none")
@@ -55,7 +59,8 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     )
     p.add_argument("images", help="a folder of images, or a VOC root (JPEGImages + Annotations)")
     p.add_argument("--labels", default=None, help="JSON or CSV label file (omit for a VOC root)")
-    p.add_argument("--split", default="train", help="VOC split file name when IMAGES is a VOC root (default: train)")
+    p.add_argument("--split", default="train",
+                   help="VOC split file name when IMAGES is a VOC root and --labels is not given (default: train)")
     p.add_argument(
         "--classes",
         default="voc",
@@ -64,9 +69,12 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     )
     p.add_argument("--method", default="clip-es", choices=("clip-es",), help="localisation method (default: clip-es)")
     p.add_argument("--out", required=True, help="output folder (masks/, cams/, arrays/, run.json, manifest.jsonl, logs/)")
-    p.add_argument("--refine", default="pamr", choices=REFINERS, help="post-processing: dense CRF (extra 'crf'), PAMR (default), none")
-    p.add_argument("--box-threshold", type=float, default=None, help="CAM box threshold lambda (default: 0.4; 0.7 for coco)")
-    p.add_argument("--bg-power", type=float, default=1.0, help="background score (1 - max CAM)^p (default 1)")
+    p.add_argument("--refine", default="pamr", choices=REFINERS,
+                   help="post-processing: crf (dense CRF, extra 'crf'), pamr or none (default: pamr)")
+    p.add_argument("--box-threshold", type=float, default=None,
+                   help="CAM box threshold lambda (default: the preset's, 0.4, or 0.7 with --classes coco)")
+    p.add_argument("--bg-power", type=float, default=1.0,
+                   help="with --refine pamr or none: background score (1 - max CAM)^p (default: 1)")
     p.add_argument("--confidence", type=float, default=0.95, help="with --refine crf: pixels with max probability below this become 255 (default 0.95; 0 disables)")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="test-time scales averaged (default: 1.0, as the official code)")
     p.add_argument("--flip", action="store_true", help="also average horizontally flipped views")
@@ -80,7 +88,8 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--max-pixels-policy", default="downscale", choices=("downscale", "refuse"),
-        help="what to do with an image above --max-pixels: downscale (default) or refuse it (an error record)",
+        help="what to do with an image above --max-pixels: downscale or refuse it with an error record "
+        "(default: downscale)",
     )
     p.add_argument(
         "--max-decode-pixels", type=_positive_int, default=MAX_DECODE_PIXELS,
@@ -92,23 +101,75 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     add_precision_option(p)
     add_run_options(p)
     p.set_defaults(func=run)
+    record_given_options(p)
     return p
 
 
+def check_options(args: argparse.Namespace) -> None:
+    """Options that do not apply to the chosen refinement / input are errors, not silently ignored."""
+    check_weights_options(args)
+    if args.refine != "crf":
+        reject_options(args, ("confidence",), f"with --refine {args.refine} (it masks low-confidence CRF pixels)")
+    else:
+        reject_options(args, ("bg_power",), "with --refine crf (the CRF computes its own background)")
+    if args.labels is not None:
+        reject_options(args, ("split",), "with --labels (the label file lists the images)")
+
+
+#: VOC roots: how many annotations are read up front to tell a wrong --classes from a few bad files
+_XML_SAMPLE = 64
+
+
 def _open_items(args: argparse.Namespace, class_names: list[str]):
-    from tag2mask.data.datasets import FolderDataset, VOCDataset, detect_dataset
+    from tag2mask.data.datasets import FolderDataset, VOCDataset, detect_dataset, xml_object_names
+    from tag2mask.data.labels import read_labels_file
 
     kind = detect_dataset(args.images)
     if args.labels is None:
         if kind != "voc":
             raise ValueError(f"{args.images}: not a VOC root, so --labels is required (JSON or CSV)")
-        return VOCDataset(args.images, split=args.split, class_names=class_names)
+        dataset = VOCDataset(args.images, split=args.split, class_names=class_names)
+        tags = {}
+        for name in dataset.names[:_XML_SAMPLE]:
+            try:
+                tags[name] = xml_object_names(dataset.root / "Annotations" / f"{name}.xml")
+            except ValueError:
+                continue  # a broken annotation is that item's error record
+        sampled = f" (the first {len(tags)} of {len(dataset)})" if len(dataset) > _XML_SAMPLE else ""
+        _check_vocabulary(args, tags, class_names, f"{dataset.root / 'Annotations'}{sampled}")
+        return dataset
     image_dir = Path(args.images)
     if not image_dir.is_dir():
         raise FileNotFoundError(f"image folder not found: {image_dir}")
     if kind == "voc":
         image_dir = image_dir / "JPEGImages" if (image_dir / "JPEGImages").is_dir() else image_dir / "VOC2012" / "JPEGImages"
+    _check_vocabulary(args, read_labels_file(args.labels), class_names, str(args.labels))
     return FolderDataset(image_dir, args.labels, class_names, strict=False)
+
+
+def _check_vocabulary(args: argparse.Namespace, tags: dict, class_names: list[str], source: str) -> None:
+    """One error up front when the tags are not names of --classes (typically: --classes forgotten).
+
+    With the default --classes any unknown name stops the run; with an explicit --classes only a
+    file where every image has an unknown name does (a few bad entries become per-image errors).
+    """
+    from tag2mask.data.labels import unknown_class_names
+    from tag2mask.synth.export import is_synthetic_export
+
+    unknown = unknown_class_names(tags, class_names)
+    bad_images = {image for images in unknown.values() for image in images}
+    if not unknown or (given(args, "classes") and len(bad_images) < len(tags)):
+        return
+    names = sorted(unknown, key=lambda n: (-len(unknown[n]), n))
+    shown = ", ".join(repr(n) for n in names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+    if is_synthetic_export(args.images):
+        hint = "pass --classes synth (this is a tag2mask synth export)"
+    else:
+        hint = ("pass --classes with your class list: a name-set file (one class per line), an inline list "
+                "'cat, dog, ...', or voc / coco / synth")
+    which = f"--classes {args.classes}" + ("" if given(args, "classes") else " (the default)")
+    raise ValueError(f"{source}: {len(bad_images)} of {len(tags)} images are tagged with class names that {which} "
+                     f"does not know: {shown}; {hint}")
 
 
 def _item_keys(dataset) -> list[str]:
@@ -217,7 +278,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import tag2mask
-    from tag2mask.cli.common import load_model_from_args
+    from tag2mask.cli.common import load_model_from_args, toy_model_warning
     from tag2mask.jobs.distributed import device_for_rank
     from tag2mask.jobs.runner import JobOptions, print_summary, process_exit_code, run_items
     from tag2mask.methods.clip_es import ClipES, preset_for
@@ -225,6 +286,7 @@ def run(args: argparse.Namespace) -> int:
     from tag2mask.vocab.vocabulary import load_vocabulary
 
     out = Path(args.out)
+    check_options(args)
     if args.limit is not None and args.limit < 0:
         raise ValueError(f"--limit must be >= 0, got {args.limit}")
     vocab = load_vocabulary(args.classes)
@@ -236,6 +298,7 @@ def run(args: argparse.Namespace) -> int:
     items = _open_items(args, list(vocab.names))
     args.device = device_for_rank(args.device)
     model = load_model_from_args(args, official_rounding=args.compat)
+    warning = toy_model_warning(model, [args.images])
     settings = _settings(args, model)
     cam_maker = ClipES(model, vocab, config)
     refiner = LabelRefiner(args.refine, bg_power=args.bg_power, confidence=args.confidence, compat=args.compat, device=model_device(model))
@@ -253,6 +316,7 @@ def run(args: argparse.Namespace) -> int:
         "classes": list(vocab.names),
         "weights": getattr(model, "source_path", None),
         "device": str(model_device(model)),
+        "warnings": [warning] if warning else [],
     }
 
     def finalize(run_dir: Path, summary) -> None:

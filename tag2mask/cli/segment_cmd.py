@@ -6,7 +6,14 @@ import argparse
 import platform
 from pathlib import Path
 
-from tag2mask.cli.common import add_device_option, add_run_options, add_weights_options
+from tag2mask.cli.common import (
+    add_device_option,
+    add_run_options,
+    add_weights_options,
+    check_weights_options,
+    record_given_options,
+    reject_options,
+)
 
 METHOD_CHOICES = ("maskclip", "sclip", "clearclip", "naclip")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -35,17 +42,22 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     )
     p.add_argument("input", metavar="IMAGE_OR_FOLDER", help="an image file or a folder of images (not recursive)")
     p.add_argument("--classes", default=None,
-                   help="inline 'cat, dog|puppy; background: sky, grass' or a name-set file (required unless --checkpoint)")
+                   help="inline 'cat, dog|puppy; background: sky, grass' or a name-set file (required; with --checkpoint "
+                        "the run's classes are used instead)")
     p.add_argument("--checkpoint", default=None,
                    help="segment with a trained WeCLIP run instead (a checkpoint file or run folder from "
-                        "'tag2mask train weclip'): long side 512, scales {1, 0.75} + flip; classes come from the run")
-    p.add_argument("--crf", action="store_true", help="with --checkpoint: dense CRF with WeCLIP's parameters (extra 'crf')")
+                        "'tag2mask train weclip'): classes, test size and scales come from the run (WeCLIP recipe: "
+                        "long side 512, scales 1 and 0.75, plus flip; synth runs: long side 224); the open-vocabulary "
+                        "options do not apply")
+    p.add_argument("--crf", action="store_true", help="with --checkpoint only: dense CRF with WeCLIP's parameters (extra 'crf')")
     p.add_argument("--method", default="naclip", choices=METHOD_CHOICES, help="last-block variant (default: naclip)")
     p.add_argument("--out", required=True, help="output folder (masks/, overlays/, logits/, run.json, manifest.jsonl, logs/)")
     p.add_argument("--mode", default="slide", choices=("whole", "slide"), help="whole image or sliding window (default: slide)")
     p.add_argument("--short-side", type=int, default=448, help="resize so the short side is this (default 448; 0 keeps the size)")
-    p.add_argument("--crop", type=int, default=224, help="sliding-window crop (default 224)")
-    p.add_argument("--stride", type=int, default=112, help="sliding-window stride (default 112)")
+    p.add_argument("--crop", type=int, default=224,
+                   help="with --mode slide: side of the square crops in pixels, after the --short-side resize "
+                        "(default: 224; an image smaller than a crop is one crop)")
+    p.add_argument("--stride", type=int, default=112, help="with --mode slide: step between crops in pixels (default: 112)")
     p.add_argument("--prob-threshold", type=float, default=0.0,
                    help="pixels whose best class probability is below this become background (default 0; 0.1 is the SCLIP-family value)")
     p.add_argument("--area-threshold", type=float, default=None, help="suppress classes covering less than this fraction of the foreground")
@@ -59,7 +71,25 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     add_device_option(p)
     add_run_options(p)
     p.set_defaults(func=run)
+    record_given_options(p)
     return p
+
+
+#: options of the open-vocabulary methods; a trained WeCLIP run (--checkpoint) takes none of them
+_OVSS_OPTIONS = ("classes", "method", "mode", "short_side", "crop", "stride", "prob_threshold", "area_threshold",
+                 "logit_scale", "templates", "compat", "pamr")
+
+
+def check_options(args: argparse.Namespace) -> None:
+    """Options that do not apply to what was asked are errors, not silently ignored."""
+    check_weights_options(args)
+    if args.checkpoint:
+        reject_options(args, _OVSS_OPTIONS + ("allow_download",),
+                       "with --checkpoint (a trained WeCLIP run brings its own classes and test settings)")
+    else:
+        reject_options(args, ("crf",), "without --checkpoint (the open-vocabulary methods use --pamr)")
+        if args.mode == "whole":
+            reject_options(args, ("crop", "stride"), "with --mode whole (no sliding window)")
 
 
 def list_images(path: Path) -> list[Path]:
@@ -145,11 +175,12 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import tag2mask
-    from tag2mask.cli.common import load_model_from_args
+    from tag2mask.cli.common import load_model_from_args, toy_model_warning
     from tag2mask.jobs.distributed import device_for_rank
     from tag2mask.methods.ovss.segmenter import METHODS, OpenVocabSegmenter
     from tag2mask.vocab.vocabulary import load_vocabulary
 
+    check_options(args)
     if args.checkpoint:
         return _run_checkpoint(args)
     # cheap checks first, so a typo fails before the model is loaded
@@ -167,6 +198,7 @@ def run(args: argparse.Namespace) -> int:
 
     args.device = device_for_rank(args.device)
     model = load_model_from_args(args)
+    warning = toy_model_warning(model, [args.input])
     segmenter = OpenVocabSegmenter(
         model, vocab, args.method, templates=args.templates, compat=args.compat, mode=args.mode,
         short_side=args.short_side or None, crop=args.crop, stride=args.stride, logit_scale=args.logit_scale,
@@ -182,6 +214,9 @@ def run(args: argparse.Namespace) -> int:
         "input": str(args.input),
         "settings": settings,
         "segmenter": repr(segmenter),
+        # what ran, next to what was asked (settings): a preset or the method may change these
+        "window": {"mode": segmenter.mode, "short_side": segmenter.short_side, "crop": segmenter.crop,
+                   "stride": segmenter.stride},
         "logit_scale": segmenter.logit_scale,
         "templates": segmenter.templates if isinstance(segmenter.templates, str) else list(segmenter.templates),
         "class_names": list(segmenter.class_names),
@@ -189,6 +224,7 @@ def run(args: argparse.Namespace) -> int:
         "weights": getattr(model, "source_path", None),
         "weights_fingerprint": getattr(model, "fingerprint", None),
         "device": str(segmenter.device),
+        "warnings": [warning] if warning else [],
     }
     return _run_job(args, files, stems, out, segmenter, settings, record)
 
@@ -233,6 +269,7 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
     import hashlib
 
     import tag2mask
+    from tag2mask.cli.common import toy_model_warning
     from tag2mask.jobs.distributed import device_for_rank
 
     if args.limit is not None and args.limit < 0:
@@ -246,13 +283,16 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
     out = Path(args.out)
     args.device = device_for_rank(args.device)
     segmenter = _CheckpointSegmenter(str(ckpt), args.device, args.weights, args.crf)
+    warning = toy_model_warning(getattr(getattr(segmenter.inner, "model", None), "clip", None), [args.input])
     digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()[:16]
     settings = {"method": "weclip", "checkpoint": digest, "crf": args.crf, "overlay": args.overlay,
                 "save_logits": args.save_logits}
     stems = _output_stems(files)
     record = {"tag2mask": tag2mask.__version__, "command": "segment", "input": str(args.input),
               "settings": settings, "checkpoint": str(ckpt), "class_names": list(segmenter.class_names),
-              "device": str(segmenter.device)}
+              "device": str(segmenter.device), "long_side": segmenter.inner.long_side,
+              "scales": list(segmenter.inner.scales), "flip": segmenter.inner.flip,
+              "warnings": [warning] if warning else []}
     return _run_job(args, files, stems, out, segmenter, settings, record)
 
 

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from tag2mask.cli.common import add_device_option, add_precision_option, add_weights_options
+from tag2mask.cli.common import add_device_option, add_precision_option, add_weights_options, plain_text
 
 __all__ = ["add_parser", "run", "main"]
 
@@ -34,7 +34,7 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     w = methods.add_parser(
         "weclip",
         help="WeCLIP: frozen CLIP + decoder trained on its online pseudo labels",
-        description=__doc__,
+        description=plain_text(__doc__),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     w.add_argument("--data", required=True,
@@ -51,9 +51,9 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     w.add_argument("--val-limit", type=int, default=None, help="validate on at most this many images")
     w.add_argument("--out", required=True, help="run folder: checkpoints, config.json, train_log.csv, val_log.csv")
     w.add_argument("--iters", type=int, default=None, help="total iterations (VOC 30000, COCO 80000)")
-    w.add_argument("--batch-size", type=int, default=None, help="global batch, split over processes (default 4)")
-    w.add_argument("--crop", type=int, default=None, help="square crop size, multiple of 16 (default 320)")
-    w.add_argument("--lr", type=float, default=None, help="effective decoder learning rate (default 2e-3 = official 2e-4 x 10)")
+    w.add_argument("--batch-size", type=int, default=None, help="global batch, split over processes (default: the preset's, 4)")
+    w.add_argument("--crop", type=int, default=None, help="square crop size, multiple of 16 (default: the preset's, 320; synth 128)")
+    w.add_argument("--lr", type=float, default=None, help="effective decoder learning rate (default: the preset's, 2e-3 = official 2e-4 x 10)")
     w.add_argument("--rfm-start", type=int, default=None,
                    help="0-based iteration from which RFM is used (VOC 9144 = released code's effective switch; "
                         "15000 = its nominal one; COCO 40000)")

@@ -27,7 +27,9 @@ __all__ = [
     "detect_dataset",
     "labels_from_mask",
     "labels_from_xml",
+    "xml_object_names",
     "IMAGE_SUFFIXES",
+    "find_image",
 ]
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -43,15 +45,19 @@ class Sample:
     gt_path: Path | None = None
 
 
-def labels_from_xml(path: str | Path, class_names: Sequence[str]) -> list[int]:
-    """Label ids from a VOC annotation: every ``<object><name>``, first-appearance order, no repeats."""
+def xml_object_names(path: str | Path) -> list[str]:
+    """The ``<object><name>`` entries of a VOC annotation, first-appearance order, no repeats."""
     path = Path(path)
     try:
         root = ET.parse(path).getroot()
     except (ET.ParseError, OSError) as exc:
         raise ValueError(f"{path}: cannot parse VOC annotation XML ({exc})") from exc
-    names = [(obj.findtext("name") or "").strip() for obj in root.iter("object")]
-    return names_to_ids(dedupe(n for n in names if n), class_names, where=str(path))
+    return dedupe(n for n in ((obj.findtext("name") or "").strip() for obj in root.iter("object")) if n)
+
+
+def labels_from_xml(path: str | Path, class_names: Sequence[str]) -> list[int]:
+    """Label ids from a VOC annotation: every ``<object><name>``, first-appearance order, no repeats."""
+    return names_to_ids(xml_object_names(path), class_names, where=str(path))
 
 
 def labels_from_mask(path: str | Path, num_fg: int) -> list[int]:
@@ -68,16 +74,26 @@ def labels_from_mask(path: str | Path, num_fg: int) -> list[int]:
 
 def _read_split(path: Path) -> list[str]:
     if not path.is_file():
-        raise FileNotFoundError(f"split file not found: {path}")
+        others = sorted(p.stem for p in path.parent.glob("*.txt")) if path.parent.is_dir() else []
+        hint = f"; splits there: {', '.join(others)}" if others else ""
+        raise FileNotFoundError(f"split file not found: {path}{hint}")
     return [ln.strip() for ln in path.read_text().splitlines() if ln.strip()]
 
 
-def _find_image(folder: Path, stem: str) -> Path:
-    for suffix in (".jpg", ".png", ".jpeg"):
-        p = folder / f"{stem}{suffix}"
-        if p.is_file():
-            return p
-    return folder / f"{stem}.jpg"  # reported as missing when decoded, naming the file
+def find_image(folder: Path, stem: str) -> Path:
+    """``folder/<stem>.<ext>`` for the first image extension that exists.
+
+    VOC-layout folders are not always JPEG: ``tag2mask synth export`` writes lossless PNGs into
+    ``JPEGImages/``, and converted data sets often do the same. ``.jpg`` is tried first (VOC, COCO),
+    then the other :data:`IMAGE_SUFFIXES`, lower then upper case. When none exists the ``.jpg`` path
+    is returned, so the decoder's "file not found" names the file a VOC user expects.
+    """
+    for suffix in IMAGE_SUFFIXES:
+        for candidate in (suffix, suffix.upper()):
+            p = folder / f"{stem}{candidate}"
+            if p.is_file():
+                return p
+    return folder / f"{stem}.jpg"
 
 
 class _Base:
@@ -146,7 +162,7 @@ class VOCDataset(_Base):
             if gt is None:
                 raise FileNotFoundError(f"{name}: no GT mask in {[str(d) for d in self.gt_dirs]} for mask labels")
             ids = labels_from_mask(gt, len(self.class_names))
-        return Sample(name, self.root / "JPEGImages" / f"{name}.jpg", ids, gt)
+        return Sample(name, find_image(self.root / "JPEGImages", name), ids, gt)
 
 
 class COCODataset(_Base):
@@ -204,7 +220,7 @@ class COCODataset(_Base):
             ids = labels_from_mask(gt_path, len(self.class_names))
         else:
             ids = list(self._ids[i])
-        return Sample(name, _find_image(self.image_dir, name), ids, gt_path)
+        return Sample(name, find_image(self.image_dir, name), ids, gt_path)
 
 
 class FolderDataset(_Base):

@@ -18,13 +18,14 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path, PurePosixPath, PureWindowsPath
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 __all__ = [
     "LabelFileError",
     "read_labels_file",
     "dedupe",
     "names_to_ids",
+    "unknown_class_names",
     "safe_image_path",
 ]
 
@@ -122,6 +123,21 @@ def names_to_ids(labels: Sequence[str], class_names: Sequence[str], where: str =
         if index[key] not in ids:
             ids.append(index[key])
     return ids
+
+
+def unknown_class_names(labels: Mapping[str, Sequence[str]], class_names: Sequence[str]) -> dict[str, list[str]]:
+    """``{unknown name: [images using it]}`` for the names of ``labels`` that ``class_names`` lacks.
+
+    Matching is the same as :func:`names_to_ids` (stripped, case-insensitive), so a command can
+    tell up front that a whole label file uses another vocabulary instead of failing image by image.
+    """
+    known = {n.strip().lower() for n in class_names}
+    unknown: dict[str, list[str]] = {}
+    for image, names in labels.items():
+        for name in dedupe(n.strip() for n in names):
+            if name and name.lower() not in known:
+                unknown.setdefault(name, []).append(image)
+    return unknown
 
 
 def safe_image_path(image_dir: str | Path, name: str, where: str = "") -> Path:

@@ -17,7 +17,7 @@ from PIL import Image, ImageDraw, ImageFont
 from tag2mask.io.atomic import atomic_path
 from tag2mask.io.palette import voc_palette
 
-__all__ = ["overlay_image", "cam_heatmap", "save_overlay", "save_cam_heatmap", "jet"]
+__all__ = ["overlay_image", "cam_heatmap", "save_overlay", "save_cam_heatmap", "jet", "label_colour", "legend_entries"]
 
 _PAL = voc_palette(256)
 
@@ -75,6 +75,18 @@ def overlay_image(image: np.ndarray, label: np.ndarray, class_names: Sequence[st
     return canvas
 
 
+def label_colour(value: int) -> tuple[int, int, int]:
+    """The RGB colour :func:`overlay_image` paints label ``value`` with (the VOC palette)."""
+    return tuple(int(c) for c in _PAL[int(value)])  # type: ignore[return-value]
+
+
+def legend_entries(class_names: Sequence[str], values: Sequence[int] | None = None) -> list[tuple[str, tuple[int, int, int]]]:
+    """``(name, colour)`` per label value (default ``1..len(class_names)``; label ``k`` is ``class_names[k - 1]``),
+    for a legend drawn once on a page instead of under every overlay."""
+    values = range(1, len(class_names) + 1) if values is None else values
+    return [(class_names[v - 1] if 0 < v <= len(class_names) else f"class {v}", label_colour(v)) for v in values]
+
+
 def jet(values: np.ndarray) -> np.ndarray:
     """Map ``(...)`` floats in [0, 1] to ``(..., 3)`` uint8 colours of a jet-like ramp
     (dark blue -> cyan -> yellow -> dark red); NaN maps to 0."""
@@ -94,9 +106,9 @@ def cam_heatmap(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> Image
 
 
 def save_overlay(path: str | Path, image: np.ndarray, label: np.ndarray,
-                 class_names: Sequence[str] | None = None, alpha: float = 0.5) -> None:
-    """Write :func:`overlay_image` as a PNG, atomically."""
-    pil = overlay_image(image, label, class_names, alpha)
+                 class_names: Sequence[str] | None = None, alpha: float = 0.5, legend: bool = True) -> None:
+    """Write :func:`overlay_image` as a PNG, atomically (``legend=False``: the image size, no legend strip)."""
+    pil = overlay_image(image, label, class_names, alpha, legend=legend)
     with atomic_path(path) as tmp:
         pil.save(tmp, format="PNG")
 

@@ -11,6 +11,7 @@ Layout written under ``out_dir``::
     captions.jsonl                  {"image", "id", "split", "caption", "labels", "stuff", "seed"}
     classes.txt                     object class names, line k -> class id k (background excluded)
     README.txt                      this description plus the generation parameters
+    tag2mask-synth.json             marker + generation parameters (how commands know the images are synthetic)
 
 Ids are ``<split>_<index:06d>``; the sample of an id is regenerable from ``seed_for(split, index)``.
 """
@@ -29,6 +30,9 @@ from PIL import Image
 from tag2mask.synth.scenes import SceneSample
 from tag2mask.synth.splits import SyntheticDataset
 from tag2mask.synth.world import OBJECT_NAMES, STUFF_NAMES
+
+#: written at the root of every export; :func:`is_synthetic_export` looks for it
+MARKER_NAME = "tag2mask-synth.json"
 
 
 def voc_palette(n: int = 256) -> np.ndarray:
@@ -152,7 +156,22 @@ def export_voc(
     _write_text(out / "captions.jsonl", "".join(line + "\n" for line in caption_lines))
     _write_text(out / "classes.txt", "".join(f"{name}\n" for name in OBJECT_NAMES))
     _write_text(out / "README.txt", _readme(splits, size, seed, void_outline))
+    _write_text(out / MARKER_NAME, json.dumps({
+        "generator": "tag2mask synthetic world", "size": size, "seed": seed, "void_outline": void_outline,
+        "splits": {k: int(v) for k, v in splits.items()}, "classes": list(OBJECT_NAMES),
+    }, indent=1) + "\n")
     return written
+
+
+def is_synthetic_export(path: str | Path, levels: int = 3) -> bool:
+    """Whether ``path`` (a file or folder) lies inside a folder written by :func:`export_voc`.
+
+    Looks for :data:`MARKER_NAME` in ``path`` (when a folder) and in up to ``levels`` parents, so an
+    export root, its ``JPEGImages/`` and one of its images all count.
+    """
+    p = Path(path).absolute()
+    candidates = ([p] if p.is_dir() else []) + list(p.parents)[:levels]
+    return any((c / MARKER_NAME).is_file() for c in candidates)
 
 
 def _readme(splits: Mapping[str, int], size: int, seed: int, void_outline: bool) -> str:
