@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import platform
 from pathlib import Path
 from typing import Any
@@ -14,6 +13,7 @@ from tag2mask.cli.common import (
     add_run_options,
     add_weights_options,
 )
+from tag2mask.data.images import fit_max_pixels
 
 REFINERS = ("crf", "pamr", "none")
 #: default --max-pixels: 1 MP (about 1000x1000). CLIP-ES's attention affinity is quadratic in the
@@ -130,23 +130,6 @@ def _settings(args: argparse.Namespace, model) -> dict:
     s = {k: getattr(args, k) for k in keys}
     s["weights"] = model.fingerprint
     return s
-
-
-def fit_max_pixels(width: int, height: int, max_pixels: int) -> tuple[int, int]:
-    """The largest ``(w, h)`` with the same aspect ratio and ``w * h <= max_pixels`` (each side >= 1).
-
-    Images already within the limit are returned unchanged.
-    """
-    if width * height <= max_pixels:
-        return width, height
-    scale = math.sqrt(max_pixels / (width * height))
-    w, h = max(1, int(width * scale)), max(1, int(height * scale))
-    while w * h > max_pixels:  # floating point may overshoot by a pixel row
-        if w >= h:
-            w -= 1
-        else:
-            h -= 1
-    return w, h
 
 
 class _Labeller:
