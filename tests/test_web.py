@@ -301,7 +301,7 @@ def test_oversized_upload_gets_413_not_a_reset(running):
 def test_unknown_paths_and_methods(running):
     status, headers, body = _raw(running.port, f"GET /api/nothing HTTP/1.1\r\nHost: localhost:{running.port}\r\n\r\n".encode())
     assert status == 404 and headers["content-type"] == "application/json" and json.loads(body)["error"]
-    status, headers, body = _raw(running.port, f"GET /etc/passwd HTTP/1.1\r\nHost: localhost\r\n\r\n".encode())
+    status, headers, body = _raw(running.port, b"GET /etc/passwd HTTP/1.1\r\nHost: localhost\r\n\r\n")
     assert status == 404 and headers["content-type"].startswith("text/html") and b"root:" not in body
     status, headers, body = _raw(running.port, b"DELETE /api/segment HTTP/1.1\r\nHost: localhost\r\n\r\n")
     assert status == 501 and json.loads(body)["error"]
