@@ -29,13 +29,13 @@ DEFAULT_CLASSES = "star, ring, cross, heart; background: grass, water, sky, sand
 _STYLE = """
 body{font-family:system-ui,sans-serif;max-width:1400px;margin:1.5em auto;padding:0 1em;color:#222}
 h1{font-size:1.4em}form{background:#f4f4f6;padding:1em;border-radius:6px}
-label{display:inline-block;margin:.3em 1.2em .3em 0}input[type=text]{width:min(60em,90%)}
+label{display:inline-block;margin:.3em 1.2em .3em 0}#classes{width:min(60em,80vw)}
 .note{background:#fff6d6;border-left:4px solid #e0b000;padding:.5em 1em}
 .err{background:#fde8e8;border-left:4px solid #c00;padding:.5em 1em;color:#900}
 .controls{margin:1em 0;display:flex;flex-wrap:wrap;gap:.4em 1.2em;align-items:center}
 .swatch{display:inline-block;width:1em;height:1em;border:1px solid #555;vertical-align:middle;margin-right:.3em}
 .panels{display:grid;grid-template-columns:repeat(auto-fit,minmax(420px,1fr));gap:1em}
-.panel canvas{width:100%;height:auto;border:1px solid #ccc;image-rendering:auto}
+.panel canvas{width:100%;max-width:960px;height:auto;border:1px solid #ccc}
 .panel h3{margin:.2em 0}.muted{color:#666;font-size:.9em}
 """
 
