@@ -7,6 +7,17 @@ import argparse
 from tag2mask.runtime import DEVICE_CHOICES
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (``4e6`` accepted as well as ``4000000``)."""
+    try:
+        value = int(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def add_device_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device",

@@ -124,6 +124,14 @@ def _describe(dataset, i: int) -> str:
         return str(dataset.names[i])
 
 
+def _source(dataset, i: int) -> dict:
+    """Item ``i``'s inputs as they are now: its image file's size and time, and its labels (for --resume)."""
+    from tag2mask.io.manifest import file_state
+
+    sample = dataset[i]
+    return {"image": file_state(sample.image_path), "labels": list(sample.label_ids)}
+
+
 def _settings(args: argparse.Namespace, model) -> dict:
     keys = ("method", "classes", "refine", "box_threshold", "bg_power", "confidence", "scales", "flip", "compat",
             "precision", "save_arrays", "max_pixels", "max_pixels_policy")
@@ -248,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
                          limit=args.limit, desc="label", unit="img")
     summary = run_items(items, labeller, out, settings, options, keys=_item_keys(items),
                         preflight_errors=getattr(items, "errors", []), describe=lambda i: _describe(items, i),
-                        run_record=record, finalize=finalize)
+                        run_record=record, finalize=finalize, source_of=lambda i: _source(items, i))
     if not args.quiet or summary.failed:
         print_summary(summary, out, "label")
     return process_exit_code(summary)

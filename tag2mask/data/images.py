@@ -34,6 +34,7 @@ Policy (documented in ``docs/evaluation.md``):
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from pathlib import Path
 
@@ -102,7 +103,9 @@ def load_image(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> Image.I
     """
     path = Path(path)
     if not path.is_file():
-        raise ImageDecodeError(path, "file not found" if not path.exists() else "not a regular file")
+        if path.is_symlink() and not path.exists():
+            raise ImageDecodeError(path, f"file not found (a broken symbolic link to {os.readlink(path)})")
+        raise ImageDecodeError(path, "file not found" if not path.exists() else "not a regular file (a folder?)")
     if path.stat().st_size == 0:
         raise ImageDecodeError(path, "file is empty (0 bytes)")
     try:
