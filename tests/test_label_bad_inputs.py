@@ -106,6 +106,8 @@ CASES = [
          lambda: b"hello"),
     Case("missing_file", "ghost.png", "decode", ("ghost.png", "file not found")),
     Case("directory", "folder.png", "decode", ("folder.png", "not a regular file")),
+    # the entry resolves through the link, so the message names the missing target
+    Case("broken_symlink", "dangling.png", "decode", ("no_such_target.png", "file not found")),
     Case("claimed_huge_header", "bomb_header.png", "decode", ("bomb_header.png", "decompression bomb"),
          lambda: _png_claiming(100_000, 100_000)),
     Case("over_decode_limit", "bomb.png", "decode", ("bomb.png", "150x150", "more than max_pixels", "decompression bomb"),
@@ -125,6 +127,8 @@ CASES = [
     Case("grey_jpeg", "grey.jpg", "ok", data=lambda: _save(Image.fromarray(_rgb()).convert("L"), "JPEG"), shape=(48, 48)),
     Case("one_pixel", "one.png", "ok", data=_png(lambda: Image.fromarray(_rgb(1, 1))), shape=(1, 1)),
     Case("one_pixel_strip", "strip.png", "ok", data=_png(lambda: Image.fromarray(_rgb(1, 60))), shape=(1, 60)),
+    Case("strip_1x300", "strip300.png", "ok", data=_png(lambda: Image.fromarray(_rgb(1, 300))), shape=(1, 300)),
+    Case("column_300x1", "column300.png", "ok", data=_png(lambda: Image.fromarray(_rgb(300, 1))), shape=(300, 1)),
     Case("animated_gif", "anim.gif", "ok", data=_gif_frames, shape=(32, 32)),
     Case("exif_rotated", "rotated.jpg", "ok", data=_exif_rotated, shape=(40, 20)),
     Case("png_named_jpg", "really_png.jpg", "ok", data=_png(lambda: Image.fromarray(_rgb(20, 20))), shape=(20, 20)),
@@ -185,6 +189,7 @@ def corpus_run(tmp_path_factory, tiny_clip_path):
             path.write_bytes(case.data())
     (images / "folder.png").mkdir()
     os.symlink(_save_outside, images / "link.png")
+    os.symlink(images / "no_such_target.png", images / "dangling.png")
     labels = {c.entry: list(c.labels) for c in CASES}
     (root / "labels.json").write_text(json.dumps(labels, ensure_ascii=False), encoding="utf-8")
     out = root / "out"

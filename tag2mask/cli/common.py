@@ -20,6 +20,17 @@ def plain_text(doc: str) -> str:
     return re.sub(r"::(\s*)$", r":\1", text, flags=re.M)
 
 
+def positive_int(text: str) -> int:
+    """argparse type: a whole number >= 1 (``4e6`` accepted as well as ``4000000``)."""
+    try:
+        value = int(float(text))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
 def add_device_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device",

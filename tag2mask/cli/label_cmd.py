@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import math
 import platform
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,7 @@ from tag2mask.cli.common import (
     record_given_options,
     reject_options,
 )
+from tag2mask.data.images import fit_max_pixels
 
 REFINERS = ("crf", "pamr", "none")
 #: default --max-pixels: 1 MP (about 1000x1000). CLIP-ES's attention affinity is quadratic in the
@@ -185,29 +185,20 @@ def _describe(dataset, i: int) -> str:
         return str(dataset.names[i])
 
 
+def _source(dataset, i: int) -> dict:
+    """Item ``i``'s inputs as they are now: its image file's size and time, and its labels (for --resume)."""
+    from tag2mask.io.manifest import file_state
+
+    sample = dataset[i]
+    return {"image": file_state(sample.image_path), "labels": list(sample.label_ids)}
+
+
 def _settings(args: argparse.Namespace, model) -> dict:
     keys = ("method", "classes", "refine", "box_threshold", "bg_power", "confidence", "scales", "flip", "compat",
             "precision", "save_arrays", "max_pixels", "max_pixels_policy")
     s = {k: getattr(args, k) for k in keys}
     s["weights"] = model.fingerprint
     return s
-
-
-def fit_max_pixels(width: int, height: int, max_pixels: int) -> tuple[int, int]:
-    """The largest ``(w, h)`` with the same aspect ratio and ``w * h <= max_pixels`` (each side >= 1).
-
-    Images already within the limit are returned unchanged.
-    """
-    if width * height <= max_pixels:
-        return width, height
-    scale = math.sqrt(max_pixels / (width * height))
-    w, h = max(1, int(width * scale)), max(1, int(height * scale))
-    while w * h > max_pixels:  # floating point may overshoot by a pixel row
-        if w >= h:
-            w -= 1
-        else:
-            h -= 1
-    return w, h
 
 
 class _Labeller:
@@ -329,7 +320,7 @@ def run(args: argparse.Namespace) -> int:
                          limit=args.limit, desc="label", unit="img")
     summary = run_items(items, labeller, out, settings, options, keys=_item_keys(items),
                         preflight_errors=getattr(items, "errors", []), describe=lambda i: _describe(items, i),
-                        run_record=record, finalize=finalize)
+                        run_record=record, finalize=finalize, source_of=lambda i: _source(items, i))
     if not args.quiet or summary.failed:
         print_summary(summary, out, "label")
     return process_exit_code(summary)

@@ -11,12 +11,17 @@ from tag2mask.cli.common import (
     add_run_options,
     add_weights_options,
     check_weights_options,
+    positive_int,
     record_given_options,
     reject_options,
 )
 
 METHOD_CHOICES = ("maskclip", "sclip", "clearclip", "naclip")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+#: default --max-pixels: 4 MP. The working resolution is bounded anyway (--short-side); what grows with
+#: the image is the full-size logits (prompts x H x W float32, several copies): 95 MP took 13 GB
+DEFAULT_MAX_PIXELS = 4_000_000
+MAX_DECODE_PIXELS = 100_000_000
 
 
 def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
@@ -67,6 +72,15 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     p.add_argument("--pamr", action="store_true", help="refine with PAMR (10 steps, dilations 8 and 16, as NACLIP)")
     p.add_argument("--overlay", action="store_true", help="also write OUT/overlays/<stem>.png with a legend")
     p.add_argument("--save-logits", action="store_true", help="also write OUT/logits/<stem>.npz (per-class logits, float32)")
+    p.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
+                   help=f"largest image (width*height) segmented at full size (default {DEFAULT_MAX_PIXELS:,}); larger ones "
+                        "are downscaled to fit (aspect kept) and their mask scaled back (nearest) to the original size; "
+                        "logits stay at the processed size (manifest: processed_size)")
+    p.add_argument("--max-pixels-policy", default="downscale", choices=("downscale", "refuse"),
+                   help="an image above --max-pixels: downscale (default) or refuse it (an error record)")
+    p.add_argument("--max-decode-pixels", type=positive_int, default=MAX_DECODE_PIXELS,
+                   help=f"images above this many pixels are refused before decoding (decompression-bomb guard; "
+                        f"default {MAX_DECODE_PIXELS:,})")
     add_weights_options(p)
     add_device_option(p)
     add_run_options(p)
@@ -93,9 +107,13 @@ def check_options(args: argparse.Namespace) -> None:
 
 
 def list_images(path: Path) -> list[Path]:
-    """The image files to process: ``path`` itself, or the image-suffixed files of a folder, sorted."""
+    """The image files to process: ``path`` itself, or the image-suffixed entries of a folder, sorted.
+
+    Entries that only look like images (a broken symlink, a folder named ``x.jpg``) are listed too:
+    the job reports them as bad items, as ``label`` does, instead of skipping them silently.
+    """
     if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
             raise FileNotFoundError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
         return files
@@ -115,7 +133,7 @@ def _output_stems(files: list[Path]) -> dict[Path, str]:
 def _settings(args: argparse.Namespace, vocab, model) -> dict:
     """Everything that changes the outputs (the runner's --overwrite guard compares them)."""
     keys = ("method", "classes", "mode", "short_side", "crop", "stride", "prob_threshold", "area_threshold",
-            "logit_scale", "templates", "compat", "pamr", "overlay", "save_logits")
+            "logit_scale", "templates", "compat", "pamr", "overlay", "save_logits", "max_pixels", "max_pixels_policy")
     s = {k: getattr(args, k) for k in keys}
     # --classes may name a file: record what it resolved to, so an edited file counts as a change
     s["vocabulary"] = {"names": list(vocab.names), "synonyms": [list(x) for x in vocab.synonyms],
@@ -136,15 +154,32 @@ class _Segmenter:
 
     def __call__(self, path: Path):
         import numpy as np
+        from PIL import Image
 
-        from tag2mask.data.images import load_image
-        from tag2mask.jobs.runner import ItemOutput
+        from tag2mask.data.images import fit_max_pixels, load_image
+        from tag2mask.jobs.runner import ItemError, ItemOutput
 
-        image = load_image(path)  # ImageDecodeError (unreadable, truncated, ...) -> a "decode" error record
+        args = self.args
+        # ImageDecodeError (unreadable, truncated, a folder, a broken link, a bomb) -> a "decode" error record
+        image = load_image(path, max_pixels=getattr(args, "max_decode_pixels", MAX_DECODE_PIXELS))
+        width, height = image.size
+        info = {"input": str(path), "size": [height, width]}
+        max_pixels = getattr(args, "max_pixels", DEFAULT_MAX_PIXELS)
+        w, h = fit_max_pixels(width, height, max_pixels)
+        if (w, h) != (width, height):
+            if getattr(args, "max_pixels_policy", "downscale") == "refuse":
+                raise ItemError("too_large", f"{path}: image is {width}x{height} = {width * height:,} pixels, more than "
+                                f"--max-pixels {max_pixels:,}; raise --max-pixels or use --max-pixels-policy downscale")
+            image = image.resize((w, h), Image.BICUBIC, reducing_gap=3.0)
+            info["processed_size"] = [h, w]
         res = self.segmenter.predict(image)
-        written = _write_outputs(self.out, self.stems[path], np.asarray(image, dtype=np.uint8), res, self.args)
-        info = {"input": str(path), "size": [image.size[1], image.size[0]],
-                "present": [res.class_names[v] for v in res.present()]}
+        rgb = np.asarray(image, dtype=np.uint8)
+        if (w, h) != (width, height):
+            # the mask (and overlay) align with the original image; the logits stay at the processed size
+            res.label = np.asarray(Image.fromarray(res.label).resize((width, height), Image.NEAREST))
+            rgb = None
+        written = _write_outputs(self.out, self.stems[path], rgb, res, args, original=path)
+        info["present"] = [res.class_names[v] for v in res.present()]
         return ItemOutput(list(written.values()), info)
 
 
@@ -232,6 +267,7 @@ def run(args: argparse.Namespace) -> int:
 def _run_job(args: argparse.Namespace, files: list[Path], stems: dict[Path, str], out: Path, segmenter,
              settings: dict, record: dict) -> int:
     """Run ``segmenter`` over ``files`` on the batch runner (manifest, resume, torchrun); exit code."""
+    from tag2mask.io.manifest import file_state
     from tag2mask.jobs.runner import JobOptions, print_summary, process_exit_code, run_items
 
     def finalize(run_dir: Path, summary) -> None:
@@ -241,7 +277,7 @@ def _run_job(args: argparse.Namespace, files: list[Path], stems: dict[Path, str]
                          limit=args.limit, desc="segment", unit="img")
     summary = run_items(files, _Segmenter(segmenter, args, out, stems), out, settings, options,
                         keys=[stems[f] for f in files], describe=lambda i: str(files[i]),
-                        run_record=record, finalize=finalize)
+                        run_record=record, finalize=finalize, source_of=lambda i: file_state(files[i]))
     if not args.quiet or summary.failed:
         print_summary(summary, out, "segment")
     return process_exit_code(summary)
@@ -286,7 +322,8 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
     warning = toy_model_warning(getattr(getattr(segmenter.inner, "model", None), "clip", None), [args.input])
     digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()[:16]
     settings = {"method": "weclip", "checkpoint": digest, "crf": args.crf, "overlay": args.overlay,
-                "save_logits": args.save_logits}
+                "save_logits": args.save_logits, "max_pixels": args.max_pixels,
+                "max_pixels_policy": args.max_pixels_policy}
     stems = _output_stems(files)
     record = {"tag2mask": tag2mask.__version__, "command": "segment", "input": str(args.input),
               "settings": settings, "checkpoint": str(ckpt), "class_names": list(segmenter.class_names),
@@ -296,8 +333,12 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
     return _run_job(args, files, stems, out, segmenter, settings, record)
 
 
-def _write_outputs(out: Path, stem: str, rgb, res, args: argparse.Namespace) -> dict[str, str]:
-    """Mask PNG (+ overlay PNG, + logits npz) for one result; returns the written paths by kind."""
+def _write_outputs(out: Path, stem: str, rgb, res, args: argparse.Namespace, original=None) -> dict[str, str]:
+    """Mask PNG (+ overlay PNG, + logits npz) for one result; returns the written paths by kind.
+
+    ``rgb`` is the image the mask aligns with; ``None`` means "decode ``original`` again" (a downscaled
+    image's overlay is drawn on the full-size photo, read only when an overlay is asked for).
+    """
     import numpy as np
 
     from tag2mask.io.atomic import atomic_path
@@ -314,6 +355,10 @@ def _write_outputs(out: Path, stem: str, rgb, res, args: argparse.Namespace) -> 
             label, names = res.label, list(res.class_names[1:])
         else:
             label, names = res.label.astype(np.uint16) + 1, list(res.class_names)
+        if rgb is None:
+            from tag2mask.data.images import load_image_array
+
+            rgb = load_image_array(original, max_pixels=None)
         written["overlay"] = str(out / "overlays" / f"{stem}.png")
         save_overlay(written["overlay"], rgb, label.astype(np.uint8), names)
     if args.save_logits:

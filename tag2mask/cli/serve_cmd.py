@@ -14,12 +14,17 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
         help="web demo: upload an image and class names, get the segmentation (open-vocabulary methods)",
         description=(
             "Start a small web server (standard library, no extra packages). Open http://HOST:PORT/ in a "
-            "browser, or POST a multipart form (image, classes, method, mode) to /api/segment for JSON. "
-            "Binds to 127.0.0.1 unless --host says otherwise."
+            "browser, or POST a multipart form (image, classes, method, mode, compare) to /api/segment for JSON. "
+            "Binds to 127.0.0.1 (this machine only) unless --host says otherwise. Requests take class names "
+            "typed inline only (never a file), uploads up to 20 MiB and 16 megapixels; see docs/security.md."
         ),
     )
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1: this machine only)")
+    p.add_argument("--host", default="127.0.0.1",
+                   help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes the demo to the network)")
     p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 picks a free one)")
+    p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
+                   help="also accept requests whose Host header is NAME (e.g. the machine's DNS name when binding "
+                        "0.0.0.0); the bound address and localhost are always accepted. Repeatable")
     add_weights_options(p)
     add_device_option(p)
     p.set_defaults(func=run)
@@ -28,12 +33,18 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from tag2mask.cli.common import load_model_from_args
-    from tag2mask.web.server import make_server
+    from tag2mask.web.server import LOOPBACK_NAMES, make_server
 
     model = load_model_from_args(args)
-    server = make_server(model, args.host, args.port)
+    server = make_server(model, args.host, args.port, allowed_hosts=args.allow_host)
     host, port = server.server_address[:2]
     print(f"tag2mask serve: http://{host}:{port}/  (Ctrl-C to stop)", file=sys.stderr, flush=True)
+    if args.host not in LOOPBACK_NAMES:
+        print(f"tag2mask serve: warning: bound to {args.host}, so other machines can use this demo; it has no "
+              "authentication (see docs/security.md)", file=sys.stderr, flush=True)
+    if server.service.toy_model:
+        print("tag2mask serve: note: the shipped tiny CLIP knows only the synthetic shapes world; pass --weights "
+              "ViT-B-16.pt for real images", file=sys.stderr, flush=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -2,7 +2,8 @@
 
 Accepted sources:
 
-* an OpenAI TorchScript archive as released (``ViT-B-16.pt``);
+* an OpenAI TorchScript archive as released (``ViT-B-16.pt``); its tensors are read out of the zip
+  without executing it (:mod:`tag2mask.clip.torchscript_archive`; ``torch.jit.load`` is never used);
 * an OpenAI / open_clip state dict (``.pt``, ``.pth``, ``.bin``; read with ``weights_only=True``,
   so no arbitrary objects are unpickled);
 * a ``.safetensors`` file in OpenAI or Hugging Face layout (tag2mask's own files carry their config);
@@ -27,6 +28,7 @@ from torch import nn
 from tag2mask.clip.hf import convert_hf_state_dict, is_hf_state_dict, read_hf_folder
 from tag2mask.clip.layers import Attention
 from tag2mask.clip.model import CLIP, CLIPConfig, config_from_state_dict, strip_non_parameters
+from tag2mask.clip.torchscript_archive import read_torchscript_state_dict
 
 _OPENAI_BASE = "https://openaipublic.azureedge.net/clip/models"
 # name -> (sha256, file name); the sha256 is also the URL folder, as OpenAI publishes them
@@ -142,8 +144,8 @@ def read_state_dict(path: PathLike) -> tuple[dict[str, torch.Tensor], Optional[C
                 config = CLIPConfig.from_dict(json.loads(meta["tag2mask_config"]))
             fmt = "safetensors"
         elif _is_torchscript(path):
-            archive = torch.jit.load(str(path), map_location="cpu")
-            sd = {k: v for k, v in archive.state_dict().items()}
+            # never torch.jit.load a user's file: it runs the archive's code (see torchscript_archive)
+            sd = read_torchscript_state_dict(path)
             fmt = "openai-torchscript"
         else:
             obj = torch.load(str(path), map_location="cpu", weights_only=True)

@@ -33,13 +33,15 @@ Policy (documented in ``docs/evaluation.md``):
 
 from __future__ import annotations
 
+import math
+import os
 import warnings
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-__all__ = ["ImageDecodeError", "MAX_PIXELS", "load_image", "load_image_array", "to_rgb"]
+__all__ = ["ImageDecodeError", "MAX_PIXELS", "fit_max_pixels", "load_image", "load_image_array", "to_rgb"]
 
 #: default limit on width * height (refuses decompression bombs); 2.5x a 6000x6000 photo
 MAX_PIXELS: int = 100_000_000
@@ -101,7 +103,9 @@ def load_image(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> Image.I
     """
     path = Path(path)
     if not path.is_file():
-        raise ImageDecodeError(path, "file not found" if not path.exists() else "not a regular file")
+        if path.is_symlink() and not path.exists():
+            raise ImageDecodeError(path, f"file not found (a broken symbolic link to {os.readlink(path)})")
+        raise ImageDecodeError(path, "file not found" if not path.exists() else "not a regular file (a folder?)")
     if path.stat().st_size == 0:
         raise ImageDecodeError(path, "file is empty (0 bytes)")
     try:
@@ -135,3 +139,21 @@ def load_image(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> Image.I
 def load_image_array(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> np.ndarray:
     """Like :func:`load_image` but returns an ``(H, W, 3)`` uint8 C-contiguous array."""
     return np.ascontiguousarray(np.asarray(load_image(path, max_pixels=max_pixels), dtype=np.uint8))
+
+
+def fit_max_pixels(width: int, height: int, max_pixels: int) -> tuple[int, int]:
+    """The largest ``(w, h)`` with the same aspect ratio and ``w * h <= max_pixels`` (each side >= 1).
+
+    Images already within the limit are returned unchanged. Commands that bound their working
+    resolution (``label``, ``segment``, the web server) process at this size and scale the mask back.
+    """
+    if width * height <= max_pixels:
+        return width, height
+    scale = math.sqrt(max_pixels / (width * height))
+    w, h = max(1, int(width * scale)), max(1, int(height * scale))
+    while w * h > max_pixels:  # floating point may overshoot by a pixel row
+        if w >= h:
+            w -= 1
+        else:
+            h -= 1
+    return w, h

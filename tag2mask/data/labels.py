@@ -16,6 +16,7 @@ appearance order (CAM outputs are stored in label order).
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Iterable, Mapping, Sequence
@@ -56,7 +57,7 @@ def _read_json(path: Path) -> dict[str, list[str]]:
         return seen
 
     try:
-        data = json.loads(path.read_text(encoding="utf-8-sig"), object_pairs_hook=no_duplicate_keys)
+        data = json.loads(_read_utf8(path), object_pairs_hook=no_duplicate_keys)
     except json.JSONDecodeError as exc:
         raise LabelFileError(f"{path}: invalid JSON ({exc})") from exc
     if not isinstance(data, dict):
@@ -69,9 +70,20 @@ def _read_json(path: Path) -> dict[str, list[str]]:
     return out
 
 
+def _read_utf8(path: Path) -> str:
+    """The file's text (UTF-8, an optional BOM dropped); other encodings are an error naming the file."""
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise LabelFileError(f"{path}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                             "save the file as UTF-8") from None
+
+
 def _read_csv(path: Path) -> dict[str, list[str]]:
     out: dict[str, list[str]] = {}
-    with path.open(newline="", encoding="utf-8-sig") as f:
+    with io.StringIO(_read_utf8(path), newline="") as f:
         reader = csv.reader(f)
         header = next(reader, None)
         if header is None or [h.strip().lower() for h in header[:2]] != ["image", "labels"] or len(header) != 2:

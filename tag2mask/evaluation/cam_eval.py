@@ -39,6 +39,11 @@ def _check_cams(cams: np.ndarray, keys: np.ndarray, name: str) -> tuple[np.ndarr
         raise ValueError(f"{name}: keys must be integer class ids, got {keys.dtype}")
     if keys.size and keys.min() < 0:
         raise ValueError(f"{name}: negative class id {int(keys.min())} in keys")
+    bad = int(cams.size - np.count_nonzero(np.isfinite(cams)))
+    if bad:
+        # NaN never wins an argmax comparison: it would silently turn pixels into background
+        raise ValueError(f"{name}: {bad:,} of {cams.size:,} CAM values are NaN or infinite; "
+                         "re-create this file (e.g. tag2mask label ... --resume after deleting it)")
     return cams, keys.astype(np.int64)
 
 

@@ -5,13 +5,18 @@ data is written to a temporary file in the *same folder* (so ``os.replace`` is a
 one file system, which is atomic on POSIX and Windows), flushed with ``fsync``, then moved
 over the destination. If the writer raises, the temporary file is removed and the
 destination is left untouched.
+
+The temporary file is created with mode ``0o666`` minus the process umask, like any ``open()``
+(``tempfile.mkstemp`` would make every output ``0600``, unreadable to the rest of a group that
+shares masks and checkpoints). An ``OSError`` without a file name (a full disk reported by
+``write`` or ``fsync``) gets the destination's name, so messages say which file failed.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import tempfile
+import secrets
 from pathlib import Path
 from typing import Iterator
 
@@ -26,6 +31,23 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+_TEMP_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789_"
+
+
+def _create_temp(path: Path) -> Path:
+    """An empty new file ``.<stem>.<8 random chars>.tmp<suffix>`` next to ``path``, mode 0o666 & ~umask."""
+    for _ in range(100):
+        token = "".join(secrets.choice(_TEMP_ALPHABET) for _ in range(8))
+        tmp = path.parent / f".{path.stem}.{token}.tmp{path.suffix}"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(f"{path}: could not create a temporary file next to it")
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``path``; on success it replaces ``path`` atomically.
@@ -36,18 +58,18 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=f".tmp{path.suffix}", dir=path.parent)
-    os.close(fd)
-    tmp = Path(tmp_name)
+    tmp = _create_temp(path)
     try:
         yield tmp
         if not tmp.exists():
             raise FileNotFoundError(f"{path}: the writer did not create the temporary file {tmp}")
         _fsync_file(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         with contextlib.suppress(OSError):
             tmp.unlink()
+        if isinstance(exc, OSError) and not exc.filename:
+            exc.filename = str(path)
         raise
     # persist the rename itself; not possible on every platform (e.g. Windows), so best effort
     with contextlib.suppress(OSError):

@@ -17,8 +17,9 @@ A record::
 
 Output paths are relative to the run folder (POSIX separators), so a run folder can be moved or
 mounted elsewhere. ``--resume`` trusts an ``ok`` line only if every output it lists exists with
-the recorded size and SHA-256; anything else (a line cut by ``kill -9``, a missing or replaced
-file) makes the item be redone.
+the recorded size and SHA-256, and its ``source`` (the input's size and modification time, when the
+command records it) still matches; anything else (a line cut by ``kill -9``, a missing or replaced
+file, an input edited since) makes the item be redone.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ __all__ = [
     "latest_records",
     "rank_manifest_paths",
     "file_sha256",
+    "file_state",
     "verify_outputs",
 ]
 
@@ -62,6 +64,18 @@ def file_sha256(path: Path, chunk: int = 1 << 20) -> str:
         for block in iter(lambda: f.read(chunk), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def file_state(path: Any) -> Optional[dict[str, Any]]:
+    """``{"path", "size", "mtime_ns"}`` of an input file as it is now (None if it cannot be read).
+
+    Recorded with each finished item, so that ``--resume`` notices an input replaced since.
+    """
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
 
 
 class RunManifest:

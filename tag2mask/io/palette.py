@@ -7,6 +7,7 @@ only affects how viewers show them.
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -14,7 +15,7 @@ from PIL import Image
 
 from tag2mask.io.atomic import atomic_path
 
-__all__ = ["voc_palette", "save_label_png", "read_label_png", "colorize"]
+__all__ = ["voc_palette", "encode_label_png", "save_label_png", "read_label_png", "colorize"]
 
 
 def voc_palette(n: int = 256) -> np.ndarray:
@@ -40,22 +41,34 @@ def colorize(label: np.ndarray) -> np.ndarray:
     return _PALETTE[np.asarray(label, dtype=np.uint8)]
 
 
+def _label_image(label: np.ndarray, where: str) -> Image.Image:
+    arr = np.asarray(label)
+    if arr.ndim != 2:
+        raise ValueError(f"{where}: label map must be (H, W), got shape {arr.shape}")
+    if arr.dtype != np.uint8:
+        if arr.size and (arr.min() < 0 or arr.max() > 255):
+            raise ValueError(f"{where}: label values must be in 0..255, got {arr.min()}..{arr.max()}")
+        arr = arr.astype(np.uint8)
+    # build mode P directly from the bytes so the values are the palette indices
+    img = Image.frombytes("P", (arr.shape[1], arr.shape[0]), arr.tobytes())
+    img.putpalette(_PALETTE.reshape(-1).tolist())
+    return img
+
+
+def encode_label_png(label: np.ndarray) -> bytes:
+    """An ``(H, W)`` label map (values 0..255) as the bytes of a VOC-palette PNG (what the web API returns)."""
+    buf = io.BytesIO()
+    _label_image(label, "label map").save(buf, format="PNG")
+    return buf.getvalue()
+
+
 def save_label_png(path: str | Path, label: np.ndarray) -> None:
     """Write an ``(H, W)`` label map (values 0..255) as a VOC-palette PNG, atomically.
 
     Raises:
         ValueError: not 2-D, or values outside 0..255 (they would wrap silently in uint8).
     """
-    arr = np.asarray(label)
-    if arr.ndim != 2:
-        raise ValueError(f"{path}: label map must be (H, W), got shape {arr.shape}")
-    if arr.dtype != np.uint8:
-        if arr.size and (arr.min() < 0 or arr.max() > 255):
-            raise ValueError(f"{path}: label values must be in 0..255, got {arr.min()}..{arr.max()}")
-        arr = arr.astype(np.uint8)
-    # build mode P directly from the bytes so the values are the palette indices
-    img = Image.frombytes("P", (arr.shape[1], arr.shape[0]), arr.tobytes())
-    img.putpalette(_PALETTE.reshape(-1).tolist())
+    img = _label_image(label, str(path))
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
 

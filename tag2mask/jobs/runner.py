@@ -10,8 +10,12 @@ does the rest:
 * **manifest** -- one fsynced JSON line per finished item in ``manifest.rank<r>.jsonl``, compacted
   into ``manifest.jsonl`` (one line per item) by rank 0 when the run starts and ends;
 * **resume** -- with ``resume=True`` an item whose ``ok`` record verifies (outputs present, same
-  size and SHA-256) is skipped; everything else is redone. ``kill -9`` at any moment leaves at
-  worst a stray temporary file (removed at the next start) and a cut manifest line (ignored);
+  size and SHA-256, and -- when the command describes its inputs with ``source_of`` -- the input
+  file still has the recorded size and modification time) is skipped; everything else is redone.
+  ``kill -9`` at any moment leaves at worst a stray temporary file (removed at the next start) and
+  a cut manifest line (ignored);
+* **disk full** -- ``ENOSPC`` / ``EDQUOT`` stops the job at once with :class:`DiskFullError` (one
+  line naming the file and how to resume), instead of failing every remaining item;
 * **settings guard** -- a folder written with other settings is refused unless ``overwrite``;
 * **bad items** -- an exception in ``process_fn`` becomes an ``error`` record with a kind and a
   message naming the item; the job goes on; the exit code is 1 when any item failed;
@@ -24,6 +28,7 @@ first few failures and (for resume) the manifest lines of finished items are kep
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
@@ -47,7 +52,7 @@ from tag2mask.io.manifest import (
 )
 from tag2mask.jobs import distributed as D
 
-__all__ = ["JobOptions", "ItemError", "ItemOutput", "JobSummary", "JobLog", "run_items", "error_kind",
+__all__ = ["JobOptions", "ItemError", "ItemOutput", "JobSummary", "JobLog", "DiskFullError", "run_items", "error_kind",
            "print_summary", "process_exit_code"]
 
 T = TypeVar("T")
@@ -68,6 +73,31 @@ class JobOptions:
     limit: Optional[int] = None
     desc: str = "job"
     unit: str = "img"
+
+
+class DiskFullError(OSError):
+    """The disk (or the quota) is full: the job stops; finished items stay and ``--resume`` continues."""
+
+
+_DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
+
+
+def _disk_full(exc: BaseException, out_dir: Path, written: int) -> Optional[DiskFullError]:
+    """A :class:`DiskFullError` for ``exc`` (or something it was raised from) if it is ENOSPC/EDQUOT."""
+    seen = 0
+    while exc is not None and seen < 8:
+        if isinstance(exc, DiskFullError):
+            return exc
+        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+            where = exc.filename or exc.filename2 or f"the run folder {out_dir}"
+            err = DiskFullError(
+                f"no space left on the device while writing {where}; the job stopped ({written} new items written, "
+                f"finished items are kept). Free some space, then run the same command again with --resume"
+            )
+            err.errno = exc.errno
+            return err
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return None
 
 
 class ItemError(Exception):
@@ -246,6 +276,7 @@ def run_items(
     describe: Optional[Callable[[int], str]] = None,
     run_record: Optional[dict[str, Any]] = None,
     finalize: Optional[Callable[[Path, JobSummary], None]] = None,
+    source_of: Optional[Callable[[int], Any]] = None,
 ) -> JobSummary:
     """Process ``items`` into ``out_dir`` with resume, sharding, manifest and logs.
 
@@ -265,6 +296,12 @@ def run_items(
         run_record: extra fields for ``run.json`` (versions, settings...).
         finalize: rank 0 calls ``finalize(out_dir, summary)`` after the merged manifest is written
             (e.g. to export COCO JSON); an exception there fails the run on every rank.
+        source_of: ``index -> JSON-able description of the item's inputs`` as they are now (e.g.
+            :func:`tag2mask.io.manifest.file_state` of its image, plus its labels); recorded with
+            each finished item, and ``--resume`` redoes an item whose inputs no longer match.
+
+    Raises:
+        DiskFullError: the disk filled up; the job stopped at the first failed write.
 
     Returns:
         the :class:`JobSummary` merged over ranks (identical on every rank).
@@ -274,13 +311,24 @@ def run_items(
     created = D.init_distributed(info)
     try:
         return _run(items, process_fn, out_dir, settings, options, keys, key_fn, list(preflight_errors),
-                    describe, run_record if run_record is not None else {}, finalize, info)
+                    describe, run_record if run_record is not None else {}, finalize, info, source_of)
     finally:
         D.shutdown(created)
 
 
+def _current_source(source_of: Optional[Callable[[int], Any]], i: int) -> Any:
+    """The item's input description, normalised through JSON (None when unknown or unreadable)."""
+    if source_of is None:
+        return None
+    try:
+        value = source_of(i)
+    except Exception:  # a missing/unreadable input: the item itself will report it
+        return None
+    return None if value is None else json.loads(json.dumps(value, default=str))
+
+
 def _run(items, process_fn, out_dir: Path, settings, options: JobOptions, keys, key_fn, preflight,
-         describe, run_record, finalize, info: D.DistInfo) -> JobSummary:
+         describe, run_record, finalize, info: D.DistInfo, source_of=None) -> JobSummary:
     started = time.time()
     prep = _collective(lambda: _prepare_folder(out_dir, settings, options), info)
 
@@ -328,8 +376,11 @@ def _run(items, process_fn, out_dir: Path, settings, options: JobOptions, keys, 
                      "(e.g. a.jpg and a.png in one folder); rename one of them", duplicate_of=key)
                 bar.update(1)
                 continue
+            source = _current_source(source_of, i)
             if key in done:
                 problem = verify_outputs(out_dir, done[key])
+                if problem is None and source is not None and "source" in done[key] and done[key]["source"] != source:
+                    problem = "the input changed since it was processed"
                 if problem is None:
                     skipped += 1
                     bar.update(1)
@@ -351,19 +402,33 @@ def _run(items, process_fn, out_dir: Path, settings, options: JobOptions, keys, 
             except KeyboardInterrupt:
                 raise
             except Exception as exc:  # one bad item never stops the job; it is reported in the manifest
+                full = _disk_full(exc, out_dir, written)
+                if full is not None:  # every later item would fail the same way: stop now
+                    raise full from exc
                 kind = error_kind(exc)
                 extra = {"traceback": traceback.format_exc(limit=8)} if kind == "internal" else {}
                 fail(key, kind, _error_message(exc), seconds=round(time.time() - t0, 3), **extra)
                 _release_cuda_memory(kind)
             else:
+                extra = {"source": source} if source is not None else {}
                 manifest.record(key, "ok", outputs=rel, bytes=sizes, sha256=hashes, rank=info.rank,
-                                seconds=round(time.time() - t0, 3), **result.info)
+                                seconds=round(time.time() - t0, 3), **extra, **result.info)
                 written += 1
                 log.event("ok", item=key, seconds=round(time.time() - t0, 3))
             bar.update(1)
             bar.set_postfix_str(f"failed={failed}", refresh=False)
+    except DiskFullError:
+        raise
+    except OSError as exc:  # the manifest or the log could not be written either
+        full = _disk_full(exc, out_dir, written)
+        if full is None:
+            raise
+        raise full from exc
     finally:
-        manifest.close()
+        try:
+            manifest.close()
+        except OSError:
+            pass
         bar.close()
 
     mine = {"written": written, "skipped": skipped, "failed": failed, "failures": failures, "items": len(shard)}

@@ -16,6 +16,8 @@ Text grammars
 
 A line that is exactly ``background`` (no colon) is rejected: the word is reserved so that a
 copied 21-class list with a background entry does not silently create a "background" class.
+A line using the inline syntax below (``;`` or ``|``) is rejected too (it would silently become one
+class), and so is a file that is not UTF-8 (the error names the file and line).
 
 **Inline string** (:func:`parse_class_string`): sections separated by ``;``.  A section starting
 with ``background:`` lists background words separated by ``,``; any other section lists classes
@@ -217,10 +219,24 @@ def parse_nameset_file(path: Union[str, os.PathLike], mode: str = "max") -> Voca
         raise FileNotFoundError(f"class-name file not found: {p}")
     groups: list[list[str]] = []
     background: list[str] = []
-    for lineno, raw in enumerate(p.read_text(encoding="utf-8").splitlines(), start=1):
+    data = p.read_bytes()
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        line = data[: exc.start].count(b"\n") + 1
+        raise ValueError(f"{p}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
+                         "save the class-name file as UTF-8") from None
+    for lineno, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
+        if ";" in line or "|" in line:
+            # 'cat, dog; background: sky' saved to a file would silently become one class 'cat'
+            raise ValueError(
+                f"{p}:{lineno}: {raw.strip()!r} uses the inline syntax (';' between sections, '|' between "
+                "synonyms); in a class-name file write one class per line with its synonyms separated by ',', "
+                "and background words on a 'background: sky, grass' line (or pass the text itself to --classes)"
+            )
         bg = _background_section(line)
         if bg is not None:
             background.extend(_split_words(bg, ","))
@@ -273,7 +289,11 @@ def load_vocabulary(spec: str, mode: str = "max") -> Vocabulary:
     if spec_str.strip().lower() in PRESETS:
         return get_vocabulary(spec_str)
     p = Path(spec_str).expanduser()
-    if p.is_file():
+    try:
+        is_file = p.is_file()
+    except (OSError, ValueError):  # a long inline list is no file name ("File name too long"), nor a NUL
+        is_file = False
+    if is_file:
         return parse_nameset_file(p, mode=mode)
     looks_like_path = p.suffix.lower() in (".txt", ".names", ".csv") or (os.sep in spec_str and "," not in spec_str)
     if looks_like_path:

@@ -1,196 +1,417 @@
 """A small web demo: upload an image, type class names, get an overlay (standard library only).
 
-``tag2mask serve`` starts it. The page posts a form to ``/segment`` and shows the image and its
-overlay; ``/api/segment`` answers the same request with JSON (a base64 palette PNG, class names,
-classes present). Open-vocabulary methods only (no labels needed). The model loads once; a
-segmenter is cached per (classes, method, mode).
+``tag2mask serve`` starts it. The page posts a form to ``/segment`` and shows the overlay (opacity,
+per-class toggles, a mask download, optionally every method side by side). ``/api/segment`` answers
+the same form with JSON::
+
+    {"label_png": "<base64 VOC-palette PNG, pixel value = index into class_names>",
+     "class_names": ["background", "cat", ...], "present": ["cat"], "size": [H, W], "method": "naclip",
+     "mode": "whole", "processed_size": [h, w] or null, "results": [{"method", "label_png", "present", "seconds"}, ...],
+     "toy_model": false, "note": null}
+
+``results`` has one entry per method (all of them with ``compare=1``). Errors are
+``{"error": "..."}`` with a 4xx/5xx status (an HTML page with the message for ``/segment``).
+
+Limits and defences (docs/security.md): uploads up to ``max_upload_bytes`` with an exact
+``Content-Length``; images up to 16 MP (segmented at most at 4 MP); inline class lists only (a
+request never names a file); request heads are gathered by one selector thread and must arrive
+within ``header_timeout_s`` (slow clients never hold a worker), bodies within ``request_timeout_s``;
+a bounded worker pool behind a listen backlog, ``503`` beyond it; requests whose ``Host`` is not the
+bound address or a loopback name, and cross-site browser posts (``Origin`` / ``Sec-Fetch-Site``), are
+refused with 403 (DNS rebinding, CSRF).
 """
 
 from __future__ import annotations
 
 import base64
-import html
 import io
+import ipaddress
 import json
+import re
+import socket
+import sys
 import threading
+import time
+import traceback
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from email.parser import BytesParser
 from email.policy import HTTP
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Callable, Optional
+from http.server import BaseHTTPRequestHandler, HTTPServer
+from typing import Any, Iterable, Optional
+from urllib.parse import urlsplit
 
-import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from tag2mask.io.palette import encode_label_png
+from tag2mask.web.connections import HeaderGate, PrefixedSocket, SocketWriter, quick_answer
+from tag2mask.web.page import FormState, render_page
+from tag2mask.web.service import (
+    METHODS,
+    TOY_MODEL_NOTE,
+    RequestError,
+    SegmentService,
+    decode_upload,
+    parse_classes,
+)
 
-from tag2mask.data.images import to_rgb
+__all__ = ["ServerLimits", "SegmentServer", "make_server", "parse_multipart", "RequestError", "METHODS"]
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
-MAX_IMAGE_PIXELS = 16_000_000
-METHODS = ("naclip", "sclip", "clearclip", "maskclip")
-DEFAULT_CLASSES = "star, ring, cross, heart; background: grass, water, sky, sand"
-
-_PAGE = """<!DOCTYPE html><html><head><meta charset='utf-8'><title>tag2mask</title>
-<style>body{{font-family:sans-serif;max-width:960px;margin:2em auto}}img{{max-width:100%}}
-.row{{display:flex;gap:1em}}.row div{{flex:1}}.err{{color:#b00}}label{{display:block;margin:.5em 0}}</style>
-</head><body><h1>tag2mask: segment an image with class names</h1>
-<form method='post' action='/segment' enctype='multipart/form-data'>
-<label>Image <input type='file' name='image' accept='image/*' required></label>
-<label>Classes <input type='text' name='classes' size='80' value='{classes}'></label>
-<label>Method <select name='method'>{methods}</select>
- Mode <select name='mode'><option>whole</option><option>slide</option></select></label>
-<button type='submit'>Segment</button></form>{body}
-<p>Model: {model}. Classes: comma-separated, synonyms with <code>|</code>, background words after
-<code>; background:</code>.</p></body></html>"""
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
+_STEM = re.compile(r"[^A-Za-z0-9_-]+")
 
 
-class RequestError(ValueError):
-    """A bad request: answered with HTTP 400 and this message."""
+@dataclass
+class ServerLimits:
+    """How much one client may ask of the server (see the module docstring)."""
 
-
-def _data_uri(image: Image.Image) -> str:
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    max_upload_bytes: int = MAX_UPLOAD_BYTES
+    header_timeout_s: float = 10.0  # the request line and headers must arrive within this
+    request_timeout_s: float = 60.0  # the body must arrive within this once a worker reads it
+    idle_timeout_s: float = 10.0  # one read or write may wait at most this long
+    max_header_bytes: int = 64 * 1024
+    max_waiting_heads: int = 512  # connections still sending their head; beyond that: 503
+    workers: int = 8  # requests read and answered at once (computation itself is one at a time)
+    max_pending: int = 64  # complete heads waiting for a worker; beyond that: 503
+    backlog: int = 128  # the listen queue of the socket
+    drain_bytes: int = 64 * 1024 * 1024  # an unread body is read and dropped up to this much, so the client sees the answer
 
 
 def parse_multipart(content_type: str, body: bytes) -> dict[str, Any]:
-    """Form fields of a ``multipart/form-data`` body: text fields as str, files as bytes."""
+    """Form fields of a ``multipart/form-data`` body: text fields as str, files as bytes.
+
+    A file field's name is also given as ``<field>.filename``.
+    """
     if not content_type.startswith("multipart/form-data"):
         raise RequestError("expected a multipart/form-data form (fields 'image', 'classes', 'method')")
-    msg = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode() + b"\r\n\r\n" + body)
+    msg = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
+    if not msg.is_multipart():
+        raise RequestError("the form could not be parsed (multipart boundary missing)")
     fields: dict[str, Any] = {}
     for part in msg.iter_parts():
         name = part.get_param("name", header="content-disposition")
         if not name:
             continue
         payload = part.get_payload(decode=True) or b""
-        fields[name] = payload if part.get_filename() is not None else payload.decode("utf-8", "replace")
+        filename = part.get_filename()
+        if filename is not None:
+            fields[name] = payload
+            fields[f"{name}.filename"] = filename
+        else:
+            fields[name] = payload.decode("utf-8", "replace")
     return fields
 
 
-def decode_upload(data: bytes) -> Image.Image:
-    """Uploaded bytes -> RGB image, with the library's decoding policy (EXIF applied)."""
-    if not data:
-        raise RequestError("no image was uploaded")
+def _host_name(value: str) -> str:
+    """``Host``/netloc -> the bare host name, lower case (``[::1]:80`` -> ``::1``)."""
+    value = value.strip().lower()
+    if value.startswith("["):
+        return value[1:value.find("]")] if "]" in value else value
+    return value.rsplit(":", 1)[0] if value.count(":") == 1 else value
+
+
+def _is_ip(name: str) -> bool:
     try:
-        img = Image.open(io.BytesIO(data))
-        if img.width * img.height > MAX_IMAGE_PIXELS:
-            raise RequestError(f"image is {img.width}x{img.height}; at most {MAX_IMAGE_PIXELS:,} pixels are accepted")
-        img.load()
-    except (UnidentifiedImageError, OSError) as e:
-        raise RequestError(f"the upload is not a readable image ({e})") from e
-    return to_rgb(ImageOps.exif_transpose(img))
+        ipaddress.ip_address(name)
+        return True
+    except ValueError:
+        return False
 
 
-class SegmentService:
-    """Holds the model and a cache of segmenters; thread-safe (one request computes at a time)."""
+class _Handler(BaseHTTPRequestHandler):
+    server: "SegmentServer"
+    server_version = "tag2mask"
+    sys_version = ""
+    protocol_version = "HTTP/1.0"  # one request per connection: simple, and no idle keep-alive sockets
+    default_request_version = "HTTP/1.0"  # answers to garbled request lines still carry a status line
 
-    def __init__(self, model, description: str):
-        self.model = model
-        self.description = description
-        self._cache: dict[tuple[str, str, str], Any] = {}
-        self._lock = threading.Lock()
+    # ---- connection life cycle ------------------------------------------------------------------
 
-    def segmenter(self, classes: str, method: str, mode: str):
-        from tag2mask.methods.ovss.segmenter import OpenVocabSegmenter
+    def setup(self) -> None:
+        self.connection = self.request
+        self.connection.settimeout(self.server.limits.idle_timeout_s)
+        self.rfile = io.BufferedReader(PrefixedSocket(self.server.take_head(self.connection), self.connection), 1 << 16)
+        self.wfile = SocketWriter(self.connection)
+        self._unread = 0  # body bytes the client may still be sending when we answer early
 
-        if method not in METHODS:
-            raise RequestError(f"unknown method {method!r}; choose one of {', '.join(METHODS)}")
-        if mode not in ("whole", "slide"):
-            raise RequestError(f"unknown mode {mode!r}; choose whole or slide")
-        if not classes.strip():
-            raise RequestError("the class list is empty; type e.g. 'cat, dog; background: sky'")
-        key = (classes.strip(), method, mode)
-        if key not in self._cache:
-            try:
-                self._cache[key] = OpenVocabSegmenter(self.model, classes, method, mode=mode, short_side=448)
-            except (ValueError, KeyError, FileNotFoundError) as e:
-                raise RequestError(f"bad class list: {e}") from e
-            if len(self._cache) > 16:  # keep memory bounded: forget the oldest vocabulary
-                self._cache.pop(next(iter(self._cache)))
-        return self._cache[key]
+    def finish(self) -> None:
+        try:
+            self.wfile.close()
+            self.rfile.close()
+        finally:
+            if self._unread:
+                self._drain()
 
-    def segment(self, fields: dict[str, Any]) -> tuple[Image.Image, Any]:
-        image = decode_upload(fields.get("image") or b"")
-        seg = self.segmenter(str(fields.get("classes", "")), str(fields.get("method", "naclip")), str(fields.get("mode", "whole")))
-        with self._lock:
-            return image, seg.predict(image)
-
-
-def _overlay(image: Image.Image, result) -> Image.Image:
-    from tag2mask.io.visualize import overlay_image
-
-    label, names = result.label, list(result.class_names)
-    if result.has_background:
-        names = names[1:]
-    else:  # the overlay names label k by names[k - 1]; shift background-free maps by one
-        label = (label.astype(np.uint16) + 1).astype(np.uint8)
-    return overlay_image(np.asarray(image), label, names)
-
-
-def make_handler(service: SegmentService) -> Callable[..., BaseHTTPRequestHandler]:
-    class Handler(BaseHTTPRequestHandler):
-        server_version = "tag2mask"
-
-        def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - keep the server quiet
+    def _drain(self) -> None:
+        """Read and drop what the client is still sending (bounded), so it gets to read our answer."""
+        try:
+            self.connection.shutdown(socket.SHUT_WR)
+            self.connection.settimeout(0.5)
+            left, deadline = min(self._unread, self.server.limits.drain_bytes), time.monotonic() + 5.0
+            while left > 0 and time.monotonic() < deadline:
+                chunk = self.connection.recv(min(left, 1 << 16))
+                if not chunk:
+                    break
+                left -= len(chunk)
+        except OSError:
             pass
 
-        def _send(self, status: int, body: bytes, content_type: str) -> None:
-            self.send_response(status)
-            self.send_header("Content-Type", content_type)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
+    def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - requests are not logged
+        pass
+
+    # ---- answers --------------------------------------------------------------------------------
+
+    def _is_api(self) -> bool:
+        return getattr(self, "path", "").split("?", 1)[0].startswith("/api/")
+
+    def _send(self, status: int, body: bytes, content_type: str) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", content_type)
+        self.send_header("Content-Length", str(len(body)))
+        self.send_header("X-Content-Type-Options", "nosniff")
+        self.send_header("Cache-Control", "no-store")
+        if content_type.startswith("text/html"):
+            # the page's own inline script and data: images only; no framing by other sites
+            self.send_header("Content-Security-Policy", "default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
+                             "script-src 'unsafe-inline'; form-action 'self'; frame-ancestors 'none'; base-uri 'none'")
+        self.end_headers()
+        if self.command != "HEAD":
             self.wfile.write(body)
 
-        def _page(self, body: str = "", classes: str = DEFAULT_CLASSES, method: str = "naclip") -> bytes:
-            opts = "".join(f"<option{' selected' if m == method else ''}>{m}</option>" for m in METHODS)
-            return _PAGE.format(classes=html.escape(classes, quote=True), methods=opts, body=body,
-                                model=html.escape(service.description)).encode()
+    def _json(self, status: int, payload: dict) -> None:
+        self._send(status, json.dumps(payload).encode(), "application/json")
 
-        def do_GET(self) -> None:  # noqa: N802 - http.server's naming
-            if self.path not in ("/", "/index.html"):
-                self._send(HTTPStatus.NOT_FOUND, b"not found", "text/plain")
-                return
-            self._send(HTTPStatus.OK, self._page(), "text/html; charset=utf-8")
+    def _page(self, status: int, state: Optional[FormState] = None, error: Optional[str] = None, **results: Any) -> None:
+        service = self.server.service
+        body = render_page(state or FormState(), METHODS, service.describe_model(),
+                           note=TOY_MODEL_NOTE if service.toy_model else None, error=error, **results)
+        self._send(status, body, "text/html; charset=utf-8")
 
-        def do_POST(self) -> None:  # noqa: N802
-            api = self.path == "/api/segment"
-            if self.path not in ("/segment", "/api/segment"):
-                self._send(HTTPStatus.NOT_FOUND, b"not found", "text/plain")
-                return
-            fields: dict[str, Any] = {}
-            try:
-                length = int(self.headers.get("Content-Length") or 0)
-                if length > MAX_UPLOAD_BYTES:
-                    raise RequestError(f"upload of {length:,} bytes is larger than {MAX_UPLOAD_BYTES:,}")
-                fields = parse_multipart(self.headers.get("Content-Type", ""), self.rfile.read(length))
-                image, result = service.segment(fields)
-            except RequestError as e:
-                if api:
-                    self._send(HTTPStatus.BAD_REQUEST, json.dumps({"error": str(e)}).encode(), "application/json")
-                else:
-                    body = f"<p class='err'>{html.escape(str(e))}</p>"
-                    self._send(HTTPStatus.BAD_REQUEST, self._page(body, str(fields.get("classes", DEFAULT_CLASSES))),
-                               "text/html; charset=utf-8")
-                return
-            present = [result.class_names[v] for v in result.present()]
-            if api:
-                png = io.BytesIO()
-                Image.fromarray(result.label).save(png, format="PNG")
-                payload = {"label_png": base64.b64encode(png.getvalue()).decode(), "class_names": list(result.class_names),
-                           "present": present, "size": [image.height, image.width]}
-                self._send(HTTPStatus.OK, json.dumps(payload).encode(), "application/json")
-                return
-            body = (f"<h2>Result</h2><p>Classes found: {html.escape(', '.join(present) or 'none')}</p>"
-                    f"<div class='row'><div><img src='{_data_uri(image)}' alt='image'></div>"
-                    f"<div><img src='{_data_uri(_overlay(image, result))}' alt='overlay'></div></div>")
-            self._send(HTTPStatus.OK, self._page(body, str(fields.get("classes")), str(fields.get("method"))),
-                       "text/html; charset=utf-8")
+    def _error(self, status: int, message: str, state: Optional[FormState] = None) -> None:
+        if self._is_api() or not getattr(self, "command", None):
+            self._json(status, {"error": message})
+        else:
+            self._page(status, state, error=message)
 
-    return Handler
+    def send_error(self, code: int, message: Optional[str] = None, explain: Optional[str] = None) -> None:
+        """http.server's own errors (bad request line, unsupported method) in our formats."""
+        self.close_connection = True
+        text = message or HTTPStatus(code).phrase
+        try:
+            if getattr(self, "command", None) and getattr(self, "path", None) is not None:
+                self._error(code, text)
+            else:
+                self._json(code, {"error": text})
+        except OSError:
+            pass
+
+    # ---- checks ---------------------------------------------------------------------------------
+
+    def _host_allowed(self, name: str) -> bool:
+        server = self.server
+        return name in server.allowed_hosts or (server.any_address and _is_ip(name))
+
+    def _check_origin(self) -> Optional[str]:
+        """A reason to refuse the request (foreign Host, cross-site browser request), or None."""
+        host = self.headers.get("Host")
+        if host is not None and not self._host_allowed(_host_name(host)):
+            return (f"Host {host[:80]!r} is not served here (DNS-rebinding guard); use http://127.0.0.1:"
+                    f"{self.server.server_port}/ or start the server with --allow-host NAME")
+        if self.command != "POST":
+            return None
+        origin = self.headers.get("Origin")
+        if origin is not None:
+            parts = urlsplit(origin) if origin != "null" else None
+            if parts is None or not parts.hostname or not self._host_allowed(parts.hostname.lower()) or (
+                    (parts.port or {"http": 80, "https": 443}.get(parts.scheme)) != self.server.server_port):
+                return f"cross-site request from {origin[:80]!r} refused (CSRF guard)"
+        site = self.headers.get("Sec-Fetch-Site")
+        if site is not None and site not in ("same-origin", "none"):
+            return f"cross-site request ({site}) refused (CSRF guard)"
+        return None
+
+    def _read_body(self) -> bytes:
+        limits = self.server.limits
+        if self.headers.get("Transfer-Encoding"):
+            self._unread = limits.drain_bytes
+            raise RequestError("chunked uploads are not accepted; send the form with a Content-Length")
+        raw = self.headers.get("Content-Length")
+        if raw is None:
+            self._unread = limits.drain_bytes  # an HTTP/1.0 client may still send a body until it closes
+            raise RequestError("the request has no Content-Length header")
+        if not raw.strip().isdigit():
+            self._unread = limits.drain_bytes
+            raise RequestError(f"invalid Content-Length {raw[:40]!r}: expected a non-negative whole number of bytes")
+        length = int(raw)
+        if length > limits.max_upload_bytes:
+            self._unread = length
+            raise RequestError(f"the upload has {length:,} bytes; at most {limits.max_upload_bytes:,} are accepted",
+                               status=413)
+        self._unread = length
+        chunks, got = [], 0
+        deadline = time.monotonic() + limits.request_timeout_s
+        try:
+            while got < length:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise RequestError(f"the upload did not arrive within {limits.request_timeout_s:g} s", status=408)
+                self.connection.settimeout(min(limits.idle_timeout_s, left))  # each read, and all of them, are bounded
+                chunk = self.rfile.read1(min(length - got, 1 << 20))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                got += len(chunk)
+                self._unread = length - got
+        except TimeoutError:
+            raise RequestError("the upload stalled; send the whole request at once", status=408) from None
+        finally:
+            self.connection.settimeout(limits.idle_timeout_s)
+        if got < length:
+            raise RequestError(f"the upload ended after {got:,} of {length:,} bytes")
+        return b"".join(chunks)
+
+    # ---- methods --------------------------------------------------------------------------------
+
+    def handle_one_request(self) -> None:
+        try:
+            super().handle_one_request()
+        except TimeoutError:
+            self.close_connection = True
+
+    def do_GET(self) -> None:  # noqa: N802 - http.server's naming
+        refused = self._check_origin()
+        if refused:
+            self._error(HTTPStatus.FORBIDDEN, refused)
+        elif self.path.split("?", 1)[0] in ("/", "/index.html"):
+            self._page(HTTPStatus.OK)
+        else:
+            self._error(HTTPStatus.NOT_FOUND, f"no page {self.path[:80]!r} here; the form is at /")
+
+    do_HEAD = do_GET
+
+    def do_POST(self) -> None:  # noqa: N802
+        path = self.path.split("?", 1)[0]
+        refused = self._check_origin()
+        if refused:
+            self._unread = self.server.limits.drain_bytes
+            self._error(HTTPStatus.FORBIDDEN, refused)
+            return
+        if path not in ("/segment", "/api/segment"):
+            self._unread = self.server.limits.drain_bytes
+            self._error(HTTPStatus.NOT_FOUND, f"nothing to post to at {path[:80]!r}; use /segment or /api/segment")
+            return
+        state = FormState()
+        try:
+            fields = parse_multipart(self.headers.get("Content-Type", ""), self._read_body())
+            state = FormState(classes=str(fields.get("classes", "")), method=str(fields.get("method", "naclip")),
+                              mode=str(fields.get("mode", "whole")),
+                              compare=str(fields.get("compare", "")).lower() in ("1", "on", "true", "yes"))
+            image = decode_upload(fields.get("image") or b"")
+            vocab = parse_classes(state.classes)
+            methods = list(METHODS) if state.compare else [state.method]
+            results, processed = self.server.service.segment(image, vocab, methods, state.mode)
+        except RequestError as e:
+            self._error(e.status, str(e), state)
+            return
+        except Exception:  # a bug or out of memory: answer, log for the operator, keep serving
+            traceback.print_exc(file=sys.stderr)
+            self._error(HTTPStatus.INTERNAL_SERVER_ERROR, "internal error while segmenting (details are in the "
+                        "server's log)", state)
+            return
+        if path == "/api/segment":
+            self._json(HTTPStatus.OK, self._api_payload(image, results, processed, state))
+        else:
+            stem = _STEM.sub("_", str(fields.get("image.filename", "image")).rsplit(".", 1)[0])[:60] or "image"
+            self._page(HTTPStatus.OK, state, image=image, results=results, processed_size=processed, stem=stem)
+
+    def _api_payload(self, image, results, processed, state: FormState) -> dict:
+        encoded = [{"method": r.method, "label_png": base64.b64encode(encode_label_png(r.label)).decode(),
+                    "present": r.present, "seconds": r.seconds} for r in results]
+        toy = self.server.service.toy_model
+        return {"label_png": encoded[0]["label_png"], "class_names": list(results[0].class_names),
+                "present": encoded[0]["present"], "size": [image.height, image.width], "method": results[0].method,
+                "mode": state.mode, "processed_size": list(processed) if processed else None, "results": encoded,
+                "toy_model": toy, "note": TOY_MODEL_NOTE if toy else None}
 
 
-def make_server(model, host: str = "127.0.0.1", port: int = 7860, description: Optional[str] = None) -> ThreadingHTTPServer:
-    """A ready (not yet serving) HTTP server; ``port=0`` picks a free port (``server.server_address``)."""
-    service = SegmentService(model, description or getattr(model, "source_path", "CLIP"))
-    return ThreadingHTTPServer((host, port), make_handler(service))
+class SegmentServer(HTTPServer):
+    """An HTTP server: request heads gathered by one selector thread, then a bounded worker pool.
+
+    The listen backlog is ``limits.backlog``; connections beyond ``workers + max_pending`` in the pool
+    (or ``max_waiting_heads`` still sending their head) get an immediate 503.
+    """
+
+    allow_reuse_address = True
+
+    def __init__(self, address: tuple[str, int], service: SegmentService, limits: Optional[ServerLimits] = None,
+                 allowed_hosts: Iterable[str] = ()) -> None:
+        self.limits = limits or ServerLimits()
+        self.request_queue_size = self.limits.backlog
+        self.service = service
+        super().__init__(address, _Handler)
+        bound = _host_name(address[0]) if address[0] else "0.0.0.0"
+        self.any_address = bound in ("0.0.0.0", "::", "")
+        self.allowed_hosts = {*LOOPBACK_NAMES, bound, *(h.strip().lower() for h in allowed_hosts if h.strip())}
+        self.pool = ThreadPoolExecutor(self.limits.workers, thread_name_prefix="tag2mask-http")
+        self._slots = threading.BoundedSemaphore(self.limits.workers + self.limits.max_pending)
+        self._heads: dict[socket.socket, bytes] = {}
+        self._heads_lock = threading.Lock()
+        self.gate = HeaderGate(self)
+
+    def process_request(self, request: socket.socket, client_address: Any) -> None:
+        if not self.gate.add(request, client_address):
+            quick_answer(request, HTTPStatus.SERVICE_UNAVAILABLE, "the server is busy; try again in a few seconds",
+                          "Retry-After: 5\r\n")
+            self.shutdown_request(request)
+
+    def dispatch(self, request: socket.socket, client_address: Any, head: bytes) -> None:
+        """Called by the gate once the request head is in: queue the connection for a worker."""
+        if not self._slots.acquire(blocking=False):
+            quick_answer(request, HTTPStatus.SERVICE_UNAVAILABLE, "the server is busy; try again in a few seconds",
+                          "Retry-After: 5\r\n")
+            self.shutdown_request(request)
+            return
+        with self._heads_lock:
+            self._heads[request] = head
+        try:
+            self.pool.submit(self._serve, request, client_address)
+        except RuntimeError:  # the pool is shutting down
+            self.take_head(request)
+            self._slots.release()
+            self.shutdown_request(request)
+
+    def take_head(self, request: socket.socket) -> bytes:
+        with self._heads_lock:
+            return self._heads.pop(request, b"")
+
+    def _serve(self, request: socket.socket, client_address: Any) -> None:
+        try:
+            self.finish_request(request, client_address)
+        except Exception:
+            self.handle_error(request, client_address)
+        finally:
+            self.shutdown_request(request)
+            self._slots.release()
+
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, (ConnectionError, TimeoutError)):
+            return  # the client went away: nothing to report
+        print(f"tag2mask serve: error while serving {client_address}:", file=sys.stderr)
+        traceback.print_exc(file=sys.stderr)
+
+    def server_close(self) -> None:
+        super().server_close()
+        self.gate.stop()
+        self.pool.shutdown(wait=False, cancel_futures=True)
+
+
+def make_server(model: Any, host: str = "127.0.0.1", port: int = 7860, description: Optional[str] = None, *,
+                limits: Optional[ServerLimits] = None, allowed_hosts: Iterable[str] = (),
+                short_side: int = 448) -> SegmentServer:
+    """A ready (not yet serving) server; ``port=0`` picks a free port (``server.server_address``).
+
+    ``description`` is accepted for compatibility and ignored: the page describes the model by its
+    architecture, never by a server path.
+    """
+    return SegmentServer((host, port), SegmentService(model, short_side=short_side), limits, allowed_hosts)

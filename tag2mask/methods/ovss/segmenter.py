@@ -322,9 +322,18 @@ class OpenVocabSegmenter:
         return logits
 
     def _logits_at(self, images: torch.Tensor) -> torch.Tensor:
-        """Prompt logits bilinearly resized to the (unpadded) input size: ``(n, S, h, w)``."""
+        """Prompt logits bilinearly resized to the (unpadded) input size: ``(n, S, h, w)``.
+
+        A side shorter than one patch (a 1x300 strip resized under the long-side cap) is zero-padded
+        (the mean colour after normalisation) to one patch, and the padding is cropped off again.
+        """
+        h, w = images.shape[-2:]
+        least = self.visual.patch_size if self.is_vit else 32  # ResNet towers downsample by 32
+        if h < least or w < least:
+            images = F.pad(images, (0, max(0, least - w), 0, max(0, least - h)))
         out = self.dense_logits(images)
-        return F.interpolate(out, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        out = F.interpolate(out, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return out[..., :h, :w]
 
     def _slide(self, x: torch.Tensor) -> torch.Tensor:
         """Sliding-window logits ``(1, S, h, w)``: crops averaged where they overlap (SCLIP harness)."""
