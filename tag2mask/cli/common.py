@@ -42,9 +42,9 @@ def add_precision_option(parser: argparse.ArgumentParser) -> None:
 
 def shipped_weights_path():
     """The tiny CLIP trained on tag2mask's synthetic world, shipped inside the package."""
-    from pathlib import Path
+    from tag2mask.clip.shipped import tiny_clip_path
 
-    return Path(__file__).resolve().parent.parent / "assets" / "tiny_clip.safetensors"
+    return tiny_clip_path()
 
 
 def load_model_from_args(args: argparse.Namespace, official_rounding: bool = False):
