@@ -74,6 +74,8 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
                    "0.4 for voc, 0.7 for coco)")
     p.add_argument("--bg-power", type=float, default=1.0, help="background score (1 - max CAM)^p (default 1)")
     p.add_argument("--confidence", type=float, default=0.95, help="with --refine crf: pixels with max probability below this become 255 (default 0.95; 0 disables)")
+    p.add_argument("--template", default=None, help="prompt template with one {} (default: the preset's, 'a clean origami {}.' "
+                   "for voc/coco); tag2mask prompts select ranks candidates on your images")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="test-time scales averaged (default: 1.0, as the official code)")
     p.add_argument("--flip", action="store_true", help="also average horizontally flipped views")
     p.add_argument("--no-compat", dest="compat", action="store_false", help="plain float32 numerics (no fp16 rounding of "
@@ -138,6 +140,8 @@ def _settings(args: argparse.Namespace, model) -> dict:
     keys = ("method", "classes", "refine", "box_threshold", "bg_power", "confidence", "scales", "flip", "compat",
             "precision", "save_arrays", "max_pixels", "max_pixels_policy")
     s = {k: getattr(args, k) for k in keys}
+    if args.template is not None:  # recorded only when given, so runs started before the option still resume
+        s["template"] = args.template
     s["weights"] = model.fingerprint
     return s
 
@@ -246,6 +250,10 @@ def run(args: argparse.Namespace) -> int:
         overrides["box_threshold"] = args.box_threshold
     if not args.compat:
         overrides["numerics"] = NUMERICS["float32"]
+    if args.template is not None:
+        from tag2mask.vocab.templates import get_templates
+
+        overrides["templates"] = get_templates([args.template])
     config = preset_for(preset, **overrides)
     items = _open_items(args, list(vocab.names))
     args.device = device_for_rank(args.device)
