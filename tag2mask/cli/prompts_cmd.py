@@ -18,11 +18,11 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
         "prompts",
         help="choose a prompt template for CLIP-ES on your own images (sharpness-based selection)",
         description=(
-            "prompts select: classify every image with CLIP under each candidate template and rank the templates "
-            "by CLIP-ES's sharpness (paper Eq. 9): over images with two or more labels, the variance-to-mean "
-            "ratio of the softmax scores of the image's own classes. Lower is better: the template spreads the "
-            "probability over all the classes an image contains. Use the winner with tag2mask label --template "
-            "(the presets keep the official 'a clean origami {}.')."
+            "prompts select: classify every image with CLIP under each candidate template and rank the\n"
+            "templates by CLIP-ES's sharpness (paper Eq. 9): over the images with two or more labels, the\n"
+            "mean variance-to-mean ratio of the softmax scores of each image's own classes. Lower is better:\n"
+            "the template spreads the probability over all the classes an image contains. Use the winner\n"
+            "with tag2mask label --template (the presets keep the official 'a clean origami {}.')."
         ),
         epilog=(
             "examples:\n"
