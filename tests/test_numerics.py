@@ -31,6 +31,11 @@ def test_weights_swapped_in_only_inside_the_context(plain):
     assert not plain.visual.round_pos_embed_fp16 and plain.fingerprint == fingerprint
 
 
+def test_random_models_stay_uncached(plain):
+    plain.fingerprint = "random-init"
+    assert NUMERICS["clip_es"].bind(plain).fingerprint == "random-init"
+
+
 def test_rounded_model_needs_no_copies():
     rounded = load_clip(TINY_CLIP_PATH, round_fp16_weights=True)
     bound = NUMERICS["weclip"].bind(rounded)

@@ -150,7 +150,8 @@ class BoundNumerics:
         self._rounded: list[Optional[torch.Tensor]] = [None] * len(swap)
         fp = str(getattr(model, "fingerprint", ""))
         self.fingerprint = fp
-        if numerics.round_weights_fp16 and swap and not fp.endswith(_ROUNDED_SUFFIX):
+        # an anonymous fingerprint ("random-init": never cached) must stay anonymous
+        if numerics.round_weights_fp16 and swap and fp not in ("", "random-init") and not fp.endswith(_ROUNDED_SUFFIX):
             self.fingerprint = fp + _ROUNDED_SUFFIX
         self._precompute()
 
