@@ -118,7 +118,7 @@ def _open_items(args: argparse.Namespace, class_names: list[str]):
     image_dir = Path(args.images)
     if not image_dir.is_dir():
         raise FileNotFoundError(f"image folder not found: {image_dir}")
-    if kind == "voc":
+    if kind in ("voc", "coco"):
         image_dir = image_dir / "JPEGImages" if (image_dir / "JPEGImages").is_dir() else image_dir / "VOC2012" / "JPEGImages"
     return FolderDataset(image_dir, args.labels, class_names, strict=False)
 
