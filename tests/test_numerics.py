@@ -31,6 +31,16 @@ def test_weights_swapped_in_only_inside_the_context(plain):
     assert not plain.visual.round_pos_embed_fp16 and plain.fingerprint == fingerprint
 
 
+def test_restored_after_an_exception(plain):
+    before = [p.detach().clone() for p in fp16_rounded_tensors(plain)]
+    saved = torch.backends.cudnn.allow_tf32
+    with pytest.raises(RuntimeError, match="boom"):
+        with NUMERICS["clip_es"].bind(plain):
+            raise RuntimeError("boom")
+    assert all(torch.equal(a, p) for a, p in zip(before, fp16_rounded_tensors(plain)))
+    assert not plain.visual.round_pos_embed_fp16 and torch.backends.cudnn.allow_tf32 == saved
+
+
 def test_random_models_stay_uncached(plain):
     plain.fingerprint = "random-init"
     assert NUMERICS["clip_es"].bind(plain).fingerprint == "random-init"

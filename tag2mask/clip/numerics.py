@@ -192,11 +192,13 @@ class BoundNumerics:
         if self._depth > 0:
             return
         saved = self._saved.pop()
-        self._tf32.__exit__(*exc)
-        for p, d in zip(self._params, saved["data"]):
-            p.data = d
-        if "pos" in saved:
-            visual = self.model.visual
-            visual.round_pos_embed_fp16, visual.pos_interpolation = saved["pos"]
-        if saved["fingerprint"] is not None:
-            self.model.fingerprint = saved["fingerprint"]
+        try:
+            for p, d in zip(self._params, saved["data"]):
+                p.data = d
+            if "pos" in saved:
+                visual = self.model.visual
+                visual.round_pos_embed_fp16, visual.pos_interpolation = saved["pos"]
+            if saved["fingerprint"] is not None:
+                self.model.fingerprint = saved["fingerprint"]
+        finally:
+            self._tf32.__exit__(None, None, None)
