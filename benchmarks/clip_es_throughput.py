@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from tag2mask.clip.loading import round_weights_to_fp16
 from tag2mask.clip.model import CLIP, CLIP_MEAN, CLIP_STD, CLIPConfig, TextConfig, VisionConfig
 from tag2mask.data.transforms import resize_pil, size_to_multiple, to_normalized_tensor
 from tag2mask.localization.boxes import cam_box_mask
@@ -46,6 +47,10 @@ def build_model(device: str) -> CLIP:
     with torch.no_grad():
         for blk in model.visual.blocks:
             blk.attn.in_proj_weight[: 2 * 768] *= 3.0
+    # the official numerics up front (as load_clip(round_fp16_weights=True)), so ClipES needs no rounded
+    # copies and the reference loop runs with the same weights and fp16-rounded positional embeddings
+    round_weights_to_fp16(model)
+    model.visual.round_pos_embed_fp16 = True
     model.fingerprint = "benchmark-random"
     return model.to(device)
 

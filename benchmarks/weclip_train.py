@@ -22,6 +22,7 @@ import time
 import numpy as np
 import torch
 
+from tag2mask.clip.loading import round_weights_to_fp16
 from tag2mask.clip.model import CLIP, CLIPConfig, TextConfig, VisionConfig
 from tag2mask.methods.weclip.model import WeCLIP, preset
 from tag2mask.runtime import resolve_device, resolve_dtype
@@ -36,7 +37,7 @@ def build(device: torch.device, batch: int, crop: int) -> tuple[WeCLIP, PolyWarm
     torch.manual_seed(0)
     clip = CLIP(CLIPConfig(embed_dim=512, vision=VisionConfig(768, 12, 12, 224, 16), text=TextConfig(512, 12, 8)))
     clip.fingerprint = "random-init"  # never cache text embeddings of random weights
-    clip.visual.round_pos_embed_fp16 = True
+    round_weights_to_fp16(clip)  # as load_clip(round_fp16_weights=True): WeCLIP then holds no rounded copies
     clip = clip.to(device).eval()
     model = WeCLIP(clip, preset("voc", batch_size=batch, crop_size=crop), text_cache_dir=False).to(device)
     cfg = model.config

@@ -86,7 +86,7 @@ def build_predictors(
     preds: dict[str, Callable] = {}
     needs_es = any(m.startswith("clip-es") or m == "gradcam" for m in methods)
     if needs_es:
-        maker = ClipES(model, vocab, preset_for("voc", templates=SYNTH_TEMPLATES))
+        maker = ClipES(model, vocab, preset_for("synth"))  # photo template, float32: what the tiny CLIP knows
         plain = LabelRefiner("none", device=device)
         pamr = LabelRefiner("pamr", device=device)
         # scored without the 0.95 ignore region, as the official --eval_only does

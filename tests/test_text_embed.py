@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 import pytest
 
+from golden_sets import SETS, TINY_CLIP_PATH, GoldenCase
 from tag2mask.clip.text_embed import TextEmbeddings, cache_key, embed_names, embed_vocabulary
 from tag2mask.clip.tokenizer import tokenize
 from tag2mask.vocab.vocabulary import get_vocabulary, parse_class_string
@@ -114,21 +115,20 @@ def test_random_init_models_are_never_cached(tmp_path):
     assert m.calls == 2 and not list(tmp_path.glob("*.npy"))
 
 
-def test_matches_official_clip_es_text_features(tmp_path):
-    from pathlib import Path
-
-    weights = Path(__file__).parent / "data" / "tiny_clip" / "tiny_clip_vit16_openai.pt"
-    if not weights.is_file():
-        pytest.skip("tiny CLIP fixture missing")
-    from tag2mask.clip.loading import load_clip
-
+@pytest.mark.parametrize("golden", SETS, ids=[g.name for g in SETS])
+def test_matches_official_clip_es_text_features(tmp_path, golden):
+    """Every golden set's fg/bg text features (first image's arrays; identical in every image's file)."""
     import numpy as np
 
+    from tag2mask.clip.loading import load_clip
+    from tag2mask.methods.clip_es import PRESETS
+
     # The official loader rounds weights to fp16 (see tests/data/clip_es/README.md).
-    model = load_clip(weights, round_fp16_weights=True)
-    fg, bg = embed_vocabulary(model, get_vocabulary("voc"), "clip-es", cache_dir=tmp_path)
-    gold = np.load(Path(__file__).parent / "data" / "clip_es" / "pub_a_500x375.npz")
+    model = load_clip(TINY_CLIP_PATH, round_fp16_weights=True)
+    vocab = get_vocabulary(PRESETS[golden.preset_name()].vocabulary)
+    fg, bg = embed_vocabulary(model, vocab, [golden.template], cache_dir=tmp_path)
+    gold = GoldenCase(golden, golden.images[0]).arrays
     assert torch.allclose(fg.features, torch.from_numpy(gold["fg_text"]), atol=1e-5, rtol=0)
     assert torch.allclose(bg.features, torch.from_numpy(gold["bg_text"]), atol=1e-5, rtol=0)
-    again, _ = embed_vocabulary(model, get_vocabulary("voc"), "clip-es", cache_dir=tmp_path)
+    again, _ = embed_vocabulary(model, vocab, [golden.template], cache_dir=tmp_path)
     assert torch.equal(fg.features, again.features)

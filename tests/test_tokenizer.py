@@ -10,30 +10,34 @@ import torch
 
 from tag2mask.clip import tokenizer as tk
 
-FIXTURE = Path(__file__).parent / "data" / "clip_es" / "tokens.json"
-GOLDEN = json.loads(FIXTURE.read_text(encoding="utf-8"))
+# tokens.json of every golden set (VOC and COCO prompt strings)
+TOKEN_FILES = sorted((Path(__file__).parent / "data").glob("*/tokens.json"))
+GOLDENS = [json.loads(p.read_text(encoding="utf-8")) for p in TOKEN_FILES]
+ENTRIES = [(g, e) for g in GOLDENS for e in g["entries"]]
 
 
-def test_fixture_header_matches_our_constants():
-    assert GOLDEN["sot"] == tk.SOT_ID and GOLDEN["eot"] == tk.EOT_ID
-    assert GOLDEN["context_length"] == tk.CONTEXT_LENGTH
+@pytest.mark.parametrize("golden", GOLDENS, ids=[p.parent.name for p in TOKEN_FILES])
+def test_fixture_header_matches_our_constants(golden):
+    assert golden["sot"] == tk.SOT_ID and golden["eot"] == tk.EOT_ID
+    assert golden["context_length"] == tk.CONTEXT_LENGTH
     digest = hashlib.sha256(tk.VOCAB_PATH.read_bytes()).hexdigest()
-    assert digest == GOLDEN["bpe_file_sha256"]
+    assert digest == golden["bpe_file_sha256"]
 
 
-@pytest.mark.parametrize("entry", GOLDEN["entries"], ids=lambda e: e["text"][:30])
-def test_tokenize_matches_official(entry):
-    out = tk.tokenize(entry["text"], context_length=GOLDEN["context_length"])
-    assert out.shape == (1, GOLDEN["context_length"]) and out.dtype == torch.long
+@pytest.mark.parametrize("golden,entry", ENTRIES, ids=[e["text"][:30] for _, e in ENTRIES])
+def test_tokenize_matches_official(golden, entry):
+    out = tk.tokenize(entry["text"], context_length=golden["context_length"])
+    assert out.shape == (1, golden["context_length"]) and out.dtype == torch.long
     assert out[0].tolist() == entry["ids"]
     assert int((out[0] != 0).sum()) == entry["n_tokens"]
 
 
-def test_batch_equals_rows():
-    texts = [e["text"] for e in GOLDEN["entries"]]
+@pytest.mark.parametrize("golden", GOLDENS, ids=[p.parent.name for p in TOKEN_FILES])
+def test_batch_equals_rows(golden):
+    texts = [e["text"] for e in golden["entries"]]
     out = tk.tokenize(texts)
     assert out.shape == (len(texts), 77)
-    assert out.tolist() == [e["ids"] for e in GOLDEN["entries"]]
+    assert out.tolist() == [e["ids"] for e in golden["entries"]]
 
 
 def test_vocab_layout():

@@ -67,17 +67,38 @@ def test_seg_logits_without_cast(fixture: dict, official_state: dict) -> None:
     np.testing.assert_allclose(out.seg_logits.numpy(), fixture["seg_logits"], rtol=0, atol=LOOSE)
 
 
-def test_seg_logits_with_fp16_cast(fixture: dict, official_state: dict) -> None:
-    """With the official fp16 out-projection cast the logits stay within the README's 2e-3 bound.
+def _mean_error(fixture: dict, official_state: dict, compat: bool) -> float:
+    out = _run(_decoder(fixture, official_state, compat), fixture["input"])
+    return float(np.abs(out.seg_logits.numpy() - fixture["seg_logits"]).mean())
 
-    The README reports a bit-exact match when the cast is reproduced; on this machine we measure
-    ~1.9e-4 (fuse and attn_pred are exact, so the gap is in the fp16 rounding of the attention
-    output). Recorded as an open item in docs/weclip.md; the tight bound is not asserted.
+
+def test_seg_logits_with_fp16_cast(fixture: dict, official_state: dict) -> None:
+    """The fp16 out-projection cast must be there: its mean error is far below the float32 decoder's.
+
+    The max error cannot tell the two apart (both stay under the README's 2e-3 bound), the mean can:
+    measured 2.4e-5 (1 thread) / 2.9e-5 (2 threads) with the cast, 9.3e-5 without it. The remaining
+    gap with the cast (the fixture README measured 0 on its machine) is summation order amplified by
+    the cast (benchmarks/weclip_fp16_cast.py, docs/weclip.md).
     """
     dec = _decoder(fixture, official_state, True)
     assert dec.compat_fp16_out_proj
     err = float(np.abs(_run(dec, fixture["input"]).seg_logits.numpy() - fixture["seg_logits"]).max())
     assert err <= LOOSE, err
+    with_cast, without = _mean_error(fixture, official_state, True), _mean_error(fixture, official_state, False)
+    assert with_cast < 5e-5 < without, (with_cast, without)
+    assert with_cast < 0.5 * without
+
+
+def test_fp16_cast_amplifies_summation_order(fixture: dict, official_state: dict) -> None:
+    """A 1-ulp float32 change of the decoder input moves the cast decoder ~100x more than a float32 one."""
+    x = torch.from_numpy(fixture["input"].astype(np.float32))
+    nudged = torch.nextafter(x, torch.full_like(x, float("inf")))
+    moves = {}
+    for compat in (True, False):
+        dec = _decoder(fixture, official_state, compat)
+        with torch.no_grad():
+            moves[compat] = float((dec(x).seg_logits - dec(nudged).seg_logits).abs().max())
+    assert moves[True] > 30 * max(moves[False], 1e-9), moves
 
 
 def test_trainable_parameter_counts(fixture: dict, official_state: dict) -> None:

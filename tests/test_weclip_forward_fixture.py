@@ -24,7 +24,9 @@ import torch
 
 from tag2mask.clip.loading import load_clip
 from tag2mask.methods.weclip.decoder import load_official_decoder_state
-from tag2mask.methods.weclip.model import WeCLIP, label_from_cams, preset, upsample_cams, with_background
+from tag2mask.localization.cam_pipeline import scale_to_size
+from tag2mask.localization.labels import labels_from_scores, with_background
+from tag2mask.methods.weclip.model import WeCLIP, preset
 
 DATA = Path(__file__).parent / "data" / "weclip"
 pytestmark = pytest.mark.skipif(not (DATA / "forward.npz").exists(), reason="WeCLIP fixtures missing")
@@ -69,7 +71,6 @@ def _box_masks(boxes: np.ndarray, k: int, h: int, w: int) -> np.ndarray:
 
 def _model(tiny_clip_path: Path, compat: bool) -> WeCLIP:
     clip = load_clip(tiny_clip_path, round_fp16_weights=compat)
-    clip.visual.round_pos_embed_fp16 = compat
     model = WeCLIP(clip, preset("voc", compat_numerics=compat), text_cache_dir=False)
     model.decoder.load_state_dict(load_official_decoder_state(_load("decoder_state.npz")))
     return model.eval()  # the fixture was made in eval mode (Dropout2d off)
@@ -190,13 +191,13 @@ def test_stage_refined_to_label(fx: dict, tiny_clip_path: Path, branch: str) -> 
         # PAR from the stored before-PAR maps, then the label.
         after = model.par(image[None], torch.from_numpy(fx[f"{branch}_img{i}_cams_before_par"])[None])[0]
         np.testing.assert_allclose(after.numpy(), fx[f"{branch}_img{i}_cams_after_par"], rtol=0, atol=1e-4)
-        label = label_from_cams(torch.from_numpy(fx[f"{branch}_img{i}_cams_after_par"]), keys)
+        label = labels_from_scores(torch.from_numpy(fx[f"{branch}_img{i}_cams_after_par"]), keys)
         np.testing.assert_array_equal(label.numpy(), fx[f"{branch}_pseudo_label"][i])
 
 
 def test_stage_helpers_shapes() -> None:
     low = torch.rand(2, 4, 5)
-    high = upsample_cams(low, (64, 80))
+    high = scale_to_size(low, (64, 80))
     assert high.shape == (2, 64, 80) and float(high.max()) < 1.0
     cams = with_background(high)
     assert cams.shape == (3, 64, 80)

@@ -8,6 +8,11 @@ Examples::
 
 Images are streamed (one prediction + one GT in memory at a time) into a confusion matrix;
 the command prints a table and writes ``eval.json`` (default: inside PRED).
+
+mIoU rule (--miou-rule): gt_or_pred averages over the classes present in the ground truth or the
+prediction (CLIP-ES's evaluation), gt over the classes present in the ground truth (WeCLIP's).
+auto (default) takes the rule of the method that wrote PRED (its run.json), else gt_or_pred.
+Every report states the rule it used.
 """
 
 from __future__ import annotations
@@ -22,25 +27,17 @@ import numpy as np
 
 from tag2mask.cli.common import plain_text, record_given_options, reject_options
 from tag2mask.evaluation.cam_eval import evaluate_cams, load_cam_npz
-from tag2mask.evaluation.miou import ConfusionMatrix, seen_unseen_scores
+from tag2mask.evaluation.miou import DEFAULT_MIOU_RULE, MIOU_RULES, ConfusionMatrix, seen_unseen_scores
+from tag2mask.vocab import classes as _vocab_classes
 from tag2mask.io.atomic import atomic_write_text
 from tag2mask.io.palette import read_label_png
 
 __all__ = ["add_parser", "run", "resolve_classes", "evaluate_label_folder", "evaluate_cam_folder"]
 
-VOC_CLASSES = ("aeroplane bicycle bird boat bottle bus car cat chair cow diningtable dog horse motorbike "
-               "person pottedplant sheep sofa train tvmonitor").split()
-COCO_CLASSES = [
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
-    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
-    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
-    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
-    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
-    "potted plant", "bed", "dining table", "toilet", "tv", "laptop", "mouse", "remote", "keyboard",
-    "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase",
-    "scissors", "teddy bear", "hair drier", "toothbrush",
-]
+VOC_CLASSES = list(_vocab_classes.VOC_CLASSES)
+# CLIP-ES's class_names_coco order and spellings (motorbike, aeroplane, sofa, pottedplant, diningtable,
+# tvmonitor), the names `tag2mask label --classes coco` uses: label k + 1 = COCO_CLASSES[k]
+COCO_CLASSES = list(_vocab_classes.COCO_CLASSES)
 
 
 def resolve_classes(spec: str, num_classes: int | None = None) -> list[str]:
@@ -136,8 +133,9 @@ def _progress(it: Iterable, total: int, enabled: bool, desc: str) -> Iterable:
 
 
 def evaluate_label_folder(pred_dir: str | Path, gt_dir: str | Path, num_classes: int,
-                          ignore_index: int = 255, progress: bool = False) -> dict:
-    """Score ``PRED/<stem>.png`` label maps against ``GT/<stem>.png``, streaming.
+                          ignore_index: int = 255, progress: bool = False,
+                          miou_rule: str = DEFAULT_MIOU_RULE) -> dict:
+    """Score ``PRED/<stem>.png`` label maps against ``GT/<stem>.png``, streaming (mIoU by ``miou_rule``).
 
     Returns:
         ``{"scores": ConfusionMatrix.scores(), "per_image": {stem: mIoU | None},
@@ -153,14 +151,15 @@ def evaluate_label_folder(pred_dir: str | Path, gt_dir: str | Path, num_classes:
         gt_values.update(int(v) for v in np.unique(gt) if v != ignore_index)
         one.update(read_label_png(p), gt, name=f"{p} vs {g}")
         total.merge(one)
-        per_image[stem] = one.scores()["Mean IoU"]
-    return {"scores": total.scores(), "per_image": per_image, "num_images": len(pairs),
+        per_image[stem] = one.scores(miou_rule)["Mean IoU"]
+    return {"scores": total.scores(miou_rule), "per_image": per_image, "num_images": len(pairs),
             "gt_values": sorted(gt_values)}
 
 
 def evaluate_cam_folder(cam_dir: str | Path, gt_dir: str | Path, num_classes: int,
                         powers: Sequence[float] | None = (1, 2), thresholds: Sequence[float] | None = None,
-                        ignore_index: int = 255, progress: bool = False) -> dict:
+                        ignore_index: int = 255, progress: bool = False,
+                        miou_rule: str = DEFAULT_MIOU_RULE) -> dict:
     """CLIP-ES seed evaluation of ``cams/<stem>.npz`` (or a run folder containing ``cams/``)."""
     cam_dir = Path(cam_dir)
     if (cam_dir / "cams").is_dir():
@@ -173,7 +172,34 @@ def evaluate_cam_folder(cam_dir: str | Path, gt_dir: str | Path, num_classes: in
             yield cams, keys, read_label_png(g)
 
     return evaluate_cams(items(), num_classes, powers=powers, thresholds=thresholds,
-                         ignore_index=ignore_index, names=(f"{p} vs {g}" for _, p, g in pairs))
+                         ignore_index=ignore_index, names=(f"{p} vs {g}" for _, p, g in pairs), miou_rule=miou_rule)
+
+
+def method_miou_rule(pred: str | Path) -> tuple[str, str]:
+    """The mIoU rule of the method that wrote ``pred`` and where it was read: ``(rule, source)``.
+
+    Looks for a ``run.json`` in PRED and its two parents (``label`` records ``miou_rule``; a WeCLIP
+    ``segment`` run records ``method: weclip``); falls back to :data:`DEFAULT_MIOU_RULE`.
+    """
+    from tag2mask.methods.weclip.model import WeCLIPConfig
+
+    here = Path(pred).resolve()
+    for folder in (here, *list(here.parents)[:2]):
+        record = folder / "run.json"
+        if not record.is_file():
+            continue
+        try:
+            data = json.loads(record.read_text())
+        except (OSError, ValueError):
+            continue
+        if not isinstance(data, dict):
+            continue
+        rule = data.get("miou_rule")
+        if rule is None and data.get("method") == "weclip":
+            rule = WeCLIPConfig.__dataclass_fields__["miou_rule"].default
+        if rule in MIOU_RULES:
+            return rule, str(record)
+    return DEFAULT_MIOU_RULE, "default"
 
 
 def _pct(v: float | None) -> str:
@@ -216,6 +242,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--unseen", nargs="+", default=None, help="unseen classes (names or label values) for "
                    "seen/unseen mIoU and hIoU")
     p.add_argument("--ignore-index", type=int, default=255, help="ground-truth value that is not scored (default: 255)")
+    p.add_argument("--miou-rule", default="auto", choices=("auto", *MIOU_RULES),
+                   help="which classes the mIoU averages: gt_or_pred (classes in GT or prediction, CLIP-ES), gt "
+                   "(classes in GT, WeCLIP), auto = the rule of the method that wrote PRED (its run.json), "
+                   "else gt_or_pred (default: auto)")
     p.add_argument("--out", default=None, help="output JSON (default: PRED/eval.json)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument("--html", default=None, metavar="DIR",
@@ -337,11 +367,11 @@ def write_html_report(html_dir: Path, pred_dir: Path, gt_dir: Path, images: str 
     summary = {"images": len(rows), "mIoU": f"{format_percent(scores['Mean IoU'])} %",
                "pixel accuracy": f"{format_percent(scores['Pixel Accuracy'])} %",
                "mean accuracy": f"{format_percent(scores['Mean Accuracy'])} %",
+               "mIoU rule": f"{report['miou_rule']}: {MIOU_RULES[report['miou_rule']]}",
                "classes": f"{report['classes_spec']} ({len(names)} with background)",
                "predictions": str(pred_dir), "ground truth": str(gt_dir)}
-    notes = ["mIoU is computed over all images at once; classes absent from both the ground truth and the "
-             "predictions are left out. Images are sorted worst first; the number under each prediction is "
-             "that image's mIoU."] + report.get("notes", [])
+    notes = [f"mIoU is computed over all images at once: {MIOU_RULES[report['miou_rule']]}. Images "
+             "are sorted worst first; the number under each prediction is that image's mIoU."] + report.get("notes", [])
     return write_report(
         html_dir, f"tag2mask eval: {pred_dir}", warnings=report.get("warnings", []), notes=notes, summary=summary,
         table=Table(["class", "IoU (%)"], [(n, format_percent(v)) for n, v in class_rows], numeric=("IoU (%)",)),
@@ -362,10 +392,11 @@ def run(args: argparse.Namespace) -> int:
         names = resolve_classes(args.classes, args.num_classes)
         unseen = _resolve_unseen(args.unseen, names) if args.unseen else None
         progress = not args.quiet
+        rule, rule_source = (args.miou_rule, "--miou-rule") if args.miou_rule != "auto" else method_miou_rule(args.pred)
         if args.cams:
             powers = [_p(v) for v in args.bg_powers]
             res = evaluate_cam_folder(args.pred, args.gt, len(names), powers, args.thresholds,
-                                      args.ignore_index, progress)
+                                      args.ignore_index, progress, miou_rule=rule)
             columns = {k: v for k, v in res.items() if isinstance(v, dict)}
             report = {"mode": "cams", "num_images": res["num_images"], "class_names": names,
                       "settings": columns, "best": res["best"], "best_miou": res["best_miou"]}
@@ -374,11 +405,12 @@ def run(args: argparse.Namespace) -> int:
                     report[k] = res[k]
             gt_values: list[int] = []
         else:
-            res = evaluate_label_folder(args.pred, args.gt, len(names), args.ignore_index, progress)
+            res = evaluate_label_folder(args.pred, args.gt, len(names), args.ignore_index, progress, miou_rule=rule)
             columns = {"IoU": res["scores"]}
             report = {"mode": "labels", "num_images": res["num_images"], "class_names": names,
                       "scores": res["scores"], "per_image_miou": res["per_image"]}
             gt_values = res["gt_values"]
+        report.update(miou_rule=rule, miou_rule_description=MIOU_RULES[rule], miou_rule_source=rule_source)
     except (FileNotFoundError, ValueError) as exc:
         print(f"tag2mask eval: error: {exc}", file=sys.stderr)
         return 2
@@ -392,6 +424,7 @@ def run(args: argparse.Namespace) -> int:
     for text in report["notes"]:
         print(f"note: {text}", file=sys.stderr)
     print(format_table(names, columns))
+    print(f"mIoU rule: {rule} ({MIOU_RULES[rule]}; from {rule_source})")
     if args.cams:
         print(f"best: {report['best']} (mIoU {_pct(report['best_miou']).strip()})")
     if unseen is not None:

@@ -44,41 +44,48 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
         help="pseudo-masks from image-level labels with CLIP-ES (training-free)",
         description=(
             "Write a pseudo-mask (palette PNG: 0 background, class id + 1, 255 ignore), the refined CAMs "
-            "(npz) and a run record for every image. Labels come from a JSON/CSV file or, for a VOC root, "
-            "from Annotations/*.xml."
+            "(npz) and a run record for every image. Labels come from a JSON/CSV file, or for a VOC root "
+            "from Annotations/*.xml, or for a COCO root (JPEGImages/ + SegmentationClass/) from the split "
+            "file's '<image id> <class id> ...' lines, as the official scripts read them."
         ),
         epilog=(
             "examples:\n"
             "  tag2mask label photos/ --labels tags.json --classes classes.txt --out run1\n"
             "  tag2mask label VOCdevkit/VOC2012 --split train --classes voc --weights ViT-B-16.pt --refine crf --out seeds\n"
+            "  tag2mask label coco2014 --split train --classes coco --weights ViT-B-16.pt --refine crf --out coco_seeds\n"
             "LABELS formats: JSON {\"img.jpg\": [\"cat\", \"dog\"]} or CSV with header 'image,labels' and ';'-separated names.\n"
             "scale out: torchrun --nproc-per-node 4 -m tag2mask label ... (see docs/batch_jobs.md)\n"
             "exit code: 0 all items ok, 1 some items failed (listed in OUT/manifest.jsonl), 2 bad arguments"
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("images", help="a folder of images, or a VOC root (JPEGImages + Annotations)")
-    p.add_argument("--labels", default=None, help="JSON or CSV label file (omit for a VOC root)")
-    p.add_argument("--split", default="train",
-                   help="VOC split file name when IMAGES is a VOC root and --labels is not given (default: train)")
+    p.add_argument("images", help="a folder of images, a VOC root (JPEGImages + Annotations) or a COCO root "
+                   "(JPEGImages + SegmentationClass + split files)")
+    p.add_argument("--labels", default=None, help="JSON or CSV label file (omit for a VOC or COCO root)")
+    p.add_argument("--split", default="train", help="split of a VOC root (ImageSets/Segmentation/SPLIT.txt) or a COCO "
+                   "root (SPLIT.txt or a path: '<image id> <class id> ...' lines, ids 0-based) (default: train)")
     p.add_argument(
         "--classes",
         default="voc",
-        help="vocabulary: voc, coco, a name-set file (one class per line, comma-separated synonyms), "
-        "or an inline list 'cat, dog; background: sky, grass' (default: voc)",
+        help="vocabulary and preset: voc, coco, synth (each sets the official class prompts, background words, "
+        "box threshold and numerics of that setting), a name-set file (one class per line, comma-separated "
+        "synonyms), or an inline list 'cat, dog; background: sky, grass' (these use the voc settings) (default: voc)",
     )
     p.add_argument("--method", default="clip-es", choices=("clip-es",), help="localisation method (default: clip-es)")
     p.add_argument("--out", required=True, help="output folder (masks/, cams/, arrays/, run.json, manifest.jsonl, logs/)")
     p.add_argument("--refine", default="pamr", choices=REFINERS,
                    help="post-processing: crf (dense CRF, extra 'crf'), pamr or none (default: pamr)")
     p.add_argument("--box-threshold", type=float, default=None,
-                   help="CAM box threshold lambda (default: the preset's, 0.4, or 0.7 with --classes coco)")
+                   help="CAM box threshold lambda (default: the preset's, 0.4 for voc, 0.7 for coco)")
     p.add_argument("--bg-power", type=float, default=1.0,
                    help="with --refine pamr or none: background score (1 - max CAM)^p (default: 1)")
     p.add_argument("--confidence", type=float, default=0.95, help="with --refine crf: pixels with max probability below this become 255 (default 0.95; 0 disables)")
+    p.add_argument("--template", default=None, help="prompt template with one {} (default: the preset's, 'a clean origami {}.' "
+                   "for voc/coco); tag2mask prompts select ranks candidates on your images")
     p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="test-time scales averaged (default: 1.0, as the official code)")
     p.add_argument("--flip", action="store_true", help="also average horizontally flipped views")
-    p.add_argument("--no-compat", dest="compat", action="store_false", help="do not reproduce the official fp16 weight rounding and CRF image quirk")
+    p.add_argument("--no-compat", dest="compat", action="store_false", help="plain float32 numerics (no fp16 rounding of "
+                   "weights and positional embeddings) and no CRF image quirk; default: the official ones")
     p.add_argument("--save-arrays", action="store_true", help="also save every intermediate array (arrays/<stem>.npz), as in the golden fixtures")
     p.add_argument(
         "--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
@@ -121,13 +128,16 @@ _XML_SAMPLE = 64
 
 
 def _open_items(args: argparse.Namespace, class_names: list[str]):
-    from tag2mask.data.datasets import FolderDataset, VOCDataset, detect_dataset, xml_object_names
+    from tag2mask.data.datasets import COCODataset, FolderDataset, VOCDataset, detect_dataset, xml_object_names
     from tag2mask.data.labels import read_labels_file
 
     kind = detect_dataset(args.images)
     if args.labels is None:
+        if kind == "coco":
+            split = args.split if args.split.endswith(".txt") else f"{args.split}.txt"
+            return COCODataset(args.images, split, class_names)
         if kind != "voc":
-            raise ValueError(f"{args.images}: not a VOC root, so --labels is required (JSON or CSV)")
+            raise ValueError(f"{args.images}: not a VOC or COCO root, so --labels is required (JSON or CSV)")
         dataset = VOCDataset(args.images, split=args.split, class_names=class_names)
         tags = {}
         for name in dataset.names[:_XML_SAMPLE]:
@@ -141,7 +151,7 @@ def _open_items(args: argparse.Namespace, class_names: list[str]):
     image_dir = Path(args.images)
     if not image_dir.is_dir():
         raise FileNotFoundError(f"image folder not found: {image_dir}")
-    if kind == "voc":
+    if kind in ("voc", "coco"):
         image_dir = image_dir / "JPEGImages" if (image_dir / "JPEGImages").is_dir() else image_dir / "VOC2012" / "JPEGImages"
     _check_vocabulary(args, read_labels_file(args.labels), class_names, str(args.labels))
     return FolderDataset(image_dir, args.labels, class_names, strict=False)
@@ -197,6 +207,8 @@ def _settings(args: argparse.Namespace, model) -> dict:
     keys = ("method", "classes", "refine", "box_threshold", "bg_power", "confidence", "scales", "flip", "compat",
             "precision", "save_arrays", "max_pixels", "max_pixels_policy")
     s = {k: getattr(args, k) for k in keys}
+    if args.template is not None:  # recorded only when given, so runs started before the option still resume
+        s["template"] = args.template
     s["weights"] = model.fingerprint
     return s
 
@@ -272,7 +284,8 @@ def run(args: argparse.Namespace) -> int:
     from tag2mask.cli.common import load_model_from_args, toy_model_warning
     from tag2mask.jobs.distributed import device_for_rank
     from tag2mask.jobs.runner import JobOptions, print_summary, process_exit_code, run_items
-    from tag2mask.methods.clip_es import ClipES, preset_for
+    from tag2mask.clip.numerics import NUMERICS
+    from tag2mask.methods.clip_es import PRESETS, ClipES, preset_for
     from tag2mask.methods.pseudo_labels import LabelRefiner
     from tag2mask.vocab.vocabulary import load_vocabulary
 
@@ -281,17 +294,25 @@ def run(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 0:
         raise ValueError(f"--limit must be >= 0, got {args.limit}")
     vocab = load_vocabulary(args.classes)
-    preset = "coco" if args.classes == "coco" else "voc"
+    # a preset name selects the whole official setting (vocabulary, threshold, numerics); files use voc's
+    preset = args.classes.strip().lower() if args.classes.strip().lower() in PRESETS else "voc"
     overrides = dict(scales=tuple(args.scales), flip=args.flip, precision=args.precision)
     if args.box_threshold is not None:
         overrides["box_threshold"] = args.box_threshold
+    if not args.compat:
+        overrides["numerics"] = NUMERICS["float32"]
+    if args.template is not None:
+        from tag2mask.vocab.templates import get_templates
+
+        overrides["templates"] = get_templates([args.template])
     config = preset_for(preset, **overrides)
     items = _open_items(args, list(vocab.names))
     args.device = device_for_rank(args.device)
-    model = load_model_from_args(args, official_rounding=args.compat)
+    # rounded at load when the preset's numerics round weights, so ClipES needs no rounded copies
+    model = load_model_from_args(args, official_rounding=config.numerics.round_weights_fp16)
     warning = toy_model_warning(model, [args.images])
-    settings = _settings(args, model)
     cam_maker = ClipES(model, vocab, config)
+    settings = _settings(args, model)
     refiner = LabelRefiner(args.refine, bg_power=args.bg_power, confidence=args.confidence, compat=args.compat, device=model_device(model))
     # COCO "file_name" and the manifest's "image" field are relative to the image folder
     image_root = Path(items.image_dir) if hasattr(items, "image_dir") else Path(items.root) / "JPEGImages"
@@ -303,7 +324,8 @@ def run(args: argparse.Namespace) -> int:
         "python": platform.python_version(),
         "command": "label",
         "settings": settings,
-        "clip_es": config.__dict__,
+        "clip_es": config.to_dict(),
+        "miou_rule": config.miou_rule,
         "classes": list(vocab.names),
         "weights": getattr(model, "source_path", None),
         "device": str(model_device(model)),

@@ -2,6 +2,7 @@
 
 from tag2mask.clip.loading import REGISTRY, WeightsError, WeightsNotFoundError, load_clip, save_clip
 from tag2mask.clip.model import CLIP, CLIPConfig, TextConfig, VisionConfig
+from tag2mask.clip.shipped import tiny_clip_path
 
 __all__ = [
     "CLIP",
@@ -13,4 +14,5 @@ __all__ = [
     "WeightsNotFoundError",
     "load_clip",
     "save_clip",
+    "tiny_clip_path",
 ]

@@ -10,7 +10,7 @@ import functools
 from pathlib import Path
 from typing import Optional
 
-__all__ = ["SHIPPED_WEIGHTS", "TINY_CLIP_NOTE", "is_shipped_tiny_clip"]
+__all__ = ["SHIPPED_WEIGHTS", "TINY_CLIP_NOTE", "is_shipped_tiny_clip", "tiny_clip_path"]
 
 SHIPPED_WEIGHTS = Path(__file__).resolve().parent.parent / "assets" / "tiny_clip.safetensors"
 
@@ -37,3 +37,8 @@ def _shipped_fingerprint() -> Optional[str]:
     from tag2mask.clip.loading import _fingerprint
 
     return _fingerprint(SHIPPED_WEIGHTS) if SHIPPED_WEIGHTS.is_file() else None
+
+
+def tiny_clip_path() -> Path:
+    """Path of the shipped tiny CLIP (``tag2mask/assets/tiny_clip.safetensors``), for :func:`load_clip`."""
+    return SHIPPED_WEIGHTS

@@ -72,6 +72,34 @@ class TextEmbeddings:
             self.features.to(device=device, dtype=dtype), self.class_index.to(device), self.num_classes
         )
 
+    def select(
+        self, class_ids: Sequence[int], append: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, list[list[int]]]:
+        """The text matrix of a few classes, as softmax-GradCAM needs it.
+
+        Args:
+            class_ids: classes in the order wanted (an image's labels); repeats are kept.
+            append: ``(M, D)`` rows put after them (e.g. the background words), or ``None``.
+
+        Returns:
+            ``features (T, D)`` = [every row of class_ids[0], every row of class_ids[1], ..., append]
+            and, per requested class, the positions of its rows in that matrix (its synonyms).
+        """
+        rows: list[int] = []
+        targets: list[list[int]] = []
+        index = self.class_index
+        for cid in class_ids:
+            cid = int(cid)
+            if not 0 <= cid < self.num_classes:
+                raise ValueError(f"class id {cid} is outside the vocabulary (0..{self.num_classes - 1})")
+            own = torch.nonzero(index == cid).flatten().tolist()
+            targets.append(list(range(len(rows), len(rows) + len(own))))
+            rows.extend(own)
+        feats = self.features[torch.tensor(rows, dtype=torch.long, device=self.features.device)]
+        if append is not None and append.shape[0]:
+            feats = torch.cat([feats, append.to(device=feats.device, dtype=feats.dtype)], dim=0)
+        return feats, targets
+
     def reduce(self, scores: torch.Tensor) -> torch.Tensor:
         """Per-prompt scores ``(..., S)`` -> per-class scores ``(..., K)``, max over each class's rows."""
         if scores.shape[-1] != self.features.shape[0]:

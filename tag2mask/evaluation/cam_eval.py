@@ -21,7 +21,8 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from tag2mask.evaluation.miou import ConfusionMatrix
+from tag2mask.evaluation.miou import DEFAULT_MIOU_RULE, ConfusionMatrix, check_miou_rule
+from tag2mask.localization.labels import cams_to_labels
 
 __all__ = ["cam_to_label", "evaluate_cams", "load_cam_npz"]
 
@@ -68,26 +69,13 @@ def cam_to_label(
         ``(H, W)`` uint8 label map (0 = background, ``keys + 1`` otherwise).
     """
     cams, keys = _check_cams(cams, keys, name)
-    if keys.size and keys.max() + 1 > 255:
-        raise ValueError(f"{name}: class id {int(keys.max())} does not fit a uint8 label map")
-    dtype = cams.dtype
-    h, w = cams.shape[1:]
-    if threshold is not None:
-        bg = np.full((1, h, w), threshold, dtype=dtype)
-    else:
-        if bg_power is None:
-            raise ValueError("give bg_power or threshold")
-        if cams.shape[0] == 0:
-            # no label: the max over an empty stack is undefined; everything is background
-            return np.zeros((h, w), dtype=np.uint8)
-        # every op stays in `dtype` (numpy rounds each float16 op), matching the official code
-        one = dtype.type(1)
-        bg = np.power(one - cams.max(axis=0, keepdims=True), dtype.type(bg_power))
-        bg = bg.astype(dtype, copy=False)
-    scores = np.concatenate([bg, cams], axis=0)
-    lut = np.concatenate([[0], keys + 1]).astype(np.uint8)
-    # np.argmax returns the first maximal index: background, then label order
-    return lut[np.argmax(scores, axis=0)]
+    if threshold is None and bg_power is None:
+        raise ValueError("give bg_power or threshold")
+    try:
+        # every op stays in the CAM dtype (numpy rounds each float16 op), ties go to background
+        return cams_to_labels(cams, keys, bg_power=bg_power if bg_power is not None else 1.0, threshold=threshold)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
 
 
 def load_cam_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
@@ -132,6 +120,7 @@ def evaluate_cams(
     thresholds: Sequence[float] | None = None,
     ignore_index: int = 255,
     names: Iterable[str] | None = None,
+    miou_rule: str = DEFAULT_MIOU_RULE,
 ) -> dict:
     """Score CAMs for several background settings in one streaming pass.
 
@@ -142,12 +131,14 @@ def evaluate_cams(
         thresholds: constant background thresholds; if given, they replace ``powers``.
         ignore_index: ground-truth value to skip.
         names: optional item names, parallel to ``items``, for error messages.
+        miou_rule: which classes the mean IoU averages (:data:`~tag2mask.evaluation.miou.MIOU_RULES`).
 
     Returns:
         ``{"p=1": scores, "p=2": scores, ..., "best": "p=1", "best_miou": float,
-        "num_images": n}`` plus ``best_p`` / ``best_threshold``; each ``scores`` is
+        "num_images": n, "miou_rule": rule}`` plus ``best_p`` / ``best_threshold``; each ``scores`` is
         :meth:`ConfusionMatrix.scores`.
     """
+    check_miou_rule(miou_rule)
     settings = _settings(powers, thresholds)
     mats = [ConfusionMatrix(num_classes, ignore_index) for _ in settings]
     name_iter = iter(names) if names is not None else None
@@ -160,7 +151,7 @@ def evaluate_cams(
     result: dict = {}
     best_key, best_miou = None, None
     for (key, _), mat in zip(settings, mats):
-        s = mat.scores()
+        s = mat.scores(miou_rule)
         result[key] = s
         m = s["Mean IoU"]
         # strictly larger wins, so the first setting keeps ties (official behaviour)
@@ -175,4 +166,5 @@ def evaluate_cams(
         else:
             result["best_threshold"] = kw["threshold"]
     result["num_images"] = n
+    result["miou_rule"] = miou_rule
     return result

@@ -7,8 +7,12 @@ than one image in memory. Conventions follow the usual semantic-segmentation pro
 * ground-truth pixels equal to ``ignore_index`` (and any other value outside
   ``[0, num_classes)``, e.g. VOC's 255 void border) are not counted;
 * a class whose union is empty (absent from both ground truth and prediction over the
-  whole set) has IoU ``None`` and is excluded from the mean;
-* a class predicted but never present in the ground truth has IoU 0 and *is* counted.
+  whole set) has IoU ``None``;
+* which classes the mean IoU averages is a named rule (:data:`MIOU_RULES`), because the official
+  scripts differ: CLIP-ES (``eval_cam.py``, deeplab-pytorch's ``scores``) takes ``nanmean`` over the
+  classes present in the ground truth **or** the prediction (``gt_or_pred``: a class predicted but
+  never in the ground truth counts with IoU 0); WeCLIP (``utils/evaluate.py``) averages over the
+  classes present in the ground truth only (``gt``). Every report names the rule it used.
 """
 
 from __future__ import annotations
@@ -18,7 +22,21 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-__all__ = ["ConfusionMatrix", "seen_unseen_scores", "harmonic_iou"]
+__all__ = ["ConfusionMatrix", "MIOU_RULES", "DEFAULT_MIOU_RULE", "check_miou_rule", "seen_unseen_scores", "harmonic_iou"]
+
+#: mIoU averaging rules: name -> description (reports print the description next to the name).
+MIOU_RULES: dict[str, str] = {
+    "gt_or_pred": "mean over classes present in the ground truth or the prediction (CLIP-ES, mmseg)",
+    "gt": "mean over classes present in the ground truth (WeCLIP)",
+}
+DEFAULT_MIOU_RULE = "gt_or_pred"
+
+
+def check_miou_rule(rule: str) -> str:
+    """``rule`` if it is a known mIoU rule, else a ``ValueError`` listing the rules."""
+    if rule not in MIOU_RULES:
+        raise ValueError(f"unknown mIoU rule {rule!r}; choose one of: {', '.join(MIOU_RULES)}")
+    return rule
 
 
 class ConfusionMatrix:
@@ -92,15 +110,19 @@ class ConfusionMatrix:
         with np.errstate(divide="ignore", invalid="ignore"):
             return np.where(union > 0, tp / np.where(union > 0, union, 1), np.nan)
 
-    def scores(self) -> dict:
+    def scores(self, rule: str = DEFAULT_MIOU_RULE) -> dict:
         """Metrics of everything accumulated so far.
 
+        Args:
+            rule: which classes ``"Mean IoU"`` averages (:data:`MIOU_RULES`).
+
         Returns:
-            dict with ``"Class IoU"`` (list of C floats, ``None`` for excluded classes),
-            ``"Mean IoU"``, ``"Pixel Accuracy"``, ``"Mean Accuracy"`` (mean over classes
-            present in the ground truth), ``"Frequency Weighted IoU"``, ``"num_pixels"``.
-            Means are ``None`` if nothing was counted.
+            dict with ``"Class IoU"`` (list of C floats, ``None`` where the union is empty),
+            ``"Mean IoU"`` (by ``rule``), ``"miou_rule"``, ``"Pixel Accuracy"``, ``"Mean Accuracy"``
+            (mean over classes present in the ground truth), ``"Frequency Weighted IoU"``,
+            ``"num_pixels"``. Means are ``None`` if nothing was counted.
         """
+        check_miou_rule(rule)
         m = self.mat.astype(np.float64)
         tp = np.diag(m)
         gt_count = m.sum(1)
@@ -110,9 +132,11 @@ class ConfusionMatrix:
             acc_cls = np.where(gt_count > 0, tp / np.where(gt_count > 0, gt_count, 1), np.nan)
         freq = gt_count / total if total > 0 else np.zeros_like(gt_count)
         fw = freq > 0
+        averaged = iou[gt_count > 0] if rule == "gt" else iou
         return {
             "Class IoU": [None if math.isnan(v) else float(v) for v in iou],
-            "Mean IoU": _nanmean(iou),
+            "Mean IoU": _nanmean(averaged),
+            "miou_rule": rule,
             "Pixel Accuracy": float(tp.sum() / total) if total > 0 else None,
             "Mean Accuracy": _nanmean(acc_cls),
             "Frequency Weighted IoU": float((freq[fw] * iou[fw]).sum()) if total > 0 else None,

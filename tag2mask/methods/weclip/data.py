@@ -5,9 +5,12 @@ Augmentation (official ``VOC12ClsDataset`` with ``aug=True``, in this order): ra
 zero-pad (black RGB) to at least ``crop × crop`` at a random offset, random ``crop × crop`` window,
 then per-channel normalisation. Colour jitter and ``resize_range`` are disabled there and here.
 
-Image-level labels always come from the data set's own labels (synthetic scene labels, VOC XML
-annotations, COCO split lists, a folder's label file), never from ground-truth masks, and they are
-those of the full image (a crop may miss a labelled object, as in the official code).
+Image-level labels are those of the full image (a crop may miss a labelled object, as in the
+official code) and come from ``label_source`` (``WeCLIPConfig.label_source``): ``gt_mask`` = the
+classes present in the image's ground-truth mask, as the released code reads them
+(``np.unique`` of ``SegmentationClassAug/<name>.png``; the VOC and COCO presets), or ``dataset`` =
+the data set's own labels (VOC XML annotations, COCO split lists, a folder's label file, the
+synthetic scene labels).
 
 Determinism: sample ``pos`` of the training stream (``pos = iteration · global_batch + slot``) is
 image ``perm_epoch[pos mod N]`` augmented with ``np.random.default_rng([seed, pos])``. Nothing
@@ -102,6 +105,7 @@ def open_images(
     labels_file: Optional[str] = None,
     synth_n: int = 64,
     synth_size: int = 160,
+    label_source: str = "dataset",
 ) -> ImageSource:
     """Open a training or validation source.
 
@@ -114,18 +118,25 @@ def open_images(
         class_names: foreground names (VOC/COCO order) used to read labels.
         labels_file: JSON/CSV labels of a plain folder.
         synth_n, synth_size: number and size of synthetic images.
+        label_source: ``gt_mask`` (labels = classes in the GT mask, the released code) or ``dataset``.
     """
     from tag2mask.data.datasets import COCODataset, FolderDataset, VOCDataset, detect_dataset
 
-    if spec == "synth":
+    if label_source not in ("gt_mask", "dataset"):
+        raise ValueError(f"label_source must be 'gt_mask' or 'dataset', got {label_source!r}")
+    from_mask = label_source == "gt_mask"
+    if spec == "synth":  # scene labels are exactly the classes drawn in its mask
         return SynthImages("val" if split == "val" else "train", synth_n, synth_size)
     kind = detect_dataset(spec)
     if kind == "voc":
-        return DatasetImages(VOCDataset(spec, split, class_names, label_source="xml"))
+        return DatasetImages(VOCDataset(spec, split, class_names, label_source="mask" if from_mask else "xml"))
     if kind == "coco":
         split_file = split if split.endswith(".txt") else f"{split}.txt"
-        return DatasetImages(COCODataset(spec, split_file, class_names))
+        return DatasetImages(COCODataset(spec, split_file, class_names, label_source="mask" if from_mask else "split"))
     if kind == "folder":
+        if from_mask:
+            raise ValueError(f"{spec}: a plain image folder has no ground-truth masks to read labels from; "
+                             "use label_source='dataset' (its --labels file)")
         if labels_file is None:
             raise ValueError(f"{spec}: a plain image folder needs --labels (JSON/CSV image-level labels)")
         gt_dir = Path(spec).parent / "SegmentationClass"

@@ -14,14 +14,17 @@ One training step, as the official ``WeCLIP.forward`` composes it:
    dilations 1..24) on the normalised crop → ``[0, keys + 1][argmax]``;
 4. losses (:mod:`.losses`): balanced CE + 0.1 × affinity loss (done by the trainer).
 
+Steps 3's GradCAM → affinity → boxes → propagation → scaling is the shared CAM pipeline
+(:mod:`tag2mask.localization.cam_pipeline`) that CLIP-ES uses too; RFM only supplies the affinity.
+
 Numerics: ``compat_numerics=True`` reproduces the released code (CLIP Conv/Linear weights rounded to
 fp16 by the loader, fp16-rounded positional embeddings, fp16 attention out-projection in the
-decoder); ``False`` is a pure float32 model (what the ``fp32ref_*`` fixture arrays hold).
+decoder, TF32 off); ``False`` is a pure float32 model (what the ``fp32ref_*`` fixture arrays hold).
+:class:`WeCLIP` applies them to the CLIP it is given (:mod:`tag2mask.clip.numerics`).
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any, NamedTuple, Optional, Sequence
 
@@ -30,11 +33,13 @@ import torch
 from torch import Tensor, nn
 
 from tag2mask.clip.model import CLIP, CLIP_MEAN, CLIP_STD
-from tag2mask.clip.text_embed import CacheDir, embed_vocabulary
-from tag2mask.localization.gradcam import softmax_gradcam
-from tag2mask.localization.scaling import minmax_scale, resize_bilinear, resize_bilinear_like_cv2
+from tag2mask.clip.numerics import NUMERICS, Numerics
+from tag2mask.clip.text_embed import CacheDir, TextEmbeddings, embed_vocabulary
+from tag2mask.evaluation.miou import check_miou_rule
+from tag2mask.localization.cam_pipeline import CAMSettings, run_cam_pipeline, scale_to_size
+from tag2mask.localization.labels import labels_from_scores, with_background
 from tag2mask.methods.weclip.decoder import WeCLIPDecoder
-from tag2mask.methods.weclip.rfm import caa_affinity, refine_with_affinity, rfm_affinity, rfm_keep_mask
+from tag2mask.methods.weclip.rfm import rfm_affinity, rfm_keep_mask
 from tag2mask.refinement.par import PAR
 from tag2mask.vocab.templates import CLIP_ES as CLIP_ES_TEMPLATES
 from tag2mask.vocab.vocabulary import Vocabulary, get_vocabulary
@@ -49,11 +54,14 @@ __all__ = [
     "ClipFeatures",
     "WeCLIPOutput",
     "WeCLIP",
-    "upsample_cams",
-    "with_background",
-    "label_from_cams",
+    "LABEL_SOURCES",
     "build_clip_for",
 ]
+
+#: Where image-level labels come from: ``gt_mask`` = the values present in the full image's GT mask
+#: (the released code reads ``SegmentationClassAug/<name>.png`` inside its forward), ``dataset`` = the
+#: data set's own labels (VOC XML, COCO split list, a folder's label file, synthetic scene labels).
+LABEL_SOURCES = ("gt_mask", "dataset")
 
 #: The normalisation the official dataset code applies (ImageNet statistics on 0..255 RGB).
 IMAGENET_MEAN_255 = (123.675, 116.28, 103.53)
@@ -72,6 +80,11 @@ class WeCLIPConfig:
     default validation (1,464 images every 2,000 iterations) RFM really starts at 1-based iteration
     9,145 (= ``rfm_start_iter=9144``, the VOC preset). ``15000`` gives the nominal switch. COCO has no
     in-loop validation: 40,000.
+
+    ``label_source`` (:data:`LABEL_SOURCES`): the paper presets use ``gt_mask`` like the released code
+    (image-level labels = classes present in the full image's ground-truth mask); ``dataset`` reads
+    the data set's labels (needed for data without masks). ``miou_rule``: the released evaluation
+    averages IoU over the classes present in the ground truth (``gt``).
     """
 
     dataset: str = "voc"
@@ -90,6 +103,8 @@ class WeCLIPConfig:
     # numerics / input
     normalization: str = "imagenet"
     compat_numerics: bool = True
+    label_source: str = "gt_mask"
+    miou_rule: str = "gt"
     # decoder
     embed_dim: int = 256
     decoder_depth: int = 3
@@ -122,6 +137,20 @@ class WeCLIPConfig:
             raise ValueError(f"normalization must be 'imagenet' or 'clip', got {self.normalization!r}")
         if self.crop_size % 16:
             raise ValueError(f"crop_size must be a multiple of 16, got {self.crop_size}")
+        if self.label_source not in LABEL_SOURCES:
+            raise ValueError(f"label_source must be one of {LABEL_SOURCES}, got {self.label_source!r}")
+        check_miou_rule(self.miou_rule)
+
+    @property
+    def numerics(self) -> Numerics:
+        """The CLIP numerics of this config: the released code's with ``compat_numerics``, else float32."""
+        return NUMERICS["weclip"] if self.compat_numerics else NUMERICS["float32"]
+
+    @property
+    def cam_settings(self) -> CAMSettings:
+        """The shared CAM pipeline's settings (the CAA branch; RFM replaces only the affinity)."""
+        return CAMSettings(attention_layers=self.caa_layers, box_threshold=self.box_threshold,
+                           exact_resize=self.exact_cv2_resize)
 
     @property
     def num_classes(self) -> int:
@@ -165,7 +194,7 @@ def _synth() -> WeCLIPConfig:
 
     # the shipped tiny CLIP was trained with "a photo of a {}." prompts, not CLIP-ES's origami template
     return WeCLIPConfig(dataset="synth", classes=tuple(OBJECT_NAMES), background=tuple(STUFF_NAMES),
-                        templates=("a photo of a {}.",),
+                        templates=("a photo of a {}.",), label_source="dataset",
                         crop_size=128, max_iters=2000, rfm_start_iter=1000, test_long_side=224)
 
 
@@ -221,38 +250,14 @@ class WeCLIPOutput(NamedTuple):
     clip: ClipFeatures
 
 
-def upsample_cams(refined_lowres: Tensor, size_hw: Sequence[int], exact_cv2: bool = True) -> Tensor:
-    """Official ``scale_cam_image``: min-max (eps 1e-7) at patch resolution, then bilinear to ``size_hw``.
-
-    ``(K, h, w)`` → ``(K, H, W)`` float32 on the input's device.
-    """
-    size = (int(size_hw[0]), int(size_hw[1]))
-    if exact_cv2:  # bit-exact OpenCV replica (numpy, CPU)
-        low = minmax_scale(refined_lowres.detach().float().cpu().numpy())
-        return torch.from_numpy(resize_bilinear_like_cv2(np.ascontiguousarray(low), size)).to(refined_lowres.device)
-    return resize_bilinear(minmax_scale(refined_lowres.detach().float()), size)
-
-
-def with_background(fg: Tensor, power: float = 1.0) -> Tensor:
-    """``[bg, fg_1..fg_K]`` with ``bg = (1 - max_k fg_k) ** power``: ``(K, H, W)`` → ``(K+1, H, W)``."""
-    bg = 1 - fg.amax(dim=0, keepdim=True)
-    if power != 1.0:  # WeCLIP uses 1; skipping the pow keeps the official value bit-exact
-        bg = bg**power
-    return torch.cat([bg, fg], dim=0)
-
-
-def label_from_cams(cams: Tensor, keys: Sequence[int]) -> Tensor:
-    """``[0, keys + 1][argmax]``: ``(K+1, H, W)`` maps → ``(H, W)`` int64 label (no ignore pixels)."""
-    table = torch.tensor([0] + [int(k) + 1 for k in keys], dtype=torch.long, device=cams.device)
-    return table[cams.argmax(dim=0)]
-
-
 class WeCLIP(nn.Module):
     """Frozen CLIP ViT + trainable :class:`WeCLIPDecoder` + online pseudo labels.
 
     Args:
-        clip: a loaded CLIP ViT (frozen here; load it with ``round_fp16_weights=True`` and set
-            ``visual.round_pos_embed_fp16`` for the official numerics, see :func:`build_clip_for`).
+        clip: a loaded CLIP ViT (frozen here). ``config.numerics`` are applied to it on every call
+            (:mod:`tag2mask.clip.numerics`): a CLIP loaded with ``round_fp16_weights=True`` (as
+            :func:`build_clip_for` does) is used as is, otherwise rounded copies of its weights are
+            swapped in while WeCLIP runs, so code sharing the CLIP is not affected.
         config: :class:`WeCLIPConfig`.
         text_cache_dir: cache folder for the prompt embeddings (``False`` disables the cache).
     """
@@ -271,7 +276,9 @@ class WeCLIP(nn.Module):
             dropout=config.dropout, compat_fp16_out_proj=config.compat_numerics,
         )
         self.par = PAR(config.par_dilations, config.par_iters)
-        fg, bg = embed_vocabulary(clip, config.vocabulary(), config.templates, cache_dir=text_cache_dir)
+        self.numerics = config.numerics.bind(clip)
+        with self.numerics:
+            fg, bg = embed_vocabulary(clip, config.vocabulary(), config.templates, cache_dir=text_cache_dir)
         # Non-persistent: text features are derived from CLIP, never saved with the decoder.
         self.register_buffer("fg_text", fg.features, persistent=False)
         self.register_buffer("fg_index", fg.class_index, persistent=False)
@@ -291,7 +298,8 @@ class WeCLIP(nn.Module):
         """Frozen blocks 1..n (n = blocks - 1) on normalised images ``(B, 3, H, W)``."""
         vis = self.clip.visual
         n = vis.num_blocks - 1
-        inter = vis.forward_intermediates(images, n, return_attention=True)
+        with self.numerics:
+            inter = vis.forward_intermediates(images, n, return_attention=True)
         h, w = inter.grid
         b, _, c = inter.last.shape
         feats = torch.stack([t[:, 1:] for t in inter.tokens])  # (n, B, hw, C), row-major patches
@@ -301,19 +309,15 @@ class WeCLIP(nn.Module):
     def forward(self, images: Tensor, decoder: Optional[nn.Module] = None) -> WeCLIPOutput:
         """Decoder outputs for ``images (B, 3, H, W)``; ``decoder`` may be a DDP wrapper of ``self.decoder``."""
         clip_out = self.encode(images)
-        dec = (decoder or self.decoder)(clip_out.features)
+        with self.numerics:  # TF32 off for the fuse / classifier convolutions too
+            dec = (decoder or self.decoder)(clip_out.features)
         return WeCLIPOutput(dec.seg_logits, dec.affinity, clip_out)
 
     # ------------------------------------------------------------------------------------------
     def _text_rows(self, keys: Sequence[int]) -> tuple[Tensor, list[list[int]]]:
         """[rows of the image's classes, background rows] and each class's row indices."""
-        rows: list[int] = []
-        targets: list[list[int]] = []
-        for cid in keys:
-            own = torch.nonzero(self.fg_index == cid).flatten().tolist()
-            targets.append(list(range(len(rows), len(rows) + len(own))))
-            rows.extend(own)
-        return torch.cat([self.fg_text[rows], self.bg_text]), targets
+        fg = TextEmbeddings(self.fg_text, self.fg_index, self.config.num_classes - 1)
+        return fg.select(keys, append=self.bg_text)
 
     def image_cams(
         self,
@@ -331,21 +335,21 @@ class WeCLIP(nn.Module):
         """
         cfg = self.config
         text, targets = self._text_rows(keys)
-        last = clip_out.last[index : index + 1]
-        ctx = torch.autocast(last.device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-        with ctx:
-            gc = softmax_gradcam(self.clip.visual, last, clip_out.grid, text, targets, self.logit_scale)
-        maps = torch.cat([clip_out.attentions[index].float(), gc.last_attention[None].float()])  # (n+1, L, L)
-        out = {"gradcam": gc.cams.float(), "probs": gc.probs.float()}
+        affinity_fn = None
         if use_rfm:
             if decoder_affinity is None:
                 raise ValueError("the RFM branch needs the decoder affinity")
-            aff = rfm_affinity(maps, decoder_affinity[index].float(), num_layers=cfg.rfm_layers)
-            out["keep"] = rfm_keep_mask(maps, cfg.rfm_layers)
-        else:
-            aff = caa_affinity(maps, cfg.caa_layers)
-        ref = refine_with_affinity(out["gradcam"], aff, box_threshold=cfg.box_threshold)
-        out.update(affinity=ref.affinity, box_masks=ref.box_masks, refined_lowres=ref.refined_lowres)
+            a_f = decoder_affinity[index].float()
+            affinity_fn = lambda maps: rfm_affinity(maps, a_f, num_layers=cfg.rfm_layers)  # noqa: E731
+        with self.numerics:
+            res = run_cam_pipeline(self.clip.visual, clip_out.last[index : index + 1], clip_out.grid, text, targets,
+                                   self.logit_scale, clip_out.attentions[index], cfg.cam_settings,
+                                   affinity_fn=affinity_fn, autocast_dtype=autocast_dtype)
+        ref = res.refined
+        out = {"gradcam": res.gradcam.cams.float(), "probs": res.gradcam.probs.float(), "affinity": ref.affinity,
+               "box_masks": ref.box_masks, "refined_lowres": ref.refined_lowres}
+        if use_rfm:
+            out["keep"] = rfm_keep_mask(res.attention_maps, cfg.rfm_layers)
         return out
 
     @torch.no_grad()
@@ -355,10 +359,10 @@ class WeCLIP(nn.Module):
         Returns ``cams_before_par (K+1, H, W)``, ``cams_after_par (K+1, H, W)``, ``label (H, W)`` int64.
         """
         size = image.shape[-2:]
-        before = with_background(upsample_cams(refined_lowres, size, self.config.exact_cv2_resize),
+        before = with_background(scale_to_size(refined_lowres, size, self.config.exact_cv2_resize),
                                  self.config.bg_power)
         after = self.par(image[None].float(), before[None])[0]
-        return {"cams_before_par": before, "cams_after_par": after, "label": label_from_cams(after, keys)}
+        return {"cams_before_par": before, "cams_after_par": after, "label": labels_from_scores(after, keys)}
 
     def online_pseudo_labels(
         self,
@@ -410,10 +414,9 @@ class WeCLIP(nn.Module):
 
 
 def build_clip_for(config: WeCLIPConfig, weights: Any, device: Any = "cpu") -> CLIP:
-    """Load CLIP ``weights`` with the numerics ``config.compat_numerics`` asks for (frozen, eval)."""
+    """Load CLIP ``weights`` for ``config`` (frozen, eval); with ``compat_numerics`` the weights are
+    rounded at load time, so :class:`WeCLIP` needs no rounded copies."""
     from tag2mask.clip.loading import load_clip
 
-    clip = load_clip(weights, device=device, round_fp16_weights=config.compat_numerics)
-    clip.visual.round_pos_embed_fp16 = bool(config.compat_numerics)
-    return clip
+    return load_clip(weights, device=device, round_fp16_weights=config.numerics.round_weights_fp16)
 

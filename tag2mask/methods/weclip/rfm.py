@@ -22,7 +22,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from tag2mask.localization.affinity import mean_attention, refine_cams, transition_matrix
+from tag2mask.localization.affinity import mean_attention, transition_matrix
+from tag2mask.localization.cam_pipeline import CAMSettings, scale_to_size
+from tag2mask.localization.cam_pipeline import refine_with_affinity as pipeline_refine
 
 __all__ = [
     "RFM_LAYERS",
@@ -173,6 +175,8 @@ def refine_with_affinity(
 ) -> RefinedCams:
     """Transition matrix, box masks, propagation and (optionally) high-res maps for one image.
 
+    The shared CAM pipeline's stages (:mod:`tag2mask.localization.cam_pipeline`) with WeCLIP's settings.
+
     Args:
         cams: ``(K, h, w)`` float32 GradCAMs in [0, 1) (one per image-level class).
         affinity: ``(hw, hw)`` CAA or RFM affinity.
@@ -183,24 +187,10 @@ def refine_with_affinity(
     Returns:
         :class:`RefinedCams` (tensors on the device of ``affinity``; ``refined_highres`` float32).
     """
-    # Imported here: box extraction is numpy/scipy code that only this convenience path needs.
-    from tag2mask.localization.boxes import cam_box_masks
-    from tag2mask.localization.scaling import minmax_scale, resize_bilinear, resize_bilinear_like_cv2
-
-    cams_t = torch.as_tensor(cams, dtype=torch.float32, device=affinity.device)
-    trans = transition_matrix(affinity.float())
-    masks = cam_box_masks(cams_t.detach().cpu().numpy(), box_threshold)  # boxes come from the CPU CAM
-    masks_t = torch.from_numpy(masks).to(cams_t.device)
-    low = refine_cams(trans, cams_t, masks_t)
-    high = None
-    if out_size is not None:
-        size = (int(out_size[0]), int(out_size[1]))
-        if exact_cv2_resize:
-            scaled = minmax_scale(low.detach().cpu().numpy())
-            high = torch.from_numpy(resize_bilinear_like_cv2(scaled, size)).to(low.device)
-        else:
-            high = resize_bilinear(minmax_scale(low), size)
-    return RefinedCams(affinity, trans, masks_t, low, high)
+    settings = CAMSettings(box_threshold=box_threshold, exact_resize=exact_cv2_resize)
+    ref = pipeline_refine(cams, affinity, settings)
+    high = None if out_size is None else scale_to_size(ref.refined_lowres, out_size, exact_cv2_resize)
+    return RefinedCams(ref.affinity, ref.trans, ref.box_masks, ref.refined_lowres, high)
 
 
 def refine_image_cams(

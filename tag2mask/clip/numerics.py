@@ -1,0 +1,204 @@
+"""The numerics a method runs its CLIP with: one object, applied by the method itself.
+
+The official CLIP-ES, WeCLIP and FMA-WSSS code bases do not run OpenAI's CLIP in plain float32. Their
+loaders round every Conv/Linear weight and bias, the attention ``in_proj``, ``visual.proj`` and
+``text_projection`` to float16 and use them as float32; CLIP-ES and WeCLIP also round the
+interpolated positional embedding to float16 (FMA-WSSS does not). These roundings move the outputs
+far beyond the golden-fixture tolerances (README of ``tests/data/clip_es``, section 2), so each
+method preset carries a :class:`Numerics` and the method applies it to whatever model it is given.
+
+How a method applies it (:meth:`Numerics.bind` → :class:`BoundNumerics`), and what a caller who
+shares the model with other code sees:
+
+* **Weights.** If the model's weights are already fp16-exact (loaded with
+  ``load_clip(..., round_fp16_weights=True)``), nothing is copied. Otherwise the method keeps its own
+  rounded copies of the affected tensors and swaps them in only while it runs (``with bound:``), so
+  the caller's model keeps its float32 weights between calls. The copies cost the memory of those
+  tensors once more (about 600 MB for ViT-B/16 in float32): load with ``round_fp16_weights=True`` to
+  avoid it.
+* **Positional embedding** (fp16 rounding and interpolation mode) and **TF32**: set on entry,
+  restored on exit.
+* **Fingerprint.** Inside the context the model reports ``fingerprint + ":fp16r"`` when its weights
+  are rounded, so caches keyed by the fingerprint (text embeddings) never mix the two numerics.
+* The swaps change shared state for the duration of a call: do not run two methods with different
+  numerics on one model from two threads at the same time.
+
+TF32: on Ampere and newer GPUs cuDNN runs float32 convolutions in TF32 by default
+(``torch.backends.cudnn.allow_tf32 = True``); that changes the patch-embedding convolution and
+WeCLIP's 1×1 fuse/classifier convolutions by ~1e-4. :func:`tf32_disabled` turns TF32 off for
+convolutions and matmuls and restores the previous flags; every method presets
+``allow_tf32=False``. The flags are process-wide; on CPUs they change nothing.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Iterator, Optional
+
+import torch
+from torch import nn
+
+__all__ = ["Numerics", "BoundNumerics", "NUMERICS", "tf32_disabled", "fp16_rounded_tensors", "weights_are_fp16_exact"]
+
+_ROUNDED_SUFFIX = ":fp16r"
+
+
+@dataclass(frozen=True)
+class Numerics:
+    """Arithmetic settings of a method's CLIP.
+
+    Attributes:
+        round_weights_fp16: Conv/Linear weights and biases, attention ``in_proj``, ``visual.proj`` and
+            ``text_projection`` rounded to float16 and used as float32 (the official loaders).
+        round_pos_embed_fp16: the interpolated positional embedding rounded to float16 (CLIP-ES, WeCLIP).
+        pos_interpolation: ``bilinear`` (CLIP-ES, WeCLIP, FMA) or ``bicubic`` for the positional embedding.
+        allow_tf32: let cuDNN / cuBLAS use TF32 for float32 convolutions and matmuls (faster on
+            Ampere+, not faithful).
+    """
+
+    round_weights_fp16: bool = False
+    round_pos_embed_fp16: bool = False
+    pos_interpolation: str = "bilinear"
+    allow_tf32: bool = False
+
+    def __post_init__(self) -> None:
+        if self.pos_interpolation not in ("bilinear", "bicubic"):
+            raise ValueError(f"pos_interpolation must be 'bilinear' or 'bicubic', got {self.pos_interpolation!r}")
+
+    def bind(self, model: nn.Module) -> "BoundNumerics":
+        """Prepare ``model`` for these numerics (see the module docstring); use the result as a context."""
+        return BoundNumerics(model, self)
+
+    def describe(self) -> str:
+        """One line for run records and ``--help`` texts."""
+        parts = ["fp16-rounded weights" if self.round_weights_fp16 else "float32 weights",
+                 f"{self.pos_interpolation} pos-emb" + (" rounded to fp16" if self.round_pos_embed_fp16 else ""),
+                 "TF32 allowed" if self.allow_tf32 else "TF32 off"]
+        return ", ".join(parts)
+
+
+#: The numerics of each official code base, and plain float32.
+NUMERICS: dict[str, Numerics] = {
+    "clip_es": Numerics(round_weights_fp16=True, round_pos_embed_fp16=True),
+    "weclip": Numerics(round_weights_fp16=True, round_pos_embed_fp16=True),
+    "fma": Numerics(round_weights_fp16=True, round_pos_embed_fp16=False),
+    "float32": Numerics(),
+}
+
+
+@contextmanager
+def tf32_disabled(disable: bool = True) -> Iterator[None]:
+    """Turn TF32 off for cuDNN convolutions and CUDA matmuls inside the block; restore the flags after."""
+    if not disable:
+        yield
+        return
+    saved = (torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32)
+    torch.backends.cudnn.allow_tf32 = False
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = saved
+
+
+def fp16_rounded_tensors(model: nn.Module) -> list[nn.Parameter]:
+    """The parameters the official loaders round to fp16 (see :func:`tag2mask.clip.loading.round_weights_to_fp16`)."""
+    from tag2mask.clip.layers import Attention
+
+    out: list[nn.Parameter] = []
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            out += [p for p in (m.weight, m.bias) if p is not None]
+        elif isinstance(m, Attention):
+            out += [p for p in (m.in_proj_weight, m.in_proj_bias) if p is not None]
+    for name in ("text_projection",):
+        if isinstance(getattr(model, name, None), nn.Parameter):
+            out.append(getattr(model, name))
+    visual = getattr(model, "visual", None)
+    if isinstance(getattr(visual, "proj", None), nn.Parameter):
+        out.append(visual.proj)
+    return out
+
+
+def _is_fp16_exact(t: torch.Tensor) -> bool:
+    return t.dtype == torch.float16 or bool(torch.equal(t, t.half().to(t.dtype)))
+
+
+def weights_are_fp16_exact(model: nn.Module) -> bool:
+    """Whether every tensor the official loaders round already holds fp16 values."""
+    with torch.no_grad():
+        return all(_is_fp16_exact(p.detach()) for p in fp16_rounded_tensors(model))
+
+
+class BoundNumerics:
+    """:class:`Numerics` attached to one model; ``with bound:`` runs code under them.
+
+    Entering is cheap (pointer swaps and flag changes) and re-entrant.
+    """
+
+    def __init__(self, model: nn.Module, numerics: Numerics) -> None:
+        self.model = model
+        self.numerics = numerics
+        self._depth = 0
+        self._saved: list = []
+        swap = []
+        if numerics.round_weights_fp16:
+            with torch.no_grad():
+                swap = [p for p in fp16_rounded_tensors(model) if not _is_fp16_exact(p.detach())]
+        self._params = swap
+        self._rounded: list[Optional[torch.Tensor]] = [None] * len(swap)
+        fp = str(getattr(model, "fingerprint", ""))
+        self.fingerprint = fp
+        # an anonymous fingerprint ("random-init": never cached) must stay anonymous
+        if numerics.round_weights_fp16 and swap and fp not in ("", "random-init") and not fp.endswith(_ROUNDED_SUFFIX):
+            self.fingerprint = fp + _ROUNDED_SUFFIX
+        self._precompute()
+
+    @property
+    def copies_weights(self) -> bool:
+        """True when the method holds rounded copies (the model's own weights are not fp16-exact)."""
+        return bool(self._params)
+
+    def _precompute(self) -> None:
+        with torch.no_grad():
+            for i, p in enumerate(self._params):
+                cached = self._rounded[i]
+                if cached is None or cached.device != p.device or cached.dtype != p.dtype or cached.shape != p.shape:
+                    self._rounded[i] = p.detach().half().to(p.dtype)
+
+    def __enter__(self) -> "BoundNumerics":
+        self._depth += 1
+        if self._depth > 1:
+            return self
+        visual = getattr(self.model, "visual", None)
+        saved = {"fingerprint": getattr(self.model, "fingerprint", None), "data": [p.data for p in self._params]}
+        if visual is not None and hasattr(visual, "round_pos_embed_fp16"):
+            saved["pos"] = (visual.round_pos_embed_fp16, visual.pos_interpolation)
+            visual.round_pos_embed_fp16 = self.numerics.round_pos_embed_fp16
+            visual.pos_interpolation = self.numerics.pos_interpolation
+        self._precompute()  # the model may have moved to another device since the last call
+        for p, r in zip(self._params, self._rounded):
+            p.data = r
+        if saved["fingerprint"] is not None:
+            self.model.fingerprint = self.fingerprint
+        self._tf32 = tf32_disabled(not self.numerics.allow_tf32)
+        self._tf32.__enter__()
+        self._saved.append(saved)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._depth -= 1
+        if self._depth > 0:
+            return
+        saved = self._saved.pop()
+        try:
+            for p, d in zip(self._params, saved["data"]):
+                p.data = d
+            if "pos" in saved:
+                visual = self.model.visual
+                visual.round_pos_embed_fp16, visual.pos_interpolation = saved["pos"]
+            if saved["fingerprint"] is not None:
+                self.model.fingerprint = saved["fingerprint"]
+        finally:
+            self._tf32.__exit__(None, None, None)
