@@ -118,8 +118,6 @@ def test_random_init_models_are_never_cached(tmp_path):
 @pytest.mark.parametrize("golden", SETS, ids=[g.name for g in SETS])
 def test_matches_official_clip_es_text_features(tmp_path, golden):
     """Every golden set's fg/bg text features (first image's arrays; identical in every image's file)."""
-    import numpy as np
-
     from tag2mask.clip.loading import load_clip
     from tag2mask.methods.clip_es import PRESETS
 
