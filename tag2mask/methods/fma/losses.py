@@ -85,10 +85,12 @@ def cam_activation_loss(
     own = seed == (pairs[:, 1] + 1)[:, None, None]
     other = ~own & (seed != ignore_index)
     own_f, other_f = own.to(cam.dtype), other.to(cam.dtype)
-    with torch.no_grad():
-        peak = torch.where(own, cam, torch.full_like(cam, float("-inf"))).flatten(1).max(dim=1).values
-        peak = peak.clamp_min(0)[:, None, None]  # -inf (empty F) -> 0
+    # masked products first and masks applied again after the non-linearities, as the reference
+    # does: with Z = 0 the NaN gradient then reaches every pixel, like the official one
+    own_cam, other_cam = cam * own_f, cam * other_f
+    peak = own_cam.detach().amax(dim=(1, 2), keepdim=True).clamp_min(0)  # 0 when F is empty
+    zero = torch.zeros((), dtype=cam.dtype, device=cam.device)
+    fg_terms = (peak - own_cam).abs() * own_f
+    bg_terms = torch.maximum(other_cam, zero).abs() * other_f
     z = own_f.sum() + other_f.sum()
-    fg = ((peak - cam).abs() * own_f).sum() / z
-    bg = (torch.relu(cam) * other_f).sum() / z
-    return fg, bg
+    return fg_terms.sum() / z, bg_terms.sum() / z
