@@ -48,8 +48,10 @@ def level_overlap_filter(proposals: MaskProposals, threshold: float = 0.3,
             kept.extend(members.tolist())
             continue
         inter = overlap_counts(proposals.masks[members], proposals.masks[np.asarray(kept)])  # (m, k)
-        recall = inter.astype(np.float32) / proposals.areas[members, None].astype(np.float32)
-        keep = recall.max(axis=1) < np.float32(threshold)
+        area = proposals.areas[members, None].astype(np.float32)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            recall = inter.astype(np.float32) / area
+        keep = (recall.max(axis=1) < np.float32(threshold)) & (area[:, 0] > 0)  # empty masks never kept
         kept.extend(members[keep].tolist())
     return np.asarray(kept, dtype=np.int64)
 
