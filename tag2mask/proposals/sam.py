@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from itertools import product
 from pathlib import Path
 from typing import Optional, Union
@@ -35,7 +35,7 @@ from tag2mask.proposals.filters import level_overlap_filter, remove_small_region
 from tag2mask.proposals.nms import batched_nms, masks_to_boxes
 
 __all__ = ["SamGeneratorSettings", "SAM_PRESETS", "SamMaskGenerator", "SamProposals", "load_sam",
-           "crop_boxes", "point_grid", "stability_scores", "with_overrides"]
+           "crop_boxes", "point_grid", "stability_scores"]
 
 Levels3 = tuple[float, float, float]
 
@@ -357,7 +357,3 @@ class SamProposals:
     def describe(self) -> dict:
         return {"source": "sam", "weights": self.weights, "settings": asdict(self.generator.settings)}
 
-
-def with_overrides(settings: SamGeneratorSettings, **overrides) -> SamGeneratorSettings:
-    """``settings`` with the non-None ``overrides`` applied."""
-    return replace(settings, **{k: v for k, v in overrides.items() if v is not None})
