@@ -59,6 +59,14 @@ def read_proposals_json(path: Union[str, Path], image_size: tuple[int, int] | No
     anns = _annotations(data, path)
     masks, levels, areas, scores = [], [], [], []
     size = tuple(image_size) if image_size is not None else None
+    if isinstance(data, dict) and "size" in data:
+        try:
+            declared = tuple(int(v) for v in data["size"])
+        except (TypeError, ValueError) as e:
+            raise _fail(path, f"bad 'size' {data['size']!r}") from e
+        if size is not None and declared != size:
+            raise _fail(path, f"is for a {declared[0]}x{declared[1]} image but the image is {size[0]}x{size[1]}")
+        size = declared
     for i, ann in enumerate(anns):
         where = f"annotation {i}"
         if not isinstance(ann, dict) or "segmentation" not in ann:
