@@ -290,11 +290,13 @@ class SamMaskGenerator:
         offsets = torch.tensor(s.score_nms_offset, dtype=iou.dtype, device=iou.device)[levels]
         keep = batched_nms(boxes.float(), iou + offsets, torch.zeros_like(levels), s.box_nms_thresh)
         shift = torch.tensor([x0, y0, x0, y0], dtype=torch.float, device=boxes.device)
-        return _CropMasks(box, masks[keep], boxes[keep].float() + shift, iou[keep], stab[keep], levels[keep])
+        return _CropMasks(box, masks[keep].cpu(), (boxes[keep].float() + shift).cpu(), iou[keep].cpu(),
+                          stab[keep].cpu(), levels[keep].cpu())
 
     def _process_batch(self, embeddings, points: np.ndarray, crop_hw, resized, box, image_box):
         s = self.settings
         ch, cw = crop_hw
+        # prompts live in the resized (longest side = input size) frame, like SAM's ResizeLongestSide
         scale = torch.tensor([resized[1] / cw, resized[0] / ch], dtype=torch.float)
         pts = torch.as_tensor(points, dtype=torch.float) * scale
         n = pts.shape[0]
@@ -305,21 +307,23 @@ class SamMaskGenerator:
             multimask_output=True,
         )
         low_res = out.pred_masks[0]  # (n, 3, h', w')
-        logits = self.processor.post_process_masks(
-            [low_res.float().cpu()], [crop_hw], [resized], binarize=False,
-            pad_size={"height": self.input_size, "width": self.input_size},
-        )[0].flatten(0, 1)  # (3n, ch, cw)
-        iou = out.iou_scores[0].float().cpu().flatten()  # (3n,)
         k = low_res.shape[1]
-        levels = torch.arange(k).repeat(n)
         if k != 3:
             raise ValueError(f"the SAM mask decoder gives {k} masks per point; level-aware generation needs 3")
+        # upsampling and filtering stay on the model's device; only kept masks go to the CPU
+        logits = self.processor.post_process_masks(
+            [low_res.float()], [crop_hw], [resized], binarize=False,
+            pad_size={"height": self.input_size, "width": self.input_size},
+        )[0].flatten(0, 1)  # (3n, ch, cw)
+        iou = out.iou_scores[0].float().flatten()  # (3n,) point-major, as the masks
+        dev = iou.device
+        levels = torch.arange(k, device=dev).repeat(n)
         keep = torch.ones_like(iou, dtype=torch.bool)
         if s.pred_iou_thresh > 0:
-            keep &= (iou + torch.tensor(s.score_thresh_offset)[levels]) > s.pred_iou_thresh
+            keep &= (iou + torch.tensor(s.score_thresh_offset, device=dev)[levels]) > s.pred_iou_thresh
         stab = stability_scores(logits, s.mask_threshold, s.stability_score_offset)
         if s.stability_score_thresh > 0:
-            keep &= (stab + torch.tensor(s.stability_score_bias)[levels]) >= s.stability_score_thresh
+            keep &= (stab + torch.tensor(s.stability_score_bias, device=dev)[levels]) >= s.stability_score_thresh
         masks = logits[keep] > s.mask_threshold
         iou, stab, levels = iou[keep], stab[keep], levels[keep]
         boxes = masks_to_boxes(masks)

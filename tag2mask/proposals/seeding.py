@@ -16,8 +16,6 @@ Seeds are (H, W) uint8 with 0 = background and ``class_id + 1``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
-
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -25,7 +23,7 @@ from scipy import sparse
 
 from tag2mask.proposals.base import MaskProposals
 
-__all__ = ["SeedMap", "resize_cams", "proposal_scores", "seed_from_proposals", "seed_from_cams"]
+__all__ = ["SeedMap", "resize_cams", "proposal_scores", "seed_from_proposals"]
 
 NORM_EPS = 1e-7
 
@@ -123,13 +121,3 @@ def seed_from_proposals(
     return SeedMap(seed=seed, mask_scores=scores, mask_label=labels, mask_conf=conf,
                    paint_order=np.asarray(order, dtype=np.int64), cam_full=cam_full)
 
-
-def seed_from_cams(cams: np.ndarray, class_ids: np.ndarray, proposals: Optional[MaskProposals], alpha: float,
-                   size_hw: tuple[int, int], uncovered: int = 0) -> SeedMap:
-    """:func:`seed_from_proposals`, or with no proposals every pixel ``uncovered`` (all background)."""
-    if proposals is None:
-        proposals = MaskProposals.empty(*size_hw)
-    if proposals.image_size != tuple(size_hw):
-        raise ValueError(f"proposals are {proposals.image_size[0]}x{proposals.image_size[1]}, "
-                         f"the image is {size_hw[0]}x{size_hw[1]}")
-    return seed_from_proposals(cams, class_ids, proposals, alpha, uncovered)
