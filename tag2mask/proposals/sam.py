@@ -27,7 +27,6 @@ from typing import Optional, Union
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from tag2mask.clip.loading import WeightsError, WeightsNotFoundError
 from tag2mask.proposals.base import MaskProposals
