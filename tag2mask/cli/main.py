@@ -20,6 +20,7 @@ COMMANDS: dict[str, str] = {
     "info": "tag2mask.cli.info_cmd",
     "label": "tag2mask.cli.label_cmd",
     "segment": "tag2mask.cli.segment_cmd",
+    "seed": "tag2mask.cli.seed_cmd",
     "serve": "tag2mask.cli.serve_cmd",
     "eval": "tag2mask.cli.eval_cmd",
     "synth": "tag2mask.cli.synth_cmd",

@@ -136,12 +136,20 @@ class CLIP(nn.Module):
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """Text embedding at the EOT token (the highest id), not normalised: (N, ctx) long -> (N, D)."""
-        n_ctx = tokens.shape[1]
-        x = self.token_embedding(tokens) + self.positional_embedding[:n_ctx].to(self.token_embedding.weight.dtype)
+        return self.encode_token_embeddings(self.token_embedding(tokens), tokens.argmax(dim=-1))
+
+    def encode_token_embeddings(self, embeddings: torch.Tensor, eot_positions: torch.Tensor) -> torch.Tensor:
+        """The text tower on already embedded tokens, not normalised: (N, ctx, W), (N,) long -> (N, D).
+
+        ``embeddings`` replaces ``token_embedding(tokens)`` (learned prompt contexts, CoOp); the text
+        positional embedding is added here; the output is read at ``eot_positions``.
+        """
+        n_ctx = embeddings.shape[1]
+        x = embeddings + self.positional_embedding[:n_ctx].to(embeddings.dtype)
         mask = self.causal_mask[:n_ctx, :n_ctx].to(x.dtype)
         x = self.transformer(x, attn_mask=mask)
         x = self.ln_final(x)
-        eot = x[torch.arange(x.shape[0], device=x.device), tokens.argmax(dim=-1)]
+        eot = x[torch.arange(x.shape[0], device=x.device), eot_positions.to(x.device)]
         return eot @ self.text_projection
 
     def forward(self, images: torch.Tensor, tokens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

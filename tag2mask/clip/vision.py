@@ -108,17 +108,25 @@ class VisionTransformer(nn.Module):
             table = table.half().to(pos.dtype)
         return table
 
-    def embed(self, images: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    def embed(
+        self, images: torch.Tensor, pos_embed: Optional[torch.Tensor] = None
+    ) -> tuple[torch.Tensor, tuple[int, int]]:
         """Patchify + CLS + positional embedding + ``ln_pre``: (B, 3, H, W) -> ((B, L, C), (h, w)).
 
         H and W are floored to multiples of the patch size by the stride-``patch`` convolution.
+        ``pos_embed`` ((L, C) or per image (B, L, C)) replaces :meth:`interpolate_pos_embed`, e.g. a
+        table placed on the real patches of a padded image.
         """
         x = self.conv1(images.to(self.conv1.weight.dtype))
         b, c, h, w = x.shape
         x = x.flatten(2).transpose(1, 2)
         cls = self.class_embedding.to(x.dtype).expand(b, 1, c)
         x = torch.cat([cls, x], dim=1)
-        x = x + self.interpolate_pos_embed(h, w).to(x.dtype)
+        if pos_embed is None:
+            pos_embed = self.interpolate_pos_embed(h, w)
+        elif pos_embed.shape[-2] != x.shape[1]:
+            raise ValueError(f"pos_embed has {pos_embed.shape[-2]} rows, the {h}x{w} grid needs {x.shape[1]}")
+        x = x + pos_embed.to(x.dtype)
         return self.ln_pre(x), (h, w)
 
     def run_blocks(
@@ -130,16 +138,18 @@ class VisionTransformer(nn.Module):
         keep_tokens: bool = True,
         out: Optional[VisionIntermediates] = None,
         attention_from: int = 0,
+        attn_mask: Optional[torch.Tensor] = None,
     ) -> VisionIntermediates:
         """Run blocks ``start .. end-1`` on a token stream (B, L, C), collecting outputs (and attention).
 
         Attention maps are formed only for blocks ``>= attention_from``; earlier blocks take the
-        fused ``scaled_dot_product_attention`` path.
+        fused ``scaled_dot_product_attention`` path. ``attn_mask`` is an additive mask broadcastable
+        to (B, heads, L, L), e.g. :func:`key_padding_attn_mask` for padded images.
         """
         end = self.num_blocks if end is None else end
         out = out if out is not None else VisionIntermediates()
         for i in range(start, end):
-            x, attn = self.blocks[i](x, need_weights=return_attention and i >= attention_from)
+            x, attn = self.blocks[i](x, attn_mask=attn_mask, need_weights=return_attention and i >= attention_from)
             if keep_tokens or i == end - 1:
                 out.tokens.append(x)
             if attn is not None:
@@ -155,15 +165,18 @@ class VisionTransformer(nn.Module):
         return_attention: bool = False,
         keep_tokens: bool = True,
         attention_from: int = 0,
+        pos_embed: Optional[torch.Tensor] = None,
+        attn_mask: Optional[torch.Tensor] = None,
     ) -> VisionIntermediates:
         """Embed ``images`` (B, 3, H, W) and run the first ``num_blocks`` blocks (all by default).
 
         With ``keep_tokens=False`` only the last block's output is kept (saves memory); attention
         maps are returned for blocks ``>= attention_from`` (one (B, L, L) map each).
+        ``pos_embed`` and ``attn_mask``: see :meth:`embed` and :meth:`run_blocks`.
         """
-        x, grid = self.embed(images)
+        x, grid = self.embed(images, pos_embed)
         out = VisionIntermediates(grid=grid)
-        return self.run_blocks(x, 0, num_blocks, return_attention, keep_tokens, out, attention_from)
+        return self.run_blocks(x, 0, num_blocks, return_attention, keep_tokens, out, attention_from, attn_mask)
 
     def head(self, x: torch.Tensor) -> torch.Tensor:
         """``ln_post`` then ``proj`` on every token: (B, L, C) -> (B, L, D)."""
@@ -188,3 +201,14 @@ class VisionTransformer(nn.Module):
         x, _ = self.embed(images)
         x = self.transformer(x)
         return self.ln_post(x[:, 0]) @ self.proj
+
+
+def key_padding_attn_mask(key_padding: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Additive attention mask that hides padded key tokens: (B, L) bool (True = padded) -> (B, 1, 1, L).
+
+    Masked keys get ``-inf`` (attention weight exactly 0), as ``nn.MultiheadAttention``'s
+    ``key_padding_mask``; every query row must keep at least one key (the CLS token never is padding).
+    """
+    mask = torch.zeros(key_padding.shape, dtype=dtype, device=key_padding.device)
+    mask = mask.masked_fill(key_padding.bool(), float("-inf"))
+    return mask[:, None, None, :]

@@ -1,15 +1,21 @@
-"""Softmax-GradCAM on the last block of a CLIP ViT, every class of an image in one backward pass.
+"""GradCAM on the last block of a CLIP ViT: every (image, target) pair from one forward pass.
 
-The official CLIP-ES code runs one forward + backward of the last block per class. Because the
-last block's input (the output of the frozen earlier blocks) does not depend on the class, we run
-the block on K copies of that input and differentiate the sum of the K per-copy targets once:
-copy k only influences target k, so the gradient on copy k is exactly the per-class gradient.
+The official CLIP-ES code runs one forward + backward of the last block per class. Here the last
+block runs once on the whole batch and only the vector-Jacobian products with respect to its
+``ln_1`` output are formed, one per (image, target) pair, either batched (one-hot cotangents,
+``is_grads_batched``) or one after another on the retained graph.
+
+:func:`last_block_gradcam` is the method-agnostic core: the caller says how the block output
+becomes target scores (CLIP-ES: plain softmax over text rows; FMA-WSSS: masked softmax over
+learned prompts) and which pairs to explain; it can keep the graph (``create_graph``) so that a
+loss on the CAMs reaches whatever the targets depend on (learned prompts).
+:func:`softmax_gradcam` is CLIP-ES's use of it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -65,37 +71,65 @@ def _target_matrix(targets: TargetRows, num_rows: int, device: torch.device) -> 
     return mat
 
 
-def softmax_gradcam(
+@dataclass
+class LastBlockGradCAM:
+    """What :func:`last_block_gradcam` returns (B images, P pairs, L = 1 + h*w tokens, C channels).
+
+    cams: (P, h, w) raw GradCAM ``sum_c w_c A_c`` of every pair: no ReLU, no normalisation;
+        differentiable w.r.t. what the targets depend on when ``create_graph`` was set.
+    grad_weights: (P, C) mean over all patch tokens of each pair's gradient.
+    targets: (B, K) the target scores (graph kept).
+    activation: (B, L, C) the last block's ``ln_1`` output (detached; CLS at 0).
+    attention: (B, L, L) the last block's head-averaged attention, or None.
+    """
+
+    cams: torch.Tensor
+    grad_weights: torch.Tensor
+    targets: torch.Tensor
+    activation: torch.Tensor
+    attention: Optional[torch.Tensor]
+
+
+TargetFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def last_block_gradcam(
     visual: VisionTransformer,
     last_input: torch.Tensor,
     grid: tuple[int, int],
-    text_features: torch.Tensor,
-    targets: TargetRows,
-    logit_scale: float,
+    target_fn: TargetFn,
+    pairs: torch.Tensor,
+    *,
+    attn_mask: Optional[torch.Tensor] = None,
+    create_graph: bool = False,
     vjp_mode: str = "auto",
-) -> GradCAMOutput:
-    """Softmax-GradCAM of ``targets`` for one image.
+    need_attention: bool = True,
+) -> LastBlockGradCAM:
+    """GradCAM at the last block's ``ln_1`` output for every (image, target) pair.
 
-    last_input: (1, L, C) residual stream entering the last block (no grad needed).
-    text_features: (T, D) text embeddings (normalised again here, as the official code does).
-    targets: per class, a text-row index (or a list of rows whose probabilities are summed: synonyms).
-    The image embedding is the mean of the patch tokens after ``ln_post`` and ``proj`` (not CLS);
-    logits = ``logit_scale`` * cosine; the target of class k is its softmax probability,
-    differentiated at the last block's ``ln_1`` output (the residual path bypasses it).
+    last_input: (B, L, C) residual stream entering the last block (detached here).
+    target_fn: block output (B, L, C) -> target scores (B, K); image b's scores may depend on
+        image b's tokens only.
+    pairs: (P, 2) long, rows ``(image index, target column)``.
+    attn_mask: additive attention mask of the last block (e.g. padded keys), see
+        :func:`tag2mask.clip.vision.key_padding_attn_mask`.
+    create_graph: keep the graph of the gradients (a loss on ``cams`` then trains what the
+        targets depend on; the activation itself is detached, as in the official FMA-WSSS code).
+    vjp_mode: ``'vmap'`` (batched one-hot cotangents, best on GPUs), ``'loop'`` (one VJP after
+        another on the retained graph, best on CPUs: measured 0.49 s vs 0.80 s for 3 targets at
+        ViT-B/16, 500x375, 2 threads) or ``'auto'`` (by device).
 
-    The last block runs forward once and only input gradients are formed, never weight gradients.
-    The K vector-Jacobian products are either batched (``vjp_mode='vmap'``: one-hot cotangents under
-    ``vmap``, best on GPUs) or run one after another on the retained graph (``'loop'``, best on CPUs,
-    where vmap's batching costs more than it saves: measured 0.49 s vs 0.80 s for K=3 at ViT-B/16,
-    500x375, 2 threads). ``'auto'`` picks by device.
+    Channel weights are the mean of the gradient over all h*w patch tokens (tokens hidden by
+    ``attn_mask`` included: their gradient is 0 and dilutes the mean, as FMA-WSSS does).
     """
     if vjp_mode == "auto":
         vjp_mode = "vmap" if last_input.device.type == "cuda" else "loop"
     if vjp_mode not in ("vmap", "loop"):
         raise ValueError(f"vjp_mode must be 'auto', 'vmap' or 'loop', got {vjp_mode!r}")
-    k = len(targets)
-    if k == 0:
-        raise ValueError("softmax_gradcam needs at least one target class")
+    pairs = torch.as_tensor(pairs, dtype=torch.long).reshape(-1, 2)
+    n_pairs = pairs.shape[0]
+    if n_pairs == 0:
+        raise ValueError("GradCAM needs at least one (image, target) pair")
     h, w = grid
     block = visual.blocks[-1]
     x = last_input.detach()
@@ -106,30 +140,90 @@ def softmax_gradcam(
         captured["a"] = a
         return a
 
-    text = F.normalize(text_features.float(), dim=-1)
-    select = _target_matrix(targets, text.shape[0], x.device)
     with torch.enable_grad():
-        out, attn = block(x, need_weights=True, ln1_hook=capture)
+        out, attn = block(x, attn_mask=attn_mask, need_weights=need_attention, ln1_hook=capture)
+        targets = target_fn(out)
+        if targets.dim() != 2 or targets.shape[0] != x.shape[0]:
+            raise ValueError(f"target_fn must return (B={x.shape[0]}, K) scores, got {tuple(targets.shape)}")
+        images, columns = pairs[:, 0].to(targets.device), pairs[:, 1].to(targets.device)
+        act = captured["a"]
+        if vjp_mode == "vmap":
+            cotangents = torch.zeros((n_pairs,) + tuple(targets.shape), device=targets.device, dtype=targets.dtype)
+            cotangents[torch.arange(n_pairs, device=targets.device), images, columns] = 1
+            (grads,) = torch.autograd.grad(
+                targets, act, grad_outputs=cotangents, is_grads_batched=True, create_graph=create_graph
+            )
+            grads = grads[torch.arange(n_pairs, device=grads.device), images.to(grads.device)]  # (P, L, C)
+        else:
+            grads = torch.stack(
+                [
+                    torch.autograd.grad(
+                        targets[images[p], columns[p]], act,
+                        retain_graph=create_graph or p < n_pairs - 1, create_graph=create_graph,
+                    )[0][images[p]]
+                    for p in range(n_pairs)
+                ]
+            )
+    weights = grads[:, 1:].float().mean(dim=1)  # (P, C)
+    activation = act.detach()
+    parts, order = [], []
+    for b in torch.unique(pairs[:, 0]).tolist():
+        sel = torch.nonzero(pairs[:, 0] == b).flatten()
+        parts.append(weights[sel.to(weights.device)] @ activation[b, 1:].float().t())  # (K_b, hw)
+        order.append(sel)
+    # assembled out of place so that the graph (create_graph) survives
+    cams = torch.cat(parts)[torch.argsort(torch.cat(order)).to(weights.device)]
+    return LastBlockGradCAM(
+        cams=cams.view(n_pairs, h, w),
+        grad_weights=weights,
+        targets=targets,
+        activation=activation,
+        attention=attn.detach() if attn is not None else None,
+    )
+
+
+def softmax_gradcam(
+    visual: VisionTransformer,
+    last_input: torch.Tensor,
+    grid: tuple[int, int],
+    text_features: torch.Tensor,
+    targets: TargetRows,
+    logit_scale: float,
+    vjp_mode: str = "auto",
+) -> GradCAMOutput:
+    """CLIP-ES's Softmax-GradCAM of ``targets`` for one image (through :func:`last_block_gradcam`).
+
+    last_input: (1, L, C) residual stream entering the last block (no grad needed).
+    text_features: (T, D) text embeddings (normalised again here, as the official code does).
+    targets: per class, a text-row index (or a list of rows whose probabilities are summed: synonyms).
+    The image embedding is the mean of the patch tokens after ``ln_post`` and ``proj`` (not CLS);
+    logits = ``logit_scale`` * cosine; the target of class k is its softmax probability,
+    differentiated at the last block's ``ln_1`` output (the residual path bypasses it).
+    The CAMs are then ReLU'd and min-max normalised twice (official ``scale_cam_image``).
+    """
+    k = len(targets)
+    if k == 0:
+        raise ValueError("softmax_gradcam needs at least one target class")
+    text = F.normalize(text_features.float(), dim=-1)
+    select = _target_matrix(targets, text.shape[0], last_input.device)
+    saved: dict[str, torch.Tensor] = {}
+
+    def target_fn(out: torch.Tensor) -> torch.Tensor:
         feats = visual.head(out[:, 1:]).mean(dim=1)
         feats = F.normalize(feats.float(), dim=-1)
         probs = (logit_scale * feats @ text.t()).softmax(dim=-1)  # (1, T)
-        selected = (probs * select).sum(dim=-1)  # (K,)
-        if vjp_mode == "vmap":
-            cotangents = torch.eye(k, device=x.device, dtype=selected.dtype)
-            (grads,) = torch.autograd.grad(selected, captured["a"], grad_outputs=cotangents, is_grads_batched=True)
-        else:
-            grads = torch.stack(
-                [torch.autograd.grad(selected[i], captured["a"], retain_graph=i < k - 1)[0] for i in range(k)]
-            )
+        saved["probs"] = probs
+        return (probs * select).sum(dim=-1)[None]  # (1, K)
 
-    act = captured["a"].detach()[0, 1:].float()  # (hw, C)
-    weights = grads[:, 0, 1:].float().mean(dim=1)  # (K, C)
-    cams_raw = torch.relu(weights @ act.t()).view(k, h, w)
+    pairs = torch.stack([torch.zeros(k, dtype=torch.long), torch.arange(k)], dim=1)
+    res = last_block_gradcam(visual, last_input, grid, target_fn, pairs, vjp_mode=vjp_mode)
+    h, w = grid
+    cams_raw = torch.relu(res.cams)
     return GradCAMOutput(
         cams=minmax_twice(cams_raw.clone()),
         cams_raw=cams_raw,
-        probs=probs[0].detach(),
-        activation=act.t().reshape(-1, h, w),
-        grad_weights=weights,
-        last_attention=attn[0].detach(),
+        probs=saved["probs"][0].detach(),
+        activation=res.activation[0, 1:].float().t().reshape(-1, h, w),
+        grad_weights=res.grad_weights,
+        last_attention=res.attention[0],
     )
