@@ -99,9 +99,9 @@ def test_methods_apply_their_numerics_during_their_passes(plain, monkeypatch):
     seen = []
     original = type(plain.visual).embed
 
-    def spy(self, images):
+    def spy(self, images, *args, **kwargs):
         seen.append((weights_are_fp16_exact(plain), self.round_pos_embed_fp16, torch.backends.cudnn.allow_tf32))
-        return original(self, images)
+        return original(self, images, *args, **kwargs)
 
     monkeypatch.setattr(type(plain.visual), "embed", spy)
     torch.backends.cudnn.allow_tf32 = True
