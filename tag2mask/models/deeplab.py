@@ -209,11 +209,12 @@ class DeepLabV2(Segmenter):
             raise WeightsError(f"{source}: ASPP entries {sorted(set(extra) - set(own))[:4]} do not fit aspp_dilations")
 
     def forward_features(self, images: Tensor) -> Tensor:
-        """Stage-4 ResNet features ``(B, 2048, H/8, W/8)``."""
-        return self.backbone(images)[-1]
+        """The classifier's input ``(B, F, H/8, W/8)``: the summed ASPP output (for ``aspp='sum'`` without a
+        text head these already are the logits, the classifier being the identity)."""
+        return self.decode_head(self.backbone(images)[-1])
 
     def _single_scale(self, images: Tensor) -> Tensor:
-        return self.classifier(self.decode_head(self.forward_features(images)))
+        return self.classifier(self.forward_features(images))
 
     def _scale_logits(self, images: Tensor) -> dict[str, Tensor]:
         full = self._single_scale(images)
