@@ -213,7 +213,16 @@ class UperNetConfig:
 def _load_backbone_weights(hf_backbone: nn.Module, source: str, allow_download: Optional[bool]) -> None:
     """Copy an ImageNet backbone (``AutoBackbone`` from ``source``) into ``hf_backbone`` strictly."""
     tf = require_transformers()
-    pretrained = from_pretrained(tf.AutoBackbone, source, allow_download, out_features=list(_STAGES))
+    from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING
+
+    # the concrete class, not AutoBackbone: its from_pretrained asks the hub about local paths (and timm)
+    config = from_pretrained(tf.AutoConfig, source, allow_download)
+    if type(config) not in MODEL_FOR_BACKBONE_MAPPING:
+        from tag2mask.clip.loading import WeightsError
+
+        raise WeightsError(f"{source}: a {type(config).__name__}, which transformers offers no backbone for")
+    backbone_cls = MODEL_FOR_BACKBONE_MAPPING[type(config)]
+    pretrained = from_pretrained(backbone_cls, source, allow_download, out_features=list(_STAGES))
     try:
         hf_backbone.load_state_dict(pretrained.state_dict())
     except RuntimeError as e:
