@@ -165,9 +165,10 @@ class SegFormer(HFSegmenter):
                 if config.variant not in _MIT:
                     raise ValueError(f"unknown SegFormer variant {config.variant!r}; choose from {list(_MIT)}")
                 hidden, depths, decoder = _MIT[config.variant]
-                heads = [1, 1, 1, 1] if config.variant == "tiny" else [1, 2, 5, 8]
+                tiny = config.variant == "tiny"
                 hf_cfg = tf.SegformerConfig(hidden_sizes=hidden, depths=depths, decoder_hidden_size=decoder,
-                                            num_attention_heads=heads)
+                                            num_attention_heads=[1, 1, 1, 1] if tiny else [1, 2, 5, 8],
+                                            sr_ratios=[4, 2, 1, 1] if tiny else [8, 4, 2, 1])
             hf_cfg.num_labels = num_classes
             self.hf = tf.SegformerForSemanticSegmentation(hf_cfg)
         self.classifier = _take_classifier(self.hf.decode_head, num_classes, config.text_head, text_embeddings)
