@@ -222,3 +222,28 @@ def test_mask2former_scores_are_the_query_mixture():
     assert torch.isfinite(loss)
     with pytest.raises(ValueError, match="does not support a text-embedding head"):
         build_segmenter("mask2former", 4, tiny=True, text_embeddings=torch.randn(4, 8))
+
+
+@pytest.fixture(scope="module")
+def gloo_group(tmp_path_factory):
+    import torch.distributed as dist
+
+    store = tmp_path_factory.mktemp("ddp") / "store"
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("name,kw", [(n, {}) for n in sorted(SEGMENTERS)] + [("upernet", {"backbone": "tiny-swin"})])
+def test_loss_through_ddp_forward_uses_every_trainable_parameter(name, kw, gloo_group):
+    """``DDP(model)(images, target)`` gives the loss dict; two steps without ``find_unused_parameters``
+    fail if any trainable parameter is left out of the loss graph."""
+    model = build(name, **kw).train()
+    ddp = torch.nn.parallel.DistributedDataParallel(model)
+    images, target = batch()
+    for _ in range(2):
+        losses = ddp(images, target)
+        assert set(losses) >= {"loss"}
+        losses["loss"].backward()
+    plain = model(images, target)
+    assert plain.keys() == losses.keys()

@@ -5,7 +5,8 @@
 * ``forward(images)``: normalised ``(B, 3, H, W)`` float -> semantic logits ``(B, C, h, w)`` at the
   model's ``output_stride`` (``h = ceil(H / stride)`` or close to it, depending on the network);
 * ``training_loss(images, target)``: ``target (B, H, W)`` int64, 255 = ignore -> ``dict`` of scalar
-  tensors with a ``"loss"`` key (the sum to back-propagate) and its named terms;
+  tensors with a ``"loss"`` key (the sum to back-propagate) and its named terms; ``forward(images,
+  target)`` returns the same (for ``DistributedDataParallel``);
 * ``normalization``: the mean/std (on 0..1 RGB) the backbone expects; ``output_stride``: int;
 * ``predict(image)``: one RGB image -> ``(H, W)`` int64 label map, optional sliding window and
   multi-scale + flip (:mod:`tag2mask.inference`);
@@ -176,7 +177,7 @@ ImageLike = Union["np.ndarray", "PIL.Image.Image"]  # noqa: F821 - PIL imported 
 class Segmenter(nn.Module):
     """Base class of every network built by :func:`tag2mask.models.build_segmenter`.
 
-    Subclasses set ``name`` and implement :meth:`forward` (or the per-pixel split
+    Subclasses set ``name`` and implement :meth:`logits` (or the per-pixel split
     :meth:`forward_features` + ``self.classifier``) and, when needed, :meth:`loss_logits` (extra
     deeply supervised outputs) or :meth:`training_loss` itself (Mask2Former).
     """
@@ -220,9 +221,19 @@ class Segmenter(nn.Module):
         """Decoder features before the classifier ``(B, F, h, w)`` (per-pixel networks)."""
         raise NotImplementedError(f"{type(self).__name__} does not expose pre-classifier features")
 
-    def forward(self, images: Tensor) -> Tensor:
-        """Normalised ``(B, 3, H, W)`` -> semantic logits ``(B, C, h, w)`` at ``output_stride``."""
+    def logits(self, images: Tensor) -> Tensor:
+        """Normalised ``(B, 3, H, W)`` -> semantic logits ``(B, C, h, w)`` at ``output_stride`` (what subclasses implement)."""
         return self.classifier(self.forward_features(images))
+
+    def forward(self, images: Tensor, target: Optional[Tensor] = None) -> Union[Tensor, dict[str, Tensor]]:
+        """``model(images)`` -> logits (:meth:`logits`); ``model(images, target)`` -> :meth:`training_loss`.
+
+        The second form lets a ``DistributedDataParallel`` wrapper compute the loss in its forward
+        (DDP synchronises gradients only for what runs through its ``forward``).
+        """
+        if target is not None:
+            return self.training_loss(images, target)
+        return self.logits(images)
 
     def dense_embeddings(self, images: Tensor) -> Tensor:
         """Dense features in CLIP's joint space ``(B, D, h, w)`` (text-head networks only; not normalised)."""

@@ -149,7 +149,7 @@ class ClipDecoder(Segmenter):
         """Decoder features before the classifier ``(B, embed_dim, H/16, W/16)``."""
         return self.decoder.transform(self.decoder.fuse_features(self.clip_features(images)))
 
-    def forward(self, images: Tensor) -> Tensor:
+    def logits(self, images: Tensor) -> Tensor:
         """``(B, 3, H, W)`` -> ``(B, C, H // 16, W // 16)`` logits (the decoder's affinity output is unused)."""
         return self.decoder.classifier(self.forward_features(images))
 

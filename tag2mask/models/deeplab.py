@@ -231,7 +231,7 @@ class DeepLabV2(Segmenter):
         out["ce_max"] = torch.stack(pyramid).amax(dim=0)
         return out
 
-    def forward(self, images: Tensor) -> Tensor:
+    def logits(self, images: Tensor) -> Tensor:
         """``(B, 3, H, W)`` -> ``(B, C, ceil(H/8), ceil(W/8))`` logits (max over ``msc_scales`` if set)."""
         out = self._scale_logits(images)
         return out.get("ce_max", out["ce"])

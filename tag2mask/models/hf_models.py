@@ -232,6 +232,17 @@ def _load_backbone_weights(hf_backbone: nn.Module, source: str, allow_download: 
         raise WeightsError(f"{source}: backbone weights do not fit the configured backbone ({e})") from e
 
 
+def freeze_unused_backbone_parameters(hf_backbone: nn.Module) -> None:
+    """Freeze what a ``transformers`` backbone holds but never uses for its feature maps.
+
+    ``SwinBackbone`` wraps a ``SwinModel`` whose final LayerNorm serves only classification; left
+    trainable it gets no gradient, which ``DistributedDataParallel`` rejects.
+    """
+    inner = getattr(hf_backbone, "swin", None)
+    if inner is not None and isinstance(getattr(inner, "layernorm", None), nn.Module):
+        inner.layernorm.requires_grad_(False)
+
+
 def backbone_config_for(config: Any, allow_download: Optional[bool]) -> Any:
     """The backbone's ``transformers`` config: from ``backbone_pretrained`` if given, else the named variant."""
     tf = require_transformers()
@@ -267,6 +278,7 @@ class UperNet(HFSegmenter):
             self.hf = tf.UperNetForSemanticSegmentation(hf_cfg)
             if config.backbone_pretrained and config.hf_config is None:
                 _load_backbone_weights(self.hf.backbone, config.backbone_pretrained, allow_download)
+        freeze_unused_backbone_parameters(self.hf.backbone)
         self.classifier = _take_classifier(self.hf.decode_head, num_classes, config.text_head, text_embeddings)
         aux = self.hf.auxiliary_head
         if aux is not None and config.text_head is not None:

@@ -26,7 +26,13 @@ from torch import Tensor
 
 from tag2mask.models.base import IMAGENET_NORMALIZATION, _check_target
 from tag2mask.models.hf_loading import from_pretrained, require_transformers
-from tag2mask.models.hf_models import BACKBONE_VARIANTS, HFSegmenter, _load_backbone_weights, backbone_config_for
+from tag2mask.models.hf_models import (
+    BACKBONE_VARIANTS,
+    HFSegmenter,
+    _load_backbone_weights,
+    backbone_config_for,
+    freeze_unused_backbone_parameters,
+)
 from tag2mask.models.registry import register_segmenter
 
 __all__ = ["Mask2FormerConfig", "Mask2Former", "semantic_targets"]
@@ -111,6 +117,7 @@ class Mask2Former(HFSegmenter):
             self.hf = tf.Mask2FormerForUniversalSegmentation(hf_cfg)
             if config.backbone_pretrained and config.hf_config is None:
                 _load_backbone_weights(self.hf.model.pixel_level_module.encoder, config.backbone_pretrained, allow_download)
+        freeze_unused_backbone_parameters(self.hf.model.pixel_level_module.encoder)
 
     def head_modules(self) -> list[Any]:
         pixel = self.hf.model.pixel_level_module
@@ -122,8 +129,8 @@ class Mask2Former(HFSegmenter):
         probs = class_logits.float().softmax(dim=-1)[..., :-1]
         return torch.einsum("bqc,bqhw->bchw", probs, mask_logits.float().sigmoid())
 
-    def forward(self, images: Tensor) -> Tensor:
-        """``(B, 3, H, W)`` -> ``(B, C, H/4, W/4)`` log semantic scores."""
+    def logits(self, images: Tensor) -> Tensor:
+        """``(B, 3, H, W)`` -> ``(B, C, H/4, W/4)`` log semantic scores (argmax = the semantic prediction)."""
         out = self.hf(pixel_values=images)
         return self.semantic_scores(out.class_queries_logits, out.masks_queries_logits).clamp_min(_MIN_SCORE).log()
 
