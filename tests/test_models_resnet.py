@@ -186,3 +186,31 @@ def test_output_stride_and_dilations(output_stride, contract):
     last = model.backbone.layer4
     full = 4 if output_stride == 8 else 2
     assert last[0].conv2.dilation == ((full // 2,) * 2 if contract else (full,) * 2)
+
+
+def test_transformers_resnet_folder_matches_its_backbone(tmp_path):
+    from transformers import ResNetBackbone, ResNetConfig, ResNetForImageClassification
+
+    torch.manual_seed(6)
+    cfg = ResNetConfig(embedding_size=WIDTH, hidden_sizes=[4 * WIDTH * 2**i for i in range(4)], depths=list(DEPTHS),
+                       layer_type="bottleneck", num_labels=3)
+    clf = ResNetForImageClassification(cfg).eval()
+    with torch.no_grad():  # non-trivial BN statistics
+        for m in clf.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.1, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+    clf.save_pretrained(tmp_path / "resnet")
+    model = build_segmenter("deeplab-v2", 3, variant="tiny", output_stride=32, pretrained=str(tmp_path / "resnet")).eval()
+    assert model.config.backbone_style == "torchvision"
+    reference = ResNetBackbone.from_pretrained(str(tmp_path / "resnet"), out_features=["stage1", "stage2", "stage3", "stage4"]).eval()
+    x = torch.randn(1, 3, 64, 48)
+    with torch.no_grad():
+        ours = model.backbone(x)
+        theirs = reference(x).feature_maps
+    for a, b in zip(ours, theirs):
+        assert torch.allclose(a, b, atol=1e-5)
+    (tmp_path / "notresnet").mkdir()
+    (tmp_path / "notresnet" / "config.json").write_text('{"model_type": "swin"}')
+    with pytest.raises(WeightsError, match="not a transformers bottleneck ResNet"):
+        build_segmenter("deeplab-v2", 3, variant="tiny", pretrained=str(tmp_path / "notresnet"))

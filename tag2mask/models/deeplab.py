@@ -55,7 +55,8 @@ def _backbone_from_config(cfg, norm_eval: bool) -> tuple[DilatedResNet, dict[str
     sd = read_checkpoint(cfg.pretrained) if cfg.pretrained else None
     style = cfg.backbone_style
     if style == "auto":
-        style = (detect_layout(sd) or "torchvision") if sd is not None else "torchvision"
+        layout = detect_layout(sd) if sd is not None else None
+        style = "torchvision" if layout in (None, "transformers") else layout
         cfg.backbone_style = style  # the saved config records what was built
     if style not in STYLES:
         raise ValueError(f"backbone_style must be 'auto' or one of {STYLES}, got {cfg.backbone_style!r}")
@@ -66,7 +67,8 @@ def _backbone_from_config(cfg, norm_eval: bool) -> tuple[DilatedResNet, dict[str
     return backbone, extra, norm
 
 
-def _classifier(in_channels: int, num_classes: int, text_head: Optional[TextHeadConfig], text_embeddings) -> nn.Module:
+def _classifier(in_channels: int, num_classes: int, text_head: Optional[TextHeadConfig],
+                text_embeddings: Optional[Tensor]) -> nn.Module:
     if text_head is None:
         if text_embeddings is not None:
             raise ValueError("text_embeddings given but text_head is None")

@@ -16,6 +16,9 @@ stem, so those checkpoints load without renaming. Checkpoint layouts understood 
 
 * torchvision ``resnet{50,101}-*.pth`` (``fc.*`` dropped);
 * mmcv / mmseg ``resnet{50,101}_v1c-*.pth`` (``stem.*``; a ``backbone.`` prefix is stripped);
+* ``transformers`` ResNets (``microsoft/resnet-101``: a ``save_pretrained`` folder or its
+  ``model.safetensors``; ``embedder.*`` / ``encoder.stages.*``, stride on the 3×3 conv, so they
+  build the ``torchvision`` style);
 * deeplab-pytorch's Caffe conversions (``deeplabv1_resnet101-coco.pth``, the COCO init CLIP-ES uses,
   and ``deeplabv2_resnet101_msc-vocaug.pth``): ``layer1.conv1.conv``, ``layer{2..5}.block{i}.
   {reduce,conv3x3,increase,shortcut}.{conv,bn}``, optional ``base.`` prefix and ``aspp.c{i}``. The
@@ -45,6 +48,7 @@ __all__ = [
     "read_checkpoint",
     "detect_layout",
     "caffe_to_torchvision_names",
+    "transformers_to_torchvision_names",
     "load_resnet_checkpoint",
 ]
 
@@ -169,12 +173,36 @@ class DilatedResNet(nn.Module):
 # ------------------------------------------------------------------------------------------------
 # checkpoints
 
-_STRIP_PREFIXES = ("module.", "backbone.", "base.")
+_STRIP_PREFIXES = ("module.", "backbone.", "base.", "resnet.")
+
+
+def _weights_in_folder(folder: Path) -> Path:
+    """The weight file of a ``transformers`` ResNet folder (checked to be a bottleneck ResNet, v1.5)."""
+    import json
+
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise WeightsError(f"{folder}: a folder without config.json; pass a weight file or a transformers ResNet folder")
+    config = json.loads(config_file.read_text())
+    if config.get("model_type") != "resnet" or config.get("layer_type", "bottleneck") != "bottleneck":
+        raise WeightsError(f"{folder}: not a transformers bottleneck ResNet (model_type {config.get('model_type')!r})")
+    if config.get("downsample_in_bottleneck") or config.get("downsample_in_first_stage"):
+        raise WeightsError(f"{folder}: a ResNet with the stride on the first 1×1 conv or in the first stage is not supported")
+    for name in ("model.safetensors", "pytorch_model.bin"):
+        if (folder / name).is_file():
+            return folder / name
+    raise WeightsNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin")
 
 
 def read_checkpoint(path: Union[str, Path]) -> dict[str, Tensor]:
-    """Read a weight file into a flat state dict (``weights_only=True`` / safetensors; common wrappers unwrapped)."""
+    """Read a weight file (or ``transformers`` folder) into a flat state dict.
+
+    ``.safetensors`` or ``torch.load(weights_only=True)``; ``state_dict`` / ``model`` wrappers and the
+    prefixes ``module.``, ``backbone.``, ``base.``, ``resnet.`` are removed.
+    """
     p = Path(path).expanduser()
+    if p.is_dir():
+        p = _weights_in_folder(p)
     if not p.is_file():
         raise WeightsNotFoundError(f"{p}: no such checkpoint file")
     try:
@@ -206,9 +234,11 @@ def read_checkpoint(path: Union[str, Path]) -> dict[str, Tensor]:
 
 
 def detect_layout(sd: dict[str, Tensor]) -> Optional[str]:
-    """``torchvision`` | ``caffe`` | ``v1c`` for a (prefix-stripped) ResNet state dict, or ``None``."""
+    """``torchvision`` | ``caffe`` | ``v1c`` | ``transformers`` for a (prefix-stripped) ResNet state dict, or ``None``."""
     if "layer1.conv1.conv.weight" in sd and any(k.startswith("layer2.block1.") for k in sd):
         return "caffe"
+    if "embedder.embedder.convolution.weight" in sd and any(k.startswith("encoder.stages.") for k in sd):
+        return "transformers"
     if "stem.0.weight" in sd and "layer1.0.conv1.weight" in sd:
         return "v1c"
     if "conv1.weight" in sd and "layer1.0.conv1.weight" in sd:
@@ -250,6 +280,30 @@ def caffe_to_torchvision_names(sd: dict[str, Tensor]) -> tuple[dict[str, Tensor]
     return backbone, aspp
 
 
+def transformers_to_torchvision_names(sd: dict[str, Tensor]) -> dict[str, Tensor]:
+    """``transformers`` ResNet names -> torchvision's (``classifier.*`` dropped)."""
+    out: dict[str, Tensor] = {}
+    for key, value in sd.items():
+        m = re.match(r"^embedder\.embedder\.(convolution|normalization)\.(.+)$", key)
+        if m:
+            out[("conv1." if m.group(1) == "convolution" else "bn1.") + m.group(2)] = value
+            continue
+        m = re.match(r"^encoder\.stages\.(\d+)\.layers\.(\d+)\.(shortcut|layer\.(\d))\.(convolution|normalization)\.(.+)$", key)
+        if m:
+            stage, block, part, index, kind, param = m.groups()
+            prefix = f"layer{int(stage) + 1}.{block}"
+            if part == "shortcut":
+                name = f"{prefix}.downsample.{0 if kind == 'convolution' else 1}"
+            else:
+                name = f"{prefix}.{'conv' if kind == 'convolution' else 'bn'}{int(index) + 1}"
+            out[f"{name}.{param}"] = value
+            continue
+        if key.startswith("classifier."):
+            continue
+        raise WeightsError(f"unexpected entry {key!r} in a transformers ResNet checkpoint")
+    return out
+
+
 def load_resnet_checkpoint(model: DilatedResNet, sd: dict[str, Tensor], source: str) -> dict[str, Tensor]:
     """Load an ImageNet/COCO ResNet state dict (already read, prefix-stripped) into ``model``.
 
@@ -264,12 +318,15 @@ def load_resnet_checkpoint(model: DilatedResNet, sd: dict[str, Tensor], source: 
             f"{source}: unknown ResNet checkpoint layout (first keys {sample}); expected torchvision "
             f"'resnet101-*.pth', mmcv 'resnet101_v1c-*.pth' or deeplab-pytorch 'deeplabv1_resnet101-coco.pth'"
         )
-    if layout != model.style:
+    expected_style = "torchvision" if layout == "transformers" else layout
+    if expected_style != model.style:
         raise WeightsError(f"{source}: a {layout}-style ResNet checkpoint, but the backbone was built as {model.style!r}; "
-                           f"use backbone_style='{layout}' (or 'auto')")
+                           f"use backbone_style='{expected_style}' (or 'auto')")
     extra: dict[str, Tensor] = {}
     if layout == "caffe":
         sd, extra = caffe_to_torchvision_names(sd)
+    elif layout == "transformers":
+        sd = transformers_to_torchvision_names(sd)
     sd = {k: v for k, v in sd.items() if not k.startswith("fc.")}
     own = model.state_dict()
     missing = sorted(k for k in own if k not in sd and not k.endswith("num_batches_tracked"))
