@@ -139,7 +139,7 @@ def main() -> None:
     print(f"| network | crop | batch | s/it | img/s | peak memory ({mem}) | trainable / total params |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
-        print(f"| {r['network']} | {r['crop']} | {r['batch']} | {r['s_per_it']:.2f} | {r['img_per_s']:.2f} | "
+        print(f"| {r['network']} | {r['crop']} | {r['batch']} | {r['s_per_it']:.2f} | {r['img_per_s']:.3g} | "
               f"{r['peak_gb']:.2f} GB | {r['trainable_m']:.1f} M / {r['total_m']:.1f} M |")
     if rows:
         ref = rows[0]
