@@ -329,7 +329,7 @@ class OpenVocabSegmenter:
 
     def _slide(self, x: torch.Tensor) -> torch.Tensor:
         """Sliding-window logits ``(1, S, h, w)``: crops averaged where they overlap (SCLIP harness)."""
-        return slide_logits(self.dense_logits, x, self.crop, self.stride, self.crop_batch)
+        return slide_logits(self._logits_at, x, self.crop, self.stride, self.crop_batch)
 
     # ----------------------------------------------------------------------------------------------
     # decision

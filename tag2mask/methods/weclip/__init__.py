@@ -6,7 +6,7 @@ CAM affinity). PAR lives in :mod:`tag2mask.refinement.par`, the lr schedule in
 :mod:`tag2mask.training.schedule`.
 """
 
-from tag2mask.models.weclip_decoder import (
+from tag2mask.methods.weclip.decoder import (
     WeCLIPDecoder,
     WeCLIPDecoderOutput,
     count_trainable_parameters,

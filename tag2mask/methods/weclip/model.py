@@ -33,7 +33,7 @@ from tag2mask.clip.model import CLIP, CLIP_MEAN, CLIP_STD
 from tag2mask.clip.text_embed import CacheDir, embed_vocabulary
 from tag2mask.localization.gradcam import softmax_gradcam
 from tag2mask.localization.scaling import minmax_scale, resize_bilinear, resize_bilinear_like_cv2
-from tag2mask.models.weclip_decoder import WeCLIPDecoder
+from tag2mask.methods.weclip.decoder import WeCLIPDecoder
 from tag2mask.methods.weclip.rfm import caa_affinity, refine_with_affinity, rfm_affinity, rfm_keep_mask
 from tag2mask.refinement.par import PAR
 from tag2mask.vocab.templates import CLIP_ES as CLIP_ES_TEMPLATES
