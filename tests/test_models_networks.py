@@ -247,3 +247,22 @@ def test_loss_through_ddp_forward_uses_every_trainable_parameter(name, kw, gloo_
         losses["loss"].backward()
     plain = model(images, target)
     assert plain.keys() == losses.keys()
+
+
+def test_clip_decoder_compat_numerics_needs_rounded_weights(tmp_path):
+    from tag2mask.clip.loading import load_clip, save_clip
+
+    clip = tiny_clip()
+    with pytest.raises(ValueError, match="round_fp16_weights=True"):
+        build("clip-decoder", clip_model=clip, compat_numerics=True)
+    save_clip(clip, tmp_path / "clip.safetensors")
+    model = build("clip-decoder", clip_weights=str(tmp_path / "clip.safetensors"), clip_model=None, compat_numerics=True)
+    assert model.config.clip_fingerprint.endswith(":fp16r")
+    rounded = load_clip(tmp_path / "clip.safetensors", round_fp16_weights=True)
+    images = torch.randn(1, 3, 48, 48)
+    with torch.no_grad():
+        feats = model.eval().clip_features(images)
+        rounded.visual.round_pos_embed_fp16 = True
+        ref = rounded.visual.forward_intermediates(images, 2)
+    assert torch.equal(feats[-1], ref.tokens[-1][:, 1:].transpose(1, 2).reshape(1, 32, 3, 3))
+    assert model.backbone.round_pos_embed_fp16 is False  # restored after the call

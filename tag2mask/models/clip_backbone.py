@@ -29,6 +29,12 @@ from tag2mask.models.weclip_decoder import WeCLIPDecoder
 __all__ = ["ClipDecoderConfig", "ClipDecoder"]
 
 
+def _weights_fp16_exact(visual: nn.Module) -> bool:
+    """Whether the tower's patch embedding and first attention projection survive a float16 round trip."""
+    probes = [visual.conv1.weight, visual.blocks[0].attn.in_proj_weight]
+    return all(torch.equal(p, p.half().to(p.dtype)) for p in probes)
+
+
 @dataclass
 class ClipDecoderConfig:
     """Frozen CLIP ViT + WeCLIP decoder.
@@ -80,6 +86,9 @@ class ClipDecoder(Segmenter):
         clip = clip_model if clip_model is not None else self._load_clip(config, allow_download)
         if not getattr(clip, "is_vit", False):
             raise ValueError("clip-decoder needs a ViT CLIP (ResNet CLIPs have no per-block patch tokens)")
+        if config.compat_numerics and not _weights_fp16_exact(clip.visual):
+            raise ValueError("compat_numerics needs a CLIP loaded with round_fp16_weights=True (the official loader's "
+                             "fp16 rounding); load it so, or pass clip_weights instead of clip_model")
         norm = CLIP_NORMALIZATION if config.normalization == "clip" else IMAGENET_NORMALIZATION
         visual = clip.visual
         super().__init__(config, num_classes, norm, visual.patch_size)
@@ -116,9 +125,7 @@ class ClipDecoder(Segmenter):
             raise ValueError("clip-decoder needs clip_weights (a CLIP file, folder or name such as 'ViT-B/16')")
         from tag2mask.clip.loading import load_clip
 
-        clip = load_clip(config.clip_weights, round_fp16_weights=config.compat_numerics, allow_download=allow_download)
-        clip.visual.round_pos_embed_fp16 = bool(config.compat_numerics)
-        return clip
+        return load_clip(config.clip_weights, round_fp16_weights=config.compat_numerics, allow_download=allow_download)
 
     @property
     def classifier(self) -> nn.Module:
@@ -139,7 +146,13 @@ class ClipDecoder(Segmenter):
     @torch.no_grad()
     def clip_features(self, images: Tensor) -> Tensor:
         """Frozen block outputs 1..n, CLS dropped: ``(B, 3, H, W)`` -> ``(n, B, C, h, w)``."""
-        inter = self.backbone.forward_intermediates(images, self.num_layers)
+        visual = self.backbone
+        saved = visual.round_pos_embed_fp16
+        visual.round_pos_embed_fp16 = bool(self.config.compat_numerics)  # WeCLIP rounds the interpolated table
+        try:
+            inter = visual.forward_intermediates(images, self.num_layers)
+        finally:
+            visual.round_pos_embed_fp16 = saved  # the CLIP may be shared (a teacher); leave it as found
         h, w = inter.grid
         tokens = torch.stack([t[:, 1:] for t in inter.tokens])  # (n, B, hw, C), row-major patches
         n, b, _, c = tokens.shape
