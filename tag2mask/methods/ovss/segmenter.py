@@ -31,6 +31,7 @@ from tag2mask.clip.layers import ResidualAttentionBlock, set_numerics
 from tag2mask.clip.model import CLIP, CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
 from tag2mask.clip.text_embed import CacheDir, embed_vocabulary
 from tag2mask.clip.vision import VisionTransformer
+from tag2mask.inference import slide_logits
 from tag2mask.methods.ovss.last_block import get_last_block, maskclip_keys
 from tag2mask.methods.ovss.maskclip_refine import key_smooth, prompt_denoise
 from tag2mask.vocab.vocabulary import Vocabulary, load_vocabulary
@@ -337,25 +338,7 @@ class OpenVocabSegmenter:
 
     def _slide(self, x: torch.Tensor) -> torch.Tensor:
         """Sliding-window logits ``(1, S, h, w)``: crops averaged where they overlap (SCLIP harness)."""
-        _, _, h, w = x.shape
-        ch, cw = min(self.crop, h), min(self.crop, w)  # images smaller than a crop: one smaller crop
-        rows = max(h - self.crop + self.stride - 1, 0) // self.stride + 1
-        cols = max(w - self.crop + self.stride - 1, 0) // self.stride + 1
-        boxes = []
-        for i in range(rows):
-            for j in range(cols):
-                y2, x2 = min(i * self.stride + ch, h), min(j * self.stride + cw, w)
-                boxes.append((y2 - ch, x2 - cw))  # last row/column shifted back inside the image
-        total = x.new_zeros((1, self.text.shape[0], h, w))
-        count = x.new_zeros((1, 1, h, w))
-        for start in range(0, len(boxes), self.crop_batch):
-            chunk = boxes[start : start + self.crop_batch]
-            crops = torch.cat([x[:, :, y : y + ch, xx : xx + cw] for y, xx in chunk])
-            logits = self._logits_at(crops)
-            for (y, xx), lg in zip(chunk, logits):
-                total[0, :, y : y + ch, xx : xx + cw] += lg
-                count[0, :, y : y + ch, xx : xx + cw] += 1
-        return total / count
+        return slide_logits(self._logits_at, x, self.crop, self.stride, self.crop_batch)
 
     # ----------------------------------------------------------------------------------------------
     # decision

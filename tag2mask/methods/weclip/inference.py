@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from tag2mask.inference import multiscale_flip_logits
 from tag2mask.methods.weclip.model import WeCLIP, WeCLIPConfig, build_clip_for, normalize_rgb
 
 __all__ = ["multiscale_logits", "load_checkpoint", "WeCLIPSegmenter", "segment_with_checkpoint"]
@@ -44,15 +45,7 @@ def multiscale_logits(
         ``(1, C, H // 16, W // 16)`` float32 logits (the encoder floors sizes to the patch grid).
     """
     size = (image.shape[-2] // 16, image.shape[-1] // 16)
-    acc = []
-    for s in scales:
-        x = image if s == 1.0 else F.interpolate(image, scale_factor=s, mode="bilinear", align_corners=False)
-        batch = torch.cat([x, x.flip(-1)]) if flip else x
-        seg = model(batch).seg_logits.float()
-        if tuple(seg.shape[-2:]) != size:
-            seg = F.interpolate(seg, size=size, mode="bilinear", align_corners=False)
-        acc.append((seg[0] + seg[1].flip(-1)) / 2 if flip else seg[0])
-    return torch.stack(acc).mean(dim=0, keepdim=True)
+    return multiscale_flip_logits(lambda x: model(x).seg_logits, image, scales, flip, out_size=size)
 
 
 def load_checkpoint(path: Union[str, Path]) -> tuple[dict[str, torch.Tensor], WeCLIPConfig, dict[str, Any]]:
