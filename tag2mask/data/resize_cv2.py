@@ -21,11 +21,14 @@ OpenCV's 8-bit linear kernel, as measured against opencv-python 5.0 (tests/test_
 
 from __future__ import annotations
 
-from typing import Tuple
+from typing import Tuple, TypeVar
 
 import numpy as np
+import torch
 
 __all__ = ["resize_uint8_like_cv2"]
+
+ArrayOrTensor = TypeVar("ArrayOrTensor", np.ndarray, torch.Tensor)
 
 _COEF_SCALE = np.float32(2048.0)  # OpenCV's INTER_RESIZE_COEF_SCALE (11 fractional bits)
 
@@ -46,31 +49,41 @@ def _taps(src: int, dst: int, clamp_weights: bool) -> Tuple[np.ndarray, np.ndarr
     return np.clip(i0, 0, src - 1), np.clip(i0 + 1, 0, src - 1), w0, w1
 
 
-def resize_uint8_like_cv2(image: np.ndarray, size_hw: Tuple[int, int]) -> np.ndarray:
+def _torch_taps(src: int, dst: int, clamp_weights: bool, device: torch.device) -> Tuple[torch.Tensor, ...]:
+    """:func:`_taps` as tensors: int64 indices, int32 weights."""
+    i0, i1, w0, w1 = _taps(src, dst, clamp_weights)
+    return (torch.from_numpy(i0).to(device), torch.from_numpy(i1).to(device),
+            torch.from_numpy(w0).to(device, torch.int32), torch.from_numpy(w1).to(device, torch.int32))
+
+
+def resize_uint8_like_cv2(image: ArrayOrTensor, size_hw: Tuple[int, int]) -> ArrayOrTensor:
     """Resize an 8-bit image bilinearly exactly as ``cv2.resize(..., INTER_LINEAR)`` does.
 
     Args:
-        image: ``(H, W)`` or ``(H, W, C)`` uint8.
+        image: ``(H, W)`` or ``(H, W, C)`` uint8, a NumPy array or a torch tensor on any device (the
+            integer arithmetic then runs there).
         size_hw: target ``(h, w)``, both >= 1.
 
     Returns:
-        ``(h, w)`` or ``(h, w, C)`` uint8.
+        ``(h, w)`` or ``(h, w, C)`` uint8 of the input's type (and device).
     """
-    image = np.asarray(image)
-    if image.dtype != np.uint8 or image.ndim not in (2, 3):
-        raise ValueError(f"expected an (H, W[, C]) uint8 image, got {image.dtype} of shape {image.shape}")
+    if isinstance(image, np.ndarray):
+        return resize_uint8_like_cv2(torch.from_numpy(np.ascontiguousarray(image)), size_hw).numpy()
+    if not isinstance(image, torch.Tensor) or image.dtype != torch.uint8 or image.ndim not in (2, 3):
+        raise ValueError(f"expected an (H, W[, C]) uint8 image, got {getattr(image, 'dtype', type(image))} "
+                         f"of shape {tuple(getattr(image, 'shape', ()))}")
     h, w = int(size_hw[0]), int(size_hw[1])
     if h < 1 or w < 1:
         raise ValueError(f"target size must be at least 1x1, got {size_hw}")
     src_h, src_w = image.shape[:2]
-    x = image.reshape(src_h, src_w, -1).astype(np.int64)
-    out_shape = (h, w) + image.shape[2:]
+    out_shape = (h, w) + tuple(image.shape[2:])
+    x = image.reshape(src_h, src_w, -1).to(torch.int32)  # every intermediate fits in int32
     if (src_h, src_w) == (2 * h, 2 * w):
         quad = x[0::2, 0::2] + x[1::2, 0::2] + x[0::2, 1::2] + x[1::2, 1::2]
-        return ((quad + 2) >> 2).astype(np.uint8).reshape(out_shape)
-    xi0, xi1, xw0, xw1 = _taps(src_w, w, clamp_weights=True)
-    rows = x[:, xi0] * xw0[None, :, None] + x[:, xi1] * xw1[None, :, None]  # (H, w, C), 2048-scaled
-    yi0, yi1, yw0, yw1 = _taps(src_h, h, clamp_weights=False)
-    top = ((rows[yi0] >> 4) * yw0[:, None, None]) >> 16
-    bottom = ((rows[yi1] >> 4) * yw1[:, None, None]) >> 16
-    return np.clip((top + bottom + 2) >> 2, 0, 255).astype(np.uint8).reshape(out_shape)
+        return ((quad + 2) >> 2).to(torch.uint8).reshape(out_shape)
+    xi0, xi1, xw0, xw1 = _torch_taps(src_w, w, True, x.device)
+    rows = x.index_select(1, xi0) * xw0.view(1, -1, 1) + x.index_select(1, xi1) * xw1.view(1, -1, 1)
+    yi0, yi1, yw0, yw1 = _torch_taps(src_h, h, False, x.device)
+    top = ((rows.index_select(0, yi0) >> 4) * yw0.view(-1, 1, 1)) >> 16
+    bottom = ((rows.index_select(0, yi1) >> 4) * yw1.view(-1, 1, 1)) >> 16
+    return ((top + bottom + 2) >> 2).clamp_(0, 255).to(torch.uint8).reshape(out_shape)

@@ -308,14 +308,16 @@ class OpenVocabSegmenter:
 
         return np.array(to_rgb(image), dtype=np.uint8)
 
-    def _normalise_uint8(self, rgb: np.ndarray) -> torch.Tensor:
+    def _normalise_uint8(self, rgb: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
         """``(h, w, 3)`` uint8 -> ``(1, 3, h, w)`` float32 ``(x - mean) / std`` on the device."""
-        x = torch.from_numpy(np.ascontiguousarray(rgb)).to(self.device).permute(2, 0, 1)[None].float()
+        if isinstance(rgb, np.ndarray):
+            rgb = torch.from_numpy(np.ascontiguousarray(rgb))
+        x = rgb.to(self.device).permute(2, 0, 1)[None].float()
         return (x - self._mean) / self._std
 
     def _preprocess(self, image: Image.Image) -> torch.Tensor:
-        """PIL image -> resized (OpenCV-exact keep-ratio resize), normalised ``(1, 3, h, w)`` float32."""
-        rgb = self._rgb(image)
+        """PIL image -> resized (OpenCV-exact keep-ratio resize, on the device), normalised ``(1, 3, h, w)`` float32."""
+        rgb = torch.from_numpy(self._rgb(image)).to(self.device)
         if self.short_side is not None:
             rgb = resize_like_mmcv(rgb, self.short_side, self.max_long_side)
         return self._normalise_uint8(rgb)

@@ -6,9 +6,14 @@ All follow the mmseg harness that SCLIP, NACLIP and ClearCLIP share (see
 
 from __future__ import annotations
 
+from typing import TypeVar
+
 import numpy as np
+import torch
 
 from tag2mask.data.resize_cv2 import resize_uint8_like_cv2
+
+ImageT = TypeVar("ImageT", np.ndarray, torch.Tensor)
 
 __all__ = ["keep_ratio_size", "resize_like_mmcv", "window_boxes", "centre_padding"]
 
@@ -23,10 +28,10 @@ def keep_ratio_size(height: int, width: int, short_side: int, max_long_side: int
     return max(1, int(height * scale + 0.5)), max(1, int(width * scale + 0.5))
 
 
-def resize_like_mmcv(rgb: np.ndarray, short_side: int, max_long_side: int) -> np.ndarray:
-    """Keep-ratio resize of an ``(H, W, 3)`` uint8 image with OpenCV's bilinear kernel (bit-exact replica)."""
+def resize_like_mmcv(rgb: ImageT, short_side: int, max_long_side: int) -> ImageT:
+    """Keep-ratio resize of an ``(H, W, 3)`` uint8 image (array or tensor) with OpenCV's bilinear kernel (exact replica)."""
     h, w = keep_ratio_size(rgb.shape[0], rgb.shape[1], short_side, max_long_side)
-    if (h, w) == rgb.shape[:2]:
+    if (h, w) == tuple(rgb.shape[:2]):
         return rgb
     return resize_uint8_like_cv2(rgb, (h, w))
 
