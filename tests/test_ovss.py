@@ -104,7 +104,8 @@ def _prior_loops(grid, std):
 
 
 def test_registry_names():
-    assert set(LAST_BLOCKS) == {"clip", "maskclip", "sclip", "clearclip", "naclip"}
+    assert set(LAST_BLOCKS) == {"clip", "maskclip", "sclip", "clearclip", "naclip",
+                                "clip-reduced", "maskclip-reduced", "sclip-reduced"}
     assert LAST_BLOCKS["naclip"].std == 5.0
     assert get_last_block("NACLIP", std=3.0).std == 3.0
     with pytest.raises(KeyError, match="unknown method"):
@@ -317,7 +318,7 @@ def test_key_smoothing_in_segmenter_uses_out_proj_keys(tiny):
         captured["keys"] = maskclip_keys(block, x)[:, 1:]
         return LAST_BLOCKS["maskclip"](block, x, grid)
 
-    tiny.visual.forward_dense(img, last_block=grab)
+    tiny.visual.forward_dense(img, last_block=grab, pos_mode="bicubic", pos_scale_offset=0.1)  # harness numerics
     expected = key_smooth(plain.dense_logits(img), captured["keys"], 0.9)
     torch.testing.assert_close(ks.dense_logits(img), expected)
 
@@ -325,16 +326,16 @@ def test_key_smoothing_in_segmenter_uses_out_proj_keys(tiny):
 def test_decide_synonyms_threshold_and_area(tiny):
     vocab = Vocabulary.from_names([["cat", "kitten"], "dog"], background=["sky"])
     seg = OpenVocabSegmenter(tiny, vocab, method="sclip", logit_scale=1.0, prob_threshold=0.4, text_cache=False)
-    # prompts: cat, kitten, dog, sky -> labels 1, 1, 2, 0
-    assert seg.prompt_label.tolist() == [1, 1, 2, 0]
-    logits = torch.log(torch.tensor([[0.1, 0.5, 0.3], [0.6, 0.1, 0.3], [0.2, 0.2, 0.1], [0.1, 0.2, 0.3]]))
+    # prompts: sky, cat, kitten, dog -> labels 0, 1, 1, 2 (background first, as line 0 of the official name sets)
+    assert seg.prompt_label.tolist() == [0, 1, 1, 2]
+    logits = torch.log(torch.tensor([[0.1, 0.2, 0.3], [0.1, 0.5, 0.3], [0.6, 0.1, 0.3], [0.2, 0.2, 0.1]]))
     label, class_logit = seg._decide(logits.reshape(4, 1, 3))  # rows = prompts, columns = pixels
-    # pixel 0: kitten 0.6 -> cat; pixel 1: cat 0.5 -> cat; pixel 2: probs .3/.3/.1/.3 -> below 0.4 -> background
+    # pixel 0: kitten 0.6 -> cat; pixel 1: cat 0.5 -> cat; pixel 2: probs .3/.3/.3/.1 -> below 0.4 -> background
     assert label.flatten().tolist() == [1, 1, 0]
-    torch.testing.assert_close(class_logit[1, 0], torch.maximum(logits[0], logits[1]))
+    torch.testing.assert_close(class_logit[1, 0], torch.maximum(logits[1], logits[2]))
     # area threshold: 'dog' wins only 1 of 3 foreground pixels -> suppressed at 0.5
     seg2 = OpenVocabSegmenter(tiny, vocab, method="sclip", logit_scale=1.0, area_threshold=0.5, text_cache=False)
-    per_pixel = [[0.7, 0.1, 0.1, 0.1], [0.6, 0.2, 0.1, 0.1], [0.1, 0.1, 0.5, 0.3]]  # cat, kitten, dog, sky
+    per_pixel = [[0.1, 0.7, 0.1, 0.1], [0.1, 0.6, 0.2, 0.1], [0.3, 0.1, 0.1, 0.5]]  # sky, cat, kitten, dog
     lg = torch.log(torch.tensor(per_pixel)).T.reshape(4, 1, 3)
     assert seg2._decide(lg)[0].flatten().tolist() == [1, 1, 0]
 

@@ -17,6 +17,19 @@ from tag2mask.cli.common import (
 )
 
 METHOD_CHOICES = ("maskclip", "sclip", "clearclip", "naclip")
+# kept in step with tag2mask.methods.ovss (importing it here would load torch for every --help)
+DATASET_CHOICES = ("voc21", "voc20", "context60", "context59", "coco_object", "coco_stuff", "city_scapes", "ade20k")
+LAST_BLOCK_CHOICES = ("clip", "maskclip", "sclip", "clearclip", "naclip", "clip-reduced", "maskclip-reduced",
+                      "sclip-reduced")
+PRESET_TABLE = """presets (--preset; options given explicitly override single settings):
+  method     preset     short side  window         logit scale  PAMR  weights
+  any        default    448         slide 224/112  40 (clearclip 50)  off  as loaded
+  sclip      published  336         slide 224/112  40           off   fp16-rounded
+  naclip     published  336         slide 224/112  40           on    fp16-rounded
+  clearclip  published  448         slide 448/224  50           off   fp16-rounded
+  maskclip   published  512         whole          1 (cosine)   off   as loaded; MaskCLIP's mmseg numerics
+  default and published: probability threshold 0, no area threshold; published:DATASET adds that
+  benchmark's official config (e.g. sclip published:voc21: logit scale 65, prob/area thresholds 0.1)."""
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 #: default --max-pixels: 4 MP. The working resolution is bounded anyway (--short-side); what grows with
 #: the image is the full-size logits (prompts x H x W float32, several copies): 95 MP took 13 GB
@@ -38,8 +51,12 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
             "examples:\n"
             "  tag2mask segment photo.jpg --classes \"cat, dog; background: sky, grass, wall\" --out seg --overlay\n"
             "  tag2mask segment photos/ --classes names.txt --method naclip --pamr --weights ViT-B-16.pt --out seg\n"
+            "  tag2mask segment photos/ --classes cls_voc21.txt --method sclip --preset published:voc21 --out seg\n"
             "name-set file: one class per line, comma-separated synonyms (class score = max over synonyms),\n"
-            "and 'background: sky, wall, ...' lines for background words. See docs/open_vocabulary.md.\n"
+            "and 'background: sky, wall, ...' lines for background words; official cls_*.txt files (SCLIP,\n"
+            "NACLIP, ClearCLIP) are read as they are, line 1 = background where the dataset has one\n"
+            "(see --first-line). See docs/open_vocabulary.md.\n"
+            + PRESET_TABLE + "\n"
             "scale out: torchrun --nproc-per-node 4 -m tag2mask segment ... (see docs/batch_jobs.md)\n"
             "exit code: 0 all images ok, 1 some images failed (listed in OUT/manifest.jsonl), 2 bad arguments"
         ),
@@ -56,22 +73,36 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
                         "options do not apply")
     p.add_argument("--crf", action="store_true", help="with --checkpoint only: dense CRF with WeCLIP's parameters (extra 'crf')")
     p.add_argument("--method", default="naclip", choices=METHOD_CHOICES, help="last-block variant (default: naclip)")
+    p.add_argument("--preset", default="default",
+                   help="settings preset (default: default): 'default', 'published' (the method's official harness, "
+                        "proven against the official code), or 'published:DATASET' (plus that benchmark's official "
+                        f"config; DATASET one of {', '.join(DATASET_CHOICES)}). Options below override single settings")
     p.add_argument("--out", required=True, help="output folder (masks/, overlays/, logits/, run.json, manifest.jsonl, logs/)")
-    p.add_argument("--mode", default="slide", choices=("whole", "slide"), help="whole image or sliding window (default: slide)")
-    p.add_argument("--short-side", type=int, default=448, help="resize so the short side is this (default 448; 0 keeps the size)")
-    p.add_argument("--crop", type=int, default=224,
-                   help="with --mode slide: side of the square crops in pixels, after the --short-side resize "
-                        "(default: 224; an image smaller than a crop is one crop)")
-    p.add_argument("--stride", type=int, default=112, help="with --mode slide: step between crops in pixels (default: 112)")
-    p.add_argument("--prob-threshold", type=float, default=0.0,
-                   help="pixels whose best class probability is below this become background (default 0; 0.1 is the SCLIP-family value)")
-    p.add_argument("--area-threshold", type=float, default=None, help="suppress classes covering less than this fraction of the foreground")
-    p.add_argument("--logit-scale", type=float, default=None, help="softmax temperature (default: the method's published value)")
-    p.add_argument("--templates", default=None, help="prompt templates: imagenet80, maskclip85, photo, or one template with '{}'")
-    p.add_argument("--compat", action="store_true", help="the method's official numerics (MaskCLIP: eps 1e-6, erf GELU, ImageNet mean/std, ...)")
-    p.add_argument("--pamr", action="store_true", help="refine with PAMR (10 steps, dilations 8 and 16, as NACLIP)")
+    p.add_argument("--mode", default=None, choices=("whole", "slide"), help="whole image or sliding window (default: preset's, slide)")
+    p.add_argument("--short-side", type=int, default=None,
+                   help="resize so the short side is this, 0 keeps the size (default: preset's; see the table below)")
+    p.add_argument("--crop", type=int, default=None, help="sliding-window crop (default: preset's)")
+    p.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: preset's)")
+    p.add_argument("--prob-threshold", type=float, default=None,
+                   help="pixels whose best class probability is below this become background (default: preset's, 0)")
+    p.add_argument("--area-threshold", type=float, default=None,
+                   help="SCLIP's rule: zero the classes covering at most this fraction of the foreground (default: preset's, off)")
+    p.add_argument("--logit-scale", type=float, default=None, help="softmax temperature (default: preset's)")
+    p.add_argument("--templates", default=None,
+                   help="prompt templates: imagenet80, maskclip85, photo, or one template with '{}' (default: preset's)")
+    p.add_argument("--last-block", default=None, choices=LAST_BLOCK_CHOICES,
+                   help="run another last-block variant in the method's harness, e.g. clip-reduced = the model_type "
+                        "'vanilla' that ClearCLIP's shipped config runs (default: the method's own)")
+    p.add_argument("--compat", action=argparse.BooleanOptionalAction, default=None,
+                   help="the method's official numerics (MaskCLIP: eps 1e-6, erf GELU, ImageNet mean/std, ...); "
+                        "--no-compat: the loaded model as it is (default: preset's)")
+    p.add_argument("--pamr", action=argparse.BooleanOptionalAction, default=None,
+                   help="refine with PAMR, 10 steps, dilations 8 and 16 (default: preset's; on for NACLIP's published)")
+    p.add_argument("--first-line", default="auto", choices=("auto", "background", "class"),
+                   help="official cls_*.txt name sets only: whether line 1 lists the background words "
+                        "(default: auto = when it is 'background' or a list of stuff words such as sky, wall, tree)")
     p.add_argument("--overlay", action="store_true", help="also write OUT/overlays/<stem>.png with a legend")
-    p.add_argument("--save-logits", action="store_true", help="also write OUT/logits/<stem>.npz (per-class logits, float32)")
+    p.add_argument("--save-logits", action="store_true", help="also write OUT/logits/<stem>.npz (per-class logits and probabilities, float32)")
     p.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
                    help=f"largest image (width*height) segmented at full size (default {DEFAULT_MAX_PIXELS:,}); larger ones "
                         "are downscaled to fit (aspect kept) and their mask scaled back (nearest) to the original size; "
@@ -90,8 +121,8 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
 
 
 #: options of the open-vocabulary methods; a trained WeCLIP run (--checkpoint) takes none of them
-_OVSS_OPTIONS = ("classes", "method", "mode", "short_side", "crop", "stride", "prob_threshold", "area_threshold",
-                 "logit_scale", "templates", "compat", "pamr")
+_OVSS_OPTIONS = ("classes", "method", "preset", "mode", "short_side", "crop", "stride", "prob_threshold",
+                 "area_threshold", "logit_scale", "templates", "last_block", "compat", "pamr", "first_line")
 
 
 def check_options(args: argparse.Namespace) -> None:
@@ -130,16 +161,32 @@ def _output_stems(files: list[Path]) -> dict[Path, str]:
     return {f: (f.stem if counts[f.stem] == 1 else f.name.replace(".", "_")) for f in files}
 
 
-def _settings(args: argparse.Namespace, vocab, model) -> dict:
+def _settings(args: argparse.Namespace, vocab, model, segmenter) -> dict:
     """Everything that changes the outputs (the runner's --overwrite guard compares them)."""
-    keys = ("method", "classes", "mode", "short_side", "crop", "stride", "prob_threshold", "area_threshold",
-            "logit_scale", "templates", "compat", "pamr", "overlay", "save_logits", "max_pixels", "max_pixels_policy")
+    keys = ("method", "preset", "classes", "first_line", "mode", "short_side", "crop", "stride", "prob_threshold",
+            "area_threshold", "logit_scale", "templates", "last_block", "compat", "pamr", "overlay", "save_logits",
+            "max_pixels", "max_pixels_policy")
     s = {k: getattr(args, k) for k in keys}
+    # what actually runs once the preset and the options are combined
+    s["resolved"] = segmenter.settings.as_dict()
     # --classes may name a file: record what it resolved to, so an edited file counts as a change
     s["vocabulary"] = {"names": list(vocab.names), "synonyms": [list(x) for x in vocab.synonyms],
                        "background": list(vocab.background), "mode": vocab.mode}
     s["weights"] = getattr(model, "fingerprint", None)
     return s
+
+
+def _segmenter_options(args: argparse.Namespace) -> dict:
+    """Keyword overrides of the preset: only the options given on the command line."""
+    options = {
+        "mode": args.mode, "crop": args.crop, "stride": args.stride, "prob_threshold": args.prob_threshold,
+        "area_threshold": args.area_threshold, "logit_scale": args.logit_scale, "templates": args.templates,
+        "compat": args.compat, "pamr": args.pamr, "last_block": args.last_block,
+    }
+    options = {k: v for k, v in options.items() if v is not None}
+    if args.short_side is not None:
+        options["short_side"] = args.short_side or None  # 0 keeps the image size
+    return options
 
 
 #: output folder -> the kind name used in run.json's per-image "outputs"
@@ -212,6 +259,8 @@ def run(args: argparse.Namespace) -> int:
     import tag2mask
     from tag2mask.cli.common import load_model_from_args, toy_model_warning
     from tag2mask.jobs.distributed import device_for_rank
+    from tag2mask.clip.loading import round_weights_to_fp16
+    from tag2mask.methods.ovss.presets import get_preset
     from tag2mask.methods.ovss.segmenter import METHODS, OpenVocabSegmenter
     from tag2mask.vocab.vocabulary import load_vocabulary
 
@@ -227,19 +276,23 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--classes is empty; give e.g. 'cat, dog; background: sky' or a name-set file")
     if args.limit is not None and args.limit < 0:
         raise ValueError(f"--limit must be >= 0, got {args.limit}")
-    vocab = load_vocabulary(args.classes)
+    preset = get_preset(args.method, args.preset)  # a bad preset name fails before the model is loaded
+    first_line = {"auto": None, "background": True, "class": False}[args.first_line]
+    vocab = load_vocabulary(args.classes, first_line_background=first_line)
     files = list_images(Path(args.input))
     out = Path(args.out)
 
     args.device = device_for_rank(args.device)
     model = load_model_from_args(args)
     warning = toy_model_warning(model, [args.input])
-    segmenter = OpenVocabSegmenter(
-        model, vocab, args.method, templates=args.templates, compat=args.compat, mode=args.mode,
-        short_side=args.short_side or None, crop=args.crop, stride=args.stride, logit_scale=args.logit_scale,
-        prob_threshold=args.prob_threshold, area_threshold=args.area_threshold, pamr=args.pamr,
-    )
-    settings = _settings(args, vocab, model)
+    if preset.round_fp16_weights:
+        # as the official loaders do; done here on the command's own model, so the segmenter needs no copy
+        round_weights_to_fp16(model)
+        model.fingerprint = f"{getattr(model, 'fingerprint', 'unknown')}:fp16r"
+    segmenter = OpenVocabSegmenter(model, vocab, args.method, preset=preset, **_segmenter_options(args))
+    if segmenter.mode == "whole":  # a preset may choose the whole-image mode
+        reject_options(args, ("crop", "stride"), f"with preset {segmenter.settings.name!r}, which runs whole images")
+    settings = _settings(args, vocab, model, segmenter)
     stems = _output_stems(files)
     record = {
         "tag2mask": tag2mask.__version__,
@@ -252,6 +305,7 @@ def run(args: argparse.Namespace) -> int:
         # what ran, next to what was asked (settings): a preset or the method may change these
         "window": {"mode": segmenter.mode, "short_side": segmenter.short_side, "crop": segmenter.crop,
                    "stride": segmenter.stride},
+        "preset": segmenter.settings.name,
         "logit_scale": segmenter.logit_scale,
         "templates": segmenter.templates if isinstance(segmenter.templates, str) else list(segmenter.templates),
         "class_names": list(segmenter.class_names),
@@ -365,5 +419,6 @@ def _write_outputs(out: Path, stem: str, rgb, res, args: argparse.Namespace, ori
         written["logits"] = str(out / "logits" / f"{stem}.npz")
         with atomic_path(written["logits"]) as tmp:
             with open(tmp, "wb") as f:
-                np.savez_compressed(f, logits=res.logits, class_names=np.array(res.class_names))
+                extra = {} if res.probs is None else {"probs": res.probs}
+                np.savez_compressed(f, logits=res.logits, class_names=np.array(res.class_names), **extra)
     return written

@@ -43,6 +43,8 @@ class VisionTransformer(nn.Module):
     Positional-embedding behaviour at other resolutions is set by two attributes, which presets
     change: ``pos_interpolation`` (``'bilinear'`` as CLIP-ES/WeCLIP, or ``'bicubic'`` as MaskCLIP/HF)
     and ``round_pos_embed_fp16`` (the official CLIP-ES/WeCLIP code casts the interpolated table to fp16).
+    :meth:`embed` and :meth:`forward_dense` also take a per-call ``pos_mode`` / ``pos_scale_offset``,
+    so a method can use its own interpolation without changing a shared model.
     """
 
     def __init__(
@@ -86,12 +88,19 @@ class VisionTransformer(nn.Module):
         return int(math.isqrt(self.positional_embedding.shape[0] - 1))
 
     def interpolate_pos_embed(
-        self, h: int, w: int, mode: Optional[str] = None, round_fp16: Optional[bool] = None
+        self, h: int, w: int, mode: Optional[str] = None, round_fp16: Optional[bool] = None,
+        scale_offset: Optional[float] = None,
     ) -> torch.Tensor:
         """Positional embedding for an (h, w) patch grid -> (1 + h*w, C); the CLS row is kept as is.
 
         The patch rows are viewed as a square grid (channels first), resized with
         ``F.interpolate(align_corners=False)`` in float32, flattened row-major.
+
+        ``scale_offset=None`` (default) resizes to exactly ``(h, w)``, so source coordinates are
+        ``(i + 0.5) * g / h - 0.5``. A number ``o`` instead passes ``scale_factor=((h + o) / g,
+        (w + o) / g)`` (no recomputation), the DINO-style ``interpolate_pos_encoding`` that SCLIP,
+        NACLIP and ClearCLIP ship with ``o = 0.1``: the output is still (h, w), but source
+        coordinates are ``(i + 0.5) * g / (h + o) - 0.5``, which shifts the table slightly.
         """
         mode = mode or self.pos_interpolation
         round_fp16 = self.round_pos_embed_fp16 if round_fp16 is None else round_fp16
@@ -101,7 +110,14 @@ class VisionTransformer(nn.Module):
             table = pos
         else:
             patch = pos[1:].float().reshape(1, g, g, -1).permute(0, 3, 1, 2)
-            patch = F.interpolate(patch, size=(h, w), mode=mode, align_corners=False)
+            if scale_offset is None:
+                patch = F.interpolate(patch, size=(h, w), mode=mode, align_corners=False)
+            else:
+                factors = ((h + scale_offset) / g, (w + scale_offset) / g)
+                patch = F.interpolate(patch, scale_factor=factors, mode=mode, align_corners=False,
+                                      recompute_scale_factor=False)
+                if patch.shape[-2:] != (h, w):
+                    raise ValueError(f"scale_offset {scale_offset} gives a {tuple(patch.shape[-2:])} grid, not ({h}, {w})")
             patch = patch.permute(0, 2, 3, 1).reshape(h * w, -1).to(pos.dtype)
             table = torch.cat([pos[:1], patch], dim=0)
         if round_fp16:
@@ -109,13 +125,19 @@ class VisionTransformer(nn.Module):
         return table
 
     def embed(
-        self, images: torch.Tensor, pos_embed: Optional[torch.Tensor] = None
+        self,
+        images: torch.Tensor,
+        pos_embed: Optional[torch.Tensor] = None,
+        pos_mode: Optional[str] = None,
+        pos_scale_offset: Optional[float] = None,
     ) -> tuple[torch.Tensor, tuple[int, int]]:
         """Patchify + CLS + positional embedding + ``ln_pre``: (B, 3, H, W) -> ((B, L, C), (h, w)).
 
         H and W are floored to multiples of the patch size by the stride-``patch`` convolution.
         ``pos_embed`` ((L, C) or per image (B, L, C)) replaces :meth:`interpolate_pos_embed`, e.g. a
         table placed on the real patches of a padded image.
+        ``pos_mode`` / ``pos_scale_offset``: see :meth:`interpolate_pos_embed` (default: the
+        model's ``pos_interpolation``, exact-size resizing).
         """
         x = self.conv1(images.to(self.conv1.weight.dtype))
         b, c, h, w = x.shape
@@ -123,7 +145,7 @@ class VisionTransformer(nn.Module):
         cls = self.class_embedding.to(x.dtype).expand(b, 1, c)
         x = torch.cat([cls, x], dim=1)
         if pos_embed is None:
-            pos_embed = self.interpolate_pos_embed(h, w)
+            pos_embed = self.interpolate_pos_embed(h, w, mode=pos_mode, scale_offset=pos_scale_offset)
         elif pos_embed.shape[-2] != x.shape[1]:
             raise ValueError(f"pos_embed has {pos_embed.shape[-2]} rows, the {h}x{w} grid needs {x.shape[1]}")
         x = x + pos_embed.to(x.dtype)
@@ -183,14 +205,17 @@ class VisionTransformer(nn.Module):
         return self.ln_post(x) @ self.proj
 
     def forward_dense(
-        self, images: torch.Tensor, last_block: Optional[LastBlockFn] = None
+        self, images: torch.Tensor, last_block: Optional[LastBlockFn] = None,
+        pos_mode: Optional[str] = None, pos_scale_offset: Optional[float] = None,
     ) -> tuple[torch.Tensor, tuple[int, int]]:
         """Dense patch features in the joint space: (B, 3, H, W) -> ((B, h*w, D), (h, w)).
 
         ``last_block(block, x, grid)`` replaces the last block (x = its input (B, L, C); it returns the
         new stream (B, L, C)). MaskCLIP, SCLIP, ClearCLIP and NACLIP are such functions.
+        ``pos_mode`` / ``pos_scale_offset``: positional-embedding interpolation of this call
+        (see :meth:`interpolate_pos_embed`).
         """
-        x, grid = self.embed(images)
+        x, grid = self.embed(images, pos_mode=pos_mode, pos_scale_offset=pos_scale_offset)
         x = self.run_blocks(x, 0, self.num_blocks - 1, keep_tokens=False).last
         block = self.blocks[-1]
         x = block(x)[0] if last_block is None else last_block(block, x, grid)

@@ -19,6 +19,16 @@ copied 21-class list with a background entry does not silently create a "backgro
 A line using the inline syntax below (``;`` or ``|``) is rejected too (it would silently become one
 class), and so is a file that is not UTF-8 (the error names the file and line).
 
+**Official name-set file** (``configs/cls_<dataset>.txt`` of SCLIP, NACLIP, ClearCLIP), detected
+when a file has neither comments nor ``background:`` lines: line ``i`` is the class with label
+``i``, its synonyms separated by ``,``; on the datasets with a background class the *first* line
+lists the background words (``sky, wall, tree, ...``, or just ``background``). Whether the first
+line is background is decided by ``first_line_background``; automatically (``None``) it is when
+its first word is ``background`` or when it lists at least three words that are all common
+background words (:data:`BACKGROUND_WORDS`, which covers the official VOC / COCO-Object lines).
+Such files are read as they are: a word may be both a background word and a class (COCO-Object's
+``bed``), as in the official harness. Blank lines are skipped.
+
 **Inline string** (:func:`parse_class_string`): sections separated by ``;``.  A section starting
 with ``background:`` lists background words separated by ``,``; any other section lists classes
 separated by ``,``, with ``|`` separating synonyms of one class::
@@ -58,12 +68,15 @@ class Vocabulary:
         background: background prompt strings (may be empty).
         mode: ``"max"`` (one prompt per synonym, class score = max) or ``"joined"``
             (all synonyms of a class in one ``','``-joined prompt).
+        allow_background_overlap: accept a word listed both as a class and as a background word
+            (official name-set files contain such overlaps; otherwise it is reported as a mistake).
     """
 
     names: tuple[str, ...]
     synonyms: tuple[tuple[str, ...], ...]
     background: tuple[str, ...] = ()
     mode: str = "max"
+    allow_background_overlap: bool = False
 
     def __post_init__(self) -> None:
         # Coerce lists to tuples so the frozen object is hashable and really immutable.
@@ -84,7 +97,7 @@ class Vocabulary:
         _reject_duplicates(self.names, "class name")
         _reject_duplicates(self.background, "background word")
         clash = {n.lower() for n in self.names} & {b.lower() for b in self.background}
-        if clash:
+        if clash and not self.allow_background_overlap:
             raise ValueError(f"words listed both as class and as background: {sorted(clash)}")
 
     def __len__(self) -> int:
@@ -127,7 +140,7 @@ class Vocabulary:
 
     def with_background(self, background: Iterable[str]) -> "Vocabulary":
         """Copy with a different background list."""
-        return Vocabulary(self.names, self.synonyms, tuple(background), self.mode)
+        return Vocabulary(self.names, self.synonyms, tuple(background), self.mode, self.allow_background_overlap)
 
     @classmethod
     def from_names(
@@ -136,6 +149,7 @@ class Vocabulary:
         background: Iterable[str] = (),
         mode: str = "max",
         display_names: Sequence[str] | None = None,
+        allow_background_overlap: bool = False,
     ) -> "Vocabulary":
         """Build from class entries: a string is one literal prompt (commas are kept, as
         CLIP-ES uses them inside names); a sequence of strings is a synonym group whose first
@@ -149,7 +163,7 @@ class Vocabulary:
             shown = [g[0] if g else "" for g in groups]
         else:
             shown = [_clean(n) for n in display_names]
-        return cls(tuple(shown), tuple(groups), tuple(_clean(b) for b in background), mode)
+        return cls(tuple(shown), tuple(groups), tuple(_clean(b) for b in background), mode, allow_background_overlap)
 
 
 def _reject_duplicates(words: Sequence[str], what: str) -> None:
@@ -212,13 +226,60 @@ def _reserved(word: str, where: str) -> None:
         )
 
 
-def parse_nameset_file(path: Union[str, os.PathLike], mode: str = "max") -> Vocabulary:
-    """Read a name-set file (grammar in the module docstring)."""
+#: words that mark the first line of an official name-set file as background (automatic detection)
+BACKGROUND_WORDS = frozenset(
+    "sky wall tree wood grass road sea river mountain sands sand desk bed building cloud clouds lamp door window "
+    "wardrobe ceiling shelf curtain stair stairs floor hill rail fence ground land lake water railway railroad "
+    "house ocean rock street valley bridge sign field snow dirt mud pavement sidewalk earth plant bush leaves "
+    "background".split()
+)
+
+
+def is_official_nameset(text: str) -> bool:
+    """Whether name-set text is in the official ``cls_*.txt`` format (no comments, no ``background:`` lines)."""
+    lines = [line.strip() for line in text.splitlines()]
+    return not any(line.startswith("#") or _background_section(line) is not None for line in lines if line)
+
+
+def _first_line_is_background(words: Sequence[str]) -> bool:
+    lowered = [w.lower() for w in words]
+    return lowered[0] == _BACKGROUND_KEY or (len(lowered) >= 3 and all(w in BACKGROUND_WORDS for w in lowered))
+
+
+def _parse_official(p: Path, text: str, mode: str, first_line_background: bool | None) -> Vocabulary:
+    lines = [(n, _split_words(raw, ",")) for n, raw in enumerate(text.splitlines(), start=1) if raw.strip()]
+    for lineno, syns in lines:
+        if not syns:
+            raise ValueError(f"{p}:{lineno}: no class name on this line")
+    if not lines:
+        raise ValueError(f"{p}: the file lists no classes")
+    background: list[str] = []
+    if first_line_background is None:
+        first_line_background = _first_line_is_background(lines[0][1])
+    if first_line_background:
+        background = lines[0][1]
+        lines = lines[1:]
+        if not lines:
+            raise ValueError(f"{p}: only a background line; the classes follow it, one per line")
+    for lineno, syns in lines:
+        _reserved(syns[0], f"{p}:{lineno}")
+    try:
+        return Vocabulary.from_names([syns for _, syns in lines], background, mode=mode, allow_background_overlap=True)
+    except ValueError as exc:
+        raise ValueError(f"{p}: {exc}") from None
+
+
+def parse_nameset_file(
+    path: Union[str, os.PathLike], mode: str = "max", first_line_background: bool | None = None
+) -> Vocabulary:
+    """Read a name-set file: tag2mask's grammar or an official ``cls_*.txt`` (module docstring).
+
+    ``first_line_background`` (official files only): whether line 1 holds the background words
+    (``None``: detected). Giving it for a file in tag2mask's grammar is an error.
+    """
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"class-name file not found: {p}")
-    groups: list[list[str]] = []
-    background: list[str] = []
     data = p.read_bytes()
     try:
         text = data.decode("utf-8-sig")
@@ -226,6 +287,15 @@ def parse_nameset_file(path: Union[str, os.PathLike], mode: str = "max") -> Voca
         line = data[: exc.start].count(b"\n") + 1
         raise ValueError(f"{p}:{line}: not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start}); "
                          "save the class-name file as UTF-8") from None
+    if is_official_nameset(text):
+        return _parse_official(p, text, mode, first_line_background)
+    if first_line_background is not None:
+        raise ValueError(
+            f"{p}: first_line_background applies to official cls_*.txt name sets; this file uses comments "
+            "or 'background:' lines, which already say what is background"
+        )
+    groups: list[list[str]] = []
+    background: list[str] = []
     for lineno, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
@@ -276,25 +346,31 @@ def parse_class_string(text: str, mode: str = "max") -> Vocabulary:
     return Vocabulary.from_names(groups, background, mode=mode)
 
 
-def load_vocabulary(spec: str, mode: str = "max") -> Vocabulary:
+def _is_file(p: Path) -> bool:
+    try:
+        return p.is_file()
+    except (OSError, ValueError):  # a long inline list is no file name ("File name too long"), nor a NUL
+        return False
+
+
+def load_vocabulary(spec: str, mode: str = "max", first_line_background: bool | None = None) -> Vocabulary:
     """``voc`` / ``coco`` / ``voc-maskclip``, a name-set file path, or an inline class string.
 
-    ``mode`` applies to files and inline strings (presets are fixed to CLIP-ES prompts).
+    ``mode`` applies to files and inline strings (presets are fixed to CLIP-ES prompts);
+    ``first_line_background`` to official ``cls_*.txt`` files only (``None``: detected).
     """
     if not isinstance(spec, (str, os.PathLike)):
         raise TypeError(f"vocabulary spec must be a string or path, got {type(spec).__name__}")
     spec_str = os.fspath(spec)
     if not spec_str.strip():
         raise ValueError("vocabulary spec is empty; use 'voc', 'coco', a file path or 'cat, dog'")
+    p = Path(spec_str).expanduser()
+    if first_line_background is not None and not _is_file(p):
+        raise ValueError(f"first_line_background applies to official cls_*.txt name-set files, not to {spec_str!r}")
     if spec_str.strip().lower() in PRESETS:
         return get_vocabulary(spec_str)
-    p = Path(spec_str).expanduser()
-    try:
-        is_file = p.is_file()
-    except (OSError, ValueError):  # a long inline list is no file name ("File name too long"), nor a NUL
-        is_file = False
-    if is_file:
-        return parse_nameset_file(p, mode=mode)
+    if _is_file(p):
+        return parse_nameset_file(p, mode=mode, first_line_background=first_line_background)
     looks_like_path = p.suffix.lower() in (".txt", ".names", ".csv") or (os.sep in spec_str and "," not in spec_str)
     if looks_like_path:
         raise FileNotFoundError(f"class-name file not found: {p}")
@@ -302,6 +378,6 @@ def load_vocabulary(spec: str, mode: str = "max") -> Vocabulary:
 
 
 __all__ = [
-    "Vocabulary", "PROMPT_MODES", "PRESETS", "get_vocabulary", "parse_nameset_file",
-    "parse_class_string", "load_vocabulary",
+    "Vocabulary", "PROMPT_MODES", "PRESETS", "BACKGROUND_WORDS", "get_vocabulary", "is_official_nameset",
+    "parse_nameset_file", "parse_class_string", "load_vocabulary",
 ]

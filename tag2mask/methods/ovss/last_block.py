@@ -10,20 +10,35 @@ block of the image tower (see :meth:`tag2mask.clip.vision.VisionTransformer.forw
 * returns the new stream ``(B, 1 + h*w, C)``, which ``forward_dense`` sends through ``ln_post`` and
   ``proj``.
 
-Published definitions (checked against the official code, see ``docs/open_vocabulary.md``):
+A variant is an *attention kind* (how the attention matrix is formed from CLIP's own q, k, v
+projections of ``ln_1(x)``) in one of two *architectures*: ``full`` keeps the block's residual and
+FFN (``x + A(ln_1 x)`` then ``+ FFN``); ``reduced`` returns the attention output alone (what
+ClearCLIP's ``ignore_residual=True`` and NACLIP's ``arch='reduced'`` do).
 
-========== ============================================ ========== ======
-name       attention of the last block                  residual   FFN
-========== ============================================ ========== ======
-clip       softmax(q kᵀ/√d)  (unchanged CLIP)           kept       kept
-maskclip   identity (each token attends to itself)      kept       kept
-sclip      softmax(q qᵀ/√d) + softmax(k kᵀ/√d)          kept       kept
-clearclip  softmax(q qᵀ/√d)                             dropped    dropped
-naclip     softmax(k kᵀ/√d + Gaussian prior, σ=5)       dropped    dropped
-========== ============================================ ========== ======
+Published definitions (checked against the official code and its golden fixtures, see
+``docs/open_vocabulary.md``):
 
-``d`` is the per-head dimension; all attentions are per head with CLIP's own projections, and the
-attention output always goes through the block's ``out_proj``.
+================  ============================================  =========
+name              attention of the last block                   residual
+                                                                 and FFN
+================  ============================================  =========
+clip              softmax(q kᵀ/√d)  (unchanged CLIP)            kept
+maskclip          identity (each token attends to itself)       kept
+sclip             softmax(q qᵀ/√d) + softmax(k kᵀ/√d)           kept
+clearclip         softmax(q qᵀ/√d)                              dropped
+naclip            softmax(k kᵀ/√d + Gaussian prior, σ=5)        dropped
+clip-reduced      softmax(q kᵀ/√d)                              dropped
+maskclip-reduced  identity                                      dropped
+sclip-reduced     softmax(q qᵀ/√d) + softmax(k kᵀ/√d)           dropped
+================  ============================================  =========
+
+The ``-reduced`` variants are the baselines of ClearCLIP's ``model_type`` switch with its default
+``ignore_residual=True``: ``vanilla`` (the value its shipped ``configs/base_config.py`` sets),
+``MaskCLIP`` and ``SCLIP``. ``d`` is the per-head dimension; all attentions are per head with CLIP's
+own projections, and the attention output always goes through the block's ``out_proj``.
+
+:func:`attention_weights` returns a variant's attention matrix explicitly (rows = queries) for
+inspection; the variants themselves use fused ``scaled_dot_product_attention`` calls.
 """
 
 from __future__ import annotations
@@ -38,8 +53,8 @@ from tag2mask.clip.layers import ResidualAttentionBlock
 LastBlockFn = Callable[[ResidualAttentionBlock, torch.Tensor, tuple[int, int]], torch.Tensor]
 
 __all__ = [
-    "LastBlockFn", "LAST_BLOCKS", "get_last_block", "clip_block", "maskclip_block", "maskclip_keys",
-    "sclip_block", "clearclip_block", "NAClipBlock", "naclip_block", "neighbourhood_prior",
+    "LastBlockFn", "LAST_BLOCKS", "get_last_block", "attention_weights", "clip_block", "maskclip_block",
+    "maskclip_keys", "sclip_block", "clearclip_block", "NAClipBlock", "naclip_block", "neighbourhood_prior",
 ]
 
 
@@ -67,6 +82,54 @@ def _ffn(block: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tensor:
     return x + block.mlp(block.ln_2(x))
 
 
+def _softmax_scores(a: torch.Tensor, b: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Explicit ``softmax(a bᵀ/√d + bias)``: ``(B, heads, L, d)`` x2 -> ``(B, heads, L, L)``."""
+    scores = (a @ b.transpose(-2, -1)) * a.shape[-1] ** -0.5
+    if bias is not None:
+        scores = scores + bias
+    return scores.softmax(dim=-1)
+
+
+# --------------------------------------------------------------------------------------------------
+# attention kinds: attention output of ln_1(x), before the residual (B, L, C)
+
+
+def _identity_attention(block: ResidualAttentionBlock, a: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    # token i's output is its own value, so no head split is needed
+    _, _, v = block.attn.qkv(a, split_heads=False)
+    return block.attn.project_out(v)
+
+
+def _qk_attention(block: ResidualAttentionBlock, a: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    q, k, v = block.attn.qkv(a)
+    return _attention_output(block, F.scaled_dot_product_attention(q, k, v))
+
+
+def _csa_attention(block: ResidualAttentionBlock, a: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    q, k, v = block.attn.qkv(a)
+    # (A_q + A_k) v = A_q v + A_k v: two fused attention calls instead of two L×L matrices
+    return _attention_output(block, _self_similarity_attention(q, v) + _self_similarity_attention(k, v))
+
+
+def _qq_attention(block: ResidualAttentionBlock, a: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    q, _, v = block.attn.qkv(a)
+    return _attention_output(block, _self_similarity_attention(q, v))
+
+
+def _full(attend: Callable) -> LastBlockFn:
+    def block_fn(block: ResidualAttentionBlock, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        return _ffn(block, x + attend(block, block.ln_1(x), grid))
+
+    return block_fn
+
+
+def _reduced(attend: Callable) -> LastBlockFn:
+    def block_fn(block: ResidualAttentionBlock, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        return attend(block, block.ln_1(x), grid)
+
+    return block_fn
+
+
 # --------------------------------------------------------------------------------------------------
 # variants
 
@@ -83,10 +146,7 @@ def maskclip_block(block: ResidualAttentionBlock, x: torch.Tensor, grid: tuple[i
     keeps the residual and the FFN (re-implementations that drop them do not reproduce its numbers).
     ``(B, L, C) -> (B, L, C)``.
     """
-    _, _, v = block.attn.qkv(block.ln_1(x), split_heads=False)
-    # identity attention: token i's output is its own value, so no head split is needed
-    x = x + block.attn.project_out(v)
-    return _ffn(block, x)
+    return _ffn(block, x + _identity_attention(block, block.ln_1(x), grid))
 
 
 def maskclip_keys(block: ResidualAttentionBlock, x: torch.Tensor) -> torch.Tensor:
@@ -105,11 +165,7 @@ def sclip_block(block: ResidualAttentionBlock, x: torch.Tensor, grid: tuple[int,
     The two softmaxes are summed, not averaged (rows sum to 2), exactly as in the official code;
     ``(B, L, C) -> (B, L, C)``.
     """
-    q, k, v = block.attn.qkv(block.ln_1(x))
-    # (A_q + A_k) v = A_q v + A_k v: two fused attention calls instead of two L×L matrices
-    out = _self_similarity_attention(q, v) + _self_similarity_attention(k, v)
-    x = x + _attention_output(block, out)
-    return _ffn(block, x)
+    return _ffn(block, x + _csa_attention(block, block.ln_1(x), grid))
 
 
 def clearclip_block(block: ResidualAttentionBlock, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
@@ -117,8 +173,7 @@ def clearclip_block(block: ResidualAttentionBlock, x: torch.Tensor, grid: tuple[
 
     Returns ``W_o(softmax(q qᵀ/√d) v) + b_o`` only; ``(B, L, C) -> (B, L, C)``.
     """
-    q, _, v = block.attn.qkv(block.ln_1(x))
-    return _attention_output(block, _self_similarity_attention(q, v))
+    return _qq_attention(block, block.ln_1(x), grid)
 
 
 def neighbourhood_prior(
@@ -166,13 +221,24 @@ class NAClipBlock:
             self._cache[key] = neighbourhood_prior(grid, self.std, device=device, dtype=dtype)
         return self._cache[key]
 
-    def __call__(self, block: ResidualAttentionBlock, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        """``(B, 1 + h*w, C) -> (B, 1 + h*w, C)``."""
-        _, k, v = block.attn.qkv(block.ln_1(x))
+    def _checked_prior(self, k: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         if k.shape[2] != 1 + grid[0] * grid[1]:
             raise ValueError(f"NACLIP expects 1 + {grid[0]}*{grid[1]} tokens, got {k.shape[2]}")
-        bias = self.prior(grid, k.device, k.dtype)
-        return _attention_output(block, _self_similarity_attention(k, v, bias))
+        return self.prior(grid, k.device, k.dtype)
+
+    def attention(self, block: ResidualAttentionBlock, a: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Attention output of ``a = ln_1(x)`` before any residual: ``(B, L, C)``."""
+        _, k, v = block.attn.qkv(a)
+        return _attention_output(block, _self_similarity_attention(k, v, self._checked_prior(k, grid)))
+
+    def weights(self, block: ResidualAttentionBlock, a: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """Explicit attention matrix ``(B, heads, L, L)`` of ``a = ln_1(x)``."""
+        _, k, _ = block.attn.qkv(a)
+        return _softmax_scores(k, k, self._checked_prior(k, grid))
+
+    def __call__(self, block: ResidualAttentionBlock, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+        """``(B, 1 + h*w, C) -> (B, 1 + h*w, C)``."""
+        return self.attention(block, block.ln_1(x), grid)
 
     def __repr__(self) -> str:
         return f"NAClipBlock(std={self.std})"
@@ -187,6 +253,9 @@ LAST_BLOCKS: dict[str, LastBlockFn] = {
     "sclip": sclip_block,
     "clearclip": clearclip_block,
     "naclip": naclip_block,
+    "clip-reduced": _reduced(_qk_attention),
+    "maskclip-reduced": _reduced(_identity_attention),
+    "sclip-reduced": _reduced(_csa_attention),
 }
 
 
@@ -207,3 +276,27 @@ def get_last_block(name: str, **params: float) -> LastBlockFn:
         return NAClipBlock(std=params["std"])
     raise TypeError(f"method {key!r} takes no parameters, got {sorted(params)}")
 
+
+def attention_weights(
+    name: str, block: ResidualAttentionBlock, a: torch.Tensor, grid: tuple[int, int], std: float = 5.0
+) -> torch.Tensor:
+    """The attention matrix of variant ``name`` for ``a = ln_1(x)`` ``(B, L, C)``: ``(B, heads, L, L)``.
+
+    Rows are queries. SCLIP's rows sum to 2 (two softmaxes added); MaskCLIP's matrix is the
+    identity; ``std`` is NACLIP's σ. Computed explicitly (the variants use fused kernels).
+    """
+    key = name.strip().lower()
+    if key not in LAST_BLOCKS:
+        raise KeyError(f"unknown method {name!r}; choose one of {sorted(LAST_BLOCKS)}")
+    kind = key.removesuffix("-reduced")
+    if kind == "naclip":
+        return NAClipBlock(std=std).weights(block, a, grid)
+    q, k, _ = block.attn.qkv(a)
+    if kind == "maskclip":
+        eye = torch.eye(q.shape[2], dtype=q.dtype, device=q.device)
+        return eye.expand(q.shape[0], q.shape[1], -1, -1).clone()
+    if kind == "clip":
+        return _softmax_scores(q, k)
+    if kind == "sclip":
+        return _softmax_scores(q, q) + _softmax_scores(k, k)
+    return _softmax_scores(q, q)  # clearclip

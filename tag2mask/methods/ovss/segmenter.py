@@ -1,25 +1,29 @@
 """Training-free open-vocabulary segmentation with a frozen CLIP (MaskCLIP, SCLIP, ClearCLIP, NACLIP).
 
-Pipeline of :meth:`OpenVocabSegmenter.predict` (the SCLIP-family harness, MaskCLIP as a special case):
+Pipeline of :meth:`OpenVocabSegmenter.predict` (the SCLIP-family harness, MaskCLIP as a special case);
+every setting comes from an :class:`~tag2mask.methods.ovss.presets.OvssPreset` (``default`` or
+``published``) that the segmenter applies itself:
 
-1. resize so the short side is ``short_side`` (long side at most ``max_long_side``), like mmcv's
-   ``Resize(keep_ratio=True)``; normalise (CLIP mean/std, or ImageNet's in MaskCLIP compat mode);
+1. keep-ratio resize so the short side is ``short_side`` (long side at most ``max_long_side``) with
+   OpenCV's uint8 bilinear kernel (bit-exact replica), then normalisation;
 2. dense patch features from the image tower with the method's last block
-   (:mod:`tag2mask.methods.ovss.last_block`), over the whole image or over sliding crops;
+   (:mod:`tag2mask.methods.ovss.last_block`), over the whole image or over sliding windows
+   (ClearCLIP zero-pads each window to a multiple of the patch size);
 3. cosine logits against L2-normalised, template-averaged text embeddings, one row per prompt
-   (class synonyms and background words are separate prompts); MaskCLIP's optional prompt
-   denoising and key smoothing (:mod:`tag2mask.methods.ovss.maskclip_refine`) at feature resolution;
-4. bilinear upsampling to the crop / input size, averaging of overlapping crops, upsampling to the
+   (background words first, then the class synonyms); MaskCLIP's optional prompt denoising and
+   key smoothing (:mod:`tag2mask.methods.ovss.maskclip_refine`) at feature resolution;
+4. bilinear upsampling to the window size, averaging of overlapping windows, upsampling to the
    image size; optional PAMR;
-5. ``softmax(logit_scale · logits)`` over prompts, class probability = max over its prompts,
+5. ``softmax(logit_scale · logits)`` over *all* prompts, class probability = max over its prompts,
    optional area threshold, argmax, pixels below ``prob_threshold`` become background.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence, Union
+from typing import Any, Iterator, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -27,33 +31,39 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from tag2mask.clip.layers import ResidualAttentionBlock, set_numerics
-from tag2mask.clip.model import CLIP, CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
+from tag2mask.clip.layers import Attention, ResidualAttentionBlock, set_numerics
+from tag2mask.clip.model import CLIP, CLIP_MEAN, CLIP_STD
 from tag2mask.clip.text_embed import CacheDir, embed_vocabulary
 from tag2mask.clip.vision import VisionTransformer
 from tag2mask.inference import slide_logits
 from tag2mask.methods.ovss.last_block import get_last_block, maskclip_keys
 from tag2mask.methods.ovss.maskclip_refine import key_smooth, prompt_denoise
+from tag2mask.methods.ovss.presets import OvssPreset, get_preset, published_settings
+from tag2mask.methods.ovss.windows import centre_padding, resize_like_mmcv, window_boxes
 from tag2mask.vocab.vocabulary import Vocabulary, load_vocabulary
 
 __all__ = ["METHODS", "PUBLISHED_SETTINGS", "SegmentationResult", "OpenVocabSegmenter", "maskclip_numerics"]
 
 METHODS = ("maskclip", "sclip", "clearclip", "naclip", "clip")
 
-#: settings of each method's official harness, for orientation (docs, CLI help); the segmenter's
-#: own defaults are the shared ones in its signature.
-PUBLISHED_SETTINGS: dict[str, dict[str, object]] = {
-    "maskclip": {"templates": "maskclip85", "short_side": 512, "mode": "whole", "logit_scale": 1.0},
-    "sclip": {"templates": "imagenet80", "short_side": 336, "mode": "slide", "crop": 224, "stride": 112, "logit_scale": 40.0},
-    "clearclip": {"templates": "imagenet80", "short_side": 448, "mode": "slide", "crop": 448, "stride": 224, "logit_scale": 50.0},
-    "naclip": {"templates": "imagenet80", "short_side": 336, "mode": "slide", "crop": 224, "stride": 112, "logit_scale": 40.0,
-               "gaussian_std": 5.0, "pamr": "10 steps, dilations (8, 16)"},
-    "clip": {"templates": "imagenet80", "logit_scale": 40.0},
-}
+#: method -> every field of its ``published`` preset (docs, CLI help)
+PUBLISHED_SETTINGS: dict[str, dict[str, object]] = published_settings()
 
-_DEFAULT_TEMPLATES = {"maskclip": "maskclip85"}  # everything else: the 80 ImageNet templates
-_NATIVE_LOGIT_SCALE = {"clearclip": 50.0}  # everything else: 40, the SCLIP harness default
 _BACKGROUND_NAME = "background"
+
+# mean / std in 0-255 units: the SCLIP-family SegDataPreProcessor and MaskCLIP's mmseg config
+_HARNESS_MEAN, _HARNESS_STD = (122.771, 116.746, 104.094), (68.501, 66.632, 70.323)
+_MMSEG_IMAGENET_MEAN, _MMSEG_IMAGENET_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+_HARNESS_POS_OFFSET = 0.1  # interpolate_pos_encoding: scale_factor = (n + 0.1) / 14
+
+
+class _Unset:
+    def __repr__(self) -> str:
+        return "<from preset>"
+
+
+#: keyword default meaning "take this setting from the preset"
+FROM_PRESET: Any = _Unset()
 
 
 @dataclass
@@ -68,12 +78,22 @@ class SegmentationResult:
             when key smoothing is on). A background row without background words is ``-inf``.
         class_names: display name per label value.
         has_background: whether label 0 means background.
+        probs: ``(len(class_names), H, W)`` float32 class probabilities as the official harness
+            returns them (``seg_logits``): max over each class's prompts of the softmax over all
+            prompts, after the area threshold; renormalised per pixel for NACLIP. ``None`` when
+            the producer has none.
+        arrays: with ``predict(..., keep_arrays=True)`` the intermediate arrays, named as in the
+            golden fixtures: ``input`` (3, h, w), ``win_boxes`` (N, 4) int64 (y1, x1, y2, x2),
+            ``win_feats`` (N, D, gh, gw), ``win_patch_logits`` (N, S, gh, gw), ``logits`` (S, H, W)
+            before PAMR, ``logits_pamr`` (S, H, W) with PAMR, ``probs``, ``label``.
     """
 
     label: np.ndarray
     logits: np.ndarray
     class_names: tuple[str, ...]
     has_background: bool
+    probs: Optional[np.ndarray] = None
+    arrays: Optional[dict[str, np.ndarray]] = None
 
     def present(self) -> list[int]:
         """Label values that occur in ``label``, sorted."""
@@ -105,22 +125,32 @@ def maskclip_numerics(visual: nn.Module) -> Iterator[None]:
         visual.pos_interpolation = interpolation
 
 
-@contextlib.contextmanager
-def _pos_interpolation(visual: nn.Module, mode: str) -> Iterator[None]:
-    """Temporarily set a ViT's positional-embedding interpolation mode."""
-    if not isinstance(visual, VisionTransformer):
-        yield
-        return
-    before = visual.pos_interpolation
-    try:
-        visual.pos_interpolation = mode
-        yield
-    finally:
-        visual.pos_interpolation = before
+def _fp16_rounding_targets(model: CLIP) -> Iterator[torch.Tensor]:
+    """The tensors the official OpenAI / open_clip loaders round to fp16 (87 for a ViT CLIP)."""
+    for m in model.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            yield from (p for p in (m.weight, m.bias) if p is not None)
+        elif isinstance(m, Attention):
+            yield from (m.in_proj_weight, m.in_proj_bias)
+    yield model.text_projection
+    if isinstance(model.visual, VisionTransformer):
+        yield model.visual.proj
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    return next(model.parameters()).device
+def _is_fp16_rounded(model: CLIP) -> bool:
+    return all(torch.equal(p, p.half().to(p.dtype)) for p in _fp16_rounding_targets(model))
+
+
+def _fp16_rounded(model: CLIP) -> CLIP:
+    """``model`` if its weights are already fp16-rounded, else a rounded copy (the caller's model is kept)."""
+    if _is_fp16_rounded(model):
+        return model
+    from tag2mask.clip.loading import round_weights_to_fp16
+
+    rounded = copy.deepcopy(model)
+    round_weights_to_fp16(rounded)
+    rounded.fingerprint = f"{getattr(model, 'fingerprint', 'unknown')}:fp16r"
+    return rounded
 
 
 class OpenVocabSegmenter:
@@ -129,25 +159,31 @@ class OpenVocabSegmenter:
     Args:
         model: a :class:`~tag2mask.clip.model.CLIP` (ViT for every method; ResNets for ``maskclip``).
         vocab: a :class:`~tag2mask.vocab.vocabulary.Vocabulary` or a spec for ``load_vocabulary``
-            (``"cat, dog; background: sky, grass"`` or a name-set file).
+            (``"cat, dog; background: sky, grass"``, a name-set file, or an official ``cls_*.txt``).
         method: ``maskclip`` | ``sclip`` | ``clearclip`` | ``naclip`` | ``clip`` (unchanged last block).
-        templates: template set name or list; default ``maskclip85`` for MaskCLIP, else ``imagenet80``.
-        compat: official numerics of the method. MaskCLIP: LayerNorm eps 1e-6, erf GELU, ImageNet
-            normalisation, bicubic positional interpolation, bottom/right zero padding to the patch
-            size, raw cosine logits (``logit_scale`` 1). SCLIP family: bicubic positional
-            interpolation (their ``interpolate_pos_encoding``); everything else is already native.
-        mode: ``whole`` (one pass) or ``slide`` (crops of ``crop`` every ``stride`` pixels, logits averaged).
+        preset: ``default``, ``published``, ``published:<dataset>`` or an
+            :class:`~tag2mask.methods.ovss.presets.OvssPreset`; every keyword below left at its
+            default takes the preset's value (``self.settings`` holds the resolved preset).
+        templates: template set name or list (preset: ``maskclip85`` for MaskCLIP, else ``imagenet80``).
+        compat: ``True``: the method's official numerics (MaskCLIP: its mmseg ViT with LayerNorm eps
+            1e-6, erf GELU, ImageNet mean/std, bicubic positional interpolation, bottom/right zero
+            padding, raw cosine logits; others: the SCLIP-family harness numerics, which every
+            preset already uses). ``False``: the loaded model as it is (CLIP mean/std, the model's
+            own positional interpolation). ``None``: the preset's.
+        mode: ``whole`` (one pass) or ``slide`` (windows of ``crop`` every ``stride`` pixels, logits averaged).
         short_side, max_long_side: input rescaling (``short_side=None`` keeps the image size).
-        logit_scale: softmax temperature over prompts; default 1 in MaskCLIP compat mode, else 40
-            (50 for ClearCLIP), the official harness values.
+        logit_scale: softmax temperature over prompts (``None``: 1 with MaskCLIP numerics, else the
+            preset's 40 / 50).
         prob_threshold: pixels whose best class probability is below it become background.
-        area_threshold: SCLIP's optional rule: classes covering less than this fraction of the
-            predicted (foreground) area are suppressed before the argmax.
+        area_threshold: SCLIP's rule: foreground classes covering at most this fraction of the
+            foreground argmax area are zeroed before the argmax (``None`` = off).
         pamr: refine the upsampled logits with PAMR (``pamr_steps`` iterations, ``pamr_dilations``).
+        last_block: a last-block variant other than the method's (e.g. ``clip-reduced``, the value
+            ClearCLIP's shipped config runs), see :data:`~tag2mask.methods.ovss.last_block.LAST_BLOCKS`.
+        naclip_std: NACLIP's Gaussian σ in patches.
         prompt_denoising, key_smoothing: MaskCLIP PD / KS thresholds (0 = off, the official default);
             ``ks_paper_form`` switches KS to the paper's cosine affinity.
-        naclip_std: NACLIP's Gaussian σ in patches.
-        crop_batch: crops per forward pass in slide mode.
+        crop_batch: windows per forward pass in slide mode.
         device: where to run; the model is moved there (default: where the model already is).
         text_cache: text-embedding cache folder (``None`` default, ``False`` off).
     """
@@ -158,23 +194,25 @@ class OpenVocabSegmenter:
         vocab: Union[Vocabulary, str],
         method: str = "maskclip",
         *,
+        preset: Union[str, OvssPreset] = "default",
         templates: Union[str, Sequence[str], None] = None,
-        compat: bool = False,
-        mode: str = "whole",
-        short_side: Optional[int] = 448,
-        max_long_side: int = 2048,
-        crop: int = 224,
-        stride: int = 112,
-        logit_scale: Optional[float] = None,
-        prob_threshold: float = 0.0,
-        area_threshold: Optional[float] = None,
-        pamr: bool = False,
-        pamr_steps: int = 10,
-        pamr_dilations: Sequence[int] = (8, 16),
+        compat: Optional[bool] = None,
+        mode: str = FROM_PRESET,
+        short_side: Optional[int] = FROM_PRESET,
+        max_long_side: int = FROM_PRESET,
+        crop: int = FROM_PRESET,
+        stride: int = FROM_PRESET,
+        logit_scale: Optional[float] = FROM_PRESET,
+        prob_threshold: float = FROM_PRESET,
+        area_threshold: Optional[float] = FROM_PRESET,
+        pamr: bool = FROM_PRESET,
+        pamr_steps: int = FROM_PRESET,
+        pamr_dilations: Sequence[int] = FROM_PRESET,
+        last_block: str = FROM_PRESET,
+        naclip_std: float = FROM_PRESET,
         prompt_denoising: float = 0.0,
         key_smoothing: float = 0.0,
         ks_paper_form: bool = False,
-        naclip_std: float = 5.0,
         crop_batch: int = 8,
         device: Union[str, torch.device, None] = None,
         text_cache: CacheDir = None,
@@ -182,67 +220,80 @@ class OpenVocabSegmenter:
         method = method.strip().lower()
         if method not in METHODS:
             raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
-        if mode not in ("whole", "slide"):
-            raise ValueError(f"unknown mode {mode!r}; choose 'whole' or 'slide'")
-        if not 0.0 <= prob_threshold <= 1.0:
-            raise ValueError(f"prob_threshold must be in [0, 1], got {prob_threshold}")
-        if area_threshold is not None and not 0.0 <= area_threshold < 1.0:
-            raise ValueError(f"area_threshold must be in [0, 1), got {area_threshold}")
-        if crop <= 0 or stride <= 0 or crop_batch <= 0:
-            raise ValueError(f"crop, stride and crop_batch must be positive, got {crop}, {stride}, {crop_batch}")
-        if short_side is not None and short_side <= 0:
-            raise ValueError(f"short_side must be positive or None, got {short_side}")
+        overrides = {
+            k: v for k, v in dict(
+                mode=mode, short_side=short_side, max_long_side=max_long_side, crop=crop, stride=stride,
+                logit_scale=logit_scale, prob_threshold=prob_threshold, area_threshold=area_threshold, pamr=pamr,
+                pamr_steps=pamr_steps, pamr_dilations=pamr_dilations, last_block=last_block, naclip_std=naclip_std,
+            ).items() if v is not FROM_PRESET
+        }
+        if templates is not None:
+            overrides["templates"] = templates if isinstance(templates, str) else "custom"
+        if compat is not None:
+            overrides["numerics"] = ("maskclip" if method == "maskclip" else "harness") if compat else "model"
+            if compat and method == "maskclip":
+                overrides.setdefault("logit_scale", None)  # MaskCLIP's raw cosine logits unless one is given
+        settings = get_preset(method, preset).replace(**overrides)
+        get_last_block(settings.last_block)  # unknown names fail here, before any work
+        if crop_batch <= 0:
+            raise ValueError(f"crop_batch must be positive, got {crop_batch}")
         self.is_vit = isinstance(model.visual, VisionTransformer)
         if not self.is_vit and method != "maskclip":
             raise ValueError(f"method {method!r} needs a ViT image tower; ResNet CLIPs support only 'maskclip'")
         if (prompt_denoising > 0 or key_smoothing > 0) and method != "maskclip":
             raise ValueError("prompt denoising and key smoothing are MaskCLIP refinements; use method='maskclip'")
 
+        self.settings: OvssPreset = settings
         self.vocab = load_vocabulary(vocab) if isinstance(vocab, str) else vocab
         self.method = method
-        self.compat = compat
-        self.mode = mode
-        self.short_side, self.max_long_side = short_side, max_long_side
-        self.crop, self.stride, self.crop_batch = crop, stride, crop_batch
-        self.prob_threshold, self.area_threshold = prob_threshold, area_threshold
+        self.compat = settings.numerics != "model"
+        self.maskclip_compat = settings.numerics == "maskclip"
+        self.mode = settings.mode
+        self.short_side, self.max_long_side = settings.short_side, settings.max_long_side
+        self.crop, self.stride, self.crop_batch = settings.crop, settings.stride, crop_batch
+        self.prob_threshold, self.area_threshold = settings.prob_threshold, settings.area_threshold
         self.prompt_denoising, self.key_smoothing, self.ks_paper_form = prompt_denoising, key_smoothing, ks_paper_form
-        self.maskclip_compat = compat and method == "maskclip"
-        if logit_scale is None:
-            logit_scale = 1.0 if self.maskclip_compat else _NATIVE_LOGIT_SCALE.get(method, 40.0)
-        self.logit_scale = float(logit_scale)
-        mean, std = (IMAGENET_MEAN, IMAGENET_STD) if self.maskclip_compat else (CLIP_MEAN, CLIP_STD)
+        self.logit_scale = settings.effective_logit_scale
 
-        self.device = torch.device(device) if device is not None else _model_device(model)
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        if settings.round_fp16_weights:
+            model = _fp16_rounded(model)
         self.model = model.to(self.device).eval()
         self.visual = self.model.visual
-        self._mean = torch.tensor(mean, device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(std, device=self.device).view(1, 3, 1, 1)
-        self._last_block = get_last_block(method, std=naclip_std) if method == "naclip" else get_last_block(method)
-        self.templates = templates if templates is not None else _DEFAULT_TEMPLATES.get(method, "imagenet80")
+        if settings.numerics == "harness":
+            mean, std = _HARNESS_MEAN, _HARNESS_STD
+        elif settings.numerics == "maskclip":
+            mean, std = _MMSEG_IMAGENET_MEAN, _MMSEG_IMAGENET_STD
+        else:
+            mean, std = tuple(255.0 * m for m in CLIP_MEAN), tuple(255.0 * s for s in CLIP_STD)
+        self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self._last_block = get_last_block(settings.last_block, **(
+            {"std": settings.naclip_std} if settings.last_block == "naclip" else {}))
+        self.templates = templates if templates is not None and not isinstance(templates, str) else settings.templates
         self._build_text(text_cache)
 
         self._pamr = None
-        if pamr:
-            try:
-                from tag2mask.refinement.pamr import PAMR
-            except ImportError as exc:  # the module ships with tag2mask; this only guards partial installs
-                raise ImportError(f"PAMR post-processing is unavailable: {exc}") from exc
-            self._pamr = PAMR(pamr_steps, dilations=tuple(pamr_dilations)).to(self.device)
+        if settings.pamr:
+            from tag2mask.refinement.pamr import PAMR
+
+            self._pamr = PAMR(settings.pamr_steps, dilations=settings.pamr_dilations).to(self.device)
 
     # ----------------------------------------------------------------------------------------------
     # text side
 
     def _build_text(self, cache: CacheDir) -> None:
-        """Prompt embeddings ``(S, D)`` and the output label of every prompt ``(S,)``."""
+        """Prompt embeddings ``(S, D)`` and the output label of every prompt ``(S,)``, background rows first."""
         fg, bg = embed_vocabulary(self.model, self.vocab, self.templates, cache, device=self.device)
         # label 0 is background when background words exist or low-confidence pixels need a home
         self.has_background = bg is not None or self.prob_threshold > 0
         offset = 1 if self.has_background else 0
-        feats = [fg.features]
-        labels = [fg.class_index + offset]
-        if bg is not None:
+        feats, labels = [], []
+        if bg is not None:  # the official name sets put the background on line 0: same prompt order
             feats.append(bg.features)
             labels.append(torch.zeros(bg.features.shape[0], dtype=torch.long))
+        feats.append(fg.features)
+        labels.append(fg.class_index + offset)
         names = ((_BACKGROUND_NAME,) if self.has_background else ()) + tuple(self.vocab.names)
         if len(names) > 256:
             raise ValueError(f"{len(names)} labels do not fit an 8-bit label map (at most 256 incl. background)")
@@ -253,43 +304,41 @@ class OpenVocabSegmenter:
     # ----------------------------------------------------------------------------------------------
     # image side
 
-    def _numerics(self) -> contextlib.AbstractContextManager:
-        if self.maskclip_compat:
-            return maskclip_numerics(self.visual)
-        if self.compat:
-            return _pos_interpolation(self.visual, "bicubic")
-        return contextlib.nullcontext()
-
-    def _preprocess(self, image: Image.Image) -> torch.Tensor:
-        """PIL image -> resized, normalised ``(1, 3, h, w)`` float32 on the device."""
-        x = self._to_tensor(image)  # 0..255
-        h, w = x.shape[-2:]
-        if self.short_side is not None:
-            # mmcv keep-ratio rule: the largest scale with short side <= S and long side <= max
-            scale = min(self.max_long_side / max(h, w), self.short_side / min(h, w))
-            size = (max(1, int(h * scale + 0.5)), max(1, int(w * scale + 0.5)))
-            if size != (h, w):
-                # the official pipelines resize uint8 images, so round back to integers
-                x = F.interpolate(x, size=size, mode="bilinear", align_corners=False).round().clamp(0, 255)
-        return self._normalise(x)
-
-    def _to_tensor(self, image: Image.Image) -> torch.Tensor:
-        """PIL image -> ``(1, 3, H, W)`` float32 RGB in 0..255 on the device."""
+    def _rgb(self, image: Image.Image) -> np.ndarray:
         from tag2mask.data.images import to_rgb
 
-        arr = np.array(to_rgb(image), dtype=np.uint8)  # a writable copy for torch.from_numpy
-        return torch.from_numpy(arr).to(self.device).permute(2, 0, 1)[None].float()
+        return np.array(to_rgb(image), dtype=np.uint8)
 
-    def _normalise(self, x: torch.Tensor) -> torch.Tensor:
-        return (x / 255.0 - self._mean) / self._std
+    def _normalise_uint8(self, rgb: Union[np.ndarray, torch.Tensor]) -> torch.Tensor:
+        """``(h, w, 3)`` uint8 -> ``(1, 3, h, w)`` float32 ``(x - mean) / std`` on the device."""
+        if isinstance(rgb, np.ndarray):
+            rgb = torch.from_numpy(np.ascontiguousarray(rgb))
+        x = rgb.to(self.device).permute(2, 0, 1)[None].float()
+        return (x - self._mean) / self._std
 
-    @torch.no_grad()
-    def dense_logits(self, images: torch.Tensor) -> torch.Tensor:
-        """Prompt logits at feature resolution: normalised ``(n, 3, h, w)`` -> ``(n, S, h', w')`` float32.
+    def _preprocess(self, image: Image.Image) -> torch.Tensor:
+        """PIL image -> resized (OpenCV-exact keep-ratio resize, on the device), normalised ``(1, 3, h, w)`` float32."""
+        rgb = torch.from_numpy(self._rgb(image)).to(self.device)
+        if self.short_side is not None:
+            rgb = resize_like_mmcv(rgb, self.short_side, self.max_long_side)
+        return self._normalise_uint8(rgb)
 
-        Cosine similarities (PD sets removed prompts to -100; KS turns them into smoothed scores).
-        In MaskCLIP compat mode a ViT input is zero-padded bottom/right to a multiple of the patch
-        size first (mmseg ``PatchEmbed(padding='corner')``); otherwise the patch grid floors.
+    def _forward_dense(self, images: torch.Tensor, block_fn) -> tuple[torch.Tensor, tuple[int, int]]:
+        if self.maskclip_compat:
+            with maskclip_numerics(self.visual):
+                return self.visual.forward_dense(images, last_block=block_fn)
+        if self.settings.numerics == "harness":
+            return self.visual.forward_dense(images, last_block=block_fn, pos_mode="bicubic",
+                                             pos_scale_offset=_HARNESS_POS_OFFSET)
+        return self.visual.forward_dense(images, last_block=block_fn)
+
+    def _dense(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised ``(n, 3, h, w)`` -> (features ``(n, D, gh, gw)`` unit norm, prompt logits ``(n, S, gh, gw)``).
+
+        Logits are cosine similarities (PD sets removed prompts to -100; KS turns them into
+        smoothed scores). With MaskCLIP numerics a ViT input is zero-padded bottom/right to a
+        multiple of the patch size first (mmseg ``PatchEmbed(padding='corner')``); otherwise the
+        patch grid floors.
         """
         keys = None
         if self.is_vit:
@@ -305,85 +354,161 @@ class OpenVocabSegmenter:
                     return self._last_block(block, x, grid)
 
                 block_fn = capturing_block
-            with self._numerics():
-                feats, (gh, gw) = self.visual.forward_dense(images, last_block=block_fn)
+            tokens, (gh, gw) = self._forward_dense(images, block_fn)
             keys = captured.get("keys")
         else:
             fmap = self.visual.forward_features(images)
             gh, gw = fmap.shape[-2:]
-            feats = self.visual.attnpool.dense_values(fmap).flatten(2).transpose(1, 2)  # (n, hw, D)
+            tokens = self.visual.attnpool.dense_values(fmap).flatten(2).transpose(1, 2)  # (n, hw, D)
             if self.key_smoothing > 0:
                 keys = self.visual.attnpool.dense_keys(fmap)
-        feats = F.normalize(feats.float(), dim=-1)
-        logits = (feats @ self.text.T).transpose(1, 2).reshape(feats.shape[0], -1, gh, gw)
+        feats = F.normalize(tokens.float(), dim=-1)
+        n = feats.shape[0]
+        logits = (feats @ self.text.T).transpose(1, 2).reshape(n, -1, gh, gw)
         if self.prompt_denoising > 0:
             logits = prompt_denoise(logits, self.prompt_denoising)
         if self.key_smoothing > 0 and keys is not None:
             logits = key_smooth(logits, keys.float(), self.key_smoothing, paper_form=self.ks_paper_form)
-        return logits
+        return feats.transpose(1, 2).reshape(n, -1, gh, gw), logits
 
-    def _logits_at(self, images: torch.Tensor) -> torch.Tensor:
-        """Prompt logits bilinearly resized to the (unpadded) input size: ``(n, S, h, w)``.
+    @torch.no_grad()
+    def dense_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Prompt logits at feature resolution: normalised ``(n, 3, h, w)`` -> ``(n, S, h', w')`` float32."""
+        return self._dense(images)[1]
 
-        A side shorter than one patch (a 1x300 strip resized under the long-side cap) is zero-padded
-        (the mean colour after normalisation) to one patch, and the padding is cropped off again.
+    @staticmethod
+    def _record(arrays: Optional[dict], feats: torch.Tensor, patch_logits: torch.Tensor) -> None:
+        if arrays is not None:
+            arrays.setdefault("win_feats", []).append(feats)
+            arrays.setdefault("win_patch_logits", []).append(patch_logits)
+
+    def _pad_to_one_patch(self, images: torch.Tensor) -> torch.Tensor:
+        """Zero-pad (the mean colour after normalisation) bottom/right so both sides hold one patch.
+
+        A side shorter than one patch (a 1x300 strip resized under the long-side cap) has no patch
+        grid at all; callers crop the padding off their logits again.
         """
         h, w = images.shape[-2:]
         least = self.visual.patch_size if self.is_vit else 32  # ResNet towers downsample by 32
         if h < least or w < least:
             images = F.pad(images, (0, max(0, least - w), 0, max(0, least - h)))
-        out = self.dense_logits(images)
-        out = F.interpolate(out, size=images.shape[-2:], mode="bilinear", align_corners=False)
-        return out[..., :h, :w]
+        return images
 
-    def _slide(self, x: torch.Tensor) -> torch.Tensor:
-        """Sliding-window logits ``(1, S, h, w)``: crops averaged where they overlap (SCLIP harness)."""
-        return slide_logits(self._logits_at, x, self.crop, self.stride, self.crop_batch)
+    def _window_logits(self, crops: torch.Tensor, arrays: Optional[dict]) -> torch.Tensor:
+        """Prompt logits of equally sized windows ``(n, 3, h, w)`` at window size ``(n, S, h, w)``."""
+        h, w = crops.shape[-2:]
+        pad = (0, 0, 0, 0)
+        if self.settings.window_padding == "centre" and self.is_vit:
+            pad = centre_padding(h, w, self.visual.patch_size)
+            if any(pad):
+                crops = F.pad(crops, pad)  # zeros in normalised space, as ClearCLIP
+        crops = self._pad_to_one_patch(crops)
+        feats, patch_logits = self._dense(crops)
+        self._record(arrays, feats, patch_logits)
+        # the patch grid (floored, or padded) is stretched over the whole (padded) window
+        logits = F.interpolate(patch_logits, size=crops.shape[-2:], mode="bilinear", align_corners=False)
+        left, _, top, _ = pad
+        return logits[..., top : top + h, left : left + w]
+
+    def _prompt_logits(self, x: torch.Tensor, out_hw: tuple[int, int], arrays: Optional[dict]) -> torch.Tensor:
+        """Prompt logits ``(1, S, H, W)`` of a preprocessed input ``(1, 3, h, w)`` at the image size."""
+        _, _, h, w = x.shape
+        if self.mode == "whole":  # no window padding: the official whole-image paths feed the input as is
+            boxes = [(0, 0, h, w)]
+            padded = self._pad_to_one_patch(x)
+            feats, logits = self._dense(padded)
+            self._record(arrays, feats, logits)
+            if padded is not x:
+                logits = F.interpolate(logits, size=padded.shape[-2:], mode="bilinear", align_corners=False)[..., :h, :w]
+            elif self.settings.whole_upsample == "input":
+                logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+        else:
+            boxes = window_boxes(h, w, self.crop, self.stride)
+            logits = slide_logits(lambda crops: self._window_logits(crops, arrays), x, self.crop, self.stride,
+                                  self.crop_batch)
+        if arrays is not None:
+            arrays["win_boxes"] = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
+        return F.interpolate(logits, size=out_hw, mode="bilinear", align_corners=False)
+
+    def _pamr_guide(self, image: Image.Image, x: torch.Tensor, out_hw: tuple[int, int]) -> torch.Tensor:
+        if self.settings.pamr_guide == "input":
+            # the official code guides PAMR with the network input resized back to the image size
+            return F.interpolate(x, size=out_hw, mode="bilinear", align_corners=False)
+        return self._normalise_uint8(self._rgb(image))
 
     # ----------------------------------------------------------------------------------------------
     # decision
 
-    def _decide(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Prompt logits ``(S, H, W)`` -> (label ``(H, W)`` int64, class logits ``(C, H, W)``)."""
+    def postprocess(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Prompt logits ``(S, H, W)`` -> (label ``(H, W)`` int64, class logits ``(C, H, W)``, class probs ``(C, H, W)``).
+
+        Softmax of ``logit_scale · logits`` over all prompts; class probability = max over its
+        prompts; SCLIP's area threshold zeroes the foreground classes whose argmax area is not above
+        ``area_threshold`` × the foreground argmax area; then the argmax, and pixels whose best
+        probability is below ``prob_threshold`` become background. With ``renormalise_probs`` the
+        returned probabilities are divided by their per-pixel sum afterwards (NACLIP).
+        """
         scaled = logits * self.logit_scale
         probs = scaled.softmax(dim=0)
         n_out = len(self.class_names)
         index = self.prompt_label.view(-1, 1, 1).expand_as(probs)
-        # class score = max over its prompts (synonyms, background words)
         class_prob = probs.new_zeros((n_out, *probs.shape[1:])).scatter_reduce(0, index, probs, "amax")
         class_logit = scaled.new_full((n_out, *scaled.shape[1:]), float("-inf")).scatter_reduce(0, index, scaled, "amax")
         if self.area_threshold is not None:
-            first = 1 if self.has_background else 0  # SCLIP never suppresses the background class
+            first = 1 if self.has_background else 0  # the background class is never suppressed
             pred = class_prob.argmax(dim=0)
             area = torch.bincount(pred.flatten(), minlength=n_out)[first:].to(class_prob.dtype)
             keep = (area > self.area_threshold * area.sum()).to(class_prob.dtype)
             class_prob = torch.cat([class_prob[:first], class_prob[first:] * keep.view(-1, 1, 1)])
-        best, label = class_prob.max(dim=0)
+        label = class_prob.argmax(dim=0)
         if self.prob_threshold > 0:
-            label = torch.where(best < self.prob_threshold, torch.zeros_like(label), label)
+            label = torch.where(class_prob.amax(dim=0) < self.prob_threshold, torch.zeros_like(label), label)
+        if self.settings.renormalise_probs:
+            class_prob = class_prob / class_prob.sum(dim=0, keepdim=True)
+        return label, class_logit, class_prob
+
+    def _decide(self, logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(label, class logits) of :meth:`postprocess`."""
+        label, class_logit, _ = self.postprocess(logits)
         return label, class_logit
 
     @torch.no_grad()
-    def predict(self, image: Image.Image) -> SegmentationResult:
-        """Segment one PIL image (any mode; converted to RGB) -> :class:`SegmentationResult` at its size."""
+    def predict(self, image: Image.Image, keep_arrays: bool = False) -> SegmentationResult:
+        """Segment one PIL image (any mode; converted to RGB) -> :class:`SegmentationResult` at its size.
+
+        ``keep_arrays=True`` also returns the intermediate arrays (``result.arrays``).
+        """
         width, height = image.size
+        arrays: Optional[dict[str, Any]] = {} if keep_arrays else None
         x = self._preprocess(image)
-        logits = self._slide(x) if self.mode == "slide" else self._logits_at(x)
-        logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+        logits = self._prompt_logits(x, (height, width), arrays)
+        if arrays is not None:
+            arrays["logits"] = logits[0]
         if self._pamr is not None:
-            # PAMR follows colour affinities of the image at output resolution (as NACLIP/SCLIP do)
-            rgb = self._normalise(self._to_tensor(image))
-            logits = self._pamr(rgb, logits)
-        label, class_logit = self._decide(logits[0])
+            logits = self._pamr(self._pamr_guide(image, x, (height, width)), logits)
+            if arrays is not None:
+                arrays["logits_pamr"] = logits[0]
+        label, class_logit, class_prob = self.postprocess(logits[0])
+        label_np = label.to(torch.uint8).cpu().numpy()
+        probs_np = class_prob.float().cpu().numpy()
+        if arrays is not None:
+            arrays["input"] = x[0]
+            for key in ("win_feats", "win_patch_logits"):
+                arrays[key] = torch.cat(arrays[key])
+            arrays = {k: (v.float().cpu().numpy() if torch.is_tensor(v) else v) for k, v in arrays.items()}
+            arrays.update(probs=probs_np, label=label_np)
         return SegmentationResult(
-            label=label.to(torch.uint8).cpu().numpy(),
+            label=label_np,
             logits=class_logit.float().cpu().numpy(),
             class_names=self.class_names,
             has_background=self.has_background,
+            probs=probs_np,
+            arrays=arrays,
         )
 
     def __repr__(self) -> str:
         return (
-            f"OpenVocabSegmenter(method={self.method!r}, mode={self.mode!r}, compat={self.compat}, "
+            f"OpenVocabSegmenter(method={self.method!r}, preset={self.settings.name!r}, mode={self.mode!r}, "
+            f"last_block={self.settings.last_block!r}, numerics={self.settings.numerics!r}, "
             f"classes={len(self.vocab)}, background={self.has_background}, logit_scale={self.logit_scale})"
         )
