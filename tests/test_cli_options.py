@@ -136,8 +136,14 @@ def test_segment_runs_the_shown_window(tmp_path, monkeypatch):
     assert main(["segment", str(tmp_path / "x.png"), "--classes", "star, ring", "--out", str(out), "--device", "cpu",
                  "--quiet"]) == 0
     window = json.loads((out / "run.json").read_text())["window"]
-    defaults = {a.dest: a.default for a in SUBPARSERS[("segment",)]._actions}
-    assert window == {k: defaults[k] for k in ("mode", "short_side", "crop", "stride")}
+    # the window options default to the preset's values; --help shows them in its preset table
+    from tag2mask.methods.ovss.presets import get_preset
+
+    preset = get_preset("naclip", "default")
+    assert window == {"mode": preset.mode, "short_side": preset.short_side, "crop": preset.crop,
+                      "stride": preset.stride}
+    table_row = f"{preset.short_side}         {preset.mode} {preset.crop}/{preset.stride}"
+    assert table_row in SUBPARSERS[("segment",)].format_help()
 
 
 def test_segment_checkpoint_records_the_runs_test_size(tmp_path, capsys):

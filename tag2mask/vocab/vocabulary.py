@@ -246,7 +246,19 @@ def _first_line_is_background(words: Sequence[str]) -> bool:
     return lowered[0] == _BACKGROUND_KEY or (len(lowered) >= 3 and all(w in BACKGROUND_WORDS for w in lowered))
 
 
+def _reject_inline_syntax(p: Path, lineno: int, raw: str) -> None:
+    """'cat, dog; background: sky' saved to a file would silently become one class: refuse it."""
+    if ";" in raw or "|" in raw:
+        raise ValueError(
+            f"{p}:{lineno}: {raw.strip()!r} uses the inline syntax (';' between sections, '|' between "
+            "synonyms); in a class-name file write one class per line with its synonyms separated by ',', "
+            "and background words on a 'background: sky, grass' line (or pass the text itself to --classes)"
+        )
+
+
 def _parse_official(p: Path, text: str, mode: str, first_line_background: bool | None) -> Vocabulary:
+    for lineno, raw in enumerate(text.splitlines(), start=1):
+        _reject_inline_syntax(p, lineno, raw)
     lines = [(n, _split_words(raw, ",")) for n, raw in enumerate(text.splitlines(), start=1) if raw.strip()]
     for lineno, syns in lines:
         if not syns:
@@ -300,13 +312,7 @@ def parse_nameset_file(
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
-        if ";" in line or "|" in line:
-            # 'cat, dog; background: sky' saved to a file would silently become one class 'cat'
-            raise ValueError(
-                f"{p}:{lineno}: {raw.strip()!r} uses the inline syntax (';' between sections, '|' between "
-                "synonyms); in a class-name file write one class per line with its synonyms separated by ',', "
-                "and background words on a 'background: sky, grass' line (or pass the text itself to --classes)"
-            )
+        _reject_inline_syntax(p, lineno, raw)
         bg = _background_section(line)
         if bg is not None:
             background.extend(_split_words(bg, ","))
