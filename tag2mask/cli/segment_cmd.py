@@ -237,11 +237,9 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 0:
         raise ValueError(f"--limit must be >= 0, got {args.limit}")
-    ckpt = Path(args.checkpoint)
-    if ckpt.is_dir():
-        ckpt = ckpt / "latest.pt"
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"WeCLIP checkpoint not found: {ckpt}")
+    from tag2mask.jobs.checkpoint import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(args.checkpoint)  # a run folder: its newest complete checkpoint
     files = list_images(Path(args.input))
     out = Path(args.out)
     args.device = device_for_rank(args.device)

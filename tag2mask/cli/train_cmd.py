@@ -5,7 +5,10 @@ Examples::
     tag2mask train weclip --data synth --out runs/synth --iters 2000
     tag2mask train weclip --data VOCdevkit/VOC2012 --weights ViT-B-16.pt --out runs/voc --device cuda
     torchrun --nproc-per-node 2 -m tag2mask train weclip --data synth --out runs/ddp --device cpu
-    tag2mask train weclip --data synth --out runs/synth --resume          # continue from runs/synth/latest.pt
+    tag2mask train weclip --data synth --out runs/synth --resume   # continue from its newest complete checkpoint
+
+A run folder is never overwritten: an existing one needs --resume (continue) or --overwrite (start
+again; its checkpoints and logs are deleted). Logs are only appended; see docs/training.md.
 
 The sub-command is also runnable as ``python -m tag2mask.cli.train_cmd weclip ...``.
 """
@@ -65,7 +68,11 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     w.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint every N iterations")
     w.add_argument("--log-every", type=int, default=10, help="log losses every N iterations")
     w.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="resume from a checkpoint (file or run folder); without a value: OUT/latest.pt if present")
+                   help="continue the run in OUT from its newest complete checkpoint (or from the given checkpoint "
+                        "file / run folder); the configuration stored in the checkpoint is used")
+    w.add_argument("--overwrite", action="store_true",
+                   help="start again in an existing OUT (deletes its checkpoints and logs)")
+    w.add_argument("--keep-last", type=int, default=None, help="keep only the newest N checkpoints (default: all)")
     w.add_argument("--stop-at", type=int, default=None, help="leave after this iteration (schedule still targets --iters)")
     w.add_argument("--seed", type=int, default=1, help="random seed (official: 1)")
     w.add_argument("--workers", type=int, default=0, help="data loader worker processes")
@@ -131,14 +138,36 @@ def run(args: argparse.Namespace) -> int:
         val_limit=args.val_limit, ckpt_every=args.ckpt_every, val_every=args.val_every, log_every=args.log_every,
         resume=args.resume, stop_at=args.stop_at, device=args.device, precision=args.precision, seed=args.seed,
         num_workers=args.workers, tensorboard=args.tensorboard, progress=not args.quiet,
+        overwrite=args.overwrite, keep_last=args.keep_last, resume_command=_resume_command(),
     )
     summary = train_weclip(config, opts)
     if os.environ.get("RANK", "0") == "0":
         last = summary.get("last", {})
         print(json.dumps({"iterations": summary["iterations"], "loss": last.get("loss"),
                           "val": summary["val"][-1] if summary["val"] else None,
-                          "checkpoint": str(Path(args.out) / "latest.pt")}))
+                          "checkpoint": summary["checkpoints"][-1] if summary["checkpoints"] else None}))
     return 0
+
+
+def _resume_command() -> str:
+    """This command line with ``--resume`` instead of ``--resume [X]`` / ``--overwrite`` (for messages)."""
+    import shlex
+
+    argv, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+            if not a.startswith("-"):
+                continue
+        if a == "--resume":
+            skip = True
+            continue
+        if a == "--overwrite" or a.startswith("--resume="):
+            continue
+        argv.append(a)
+    if "train" not in argv or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return ""  # the engine then says: rerun the same command with --resume
+    return " ".join(["tag2mask", *map(shlex.quote, argv[argv.index("train"):]), "--resume"])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
