@@ -24,6 +24,7 @@ COMMANDS: dict[str, str] = {
     "eval": "tag2mask.cli.eval_cmd",
     "synth": "tag2mask.cli.synth_cmd",
     "train": "tag2mask.cli.train_cmd",
+    "convert": "tag2mask.cli.convert_cmd",
 }
 
 

@@ -88,7 +88,7 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     return w
 
 
-def _split_names(text: str) -> tuple[str, ...]:
+def split_names(text: str) -> tuple[str, ...]:
     from tag2mask.methods.weclip.model import PRESET_NAMES, preset
 
     if text.strip().lower() in PRESET_NAMES:  # "--classes voc": the preset's prompt names
@@ -113,8 +113,8 @@ def build_config(args: argparse.Namespace):
         raise ValueError("--data FOLDER needs --classes (the foreground class names of its label file)")
     return config_with_overrides(
         config,
-        classes=_split_names(args.classes) if args.classes else None,
-        background=_split_names(args.background) if args.background is not None else None,
+        classes=split_names(args.classes) if args.classes else None,
+        background=split_names(args.background) if args.background is not None else None,
         max_iters=args.iters, batch_size=args.batch_size, crop_size=args.crop, lr=args.lr,
         rfm_start_iter=args.rfm_start, normalization=args.normalization,
         compat_numerics=False if args.no_compat else None,

@@ -432,7 +432,7 @@ def _run(task: TrainTask, options: RunOptions, rank: int, world: int, device: to
             loss = values["loss"]
             if not scaler.is_enabled() and not bool(torch.isfinite(loss.detach())):
                 raise TrainingDiverged(
-                    f"the loss is {float(loss)} at iteration {it + 1}; training stopped (newest checkpoint: "
+                    f"the loss is {float(loss.detach())} at iteration {it + 1}; training stopped (newest checkpoint: "
                     f"{summary['checkpoints'][-1] if summary['checkpoints'] else 'none from this session'}). "
                     "Lower the learning rate or check the labels")
             opt.zero_grad(set_to_none=True)

@@ -10,30 +10,39 @@ from __future__ import annotations
 
 import math
 import random
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
-__all__ = ["capture_rng_state", "restore_rng_state"]
+__all__ = ["capture_rng_state", "restore_rng_state", "rng_state_as_tensors"]
 
 
 def capture_rng_state() -> dict[str, Any]:
     """The state of every global generator this process uses, as tensors (CPU)."""
-    version, internal, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    cuda = None
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        cuda = list(torch.cuda.get_rng_state_all())
+    return rng_state_as_tensors(random.getstate(), np.random.get_state(legacy=True), torch.get_rng_state(), cuda)
+
+
+def rng_state_as_tensors(python: tuple, numpy: tuple, torch_state: torch.Tensor,
+                         cuda: Optional[list[torch.Tensor]] = None) -> dict[str, Any]:
+    """Pack ``random.getstate()``, ``np.random.get_state()`` and torch states into tensors."""
+    version, internal, gauss = python
+    kind, keys, pos, has_gauss, cached = numpy
+    if kind != "MT19937":  # pragma: no cover - numpy's legacy global generator is always MT19937
+        raise ValueError(f"unexpected NumPy generator {kind}")
     state: dict[str, Any] = {
         "python": torch.tensor([version, *internal], dtype=torch.int64),
         "python_gauss": torch.tensor([math.nan if gauss is None else gauss], dtype=torch.float64),
         "numpy_keys": torch.from_numpy(np.asarray(keys, dtype=np.int64).copy()),
         "numpy_pos": torch.tensor([pos, has_gauss], dtype=torch.int64),
         "numpy_gauss": torch.tensor([cached], dtype=torch.float64),
-        "torch": torch.get_rng_state(),
+        "torch": torch_state.clone(),
     }
-    if kind != "MT19937":  # pragma: no cover - numpy's legacy global generator is always MT19937
-        raise RuntimeError(f"unexpected NumPy generator {kind}")
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = list(torch.cuda.get_rng_state_all())
+    if cuda:
+        state["cuda"] = [t.clone() for t in cuda]
     return state
 
 
