@@ -10,8 +10,9 @@ validation and optional extra state. The engine (:func:`train`) owns everything 
   global batch is split over the processes), AMP (bf16, or fp16 with a gradient scaler);
 * the gradient step (zero grad, backward, optional clipping, optimiser step) and a stop with a clear
   message when the loss is not finite;
-* logs that are only appended (:mod:`tag2mask.training.logs`), tqdm progress on rank 0, periodic
-  validation, optional TensorBoard;
+* logs that are only appended (:mod:`tag2mask.training.logs`; each row holds the means of the
+  step's tensor values over the iterations since the previous row, averaged over the processes),
+  tqdm progress on rank 0, periodic validation, optional TensorBoard;
 * checkpoints through :mod:`tag2mask.jobs.checkpoint`: ONE file per save (``ckpt_<iter>.pt``,
   atomic, recorded with size and SHA-256), tensors and plain data only (RNG states as tensors,
   configs as JSON text), loaded with ``weights_only=True``. ``resume="auto"`` continues from the
@@ -26,7 +27,6 @@ of every rank are restored, and the data stream is a function of the stream posi
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
@@ -36,11 +36,11 @@ from typing import Any, ContextManager, Iterable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from tag2mask.jobs.checkpoint import (
-    RECORD, DiskFullError, honour_umask, is_disk_full, latest_checkpoint, load_checkpoint,
-    remove_stale_temp_files, resolve_checkpoint, save_checkpoint,
-)
+from tag2mask.jobs.checkpoint import DiskFullError, honour_umask, is_disk_full, remove_stale_temp_files, save_checkpoint
 from tag2mask.training.logs import TrainLog, read_events
+from tag2mask.training.run_folder import (  # re-exported: part of the engine's interface
+    CHECKPOINT_FORMAT, RunFolderError, clear_run, prepare_run_folder, read_run_checkpoint,
+)
 from tag2mask.training.state import capture_rng_state, restore_rng_state
 
 __all__ = [
@@ -48,17 +48,9 @@ __all__ = [
     "train", "prepare_run_folder", "read_run_checkpoint",
 ]
 
-CHECKPOINT_FORMAT = "tag2mask-train-v2"
-#: files the engine writes into a run folder (removed by ``overwrite``)
-ENGINE_FILES = ("config.json", RECORD, "train_log.csv", "train_log.jsonl", "val_log.csv", "val_log.jsonl")
-
 
 class TrainingDiverged(ValueError):
     """The loss became NaN or infinite."""
-
-
-class RunFolderError(ValueError):
-    """The run folder cannot be used as asked (existing run without resume/overwrite, nothing to resume)."""
 
 
 @dataclass
@@ -215,75 +207,12 @@ class TrainTask:
         """JSON-able facts inference needs besides the config (e.g. which CLIP weights were used)."""
         return {}
 
+    def should_stop(self, iteration: int) -> bool:
+        """Stop before ``iteration`` (e.g. a time budget is spent); rank 0's answer counts. Default: never."""
+        return False
+
     def finish(self, summary: dict[str, Any]) -> None:
-        """Called on every rank after the last iteration of a run that reached ``max_iters``."""
-
-
-# ------------------------------------------------------------------------------------------------
-# run folder
-
-
-def _has_run(out: Path) -> bool:
-    return out.is_dir() and any(out.iterdir())
-
-
-def prepare_run_folder(out: Path, resume: Optional[str], overwrite: bool) -> Optional[Path]:
-    """Check the run folder (read-only): the checkpoint to resume from, or None for a fresh start.
-
-    Raises:
-        RunFolderError: an existing run without ``resume``/``overwrite``; ``resume`` with logs but no
-            complete checkpoint; both ``resume`` and ``overwrite``.
-    """
-    if resume is not None and overwrite:
-        raise RunFolderError("--resume and --overwrite exclude each other (continue the run, or start it again)")
-    if resume is not None and resume != "auto":
-        return resolve_checkpoint(resume)
-    if resume == "auto":
-        found = latest_checkpoint(out)
-        if found is not None:
-            return found[0]
-        if (out / "latest.pt").is_file():
-            raise RunFolderError(
-                f"{out}: holds a latest.pt of an older tag2mask, which is not loaded (pickled format); re-save it "
-                f"with 'tag2mask convert checkpoint {out / 'latest.pt'} --out NEW_RUN' and resume from NEW_RUN")
-        started = [n for n in ENGINE_FILES[1:] if (out / n).exists()] + [p.name for p in out.glob("ckpt_*.pt")]
-        if started:
-            raise RunFolderError(
-                f"{out}: nothing to resume from: no complete checkpoint is recorded in {RECORD} (found "
-                f"{', '.join(sorted(started)[:4])}); pass --overwrite to start this run again from iteration 0")
-        return None
-    if _has_run(out) and not overwrite:
-        raise RunFolderError(
-            f"{out} already exists and is not empty; continue its run with --resume, pass --overwrite to start "
-            "again (its checkpoints and logs are deleted), or choose another --out")
-    return None
-
-
-def _clear_run(out: Path) -> None:
-    for name in ENGINE_FILES:
-        (out / name).unlink(missing_ok=True)
-    for p in out.glob("ckpt_*.pt"):
-        p.unlink()
-    if (out / "tb").is_dir():
-        shutil.rmtree(out / "tb")
-
-
-def read_run_checkpoint(path: Union[str, Path], task: Optional[str] = None) -> dict[str, Any]:
-    """Load an engine checkpoint (file or run folder) with ``weights_only=True`` and check its format.
-
-    The JSON fields come back parsed: ``config``, ``options``, ``meta``.
-    """
-    ckpt = load_checkpoint(path)
-    where = resolve_checkpoint(path)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{where}: not a tag2mask training checkpoint (format {CHECKPOINT_FORMAT})")
-    if task is not None and ckpt.get("task") != task:
-        raise ValueError(f"{where}: a {ckpt.get('task')!r} checkpoint, expected {task!r}")
-    out = dict(ckpt)
-    for key in ("config", "options", "meta"):
-        out[key] = json.loads(ckpt.get(f"{key}_json") or "{}")
-    out["path"] = str(where)
-    return out
+        """Called on every rank when the run reached ``max_iters`` or :meth:`should_stop` said stop."""
 
 
 # ------------------------------------------------------------------------------------------------
@@ -394,7 +323,7 @@ def _run(task: TrainTask, options: RunOptions, rank: int, world: int, device: to
     if rank == 0:
         try:
             if options.overwrite:
-                _clear_run(out)
+                clear_run(out)
             out.mkdir(parents=True, exist_ok=True)
             stale = remove_stale_temp_files(out)
             if stale:
@@ -425,8 +354,14 @@ def _run(task: TrainTask, options: RunOptions, rank: int, world: int, device: to
     for module in task.modules().values():
         module.train()
     tic = time.perf_counter()
+    window = _Window()
+    custom_stop = type(task).should_stop is not TrainTask.should_stop
+    done = start
     try:
         for it, batch in zip(range(start, end), task.batches(start, end)):
+            if custom_stop and _gather(bool(task.should_stop(it)), world)[0]:  # rank 0 decides for all
+                summary["stopped_by_task"] = True
+                break
             _apply_lr(opt, task.lr_multiplier(it))
             values = task.step(batch, it)
             loss = values["loss"]
@@ -444,10 +379,11 @@ def _run(task: TrainTask, options: RunOptions, rank: int, world: int, device: to
             scaler.step(opt)
             scaler.update()
             done = it + 1
+            window.add(values)
 
             if done % max(1, options.log_every) == 0 or done == end:
                 now = time.perf_counter()
-                row = _log_row(ctx, values, done, opt, (now - tic) / max(1, options.log_every))
+                row = _log_row(ctx, window, done, opt, (now - tic) / window.count)
                 tic = now
                 summary["last"] = row
                 if train_log is not None:
@@ -460,7 +396,7 @@ def _run(task: TrainTask, options: RunOptions, rank: int, world: int, device: to
                     bar.set_postfix(loss=f"{row['loss']:.4f}")
             if options.val_every > 0 and done % options.val_every == 0:
                 scores = task.validate(done)
-                if scores is not None:
+                if scores:
                     summary["val"].append({"iteration": done, **scores})
                     if val_log is not None:
                         val_log.row({"iteration": done, **scores})
@@ -468,12 +404,12 @@ def _run(task: TrainTask, options: RunOptions, rank: int, world: int, device: to
                             for k, v in scores.items():
                                 tb.add_scalar(f"val/{k}", v, done)
             if done % max(1, options.ckpt_every) == 0 or done == end:
-                saved = _save(task, opt, scaler, options, seed, done, rank, world, out, hint)
-                if saved is not None:
-                    summary["checkpoints"].append(saved)
+                summary["checkpoints"].append(_save(task, opt, scaler, options, seed, done, rank, world, out, hint))
             summary["iterations"] = done
             if bar is not None:
                 bar.update(1)
+        if summary.get("stopped_by_task") and done > start and done % max(1, options.ckpt_every):
+            summary["checkpoints"].append(_save(task, opt, scaler, options, seed, done, rank, world, out, hint))
     except OSError as exc:
         if is_disk_full(exc) and not isinstance(exc, DiskFullError):
             raise DiskFullError(getattr(exc, "filename", None) or out, hint) from None
@@ -485,9 +421,33 @@ def _run(task: TrainTask, options: RunOptions, rank: int, world: int, device: to
             tb.close()
     if train_log is not None:
         train_log.event("stop", iteration=summary["iterations"])
-    if summary["iterations"] >= task.max_iters:
+    if summary["iterations"] >= task.max_iters or summary.get("stopped_by_task"):
         task.finish(summary)
     return summary
+
+
+class _Window:
+    """Logged values since the previous log row: tensors are averaged, other values keep the last one."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.last: dict[str, Any] = {}
+        self.count = 0
+
+    def add(self, values: dict[str, Any]) -> None:
+        for k, v in values.items():
+            if isinstance(v, torch.Tensor):
+                v = v.detach().float().reshape(())
+                self.sums[k] = self.sums[k] + v if k in self.sums else v
+            else:
+                self.last[k] = v
+        self.count += 1
+
+    def take(self) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+        means = {k: v / self.count for k, v in self.sums.items()}
+        last = dict(self.last)
+        self.sums, self.last, self.count = {}, {}, 0
+        return means, last
 
 
 def _write_config(out: Path, task: TrainTask, options: RunOptions, seed: int) -> None:
@@ -499,22 +459,21 @@ def _write_config(out: Path, task: TrainTask, options: RunOptions, seed: int) ->
     honour_umask(out / "config.json")
 
 
-def _log_row(ctx: TrainContext, values: dict[str, Any], done: int, opt: torch.optim.Optimizer,
+def _log_row(ctx: TrainContext, window: _Window, done: int, opt: torch.optim.Optimizer,
              sec_per_it: float) -> dict[str, Any]:
-    tensors = {k: v for k, v in values.items() if isinstance(v, torch.Tensor)}
+    means, last = window.take()
     row: dict[str, Any] = {"iteration": done}
-    if tensors:
-        stacked = torch.stack([v.detach().float().reshape(()) for v in tensors.values()])
-        stacked = ctx.all_reduce_sum(stacked) / ctx.world_size
-        row.update({k: float(v) for k, v in zip(tensors, stacked.tolist())})
-    row.update({k: v for k, v in values.items() if k not in tensors})
+    if means:
+        stacked = ctx.all_reduce_sum(torch.stack(list(means.values()))) / ctx.world_size
+        row.update({k: float(v) for k, v in zip(means, stacked.tolist())})
+    row.update(last)
     row["lr"] = opt.param_groups[0]["lr"]
     row["sec_per_it"] = round(sec_per_it, 6)
     return row
 
 
 def _save(task: TrainTask, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler, options: RunOptions,
-          seed: int, done: int, rank: int, world: int, out: Path, hint: str) -> Optional[str]:
+          seed: int, done: int, rank: int, world: int, out: Path, hint: str) -> str:
     rng = _gather(capture_rng_state(), world)
     status: Any = ("ok", None)
     if rank == 0:
