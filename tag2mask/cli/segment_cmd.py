@@ -37,8 +37,9 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     p.add_argument("--classes", default=None,
                    help="inline 'cat, dog|puppy; background: sky, grass' or a name-set file (required unless --checkpoint)")
     p.add_argument("--checkpoint", default=None,
-                   help="segment with a trained WeCLIP run instead (a checkpoint file or run folder from "
-                        "'tag2mask train weclip'): long side 512, scales {1, 0.75} + flip; classes come from the run")
+                   help="segment with a trained run instead (a checkpoint file or run folder from 'tag2mask train "
+                        "weclip' -- long side 512, scales {1, 0.75} + flip -- or 'tag2mask train segmenter' -- its "
+                        "test settings); classes come from the run")
     p.add_argument("--crf", action="store_true", help="with --checkpoint: dense CRF with WeCLIP's parameters (extra 'crf')")
     p.add_argument("--method", default="naclip", choices=METHOD_CHOICES, help="last-block variant (default: naclip)")
     p.add_argument("--out", required=True, help="output folder (masks/, overlays/, logits/, run.json, manifest.jsonl, logs/)")
@@ -212,20 +213,33 @@ def _run_job(args: argparse.Namespace, files: list[Path], stems: dict[Path, str]
 
 
 class _CheckpointSegmenter:
-    """A trained WeCLIP run behind the ``predict(image) -> SegmentationResult`` interface."""
+    """A trained WeCLIP or `train segmenter` run behind the ``predict(image) -> SegmentationResult`` interface."""
 
     def __init__(self, checkpoint: str, device: str, weights, crf: bool) -> None:
-        from tag2mask.methods.weclip.inference import WeCLIPSegmenter
+        from tag2mask.training.engine import read_run_checkpoint
 
-        self.inner = WeCLIPSegmenter(checkpoint, device=device, weights=weights, crf=crf)
-        self.class_names = ("background",) + tuple(self.inner.config.classes)
+        if read_run_checkpoint(checkpoint)["task"] == "segmenter":
+            from tag2mask.training.segmenter_eval import TrainedSegmenter
+
+            if weights is not None or crf:
+                raise ValueError("--weights and --crf apply to WeCLIP checkpoints, not to a `train segmenter` run")
+            self.inner = TrainedSegmenter(checkpoint, device=device)
+            self.class_names = self.inner.class_names
+            self.kind, self.has_background = "segmenter", bool(self.inner.config.background)
+        else:
+            from tag2mask.methods.weclip.inference import WeCLIPSegmenter
+
+            self.inner = WeCLIPSegmenter(checkpoint, device=device, weights=weights, crf=crf)
+            self.class_names = ("background",) + tuple(self.inner.config.classes)
+            self.kind, self.has_background = "weclip", True
         self.device = self.inner.device
 
     def predict(self, image):
         from tag2mask.methods.ovss.segmenter import SegmentationResult
 
         label, probs = self.inner.predict(image)
-        return SegmentationResult(label=label, logits=probs, class_names=self.class_names, has_background=True)
+        return SegmentationResult(label=label, logits=probs, class_names=self.class_names,
+                                  has_background=self.has_background)
 
 
 def _run_checkpoint(args: argparse.Namespace) -> int:
@@ -245,7 +259,7 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
     args.device = device_for_rank(args.device)
     segmenter = _CheckpointSegmenter(str(ckpt), args.device, args.weights, args.crf)
     digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()[:16]
-    settings = {"method": "weclip", "checkpoint": digest, "crf": args.crf, "overlay": args.overlay,
+    settings = {"method": segmenter.kind, "checkpoint": digest, "crf": args.crf, "overlay": args.overlay,
                 "save_logits": args.save_logits}
     stems = _output_stems(files)
     record = {"tag2mask": tag2mask.__version__, "command": "segment", "input": str(args.input),

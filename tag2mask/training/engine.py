@@ -120,6 +120,10 @@ class TrainContext:
             find_unused_parameters=self.find_unused_parameters,
         )
 
+    def all_gather(self, obj: Any) -> list[Any]:
+        """Every process's ``obj`` (small, picklable), in rank order (``[obj]`` in one process)."""
+        return _gather(obj, self.world_size)
+
     def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
         """Sum of ``tensor`` over the processes (a copy on ``tensor``'s device; itself in one process)."""
         if self.world_size == 1:
@@ -169,6 +173,15 @@ class TrainTask:
     def modules(self) -> dict[str, nn.Module]:
         """The modules whose state is checkpointed (unwrapped), by name."""
         raise NotImplementedError
+
+    def state_dicts(self) -> dict[str, dict[str, Any]]:
+        """What is checkpointed of :meth:`modules` (default: their full state dicts)."""
+        return {name: m.state_dict() for name, m in self.modules().items()}
+
+    def load_state_dicts(self, states: dict[str, dict[str, Any]]) -> None:
+        """Inverse of :meth:`state_dicts` (default: strict loading)."""
+        for name, module in self.modules().items():
+            module.load_state_dict(states[name])
 
     def build_optimizer(self) -> torch.optim.Optimizer:
         """The optimiser over the trainable parameters (param groups with their base ``lr``)."""
@@ -305,8 +318,7 @@ def _run(task: TrainTask, options: RunOptions, rank: int, world: int, device: to
         modules = task.modules()
         if set(modules) != set(ckpt["modules"]):
             raise ValueError(f"{resume_path}: modules {sorted(ckpt['modules'])} do not match the task's {sorted(modules)}")
-        for name, module in modules.items():
-            module.load_state_dict(ckpt["modules"][name])
+        task.load_state_dicts(ckpt["modules"])
         opt.load_state_dict(ckpt["optimizer"])
         if scaler.is_enabled() and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
@@ -483,7 +495,7 @@ def _save(task: TrainTask, opt: torch.optim.Optimizer, scaler: torch.amp.GradSca
             "config_json": json.dumps(task.config_dict()),
             "options_json": json.dumps({**asdict(options), "seed": seed}, default=str),
             "meta_json": json.dumps(task.checkpoint_meta()),
-            "modules": {name: m.state_dict() for name, m in task.modules().items()},
+            "modules": task.state_dicts(),
             "optimizer": opt.state_dict(),
             "scaler": scaler.state_dict() if scaler.is_enabled() else {},
             "rng": rng,
