@@ -31,7 +31,7 @@ def predict_logits(model: nn.Module, rgb: np.ndarray, config: Any) -> torch.Tens
     """``(C, H, W)`` float32 logits of one ``(H, W, 3)`` uint8 image at its own size (model in eval mode)."""
     device = next(model.parameters()).device
     h, w = rgb.shape[:2]
-    x = torch.from_numpy(np.ascontiguousarray(rgb)).to(device).permute(2, 0, 1)[None].float() / 255.0
+    x = torch.from_numpy(np.array(rgb, dtype=np.float32)).to(device).permute(2, 0, 1)[None] / 255.0
     x = model.normalization(x)
     long_side = getattr(config, "test_long_side", None)
     if long_side and long_side != max(h, w):
