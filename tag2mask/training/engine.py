@@ -238,7 +238,7 @@ def _resolve_device(name: str, local_rank: int, world: int) -> torch.device:
     device = resolve_device(name)
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", local_rank % torch.cuda.device_count())
-    if device.type == "cuda":
+    if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     return device
 
@@ -352,6 +352,8 @@ def _run(task: TrainTask, options: RunOptions, rank: int, world: int, device: to
             train_log.event("resume", from_iteration=start, checkpoint=str(resume_path), world_size=world)
             print(f"resuming {out} from iteration {start} ({resume_path.name})")
         else:
+            if options.resume == "auto":
+                print(f"nothing to resume in {out} yet: starting at iteration 0")
             train_log.event("start", world_size=world, device=str(device))
         tb = _tensorboard(out, options.tensorboard, start)
     _gather(None, world)  # the folder exists before any rank reads from it
