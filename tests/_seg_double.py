@@ -84,7 +84,7 @@ def make_dataset(root: Path, n: int = 6, size: tuple[int, int] = (40, 48), ignor
 def main(argv: Optional[list[str]] = None) -> int:
     from tag2mask.data.segmentation import open_segmentation_data
     from tag2mask.training.engine import RunOptions, train
-    from tag2mask.training.segmenter_task import SegmenterTask, segmenter_preset
+    from tag2mask.training.segmenter_task import SegmenterTask
 
     data, out = (argv or sys.argv[1:])[:2]
     config = segmenter_config()

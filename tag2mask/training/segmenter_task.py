@@ -54,6 +54,8 @@ class SegmenterConfig:
     floor(t / lr_step)`` (deeplab-pytorch steps every 10 iterations) and floored at ``min_lr`` (mmseg).
     Groups (networks with ``parameter_groups()``): backbone at ``lr``, head weights ×
     ``head_lr_mult``, head biases × ``head_bias_lr_mult`` (weight decay off unless ``head_bias_weight_decay``).
+    Several processes: ``sync_bn`` converts BatchNorm to SyncBatchNorm on CUDA; ``ddp_find_unused`` for
+    networks whose forward skips parameters.
     """
 
     model: str = "deeplab-v2"
@@ -86,6 +88,7 @@ class SegmenterConfig:
     min_lr: float = 0.0
     max_grad_norm: Optional[float] = None
     sync_bn: bool = False
+    ddp_find_unused: bool = False
     # teacher -> self-training switch (MaskCLIP+)
     self_train_from: Optional[int] = None
     # validation / final evaluation
@@ -236,6 +239,7 @@ class SegmenterTask(TrainTask):
         self.model_factory = model_factory or build_network
         self.teacher, self.val_limit, self.evaluate_at_end = teacher, val_limit, evaluate_at_end
         self.max_grad_norm = config.max_grad_norm
+        self.find_unused_parameters = config.ddp_find_unused
         self.final_eval: Optional[dict[str, Any]] = None
 
     # -- recipe -----------------------------------------------------------------------------------
@@ -253,6 +257,7 @@ class SegmenterTask(TrainTask):
             print(f"resume: using the recipe stored in the checkpoint (it differs in {', '.join(changed)})")
         self.config = stored
         self.max_grad_norm = stored.max_grad_norm
+        self.find_unused_parameters = stored.ddp_find_unused
 
     # -- model ------------------------------------------------------------------------------------
     def setup(self, ctx: TrainContext) -> None:
