@@ -148,6 +148,10 @@ class TrainedSegmenter:
         self.model, self.config = load_trained_segmenter(checkpoint, device)
         self.device = next(self.model.parameters()).device
         self.class_names = tuple(self.config.class_names)
+        # the test settings, named as WeCLIPSegmenter names them (segment --checkpoint records them)
+        self.long_side = self.config.test_long_side
+        self.scales = tuple(self.config.test_scales)
+        self.flip = bool(self.config.test_flip)
 
     def predict(self, image: Any) -> tuple[np.ndarray, np.ndarray]:
         rgb = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image, dtype=np.uint8)

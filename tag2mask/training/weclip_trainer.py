@@ -182,12 +182,13 @@ class WeCLIPTask(TrainTask):
         self.clip_ref = {"weights": str(getattr(clip, "source_path", self.opts.weights)),
                          "fingerprint": getattr(clip, "fingerprint", "")}
         o = self.opts
-        self.source = open_images(o.data, o.train_split, self.config.classes, labels_file=o.labels_file,
-                                  synth_n=o.synth_n, synth_size=o.synth_size)
+        data = dict(labels_file=o.labels_file, synth_n=o.synth_n, synth_size=o.synth_size)
+        if hasattr(self.config, "label_source"):  # image labels from the GT masks (released code) or the data set
+            data["label_source"] = self.config.label_source
+        self.source = open_images(o.data, o.train_split, self.config.classes, **data)
         self.val_source = None
         if o.val_split and o.val_every > 0:
-            self.val_source = open_images(o.data, o.val_split, self.config.classes, labels_file=o.labels_file,
-                                          synth_n=o.synth_n, synth_size=o.synth_size)
+            self.val_source = open_images(o.data, o.val_split, self.config.classes, **data)
 
     def modules(self) -> dict[str, torch.nn.Module]:
         return {"decoder": self.model.decoder}
