@@ -116,6 +116,8 @@ def build_config(args: argparse.Namespace):
     config = preset(args.preset or (kind if kind in ("voc", "coco", "synth") else "voc"))
     if kind == "folder" and args.classes is None:
         raise ValueError("--data FOLDER needs --classes (the foreground class names of its label file)")
+    if kind == "folder" and getattr(config, "label_source", "dataset") != "dataset":
+        config = config_with_overrides(config, label_source="dataset")  # a folder has only its --labels file
     return config_with_overrides(
         config,
         classes=split_names(args.classes) if args.classes else None,
