@@ -1,26 +1,27 @@
-"""``tag2mask convert``: bring checkpoints from elsewhere into tag2mask's safe run-folder format.
-
-Examples::
-
-    tag2mask convert weclip WeCLIP_model_iter_30000.pth --out runs/weclip_official
-    tag2mask segment photos/ --checkpoint runs/weclip_official --out seg --crf
-    tag2mask convert checkpoint runs/old/latest.pt --out runs/old_resaved      # older tag2mask checkpoint
-
-Every file is read with torch.load(weights_only=True): tensors and plain data only, nothing in the
-file is executed (docs/training.md).
-"""
+"""``tag2mask convert``: bring checkpoints from elsewhere into tag2mask's safe run-folder format (see DESCRIPTION)."""
 
 from __future__ import annotations
 
 import argparse
 import json
 
-__all__ = ["add_parser", "run"]
+__all__ = ["add_parser"]
+
+DESCRIPTION = """Bring checkpoints from elsewhere into tag2mask's safe run-folder format.
+
+examples:
+  tag2mask convert weclip WeCLIP_model_iter_30000.pth --out runs/weclip_official
+  tag2mask segment photos/ --checkpoint runs/weclip_official --out seg --crf
+  tag2mask convert checkpoint runs/old/latest.pt --out runs/old_resaved    (an older tag2mask checkpoint)
+
+Every file is read with torch.load(weights_only=True): tensors and plain data only, nothing in the
+file is executed (docs/training.md).
+"""
 
 
 def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     p = sub.add_parser("convert", help="convert official WeCLIP checkpoints or older tag2mask checkpoints",
-                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                       description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     kinds = p.add_subparsers(dest="kind", metavar="KIND")
     w = kinds.add_parser(
         "weclip", help="an official WeCLIP .pth (decoder + CLIP weights) -> a run folder for segment --checkpoint",

@@ -1,21 +1,4 @@
-"""``tag2mask train segmenter``: train a segmentation network on pseudo-labels or ground-truth masks.
-
-Examples::
-
-    # CLIP-ES stage 3: DeepLab-v2 on the CRF pseudo-masks of `tag2mask label` (255 = low confidence)
-    tag2mask label VOCdevkit/VOC2012 --split train_aug --classes voc --weights ViT-B-16.pt --refine crf --out seeds
-    tag2mask train segmenter --preset clip-es --data VOCdevkit/VOC2012 --masks seeds \\
-        --pretrained resnet101_imagenet.pth --out runs/deeplab --device cuda
-    # WeCLIP's fully supervised setting: its frozen-CLIP decoder on the ground truth
-    tag2mask train segmenter --preset weclip-fs --data VOCdevkit/VOC2012 --weights ViT-B-16.pt --out runs/fs
-    # any network on a folder of images and masks
-    tag2mask train segmenter --model segformer --model-option variant=b2 --data photos/ --masks seeds/masks \\
-        --classes "cat, dog" --out runs/segformer --iters 8000
-
-The run folder is the training engine's (docs/training.md): checkpoints, --resume, --overwrite,
-torchrun, append-only logs; at the end OUT/model.safetensors and, with a validation set, OUT/eval/
-(predicted masks + eval.json, as `tag2mask eval` writes it). Recipes: docs/segmenter.md.
-"""
+"""``tag2mask train segmenter``: train a segmentation network on pseudo-labels or ground-truth masks (see DESCRIPTION)."""
 
 from __future__ import annotations
 
@@ -29,6 +12,25 @@ from tag2mask.cli.common import add_device_option, add_precision_option
 
 __all__ = ["add_segmenter_parser", "run_segmenter"]
 
+
+DESCRIPTION = """Train a segmentation network on pseudo-labels or ground-truth masks.
+
+examples:
+  CLIP-ES stage 3: DeepLab-v2 on the CRF pseudo-masks of 'tag2mask label' (255 = low confidence)
+    tag2mask label VOCdevkit/VOC2012 --split train_aug --classes voc --weights ViT-B-16.pt --refine crf --out seeds
+    tag2mask train segmenter --preset clip-es --data VOCdevkit/VOC2012 --masks seeds \\
+        --pretrained resnet101_imagenet.pth --out runs/deeplab --device cuda
+  WeCLIP's fully supervised setting: its frozen-CLIP decoder on the ground truth
+    tag2mask train segmenter --preset weclip-fs --data VOCdevkit/VOC2012 --weights ViT-B-16.pt --out runs/fs
+  any network on a folder of images and masks
+    tag2mask train segmenter --model segformer --model-option variant=b2 --data photos/ --masks seeds/masks \\
+        --classes "cat, dog" --out runs/segformer --iters 8000
+
+The run folder is the training engine's (docs/training.md): checkpoints, --resume, --overwrite,
+torchrun, append-only logs; at the end OUT/model.safetensors and, with a validation set, OUT/eval/
+(predicted masks + eval.json, as 'tag2mask eval' writes it). Recipes: docs/segmenter.md.
+"""
+
 # default (train split, validation split) per data set kind
 _SPLITS = {"voc": ("train_aug", "val"), "coco": ("train", "val"), "folder": (None, None)}
 
@@ -36,10 +38,10 @@ _SPLITS = {"voc": ("train_aug", "val"), "coco": ("train", "val"), "folder": (Non
 def add_segmenter_parser(methods: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     s = methods.add_parser("segmenter", help="a segmentation network on pseudo-labels or ground truth (CLIP-ES stage 3, "
                                              "WeCLIP fully supervised, any network)",
-                           description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+                           description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     s.add_argument("--data", required=True, help="VOC root, COCO root (VOC layout) or image folder")
     s.add_argument("--masks", default=None,
-                   help="label maps to train on: a `tag2mask label` run folder or a folder of palette PNGs "
+                   help="label maps to train on: a 'tag2mask label' run folder or a folder of palette PNGs "
                         "(0 background, class id + 1, 255 ignore); default: the data set's ground truth")
     s.add_argument("--preset", choices=("clip-es", "weclip-fs"), default=None,
                    help="a paper's recipe: clip-es (DeepLab-v2 ResNet-101, deeplab-pytorch settings) or weclip-fs "
@@ -52,7 +54,7 @@ def add_segmenter_parser(methods: "argparse._SubParsersAction") -> argparse.Argu
     s.add_argument("--weights", default=None, help="CLIP weights of clip-decoder (its 'clip_weights')")
     s.add_argument("--classes", default=None,
                    help="foreground classes: voc, coco, a file (one per line) or 'a, b, c' (default: the classes "
-                        "recorded by `tag2mask label` in --masks, or the data set's)")
+                        "recorded by 'tag2mask label' in --masks, or the data set's)")
     s.add_argument("--no-background", action="store_true", help="label 0 is a class, not background")
     s.add_argument("--train-split", default=None, help="VOC/COCO split to train on (default train_aug / train)")
     s.add_argument("--val-data", default=None, help="validation data (default: --data for VOC/COCO)")
