@@ -57,7 +57,7 @@ def add_segmenter_parser(methods: "argparse._SubParsersAction") -> argparse.Argu
                         "recorded by 'tag2mask label' in --masks, or the data set's)")
     s.add_argument("--no-background", action="store_true", help="label 0 is a class, not background")
     s.add_argument("--train-split", default=None, help="VOC/COCO split to train on (default train_aug / train)")
-    s.add_argument("--val-data", default=None, help="validation data (default: --data for VOC/COCO)")
+    s.add_argument("--val-data", default=None, help="validation data (default: the training data set for VOC/COCO roots)")
     s.add_argument("--val-split", default=None, help="validation split (default val; 'none' disables)")
     s.add_argument("--val-masks", default=None, help="ground-truth masks of --val-data when it is an image folder")
     s.add_argument("--val-every", type=int, default=0, help="validate every N iterations (default 0: only at the end)")
