@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import math
 from pathlib import Path
 
@@ -42,10 +43,12 @@ def test_smoke_run_writes_log_and_loadable_weights(tmp_path):
     torch.set_num_threads(1)
     assert main(_tiny_cfg(tmp_path)) == 0
     rows = list(csv.DictReader(open(tmp_path / "train_log.csv")))
-    assert [int(r["step"]) for r in rows] == [1, 2, 3]
+    assert [int(r["iteration"]) for r in rows] == [1, 2, 3]
     losses = [float(r["loss"]) for r in rows]
     assert all(math.isfinite(x) for x in losses)
-    assert 0.0 <= float(rows[-1]["val_map"]) <= 1.0
+    val = list(csv.DictReader(open(tmp_path / "val_log.csv")))
+    assert [int(r["iteration"]) for r in val] == [3] and 0.0 <= float(val[-1]["val_map"]) <= 1.0
+    assert 0.0 <= json.loads((tmp_path / "summary.json").read_text())["val_map"] <= 1.0
     model = load_clip(tmp_path / "tiny_clip.safetensors")
     assert next(model.parameters()).dtype == torch.float32
     assert model.config.vision.width == 64 and model.config.vision.image_size == 64
@@ -53,6 +56,33 @@ def test_smoke_run_writes_log_and_loadable_weights(tmp_path):
     with torch.no_grad():
         emb = model.encode_image(torch.zeros(2, 3, 64, 64))
     assert emb.shape == (2, 32) and torch.isfinite(emb).all()
+
+
+def test_resumed_run_equals_uninterrupted_and_folder_is_guarded(tmp_path):
+    """The tiny-CLIP trainer runs on the training engine: exact resume, no silent overwrite."""
+    from tag2mask.training.clip_trainer import TinyClipTask, TrainConfig, train
+    from tag2mask.training.engine import RunOptions
+    from tag2mask.training.engine import train as engine_train
+
+    torch.set_num_threads(1)
+    straight, part = tmp_path / "straight", tmp_path / "part"
+    common = {"--steps": "4", "--eval-every": "0", "--dense-eval": "0", "--save-every": "2"}
+    assert main(_tiny_cfg(straight, **common)) == 0
+    with pytest.raises(ValueError, match="--resume"):  # an existing run folder is refused
+        main(_tiny_cfg(straight, **common))
+    cfg = TrainConfig(out=str(part), steps=4, batch_size=8, pool_size=16, pool_workers=1, image_size=64,
+                      vision_width=64, vision_layers=2, text_layers=1, embed_dim=32, warmup=1, log_every=1,
+                      eval_every=0, save_every=2, device="cpu", seed=0)
+    # interrupted after 2 iterations, then resumed to the end
+    engine_train(TinyClipTask(cfg, progress=False), RunOptions(out_dir=str(part), device="cpu", seed=0, stop_at=2,
+                                                              ckpt_every=2, log_every=1, progress=False))
+    train(cfg, progress=False, resume="auto")
+    a = load_clip(straight / "tiny_clip.safetensors").state_dict()
+    b = load_clip(part / "tiny_clip.safetensors").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    rows_a = list(csv.DictReader(open(straight / "train_log.csv")))
+    rows_b = list(csv.DictReader(open(part / "train_log.csv")))
+    assert [r["loss"] for r in rows_a] == [r["loss"] for r in rows_b]
 
 
 def test_average_precision_hand_made():

@@ -36,16 +36,17 @@ def test_torchrun_two_processes(tmp_path: Path, tiny_clip_path: Path) -> None:
     out = tmp_path / "ddp"
     res = _torchrun(out, tiny_clip_path, "--stop-at", "2")
     assert res.returncode == 0, res.stderr[-3000:]
-    ckpt = load_training_checkpoint(out / "latest.pt")
+    ckpt = load_training_checkpoint(out)
     assert ckpt["iteration"] == 2 and ckpt["world_size"] == 2
     assert len(ckpt["rng"]) == 2  # one RNG state per rank, for exact resume
-    assert not any(k.startswith("module.") for k in ckpt["decoder"])  # saved unwrapped from DDP
+    assert not any(k.startswith("module.") for k in ckpt["modules"]["decoder"])  # saved unwrapped from DDP
 
     res = _torchrun(out, tiny_clip_path, "--resume")
     assert res.returncode == 0, res.stderr[-3000:]
-    final = load_training_checkpoint(out / "latest.pt")
+    final = load_training_checkpoint(out)
     assert final["iteration"] == 4
-    assert any(not torch.equal(final["decoder"][k], ckpt["decoder"][k]) for k in ckpt["decoder"])
+    before, after = ckpt["modules"]["decoder"], final["modules"]["decoder"]
+    assert any(not torch.equal(after[k], before[k]) for k in before)
     with open(out / "train_log.csv", newline="") as f:
         rows = list(csv.DictReader(f))
     assert [int(r["iteration"]) for r in rows] == [1, 2, 3, 4]

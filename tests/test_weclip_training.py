@@ -62,13 +62,16 @@ def test_resume_is_bitwise_exact(tmp_path: Path, tiny_clip_path: Path) -> None:
     s2 = train_weclip(cfg, _opts(part, tiny_clip_path, resume="auto"))
     assert s2["start_iteration"] == 10 and s2["iterations"] == 20
 
-    a = load_training_checkpoint(straight / "latest.pt")
-    b = load_training_checkpoint(part / "latest.pt")
+    a = load_training_checkpoint(straight)  # a run folder: its newest complete checkpoint
+    b = load_training_checkpoint(part)
     assert a["iteration"] == b["iteration"] == 20
-    assert a["decoder"].keys() == b["decoder"].keys()
-    for k in a["decoder"]:
-        assert torch.equal(a["decoder"][k], b["decoder"][k]), k
-    assert a["optimizer"]["poly_warmup"] == b["optimizer"]["poly_warmup"]
+    da, db = a["modules"]["decoder"], b["modules"]["decoder"]
+    assert da.keys() == db.keys()
+    for k in da:
+        assert torch.equal(da[k], db[k]), k
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert a["optimizer"]["param_groups"][0]["lr"] == b["optimizer"]["param_groups"][0]["lr"]
     # The log of the resumed run continues the interrupted one (no duplicated rows).
     assert _losses(part) == _losses(straight)
 
@@ -83,12 +86,16 @@ def test_checkpoint_content_and_inference(tmp_path: Path, tiny_clip_path: Path) 
     run = tmp_path / "run"
     cfg = _config(max_iters=2, test_long_side=96, test_scales=(1.0, 0.75))
     train_weclip(cfg, _opts(run, tiny_clip_path, ckpt_every=1))
-    ckpt = load_training_checkpoint(run / "latest.pt")
-    assert sorted(p.name for p in run.glob("ckpt_*.pt")) == ["ckpt_0000001.pt", "ckpt_0000002.pt"]
-    assert not any(k.startswith(("clip", "visual", "transformer")) for k in ckpt["decoder"])  # decoder only
+    ckpt = load_training_checkpoint(run)
+    # one file per save, no latest.pt copy: "latest" is the newest verified record
+    assert sorted(p.name for p in run.glob("*.pt")) == ["ckpt_0000001.pt", "ckpt_0000002.pt"]
+    assert Path(ckpt["path"]).name == "ckpt_0000002.pt"
+    assert not any(k.startswith(("clip", "visual", "transformer")) for k in ckpt["modules"]["decoder"])  # decoder only
     assert WeCLIPConfig.from_dict(ckpt["config"]) == cfg
-    assert ckpt["clip"]["fingerprint"] and Path(ckpt["clip"]["weights"]).name == tiny_clip_path.name
-    assert {"python", "numpy", "torch"} <= set(ckpt["rng"][0])
+    clip_ref = ckpt["meta"]["clip"]
+    assert clip_ref["fingerprint"] and Path(clip_ref["weights"]).name == tiny_clip_path.name
+    assert {"python", "numpy_keys", "torch"} <= set(ckpt["rng"][0])
+    assert all(isinstance(v, torch.Tensor) for v in ckpt["rng"][0].values())  # no pickled objects
 
     images = tmp_path / "images"
     images.mkdir()
@@ -98,7 +105,7 @@ def test_checkpoint_content_and_inference(tmp_path: Path, tiny_clip_path: Path) 
     assert summary["images"] == 2
     label = read_label_png(tmp_path / "seg" / "masks" / "im0.png")
     assert label.shape == (80, 80) and label.max() < cfg.num_classes
-    seg = WeCLIPSegmenter(run / "latest.pt", device="cpu")
+    seg = WeCLIPSegmenter(run / "ckpt_0000002.pt", device="cpu")
     lab, probs = seg.predict(Image.open(images / "im1.png"))
     assert probs.shape == (cfg.num_classes, 80, 80)
     np.testing.assert_allclose(probs.sum(0), 1, atol=1e-5)

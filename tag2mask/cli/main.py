@@ -26,6 +26,7 @@ COMMANDS: dict[str, str] = {
     "synth": "tag2mask.cli.synth_cmd",
     "train": "tag2mask.cli.train_cmd",
     "prompts": "tag2mask.cli.prompts_cmd",
+    "convert": "tag2mask.cli.convert_cmd",
 }
 
 

@@ -67,10 +67,10 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
                    help="inline 'cat, dog|puppy; background: sky, grass' or a name-set file (required; with --checkpoint "
                         "the run's classes are used instead)")
     p.add_argument("--checkpoint", default=None,
-                   help="segment with a trained WeCLIP run instead (a checkpoint file or run folder from "
-                        "'tag2mask train weclip'): classes, test size and scales come from the run (WeCLIP recipe: "
-                        "long side 512, scales 1 and 0.75, plus flip; synth runs: long side 224); the open-vocabulary "
-                        "options do not apply")
+                   help="segment with a trained run instead (a checkpoint file or run folder from 'tag2mask train "
+                        "weclip' or 'tag2mask train segmenter'): classes, test size and scales come from the run "
+                        "(WeCLIP recipe: long side 512, scales 1 and 0.75, plus flip; synth runs: long side 224; "
+                        "segmenter runs: their own test settings); the open-vocabulary options do not apply")
     p.add_argument("--crf", action="store_true", help="with --checkpoint only: dense CRF with WeCLIP's parameters (extra 'crf')")
     p.add_argument("--method", default="naclip", choices=METHOD_CHOICES, help="last-block variant (default: naclip)")
     p.add_argument("--preset", default="default",
@@ -338,20 +338,33 @@ def _run_job(args: argparse.Namespace, files: list[Path], stems: dict[Path, str]
 
 
 class _CheckpointSegmenter:
-    """A trained WeCLIP run behind the ``predict(image) -> SegmentationResult`` interface."""
+    """A trained WeCLIP or `train segmenter` run behind the ``predict(image) -> SegmentationResult`` interface."""
 
     def __init__(self, checkpoint: str, device: str, weights, crf: bool) -> None:
-        from tag2mask.methods.weclip.inference import WeCLIPSegmenter
+        from tag2mask.training.engine import read_run_checkpoint
 
-        self.inner = WeCLIPSegmenter(checkpoint, device=device, weights=weights, crf=crf)
-        self.class_names = ("background",) + tuple(self.inner.config.classes)
+        if read_run_checkpoint(checkpoint)["task"] == "segmenter":
+            from tag2mask.training.segmenter_eval import TrainedSegmenter
+
+            if weights is not None or crf:
+                raise ValueError("--weights and --crf apply to WeCLIP checkpoints, not to a `train segmenter` run")
+            self.inner = TrainedSegmenter(checkpoint, device=device)
+            self.class_names = self.inner.class_names
+            self.kind, self.has_background = "segmenter", bool(self.inner.config.background)
+        else:
+            from tag2mask.methods.weclip.inference import WeCLIPSegmenter
+
+            self.inner = WeCLIPSegmenter(checkpoint, device=device, weights=weights, crf=crf)
+            self.class_names = ("background",) + tuple(self.inner.config.classes)
+            self.kind, self.has_background = "weclip", True
         self.device = self.inner.device
 
     def predict(self, image):
         from tag2mask.methods.ovss.segmenter import SegmentationResult
 
         label, probs = self.inner.predict(image)
-        return SegmentationResult(label=label, logits=probs, class_names=self.class_names, has_background=True)
+        return SegmentationResult(label=label, logits=probs, class_names=self.class_names,
+                                  has_background=self.has_background)
 
 
 def _run_checkpoint(args: argparse.Namespace) -> int:
@@ -364,18 +377,16 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 0:
         raise ValueError(f"--limit must be >= 0, got {args.limit}")
-    ckpt = Path(args.checkpoint)
-    if ckpt.is_dir():
-        ckpt = ckpt / "latest.pt"
-    if not ckpt.is_file():
-        raise FileNotFoundError(f"WeCLIP checkpoint not found: {ckpt}")
+    from tag2mask.jobs.checkpoint import resolve_checkpoint
+
+    ckpt = resolve_checkpoint(args.checkpoint)  # a run folder: its newest complete checkpoint
     files = list_images(Path(args.input))
     out = Path(args.out)
     args.device = device_for_rank(args.device)
     segmenter = _CheckpointSegmenter(str(ckpt), args.device, args.weights, args.crf)
     warning = toy_model_warning(getattr(getattr(segmenter.inner, "model", None), "clip", None), [args.input])
     digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()[:16]
-    settings = {"method": "weclip", "checkpoint": digest, "crf": args.crf, "overlay": args.overlay,
+    settings = {"method": segmenter.kind, "checkpoint": digest, "crf": args.crf, "overlay": args.overlay,
                 "save_logits": args.save_logits, "max_pixels": args.max_pixels,
                 "max_pixels_policy": args.max_pixels_policy}
     stems = _output_stems(files)

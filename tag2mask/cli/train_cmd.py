@@ -5,7 +5,10 @@ Examples::
     tag2mask train weclip --data synth --out runs/synth --iters 2000
     tag2mask train weclip --data VOCdevkit/VOC2012 --weights ViT-B-16.pt --out runs/voc --device cuda
     torchrun --nproc-per-node 2 -m tag2mask train weclip --data synth --out runs/ddp --device cpu
-    tag2mask train weclip --data synth --out runs/synth --resume          # continue from runs/synth/latest.pt
+    tag2mask train weclip --data synth --out runs/synth --resume   # continue from its newest complete checkpoint
+
+A run folder is never overwritten: an existing one needs --resume (continue) or --overwrite (start
+again; its checkpoints and logs are deleted). Logs are only appended; see docs/training.md.
 
 The sub-command is also runnable as ``python -m tag2mask.cli.train_cmd weclip ...``.
 """
@@ -28,9 +31,14 @@ _SPLITS = {"synth": ("train", "val"), "voc": ("train_aug", "train"), "coco": ("t
 
 
 def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
-    p = sub.add_parser("train", help="train a segmenter from image-level labels (WeCLIP)",
-                       description="Train a method that needs training. Available: weclip.")
+    from tag2mask.cli.train_segmenter import add_segmenter_parser
+
+    p = sub.add_parser("train", help="train WeCLIP from image-level labels, or a segmentation network on pseudo-labels",
+                       description="Train a method that needs training: weclip (from image-level labels) or "
+                                   "segmenter (a network on pseudo-labels / masks). Run folders, resume and torchrun: "
+                                   "docs/training.md.")
     methods = p.add_subparsers(dest="method", metavar="METHOD")
+    add_segmenter_parser(methods)
     w = methods.add_parser(
         "weclip",
         help="WeCLIP: frozen CLIP + decoder trained on its online pseudo labels",
@@ -65,7 +73,11 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     w.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint every N iterations")
     w.add_argument("--log-every", type=int, default=10, help="log losses every N iterations")
     w.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="resume from a checkpoint (file or run folder); without a value: OUT/latest.pt if present")
+                   help="continue the run in OUT from its newest complete checkpoint (or from the given checkpoint "
+                        "file / run folder); the configuration stored in the checkpoint is used")
+    w.add_argument("--overwrite", action="store_true",
+                   help="start again in an existing OUT (deletes its checkpoints and logs)")
+    w.add_argument("--keep-last", type=int, default=None, help="keep only the newest N checkpoints (default: all)")
     w.add_argument("--stop-at", type=int, default=None, help="leave after this iteration (schedule still targets --iters)")
     w.add_argument("--seed", type=int, default=1, help="random seed (official: 1)")
     w.add_argument("--workers", type=int, default=0, help="data loader worker processes")
@@ -81,7 +93,7 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     return w
 
 
-def _split_names(text: str) -> tuple[str, ...]:
+def split_names(text: str) -> tuple[str, ...]:
     from tag2mask.methods.weclip.model import PRESET_NAMES, preset
 
     if text.strip().lower() in PRESET_NAMES:  # "--classes voc": the preset's prompt names
@@ -104,10 +116,12 @@ def build_config(args: argparse.Namespace):
     config = preset(args.preset or (kind if kind in ("voc", "coco", "synth") else "voc"))
     if kind == "folder" and args.classes is None:
         raise ValueError("--data FOLDER needs --classes (the foreground class names of its label file)")
+    if kind == "folder" and getattr(config, "label_source", "dataset") != "dataset":
+        config = config_with_overrides(config, label_source="dataset")  # a folder has only its --labels file
     return config_with_overrides(
         config,
-        classes=_split_names(args.classes) if args.classes else None,
-        background=_split_names(args.background) if args.background is not None else None,
+        classes=split_names(args.classes) if args.classes else None,
+        background=split_names(args.background) if args.background is not None else None,
         max_iters=args.iters, batch_size=args.batch_size, crop_size=args.crop, lr=args.lr,
         rfm_start_iter=args.rfm_start, normalization=args.normalization,
         compat_numerics=False if args.no_compat else None,
@@ -119,7 +133,7 @@ def run(args: argparse.Namespace) -> int:
     from tag2mask.training.weclip_trainer import TrainOptions, train_weclip
 
     if getattr(args, "method", None) != "weclip":
-        raise ValueError("choose a method: tag2mask train weclip ...")
+        raise ValueError("choose a method: tag2mask train weclip|segmenter ...")
     config, kind = build_config(args)
     train_split, val_split = _SPLITS[kind]
     if args.val_split is not None:
@@ -131,14 +145,36 @@ def run(args: argparse.Namespace) -> int:
         val_limit=args.val_limit, ckpt_every=args.ckpt_every, val_every=args.val_every, log_every=args.log_every,
         resume=args.resume, stop_at=args.stop_at, device=args.device, precision=args.precision, seed=args.seed,
         num_workers=args.workers, tensorboard=args.tensorboard, progress=not args.quiet,
+        overwrite=args.overwrite, keep_last=args.keep_last, resume_command=_resume_command(),
     )
     summary = train_weclip(config, opts)
     if os.environ.get("RANK", "0") == "0":
         last = summary.get("last", {})
         print(json.dumps({"iterations": summary["iterations"], "loss": last.get("loss"),
                           "val": summary["val"][-1] if summary["val"] else None,
-                          "checkpoint": str(Path(args.out) / "latest.pt")}))
+                          "checkpoint": summary["checkpoints"][-1] if summary["checkpoints"] else None}))
     return 0
+
+
+def _resume_command() -> str:
+    """This command line with ``--resume`` instead of ``--resume [X]`` / ``--overwrite`` (for messages)."""
+    import shlex
+
+    argv, skip = [], False
+    for a in sys.argv[1:]:
+        if skip:
+            skip = False
+            if not a.startswith("-"):
+                continue
+        if a == "--resume":
+            skip = True
+            continue
+        if a == "--overwrite" or a.startswith("--resume="):
+            continue
+        argv.append(a)
+    if "train" not in argv or int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return ""  # the engine then says: rerun the same command with --resume
+    return " ".join(["tag2mask", *map(shlex.quote, argv[argv.index("train"):]), "--resume"])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -1,52 +1,121 @@
-"""Crash-safe training checkpoints: atomic writes, a JSON-lines record, resume from the newest valid one.
+"""Crash-safe training checkpoints: atomic writes, a JSON-lines record, safe loading.
 
-``save_checkpoint`` writes ``state`` with ``torch.save`` through a temporary file in the same
-folder (fsync + rename), then appends ``{"path", "step", "bytes", "sha256"}`` to
-``<folder>/checkpoints.jsonl`` (fsynced). ``latest_checkpoint`` returns the newest recorded
-checkpoint whose file still has the recorded size and hash, so a training run killed with
-``kill -9`` at any moment resumes from its last *complete* checkpoint. ``keep_last`` prunes old
-files only after the new one is safely on disk.
+``save_checkpoint`` serialises ``state`` with ``torch.save`` into memory, writes the bytes through a
+temporary file in the same folder (fsync + rename; a full disk raises :class:`DiskFullError`
+naming the file), then appends ``{"item", "outputs", "bytes", "sha256", "step"}`` to
+``<folder>/checkpoints.jsonl`` (fsynced). There is ONE file per save: "the latest checkpoint" is
+the newest record whose file still has the recorded size and hash (:func:`latest_checkpoint`), so
+a run killed with ``kill -9`` at any moment resumes from its last *complete* checkpoint.
+
+Loading never unpickles Python objects: :func:`load_checkpoint` uses ``torch.load(weights_only=True)``,
+which rebuilds tensors and plain containers only. A file that needs more (a pickled checkpoint of an
+older tag2mask, or a crafted one) raises :class:`UnsafeCheckpointError` with what to do instead.
+Checkpoints therefore hold only tensors and plain data (RNG states as tensors, configs as JSON text).
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import io
+import os
+import pickle
+import re
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from tag2mask.io.atomic import atomic_path
-from tag2mask.io.manifest import RunManifest, file_sha256, iter_records, verify_outputs
+from tag2mask.io.atomic import atomic_write_bytes
+from tag2mask.io.manifest import RunManifest, iter_records, verify_outputs
 
-__all__ = ["save_checkpoint", "latest_checkpoint", "load_latest_checkpoint"]
+__all__ = [
+    "RECORD", "DiskFullError", "UnsafeCheckpointError", "save_checkpoint", "latest_checkpoint",
+    "load_latest_checkpoint", "load_checkpoint", "resolve_checkpoint", "remove_stale_temp_files",
+    "honour_umask", "is_disk_full",
+]
 
 RECORD = "checkpoints.jsonl"
+#: temporary files of :func:`tag2mask.io.atomic.atomic_path`: ``.<stem>.<random>.tmp<suffix>``
+_TEMP_FILE = re.compile(r"^\..+\.tmp(\.[A-Za-z0-9]+)?$")
+
+
+class DiskFullError(OSError):
+    """The disk filled up while writing ``path``; the message says how to continue."""
+
+    def __init__(self, path: Union[str, Path], hint: str = "", message: Optional[str] = None) -> None:
+        self.path = str(path)
+        msg = message or f"disk full while writing {path}: free some space" + (f", then {hint}" if hint else "")
+        super().__init__(errno.ENOSPC, msg)
+
+    def __str__(self) -> str:  # one line, without the "[Errno 28]" prefix
+        return str(self.args[1])
+
+
+class UnsafeCheckpointError(ValueError):
+    """A checkpoint that cannot be read without unpickling Python objects (never done)."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True for "no space left" / "quota exceeded" errors."""
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def honour_umask(path: Union[str, Path]) -> None:
+    """Give ``path`` the mode a plain ``open()`` would have (0666 minus the umask).
+
+    Temporary files are created 0600; checkpoints and logs are meant to be shared like any other
+    output, so the final file gets the usual permissions.
+    """
+    mask = os.umask(0)
+    os.umask(mask)
+    with contextlib.suppress(OSError):
+        os.chmod(path, 0o666 & ~mask)
 
 
 def save_checkpoint(folder: Union[str, Path], step: int, state: Any, name: Optional[str] = None,
-                    keep_last: Optional[int] = None) -> Path:
+                    keep_last: Optional[int] = None, resume_hint: str = "") -> Path:
     """Save ``state`` as ``<folder>/<name or step-XXXXXXXX.pt>`` atomically and record it.
 
     Args:
         folder: checkpoint folder (created).
         step: training step (recorded; orders checkpoints).
-        state: anything ``torch.save`` accepts (model / optimiser state dicts, RNG states ...).
+        state: tensors and plain data only (dicts, lists, tuples, str, int, float, bool, None):
+            anything else could not be loaded back by :func:`load_checkpoint`.
         name: file name (default ``step-<step:08d>.pt``).
         keep_last: delete older recorded checkpoint files beyond this many (after the save).
+        resume_hint: what the user should run after a full disk (part of the error message).
 
     Returns:
         the checkpoint path.
+
+    Raises:
+        DiskFullError: no space left for the file or its record (the previous checkpoints are intact).
     """
+    import hashlib
+
     import torch
 
     folder = Path(folder)
     path = folder / (name or f"step-{step:08d}.pt")
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
-    with RunManifest(folder, RECORD) as record:
-        record.record(path.name, "ok", outputs=[path.name], bytes=[path.stat().st_size],
-                      sha256=[file_sha256(path)], step=int(step))
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    data = buffer.getvalue()
+    try:
+        atomic_write_bytes(path, data)
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise DiskFullError(path, resume_hint) from None
+        raise
+    honour_umask(path)
+    try:
+        with RunManifest(folder, RECORD) as record:
+            record.record(path.name, "ok", outputs=[path.name], bytes=[len(data)],
+                          sha256=[hashlib.sha256(data).hexdigest()], step=int(step))
+    except OSError as exc:
+        if is_disk_full(exc):
+            raise DiskFullError(folder / RECORD, resume_hint) from None
+        raise
     if keep_last is not None and keep_last > 0:
-        names = []
+        names: list[str] = []
         for rec in iter_records(folder / RECORD):
             if rec["item"] in names:
                 names.remove(rec["item"])
@@ -68,12 +137,74 @@ def latest_checkpoint(folder: Union[str, Path]) -> Optional[tuple[Path, int]]:
     return None
 
 
-def load_latest_checkpoint(folder: Union[str, Path], map_location: Any = "cpu") -> Optional[tuple[Any, int]]:
-    """``(state, step)`` of :func:`latest_checkpoint`, loaded with ``torch.load``; None if there is none."""
+def resolve_checkpoint(path: Union[str, Path]) -> Path:
+    """A checkpoint file, or the newest verified checkpoint of a run folder.
+
+    Raises:
+        FileNotFoundError: no such file, or a folder without a complete checkpoint.
+    """
+    p = Path(path)
+    if p.is_dir():
+        found = latest_checkpoint(p)
+        if found is None:
+            hint = (f"; it holds a latest.pt of an older tag2mask: re-save it with 'tag2mask convert checkpoint "
+                    f"{p / 'latest.pt'} --out NEW_RUN'") if (p / "latest.pt").is_file() else ""
+            raise FileNotFoundError(f"{p}: no complete checkpoint recorded in {RECORD}{hint}")
+        return found[0]
+    if not p.is_file():
+        raise FileNotFoundError(f"checkpoint not found: {p}")
+    return p
+
+
+def load_checkpoint(path: Union[str, Path], map_location: Any = "cpu") -> Any:
+    """``torch.load(path, weights_only=True)``: tensors and plain containers, never Python objects.
+
+    ``path`` may be a run folder (its newest verified checkpoint).
+
+    Raises:
+        UnsafeCheckpointError: the file holds pickled Python objects (an older tag2mask checkpoint,
+            another program's file, or a crafted one); nothing in it was executed.
+        ValueError: not a readable checkpoint at all.
+    """
     import torch
 
+    p = resolve_checkpoint(path)
+    try:
+        return torch.load(p, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(
+            f"{p}: this checkpoint stores Python objects, which tag2mask does not unpickle (unpickling a "
+            "file can run code). If it is a checkpoint of an older tag2mask, re-save it in the safe format "
+            f"with: tag2mask convert checkpoint {p} --out NEW_RUN (this reads only tensors, numbers and "
+            "NumPy arrays, nothing executable)"
+        ) from None
+    except (RuntimeError, EOFError, OSError) as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise ValueError(f"{p}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+
+
+def load_latest_checkpoint(folder: Union[str, Path], map_location: Any = "cpu") -> Optional[tuple[Any, int]]:
+    """``(state, step)`` of :func:`latest_checkpoint`, loaded with :func:`load_checkpoint`; None if none."""
     found = latest_checkpoint(folder)
     if found is None:
         return None
     path, step = found
-    return torch.load(path, map_location=map_location, weights_only=False), step
+    return load_checkpoint(path, map_location=map_location), step
+
+
+def remove_stale_temp_files(folder: Union[str, Path]) -> list[Path]:
+    """Delete the temporary files a killed writer left in ``folder`` (not recursive); returns them.
+
+    Only names of the form :func:`tag2mask.io.atomic.atomic_path` creates (``.<stem>.<random>.tmp<suffix>``)
+    are touched. Call it only while nothing else writes into ``folder``.
+    """
+    removed = []
+    folder = Path(folder)
+    if folder.is_dir():
+        for p in folder.iterdir():
+            if p.is_file() and _TEMP_FILE.match(p.name):
+                with contextlib.suppress(FileNotFoundError):
+                    p.unlink()
+                    removed.append(p)
+    return removed

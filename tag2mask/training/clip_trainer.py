@@ -36,7 +36,10 @@ Losses (all label-free at the pixel level):
   target is built from the model's own features, never from masks.
 
 Images come from a pool of pre-generated training scenes kept in memory (uint8) with a few caption
-variants each; augmentation is random flips and 90-degree rotations (captions have no spatial words).
+variants each (:mod:`tag2mask.training.clip_data`); augmentation is random flips and 90-degree
+rotations (captions have no spatial words). The loop is the training engine's
+(:mod:`tag2mask.training.engine`): checkpoints with exact resume (``--resume``), a run folder that is
+never silently overwritten (``--overwrite``), append-only logs, DDP under torchrun.
 
 CLI::
 
@@ -46,7 +49,6 @@ CLI::
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import os
@@ -56,17 +58,24 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from tag2mask.clip.loading import save_clip
-from tag2mask.clip.model import CLIP, CLIP_MEAN, CLIP_STD, CLIPConfig, TextConfig, VisionConfig
+from tag2mask.clip.model import CLIP, CLIPConfig, TextConfig, VisionConfig
 from tag2mask.clip.tokenizer import tokenize
+from tag2mask.io.atomic import atomic_write_text
 from tag2mask.runtime import resolve_device
+from tag2mask.training.clip_data import (  # re-exported: data of this trainer
+    NUM_CONCEPTS,
+    BatchSampler,
+    ScenePool,
+    all_prompt_variants,
+    concept_prompts,
+    concepts_from_caption,
+)
 from tag2mask.training.clip_eval import (  # re-exported: the trainer reports them while training
-    CONCEPT_NAMES,
     EVAL_TEMPLATE,
     average_precision,
     dense_miou,
@@ -74,51 +83,15 @@ from tag2mask.training.clip_eval import (  # re-exported: the trainer reports th
     mean_average_precision,
     zero_shot_map,
 )
-from tag2mask.synth.captions import make_caption
-from tag2mask.synth.scenes import generate_scene
-from tag2mask.synth.splits import seed_for
-from tag2mask.synth.world import NUM_OBJECT_CLASSES, OBJECT_CLASSES, STUFF_CLASSES
+from tag2mask.training.engine import RunOptions, TrainContext, TrainTask
+from tag2mask.training.engine import train as engine_train
+from tag2mask.training.logs import read_log
 
 __all__ = [
-    "TrainConfig", "ScenePool", "build_model", "train", "zero_shot_map", "average_precision",
-    "mean_average_precision", "concept_prompts", "EVAL_TEMPLATE", "dense_miou", "save_half", "main",
+    "TrainConfig", "TinyClipTask", "ScenePool", "BatchSampler", "build_model", "train", "zero_shot_map",
+    "average_precision", "mean_average_precision", "concept_prompts", "all_prompt_variants",
+    "concepts_from_caption", "NUM_CONCEPTS", "EVAL_TEMPLATE", "dense_miou", "save_half", "main",
 ]
-
-NUM_CONCEPTS = len(CONCEPT_NAMES)
-_N_CAPTIONS = 4  # caption variants stored per pooled scene
-
-_OBJECT_TEMPLATES = (
-    "a photo of a {name}.", "a photo of a {name}.", "a photo of the {name}.", "a {name}.", "{name}",
-    "a picture of a {name}.", "an image of a {name}.", "a photo of a {colour} {name}.", "a {colour} {name}.",
-    "a rendering of a {name}.", "there is a {name} in the picture.", "a close-up photo of a {name}.",
-)
-_STUFF_TEMPLATES = (
-    "a photo of {phrase}.", "a photo of a {name}.", "{phrase}", "a picture of {phrase}.", "an image of {phrase}.",
-    "a photo of {name}.", "{name}",
-)
-
-
-def concept_prompts(rng: random.Random) -> list[str]:
-    """One prompt per concept (12 objects then 6 stuff), templates drawn at random from ``rng``."""
-    out = []
-    for c in OBJECT_CLASSES:
-        t = EVAL_TEMPLATE if rng.random() < 0.5 else rng.choice(_OBJECT_TEMPLATES)
-        out.append(t.replace("{name}", c.name).replace("{colour}", c.colour_name).replace("{}", c.name))
-    for s in STUFF_CLASSES:
-        t = EVAL_TEMPLATE if rng.random() < 0.3 else rng.choice(_STUFF_TEMPLATES)
-        out.append(t.replace("{name}", s.name).replace("{phrase}", rng.choice(s.phrases)).replace("{}", s.name))
-    return out
-
-
-def all_prompt_variants() -> list[list[str]]:
-    """Every training prompt of every concept: ``variants[c]`` is a list of strings."""
-    out = []
-    for c in OBJECT_CLASSES:
-        out.append(sorted({t.replace("{name}", c.name).replace("{colour}", c.colour_name) for t in _OBJECT_TEMPLATES}))
-    for s in STUFF_CLASSES:
-        out.append(sorted({t.replace("{name}", s.name).replace("{phrase}", p) for t in _STUFF_TEMPLATES for p in s.phrases}))
-    return out
-
 
 # ----------------------------------------------------------------------------------------------------
 # configuration and model
@@ -192,133 +165,6 @@ def save_half(model: CLIP, path: os.PathLike | str, metadata: Optional[dict[str,
     half = copy.deepcopy(model).cpu().half()
     half.config = model.config
     save_clip(half, path, metadata)
-
-
-# ----------------------------------------------------------------------------------------------------
-# data
-
-
-def concepts_from_caption(caption: str) -> np.ndarray:
-    """Multi-hot (18,) of the concepts a caption names (object names, possibly plural, and stuff)."""
-    import re
-
-    words = set(re.findall(r"[a-z]+", caption.lower()))
-    hot = np.zeros(NUM_CONCEPTS, dtype=np.float32)
-    for k, name in enumerate(CONCEPT_NAMES):
-        plural = name + ("es" if name.endswith(("s", "x", "sh", "ch")) else "s")
-        if name in words or plural in words:
-            hot[k] = 1.0
-    return hot
-
-
-def _make_pool_item(args: tuple[int, int]) -> tuple[np.ndarray, list[str], np.ndarray]:
-    seed, size = args
-    s = generate_scene(seed, size)
-    rng = np.random.default_rng(seed + 7919)
-    ids = [o.class_id for o in s.objects]
-    caps = [s.caption] + [make_caption(rng, ids, s.stuff) for _ in range(_N_CAPTIONS - 1)]
-    hot = concepts_from_caption(s.caption)
-    return s.image, caps, hot
-
-
-class ScenePool:
-    """``n`` training scenes in memory: images (n, H, W, 3) uint8, caption tokens, concept multi-hots."""
-
-    def __init__(self, n: int, size: int, base_seed: int = 0, workers: int = 0, progress: bool = True):
-        from tqdm import tqdm
-
-        jobs = [(seed_for("train", i, base_seed), size) for i in range(n)]
-        workers = workers or (os.cpu_count() or 1)
-        self.images = np.empty((n, size, size, 3), dtype=np.uint8)
-        captions: list[str] = []
-        self.concepts = np.empty((n, NUM_CONCEPTS), dtype=np.float32)
-        if workers > 1 and n > 64:
-            import multiprocessing as mp
-
-            with mp.get_context("fork").Pool(workers) as p:
-                it = p.imap(_make_pool_item, jobs, chunksize=32)
-                for i, (img, caps, hot) in enumerate(tqdm(it, total=n, desc="scene pool", disable=not progress)):
-                    self.images[i], self.concepts[i] = img, hot
-                    captions.extend(caps)
-        else:
-            for i, job in enumerate(tqdm(jobs, desc="scene pool", disable=not progress)):
-                img, caps, hot = _make_pool_item(job)
-                self.images[i], self.concepts[i] = img, hot
-                captions.extend(caps)
-        tokens = tokenize(captions)
-        length = int((tokens != 0).sum(dim=1).max())
-        self.tokens = tokens[:, :length].reshape(n, _N_CAPTIONS, length)
-        # concept set id per scene: captions are positives for images with an identical set
-        keys = {}
-        self.set_ids = np.array([keys.setdefault(tuple(h.astype(int)), len(keys)) for h in self.concepts], dtype=np.int64)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-
-class BatchSampler:
-    """Draws batches from a :class:`ScenePool` on ``device``: images, texts and multi-positive targets."""
-
-    def __init__(self, pool: ScenePool, cfg: TrainConfig, device: torch.device):
-        self.cfg = cfg
-        self.device = device
-        self.images = torch.from_numpy(pool.images).to(device)  # uint8 (n, H, W, 3)
-        self.concepts = torch.from_numpy(pool.concepts).to(device)
-        self.set_ids = torch.from_numpy(pool.set_ids).to(device)
-        self.caption_tokens = pool.tokens.to(device)
-        variants = all_prompt_variants()
-        flat = [t for v in variants for t in v]
-        toks = tokenize(flat)
-        self.prompt_tokens = toks[:, : int((toks != 0).sum(1).max())].to(device)
-        self.prompt_offsets = torch.tensor(np.cumsum([0] + [len(v) for v in variants])[:-1], device=device)
-        self.prompt_counts = torch.tensor([len(v) for v in variants], device=device)
-        self.mean = torch.tensor(CLIP_MEAN, device=device).view(1, 3, 1, 1)
-        self.std = torch.tensor(CLIP_STD, device=device).view(1, 3, 1, 1)
-        self.gen = torch.Generator(device="cpu")
-        self.gen.manual_seed(cfg.seed)
-
-    def _rand(self, *shape: int) -> torch.Tensor:
-        return torch.rand(*shape, generator=self.gen).to(self.device)
-
-    def sample(self) -> dict[str, torch.Tensor]:
-        b = self.cfg.batch_size
-        n = self.images.shape[0]
-        idx = torch.randint(0, n, (b,), generator=self.gen).to(self.device)
-        img = self.images[idx].permute(0, 3, 1, 2).float().div_(255.0)
-        # augmentation: flips and 90-degree rotations, per image
-        flip_h = self._rand(b) < 0.5
-        flip_v = self._rand(b) < 0.5
-        rot = self._rand(b) < 0.5
-        img = torch.where(flip_h.view(-1, 1, 1, 1), img.flip(3), img)
-        img = torch.where(flip_v.view(-1, 1, 1, 1), img.flip(2), img)
-        img = torch.where(rot.view(-1, 1, 1, 1), img.transpose(2, 3), img)
-        img = (img - self.mean) / self.std
-
-        hot = self.concepts[idx]  # (b, 18)
-        use_caption = self._rand(b) < self.cfg.caption_prob
-        # the prompt concept: a random present object (or the stuff with stuff_prompt_prob)
-        obj_w = hot[:, :NUM_OBJECT_CLASSES]
-        pick_obj = torch.multinomial(obj_w + 1e-9 * (obj_w.sum(1, keepdim=True) == 0), 1, generator=None).squeeze(1)
-        stuff_idx = NUM_OBJECT_CLASSES + hot[:, NUM_OBJECT_CLASSES:].argmax(1)
-        use_stuff = self._rand(b) < self.cfg.stuff_prompt_prob
-        concept = torch.where(use_stuff, stuff_idx, pick_obj)
-        var = (self._rand(b) * self.prompt_counts[concept]).long().clamp_max(self.prompt_counts[concept] - 1)
-        p_tok = self.prompt_tokens[self.prompt_offsets[concept] + var]
-        cap_var = torch.randint(0, _N_CAPTIONS, (b,), generator=self.gen).to(self.device)
-        c_tok = self.caption_tokens[idx, cap_var]
-        length = max(p_tok.shape[1], c_tok.shape[1])
-        p_tok = F.pad(p_tok, (0, length - p_tok.shape[1]))
-        c_tok = F.pad(c_tok, (0, length - c_tok.shape[1]))
-        tokens = torch.where(use_caption.view(-1, 1), c_tok, p_tok)
-        tokens = tokens[:, : int((tokens != 0).sum(1).max())]
-
-        # positives[i, j]: text j fits image i
-        sets = self.set_ids[idx]
-        pos_caption = sets.view(-1, 1) == sets.view(1, -1)
-        pos_prompt = hot[:, concept] > 0  # (i, j) = image i contains text j's concept
-        positives = torch.where(use_caption.view(1, -1), pos_caption, pos_prompt)
-        positives |= torch.eye(b, dtype=torch.bool, device=self.device)
-        return {"images": img, "tokens": tokens, "positives": positives, "concepts": hot}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -399,7 +245,7 @@ def compute_losses(
 
 
 # ----------------------------------------------------------------------------------------------------
-# training loop
+# training on the engine
 
 
 def lr_multiplier(progress: float, step: int, cfg: TrainConfig) -> float:
@@ -410,102 +256,164 @@ def lr_multiplier(progress: float, step: int, cfg: TrainConfig) -> float:
     return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * p))
 
 
-def train(cfg: TrainConfig, pool: Optional[ScenePool] = None, progress: bool = True) -> tuple[CLIP, list[dict]]:
-    """Train a tiny CLIP as configured; writes ``train_log.csv``, checkpoints and ``tiny_clip.safetensors``."""
-    from tqdm import tqdm
+#: TrainConfig fields that say how to run, not what to train (a resume may change them)
+_RUN_FIELDS = ("out", "device", "seed", "log_every", "eval_every", "n_val", "save_every", "pool_workers")
 
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    random.seed(cfg.seed)
-    np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)
+
+class _Losses(nn.Module):
+    """CLIP + loss head behind one ``forward``, so DDP averages their gradients."""
+
+    def __init__(self, model: CLIP, head: LossHead, cfg: TrainConfig) -> None:
+        super().__init__()
+        self.model, self.head, self.cfg = model, head, cfg
+
+    def forward(self, batch: dict[str, torch.Tensor], concept_tokens: torch.Tensor, attn_weight: float):
+        return compute_losses(self.model, self.head, batch, concept_tokens, self.cfg, attn_weight)
+
+
+class TinyClipTask(TrainTask):
+    """The tiny CLIP's contrastive + BCE + dense (+ attention) training (see the module docstring).
+
+    Batches are position based (image draws, augmentation and prompts seeded by the iteration), so a
+    resumed run repeats the uninterrupted one; with ``time_budget_s`` the schedule also advances
+    with the elapsed time (carried over a resume) and the run stops when it is spent.
+    """
+
+    name = "tiny_clip"
+    find_unused_parameters = True
+
+    def __init__(self, cfg: TrainConfig, pool: Optional[ScenePool] = None, progress: bool = True) -> None:
+        self.cfg, self.pool, self.progress = cfg, pool, progress
+        self.max_grad_norm = cfg.grad_clip if cfg.grad_clip > 0 else None
+        self.elapsed_before = 0.0
+        self._progress_value = 0.0
+
+    @property
+    def max_iters(self) -> int:
+        return self.cfg.steps
+
+    def config_dict(self) -> dict:
+        return {k: v for k, v in asdict(self.cfg).items() if k not in _RUN_FIELDS}
+
+    def setup(self, ctx: TrainContext) -> None:
+        self.ctx, cfg = ctx, self.cfg
+        if ctx.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        tic = time.time()
+        if self.pool is None:
+            self.pool = ScenePool(cfg.pool_size, cfg.image_size, workers=cfg.pool_workers,
+                                  progress=self.progress and ctx.is_main)
+        self.pool_s = time.time() - tic
+        self.sampler = BatchSampler(self.pool, cfg, ctx.device)
+        self.model = build_model(model_config(cfg), cfg.seed).to(ctx.device).train()
+        self.head = LossHead().to(ctx.device)
+        self.losses = ctx.ddp(_Losses(self.model, self.head, cfg))
+        self.t_start = time.time()
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"clip": self.model, "head": self.head}
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        decay, no_decay = [], []
+        named = list(self.model.named_parameters()) + [("head." + n, p) for n, p in self.head.named_parameters()]
+        for name, p in named:
+            (decay if p.ndim >= 2 and "embedding" not in name else no_decay).append(p)
+        return torch.optim.AdamW(
+            [{"params": decay, "weight_decay": self.cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.cfg.lr, betas=(0.9, 0.98), eps=1e-6,
+        )
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.time() - self.t_start
+
+    def _schedule_progress(self, iteration: int) -> float:
+        prog = iteration / self.cfg.steps
+        if self.cfg.time_budget_s > 0:
+            prog = max(prog, self.elapsed() / self.cfg.time_budget_s)
+        return prog
+
+    def should_stop(self, iteration: int) -> bool:
+        self._progress_value = self._schedule_progress(iteration)
+        return self.cfg.time_budget_s > 0 and self._progress_value >= 1.0
+
+    def lr_multiplier(self, iteration: int) -> float:
+        self._progress_value = self._schedule_progress(iteration)
+        return lr_multiplier(self._progress_value, iteration, self.cfg)
+
+    def batches(self, start: int, end: int):
+        ctx, b = self.ctx, self.cfg.batch_size
+        if b % ctx.world_size:
+            raise ValueError(f"--batch-size {b} is not divisible by the {ctx.world_size} processes")
+        local = b // ctx.world_size
+        lo, hi = ctx.rank * local, (ctx.rank + 1) * local
+        for it in range(start, end):
+            batch = self.sampler.sample(it)
+            if ctx.world_size > 1:  # this rank's slice of the global batch
+                batch = {"images": batch["images"][lo:hi], "tokens": batch["tokens"][lo:hi],
+                         "positives": batch["positives"][lo:hi, lo:hi], "concepts": batch["concepts"][lo:hi]}
+            prompts = concept_prompts(random.Random(self.cfg.seed * 7919 + it))
+            yield batch, tokenize(prompts).to(ctx.device)
+
+    def step(self, batch, iteration: int) -> dict:
+        cfg = self.cfg
+        if cfg.save_every > 0 and iteration > 0 and iteration % cfg.save_every == 0 and self.ctx.is_main:
+            save_half(self.model, Path(cfg.out) / "tiny_clip.safetensors", {**self._meta(), "steps_done": str(iteration)})
+        data, concept_tokens = batch
+        # the affinity target comes from the model's own dense features: only once they mean something
+        attn_weight = cfg.w_attn if self._progress_value >= cfg.attn_start else 0.0
+        with self.ctx.autocast():
+            losses = self.losses(data, concept_tokens, attn_weight)
+        return {"loss": losses["total"], "clip": losses["clip"], "bce": losses["bce"], "dense": losses["dense"],
+                "attn": losses["attn"], "logit_scale": self.model.logit_scale.detach().exp()}
+
+    def validate(self, iteration: int) -> Optional[dict]:
+        if not self.ctx.is_main:
+            return {}
+        return {"val_map": zero_shot_map(self.model, self.cfg.n_val, self.ctx.device),
+                "val_map_mean": zero_shot_map(self.model, self.cfg.n_val, self.ctx.device, pooling="mean")}
+
+    def extra_state(self) -> dict:
+        return {"elapsed_s": torch.tensor(self.elapsed(), dtype=torch.float64)}
+
+    def load_extra_state(self, state: dict) -> None:
+        self.elapsed_before = float(state.get("elapsed_s", 0.0))
+        self.t_start = time.time()
+
+    def _meta(self) -> dict[str, str]:
+        return {"trainer": "tag2mask.training.clip_trainer", "train_config": json.dumps(asdict(self.cfg))}
+
+    def finish(self, summary: dict) -> None:
+        if not self.ctx.is_main:
+            return
+        self.model.eval()
+        device = self.ctx.device
+        final = {
+            "steps_done": summary["iterations"], "pool_s": round(self.pool_s, 1), "train_s": round(self.elapsed(), 1),
+            "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        }
+        final["val_map"] = zero_shot_map(self.model, self.cfg.n_val, device)
+        final["val_map_mean"] = zero_shot_map(self.model, self.cfg.n_val, device, pooling="mean")
+        out = Path(self.cfg.out)
+        save_half(self.model, out / "tiny_clip.safetensors", {**self._meta(), **{k: str(v) for k, v in final.items()}})
+        atomic_write_text(out / "summary.json", json.dumps(final, indent=2))
+
+
+def train(cfg: TrainConfig, pool: Optional[ScenePool] = None, progress: bool = True, resume: Optional[str] = None,
+          overwrite: bool = False) -> tuple[CLIP, list[dict]]:
+    """Train a tiny CLIP on the engine; writes the engine's logs and checkpoints, ``tiny_clip.safetensors``
+    and ``summary.json`` in ``cfg.out``. Returns the model and the training log rows."""
     device = resolve_device(cfg.device)
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    t_start = time.time()
-    if pool is None:
-        pool = ScenePool(cfg.pool_size, cfg.image_size, workers=cfg.pool_workers, progress=progress)
-    t_pool = time.time() - t_start
-    sampler = BatchSampler(pool, cfg, device)
-    model = build_model(model_config(cfg), cfg.seed).to(device).train()
-    head = LossHead().to(device)
-    decay, no_decay = [], []
-    for name, p in list(model.named_parameters()) + [("head." + n, p) for n, p in head.named_parameters()]:
-        (decay if p.ndim >= 2 and "embedding" not in name else no_decay).append(p)
-    opt = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-        lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
+    task = TinyClipTask(cfg, pool, progress)
+    options = RunOptions(
+        out_dir=cfg.out, resume=resume, overwrite=overwrite, device=cfg.device, seed=cfg.seed,
+        precision="bf16" if cfg.bf16 and device.type == "cuda" else "fp32",
+        ckpt_every=cfg.save_every if cfg.save_every > 0 else cfg.steps, keep_last=2,
+        val_every=cfg.eval_every, log_every=cfg.log_every, progress=progress,
+        resume_command="python -m tag2mask.training.clip_trainer ... --resume",
     )
-    prompt_rng = random.Random(cfg.seed + 1)
-    use_bf16 = cfg.bf16 and device.type == "cuda"
-    log: list[dict] = []
-    log_path = out / "train_log.csv"
-    fields = ["step", "elapsed_s", "lr", "loss", "clip", "bce", "dense", "attn", "logit_scale", "val_map", "val_map_mean"]
-    with open(log_path, "w", newline="") as fh:
-        csv.writer(fh).writerow(fields)
-    meta = {"trainer": "tag2mask.training.clip_trainer", "train_config": json.dumps(asdict(cfg))}
-    t_train = time.time()
-    running: dict[str, float] = {}
-    n_run = 0
-    bar = tqdm(range(cfg.steps), desc="train", disable=not progress)
-    step = 0
-    for step in bar:
-        elapsed = time.time() - t_train
-        prog = step / cfg.steps
-        if cfg.time_budget_s > 0:
-            prog = max(prog, elapsed / cfg.time_budget_s)
-            if prog >= 1.0:
-                break
-        mult = lr_multiplier(prog, step, cfg)
-        for g in opt.param_groups:
-            g["lr"] = cfg.lr * mult
-        batch = sampler.sample()
-        concept_tokens = tokenize(concept_prompts(prompt_rng)).to(device)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16):
-            # the affinity target comes from the model's own dense features: only once they mean something
-            attn_weight = cfg.w_attn if prog >= cfg.attn_start else 0.0
-            losses = compute_losses(model, head, batch, concept_tokens, cfg, attn_weight)
-        opt.zero_grad(set_to_none=True)
-        losses["total"].backward()
-        if cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(list(model.parameters()) + list(head.parameters()), cfg.grad_clip)
-        opt.step()
-        for k, v in losses.items():
-            running[k] = running.get(k, 0.0) + float(v.detach())
-        n_run += 1
-        last = step == cfg.steps - 1
-        do_eval = cfg.eval_every > 0 and ((step + 1) % cfg.eval_every == 0 or last)
-        if (step + 1) % cfg.log_every == 0 or last or do_eval:
-            row = {
-                "step": step + 1, "elapsed_s": round(time.time() - t_train, 1), "lr": cfg.lr * mult,
-                "loss": running["total"] / n_run, "clip": running["clip"] / n_run, "bce": running["bce"] / n_run,
-                "dense": running["dense"] / n_run, "attn": running["attn"] / n_run, "logit_scale": float(model.logit_scale.detach().exp()),
-                "val_map": "", "val_map_mean": "",
-            }
-            running, n_run = {}, 0
-            if do_eval:
-                row["val_map"] = zero_shot_map(model, cfg.n_val, device)
-                row["val_map_mean"] = zero_shot_map(model, cfg.n_val, device, pooling="mean")
-            log.append(row)
-            with open(log_path, "a", newline="") as fh:
-                csv.writer(fh).writerow([row[f] for f in fields])
-            bar.set_postfix(loss=f"{row['loss']:.3f}", mAP=row["val_map"] if row["val_map"] == "" else f"{row['val_map']:.3f}")
-        if cfg.save_every > 0 and (step + 1) % cfg.save_every == 0:
-            save_half(model, out / "tiny_clip.safetensors", {**meta, "steps_done": str(step + 1)})
-    steps_done = step + 1 if step == cfg.steps - 1 else step
-    train_s = time.time() - t_train
-    model.eval()
-    final = {
-        "steps_done": steps_done, "pool_s": round(t_pool, 1), "train_s": round(train_s, 1), "device": str(device),
-        "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-    }
-    final["val_map"] = zero_shot_map(model, cfg.n_val, device)
-    final["val_map_mean"] = zero_shot_map(model, cfg.n_val, device, pooling="mean")
-    save_half(model, out / "tiny_clip.safetensors", {**meta, **{k: str(v) for k, v in final.items()}})
-    with open(out / "summary.json", "w") as fh:
-        json.dump(final, fh, indent=2)
-    return model, log
+    engine_train(task, options)
+    return task.model, read_log(Path(cfg.out) / "train_log.csv")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -519,15 +427,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             ap.add_argument(flag, type=type(value), default=value)
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: leave as is)")
     ap.add_argument("--no-progress", action="store_true")
+    ap.add_argument("--resume", action="store_const", const="auto", default=None,
+                    help="continue the run in --out from its newest complete checkpoint")
+    ap.add_argument("--overwrite", action="store_true", help="start again in an existing --out")
     ap.add_argument("--dense-eval", type=int, default=100, help="val images for the dense mIoU diagnostic (0: skip)")
     args = vars(ap.parse_args(argv))
     threads = args.pop("threads")
     no_progress = args.pop("no_progress")
+    resume, overwrite = args.pop("resume"), args.pop("overwrite")
     dense_eval = args.pop("dense_eval")
     if threads:
         torch.set_num_threads(threads)
     cfg = TrainConfig(**args)
-    model, _ = train(cfg, progress=not no_progress)
+    model, _ = train(cfg, progress=not no_progress, resume=resume, overwrite=overwrite)
     summary_path = Path(cfg.out) / "summary.json"
     summary = json.loads(summary_path.read_text())
     if dense_eval:

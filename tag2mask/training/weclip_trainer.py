@@ -1,11 +1,11 @@
-"""WeCLIP training loop: online pseudo labels → balanced CE + 0.1 × affinity loss → PolyWarmupAdamW.
+"""WeCLIP training on the engine: online pseudo labels → balanced CE + 0.1 × affinity loss, poly warm-up AdamW.
 
-Features: seeded and exactly resumable (decoder, optimiser incl. its schedule counter, grad scaler,
-Python/NumPy/torch/CUDA RNG states of every rank, iteration), atomic checkpoints every N iterations
-(``ckpt_<iter>.pt`` + ``latest.pt``; only the trainable decoder is saved, CLIP is referenced by path
-and fingerprint), CSV logs (TensorBoard too when installed), tqdm progress, periodic validation in
-eval mode (mIoU), AMP (bf16 / fp16 with a grad scaler), and DDP under ``torchrun`` (gloo on CPU,
-nccl on CUDA) with the global batch split across processes.
+:class:`WeCLIPTask` is the recipe (what the official ``dist_clip_voc.py`` trains); everything around it
+— exact resume, checkpoints, DDP, AMP, logs, validation scheduling — is
+:mod:`tag2mask.training.engine`. Only the trainable decoder is checkpointed; CLIP is referenced by
+path and fingerprint. The learning rate of iteration ``t`` is ``lr · poly_warmup_multiplier(t)``, the
+official ``PolyWarmupAdamW`` rule (:mod:`tag2mask.training.schedule`) driven by the iteration instead of
+the optimiser's own step counter (they only differ when an fp16 step is skipped).
 
 Bitwise resume on CPU holds because every random draw is either reproducible from the stream
 position (data, see :mod:`tag2mask.methods.weclip.data`) or restored from the checkpoint (dropout).
@@ -13,47 +13,38 @@ position (data, see :mod:`tag2mask.methods.weclip.data`) or restored from the ch
 
 from __future__ import annotations
 
-import csv
-import json
-import os
-import random
-import shutil
-import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Iterable, Optional
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 
 from tag2mask.evaluation.miou import ConfusionMatrix
-from tag2mask.io.atomic import atomic_path
-from tag2mask.methods.weclip.data import PositionSampler, WeCLIPTrainSet, collate_train, open_images
+from tag2mask.methods.weclip.data import WeCLIPTrainSet, collate_train, open_images
 from tag2mask.methods.weclip.losses import affinity_loss, balanced_ce_terms, cams_to_affinity_label, radius_window_mask
 from tag2mask.methods.weclip.model import WeCLIP, WeCLIPConfig, build_clip_for, normalize_rgb
-from tag2mask.runtime import resolve_device, resolve_dtype, seed_everything
-from tag2mask.training.schedule import PolyWarmupAdamW
+from tag2mask.training.engine import RunOptions, TrainContext, TrainTask, read_run_checkpoint, train
+from tag2mask.training.schedule import PolyWarmupSchedule
+from tag2mask.training.stream import position_loader
 
 __all__ = [
-    "TrainOptions", "train_weclip", "train_step", "training_loss", "validate", "config_with_overrides",
-    "load_training_checkpoint", "CHECKPOINT_FORMAT",
+    "TrainOptions", "WeCLIPTask", "train_weclip", "train_step", "weclip_losses", "training_loss", "validate",
+    "config_with_overrides", "load_training_checkpoint",
 ]
-
-CHECKPOINT_FORMAT = "tag2mask-weclip-v1"
-LOG_FIELDS = ("iteration", "loss", "seg_loss", "aff_loss", "lr", "rfm", "sec_per_it")
 
 
 @dataclass
 class TrainOptions:
-    """How to run a training job (the model/recipe itself is a :class:`WeCLIPConfig`).
+    """How to run a WeCLIP training job (the model/recipe itself is a :class:`WeCLIPConfig`).
 
     data / train_split / val_split / labels_file: see :func:`~tag2mask.methods.weclip.data.open_images`
-    (``val_split=None`` disables validation). ``resume``: a checkpoint path, ``"auto"`` (``OUT/latest.pt``
-    if present) or ``None``. ``stop_at``: leave after this many iterations (the schedule still
-    targets ``config.max_iters``; for preemption / time slicing). ``tensorboard``: auto | on | off.
+    (``val_split=None`` disables validation). ``resume``: ``"auto"`` (the newest complete checkpoint
+    of ``out_dir``), a checkpoint file or run folder, or ``None``. ``overwrite``: start again in an
+    existing run folder. ``stop_at``: leave after this many iterations (the schedule still targets
+    ``config.max_iters``). ``tensorboard``: auto | on | off.
     """
 
     out_dir: str
@@ -69,6 +60,7 @@ class TrainOptions:
     val_every: int = 2000
     log_every: int = 10
     resume: Optional[str] = None
+    overwrite: bool = False
     stop_at: Optional[int] = None
     device: str = "auto"
     precision: str = "fp32"
@@ -76,54 +68,13 @@ class TrainOptions:
     num_workers: int = 0
     tensorboard: str = "auto"
     progress: bool = True
+    keep_last: Optional[int] = None
     text_cache_dir: Any = None
+    resume_command: str = ""
 
 
 # ------------------------------------------------------------------------------------------------
-# distributed helpers
-
-
-def _init_distributed(device_name: str) -> tuple[int, int, torch.device, bool]:
-    """(rank, world_size, device, initialised_here) from the torchrun environment."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    device = resolve_device(device_name)
-    if device.type == "cuda" and world > 1:
-        device = torch.device("cuda", local)
-        torch.cuda.set_device(device)
-    created = False
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-        created = True
-    return rank, world, device, created
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _gather(obj: Any, world: int) -> list[Any]:
-    if world == 1:
-        return [obj]
-    out: list[Any] = [None] * world
-    dist.all_gather_object(out, obj)
-    return out
-
-
-# ------------------------------------------------------------------------------------------------
-# loss
+# loss and step
 
 
 def training_loss(
@@ -145,26 +96,25 @@ def training_loss(
     return {"loss": seg + config.aff_loss_weight * aff, "seg_loss": seg, "aff_loss": aff}
 
 
-def train_step(
-    model: WeCLIP,
-    decoder: torch.nn.Module,
-    opt: torch.optim.Optimizer,
-    scaler: torch.amp.GradScaler,
-    images: torch.Tensor,
-    label_ids: list[list[int]],
-    use_rfm: bool,
-    amp_dtype: Optional[torch.dtype] = None,
-) -> dict[str, torch.Tensor]:
-    """One WeCLIP iteration: forward, online pseudo labels (no grad), loss, backward, optimiser step.
+def weclip_losses(model: WeCLIP, decoder: torch.nn.Module, images: torch.Tensor, label_ids: list[list[int]],
+                  use_rfm: bool, amp_dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+    """Forward, online pseudo labels (no grad) and loss of one WeCLIP iteration (no backward).
 
     images ``(B, 3, S, S)`` normalised crops on the model's device; ``decoder`` is ``model.decoder``
-    or its DDP wrapper. Returns the (detached-able) loss terms.
+    or its DDP wrapper.
     """
     ctx = torch.autocast(images.device.type, dtype=amp_dtype) if amp_dtype else nullcontext()
     with ctx:
         out = model(images, decoder=decoder)
     labels = model.online_pseudo_labels(images, label_ids, use_rfm=use_rfm, output=out, autocast_dtype=amp_dtype)
-    losses = training_loss(out.seg_logits, out.affinity, labels, model.config)
+    return training_loss(out.seg_logits, out.affinity, labels, model.config)
+
+
+def train_step(model: WeCLIP, decoder: torch.nn.Module, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+               images: torch.Tensor, label_ids: list[list[int]], use_rfm: bool,
+               amp_dtype: Optional[torch.dtype] = None) -> dict[str, torch.Tensor]:
+    """One complete iteration outside the engine (benchmarks): :func:`weclip_losses`, backward, step."""
+    losses = weclip_losses(model, decoder, images, label_ids, use_rfm, amp_dtype)
     opt.zero_grad(set_to_none=True)
     scaler.scale(losses["loss"]).backward()
     scaler.step(opt)
@@ -172,107 +122,8 @@ def train_step(
     return losses
 
 
-# ------------------------------------------------------------------------------------------------
-# checkpoints
-
-
-def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Read a checkpoint written by :func:`train_weclip` (trusted file: it holds RNG states)."""
-    ckpt = torch.load(Path(path), map_location="cpu", weights_only=False)
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ValueError(f"{path}: not a tag2mask WeCLIP checkpoint")
-    return ckpt
-
-
-def _resolve_resume(resume: Optional[str], out_dir: Path) -> Optional[Path]:
-    if resume is None:
-        return None
-    if resume == "auto":
-        latest = out_dir / "latest.pt"
-        return latest if latest.is_file() else None
-    path = Path(resume)
-    if path.is_dir():
-        path = path / "latest.pt"
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint to resume not found: {path}")
-    return path
-
-
-def _save_checkpoint(out_dir: Path, payload: dict[str, Any], iteration: int) -> Path:
-    path = out_dir / f"ckpt_{iteration:07d}.pt"
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
-    with atomic_path(out_dir / "latest.pt") as tmp:  # a copy, so latest.pt is never half written
-        shutil.copyfile(path, tmp)
-    return path
-
-
-# ------------------------------------------------------------------------------------------------
-# logging
-
-
-class _Logger:
-    """CSV (+ optional TensorBoard) logs on rank 0; rows after the resume point are dropped."""
-
-    def __init__(self, out_dir: Path, start_iter: int, tensorboard: str, enabled: bool) -> None:
-        self.enabled = enabled
-        self.tb = None
-        if not enabled:
-            return
-        self.train_csv, self.val_csv = out_dir / "train_log.csv", out_dir / "val_log.csv"
-        for path in (self.train_csv, self.val_csv):
-            if path.is_file():  # keep only rows up to the checkpoint we resume from
-                with open(path, newline="") as f:
-                    rows = [r for r in csv.DictReader(f) if int(r["iteration"]) <= start_iter]
-                if rows:
-                    with open(path, "w", newline="") as f:
-                        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-                        w.writeheader()
-                        w.writerows(rows)
-                else:
-                    path.unlink()
-        if tensorboard != "off":
-            try:
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.tb = SummaryWriter(str(out_dir / "tb"), purge_step=start_iter + 1)
-            except ImportError:
-                if tensorboard == "on":
-                    raise ImportError("--tensorboard on needs the tensorboard package (pip install tensorboard)")
-
-    def _append(self, path: Path, row: dict[str, Any]) -> None:
-        new = not path.is_file()
-        with open(path, "a", newline="") as f:
-            w = csv.DictWriter(f, fieldnames=list(row))
-            if new:
-                w.writeheader()
-            w.writerow(row)
-
-    def train(self, row: dict[str, Any]) -> None:
-        if self.enabled:
-            self._append(self.train_csv, row)
-            if self.tb is not None:
-                for k in ("loss", "seg_loss", "aff_loss", "lr"):
-                    self.tb.add_scalar(f"train/{k}", row[k], row["iteration"])
-
-    def val(self, row: dict[str, Any]) -> None:
-        if self.enabled:
-            self._append(self.val_csv, row)
-            if self.tb is not None:
-                self.tb.add_scalar("val/miou", row["miou"], row["iteration"])
-
-    def close(self) -> None:
-        if self.tb is not None:
-            self.tb.close()
-
-
-# ------------------------------------------------------------------------------------------------
-# validation
-
-
 @torch.no_grad()
-def validate(model: WeCLIP, source: Any, limit: Optional[int], rank: int, world: int,
-             autocast_dtype: Optional[torch.dtype] = None) -> dict[str, Any]:
+def validate(model: WeCLIP, source: Any, limit: Optional[int], ctx: TrainContext) -> dict[str, Any]:
     """Single-scale mIoU of ``model`` (eval mode) on ``source`` images with GT masks, sharded over ranks."""
     from tag2mask.methods.weclip.inference import multiscale_logits
 
@@ -281,153 +132,117 @@ def validate(model: WeCLIP, source: Any, limit: Optional[int], rank: int, world:
     device = next(model.decoder.parameters()).device
     cm = ConfusionMatrix(model.config.num_classes)
     n = len(source) if limit is None else min(limit, len(source))
-    for i in range(rank, n, world):
+    for i in range(ctx.rank, n, ctx.world_size):
         gt = source.gt(i)
         if gt is None:
             continue
         _, rgb, _ = source.item(i)
         x = normalize_rgb(rgb, model.config.normalization)[None].to(device)
-        ctx = torch.autocast(device.type, dtype=autocast_dtype) if autocast_dtype else nullcontext()
-        with ctx:
+        with ctx.autocast():
             logits = multiscale_logits(model, x, scales=(1.0,), flip=False)
         pred = F.interpolate(logits.float(), size=gt.shape, mode="bilinear", align_corners=False).argmax(1)[0]
         cm.update(pred.cpu().numpy().astype(np.uint8), gt.astype(np.uint8))
-    if world > 1:
-        mat = torch.from_numpy(cm.mat)
-        dist.all_reduce(mat)
-        cm.mat = mat.numpy()
+    cm.mat = ctx.all_reduce_sum(torch.from_numpy(cm.mat)).numpy()
     model.train(was_training)
-    s = cm.scores()
-    return {"miou": s["Mean IoU"], "pixel_acc": s["Pixel Accuracy"]}
+    s = cm.scores(model.config.miou_rule)  # WeCLIP's own rule: classes present in the ground truth
+    return {"miou": s["Mean IoU"], "pixel_acc": s["Pixel Accuracy"], "miou_rule": model.config.miou_rule}
 
 
 # ------------------------------------------------------------------------------------------------
-# the loop
+# the task
+
+
+class WeCLIPTask(TrainTask):
+    """WeCLIP's decoder trained on its online pseudo labels (see the module docstring)."""
+
+    name = "weclip"
+
+    def __init__(self, config: WeCLIPConfig, opts: TrainOptions) -> None:
+        self.config, self.opts = config, opts
+        self.ctx: Optional[TrainContext] = None
+
+    @property
+    def max_iters(self) -> int:
+        return self.config.max_iters
+
+    def config_dict(self) -> dict[str, Any]:
+        return self.config.to_dict()
+
+    def adopt_config(self, saved: dict[str, Any]) -> None:
+        stored = WeCLIPConfig.from_dict(saved)
+        if stored != self.config and (self.ctx is None or self.ctx.is_main):
+            print("resume: using the configuration stored in the checkpoint")
+        self.config = stored
+
+    def setup(self, ctx: TrainContext) -> None:
+        self.ctx = ctx
+        clip = build_clip_for(self.config, self.opts.weights, ctx.device)
+        self.model = WeCLIP(clip, self.config, text_cache_dir=self.opts.text_cache_dir).to(ctx.device)
+        self.decoder = ctx.ddp(self.model.decoder)
+        self.clip_ref = {"weights": str(getattr(clip, "source_path", self.opts.weights)),
+                         "fingerprint": getattr(clip, "fingerprint", "")}
+        o = self.opts
+        data = dict(labels_file=o.labels_file, synth_n=o.synth_n, synth_size=o.synth_size)
+        if hasattr(self.config, "label_source"):  # image labels from the GT masks (released code) or the data set
+            data["label_source"] = self.config.label_source
+        self.source = open_images(o.data, o.train_split, self.config.classes, **data)
+        self.val_source = None
+        if o.val_split and o.val_every > 0:
+            self.val_source = open_images(o.data, o.val_split, self.config.classes, **data)
+
+    def modules(self) -> dict[str, torch.nn.Module]:
+        return {"decoder": self.model.decoder}
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        c = self.config
+        params = [p for p in self.model.decoder.parameters() if p.requires_grad]
+        return torch.optim.AdamW([{"params": params}], lr=c.lr, weight_decay=c.weight_decay, betas=tuple(c.betas),
+                                 eps=1e-8)
+
+    def lr_multiplier(self, iteration: int) -> float:
+        c = self.config
+        return PolyWarmupSchedule(max_iters=c.max_iters, warmup_iters=c.warmup_iters, warmup_ratio=c.warmup_ratio,
+                                  power=c.power).multiplier(iteration)
+
+    def batches(self, start: int, end: int) -> Iterable[Any]:
+        c, ctx = self.config, self.ctx
+        train_set = WeCLIPTrainSet(self.source, c.crop_size, scale_range=c.scale_range, hflip=c.hflip,
+                                   normalization=c.normalization, seed=ctx.seed)
+        return position_loader(train_set, start, end, c.batch_size, ctx.rank, ctx.world_size,
+                               collate_fn=collate_train, num_workers=ctx.num_workers, seed=ctx.seed)
+
+    def step(self, batch: Any, iteration: int) -> dict[str, Any]:
+        images = batch.images.to(self.ctx.device, non_blocking=True)
+        use_rfm = self.model.use_rfm_at(iteration)
+        losses = weclip_losses(self.model, self.decoder, images, batch.label_ids, use_rfm, self.ctx.amp_dtype)
+        return {**losses, "rfm": int(use_rfm)}
+
+    def validate(self, iteration: int) -> Optional[dict[str, float]]:
+        if self.val_source is None:
+            return None
+        return validate(self.model, self.val_source, self.opts.val_limit, self.ctx)
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {"clip": dict(self.clip_ref)} if hasattr(self, "clip_ref") else {}
 
 
 def train_weclip(config: WeCLIPConfig, opts: TrainOptions) -> dict[str, Any]:
-    """Train (or resume) a WeCLIP decoder; returns a summary dict (last losses, val scores, paths)."""
-    rank, world, device, created = _init_distributed(opts.device)
-    out_dir = Path(opts.out_dir)
-    if rank == 0:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    resume_path = _resolve_resume(opts.resume, out_dir)
-    ckpt = load_training_checkpoint(resume_path) if resume_path else None
-    if ckpt is not None:
-        saved = WeCLIPConfig.from_dict(ckpt["config"])
-        if saved != config and rank == 0:
-            print(f"resume: using the configuration stored in {resume_path}")
-        config = saved
-    amp_dtype = resolve_dtype(opts.precision)
-
-    seed_everything(opts.seed)  # decoder initialisation is identical on every rank
-    clip = build_clip_for(config, opts.weights, device)
-    model = WeCLIP(clip, config, text_cache_dir=opts.text_cache_dir).to(device)
-    params = [p for p in model.decoder.parameters() if p.requires_grad]
-    opt = PolyWarmupAdamW(
-        [{"params": params}], lr=config.lr, weight_decay=config.weight_decay, betas=config.betas,
-        max_iters=config.max_iters, warmup_iters=config.warmup_iters, warmup_ratio=config.warmup_ratio,
-        power=config.power,
+    """Train (or resume) a WeCLIP decoder; returns the engine's summary (last losses, val scores, paths)."""
+    run = RunOptions(
+        out_dir=opts.out_dir, resume=opts.resume, overwrite=opts.overwrite, device=opts.device,
+        precision=opts.precision, seed=opts.seed, stop_at=opts.stop_at, ckpt_every=opts.ckpt_every,
+        val_every=opts.val_every if opts.val_split else 0, log_every=opts.log_every, keep_last=opts.keep_last,
+        num_workers=opts.num_workers, progress=opts.progress, tensorboard=opts.tensorboard,
+        resume_command=opts.resume_command,
     )
-    scaler = torch.amp.GradScaler(device.type, enabled=opts.precision == "fp16")
-    torch.manual_seed(opts.seed * 1000 + rank)  # dropout streams differ per rank
-    start = 0
-    if ckpt is not None:
-        model.decoder.load_state_dict(ckpt["decoder"])
-        opt.load_state_dict(ckpt["optimizer"])
-        if ckpt.get("scaler"):
-            scaler.load_state_dict(ckpt["scaler"])
-        start = int(ckpt["iteration"])
-        states = ckpt["rng"]
-        if len(states) == world:
-            _set_rng_state(states[rank])
-        elif rank == 0:
-            print(f"resume: checkpoint has RNG states of {len(states)} processes, running {world}: not bitwise exact")
-    decoder = model.decoder
-    if world > 1:
-        decoder = torch.nn.parallel.DistributedDataParallel(
-            model.decoder, device_ids=[device.index] if device.type == "cuda" else None
-        )
+    return train(WeCLIPTask(config, opts), run)
 
-    end = config.max_iters if opts.stop_at is None else min(config.max_iters, opts.stop_at)
-    source = open_images(opts.data, opts.train_split, config.classes, labels_file=opts.labels_file,
-                         synth_n=opts.synth_n, synth_size=opts.synth_size)
-    val_source = None
-    if opts.val_split and opts.val_every > 0:
-        val_source = open_images(opts.data, opts.val_split, config.classes, labels_file=opts.labels_file,
-                                 synth_n=opts.synth_n, synth_size=opts.synth_size)
-    train_set = WeCLIPTrainSet(source, config.crop_size, scale_range=config.scale_range, hflip=config.hflip,
-                               normalization=config.normalization, seed=opts.seed)
-    sampler = PositionSampler(start, end, config.batch_size, rank, world)
-    loader = torch.utils.data.DataLoader(train_set, batch_size=sampler.local_batch, sampler=sampler,
-                                         collate_fn=collate_train, num_workers=opts.num_workers,
-                                         # own generator: creating the iterator must not draw from the
-                                         # global RNG, or a resumed run's dropout stream would shift
-                                         generator=torch.Generator().manual_seed(opts.seed))
-    logger = _Logger(out_dir, start, opts.tensorboard, enabled=rank == 0)
-    if rank == 0:
-        (out_dir / "config.json").write_text(json.dumps(
-            {"model": config.to_dict(), "train": {k: v for k, v in asdict(opts).items() if k != "text_cache_dir"}},
-            indent=2, default=str))
 
-    meta = {"weights": str(getattr(clip, "source_path", opts.weights)), "fingerprint": getattr(clip, "fingerprint", "")}
-    summary: dict[str, Any] = {"start_iteration": start, "iterations": start, "checkpoints": [], "val": []}
-    bar = None
-    if opts.progress and rank == 0:
-        from tqdm import tqdm
-
-        bar = tqdm(total=end - start, desc="weclip", dynamic_ncols=True)
-    model.train()
-    tic = time.perf_counter()
-    for it, batch in zip(range(start, end), loader):
-        images = batch.images.to(device, non_blocking=True)
-        use_rfm = model.use_rfm_at(it)
-        losses = train_step(model, decoder, opt, scaler, images, batch.label_ids, use_rfm, amp_dtype)
-        done = it + 1
-
-        if done % opts.log_every == 0 or done == end:
-            vals = torch.stack([losses[k].detach().float() for k in ("loss", "seg_loss", "aff_loss")])
-            if world > 1:
-                dist.all_reduce(vals)
-                vals /= world
-            now = time.perf_counter()
-            row = {"iteration": done, "loss": float(vals[0]), "seg_loss": float(vals[1]), "aff_loss": float(vals[2]),
-                   "lr": opt.param_groups[0]["lr"], "rfm": int(use_rfm),
-                   "sec_per_it": (now - tic) / opts.log_every}
-            tic = now
-            logger.train(row)
-            summary["last"] = row
-            if bar is not None:
-                bar.set_postfix(loss=f"{row['loss']:.4f}", rfm=row["rfm"])
-        if val_source is not None and done % opts.val_every == 0:
-            scores = validate(model, val_source, opts.val_limit, rank, world, amp_dtype)
-            logger.val({"iteration": done, **scores})
-            summary["val"].append({"iteration": done, **scores})
-        if done % opts.ckpt_every == 0 or done == end:
-            rng_states = _gather(_rng_state(), world)
-            if rank == 0:
-                payload = {
-                    "format": CHECKPOINT_FORMAT, "iteration": done, "decoder": model.decoder.state_dict(),
-                    "optimizer": opt.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else None,
-                    "rng": rng_states, "config": config.to_dict(), "clip": meta, "world_size": world,
-                    "train_options": {k: v for k, v in asdict(opts).items() if k != "text_cache_dir"},
-                }
-                summary["checkpoints"].append(str(_save_checkpoint(out_dir, payload, done)))
-            if world > 1:
-                dist.barrier()
-        summary["iterations"] = done
-        if bar is not None:
-            bar.update(1)
-    if bar is not None:
-        bar.close()
-    logger.close()
-    if created:
-        dist.destroy_process_group()
-    summary["out_dir"] = str(out_dir)
-    return summary
+def load_training_checkpoint(path: str | Path) -> dict[str, Any]:
+    """Read a WeCLIP checkpoint (file or run folder; ``weights_only=True``) with its JSON fields parsed."""
+    return read_run_checkpoint(path, task="weclip")
 
 
 def config_with_overrides(config: WeCLIPConfig, **overrides: Any) -> WeCLIPConfig:
     """``replace`` ignoring ``None`` values (CLI options that were not given)."""
     return replace(config, **{k: v for k, v in overrides.items() if v is not None})
-

@@ -13,21 +13,22 @@ the data set's own labels (VOC XML annotations, COCO split lists, a folder's lab
 synthetic scene labels).
 
 Determinism: sample ``pos`` of the training stream (``pos = iteration · global_batch + slot``) is
-image ``perm_epoch[pos mod N]`` augmented with ``np.random.default_rng([seed, pos])``. Nothing
-depends on worker processes, world size or earlier samples, so a resumed or multi-process run
-sees exactly the batches of an uninterrupted single-process run.
+image ``perm_epoch[pos mod N]`` augmented with ``np.random.default_rng([seed, pos])``
+(:mod:`tag2mask.training.stream`). Nothing depends on worker processes, world size or earlier
+samples, so a resumed or multi-process run sees exactly the batches of an uninterrupted one.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Iterator, NamedTuple, Optional, Protocol, Sequence
+from typing import Any, NamedTuple, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
 from tag2mask.methods.weclip.model import normalize_rgb
+from tag2mask.training.stream import EpochOrder, PositionSampler
 
 __all__ = [
     "ImageSource",
@@ -190,17 +191,14 @@ class WeCLIPTrainSet(torch.utils.data.Dataset):
         self.source, self.crop = source, int(crop)
         self.scale_range, self.hflip = tuple(scale_range), bool(hflip)
         self.normalization, self.seed = normalization, int(seed)
-        self._perm: tuple[int, np.ndarray] = (-1, np.empty(0, np.int64))
+        self._order = EpochOrder(len(source), self.seed)
 
     def __len__(self) -> int:
         return len(self.source)
 
     def index_at(self, pos: int) -> int:
         """Image index of stream position ``pos`` (a fresh seeded permutation every epoch)."""
-        epoch, slot = divmod(int(pos), len(self.source))
-        if self._perm[0] != epoch:
-            self._perm = (epoch, np.random.default_rng([self.seed, 7919, epoch]).permutation(len(self.source)))
-        return int(self._perm[1][slot])
+        return self._order(pos)
 
     def __getitem__(self, pos: int) -> tuple[torch.Tensor, list[int], str, int]:
         name, rgb, ids = self.source.item(self.index_at(pos))
@@ -224,26 +222,3 @@ def collate_train(items: Sequence[tuple[torch.Tensor, list[int], str, int]]) -> 
         torch.stack([it[0] for it in items]), [list(it[1]) for it in items],
         [it[2] for it in items], [it[3] for it in items],
     )
-
-
-class PositionSampler(torch.utils.data.Sampler[int]):
-    """Stream positions of iterations ``start .. end-1`` for one rank.
-
-    Iteration ``it`` uses positions ``it·global_batch + rank·local_batch + j`` (j < local_batch), so
-    the union over ranks is the single-process batch.
-    """
-
-    def __init__(self, start: int, end: int, global_batch: int, rank: int = 0, world_size: int = 1) -> None:
-        if global_batch % world_size:
-            raise ValueError(f"batch size {global_batch} is not divisible by the {world_size} processes")
-        self.start, self.end = int(start), int(end)
-        self.global_batch, self.rank = int(global_batch), int(rank)
-        self.local_batch = self.global_batch // int(world_size)
-
-    def __len__(self) -> int:
-        return max(0, self.end - self.start) * self.local_batch
-
-    def __iter__(self) -> Iterator[int]:
-        for it in range(self.start, self.end):
-            base = it * self.global_batch + self.rank * self.local_batch
-            yield from range(base, base + self.local_batch)

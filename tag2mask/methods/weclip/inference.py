@@ -49,25 +49,28 @@ def multiscale_logits(
 
 
 def load_checkpoint(path: Union[str, Path]) -> tuple[dict[str, torch.Tensor], WeCLIPConfig, dict[str, Any]]:
-    """Read a ``tag2mask train weclip`` checkpoint → ``(decoder state dict, config, CLIP reference)``.
+    """Read a WeCLIP checkpoint (file, or run folder: its newest complete one) → ``(decoder state, config, CLIP ref)``.
 
-    The CLIP reference is ``{"weights": path, "fingerprint": ...}``: CLIP weights are never stored in
-    the checkpoint (frozen, and usually far larger than the 6 M decoder parameters).
+    Read with ``weights_only=True`` (tensors and plain data only). The CLIP reference is
+    ``{"weights": path, "fingerprint": ...}``: CLIP weights are never stored in the checkpoint
+    (frozen, and usually far larger than the 6 M decoder parameters). A relative ``weights`` path
+    (a converted official checkpoint keeps its CLIP next to it) is relative to the checkpoint's folder.
     """
-    from tag2mask.training.weclip_trainer import load_training_checkpoint
+    from tag2mask.training.engine import read_run_checkpoint
 
-    p = Path(path)
-    if p.is_dir():
-        p = p / "latest.pt"
-    ckpt = load_training_checkpoint(p)
-    return ckpt["decoder"], WeCLIPConfig.from_dict(ckpt["config"]), dict(ckpt.get("clip", {}))
+    ckpt = read_run_checkpoint(path, task="weclip")
+    ref = dict(ckpt["meta"].get("clip", {}))
+    weights = ref.get("weights")
+    if weights and not Path(weights).is_absolute():
+        ref["weights"] = str(Path(ckpt["path"]).parent / weights)
+    return ckpt["modules"]["decoder"], WeCLIPConfig.from_dict(ckpt["config"]), ref
 
 
 class WeCLIPSegmenter:
     """Trained WeCLIP ready for inference.
 
     Args:
-        checkpoint: checkpoint file or run folder (``latest.pt``).
+        checkpoint: checkpoint file or run folder (its newest complete checkpoint).
         device: torch device or ``auto``/``cpu``/``cuda[:N]``.
         weights: CLIP weights; default: the path recorded at training time. Its fingerprint must
             match the recorded one (the decoder was trained on exactly those features).

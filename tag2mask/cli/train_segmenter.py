@@ -1,0 +1,215 @@
+"""``tag2mask train segmenter``: train a segmentation network on pseudo-labels or ground-truth masks (see DESCRIPTION)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+from tag2mask.cli.common import add_device_option, add_precision_option
+
+__all__ = ["add_segmenter_parser", "run_segmenter"]
+
+
+DESCRIPTION = """Train a segmentation network on pseudo-labels or ground-truth masks.
+
+examples:
+  CLIP-ES stage 3: DeepLab-v2 on the CRF pseudo-masks of 'tag2mask label' (255 = low confidence)
+    tag2mask label VOCdevkit/VOC2012 --split train_aug --classes voc --weights ViT-B-16.pt --refine crf --out seeds
+    tag2mask train segmenter --preset clip-es --data VOCdevkit/VOC2012 --masks seeds \\
+        --pretrained resnet101_imagenet.pth --out runs/deeplab --device cuda
+  WeCLIP's fully supervised setting: its frozen-CLIP decoder on the ground truth
+    tag2mask train segmenter --preset weclip-fs --data VOCdevkit/VOC2012 --weights ViT-B-16.pt --out runs/fs
+  any network on a folder of images and masks
+    tag2mask train segmenter --model segformer --model-option variant=b2 --data photos/ --masks seeds/masks \\
+        --classes "cat, dog" --out runs/segformer --iters 8000
+
+The run folder is the training engine's (docs/training.md): checkpoints, --resume, --overwrite,
+torchrun, append-only logs; at the end OUT/model.safetensors and, with a validation set, OUT/eval/
+(predicted masks + eval.json, as 'tag2mask eval' writes it). Recipes: docs/segmenter.md.
+"""
+
+# default (train split, validation split) per data set kind
+_SPLITS = {"voc": ("train_aug", "val"), "coco": ("train", "val"), "folder": (None, None)}
+
+
+def add_segmenter_parser(methods: "argparse._SubParsersAction") -> argparse.ArgumentParser:
+    s = methods.add_parser("segmenter", help="a segmentation network on pseudo-labels or ground truth (CLIP-ES stage 3, "
+                                             "WeCLIP fully supervised, any network)",
+                           description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("--data", required=True, help="VOC root, COCO root (VOC layout) or image folder")
+    s.add_argument("--masks", default=None,
+                   help="label maps to train on: a 'tag2mask label' run folder or a folder of palette PNGs "
+                        "(0 background, class id + 1, 255 ignore); default: the data set's ground truth")
+    s.add_argument("--preset", choices=("clip-es", "weclip-fs"), default=None,
+                   help="a paper's recipe: clip-es (DeepLab-v2 ResNet-101, deeplab-pytorch settings) or weclip-fs "
+                        "(WeCLIP's frozen-CLIP decoder on ground truth); options below override it")
+    s.add_argument("--model", default=None, help="network (tag2mask.models): deeplab-v2, deeplab-v3plus, segformer, "
+                                                 "upernet, mask2former, clip-decoder (default: the preset's, else deeplab-v2)")
+    s.add_argument("--model-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="a field of the network's config (JSON value or string), repeatable, e.g. variant=b2")
+    s.add_argument("--pretrained", default=None, help="backbone weights file or folder (the network's 'pretrained')")
+    s.add_argument("--weights", default=None, help="CLIP weights of clip-decoder (its 'clip_weights')")
+    s.add_argument("--classes", default=None,
+                   help="foreground classes: voc, coco, a file (one per line) or 'a, b, c' (default: the classes "
+                        "recorded by 'tag2mask label' in --masks, or the data set's)")
+    s.add_argument("--no-background", action="store_true", help="label 0 is a class, not background")
+    s.add_argument("--train-split", default=None, help="VOC/COCO split to train on (default train_aug / train)")
+    s.add_argument("--val-data", default=None, help="validation data (default: the training data set for VOC/COCO roots)")
+    s.add_argument("--val-split", default=None, help="validation split (default val; 'none' disables)")
+    s.add_argument("--val-masks", default=None, help="ground-truth masks of --val-data when it is an image folder")
+    s.add_argument("--val-every", type=int, default=0, help="validate every N iterations (default 0: only at the end)")
+    s.add_argument("--val-limit", type=int, default=None, help="validate on at most N images during training")
+    s.add_argument("--no-eval", action="store_true", help="no evaluation of the validation set at the end")
+    s.add_argument("--iters", type=int, default=None, help="total iterations (clip-es 20000, weclip-fs 30000)")
+    s.add_argument("--batch-size", type=int, default=None, help="global batch, split over processes")
+    s.add_argument("--crop", type=int, default=None, help="square training crop")
+    s.add_argument("--lr", type=float, default=None,
+                   help="base learning rate (clip-es 2e-4 ImageNet init; use 2.5e-5 with the COCO-pretrained init)")
+    s.add_argument("--optimizer", choices=("sgd", "adamw"), default=None, help="optimiser (default: the preset's)")
+    s.add_argument("--out", required=True, help="run folder")
+    s.add_argument("--ckpt-every", type=int, default=2000, help="checkpoint every N iterations")
+    s.add_argument("--log-every", type=int, default=20, help="log mean losses every N iterations")
+    s.add_argument("--keep-last", type=int, default=None, help="keep only the newest N checkpoints (default: all)")
+    s.add_argument("--resume", nargs="?", const="auto", default=None,
+                   help="continue the run in OUT from its newest complete checkpoint (or the given checkpoint)")
+    s.add_argument("--overwrite", action="store_true", help="start again in an existing OUT")
+    s.add_argument("--stop-at", type=int, default=None, help="leave after this iteration (the schedule still targets --iters)")
+    s.add_argument("--seed", type=int, default=1, help="random seed")
+    s.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    s.add_argument("--allow-download", action="store_true", help="let the network fetch pretrained weights from the hub")
+    s.add_argument("--tensorboard", choices=("auto", "on", "off"), default="off", help="TensorBoard logs")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    add_device_option(s)
+    add_precision_option(s)
+    s.set_defaults(func=run_segmenter)
+    return s
+
+
+def _parse_option(text: str) -> tuple[str, Any]:
+    if "=" not in text:
+        raise ValueError(f"--model-option {text!r}: expected KEY=VALUE")
+    key, value = text.split("=", 1)
+    try:
+        return key.strip(), json.loads(value)
+    except json.JSONDecodeError:
+        return key.strip(), value
+
+
+def resolve_class_names(spec: Optional[str], masks: Optional[str], kind: str) -> list[str]:
+    """Foreground class names from ``--classes``, the label run in ``--masks`` or the data set kind."""
+    from tag2mask.cli.eval_cmd import resolve_classes
+    from tag2mask.data.segmentation import pseudo_label_classes
+
+    if spec is None:
+        recorded = pseudo_label_classes(masks) if masks else None
+        if recorded:
+            return recorded
+        if kind in ("voc", "coco"):
+            spec = kind
+        else:
+            raise ValueError("--classes is needed (voc, coco, a file or 'a, b, c'): the masks do not name their classes")
+    if spec.lower() in ("voc", "coco") or Path(spec).is_file():
+        names = resolve_classes(spec)
+        return names[1:] if names and names[0].lower() == "background" else names
+    names = [n.strip() for n in spec.split(",") if n.strip()]
+    if not names:
+        raise ValueError(f"--classes {spec!r}: no class names")
+    return names
+
+
+def build_segmenter_config(args: argparse.Namespace, kind: str):
+    """The :class:`SegmenterConfig` of the command line (preset + overrides)."""
+    from tag2mask.training.segmenter_task import segmenter_preset
+
+    model = args.model or (None if args.preset else "deeplab-v2")
+    preset_model = None
+    if args.preset:
+        from tag2mask.training.segmenter_task import SEGMENTER_PRESETS
+
+        preset_model = SEGMENTER_PRESETS[args.preset]["model"]
+        if model is not None and model != preset_model:
+            raise ValueError(f"--preset {args.preset} trains {preset_model}; drop --model {model} or the preset")
+    options = dict(_parse_option(o) for o in args.model_option)
+    network = model or preset_model
+    if args.pretrained is not None:
+        if network == "clip-decoder":
+            raise ValueError("--pretrained does not apply to clip-decoder (its backbone is the CLIP of --weights)")
+        options["pretrained"] = args.pretrained
+    if args.weights is not None:
+        if network != "clip-decoder":
+            raise ValueError(f"--weights (CLIP weights) applies to clip-decoder only, not {network}")
+        options["clip_weights"] = args.weights
+    if network == "clip-decoder" and "clip_weights" not in options:
+        from tag2mask.cli.common import shipped_weights_path
+
+        options["clip_weights"] = str(shipped_weights_path())
+    overrides: dict[str, Any] = {"model_options": options,
+                                 "classes": tuple(resolve_class_names(args.classes, args.masks, kind)),
+                                 "background": not args.no_background}
+    if model is not None:
+        overrides["model"] = model
+    for key, value in (("max_iters", args.iters), ("batch_size", args.batch_size), ("crop_size", args.crop),
+                       ("lr", args.lr), ("optimizer", args.optimizer)):
+        if value is not None:
+            overrides[key] = value
+    return segmenter_preset(args.preset, **overrides)
+
+
+def run_segmenter(args: argparse.Namespace) -> int:
+    from tag2mask.cli.train_cmd import _resume_command
+    from tag2mask.data.datasets import detect_dataset
+    from tag2mask.data.segmentation import open_segmentation_data
+    from tag2mask.training.engine import RunOptions, train
+    from tag2mask.training.segmenter_task import SegmenterTask
+
+    kind = detect_dataset(args.data)
+    if kind is None:
+        raise FileNotFoundError(f"--data {args.data}: not a VOC/COCO root or an image folder")
+    if args.allow_download:
+        os.environ["TAG2MASK_ALLOW_DOWNLOAD"] = "1"
+    config = build_segmenter_config(args, kind)
+    train_split, val_split = _SPLITS[kind]
+    if args.train_split is not None:
+        if kind == "folder":
+            raise ValueError("--train-split applies to VOC/COCO roots, not to an image folder")
+        train_split = args.train_split
+    train_source = open_segmentation_data(args.data, train_split, args.masks, config.num_classes)
+
+    val_data = args.val_data or (args.data if kind in ("voc", "coco") else None)
+    if args.val_split is not None:
+        val_split = None if args.val_split.lower() == "none" else args.val_split
+        if val_split is None:
+            val_data = None
+    if args.val_masks is not None and val_data is None:
+        raise ValueError("--val-masks needs --val-data (the images they belong to)")
+    val_source = None
+    if val_data is not None:
+        val_kind = detect_dataset(val_data)
+        val_source = open_segmentation_data(val_data, val_split if val_kind in ("voc", "coco") else None,
+                                            args.val_masks, config.num_classes)
+    elif args.val_every:
+        raise ValueError("--val-every needs a validation set (--val-data / --val-split)")
+    task = SegmenterTask(config, train_source, val_source, val_limit=args.val_limit,
+                         evaluate_at_end=not args.no_eval)
+    options = RunOptions(
+        out_dir=args.out, resume=args.resume, overwrite=args.overwrite, device=args.device, precision=args.precision,
+        seed=args.seed, stop_at=args.stop_at, ckpt_every=args.ckpt_every, val_every=args.val_every,
+        log_every=args.log_every, keep_last=args.keep_last, num_workers=args.workers, progress=not args.quiet,
+        tensorboard=args.tensorboard, resume_command=_resume_command(),
+    )
+    summary = train(task, options)
+    if os.environ.get("RANK", "0") == "0":
+        report = {"iterations": summary["iterations"], "loss": summary.get("last", {}).get("loss"),
+                  "checkpoint": summary["checkpoints"][-1] if summary["checkpoints"] else None,
+                  "train_pairs": len(train_source)}
+        if task.final_eval is not None:
+            from tag2mask.cli.eval_cmd import format_table
+
+            print(format_table(task.final_eval["class_names"], {"IoU": task.final_eval["scores"]}))
+            report["eval"] = {"miou": task.final_eval["scores"]["Mean IoU"],
+                              "report": str(Path(args.out) / "eval" / "eval.json")}
+        print(json.dumps(report))
+    return 0

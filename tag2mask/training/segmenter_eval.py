@@ -1,0 +1,159 @@
+"""Prediction, scoring and export for trained segmenters (validation, end of run, ``segment --checkpoint``).
+
+Prediction of one image: normalise with the network's ``normalization``; optionally resize so the
+long side is ``test_long_side``; logits from the network's ``predict_logits`` (whole image or
+sliding window, scales, flip: :mod:`tag2mask.models`) or, for a bare network, one forward pass;
+bilinear to the image size; argmax. Scores use the same confusion matrix and report layout as
+``tag2mask eval`` (``eval.json``: ``mode``, ``num_images``, ``class_names``, ``scores``,
+``per_image_miou``), so ``tag2mask eval OUT/eval/masks --gt GT`` gives the same numbers.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from tag2mask.data.segmentation import IGNORE, SegmentationSource
+from tag2mask.evaluation.miou import ConfusionMatrix
+
+__all__ = ["predict_logits", "evaluate_source", "export_model", "load_trained_segmenter", "TrainedSegmenter"]
+
+
+@torch.no_grad()
+def predict_logits(model: nn.Module, rgb: np.ndarray, config: Any) -> torch.Tensor:
+    """``(C, H, W)`` float32 logits of one ``(H, W, 3)`` uint8 image at its own size (model in eval mode)."""
+    device = next(model.parameters()).device
+    h, w = rgb.shape[:2]
+    x = torch.from_numpy(np.array(rgb, dtype=np.float32)).to(device).permute(2, 0, 1)[None] / 255.0
+    x = model.normalization(x)
+    long_side = getattr(config, "test_long_side", None)
+    if long_side and long_side != max(h, w):
+        r = long_side / max(h, w)
+        x = F.interpolate(x, size=(max(1, int(h * r)), max(1, int(w * r))), mode="bilinear", align_corners=False)
+    if hasattr(model, "predict_logits"):
+        logits = model.predict_logits(x, mode=config.test_mode, crop=config.test_crop, stride=config.test_stride,
+                                      scales=tuple(config.test_scales), flip=config.test_flip)
+    else:
+        logits = model(x)
+    logits = logits.float()
+    if tuple(logits.shape[-2:]) != (h, w):
+        logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
+    return logits[0]
+
+
+def evaluate_source(model: nn.Module, source: SegmentationSource, config: Any, ctx: Any = None,
+                    limit: Optional[int] = None, write_dir: Optional[Path] = None) -> dict[str, Any]:
+    """mIoU of ``model`` on ``source`` (sharded over the processes of ``ctx``).
+
+    With ``write_dir``, the predictions go to ``write_dir/masks/<name>.png`` and the report to
+    ``write_dir/eval.json`` (rank 0).
+    """
+    from tag2mask.io.palette import save_label_png
+
+    rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
+    was_training = model.training
+    model.eval()
+    num_classes = config.num_classes
+    total = ConfusionMatrix(num_classes, IGNORE)
+    per_image: dict[str, Optional[float]] = {}
+    n = len(source) if limit is None else min(limit, len(source))
+    for i in range(rank, n, world):
+        name, rgb, gt = source.load(i)
+        with ctx.autocast() if ctx is not None else nullcontext():
+            logits = predict_logits(model, rgb, config)
+        pred = logits.argmax(dim=0).cpu().numpy().astype(np.uint8)
+        one = ConfusionMatrix(num_classes, IGNORE)
+        one.update(pred, gt, name=str(source.items[i].mask))
+        total.merge(one)
+        if write_dir is not None:
+            save_label_png(write_dir / "masks" / f"{name}.png", pred)
+            per_image[name] = one.scores()["Mean IoU"]
+    model.train(was_training)
+    if ctx is not None and world > 1:
+        total.mat = ctx.all_reduce_sum(torch.from_numpy(total.mat)).numpy()
+        if write_dir is not None:
+            merged: dict[str, Optional[float]] = {}
+            for part in ctx.all_gather(per_image):
+                merged.update(part)
+            per_image = merged
+    report = {"mode": "labels", "num_images": n, "class_names": config.class_names, "scores": total.scores(),
+              "per_image_miou": dict(sorted(per_image.items())), "data": source.description}
+    if write_dir is not None and rank == 0:
+        from tag2mask.io.atomic import atomic_write_text
+        from tag2mask.jobs.checkpoint import honour_umask
+
+        atomic_write_text(write_dir / "eval.json", json.dumps(report, indent=1, allow_nan=False, default=_plain))
+        honour_umask(write_dir / "eval.json")
+    return report
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    raise TypeError(type(value).__name__)
+
+
+def export_model(model: nn.Module, path: Path, config: Any) -> Optional[Path]:
+    """Save a :mod:`tag2mask.models` network with ``save_segmenter`` (other modules: nothing, returns None)."""
+    try:
+        from tag2mask.models import Segmenter, save_segmenter
+    except ImportError:  # pragma: no cover - the models package ships with tag2mask
+        return None
+    if not isinstance(model, Segmenter):
+        return None
+    from tag2mask.jobs.checkpoint import honour_umask
+
+    save_segmenter(model, path, metadata={"class_names": json.dumps(config.class_names),
+                                          "trained_by": "tag2mask train segmenter"})
+    honour_umask(path)
+    return path
+
+
+def load_trained_segmenter(path: Union[str, Path], device: Union[str, torch.device] = "cpu"):
+    """``(network in eval mode, SegmenterConfig)`` from a ``train segmenter`` checkpoint or run folder.
+
+    The network is rebuilt from the architecture recorded at training time (no pretrained files are
+    read again) and its weights come from the checkpoint (``weights_only=True``).
+    """
+    from tag2mask.runtime import resolve_device
+    from tag2mask.training.engine import read_run_checkpoint
+    from tag2mask.training.segmenter_task import SegmenterConfig, build_network
+
+    ckpt = read_run_checkpoint(path, task="segmenter")
+    config = SegmenterConfig.from_dict(ckpt["config"])
+    network = ckpt["meta"].get("network") or {}
+    model = build_network(config, network.get("config"))
+    frozen = tuple(model.frozen_prefixes()) if hasattr(model, "frozen_prefixes") else ()
+    result = model.load_state_dict(ckpt["modules"]["model"], strict=not frozen)
+    missing = [k for k in getattr(result, "missing_keys", []) if not k.startswith(frozen)]
+    if missing or getattr(result, "unexpected_keys", []):
+        raise ValueError(f"{ckpt['path']}: the weights do not fit the recorded network ({missing[:3]})")
+    dev = resolve_device(device) if isinstance(device, str) else device
+    return model.to(dev).eval(), config
+
+
+class TrainedSegmenter:
+    """A ``train segmenter`` run behind ``predict(image) -> (label (H, W) uint8, probs (C, H, W) float32)``."""
+
+    def __init__(self, checkpoint: Union[str, Path], device: Union[str, torch.device] = "auto") -> None:
+        self.model, self.config = load_trained_segmenter(checkpoint, device)
+        self.device = next(self.model.parameters()).device
+        self.class_names = tuple(self.config.class_names)
+        # the test settings, named as WeCLIPSegmenter names them (segment --checkpoint records them)
+        self.long_side = self.config.test_long_side
+        self.scales = tuple(self.config.test_scales)
+        self.flip = bool(self.config.test_flip)
+
+    def predict(self, image: Any) -> tuple[np.ndarray, np.ndarray]:
+        rgb = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image, dtype=np.uint8)
+        probs = predict_logits(self.model, rgb, self.config).softmax(dim=0).cpu().numpy()
+        return probs.argmax(axis=0).astype(np.uint8), probs.astype(np.float32)
