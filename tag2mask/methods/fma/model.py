@@ -14,10 +14,22 @@ Per batch (official ``GradCAMCLIP``):
    ``create_graph`` in training so that a loss on the CAMs reaches the prompt contexts.
 
 CAMs are raw (no ReLU, no normalisation), as the official model returns them.
+
+Numerics: :class:`FMAClip` applies FMA-WSSS's own (:data:`tag2mask.clip.numerics.NUMERICS` ``"fma"``:
+Conv/Linear weights and projections rounded to fp16 as the official loader leaves them, the
+interpolated positional table *not* rounded, TF32 off) to the CLIP it is given, on every call,
+like ClipES and WeCLIP do. A CLIP loaded with ``round_fp16_weights=True`` is used as is. Otherwise
+FMAClip works on its own rounded copy of the CLIP and the caller's model keeps its float32 weights
+(the copy costs the model's memory once more: load with ``round_fp16_weights=True`` to avoid it).
+A copy, not weights swapped in only during the call as ClipES does: gradients reach the prompt
+contexts through the frozen CLIP in a backward pass that runs after the call has returned, and
+autograd does not keep the forward-time values of every frozen weight it saved (``x @ W`` reads
+``W`` again in backward), so swapped weights would give the wrong context gradient.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Optional
 
@@ -25,6 +37,8 @@ import torch
 from torch import nn
 
 from tag2mask.clip.model import CLIP
+from tag2mask.clip.loading import round_weights_to_fp16
+from tag2mask.clip.numerics import NUMERICS, Numerics, weights_are_fp16_exact
 from tag2mask.clip.vision import VisionTransformer, key_padding_attn_mask
 from tag2mask.localization.affinity import mean_attention
 from tag2mask.localization.gradcam import last_block_gradcam
@@ -137,30 +151,41 @@ class FMAClip(nn.Module):
     """Frozen CLIP ViT + :class:`PromptLearner`; only the prompt contexts are trainable.
 
     Args:
-        clip: a ViT CLIP (frozen here). Load it with ``round_fp16_weights=True`` for the official
-            numerics; its positional table must not be rounded (FMA keeps it in the model dtype).
+        clip: a ViT CLIP, frozen here (its parameters stop requiring gradients). When ``numerics``
+            round weights and ``clip``'s are not fp16-exact, a rounded copy is used instead and
+            ``clip`` is left as it is (see the module docstring).
         prompts: G prompts, the first ``n_fg`` of which are the foreground classes.
         n_fg: number of foreground classes F (the rest are background prompts, always unmasked).
         attention_layers: how many final attention maps feed the CAA affinity (8).
+        numerics: the arithmetic the CLIP runs with (default: FMA-WSSS's official numerics, see
+            the module docstring; ``NUMERICS["float32"]`` for models trained in plain float32,
+            e.g. the shipped tiny CLIP).
     """
 
-    def __init__(self, clip: CLIP, prompts: PromptLearner, n_fg: int, attention_layers: int = 8):
+    def __init__(self, clip: CLIP, prompts: PromptLearner, n_fg: int, attention_layers: int = 8,
+                 numerics: Numerics = NUMERICS["fma"]):
         super().__init__()
         if not clip.is_vit:
             raise ValueError("FMA-WSSS needs a ViT image tower (GradCAM acts on its tokens)")
         if not 0 < n_fg <= prompts.num_classes:
             raise ValueError(f"n_fg must be in 1..{prompts.num_classes}, got {n_fg}")
+        if numerics.round_weights_fp16 and not weights_are_fp16_exact(clip):
+            clip = copy.deepcopy(clip)
+            round_weights_to_fp16(clip)
         self.clip = clip.requires_grad_(False)
         self.prompts = prompts
         self.n_fg = n_fg
         self.attention_layers = attention_layers
+        # nothing left to copy: the binding sets the positional-table interpolation and TF32 per call
+        self.numerics = numerics.bind(clip)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [self.prompts.ctx]
 
-    def text_features(self) -> torch.Tensor:
-        """(G, D) text features of the prompts (graph to the contexts when grad is enabled)."""
-        return self.prompts.text_features(self.clip)
+    def text_features(self, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(G, D) text features of the prompts, or (len(rows), D) (graph to the contexts when grad is enabled)."""
+        with self.numerics:
+            return self.prompts.text_features(self.clip, rows=rows)
 
     def forward(
         self,
@@ -176,6 +201,10 @@ class FMAClip(nn.Module):
         ``create_graph=True`` (training) keeps the graph from the CAMs to the prompt contexts.
         Every image needs at least one positive label.
         """
+        with self.numerics:
+            return self._forward(images, fg_labels, padding_mask, create_graph, need_attention, vjp_mode)
+
+    def _forward(self, images, fg_labels, padding_mask, create_graph, need_attention, vjp_mode) -> FMAOutput:
         visual = self.clip.visual
         fg_labels = fg_labels.to(images.device)
         if fg_labels.shape != (images.shape[0], self.n_fg):
@@ -200,7 +229,7 @@ class FMAClip(nn.Module):
                 images, visual.num_blocks - 1, return_attention=need_attention, keep_tokens=False,
                 attention_from=first, pos_embed=pos_embed, attn_mask=attn_mask,
             )
-        text = self.text_features()
+        text = self.prompts.text_features(self.clip)
         text = text / text.norm(dim=-1, keepdim=True)
         logit_scale = self.clip.logit_scale.detach().exp()
         sm_mask = torch.ones(images.shape[0], text.shape[0], dtype=text.dtype, device=text.device)
