@@ -13,12 +13,10 @@ from typing import Optional
 
 import torch
 
-from tag2mask.localization.affinity import refine_cams, transition_matrix
-from tag2mask.localization.boxes import cam_box_masks
-from tag2mask.localization.scaling import minmax_scale
+from tag2mask.localization.cam_pipeline import CAMSettings, RefinedCAMs, refine_with_affinity, score_maps
 from tag2mask.vocab.classes import COCO_BACKGROUND_WORDS, VOC_BACKGROUND_WORDS
 
-__all__ = ["PromptSettings", "CAASettings", "StageSettings", "PRESETS", "preset", "cam_score", "caa_refine",
+__all__ = ["PromptSettings", "CAASettings", "StageSettings", "PRESETS", "preset", "cam_score", "caa_stages", "caa_refine",
            "VOC_BACKGROUND", "COCO_BACKGROUND"]
 
 #: FMA-WSSS's named background prompts (= CLIP-ES's words: 25 on VOC, 23 on COCO)
@@ -61,6 +59,16 @@ class CAASettings:
     def __post_init__(self) -> None:
         if self.refine not in ("score", "cam"):
             raise ValueError(f"refine must be 'score' or 'cam', got {self.refine!r}")
+
+    @property
+    def cam_settings(self) -> CAMSettings:
+        """The shared CAM pipeline's settings for this stage (official names in brackets): rounds
+        (``n_iter``) -> sinkhorn_rounds, power (``n_iters``) -> affinity_power, threshold
+        (``thresh``) -> box_threshold, refine (``aff_at``) -> propagate; FMA's CAMs are raw, so
+        the score is ``clamp_minmax``; the attention is the saved float16 mean."""
+        return CAMSettings(attention_layers=self.attention_layers, attention_dtype="float16",
+                           sinkhorn_rounds=self.rounds, affinity_power=self.power, box_threshold=self.threshold,
+                           score="clamp_minmax", propagate=self.refine)
 
 
 @dataclass(frozen=True)
@@ -141,16 +149,24 @@ def cam_score(cams: torch.Tensor) -> torch.Tensor:
     (K, h, w) -> (K, h, w). In float32 the epsilon is absorbed when a map's range is >= 2, so its
     maximum is then exactly 1.0 (which moves the box threshold by one uint8 step).
     """
-    return minmax_scale(cams.clamp_min(0))
+    return score_maps(cams, "clamp_minmax")
+
+
+def caa_stages(attention: torch.Tensor, cams: torch.Tensor, settings: CAASettings) -> RefinedCAMs:
+    """FMA-WSSS's CAA through the shared CAM pipeline, with every intermediate.
+
+    attention: (hw, hw) mean of the last ``attention_layers`` head-averaged maps without CLS (float32
+    or the saved float16; it is rounded to float16 as the official code saves it).
+    cams: (K, h, w) raw GradCAMs. Boxes always come from the score; ``settings.refine`` picks
+    which map is propagated.
+    """
+    cam_settings = settings.cam_settings
+    affinity = attention.float()
+    if cam_settings.attention_dtype == "float16":
+        affinity = affinity.half().float()
+    return refine_with_affinity(cams, affinity, cam_settings)
 
 
 def caa_refine(attention: torch.Tensor, cams: torch.Tensor, settings: CAASettings) -> torch.Tensor:
-    """FMA-WSSS's CAA with the shared localisation functions: (hw, hw) attention (the saved float16
-    mean of the last maps, as float32), (K, h, w) raw CAMs -> (K, h, w) refined maps.
-
-    Boxes always come from the score; ``settings.refine`` picks which map is propagated.
-    """
-    score = cam_score(cams)
-    trans = transition_matrix(attention, rounds=settings.rounds, power=settings.power)
-    boxes = cam_box_masks(score, settings.threshold)
-    return refine_cams(trans, score if settings.refine == "score" else cams, boxes)
+    """:func:`caa_stages`' refined maps: (hw, hw) attention, (K, h, w) raw CAMs -> (K, h, w) float32."""
+    return caa_stages(attention, cams, settings).refined_lowres
