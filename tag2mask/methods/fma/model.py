@@ -41,7 +41,7 @@ from tag2mask.clip.loading import round_weights_to_fp16
 from tag2mask.clip.numerics import NUMERICS, Numerics, weights_are_fp16_exact
 from tag2mask.clip.vision import VisionTransformer, key_padding_attn_mask
 from tag2mask.localization.affinity import mean_attention
-from tag2mask.localization.gradcam import last_block_gradcam
+from tag2mask.localization.gradcam import LastBlockGradCAM, last_block_gradcam
 from tag2mask.methods.fma.prompts import PromptLearner
 
 __all__ = ["FMAClip", "FMAOutput", "PaddingLayout", "padding_layout", "masked_softmax", "positive_pairs"]
@@ -195,23 +195,30 @@ class FMAClip(nn.Module):
         create_graph: bool = False,
         need_attention: bool = True,
         vjp_mode: str = "auto",
+        require_positive: bool = True,
+        need_cams: bool = True,
     ) -> FMAOutput:
         """images (B, 3, H, W) CLIP-normalised, fg_labels (B, F) 0/1, padding_mask (B, H, W) bool or None.
 
         ``create_graph=True`` (training) keeps the graph from the CAMs to the prompt contexts.
-        Every image needs at least one positive label.
+        Every image needs at least one positive label, unless ``require_positive=False`` (training
+        crops whose seed holds no class): such images get no CAM, and a batch without any
+        positive gives ``pos_cam`` of shape (0, h, w). ``need_cams=False`` skips GradCAM (logits
+        only, e.g. training with the contrastive loss alone): ``pos_pairs`` and ``pos_cam`` are then empty.
         """
         with self.numerics:
-            return self._forward(images, fg_labels, padding_mask, create_graph, need_attention, vjp_mode)
+            return self._forward(images, fg_labels, padding_mask, create_graph, need_attention, vjp_mode,
+                                 require_positive, need_cams)
 
-    def _forward(self, images, fg_labels, padding_mask, create_graph, need_attention, vjp_mode) -> FMAOutput:
+    def _forward(self, images, fg_labels, padding_mask, create_graph, need_attention, vjp_mode,
+                 require_positive, need_cams) -> FMAOutput:
         visual = self.clip.visual
         fg_labels = fg_labels.to(images.device)
         if fg_labels.shape != (images.shape[0], self.n_fg):
             raise ValueError(f"fg_labels must be (B, {self.n_fg}), got {tuple(fg_labels.shape)}")
         pairs = positive_pairs(fg_labels)
         missing = set(range(images.shape[0])) - set(pairs[:, 0].tolist())
-        if missing:
+        if missing and require_positive:
             raise ValueError(f"images {sorted(missing)} of the batch have no positive class")
         ps = visual.patch_size
         grid = (images.shape[-2] // ps, images.shape[-1] // ps)
@@ -235,22 +242,46 @@ class FMAClip(nn.Module):
         sm_mask = torch.ones(images.shape[0], text.shape[0], dtype=text.dtype, device=text.device)
         sm_mask[:, : self.n_fg] = (fg_labels > 0).to(text.dtype)
         real = None if layout is None else (~layout.key_padding[:, 1:]).to(images.dtype)
-        saved: dict[str, torch.Tensor] = {}
+        saved: dict[str, list[torch.Tensor]] = {"img_emb": [], "logits": []}
 
-        def target_fn(out: torch.Tensor) -> torch.Tensor:
-            tokens = visual.ln_post(out[:, 1:])
-            if real is None:
-                pooled = tokens.mean(dim=1)
-            else:
-                pooled = (tokens * real[..., None]).sum(dim=1) / real.sum(dim=1, keepdim=True)
-            img_emb = pooled @ visual.proj
-            logits = logit_scale * (img_emb / img_emb.norm(dim=-1, keepdim=True)) @ text.t()
-            saved.update(img_emb=img_emb, logits=logits)
-            return masked_softmax(logits, sm_mask)
+        def make_target_fn(lo: int, hi: int):
+            def target_fn(out: torch.Tensor) -> torch.Tensor:
+                tokens = visual.ln_post(out[:, 1:])
+                if real is None:
+                    pooled = tokens.mean(dim=1)
+                else:
+                    r = real[lo:hi]
+                    pooled = (tokens * r[..., None]).sum(dim=1) / r.sum(dim=1, keepdim=True)
+                img_emb = pooled @ visual.proj
+                logits = logit_scale * (img_emb / img_emb.norm(dim=-1, keepdim=True)) @ text.t()
+                saved["img_emb"].append(img_emb)
+                saved["logits"].append(logits)
+                return masked_softmax(logits, sm_mask[lo:hi])
 
-        res = last_block_gradcam(
-            visual, inter.last, grid, target_fn, pairs, attn_mask=attn_mask, create_graph=create_graph,
-            vjp_mode=vjp_mode, need_attention=need_attention,
+            return target_fn
+
+        if not need_cams:
+            pairs = pairs[:0]
+        mode = vjp_mode if vjp_mode != "auto" else ("vmap" if images.device.type == "cuda" else "loop")
+        # sequential VJPs (CPU) run on one image at a time: a VJP through the whole batch would spend
+        # most of its work on the other images' (zero) gradients; batched VJPs (GPU) take the batch
+        b = images.shape[0]
+        groups = [(0, b)] if mode == "vmap" else [(i, i + 1) for i in range(b)]
+        results = []
+        for lo, hi in groups:
+            sel = (pairs[:, 0] >= lo) & (pairs[:, 0] < hi)
+            local = pairs[sel] - torch.tensor([lo, 0], dtype=pairs.dtype, device=pairs.device)
+            results.append(last_block_gradcam(
+                visual, inter.last[lo:hi], grid, make_target_fn(lo, hi), local,
+                attn_mask=None if attn_mask is None else attn_mask[lo:hi], create_graph=create_graph,
+                # the explicit attention path also when only the second-order graph needs it: torch's
+                # fused attention kernels have no double backward
+                vjp_mode=mode, need_attention=need_attention or create_graph,
+            ))
+        res = LastBlockGradCAM(
+            cams=torch.cat([r.cams for r in results]), grad_weights=torch.cat([r.grad_weights for r in results]),
+            targets=torch.cat([r.targets for r in results]), activation=torch.cat([r.activation for r in results]),
+            attention=torch.cat([r.attention for r in results]) if results[0].attention is not None else None,
         )
         attention = None
         if need_attention:
@@ -258,8 +289,8 @@ class FMAClip(nn.Module):
             attention = torch.stack([mean_attention([m[b] for m in maps], last=self.attention_layers)
                                      for b in range(images.shape[0])])
         return FMAOutput(
-            img_emb=saved["img_emb"],
-            logits=saved["logits"],
+            img_emb=torch.cat(saved["img_emb"]),
+            logits=torch.cat(saved["logits"]),
             sm_logits=res.targets,
             pos_pairs=pairs,
             pos_cam=res.cams,
