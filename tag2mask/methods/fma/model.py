@@ -197,6 +197,7 @@ class FMAClip(nn.Module):
         vjp_mode: str = "auto",
         require_positive: bool = True,
         need_cams: bool = True,
+        text_features: Optional[torch.Tensor] = None,
     ) -> FMAOutput:
         """images (B, 3, H, W) CLIP-normalised, fg_labels (B, F) 0/1, padding_mask (B, H, W) bool or None.
 
@@ -205,13 +206,15 @@ class FMAClip(nn.Module):
         crops whose seed holds no class): such images get no CAM, and a batch without any
         positive gives ``pos_cam`` of shape (0, h, w). ``need_cams=False`` skips GradCAM (logits
         only, e.g. training with the contrastive loss alone): ``pos_pairs`` and ``pos_cam`` are then empty.
+        ``text_features``: (G, D) from :meth:`text_features`, to skip the text tower when the prompts
+        do not change between calls (inference).
         """
         with self.numerics:
             return self._forward(images, fg_labels, padding_mask, create_graph, need_attention, vjp_mode,
-                                 require_positive, need_cams)
+                                 require_positive, need_cams, text_features)
 
     def _forward(self, images, fg_labels, padding_mask, create_graph, need_attention, vjp_mode,
-                 require_positive, need_cams) -> FMAOutput:
+                 require_positive, need_cams, text_features) -> FMAOutput:
         visual = self.clip.visual
         fg_labels = fg_labels.to(images.device)
         if fg_labels.shape != (images.shape[0], self.n_fg):
@@ -236,7 +239,7 @@ class FMAClip(nn.Module):
                 images, visual.num_blocks - 1, return_attention=need_attention, keep_tokens=False,
                 attention_from=first, pos_embed=pos_embed, attn_mask=attn_mask,
             )
-        text = self.prompts.text_features(self.clip)
+        text = self.prompts.text_features(self.clip) if text_features is None else text_features
         text = text / text.norm(dim=-1, keepdim=True)
         logit_scale = self.clip.logit_scale.detach().exp()
         sm_mask = torch.ones(images.shape[0], text.shape[0], dtype=text.dtype, device=text.device)
