@@ -38,7 +38,7 @@ from tag2mask.data.seg_augment import hsv_to_rgb, rgb_to_hsv
 from tag2mask.methods.fma.config import AugmentSettings
 from tag2mask.training.stream import EpochOrder
 
-__all__ = ["FMASource", "open_fma_data", "color_jitter", "rescale_crop_flip", "augment", "FMACrops", "FMABatch",
+__all__ = ["FMASource", "open_fma_data", "jitter_step", "color_jitter", "rescale_crop_flip", "augment", "FMACrops", "FMABatch",
            "collate", "IGNORE"]
 
 IGNORE = 255
@@ -185,31 +185,46 @@ def _saturate(x: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(np.abs(x)), 0, 255)
 
 
+JITTER_STEPS = ("brightness", "contrast", "saturation", "hue")
+
+
+def jitter_step(rgb: np.ndarray, step: str, value: float) -> np.ndarray:
+    """One colour-jitter step on RGB values 0..255 (float array, integral values) -> same shape.
+
+    brightness ``|x + v|``, contrast ``|x * v|``, saturation ``|S * v|`` (S on 0..255), hue
+    ``|H + v|`` (H on 0..255 for the whole circle), each saturated to 0..255 with OpenCV's rounding.
+    """
+    if step == "brightness":
+        return _saturate(rgb + value)
+    if step == "contrast":
+        return _saturate(rgb * value)
+    if step not in ("saturation", "hue"):
+        raise ValueError(f"unknown jitter step {step!r}")
+    hsv = rgb_to_hsv(rgb / 255.0)
+    if step == "saturation":
+        hsv[..., 1] = _saturate(np.rint(hsv[..., 1] * 255.0) * value) / 255.0
+    else:
+        h8 = np.rint(hsv[..., 0] * 256.0) % 256
+        hsv[..., 0] = _saturate(h8 + value) / 256.0
+    return _saturate(hsv_to_rgb(hsv) * 255.0)
+
+
 def color_jitter(rgb: np.ndarray, rng: np.random.Generator, max_bright: float = 25.0,
                  contrast: tuple[float, float] = (0.6, 1.4), saturation: tuple[float, float] = (0.5, 1.5),
                  max_hue: float = 25.0, p: float = 0.5) -> np.ndarray:
-    """AlchemyCat's ``RandColorJitter`` on an RGB uint8 image (see the module docstring): (H, W, 3) -> same."""
+    """AlchemyCat's ``RandColorJitter`` on an RGB uint8 image (see the module docstring): (H, W, 3) -> same.
+
+    Draws, in this order: for brightness, contrast, saturation and hue whether to apply it (p) and
+    its value; then the order of the four steps.
+    """
     draws: list[Optional[float]] = []
     for low, high in ((-max_bright, max_bright), contrast, saturation, (-max_hue, max_hue)):
         draws.append(float(rng.uniform(low, high)) if rng.random() < p else None)
     order = rng.permutation(4)
     x = rgb.astype(np.float64)
     for step in order:
-        value = draws[step]
-        if value is None:
-            continue
-        if step == 0:
-            x = _saturate(x + value)
-        elif step == 1:
-            x = _saturate(x * value)
-        else:
-            hsv = rgb_to_hsv(x / 255.0)
-            if step == 2:  # OpenCV HSV: S on 0..255
-                hsv[..., 1] = _saturate(np.rint(hsv[..., 1] * 255.0) * value) / 255.0
-            else:  # OpenCV HSV_FULL: H on 0..255 for the whole circle
-                h8 = np.rint(hsv[..., 0] * 256.0) % 256
-                hsv[..., 0] = _saturate(h8 + value) / 256.0
-            x = _saturate(hsv_to_rgb(hsv) * 255.0)
+        if draws[step] is not None:
+            x = jitter_step(x, JITTER_STEPS[step], draws[step])
     return x.astype(np.uint8)
 
 
