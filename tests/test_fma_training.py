@@ -286,6 +286,20 @@ def test_cli_trains_exports_and_guards_the_run_folder(tmp_path, capsys):
         _train(tmp_path / "run", config, _data())
 
 
+def test_cli_trains_on_a_synth_export_with_its_train_split(tmp_path, capsys):
+    """A synth export is VOC-laid-out but has no train_aug: the default split is train, the preset synth."""
+    from tag2mask.cli.main import main
+
+    world = tmp_path / "world"
+    assert main(["synth", "export", "--out", str(world), "--n", "2", "--val", "1", "--size", str(SIZE), "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["train", "fma", "--task", "cls", "--data", str(world), "--out", str(tmp_path / "run"), "--device",
+                 "cpu", "--quiet", "--iters", "2", "--warmup-iters", "1", "--batch-size", "2"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    config, _, _ = load_prompts(report["prompts"])
+    assert config.preset == "synth" and report["iterations"] == 2
+
+
 def test_prompts_files_are_read_safely(tmp_path):
     from tag2mask.training.fma_task import PROMPTS_FILE
 

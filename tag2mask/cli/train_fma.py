@@ -60,7 +60,7 @@ def add_fma_parser(methods: "argparse._SubParsersAction") -> argparse.ArgumentPa
                    help="voc, coco, synth, a name-set file or 'a, b; background: c, d' (default: the preset's); "
                         "label ids index these classes, synonyms of a class form one prompt")
     f.add_argument("--labels", default=None, help="JSON/CSV image-level labels of an image folder")
-    f.add_argument("--split", default=None, help="training split (default: VOC train_aug, COCO train, synth train)")
+    f.add_argument("--split", default=None, help="training split (default: VOC train_aug, COCO train, synth and synth exports train)")
     f.add_argument("--label-source", choices=("gt_mask", "dataset"), default=None,
                    help="image-level labels from the ground-truth masks (the official seg_cls_labels; default for "
                         "voc/coco) or from the annotations / label file (default for synth and folders)")
@@ -97,6 +97,13 @@ def add_fma_parser(methods: "argparse._SubParsersAction") -> argparse.ArgumentPa
 
     record_given_options(f)
     return f
+
+
+def _default_split(data: str, kind: str) -> str:
+    """VOC train_aug, COCO train; a tag2mask synth export (VOC layout without train_aug) train."""
+    from tag2mask.synth.export import is_synthetic_export
+
+    return "train" if kind == "voc" and is_synthetic_export(data) else _SPLITS[kind]
 
 
 def _preset_for(args: argparse.Namespace, kind: str) -> str:
@@ -174,7 +181,7 @@ def run_fma(args: argparse.Namespace) -> int:
         precision = "fp16" if resolve_device(args.device).type == "cuda" else "fp32"
     if args.allow_download:
         os.environ["TAG2MASK_ALLOW_DOWNLOAD"] = "1"
-    data = FMAData(spec=args.data, split=args.split or _SPLITS[kind], seeds=args.seeds, labels_file=args.labels,
+    data = FMAData(spec=args.data, split=args.split or _default_split(args.data, kind), seeds=args.seeds, labels_file=args.labels,
                    synth_n=args.synth_n, synth_size=args.synth_size,
                    weights=str(args.weights or shipped_weights_path()))
     options = RunOptions(
