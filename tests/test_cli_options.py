@@ -67,7 +67,7 @@ def test_shown_defaults_are_the_parser_defaults(path):
                 first = re.split(r"[\s,]", shown)[0].rstrip(":")
                 assert _same(first, action.default), f"{name}: shows {first!r}, the parser default is {action.default!r}"
             checked += 1
-    assert checked or path in {("synth",), ("train",), ("info",)}
+    assert checked or path in {("synth",), ("train",), ("info",), ("convert",), ("convert", "checkpoint")}
 
 
 def _error(capsys, argv) -> str:
