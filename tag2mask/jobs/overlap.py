@@ -194,13 +194,14 @@ class _Pool:
                 proc.join(timeout=5)
 
 
-def process_overlapped(job: Any, stages: Stages) -> None:
+def process_overlapped(job: Any, stages: Stages) -> dict[str, int]:
     """Run ``job``'s shard through ``stages`` with ``stages.workers`` worker processes.
 
     ``job`` is the runner's bookkeeping (``tag2mask.jobs.runner._Job``): it decides what to do
-    (``todo``), loads items, and records every outcome.
+    (``todo``), loads items, and records every outcome. Returns ``{"peak_in_flight": n}``, the most
+    items that were between the first and the last stage at once (for the log).
     """
-    from tag2mask.jobs.items import ItemFailure, item_failure
+    from tag2mask.jobs.items import ItemFailure, _release_cuda_memory, error_kind, item_failure
 
     pool = _Pool(stages, str(job.out_dir))
     pending = iter(job.shard)
@@ -209,6 +210,7 @@ def process_overlapped(job: Any, stages: Stages) -> None:
     batch: list[_Ticket] = []
     finishing: dict[Future, _Ticket] = {}
     suspects: collections.deque[_Ticket] = collections.deque()
+    peak = 0
 
     def in_pool() -> list[_Ticket]:
         return list(preparing) + list(finishing.values())
@@ -231,6 +233,7 @@ def process_overlapped(job: Any, stages: Stages) -> None:
             if len(results) != len(tickets):
                 raise RuntimeError(f"compute returned {len(results)} results for {len(tickets)} items")
         except Exception as exc:
+            _release_cuda_memory(error_kind(exc))  # a batch that ran out of GPU memory may fit one by one
             if len(tickets) > 1:  # find the item that fails; the others go on
                 for ticket in tickets:
                     compute([ticket])
@@ -304,14 +307,15 @@ def process_overlapped(job: Any, stages: Stages) -> None:
                         fail(ticket, item_failure(exc, job.out_dir))
                         continue
                     send(ticket, "prepare", item)
+            peak = max(peak, len(preparing) + len(batch) + len(finishing))
             # 2. results of the pool, prepared items in item order (batches do not depend on timing)
-            done = [f for f in finishing if f.done()] + [t.future for t in preparing if t.future.done()]
+            done = {f for f in finishing if f.done()} | {t.future for t in preparing if t.future.done()}
             if any(isinstance(f.exception(), BrokenProcessPool) for f in done):
                 worker_died()
                 continue
-            for future in [f for f in finishing if f.done()]:
+            for future in [f for f in finishing if f in done]:  # this snapshot only: no race with the pool
                 collect(finishing.pop(future))
-            while preparing and preparing[0].future.done():
+            while preparing and preparing[0].future in done:
                 collect(preparing.popleft())
             # 3. the device stage, when a batch is full or nothing more can join it
             if batch and (len(batch) >= stages.batch_size or not preparing):
@@ -328,3 +332,4 @@ def process_overlapped(job: Any, stages: Stages) -> None:
         pool.close(kill=True)
         raise
     pool.close()
+    return {"peak_in_flight": peak}

@@ -419,6 +419,7 @@ def _run(spec: JobSpec, info: D.DistInfo) -> JobSummary:
                unit=options.unit, disable=options.quiet or not info.is_main, file=sys.stderr, dynamic_ncols=True)
     job = _Job(spec, info, n, shard, bar)
     overlapped = isinstance(spec.process, Stages) and spec.process.workers > 0
+    stats: dict[str, Any] = {}
     job.log.event("start", world_size=info.world_size, shard_items=len(shard), total_items=n, resume=options.resume,
                   workers=spec.process.workers if overlapped else 0, **prep)
     try:
@@ -426,7 +427,7 @@ def _run(spec: JobSpec, info: D.DistInfo) -> JobSummary:
             for entry, message in spec.preflight_errors:
                 job.fail(entry, "labels", message)
         if overlapped:
-            process_overlapped(job, spec.process)
+            stats = process_overlapped(job, spec.process)
         else:
             _process_serially(job, spec.process)
     except DiskFullError:
@@ -444,7 +445,8 @@ def _run(spec: JobSpec, info: D.DistInfo) -> JobSummary:
         bar.close()
 
     mine = job.counts()
-    job.log.event("end", **{k: v for k, v in mine.items() if k != "failures"}, seconds=round(time.time() - started, 3))
+    job.log.event("end", **{k: v for k, v in mine.items() if k != "failures"}, **stats,
+                  seconds=round(time.time() - started, 3))
     job.log.close()
     per_rank = D.all_gather_object(mine)  # also the barrier: every rank has finished writing
     summary = JobSummary(
