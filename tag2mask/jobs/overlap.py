@@ -148,12 +148,19 @@ class _Ticket:
     suspect: bool = False  # was in a worker that died
 
 
+def _start_method() -> str:
+    # forkserver where the platform has it (Linux, macOS); Windows only has spawn (slower start, same results)
+    return "forkserver" if "forkserver" in multiprocessing.get_all_start_methods() else "spawn"
+
+
 def start_worker_server(preload: Sequence[str] = ()) -> None:
     """Start the process that forks the workers now, so that its imports overlap the caller's start-up.
 
     Commands call it before loading their model; :func:`process_overlapped` starts it otherwise.
     Only the first call's ``preload`` counts (the server lives as long as this process).
     """
+    if _start_method() != "forkserver":
+        return
     ctx = multiprocessing.get_context("forkserver")
     ctx.set_forkserver_preload(["tag2mask.jobs.items", "tag2mask.jobs.overlap", *preload])
     from multiprocessing import forkserver
@@ -167,7 +174,7 @@ class _Pool:
     def __init__(self, stages: Stages, out_dir: str) -> None:
         self.stages, self.out_dir = stages, out_dir
         start_worker_server(stages.preload)
-        self.ctx = multiprocessing.get_context("forkserver")
+        self.ctx = multiprocessing.get_context(_start_method())
         self.executor = self.start()
 
     def start(self) -> ProcessPoolExecutor:
