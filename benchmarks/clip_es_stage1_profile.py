@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path[:0] = [str(Path(__file__).resolve().parents[1]), str(Path(__file__).resolve().parent)]
 from clip_es_throughput import LABELS, build_model, make_images  # noqa: E402
 
 from tag2mask.clip.model import CLIP_MEAN, CLIP_STD  # noqa: E402
