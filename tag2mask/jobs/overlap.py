@@ -109,6 +109,10 @@ _WORKER: dict[str, Any] = {}
 
 
 def _init_worker(prepare: Callable, finish: Callable, out_dir: str, threads: int) -> None:
+    import signal
+
+    # Ctrl-C reaches the whole process group: the job's process stops the workers (no traceback per worker)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
         os.environ[var] = str(threads)
     if "torch" in sys.modules:  # preloaded: its thread pool is not started yet, only sized
