@@ -174,3 +174,23 @@ def test_stages_validate_their_settings():
         Stages(prepare, Compute(), Finish(Path(".")), workers=-1)
     with pytest.raises(ValueError):
         Stages(prepare, Compute(), Finish(Path(".")), batch_size=0)
+
+
+def test_default_workers(monkeypatch):
+    from tag2mask.jobs import overlap
+
+    def cpus(n):
+        monkeypatch.setattr(overlap.os, "sched_getaffinity", lambda pid: set(range(n)), raising=False)
+
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    cpus(16)
+    assert overlap.default_workers("cuda") == 15 and overlap.default_workers("cpu") == 15
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")  # torchrun: 4 ranks share the node's CPUs
+    assert overlap.default_workers("cuda") == 3
+    monkeypatch.delenv("LOCAL_WORLD_SIZE")
+    cpus(2)  # a GPU box with 2 vCPUs still overlaps; a 2-core CPU run stays serial (measured: no gain)
+    assert overlap.default_workers("cuda") == 1 and overlap.default_workers("cpu") == 0
+    cpus(1)
+    assert overlap.default_workers("cuda") == 0
+    cpus(64)
+    assert overlap.default_workers("cuda") == overlap.MAX_DEFAULT_WORKERS

@@ -134,13 +134,14 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
 
 def add_overlap_options(parser: argparse.ArgumentParser, cpu_work: str) -> None:
     """``--workers`` and ``--batch-size`` of a command that runs its items through overlapped stages."""
-    from tag2mask.jobs.overlap import default_workers
+    from tag2mask.jobs.overlap import MIN_CPUS_FOR_CPU_MODEL, default_workers
 
     parser.add_argument(
         "--workers", type=_workers, default="auto",
         help=f"CPU worker processes that {cpu_work} while this process runs the model, so that neither waits "
-        f"for the other (default: auto = the usable CPUs minus one, shared by the torchrun ranks of a node, at "
-        f"most 16: {default_workers()} here; 0 = one item after the other in this process)",
+        f"for the other; 0 = one item after the other in this process (default: auto = the usable CPUs, shared "
+        f"by the torchrun ranks of a node, minus one, at most 16: {default_workers('cuda')} here with a GPU, "
+        f"{default_workers('cpu')} with the model on the CPU, where fewer than {MIN_CPUS_FOR_CPU_MODEL} CPUs give 0)",
     )
     parser.add_argument(
         "--batch-size", type=_batch_size, default="auto",
@@ -178,10 +179,11 @@ def overlap_settings(args: argparse.Namespace, device) -> tuple[int, int]:
     """``(workers, batch_size)`` that run, with ``auto`` resolved for this machine and ``device``."""
     from tag2mask.jobs.overlap import default_workers
 
-    workers = default_workers() if args.workers == "auto" else int(args.workers)
+    device_type = getattr(device, "type", str(device).split(":")[0])
+    workers = default_workers(device_type) if args.workers == "auto" else int(args.workers)
     if workers == 0:
         return 0, 1
-    batch = (1 if str(device).startswith("cpu") else 8) if args.batch_size == "auto" else int(args.batch_size)
+    batch = (1 if device_type == "cpu" else 8) if args.batch_size == "auto" else int(args.batch_size)
     return workers, batch
 
 

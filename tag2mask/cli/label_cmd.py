@@ -220,17 +220,21 @@ _WORKER_PRELOAD = ("numpy", "PIL.Image", "torch", "tag2mask.cli.label_stages", "
 
 
 def run(args: argparse.Namespace) -> int:
-    from tag2mask.jobs.overlap import default_workers, start_worker_server
+    from tag2mask.cli.common import overlap_settings
+    from tag2mask.jobs.distributed import device_for_rank
+    from tag2mask.jobs.overlap import start_worker_server
+    from tag2mask.runtime import resolve_device
 
-    if args.workers == "auto" and default_workers() > 0 or args.workers not in ("auto", 0):
+    check_options(args)
+    args.device = device_for_rank(args.device)
+    if overlap_settings(args, resolve_device(args.device))[0] > 0:
         start_worker_server(_WORKER_PRELOAD)  # the workers' imports overlap the model loading below
     import torch
 
     import tag2mask
-    from tag2mask.cli.common import load_model_from_args, overlap_settings, toy_model_warning
+    from tag2mask.cli.common import load_model_from_args, toy_model_warning
     from tag2mask.cli.label_stages import ComputeCAMs, FinishMask, LabelSettings, PrepareImage
     from tag2mask.jobs.overlap import Stages
-    from tag2mask.jobs.distributed import device_for_rank
     from tag2mask.jobs.runner import JobOptions, print_summary, process_exit_code, run_items
     from tag2mask.clip.numerics import NUMERICS
     from tag2mask.methods.clip_es import PRESETS, ClipES, preset_for
@@ -238,7 +242,6 @@ def run(args: argparse.Namespace) -> int:
     from tag2mask.vocab.vocabulary import load_vocabulary
 
     out = Path(args.out)
-    check_options(args)
     if args.limit is not None and args.limit < 0:
         raise ValueError(f"--limit must be >= 0, got {args.limit}")
     vocab = load_vocabulary(args.classes)
@@ -255,7 +258,6 @@ def run(args: argparse.Namespace) -> int:
         overrides["templates"] = get_templates([args.template])
     config = preset_for(preset, **overrides)
     items = _open_items(args, list(vocab.names))
-    args.device = device_for_rank(args.device)
     # rounded at load when the preset's numerics round weights, so ClipES needs no rounded copies
     model = load_model_from_args(args, official_rounding=config.numerics.round_weights_fp16)
     warning = toy_model_warning(model, [args.images])

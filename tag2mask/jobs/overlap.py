@@ -41,25 +41,37 @@ from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional, Sequence
 
-__all__ = ["Stages", "default_workers", "process_overlapped", "start_worker_server"]
+__all__ = ["Stages", "default_workers", "usable_cpus", "process_overlapped", "start_worker_server"]
 
 #: at most this many worker processes by default (each holds its own copy of the libraries)
 MAX_DEFAULT_WORKERS = 16
+#: with the model on the CPU, below this many CPUs the model's threads already fill the machine: measured on
+#: 2 cores, the workers' CPU stages then mostly compete with it (docs/benchmarks.md), so the default is 0
+MIN_CPUS_FOR_CPU_MODEL = 4
 
 
-def default_workers(local_world_size: Optional[int] = None) -> int:
-    """A worker count for this machine: the CPUs this process may use, shared by the ranks of this node,
-    minus one for the process that drives the device (at most :data:`MAX_DEFAULT_WORKERS`).
-
-    0 (the serial path) on a single CPU.
-    """
+def usable_cpus(local_world_size: Optional[int] = None) -> int:
+    """The CPUs this process may use, shared by the torchrun ranks of its node (``LOCAL_WORLD_SIZE``)."""
     try:
         cpus = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):  # not Linux
         cpus = os.cpu_count() or 1
     if local_world_size is None:
         local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)
-    return max(0, min(MAX_DEFAULT_WORKERS, cpus // max(1, local_world_size) - 1))
+    return max(1, cpus // max(1, local_world_size))
+
+
+def default_workers(device_type: str = "cuda", local_world_size: Optional[int] = None) -> int:
+    """A worker count for this machine: the usable CPUs (:func:`usable_cpus`) minus one for the process
+    that drives the model, at most :data:`MAX_DEFAULT_WORKERS`.
+
+    0 (the serial path) on a single CPU, and when the model runs on the CPU (``device_type`` ``"cpu"``)
+    with fewer than :data:`MIN_CPUS_FOR_CPU_MODEL` CPUs.
+    """
+    cpus = usable_cpus(local_world_size)
+    if device_type == "cpu" and cpus < MIN_CPUS_FOR_CPU_MODEL:
+        return 0
+    return max(0, min(MAX_DEFAULT_WORKERS, cpus - 1))
 
 
 @dataclass
