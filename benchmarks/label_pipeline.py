@@ -12,7 +12,7 @@ table gives images/s over the whole command (start-up included) and over the lab
 pages shared by the forked workers once) and of the main process (RSS), and whether every mask and
 CAM file and every manifest record equals the serial run's.
 
-    python benchmarks/label_pipeline.py --n 200                      # CPU, workers = auto
+    python benchmarks/label_pipeline.py --n 200                      # CPU, workers = CPUs - 1 (at least 1)
     python benchmarks/label_pipeline.py --n 200 --device cuda --workers 8
 """
 
@@ -145,7 +145,8 @@ def same_outputs(a: Path, b: Path) -> bool:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=200, help="images (default 200)")
-    ap.add_argument("--workers", default="auto", help="--workers of the overlapped run (default auto)")
+    ap.add_argument("--workers", default=None,
+                    help="--workers of the overlapped run (default: the usable CPUs minus one, at least 1)")
     ap.add_argument("--batch-size", type=int, default=None, help="--batch-size of the overlapped run (default: label's)")
     ap.add_argument("--refine", default="crf", choices=("crf", "pamr", "none"))
     ap.add_argument("--device", default="cpu")
@@ -153,6 +154,10 @@ def main() -> None:
     ap.add_argument("--work-dir", default=None, help="keep data and outputs here (default: a temporary folder)")
     args = ap.parse_args()
 
+    if args.workers is None:
+        from tag2mask.jobs.overlap import usable_cpus
+
+        args.workers = str(max(1, usable_cpus() - 1))
     tmp = None if args.work_dir else tempfile.TemporaryDirectory()
     work = Path(args.work_dir or tmp.name)
     work.mkdir(parents=True, exist_ok=True)
