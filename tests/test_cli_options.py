@@ -177,3 +177,17 @@ def _find(tree, key):
             if found is not None:
                 return found
     return None
+
+
+def test_train_weclip_option_errors(tmp_path, capsys):
+    base = ["train", "weclip", "--out", str(tmp_path / "run")]
+    assert "--labels does not apply to a synth data set" in _error(
+        capsys, base + ["--data", "synth", "--labels", str(tmp_path / "t.json")])
+    assert "--val-limit does not apply without a validation split" in _error(
+        capsys, base + ["--data", "synth", "--val-split", "none", "--val-limit", "3"])
+    voc = tmp_path / "voc"
+    for sub in ("JPEGImages", "Annotations", "ImageSets/Segmentation"):
+        (voc / sub).mkdir(parents=True)
+    assert "--synth-n, --synth-size do not apply without --data synth" in _error(
+        capsys, base + ["--data", str(voc), "--synth-n", "3", "--synth-size", "64"])
+    assert not (tmp_path / "run").exists()
