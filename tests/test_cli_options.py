@@ -124,6 +124,9 @@ def test_info_and_demo_option_errors(tmp_path, capsys):
     assert "--allow-download does not apply without --weights" in _error(capsys, ["info", "--allow-download"])
     assert "--allow-download does not apply without --weights" in _error(
         capsys, ["demo", "--out", str(tmp_path / "d"), "--n", "1", "--methods", "sclip", "--allow-download"])
+    assert "--allow-download does not apply without --weights" in _error(capsys, ["serve", "--allow-download"])
+    assert "--allow-download does not apply without --weights" in _error(
+        capsys, ["train", "weclip", "--data", "synth", "--out", str(tmp_path / "r"), "--allow-download"])
 
 
 def test_segment_runs_the_shown_window(tmp_path, monkeypatch):

@@ -26,6 +26,7 @@ from tag2mask.cli.common import (
     add_device_option,
     add_precision_option,
     add_weights_options,
+    check_weights_options,
     plain_text,
     record_given_options,
     reject_options,
@@ -158,6 +159,7 @@ def run(args: argparse.Namespace) -> int:
 
     if getattr(args, "method", None) != "weclip":
         raise ValueError("choose a method: tag2mask train weclip|segmenter ...")
+    check_weights_options(args)
     config, kind = build_config(args)
     train_split, val_split = _default_splits(kind, args.data)
     if args.val_split is not None:
