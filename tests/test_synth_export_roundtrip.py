@@ -182,7 +182,9 @@ def test_train_weclip_reads_the_export(export, tmp_path, capsys):
                  "--crop", "64", "--val-every", "1", "--device", "cpu", "--no-compat", "--quiet"]) == 0
     summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert summary["val"] is not None and summary["val"]["iteration"] == 1  # the export's val split was used
-    config = json.loads((run / "config.json").read_text())["config"]
+    record = json.loads((run / "config.json").read_text())
+    assert record["meta"]["data"] == {"data": str(export), "train_split": "train", "val_split": "val", "labels": None}
+    config = record["config"]
     from tag2mask.synth import OBJECT_NAMES
 
     assert list(config["classes"]) == list(OBJECT_NAMES)  # the synthetic class names, not VOC's
