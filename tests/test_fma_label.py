@@ -119,6 +119,38 @@ def test_label_with_superpixels_is_sams_over_the_slic_proposals(tmp_path, world,
     assert _label(world, prompts, out, "--proposals", "slic", "--n-segments", "30", "--save-proposals", "--resume") == 0
 
 
+def test_overlapped_stages_write_what_the_serial_job_writes(tmp_path, world, prompts):
+    """`--workers 1`: superpixels, seed map and writes in a worker process; the same bytes as `--workers 0`."""
+    runs = {}
+    for workers in ("0", "1"):
+        out = runs[workers] = tmp_path / f"w{workers}"
+        assert _label(world, prompts, out, "--proposals", "slic", "--n-segments", "30", "--save-arrays",
+                      "--workers", workers) == 0
+        assert json.loads((out / "run.json").read_text())["workers"] == int(workers)
+    files = sorted(p.relative_to(runs["0"]) for p in runs["0"].rglob("*") if p.suffix in (".png", ".npz"))
+    assert len(files) == 3 * 4  # mask, CAMs and arrays of each image
+    for rel in files:
+        assert (runs["0"] / rel).read_bytes() == (runs["1"] / rel).read_bytes(), rel
+
+
+def test_sam_proposals_are_made_in_the_device_stage(tmp_path, world, prompts):
+    """SAM needs the model's device: its proposals come from the compute stage, the seeding from a worker."""
+    pytest.importorskip("transformers")
+    from tiny_sam import tiny_sam
+
+    from tag2mask.proposals.rle_files import read_proposals_json
+
+    tiny_sam().save_pretrained(tmp_path / "sam")
+    out = tmp_path / "sam_seeds"
+    assert _label(world, prompts, out, "--proposals", "sam", "--sam-weights", str(tmp_path / "sam"),
+                  "--points-per-side", "4", "--save-proposals", "--workers", "1", "--limit", "2") == 0
+    record = json.loads((out / "run.json").read_text())
+    assert record["written"] == 2 and record["settings"]["proposals"]["settings"]["points_per_side"] == 4
+    for png in sorted((out / "masks").glob("*.png")):
+        assert read_label_png(png).shape == (SIZE, SIZE)
+        assert read_proposals_json(out / "proposals" / f"{png.stem}.json").image_size == (SIZE, SIZE)
+
+
 def test_label_without_proposals_is_plain_cam_labels(tmp_path, world, prompts):
     from tag2mask.localization.labels import cams_to_labels
 

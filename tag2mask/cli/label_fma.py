@@ -6,18 +6,25 @@ Per image: CAMs of the image's labels from the prompts of ``--prompts RUN`` with
 (``--proposals none``: background ``(1 - max score)^alpha``). Output layout as CLIP-ES's:
 ``masks/<name>.png``, ``cams/<name>.npz`` (``keys``, ``cams`` (K, H, W) float16 scores), optional
 ``arrays/`` and ``proposals/``, ``run.json``, ``manifest.jsonl``, ``logs/``.
+
+The job runs as ``label``'s overlapped stages (:class:`tag2mask.jobs.overlap.Stages`, ``--workers``):
+``label``'s own :class:`~tag2mask.cli.label_stages.PrepareImage` (decode, ``--max-pixels``), then
+:class:`ComputeFMA` on the device (CAMs; SAM proposals) and :class:`FinishFMA` in a CPU worker
+(superpixels / proposal files, the seed map, the writes).
 """
 
 from __future__ import annotations
 
 import argparse
 import platform
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Sequence
 
 from tag2mask.cli.common import reject_options
 
-__all__ = ["add_fma_options", "check_fma_options", "FMA_ONLY", "ItemsAPI", "run_fma_label"]
+__all__ = ["add_fma_options", "check_fma_options", "FMA_ONLY", "ItemsAPI", "run_fma_label", "ComputeFMA", "FinishFMA",
+           "FinishSettings", "FMAComputed"]
 
 
 class ItemsAPI(NamedTuple):
@@ -120,65 +127,113 @@ def _load_model(args: argparse.Namespace, config, ctx, meta: dict):
     return clip, build_model(config, clip, ctx)
 
 
-class _FMALabeller:
-    """``process_fn`` of the runner: one sample -> seed mask, CAMs (and arrays / proposals), atomically."""
+@dataclass
+class FMAComputed:
+    """FMA output of one image for the finish stage: CAMs (and SAM proposals, made on the device)."""
 
-    def __init__(self, args, cams, proposals, alpha: float, class_names, out: Path, image_root: Path) -> None:
-        self.args, self.cams, self.proposals, self.alpha = args, cams, proposals, alpha
-        self.class_names, self.out, self.image_root = list(class_names), out, image_root
+    name: str
+    result: Any  # tag2mask.methods.fma.inference.FMACamResult
+    rgb: Any  # (h, w, 3) uint8 at the processed size
+    info: dict
+    size: tuple  # original (width, height)
+    proposals: Any = None
 
-    def __call__(self, sample) -> Any:
+
+class ComputeFMA:
+    """Stage 2 (this process, the device): FMA CAMs of a batch of prepared images, one at a time
+    (``FMACams`` works per image, as the official inference), plus SAM's proposals when those are
+    the source (SAM needs the device; superpixels and files are left to the finish stage)."""
+
+    def __init__(self, cams, save_arrays: bool, device_proposals=None) -> None:
+        self.cams, self.save_arrays, self.device_proposals = cams, save_arrays, device_proposals
+
+    def __call__(self, batch: Sequence[Any]) -> list[FMAComputed]:
+        import numpy as np
+
+        from tag2mask.jobs.items import ItemError
+        from tag2mask.proposals.base import ProposalError
+
+        out = []
+        for prepared in batch:
+            result = self.cams(prepared.image, prepared.label_ids, keep_arrays=self.save_arrays)
+            rgb = np.array(prepared.image.convert("RGB"), dtype=np.uint8)
+            props = None
+            if self.device_proposals is not None:
+                try:
+                    props = self.device_proposals(rgb, prepared.name)
+                except ProposalError as e:
+                    raise ItemError("proposals", str(e)) from e
+            out.append(FMAComputed(prepared.name, result, rgb, prepared.info, prepared.size, props))
+        return out
+
+
+@dataclass(frozen=True)
+class FinishSettings:
+    """What the finish stage needs (plain data: it is sent to every worker)."""
+
+    out: str
+    alpha: float
+    proposals: str  # 'none' | 'sam' | 'slic' | 'felzenszwalb' | 'files'
+    proposal_options: dict
+    save_arrays: bool
+    save_proposals: bool
+
+
+class FinishFMA:
+    """Stage 3 (CPU, a worker): SAMS seeds over the proposals (built in the worker on first use) or
+    plain CAM labels, the mask at the original size, atomic writes of mask, CAMs, arrays, proposals."""
+
+    def __init__(self, settings: FinishSettings) -> None:
+        self.settings = settings
+        self._source = None
+
+    def __getstate__(self) -> dict:
+        return {"settings": self.settings, "_source": None}  # rebuilt where it runs
+
+    def _proposals(self, item: FMAComputed):
+        from tag2mask.cli.seed_cmd import build_source
+        from tag2mask.jobs.items import ItemError
+        from tag2mask.proposals.base import ProposalError
+
+        if item.proposals is not None:
+            return item.proposals
+        if self._source is None:
+            self._source = build_source(argparse.Namespace(**self.settings.proposal_options), self.settings.proposals,
+                                        "cpu")
+        try:
+            return self._source(item.rgb, item.name)
+        except ProposalError as e:
+            raise ItemError("proposals", str(e)) from e
+
+    def __call__(self, item: FMAComputed) -> Any:
         import numpy as np
         from PIL import Image
 
-        from tag2mask.data.images import fit_max_pixels, load_image
-        from tag2mask.jobs.runner import ItemError, ItemOutput
+        from tag2mask.jobs.items import ItemError, ItemOutput
         from tag2mask.localization.labels import cams_to_labels
-        from tag2mask.proposals.base import ProposalError
         from tag2mask.proposals.seeding import seed_from_proposals
 
-        args = self.args
-        if not sample.label_ids:
-            raise ItemError("labels", f"{sample.image_path}: empty label list; every image needs at least one class name")
-        image = load_image(sample.image_path, max_pixels=args.max_decode_pixels)
-        width, height = image.size
-        info: dict[str, Any] = {"labels": [self.class_names[k] for k in sample.label_ids], "size": [height, width]}
-        try:
-            info["image"] = Path(sample.image_path).resolve().relative_to(self.image_root.resolve()).as_posix()
-        except ValueError:
-            info["image"] = str(sample.image_path)
-        w, h = fit_max_pixels(width, height, args.max_pixels)
-        if (w, h) != (width, height):
-            if args.max_pixels_policy == "refuse":
-                raise ItemError("too_large", f"{sample.image_path}: image is {width}x{height} = {width * height:,} pixels, "
-                                f"more than --max-pixels {args.max_pixels:,}; raise --max-pixels or use "
-                                "--max-pixels-policy downscale")
-            image = image.resize((w, h), Image.BICUBIC, reducing_gap=3.0)
-            info["processed_size"] = [h, w]
-        result = self.cams(image, sample.label_ids, keep_arrays=args.save_arrays)
+        s, result, info = self.settings, item.result, dict(item.info)
         outputs: list[Path] = []
-        if self.proposals is None:
-            label = cams_to_labels(result.cams, result.keys, bg_power=self.alpha)
+        if s.proposals == "none":
+            label = cams_to_labels(result.cams, result.keys, bg_power=s.alpha)
         else:
-            rgb = np.array(image.convert("RGB"), dtype=np.uint8)
-            try:
-                props = self.proposals(rgb, sample.name)
-            except ProposalError as e:
-                raise ItemError("proposals", str(e)) from e
-            if props.image_size != rgb.shape[:2]:
-                raise ItemError("proposals", f"{sample.name}: proposals are {props.image_size} but the image is "
-                                f"{rgb.shape[:2]}")
-            label = seed_from_proposals(result.refined, result.keys, props, self.alpha).seed
+            props = self._proposals(item)
+            if props.image_size != item.rgb.shape[:2]:
+                raise ItemError("proposals", f"{item.name}: proposals are {props.image_size} but the image is "
+                                f"{item.rgb.shape[:2]}")
+            label = seed_from_proposals(result.refined, result.keys, props, s.alpha).seed
             info["proposals"] = len(props)
-            if args.save_proposals:
+            if s.save_proposals:
                 from tag2mask.proposals.rle_files import write_proposals_json
 
-                prop_path = self.out / "proposals" / f"{sample.name}.json"
+                prop_path = Path(s.out) / "proposals" / f"{item.name}.json"
                 write_proposals_json(prop_path, props)
                 outputs.append(prop_path)
-        if (w, h) != (width, height):
+        width, height = item.size
+        if label.shape != (height, width):
             label = np.asarray(Image.fromarray(np.asarray(label, np.uint8)).resize((width, height), Image.NEAREST))
-        return ItemOutput(outputs + self._write(sample.name, label, result), info)
+        return ItemOutput(outputs + self._write(item.name, label, result), info)
 
     def _write(self, stem: str, label, result) -> list[Path]:
         import numpy as np
@@ -186,14 +241,15 @@ class _FMALabeller:
         from tag2mask.io.atomic import atomic_path
         from tag2mask.io.palette import save_label_png
 
-        mask_path, cam_path = self.out / "masks" / f"{stem}.png", self.out / "cams" / f"{stem}.npz"
+        out = Path(self.settings.out)
+        mask_path, cam_path = out / "masks" / f"{stem}.png", out / "cams" / f"{stem}.npz"
         save_label_png(mask_path, label)
         with atomic_path(cam_path) as tmp:
             with open(tmp, "wb") as f:
                 np.savez_compressed(f, keys=result.keys, cams=result.cams)
         written = [mask_path, cam_path]
-        if self.args.save_arrays:
-            arr_path = self.out / "arrays" / f"{stem}.npz"
+        if self.settings.save_arrays:
+            arr_path = out / "arrays" / f"{stem}.npz"
             with atomic_path(arr_path) as tmp:
                 with open(tmp, "wb") as f:
                     np.savez_compressed(f, **result.arrays)
@@ -201,18 +257,35 @@ class _FMALabeller:
         return written
 
 
+#: what the worker processes import once, before the first image
+_WORKER_PRELOAD = ("numpy", "PIL.Image", "torch", "tag2mask.cli.label_stages", "tag2mask.cli.label_fma",
+                   "tag2mask.proposals.seeding")
+#: the command-line options the proposal sources read (tag2mask.cli.seed_cmd.build_source)
+_PROPOSAL_OPTIONS = ("proposals", "n_segments", "compactness", "scale", "min_size", "sigma", "sam_preset",
+                     "points_per_side", "points_per_batch", "sam_weights", "allow_download")
+
+
 def run_fma_label(args: argparse.Namespace, items_api: "ItemsAPI") -> int:
     """``tag2mask label --method fma`` (options already checked by :func:`check_fma_options`).
 
     ``items_api``: how ``label`` reads its items (passed in, so this module does not import ``label_cmd``).
     """
+    from tag2mask.cli.common import overlap_settings
+    from tag2mask.jobs.distributed import device_for_rank
+    from tag2mask.jobs.overlap import start_worker_server
+    from tag2mask.runtime import resolve_device
+
+    args.device = device_for_rank(args.device)
+    if overlap_settings(args, resolve_device(args.device))[0] > 0:
+        start_worker_server(_WORKER_PRELOAD)  # the workers' imports overlap the model loading below
     import torch
 
     import tag2mask
     from tag2mask.cli.common import toy_model_warning
+    from tag2mask.cli.label_stages import LabelSettings, PrepareImage
     from tag2mask.cli.seed_cmd import build_source
     from tag2mask.evaluation.miou import DEFAULT_MIOU_RULE
-    from tag2mask.jobs.distributed import device_for_rank
+    from tag2mask.jobs.overlap import Stages
     from tag2mask.jobs.runner import JobOptions, print_summary, process_exit_code, run_items
     from tag2mask.methods.fma.inference import FMACams
     from tag2mask.training.fma_task import load_prompts
@@ -230,25 +303,30 @@ def run_fma_label(args: argparse.Namespace, items_api: "ItemsAPI") -> int:
             raise
         raise ValueError(f"the image labels must be classes of the prompts run {args.prompts} "
                          f"({', '.join(class_names[:6])}{', ...' if len(class_names) > 6 else ''}): {exc}") from None
-    args.device = device_for_rank(args.device)
     clip, model = _load_model(args, config, ctx, meta)
+    device = next(clip.parameters()).device
     warning = toy_model_warning(clip, [args.images])
     cams = FMACams(model, config.stage.caa)
     kind = _proposal_kind(args)
-    proposals = None if kind == "none" else build_source(args, kind, next(clip.parameters()).device)
+    # SAM runs on the device in the compute stage; superpixels / files are built in the finish stage
+    sam = build_source(args, kind, device) if kind == "sam" else None
+    described = sam.describe() if sam is not None else (
+        "none" if kind == "none" else build_source(args, kind, "cpu").describe())
     alpha = args.alpha if args.alpha is not None else config.stage.bg_alpha
     image_root = Path(items.image_dir) if hasattr(items, "image_dir") else Path(items.root) / "JPEGImages"
     settings = {
         "method": "fma", "prompts": str(Path(args.prompts).resolve()), "weights": clip.fingerprint,
-        "proposals": proposals.describe() if proposals is not None else "none", "alpha": alpha,
+        "proposals": described, "alpha": alpha,
         "save_arrays": args.save_arrays, "save_proposals": args.save_proposals, "max_pixels": args.max_pixels,
         "max_pixels_policy": args.max_pixels_policy,
     }
+    workers, batch_size = overlap_settings(args, device)
     record = {
         "tag2mask": tag2mask.__version__, "torch": torch.__version__, "python": platform.python_version(),
         "command": "label", "method": "fma", "settings": settings, "fma": config.to_dict(),
         "miou_rule": DEFAULT_MIOU_RULE, "classes": class_names, "weights": getattr(clip, "source_path", None),
-        "device": str(next(clip.parameters()).device), "warnings": [warning] if warning else [],
+        "device": str(device), "workers": workers, "batch_size": batch_size,
+        "warnings": [warning] if warning else [],
     }
 
     def finalize(run_dir: Path, summary) -> None:
@@ -257,10 +335,18 @@ def run_fma_label(args: argparse.Namespace, items_api: "ItemsAPI") -> int:
 
             record["coco_json"] = write_coco_from_manifest(run_dir, class_names, run_dir / "annotations.json")
 
-    labeller = _FMALabeller(args, cams, proposals, alpha, class_names, out, image_root)
+    prepare = PrepareImage(LabelSettings(
+        class_names=tuple(class_names), image_root=str(image_root), out=str(out), max_decode_pixels=args.max_decode_pixels,
+        max_pixels=args.max_pixels, max_pixels_policy=args.max_pixels_policy, save_arrays=args.save_arrays,
+        refine="none", bg_power=alpha, confidence=None, compat=False))  # the last four: unused by PrepareImage
+    finish = FinishFMA(FinishSettings(
+        out=str(out), alpha=alpha, proposals=kind, proposal_options={k: getattr(args, k) for k in _PROPOSAL_OPTIONS},
+        save_arrays=args.save_arrays, save_proposals=args.save_proposals))
+    stages = Stages(prepare, ComputeFMA(cams, args.save_arrays, sam), finish, workers=workers, batch_size=batch_size,
+                    preload=_WORKER_PRELOAD)
     options = JobOptions(resume=args.resume, overwrite=args.overwrite, quiet=args.quiet, verbose=args.verbose,
                          limit=args.limit, desc="label fma", unit="img")
-    summary = run_items(items, labeller, out, settings, options, keys=items_api.item_keys(items),
+    summary = run_items(items, stages, out, settings, options, keys=items_api.item_keys(items),
                         preflight_errors=getattr(items, "errors", []), describe=lambda i: items_api.describe(items, i),
                         run_record=record, finalize=finalize, source_of=lambda i: items_api.source(items, i))
     if not args.quiet or summary.failed:
