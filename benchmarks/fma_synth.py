@@ -10,7 +10,9 @@ The whole two-stage recipe with tag2mask's own commands and the shipped tiny CLI
    GradCAM + CAA, background ``(1 - max)^1``), CLIP-ES's CAMs through the same superpixel seeding
    (``tag2mask seed``), and FMA's CAMs of both stages without proposals and with SLIC proposals.
 
-The loss curves are read from the runs' ``train_log.csv``; every mask folder is scored against the
+The loss curves are read from the runs' ``train_log.csv`` (means over 10 iterations of random crops,
+noisy); the losses are also measured on fixed whole training images with the initial and the learned
+contexts; every mask folder is scored against the
 ground truth with the CLIP-ES rule (classes present in the ground truth or the prediction).
 
     PYTHONPATH=. python benchmarks/fma_synth.py --out /tmp/fmabench        # ~20 min on 2 busy CPU cores
@@ -28,6 +30,7 @@ import platform
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -71,6 +74,38 @@ def _sec_per_it(run: Path) -> float:
     return float(np.median(values)) if values else float("nan")
 
 
+def _fixed_losses(run: Path, data: Path, split: str, seeds: Optional[Path], initial: bool, limit: int,
+                  batch: int = 8) -> dict[str, float]:
+    """The stage's losses on the whole images of ``split`` (no augmentation: the same pixels for every
+    context), with the run's learned context or its initial one (the preset's seed); the first ``limit``."""
+    import torch
+
+    from tag2mask.clip.loading import load_clip
+    from tag2mask.clip.model import CLIP_MEAN, CLIP_STD
+    from tag2mask.training.fma_data import open_fma_data
+    from tag2mask.training.fma_task import _LossForward, build_model, load_prompts
+
+    config, ctx, meta = load_prompts(run)
+    model = build_model(config, load_clip(meta["clip"]["weights"]), None if initial else ctx)
+    forward = _LossForward(model, config.stage.loss_weights)
+    source = open_fma_data(str(data), split, config.class_names, seeds=seeds, label_source="dataset")
+    sums: dict[str, float] = {}
+    n = min(limit, len(source))
+    for start in range(0, n, batch):
+        loaded = [source.load(i) for i in range(start, min(start + batch, n))]
+        images = torch.stack([(torch.from_numpy(np.array(rgb)).permute(2, 0, 1).float() / 255 - torch.tensor(CLIP_MEAN)[:, None, None])
+                              / torch.tensor(CLIP_STD)[:, None, None] for _, rgb, _, _ in loaded])
+        labels = torch.zeros(len(loaded), config.num_fg, dtype=torch.long)
+        for row, (_, _, ids, _) in enumerate(loaded):
+            labels[row, ids] = 1
+        masks = None if seeds is None else torch.stack([torch.from_numpy(m.astype("int64")) for *_, m in loaded])
+        values = forward(images, labels, masks)
+        for key in ("cl_loss", "cam_fg", "cam_bg", "loss"):
+            if key in values:
+                sums[key] = sums.get(key, 0.0) + float(values[key].detach()) * len(loaded)
+    return {k: v / n for k, v in sums.items()}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -83,6 +118,7 @@ def main() -> int:
     ap.add_argument("--warmup-iters", type=int, default=20)
     ap.add_argument("--batch-size", type=int, default=8)
     ap.add_argument("--n-segments", type=int, default=100, help="SLIC superpixels per image")
+    ap.add_argument("--loss-images", type=int, default=40, help="train images the fixed-image losses are measured on")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args()
     import torch
@@ -155,7 +191,12 @@ def main() -> int:
     load["end"] = os.getloadavg()[0]
 
     curves = {"cls": _curve(cls_run, ("cl_loss", "loss"), 6), "seg": _curve(seg_run, ("cam_fg", "cam_bg", "loss"), 6)}
-    result = {"miou": rows, "curves": curves, "timings_s": {k: round(v, 1) for k, v in timings.items()},
+    tic = time.time()
+    fixed = {f"{stage}_{which}_{split}": _fixed_losses(run, data, split, seeds, which == "initial", args.loss_images)
+             for stage, run, seeds in (("cls", cls_run, None), ("seg", seg_run, coarse / "masks"))
+             for which in ("initial", "learned") for split in ("train",)}
+    timings["fixed_losses_s"] = time.time() - tic
+    result = {"miou": rows, "curves": curves, "fixed_losses": fixed, "timings_s": {k: round(v, 1) for k, v in timings.items()},
               "load_average": load, "args": vars(args), "torch": torch.__version__, "machine": platform.machine(),
               "date": time.strftime("%Y-%m-%d")}
     (out / "results.json").write_text(json.dumps(result, indent=2))
@@ -173,6 +214,12 @@ def main() -> int:
     for r in curves["seg"]:
         print(f"| {r['iteration']} | {r.get('cam_fg', float('nan')):.4f} | {r.get('cam_bg', float('nan')):.4f} | "
               f"{r['loss']:.4f} |")
+    print(f"\nlosses on the first {args.loss_images} whole train images (no augmentation), initial vs learned context:")
+    print("| stage | loss | initial context | learned context |\n|---|---|---:|---:|")
+    for stage, keys in (("cls", ("cl_loss",)), ("seg", ("cam_fg", "cam_bg", "loss"))):
+        for key in keys:
+            print(f"| {stage} | {key} | {fixed[f'{stage}_initial_train'][key]:.5f} | "
+                  f"{fixed[f'{stage}_learned_train'][key]:.5f} |")
     its = {k: _sec_per_it(r) for k, r in (("cls", cls_run), ("seg", seg_run))}
     print(f"\nseconds per iteration (batch {args.batch_size}): cls {its['cls']:.2f}, seg {its['seg']:.2f}")
     print(f"coarse seeds (FMA cls prompts + SLIC) on train, the seg stage's input: "
