@@ -106,6 +106,58 @@ def _fixed_losses(run: Path, data: Path, split: str, seeds: Optional[Path], init
     return {k: v / n for k, v in sums.items()}
 
 
+def _mean_ap(scores: np.ndarray, labels: np.ndarray) -> float:
+    """Multi-label mAP over the classes with a positive: (N, C) scores, (N, C) 0/1 labels."""
+    aps = []
+    for c in range(labels.shape[1]):
+        if labels[:, c].sum() == 0:
+            continue
+        order = np.argsort(-scores[:, c], kind="stable")
+        hits = labels[order, c]
+        precision = np.cumsum(hits) / np.arange(1, len(hits) + 1)
+        aps.append(float((precision * hits).sum() / hits.sum()))
+    return float(np.mean(aps))
+
+
+def _classification_maps(run: Path, data: Path, split: str) -> dict[str, float]:
+    """Multi-label mAP on ``split`` of the image side FMA uses (mean patch token, learned prompts; also
+    with the initial context) and of the tiny CLIP's own zero-shot embeddings ("a photo of a {class}.",
+    CLS token and mean patch token): is the CAM target itself weaker with FMA's pieces?"""
+    import torch
+    import torch.nn.functional as F
+
+    from tag2mask.clip.loading import load_clip
+    from tag2mask.clip.model import CLIP_MEAN, CLIP_STD
+    from tag2mask.clip.tokenizer import tokenize
+    from tag2mask.training.clip_eval import image_features
+    from tag2mask.training.fma_data import open_fma_data
+    from tag2mask.training.fma_task import build_model, load_prompts
+
+    config, ctx, meta = load_prompts(run)
+    clip = load_clip(meta["clip"]["weights"])
+    source = open_fma_data(str(data), split, config.class_names, label_source="dataset")
+    loaded = [source.load(i) for i in range(len(source))]
+    x = torch.stack([(torch.from_numpy(np.array(rgb)).permute(2, 0, 1).float() / 255 - torch.tensor(CLIP_MEAN)[:, None, None])
+                     / torch.tensor(CLIP_STD)[:, None, None] for _, rgb, _, _ in loaded])
+    labels = np.zeros((len(loaded), config.num_fg), dtype=np.int64)
+    for row, (_, _, ids, _) in enumerate(loaded):
+        labels[row, ids] = 1
+    result = {}
+    with torch.no_grad():
+        for name, context in (("fma_learned", ctx), ("fma_initial", None)):
+            model = build_model(config, clip, context).eval()
+            logits = torch.cat([model(x[i:i + 8], torch.from_numpy(labels[i:i + 8]), need_cams=False,
+                                      need_attention=False, require_positive=False).logits[:, :config.num_fg]
+                                for i in range(0, len(x), 8)])
+            result[name] = _mean_ap(logits.float().numpy(), labels)
+        text = F.normalize(clip.encode_text(tokenize([f"a photo of a {c}." for c in config.class_names])).float(), dim=-1)
+        for pooling in ("cls", "mean"):
+            feats = torch.cat([clip.encode_image(x[i:i + 8]) if pooling == "cls" else image_features(clip, x[i:i + 8])["mean"]
+                               for i in range(0, len(x), 8)])
+            result[f"clip_{pooling}"] = _mean_ap((F.normalize(feats.float(), dim=-1) @ text.T).numpy(), labels)
+    return result
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", required=True)
@@ -192,11 +244,17 @@ def main() -> int:
 
     curves = {"cls": _curve(cls_run, ("cl_loss", "loss"), 6), "seg": _curve(seg_run, ("cam_fg", "cam_bg", "loss"), 6)}
     tic = time.time()
-    fixed = {f"{stage}_{which}_{split}": _fixed_losses(run, data, split, seeds, which == "initial", args.loss_images)
-             for stage, run, seeds in (("cls", cls_run, None), ("seg", seg_run, coarse / "masks"))
-             for which in ("initial", "learned") for split in ("train",)}
+    cache = out / "fixed_losses.json"  # kept, so that a re-run does not measure them again
+    fixed = json.loads(cache.read_text()) if cache.is_file() else {}
+    for stage, run, seeds in (("cls", cls_run, None), ("seg", seg_run, coarse / "masks")):
+        for which in ("initial", "learned"):
+            key = f"{stage}_{which}_train"
+            if key not in fixed:
+                fixed[key] = _fixed_losses(run, data, "train", seeds, which == "initial", args.loss_images)
+                cache.write_text(json.dumps(fixed, indent=2))
     timings["fixed_losses_s"] = time.time() - tic
-    result = {"miou": rows, "curves": curves, "fixed_losses": fixed, "timings_s": {k: round(v, 1) for k, v in timings.items()},
+    maps = {split: _classification_maps(cls_run, data, split) for split in ("val", "test")}
+    result = {"miou": rows, "curves": curves, "fixed_losses": fixed, "classification_map": maps, "timings_s": {k: round(v, 1) for k, v in timings.items()},
               "load_average": load, "args": vars(args), "torch": torch.__version__, "machine": platform.machine(),
               "date": time.strftime("%Y-%m-%d")}
     (out / "results.json").write_text(json.dumps(result, indent=2))
@@ -220,6 +278,13 @@ def main() -> int:
         for key in keys:
             print(f"| {stage} | {key} | {fixed[f'{stage}_initial_train'][key]:.5f} | "
                   f"{fixed[f'{stage}_learned_train'][key]:.5f} |")
+    print("\nmulti-label classification mAP (the GradCAM target's quality):")
+    print("| image side, prompts | val | test |\n|---|---:|---:|")
+    for key, text in (("fma_initial", "FMA (mean patch token), initial cls context"),
+                      ("fma_learned", "FMA (mean patch token), learned cls context"),
+                      ("clip_cls", "tiny CLIP zero-shot, CLS token, 'a photo of a {class}.'"),
+                      ("clip_mean", "tiny CLIP zero-shot, mean patch token, same prompt")):
+        print(f"| {text} | {maps['val'][key]:.3f} | {maps['test'][key]:.3f} |")
     its = {k: _sec_per_it(r) for k, r in (("cls", cls_run), ("seg", seg_run))}
     print(f"\nseconds per iteration (batch {args.batch_size}): cls {its['cls']:.2f}, seg {its['seg']:.2f}")
     print(f"coarse seeds (FMA cls prompts + SLIC) on train, the seg stage's input: "
