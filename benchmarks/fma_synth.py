@@ -270,14 +270,14 @@ def main() -> int:
     print("\nseg prompts (CAM activation loss against the coarse seeds):")
     print("| iteration | cam_fg | cam_bg | loss |\n|---:|---:|---:|---:|")
     for r in curves["seg"]:
-        print(f"| {r['iteration']} | {r.get('cam_fg', float('nan')):.4f} | {r.get('cam_bg', float('nan')):.4f} | "
-              f"{r['loss']:.4f} |")
+        print(f"| {r['iteration']} | {r.get('cam_fg', float('nan')):.3e} | {r.get('cam_bg', float('nan')):.3e} | "
+              f"{r['loss']:.3e} |")
     print(f"\nlosses on the first {args.loss_images} whole train images (no augmentation), initial vs learned context:")
     print("| stage | loss | initial context | learned context |\n|---|---|---:|---:|")
     for stage, keys in (("cls", ("cl_loss",)), ("seg", ("cam_fg", "cam_bg", "loss"))):
         for key in keys:
-            print(f"| {stage} | {key} | {fixed[f'{stage}_initial_train'][key]:.5f} | "
-                  f"{fixed[f'{stage}_learned_train'][key]:.5f} |")
+            print(f"| {stage} | {key} | {fixed[f'{stage}_initial_train'][key]:.4g} | "
+                  f"{fixed[f'{stage}_learned_train'][key]:.4g} |")
     print("\nmulti-label classification mAP (the GradCAM target's quality):")
     print("| image side, prompts | val | test |\n|---|---:|---:|")
     for key, text in (("fma_initial", "FMA (mean patch token), initial cls context"),
