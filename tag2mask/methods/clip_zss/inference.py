@@ -120,8 +120,9 @@ class ZeroShotStudent:
     def __init__(self, checkpoint: Union[str, Path], device: Union[str, torch.device] = "auto",
                  weights: Optional[str] = None, classes: Optional[Sequence[str]] = None,
                  prompts: Optional[dict[str, str]] = None) -> None:
+        from tag2mask.models import build_segmenter
         from tag2mask.runtime import resolve_device
-        from tag2mask.training.segmenter_task import SegmenterConfig, build_network
+        from tag2mask.training.segmenter_task import SegmenterConfig
 
         ckpt = read_zss_checkpoint(checkpoint)
         self.checkpoint = ckpt["path"]
@@ -132,7 +133,8 @@ class ZeroShotStudent:
                                   self.zss_config.background)
         self.clip_weights, self.clip_fingerprint = meta["clip"]["weights"], meta["clip"]["fingerprint"]
         network = meta.get("network") or {}
-        model = build_network(self.seg_config, network.get("config"))
+        model = build_segmenter(self.seg_config.model, self.layout.num_train_outputs,
+                                **(network.get("config") or self.seg_config.model_options))
         frozen = tuple(model.frozen_prefixes())
         result = model.load_state_dict(ckpt["modules"]["model"], strict=not frozen)
         missing = [k for k in result.missing_keys if not k.startswith(frozen)]
