@@ -11,6 +11,7 @@ from tag2mask.cli.common import (
     add_run_options,
     add_weights_options,
     check_weights_options,
+    given,
     positive_int,
     record_given_options,
     reject_options,
@@ -132,13 +133,26 @@ def check_options(args: argparse.Namespace) -> None:
     """Options that do not apply to what was asked are errors, not silently ignored."""
     check_weights_options(args)
     if args.checkpoint:
-        # --classes is checked once the run's kind is known: a CLIP-ZSS student takes any class names
-        reject_options(args, tuple(o for o in _OVSS_OPTIONS if o != "classes") + ("allow_download",),
-                       "with --checkpoint (a trained run brings its own test settings)")
+        # a CLIP-ZSS student takes any class names; every other run brings its own classes
+        skip = ("classes",) if given(args, "classes") and _is_clip_zss_run(args.checkpoint) else ()
+        reject_options(args, tuple(o for o in _OVSS_OPTIONS if o not in skip) + ("allow_download",),
+                       "with --checkpoint (a trained run brings its own test settings; only a CLIP-ZSS "
+                       "student takes --classes)")
     else:
         reject_options(args, ("crf",), "without --checkpoint (the open-vocabulary methods use --pamr)")
         if args.mode == "whole":
             reject_options(args, ("crop", "stride"), "with --mode whole (no sliding window)")
+
+
+def _is_clip_zss_run(checkpoint: str) -> bool:
+    """Whether ``checkpoint`` (file or run folder) is a ``train clip-zss`` run; ``False`` if unreadable."""
+    try:
+        from tag2mask.jobs.checkpoint import resolve_checkpoint
+        from tag2mask.training.engine import read_run_checkpoint
+
+        return read_run_checkpoint(resolve_checkpoint(checkpoint)).get("task") == "clip-zss"
+    except (OSError, ValueError, KeyError, RuntimeError):
+        return False  # the run is reported unreadable where it is loaded
 
 
 def list_images(path: Path) -> list[Path]:
