@@ -246,3 +246,21 @@ def test_options_that_do_not_apply_are_errors(tmp_path, synth, trained, capsys):
     assert "plain class names" in capsys.readouterr().err
     assert main(seg + ["--method", "sclip"]) == 2
     assert "--method" in capsys.readouterr().err
+
+
+def test_frozen_clip_decoder_student_trains_and_segments_new_names(tmp_path, synth):
+    """The second kind of student: WeCLIP's decoder over a frozen CLIP (its backbone never learns)."""
+    from tag2mask.methods.clip_zss.inference import ZeroShotStudent
+
+    seg, zss = _configs(2)
+    seg = type(seg).from_dict({**seg.to_dict(), "model": "clip-decoder", "model_options": {}})
+    task = _task(synth, seg, zss)
+    train(task, RunOptions(out_dir=str(tmp_path / "r"), device="cpu", seed=3, ckpt_every=2, progress=False))
+    backbone = [(n, p) for n, p in task.model.named_parameters() if n.startswith(tuple(task.model.frozen_prefixes()))]
+    assert backbone and all(not p.requires_grad and p.grad is None for _, p in backbone)
+    ckpt = read_run_checkpoint(tmp_path / "r")
+    assert ckpt["task"] == "clip-zss"
+    assert not any(k.startswith(tuple(task.model.frozen_prefixes())) for k in ckpt["modules"]["model"])
+    student = ZeroShotStudent(tmp_path / "r", device="cpu", classes=["heart", "star"])
+    label, probs = student.predict((np.random.default_rng(1).random((48, 56, 3)) * 255).astype(np.uint8))
+    assert label.shape == (48, 56) and probs.shape == (3, 48, 56) and label.max() <= 2
