@@ -132,7 +132,7 @@ def test_end_of_run_scores_seen_and_unseen_and_exports_the_student(trained):
     assert json.loads(metadata["class_names"]) == list(SPLIT.class_names)
 
 
-def test_inference_runs_no_clip_image_tower_module(trained, monkeypatch):
+def test_inference_runs_no_clip_image_tower_module(trained, monkeypatch, tmp_path):
     from tag2mask.clip import vision
     from tag2mask.clip.resnet import ModifiedResNet
     from tag2mask.methods.clip_zss.inference import ZeroShotStudent
@@ -145,6 +145,7 @@ def test_inference_runs_no_clip_image_tower_module(trained, monkeypatch):
         real_init(self, *a, **k)
 
     monkeypatch.setattr(vision.VisionTransformer, "__init__", counting_init)
+    monkeypatch.setenv("TAG2MASK_CACHE", str(tmp_path / "cache"))  # no cached embeddings: the text tower runs
     ran: list[torch.nn.Module] = []
     handle = torch.nn.modules.module.register_module_forward_hook(lambda m, i, o: ran.append(m))
     try:
