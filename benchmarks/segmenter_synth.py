@@ -81,7 +81,7 @@ def main() -> int:
     import torch
 
     out = Path(args.out)
-    data, seeds, run = out / "data", out / "seeds", out / "student"
+    data, seeds = out / "data", out / "seeds"
     timings: dict[str, float] = {}
     tic = time.time()
     if not (data / "labels.json").is_file():

@@ -5,6 +5,7 @@ Examples::
     tag2mask eval runs/voc_val/labels --gt VOC2012/SegmentationClass --classes voc
     tag2mask eval runs/voc_train --cams --gt VOC2012/SegmentationClass --classes voc --bg-powers 1 2
     tag2mask eval preds --gt gt --classes coco --unseen cow motorbike
+    tag2mask eval runs/zss/eval/masks --gt VOC2012/SegmentationClass --classes voc-15-5 --unseen voc-15-5
 
 Images are streamed (one prediction + one GT in memory at a time) into a confusion matrix;
 the command prints a table and writes ``eval.json`` (default: inside PRED).
@@ -23,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
-from tag2mask.cli.common import plain_text, record_given_options, reject_options
+from tag2mask.cli.common import given, plain_text, record_given_options, reject_options
 from tag2mask.evaluation.rules import DEFAULT_MIOU_RULE, MIOU_RULES
 from tag2mask.vocab import classes as _vocab_classes
 from tag2mask.io.atomic import atomic_write_text
@@ -40,7 +41,8 @@ COCO_CLASSES = list(_vocab_classes.COCO_CLASSES)
 
 
 def resolve_classes(spec: str, num_classes: int | None = None) -> list[str]:
-    """Class names *including background at index 0* for ``voc``, ``coco``, ``synth``, a FILE or an inline list.
+    """Class names *including background at index 0* for ``voc``, ``coco``, ``synth``, a FILE or an inline list
+    (a zero-shot split name gives its own label order, without a background entry for COCO-Stuff).
 
     FILE: one class per line; only the first comma-separated name of a line is used (the
     rest are synonyms); blank lines and ``#`` comments skipped. Background is prepended
@@ -50,7 +52,10 @@ def resolve_classes(spec: str, num_classes: int | None = None) -> list[str]:
     listed is an error.
     """
     path = Path(spec)
-    if spec.lower() == "voc":
+    split = _zero_shot_split(spec)
+    if split is not None:  # a zero-shot split's label order (COCO-Stuff: no background entry)
+        names = list(split.class_names)
+    elif spec.lower() == "voc":
         names = ["background"] + VOC_CLASSES
     elif spec.lower() == "coco":
         names = ["background"] + COCO_CLASSES
@@ -83,8 +88,18 @@ def resolve_classes(spec: str, num_classes: int | None = None) -> list[str]:
     return names
 
 
+def _zero_shot_split(spec: str):
+    """The named zero-shot split ``spec`` (``voc-15-5``, ``synth-9-3`` ...), or ``None``."""
+    from tag2mask.methods.clip_zss.splits import find_split
+
+    return find_split(spec) if "-" in spec and not Path(spec).exists() else None
+
+
 def _resolve_unseen(items: Sequence[str], names: Sequence[str]) -> list[int]:
-    """``--unseen`` entries: integer label values (background = 0) or class names."""
+    """``--unseen`` entries: integer label values (background = 0), class names, or one split name."""
+    split = _zero_shot_split(items[0]) if len(items) == 1 else None
+    if split is not None:
+        items = list(split.unseen)
     lookup = {n.lower(): i for i, n in enumerate(names)}
     out = []
     for it in items:
@@ -138,7 +153,7 @@ def evaluate_label_folder(pred_dir: str | Path, gt_dir: str | Path, num_classes:
 
     Returns:
         ``{"scores": ConfusionMatrix.scores(), "per_image": {stem: mIoU | None},
-        "num_images": n, "gt_values": sorted label values seen in the GT (ignore excluded)}``.
+        "num_images": n, "gt_values": sorted label values seen in the GT (ignore and 255 excluded)}``.
     """
     import numpy as np
 
@@ -152,7 +167,7 @@ def evaluate_label_folder(pred_dir: str | Path, gt_dir: str | Path, num_classes:
     for stem, p, g in _progress(pairs, len(pairs), progress, "eval"):
         one = ConfusionMatrix(num_classes, ignore_index)
         gt = read_label_png(g)
-        gt_values.update(int(v) for v in np.unique(gt) if v != ignore_index)
+        gt_values.update(int(v) for v in np.unique(gt) if v not in (ignore_index, 255))
         one.update(read_label_png(p), gt, name=f"{p} vs {g}")
         total.merge(one)
         per_image[stem] = one.scores(miou_rule)["Mean IoU"]
@@ -237,8 +252,9 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    "<stem>.npz CAM files or a run folder containing cams/")
     p.add_argument("--gt", required=True, help="folder of ground-truth <stem>.png masks (255 = ignore)")
     p.add_argument("--classes", default="voc",
-                   help="voc, coco, synth, a class file (one class per line, first comma-separated name used; a "
-                        "first line 'background' is allowed) or an inline list 'cat, dog' (default: voc)")
+                   help="voc, coco, synth, a zero-shot split name (voc-15-5, coco-stuff-156-15, context-49-10, "
+                        "synth-9-3: its label order), a class file (one class per line, first comma-separated name used; "
+                        "a first line 'background' is allowed) or an inline list 'cat, dog' (default: voc)")
     p.add_argument("--num-classes", type=int, default=None,
                    help="number of classes incl. background, when more than --classes names (default: from --classes)")
     p.add_argument("--cams", action="store_true", help="evaluate CAMs (CLIP-ES seed protocol)")
@@ -246,8 +262,10 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="with --cams: background score (1 - max CAM)^p, one column per p (default: 1 2)")
     p.add_argument("--thresholds", type=float, nargs="+", default=None,
                    help="with --cams: constant background thresholds, instead of --bg-powers")
-    p.add_argument("--unseen", nargs="+", default=None, help="unseen classes (names or label values) for "
-                   "seen/unseen mIoU and hIoU")
+    p.add_argument("--unseen", nargs="+", default=None, help="unseen classes (names or label values) or a zero-shot "
+                   "split (voc-15-5, coco-stuff-156-15, context-49-10, synth-9-3) for seen/unseen mIoU and hIoU; a split "
+                   "whose protocol ignores the background (voc-15-5, context-49-10) also scores without label 0 unless "
+                   "--ignore-index is given")
     p.add_argument("--ignore-index", type=int, default=255, help="ground-truth value that is not scored (default: 255)")
     p.add_argument("--miou-rule", default="auto", choices=("auto", *MIOU_RULES),
                    help="which classes the mIoU averages: gt_or_pred (classes in GT or prediction, CLIP-ES), gt "
@@ -403,6 +421,9 @@ def run(args: argparse.Namespace) -> int:
         check_options(args)
         names = resolve_classes(args.classes, args.num_classes)
         unseen = _resolve_unseen(args.unseen, names) if args.unseen else None
+        split = _zero_shot_split(args.unseen[0]) if args.unseen and len(args.unseen) == 1 else None
+        if split is not None and split.background == "ignore" and not given(args, "ignore_index"):
+            args.ignore_index = 0  # ZegCLIP's reduce_zero_label: background is neither trained nor scored
         progress = not args.quiet
         rule, rule_source = (args.miou_rule, "--miou-rule") if args.miou_rule != "auto" else method_miou_rule(args.pred)
         if args.cams:
@@ -431,6 +452,8 @@ def run(args: argparse.Namespace) -> int:
     report["warnings"] = class_list_warnings(args, names, gt_values, run_record) + list(run_record.get("warnings", []))
     note = coverage_note(args.gt, report["num_images"])
     report["notes"] = [note] if note else []
+    if args.unseen and _zero_shot_split(args.unseen[0]) is not None and args.ignore_index == 0:
+        report["notes"].append(f"{args.unseen[0]}: label 0 (background) is not scored, as in ZegCLIP's protocol")
     for text in report["warnings"]:
         print(f"warning: {text}", file=sys.stderr)
     for text in report["notes"]:
@@ -443,7 +466,8 @@ def run(args: argparse.Namespace) -> int:
         report["unseen_ids"] = unseen
         report["seen_unseen"] = {}
         for key, sc in columns.items():
-            s, u, h = seen_unseen_scores(sc["Class IoU"], unseen)
+            s, u, h = seen_unseen_scores(sc["Class IoU"], unseen,
+                                         include_background=split is None or split.background == "class")
             report["seen_unseen"][key] = {"mIoU_seen": s, "mIoU_unseen": u, "hIoU": h}
             print(f"{key}: seen {_pct(s).strip()}  unseen {_pct(u).strip()}  hIoU {_pct(h).strip()}")
     if args.html:

@@ -11,6 +11,7 @@ from tag2mask.cli.common import (
     add_run_options,
     add_weights_options,
     check_weights_options,
+    given,
     positive_int,
     record_given_options,
     reject_options,
@@ -65,12 +66,15 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     p.add_argument("input", metavar="IMAGE_OR_FOLDER", help="an image file or a folder of images (not recursive)")
     p.add_argument("--classes", default=None,
                    help="inline 'cat, dog|puppy; background: sky, grass' or a name-set file (required; with --checkpoint "
-                        "the run's classes are used instead)")
+                        "the run's classes are used instead, except for a CLIP-ZSS student, which takes any class "
+                        "names 'a, b, c': default the classes of its training data, seen and unseen)")
     p.add_argument("--checkpoint", default=None,
                    help="segment with a trained run instead (a checkpoint file or run folder from 'tag2mask train "
-                        "weclip' or 'tag2mask train segmenter'): classes, test size and scales come from the run "
-                        "(WeCLIP recipe: long side 512, scales 1 and 0.75, plus flip; synth runs: long side 224; "
-                        "segmenter runs: their own test settings); the open-vocabulary options do not apply")
+                        "weclip', 'train segmenter' or 'train clip-zss'): classes, test size and scales come from the "
+                        "run (WeCLIP recipe: long side 512, scales 1 and 0.75, plus flip; synth runs: long side 224; "
+                        "segmenter and clip-zss runs: their own test settings); the open-vocabulary options do not "
+                        "apply; --weights then names the CLIP of a clip-zss run, whose text encoder embeds --classes "
+                        "(default: the run's own; no image tower is loaded)")
     p.add_argument("--crf", action="store_true", help="with --checkpoint only: dense CRF with WeCLIP's parameters (extra 'crf')")
     p.add_argument("--method", default="naclip", choices=METHOD_CHOICES, help="last-block variant (default: naclip)")
     p.add_argument("--preset", default="default",
@@ -129,12 +133,26 @@ def check_options(args: argparse.Namespace) -> None:
     """Options that do not apply to what was asked are errors, not silently ignored."""
     check_weights_options(args)
     if args.checkpoint:
-        reject_options(args, _OVSS_OPTIONS + ("allow_download",),
-                       "with --checkpoint (a trained WeCLIP run brings its own classes and test settings)")
+        # a CLIP-ZSS student takes any class names; every other run brings its own classes
+        skip = ("classes",) if given(args, "classes") and _is_clip_zss_run(args.checkpoint) else ()
+        reject_options(args, tuple(o for o in _OVSS_OPTIONS if o not in skip) + ("allow_download",),
+                       "with --checkpoint (a trained run brings its own test settings; only a CLIP-ZSS "
+                       "student takes --classes)")
     else:
         reject_options(args, ("crf",), "without --checkpoint (the open-vocabulary methods use --pamr)")
         if args.mode == "whole":
             reject_options(args, ("crop", "stride"), "with --mode whole (no sliding window)")
+
+
+def _is_clip_zss_run(checkpoint: str) -> bool:
+    """Whether ``checkpoint`` (file or run folder) is a ``train clip-zss`` run; ``False`` if unreadable."""
+    try:
+        from tag2mask.jobs.checkpoint import resolve_checkpoint
+        from tag2mask.training.engine import read_run_checkpoint
+
+        return read_run_checkpoint(resolve_checkpoint(checkpoint)).get("task") == "clip-zss"
+    except (OSError, ValueError, KeyError, RuntimeError):
+        return False  # the run is reported unreadable where it is loaded
 
 
 def list_images(path: Path) -> list[Path]:
@@ -337,13 +355,37 @@ def _run_job(args: argparse.Namespace, files: list[Path], stems: dict[Path, str]
     return process_exit_code(summary)
 
 
+def _plain_class_names(spec: str) -> list[str]:
+    """``--classes`` for a CLIP-ZSS student: class names only (one name per class, no background words)."""
+    from tag2mask.vocab.vocabulary import load_vocabulary
+
+    vocab = load_vocabulary(spec)
+    if vocab.background or any(len(p) > 1 for p in vocab.prompt_names()):
+        raise ValueError("--classes for a CLIP-ZSS student: plain class names 'a, b, c' (no synonyms, no background "
+                         "words: the student has its own background)")
+    return list(vocab.names)
+
+
 class _CheckpointSegmenter:
     """A trained WeCLIP or `train segmenter` run behind the ``predict(image) -> SegmentationResult`` interface."""
 
-    def __init__(self, checkpoint: str, device: str, weights, crf: bool) -> None:
+    def __init__(self, checkpoint: str, device: str, weights, crf: bool, classes=None) -> None:
         from tag2mask.training.engine import read_run_checkpoint
 
-        if read_run_checkpoint(checkpoint)["task"] == "segmenter":
+        task = read_run_checkpoint(checkpoint)["task"]
+        if classes is not None and task != "clip-zss":
+            raise ValueError("--classes with --checkpoint applies to CLIP-ZSS students (train clip-zss); this run "
+                             "brings its own classes")
+        if task == "clip-zss":
+            from tag2mask.methods.clip_zss.inference import ZeroShotStudent
+
+            if crf:
+                raise ValueError("--crf applies to WeCLIP checkpoints, not to a CLIP-ZSS student")
+            self.inner = ZeroShotStudent(checkpoint, device=device, weights=weights,
+                                         classes=_plain_class_names(classes) if classes is not None else None)
+            self.class_names = self.inner.class_names
+            self.kind, self.has_background = "clip-zss", self.inner.has_background
+        elif task == "segmenter":
             from tag2mask.training.segmenter_eval import TrainedSegmenter
 
             if weights is not None or crf:
@@ -383,12 +425,16 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
     files = list_images(Path(args.input))
     out = Path(args.out)
     args.device = device_for_rank(args.device)
-    segmenter = _CheckpointSegmenter(str(ckpt), args.device, args.weights, args.crf)
-    warning = toy_model_warning(getattr(getattr(segmenter.inner, "model", None), "clip", None), [args.input])
+    segmenter = _CheckpointSegmenter(str(ckpt), args.device, args.weights, args.crf, args.classes)
+    teacher = segmenter.inner.text_model() if segmenter.kind == "clip-zss" else \
+        getattr(getattr(segmenter.inner, "model", None), "clip", None)
+    warning = toy_model_warning(teacher, [args.input])
     digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()[:16]
     settings = {"method": segmenter.kind, "checkpoint": digest, "crf": args.crf, "overlay": args.overlay,
                 "save_logits": args.save_logits, "max_pixels": args.max_pixels,
                 "max_pixels_policy": args.max_pixels_policy}
+    if segmenter.kind == "clip-zss":  # the class names are part of what is segmented
+        settings["classes"] = list(segmenter.class_names)
     stems = _output_stems(files)
     record = {"tag2mask": tag2mask.__version__, "command": "segment", "input": str(args.input),
               "settings": settings, "checkpoint": str(ckpt), "class_names": list(segmenter.class_names),

@@ -158,25 +158,20 @@ def build_segmenter_config(args: argparse.Namespace, kind: str):
     return segmenter_preset(args.preset, **overrides)
 
 
-def run_segmenter(args: argparse.Namespace) -> int:
-    from tag2mask.cli.train_cmd import _resume_command
+def open_train_val(args: argparse.Namespace, kind: str, num_classes: int, splits: tuple[Optional[str], Optional[str]]):
+    """``(train source, validation source or None)`` from ``--data/--masks/--train-split/--val-*``.
+
+    ``splits``: the default (train, validation) split names of the data set kind.
+    """
     from tag2mask.data.datasets import detect_dataset
     from tag2mask.data.segmentation import open_segmentation_data
-    from tag2mask.training.engine import RunOptions, train
-    from tag2mask.training.segmenter_task import SegmenterTask
 
-    kind = detect_dataset(args.data)
-    if kind is None:
-        raise FileNotFoundError(f"--data {args.data}: not a VOC/COCO root or an image folder")
-    if args.allow_download:
-        os.environ["TAG2MASK_ALLOW_DOWNLOAD"] = "1"
-    config = build_segmenter_config(args, kind)
-    train_split, val_split = _SPLITS[kind]
+    train_split, val_split = splits
     if args.train_split is not None:
         if kind == "folder":
             raise ValueError("--train-split applies to VOC/COCO roots, not to an image folder")
         train_split = args.train_split
-    train_source = open_segmentation_data(args.data, train_split, args.masks, config.num_classes)
+    train_source = open_segmentation_data(args.data, train_split, args.masks, num_classes)
 
     val_data = args.val_data or (args.data if kind in ("voc", "coco") else None)
     if args.val_split is not None:
@@ -189,9 +184,25 @@ def run_segmenter(args: argparse.Namespace) -> int:
     if val_data is not None:
         val_kind = detect_dataset(val_data)
         val_source = open_segmentation_data(val_data, val_split if val_kind in ("voc", "coco") else None,
-                                            args.val_masks, config.num_classes)
+                                            args.val_masks, num_classes)
     elif args.val_every:
         raise ValueError("--val-every needs a validation set (--val-data / --val-split)")
+    return train_source, val_source
+
+
+def run_segmenter(args: argparse.Namespace) -> int:
+    from tag2mask.cli.train_cmd import _resume_command
+    from tag2mask.data.datasets import detect_dataset
+    from tag2mask.training.engine import RunOptions, train
+    from tag2mask.training.segmenter_task import SegmenterTask
+
+    kind = detect_dataset(args.data)
+    if kind is None:
+        raise FileNotFoundError(f"--data {args.data}: not a VOC/COCO root or an image folder")
+    if args.allow_download:
+        os.environ["TAG2MASK_ALLOW_DOWNLOAD"] = "1"
+    config = build_segmenter_config(args, kind)
+    train_source, val_source = open_train_val(args, kind, config.num_classes, _SPLITS[kind])
     task = SegmenterTask(config, train_source, val_source, val_limit=args.val_limit,
                          evaluate_at_end=not args.no_eval)
     options = RunOptions(

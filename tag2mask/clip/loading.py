@@ -229,6 +229,19 @@ def build_from_state_dict(
     return model
 
 
+def resolve_weights_path(source: PathLike, allow_download: Optional[bool] = None,
+                         cache_dir: Optional[PathLike] = None) -> Path:
+    """The file or folder a weight source names (a registry name is looked up, downloaded only when allowed)."""
+    src = str(source)
+    if src in REGISTRY and not Path(src).exists():
+        return _resolve_registry_name(src, allow_download, cache_dir)
+    path = Path(src).expanduser()
+    if not path.exists():
+        hint = f" Known names: {', '.join(REGISTRY)}." if "/" in src or src.startswith(("ViT", "RN")) else ""
+        raise WeightsNotFoundError(f"{src}: no such weights file or folder.{hint}")
+    return path
+
+
 def load_clip(
     source: PathLike,
     device: Union[str, torch.device] = "cpu",
@@ -244,14 +257,7 @@ def load_clip(
     :func:`round_weights_to_fp16`). ``activation`` overrides the MLP activation for checkpoints
     that do not record it (open_clip's non-``quickgelu`` models use ``'gelu'``).
     """
-    src = str(source)
-    if src in REGISTRY and not Path(src).exists():
-        path = _resolve_registry_name(src, allow_download, cache_dir)
-    else:
-        path = Path(src).expanduser()
-        if not path.exists():
-            hint = f" Known names: {', '.join(REGISTRY)}." if "/" in src or src.startswith(("ViT", "RN")) else ""
-            raise WeightsNotFoundError(f"{src}: no such weights file or folder.{hint}")
+    path = resolve_weights_path(source, allow_download, cache_dir)
     sd, config, fmt = read_state_dict(path)
     if config is not None and activation is not None:
         config.activation = activation

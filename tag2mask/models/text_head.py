@@ -150,11 +150,18 @@ class TextEmbeddingClassifier(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         """``(B, F, h, w)`` features -> ``(B, K(+1), h, w)`` logits."""
-        emb = self.embed(features)
+        return self.logits_from_embeddings(self.embed(features))
+
+    def logits_from_embeddings(self, emb: Tensor, scale: Optional[float] = None) -> Tensor:
+        """Logits of joint-space embeddings ``(B, D, h, w)`` (what :meth:`embed` returns) -> ``(B, K(+1), h, w)``.
+
+        ``scale`` replaces the head's own logit scale (CLIP-ZSS's α).
+        """
         if self.config.similarity == "cosine":
             emb = F.normalize(emb, dim=1)
         weights = self.class_embeddings().to(emb.dtype)
-        return torch.einsum("bdhw,kd->bkhw", emb, weights) * self.log_scale.exp().to(emb.dtype)
+        mult = self.log_scale.exp().to(emb.dtype) if scale is None else float(scale)
+        return torch.einsum("bdhw,kd->bkhw", emb, weights) * mult
 
     def extra_repr(self) -> str:
         c = self.config

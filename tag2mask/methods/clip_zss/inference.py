@@ -1,0 +1,196 @@
+"""Test time of CLIP-ZSS: the student alone, classifying against the text embeddings of any class names.
+
+No CLIP image tower is built: class names are embedded with CLIP's text encoder only
+(:func:`tag2mask.clip.text_tower.load_clip_text`, the weights the run was trained with, checked by
+fingerprint), and the student's text head gets those embeddings. Sliding-window, multi-scale and
+flip settings come from the run (``test_mode`` / ``test_crop`` / ``test_stride`` ...; ZegCLIP's
+protocol is a 512 window every 426 pixels).
+
+Zero-shot scoring (:func:`evaluate_zero_shot`) predicts every class of the data set (seen and
+unseen), maps outputs to label values and reports mIoU, mIoU(S), mIoU(U) and their harmonic mean.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any, Iterator, Optional, Sequence, Union
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from tag2mask.methods.clip_zss.config import ClipZssConfig
+from tag2mask.methods.clip_zss.method import ClassLayout, embed_class_names
+
+__all__ = ["text_vocabulary", "evaluate_zero_shot", "ZeroShotStudent", "read_zss_checkpoint"]
+
+
+@contextlib.contextmanager
+def text_vocabulary(model: nn.Module, embeddings: Tensor) -> Iterator[None]:
+    """Give the student's text head ``embeddings`` ``(K, D)`` for the duration (the previous ones come back)."""
+    head = model.text_classifier
+    saved = head.text.clone()
+    try:
+        model.set_text_embeddings(embeddings)
+        yield
+    finally:
+        model.set_text_embeddings(saved)
+
+
+def evaluate_zero_shot(model: nn.Module, source: Any, seg_config: Any, layout: ClassLayout, ctx: Any = None,
+                       limit: Optional[int] = None, write_dir: Optional[Path] = None) -> dict[str, Any]:
+    """Score a student whose text head holds *all* foreground classes of ``layout`` on ``source``.
+
+    Predictions are label values (output ``i`` -> ``i + layout.label_offset``); with an ignored
+    background the ground truth's 0 is not scored. Returns ``tag2mask eval``'s report layout plus
+    ``seen_unseen`` = ``{"mIoU_seen", "mIoU_unseen", "hIoU"}`` and ``unseen_ids``.
+    """
+    from tag2mask.data.segmentation import IGNORE
+    from tag2mask.evaluation.miou import ConfusionMatrix, seen_unseen_scores
+    from tag2mask.io.palette import save_label_png
+    from tag2mask.training.segmenter_eval import predict_logits
+
+    rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
+    was_training = model.training
+    model.eval()
+    names = layout.class_names
+    total = ConfusionMatrix(len(names), IGNORE)
+    per_image: dict[str, Optional[float]] = {}
+    n = len(source) if limit is None else min(limit, len(source))
+    for i in range(rank, n, world):
+        name, rgb, gt = source.load(i)
+        with ctx.autocast() if ctx is not None else nullcontext():
+            logits = predict_logits(model, rgb, seg_config)
+        pred = (logits.argmax(dim=0) + layout.label_offset).cpu().numpy().astype(np.uint8)
+        if layout.background == "ignore":
+            gt = np.where(gt == 0, IGNORE, gt).astype(np.uint8)
+        one = ConfusionMatrix(len(names), IGNORE)
+        one.update(pred, gt, name=str(source.items[i].mask))
+        total.merge(one)
+        if write_dir is not None:
+            save_label_png(write_dir / "masks" / f"{name}.png", pred)
+            per_image[name] = one.scores()["Mean IoU"]
+    model.train(was_training)
+    if ctx is not None and world > 1:
+        total.mat = ctx.all_reduce_sum(torch.from_numpy(total.mat)).numpy()
+        if write_dir is not None:
+            merged: dict[str, Optional[float]] = {}
+            for part in ctx.all_gather(per_image):
+                merged.update(part)
+            per_image = merged
+    scores = total.scores()
+    seen, unseen, hiou = seen_unseen_scores(scores["Class IoU"], layout.unseen_ids,
+                                            include_background=layout.background == "class")
+    report = {"mode": "labels", "num_images": n, "class_names": list(names), "scores": scores,
+              "per_image_miou": dict(sorted(per_image.items())), "data": getattr(source, "description", ""),
+              "unseen_ids": list(layout.unseen_ids), "unseen": list(layout.unseen),
+              "background": layout.background,
+              "seen_unseen": {"mIoU_seen": seen, "mIoU_unseen": unseen, "hIoU": hiou}}
+    if write_dir is not None and rank == 0:
+        from tag2mask.io.atomic import atomic_write_text
+        from tag2mask.jobs.checkpoint import honour_umask
+
+        atomic_write_text(write_dir / "eval.json", json.dumps(report, indent=1, allow_nan=False))
+        honour_umask(write_dir / "eval.json")
+    return report
+
+
+def read_zss_checkpoint(path: Union[str, Path]) -> dict[str, Any]:
+    """The newest complete checkpoint of a ``train clip-zss`` run (``weights_only`` loading)."""
+    from tag2mask.training.engine import read_run_checkpoint
+
+    return read_run_checkpoint(path, task="clip-zss")
+
+
+class ZeroShotStudent:
+    """A trained CLIP-ZSS student behind ``predict(image) -> (label (H, W) uint8, probs (C, H, W))``.
+
+    Args:
+        checkpoint: a ``train clip-zss`` run folder or checkpoint file.
+        device: ``cpu|cuda|auto``.
+        weights: CLIP weights whose *text* encoder embeds new class names (default: the weights the
+            run was trained with, as recorded); other weights than the run's are refused.
+        classes: class names to segment (default: every class of the training data set, seen and unseen).
+        prompts: optional ``{name: prompt words}``.
+    """
+
+    def __init__(self, checkpoint: Union[str, Path], device: Union[str, torch.device] = "auto",
+                 weights: Optional[str] = None, classes: Optional[Sequence[str]] = None,
+                 prompts: Optional[dict[str, str]] = None) -> None:
+        from tag2mask.models import build_segmenter
+        from tag2mask.runtime import resolve_device
+        from tag2mask.training.segmenter_task import SegmenterConfig
+
+        ckpt = read_zss_checkpoint(checkpoint)
+        self.checkpoint = ckpt["path"]
+        self.seg_config = SegmenterConfig.from_dict(ckpt["config"]["segmenter"])
+        self.zss_config = ClipZssConfig.from_dict(ckpt["config"]["zss"])
+        meta = ckpt["meta"]
+        self.layout = ClassLayout(tuple(self.seg_config.class_names), tuple(self.zss_config.unseen),
+                                  self.zss_config.background)
+        self.clip_weights, self.clip_fingerprint = meta["clip"]["weights"], meta["clip"]["fingerprint"]
+        network = meta.get("network") or {}
+        model = build_segmenter(self.seg_config.model, self.layout.num_train_outputs,
+                                **(network.get("config") or self.seg_config.model_options))
+        frozen = tuple(model.frozen_prefixes())
+        result = model.load_state_dict(ckpt["modules"]["model"], strict=not frozen)
+        missing = [k for k in result.missing_keys if not k.startswith(frozen)]
+        if missing or result.unexpected_keys:
+            raise ValueError(f"{self.checkpoint}: the weights do not fit the recorded student ({missing[:3]})")
+        dev = resolve_device(device) if isinstance(device, str) else device
+        self.model = model.to(dev).eval()
+        self.device = dev
+        self.weights = weights
+        self._text_model: Any = None
+        self.long_side = self.seg_config.test_long_side
+        self.scales, self.flip = tuple(self.seg_config.test_scales), bool(self.seg_config.test_flip)
+        if classes is None:
+            prompts = {**dict(meta.get("prompts") or {}), **(prompts or {})}
+            classes = self.layout.foreground
+        self.set_classes(classes, prompts)
+
+    # -- vocabulary ---------------------------------------------------------------------------
+    def text_model(self) -> Any:
+        """CLIP's text encoder (loaded once, on first use)."""
+        if self._text_model is None:
+            from tag2mask.clip.text_tower import load_clip_text
+
+            source = self.weights or self.clip_weights
+            if not source:
+                raise ValueError(f"{self.checkpoint}: the run records no CLIP weights; pass the CLIP it was trained with")
+            tower = load_clip_text(source)
+            if self.clip_fingerprint and tower.fingerprint != self.clip_fingerprint:
+                raise ValueError(f"CLIP weights {source} (fingerprint {tower.fingerprint}) are not the ones the student "
+                                 f"was trained with ({self.clip_fingerprint}); their text space does not fit it")
+            self._text_model = tower
+        return self._text_model
+
+    def set_classes(self, names: Sequence[str], prompts: Optional[dict[str, str]] = None) -> None:
+        """Segment into ``names`` from now on (label 0 = background when the student learned one)."""
+        names = [str(n).strip() for n in names]
+        if not names or any(not n for n in names):
+            raise ValueError("class names must be non-empty")
+        text = embed_class_names(self.text_model(), names, self.zss_config.templates, prompts)
+        self.model.set_text_embeddings(text.to(self.device))
+        self.names = tuple(names)
+
+    @property
+    def has_background(self) -> bool:
+        return self.layout.learned_background
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """Label value -> name of :meth:`predict`'s output."""
+        return (("background",) if self.has_background else ()) + self.names
+
+    # -- prediction ---------------------------------------------------------------------------
+    @torch.no_grad()
+    def predict(self, image: Any) -> tuple[np.ndarray, np.ndarray]:
+        from tag2mask.training.segmenter_eval import predict_logits
+
+        rgb = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image, dtype=np.uint8)
+        probs = predict_logits(self.model, rgb, self.seg_config).softmax(dim=0).cpu().numpy()
+        return probs.argmax(axis=0).astype(np.uint8), probs.astype(np.float32)
