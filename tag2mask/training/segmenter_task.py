@@ -17,7 +17,7 @@ the unlabelled classes, from a forward pass in training mode that leaves the Bat
 statistics untouched) fill them instead. Pixels still unlabelled, the masks' 255 and the crop
 padding are ignored. The phase is a function of the iteration, so it survives a resume; a teacher's
 own state goes into the checkpoint through its ``state_dict``/``load_state_dict`` if it has them.
-A ``teacher_factory(config, ctx)`` builds the teacher in ``setup`` from the recipe actually run
+A ``teacher_factory(config, ctx, network)`` builds the teacher in ``setup`` from the recipe actually run
 (after a resume: the stored one, including its ``teacher`` settings).
 
 ``reduce_zero_label`` (mmseg's name) reads masks in the VOC layout (0 = background) for a network
@@ -50,7 +50,7 @@ UNLABELED = -1
 
 ModelFactory = Callable[["SegmenterConfig"], nn.Module]
 Teacher = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
-TeacherFactory = Callable[["SegmenterConfig", TrainContext], Teacher]
+TeacherFactory = Callable[["SegmenterConfig", TrainContext, nn.Module], Teacher]
 
 
 @dataclass
@@ -160,6 +160,20 @@ class SegmenterConfig:
                       for k, v in d.items()})
 
 
+# FMA-WSSS stage 2: Mask2Former Swin-L (ImageNet-22k) on the fine seeds, the official run's
+# "m2f-sl22-bt4-80k-512x" (batch 4, 80k iterations, crop 512; its mmseg fork is unpublished) with mmseg's
+# Mask2Former recipe: AdamW lr 1e-4 with the backbone at x0.1 (so lr = 1e-5, head x10), weight decay 0.05,
+# gradient norm clipped at 0.01, poly 0.9 to 0; short side 512 x {0.5, 0.6, ..., 2.0}, crop 512, flip,
+# PhotoMetricDistortion; test: whole image resized to fit (2048, 512).
+_FMA: dict[str, Any] = dict(
+    model="mask2former", model_options={"backbone": "swin-large"},
+    crop_size=512, scales=tuple(round(0.1 * x, 1) for x in range(5, 21)), reference_size=(2048, 512),
+    hflip=True, photometric=True, batch_size=4, max_iters=80000, optimizer="adamw", lr=1e-5, weight_decay=0.05,
+    betas=(0.9, 0.999), head_lr_mult=10.0, head_bias_lr_mult=10.0, head_bias_weight_decay=False, poly_power=0.9,
+    lr_step=1, min_lr=0.0, max_grad_norm=0.01, sync_bn=True, ddp_find_unused=True, test_mode="whole",
+    test_scales=(1.0,), test_flip=False, test_reference_size=(2048, 512),
+)
+
 #: published recipes; the CLI applies them under --preset (see docs/segmenter.md)
 SEGMENTER_PRESETS: dict[str, dict[str, Any]] = {
     # CLIP-ES stage 3 = deeplab-pytorch configs/voc12.yaml (DeepLab-v2 ResNet-101, MSC, frozen BN) with the
@@ -183,6 +197,25 @@ SEGMENTER_PRESETS: dict[str, dict[str, Any]] = {
         warmup_iters=50, warmup_ratio=1e-6, test_mode="whole", test_scales=(1.0, 0.75), test_flip=True,
         test_long_side=512,
     ),
+    # MaskCLIP+ (configs/maskclip_plus, mmseg 0.20.2): DeepLab-v2 with ASPPHeadV2 (conv+BN+ReLU branches to
+    # the text dim, summed) over ResNet-101 v1c (stride 8, contract_dilation, BN trained, SyncBN on several
+    # GPUs), classified by the frozen text embeddings (dot product); SGD lr 0.01 on every parameter, weight
+    # decay 5e-4 on every parameter, poly 0.9 with mmcv's floor 1e-4, batch 4 x 4 GPUs; Resize to fit
+    # (2048, 512) x U(0.5, 2), crop 512, flip, PhotoMetricDistortion; CE divided by all pixels (mmseg 0.20).
+    # methods/maskclip_plus.py adds the data set settings (splits, schedules) and the teacher.
+    "maskclip+": dict(
+        model="deeplab-v2",
+        model_options={"aspp": "bn", "norm_eval": False, "backbone_style": "v1c", "contract_dilation": True,
+                       "loss_average_over_ignored": True, "text_head": {"similarity": "dot"}},
+        crop_size=512, scales=(), scale_range=(0.5, 2.0), reference_size=(2048, 512), hflip=True, photometric=True,
+        batch_size=16, max_iters=2000, optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4,
+        head_lr_mult=1.0, head_bias_lr_mult=1.0, head_bias_weight_decay=True, poly_power=0.9, lr_step=1, min_lr=1e-4,
+        sync_bn=True, test_mode="whole", test_scales=(1.0,), test_flip=False, test_reference_size=(2048, 512),
+    ),
+    # FMA-WSSS stage 2 (VOC): see _FMA; checkpoint iter_30000 of the 80k schedule reported as the best
+    "fma": _FMA,
+    # FMA-WSSS stage 2 on COCO-2014: "m2f-sl22-bt4-100k-512x", checkpoint iter_90000 reported
+    "fma:coco": {**_FMA, "max_iters": 100000},
 }
 
 
@@ -279,8 +312,8 @@ class SegmenterTask(TrainTask):
         val_source: pairs scored by :meth:`validate` and at the end of the run (optional).
         model_factory: ``config -> network``; default :func:`build_network`.
         teacher: fills unlabelled pixels before ``self_train_from`` (see the module docstring).
-        teacher_factory: ``(config, ctx) -> teacher``, called in :meth:`setup` with the recipe in force
-            (instead of ``teacher``).
+        teacher_factory: ``(config, ctx, network) -> teacher``, called in :meth:`setup` with the recipe
+            in force and the built network (instead of ``teacher``).
         val_limit: validate on at most this many pairs (the final evaluation uses all).
         evaluate_at_end: predict ``val_source`` after the last iteration, write ``OUT/eval/masks`` and
             ``OUT/eval/eval.json`` (``tag2mask eval``'s format) and export ``OUT/model.safetensors``.
@@ -329,7 +362,7 @@ class SegmenterTask(TrainTask):
         self.loss_forward = ctx.ddp(_LossForward(self.model))
         self.frozen = tuple(self.model.frozen_prefixes()) if hasattr(self.model, "frozen_prefixes") else ()
         if self.teacher_factory is not None:
-            self.teacher = self.teacher_factory(self.config, ctx)
+            self.teacher = self.teacher_factory(self.config, ctx, self.model)
 
     def modules(self) -> dict[str, nn.Module]:
         return {"model": self.model}
