@@ -1,12 +1,17 @@
-"""Device resolution and seeding shared by the library and every command."""
+"""Device resolution and seeding shared by the library and every command.
+
+torch and NumPy are imported inside the functions: the CLI imports this module to build its
+parser (``DEVICE_CHOICES``), and ``tag2mask --help`` must not pay for torch.
+"""
 
 from __future__ import annotations
 
 import os
 import random
+from typing import TYPE_CHECKING
 
-import numpy as np
-import torch
+if TYPE_CHECKING:
+    import torch
 
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 
@@ -17,6 +22,8 @@ def resolve_device(name: str = "auto") -> torch.device:
     Raises ``ValueError`` when CUDA is asked for and is not available, instead of failing later
     inside a kernel.
     """
+    import torch
+
     name = (name or "auto").strip().lower()
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -27,6 +34,9 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 def seed_everything(seed: int) -> None:
     """Seed Python, NumPy and torch (all devices) for reproducible runs."""
+    import numpy as np
+    import torch
+
     random.seed(seed)
     np.random.seed(seed % (2**32))
     torch.manual_seed(seed)
@@ -35,6 +45,8 @@ def seed_everything(seed: int) -> None:
 
 def resolve_dtype(name: str | None) -> torch.dtype | None:
     """Map ``fp32|bf16|fp16`` (or ``None``) to the autocast dtype; ``fp32`` means no autocast."""
+    import torch
+
     if name is None or name in ("fp32", "float32"):
         return None
     table = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}

@@ -67,7 +67,7 @@ def test_shown_defaults_are_the_parser_defaults(path):
                 first = re.split(r"[\s,]", shown)[0].rstrip(":")
                 assert _same(first, action.default), f"{name}: shows {first!r}, the parser default is {action.default!r}"
             checked += 1
-    assert checked or path in {("synth",), ("train",), ("info",)}
+    assert checked or path in {("synth",), ("train",), ("info",), ("convert",), ("convert", "checkpoint")}
 
 
 def _error(capsys, argv) -> str:
@@ -124,6 +124,9 @@ def test_info_and_demo_option_errors(tmp_path, capsys):
     assert "--allow-download does not apply without --weights" in _error(capsys, ["info", "--allow-download"])
     assert "--allow-download does not apply without --weights" in _error(
         capsys, ["demo", "--out", str(tmp_path / "d"), "--n", "1", "--methods", "sclip", "--allow-download"])
+    assert "--allow-download does not apply without --weights" in _error(capsys, ["serve", "--allow-download"])
+    assert "--allow-download does not apply without --weights" in _error(
+        capsys, ["train", "weclip", "--data", "synth", "--out", str(tmp_path / "r"), "--allow-download"])
 
 
 def test_segment_runs_the_shown_window(tmp_path, monkeypatch):
@@ -177,3 +180,17 @@ def _find(tree, key):
             if found is not None:
                 return found
     return None
+
+
+def test_train_weclip_option_errors(tmp_path, capsys):
+    base = ["train", "weclip", "--out", str(tmp_path / "run")]
+    assert "--labels does not apply to a synth data set" in _error(
+        capsys, base + ["--data", "synth", "--labels", str(tmp_path / "t.json")])
+    assert "--val-limit does not apply without a validation split" in _error(
+        capsys, base + ["--data", "synth", "--val-split", "none", "--val-limit", "3"])
+    voc = tmp_path / "voc"
+    for sub in ("JPEGImages", "Annotations", "ImageSets/Segmentation"):
+        (voc / sub).mkdir(parents=True)
+    assert "--synth-n, --synth-size do not apply without --data synth" in _error(
+        capsys, base + ["--data", str(voc), "--synth-n", "3", "--synth-size", "64"])
+    assert not (tmp_path / "run").exists()

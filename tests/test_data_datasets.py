@@ -174,3 +174,22 @@ def test_json_labels_with_a_duplicate_image_are_refused(tmp_path):
     path.write_text('{"a.jpg": ["cat"], "b.jpg": ["dog"], "a.jpg": ["dog"]}')
     with pytest.raises(LabelFileError, match="a.jpg"):
         read_labels_file(path)
+
+
+def test_official_coco_spellings_match_the_voc_style_class_names():
+    from tag2mask.data.labels import names_to_ids, unknown_class_names
+    from tag2mask.vocab.classes import COCO_CLASSES, MASKCLIP_VOC_NAMES, VOC_CLASSES
+
+    coco_official = ["motorcycle", "Airplane", "couch", "potted plant", "dining table", "tv", "hair dryer"]
+    ids = names_to_ids(coco_official, COCO_CLASSES)
+    assert [COCO_CLASSES[i] for i in ids] == ["motorbike", "aeroplane", "sofa", "pottedplant", "diningtable",
+                                              "tvmonitor", "hair drier"]
+    assert unknown_class_names({"a.jpg": coco_official}, COCO_CLASSES) == {}
+    # the other way round: VOC spellings against a list that spells the classes the COCO way
+    assert [MASKCLIP_VOC_NAMES[i] for i in names_to_ids(["aeroplane", "tvmonitor", "pottedplant"],
+                                                        MASKCLIP_VOC_NAMES)] == ["airplane", "tv monitor",
+                                                                                 "potted plant"]
+    # a variant never takes a class that has its own name in the list
+    assert names_to_ids(["couch"], ["sofa", "couch"]) == [1]
+    with pytest.raises(ValueError, match="unknown class name 'sofa bed'"):
+        names_to_ids(["sofa bed"], VOC_CLASSES)

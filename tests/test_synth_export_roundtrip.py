@@ -172,3 +172,29 @@ def test_info_without_weights_describes_the_shipped_model(capsys):
     out = capsys.readouterr().out
     assert f"source:       {SHIPPED_WEIGHTS}" in out
     assert "note:" in out and "synthetic shapes world" in out
+
+
+def test_train_weclip_reads_the_export(export, tmp_path, capsys):
+    """`train weclip --data EXPORT` picks the synth recipe and the export's train/val splits by itself."""
+    run = tmp_path / "run"
+    capsys.readouterr()
+    assert main(["train", "weclip", "--data", str(export), "--out", str(run), "--iters", "1", "--batch-size", "1",
+                 "--crop", "64", "--val-every", "1", "--device", "cpu", "--no-compat", "--quiet"]) == 0
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["val"] is not None and summary["val"]["iteration"] == 1  # the export's val split was used
+    record = json.loads((run / "config.json").read_text())
+    assert record["meta"]["data"] == {"data": str(export), "train_split": "train", "val_split": "val", "labels": None}
+    config = record["config"]
+    from tag2mask.synth import OBJECT_NAMES
+
+    assert list(config["classes"]) == list(OBJECT_NAMES)  # the synthetic class names, not VOC's
+
+
+def test_train_weclip_export_without_val(tmp_path, capsys):
+    root = tmp_path / "S"
+    assert main(["synth", "export", "--out", str(root), "--n", "2", "--size", "64", "--quiet"]) == 0
+    capsys.readouterr()
+    assert main(["train", "weclip", "--data", str(root), "--out", str(tmp_path / "run"), "--iters", "1",
+                 "--batch-size", "1", "--crop", "64", "--val-every", "1", "--device", "cpu", "--no-compat",
+                 "--quiet"]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["val"] is None

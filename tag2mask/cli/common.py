@@ -132,6 +132,61 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=int, default=None, help="process at most this many items (for a quick look)")
 
 
+def add_overlap_options(parser: argparse.ArgumentParser, cpu_work: str) -> None:
+    """``--workers`` and ``--batch-size`` of a command that runs its items through overlapped stages."""
+    from tag2mask.jobs.overlap import MIN_CPUS_FOR_CPU_MODEL, default_workers
+
+    parser.add_argument(
+        "--workers", type=_workers, default="auto",
+        help=f"CPU worker processes that {cpu_work} while this process runs the model, so that neither waits "
+        f"for the other; 0 = one item after the other in this process (default: auto = the usable CPUs, shared "
+        f"by the torchrun ranks of a node, minus one, at most 16: {default_workers('cuda')} here with a GPU, "
+        f"{default_workers('cpu')} with the model on the CPU, where fewer than {MIN_CPUS_FOR_CPU_MODEL} CPUs give 0)",
+    )
+    parser.add_argument(
+        "--batch-size", type=_batch_size, default="auto",
+        help="images per model pass with --workers > 0 (default: auto = 1 on a CPU, where batching does not pay "
+        "and keeps the outputs bit for bit those of --workers 0; 8 on a GPU, where the outputs then differ in the "
+        "last float bits of the CAMs)",
+    )
+
+
+def _workers(text: str) -> "int | str":
+    return "auto" if text == "auto" else _non_negative_int(text)
+
+
+def _batch_size(text: str) -> "int | str":
+    return "auto" if text == "auto" else positive_int(text)
+
+
+def _non_negative_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number >= 0, got {text!r}")
+    return value
+
+
+def check_overlap_options(args: argparse.Namespace) -> None:
+    """``--batch-size`` needs worker processes (the serial path runs one item at a time)."""
+    if args.workers == 0:
+        reject_options(args, ("batch_size",), "with --workers 0 (items run one at a time in this process)")
+
+
+def overlap_settings(args: argparse.Namespace, device) -> tuple[int, int]:
+    """``(workers, batch_size)`` that run, with ``auto`` resolved for this machine and ``device``."""
+    from tag2mask.jobs.overlap import default_workers
+
+    device_type = getattr(device, "type", str(device).split(":")[0])
+    workers = default_workers(device_type) if args.workers == "auto" else int(args.workers)
+    if workers == 0:
+        return 0, 1
+    batch = (1 if device_type == "cpu" else 8) if args.batch_size == "auto" else int(args.batch_size)
+    return workers, batch
+
+
 # --- options that do not apply -------------------------------------------------------------------
 # argparse does not say which options were typed and which hold their default, but "an option that
 # does not apply is an error" needs exactly that (``--method naclip`` with ``--checkpoint`` is a

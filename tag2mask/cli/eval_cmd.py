@@ -21,16 +21,15 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
-
-import numpy as np
+from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
 from tag2mask.cli.common import plain_text, record_given_options, reject_options
-from tag2mask.evaluation.cam_eval import evaluate_cams, load_cam_npz
-from tag2mask.evaluation.miou import DEFAULT_MIOU_RULE, MIOU_RULES, ConfusionMatrix, seen_unseen_scores
+from tag2mask.evaluation.rules import DEFAULT_MIOU_RULE, MIOU_RULES
 from tag2mask.vocab import classes as _vocab_classes
 from tag2mask.io.atomic import atomic_write_text
-from tag2mask.io.palette import read_label_png
+
+if TYPE_CHECKING:  # NumPy and the metric code load with the command, not with ``tag2mask --help``
+    import numpy as np
 
 __all__ = ["add_parser", "run", "resolve_classes", "evaluate_label_folder", "evaluate_cam_folder"]
 
@@ -141,6 +140,11 @@ def evaluate_label_folder(pred_dir: str | Path, gt_dir: str | Path, num_classes:
         ``{"scores": ConfusionMatrix.scores(), "per_image": {stem: mIoU | None},
         "num_images": n, "gt_values": sorted label values seen in the GT (ignore excluded)}``.
     """
+    import numpy as np
+
+    from tag2mask.evaluation.miou import ConfusionMatrix
+    from tag2mask.io.palette import read_label_png
+
     pairs = _pairs(Path(pred_dir), Path(gt_dir), ".png")
     total = ConfusionMatrix(num_classes, ignore_index)
     per_image: dict[str, float | None] = {}
@@ -161,6 +165,9 @@ def evaluate_cam_folder(cam_dir: str | Path, gt_dir: str | Path, num_classes: in
                         ignore_index: int = 255, progress: bool = False,
                         miou_rule: str = DEFAULT_MIOU_RULE) -> dict:
     """CLIP-ES seed evaluation of ``cams/<stem>.npz`` (or a run folder containing ``cams/``)."""
+    from tag2mask.evaluation.cam_eval import evaluate_cams, load_cam_npz
+    from tag2mask.io.palette import read_label_png
+
     cam_dir = Path(cam_dir)
     if (cam_dir / "cams").is_dir():
         cam_dir = cam_dir / "cams"
@@ -337,9 +344,12 @@ def coverage_note(gt_dir: str | Path, num_scored: int) -> str | None:
 def write_html_report(html_dir: Path, pred_dir: Path, gt_dir: Path, images: str | None,
                       names: Sequence[str], report: dict) -> Path:
     """``html_dir/index.html``: scores, per-class IoU chart, then input / prediction / GT per image, worst first."""
+    import numpy as np
+
     from tag2mask.data.datasets import find_image
     from tag2mask.data.images import load_image_array
     from tag2mask.io.html_report import GridCell, GridRow, Table, format_percent, write_report
+    from tag2mask.io.palette import read_label_png
     from tag2mask.io.visualize import legend_entries, save_overlay
 
     if images is None:
@@ -387,6 +397,8 @@ def _p(v: float) -> float | int:
 
 def run(args: argparse.Namespace) -> int:
     """Execute ``tag2mask eval``; returns the exit code (2 on bad input)."""
+    from tag2mask.evaluation.miou import seen_unseen_scores
+
     try:
         check_options(args)
         names = resolve_classes(args.classes, args.num_classes)

@@ -5,19 +5,19 @@ from __future__ import annotations
 import argparse
 import platform
 from pathlib import Path
-from typing import Any
 
 from tag2mask.cli.common import (
     add_device_option,
+    add_overlap_options,
     add_precision_option,
     add_run_options,
     add_weights_options,
+    check_overlap_options,
     check_weights_options,
     given,
     record_given_options,
     reject_options,
 )
-from tag2mask.data.images import fit_max_pixels
 
 REFINERS = ("crf", "pamr", "none")
 #: default --max-pixels: 1 MP (about 1000x1000). CLIP-ES's attention affinity is quadratic in the
@@ -107,6 +107,7 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     add_device_option(p)
     add_precision_option(p)
     add_run_options(p)
+    add_overlap_options(p, "decode images and refine / write masks")
     p.set_defaults(func=run)
     record_given_options(p)
     return p
@@ -115,6 +116,7 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
 def check_options(args: argparse.Namespace) -> None:
     """Options that do not apply to the chosen refinement / input are errors, not silently ignored."""
     check_weights_options(args)
+    check_overlap_options(args)
     if args.refine != "crf":
         reject_options(args, ("confidence",), f"with --refine {args.refine} (it masks low-confidence CRF pixels)")
     else:
@@ -213,76 +215,26 @@ def _settings(args: argparse.Namespace, model) -> dict:
     return s
 
 
-class _Labeller:
-    """``process_fn`` of the runner: one sample -> mask, CAMs (and arrays) written atomically."""
-
-    def __init__(self, args: argparse.Namespace, cam_maker, refiner, vocab, out: Path, image_root: Path) -> None:
-        self.args, self.cam_maker, self.refiner, self.vocab = args, cam_maker, refiner, vocab
-        self.image_root = image_root
-        self.dirs = {name: out / name for name in ("masks", "cams") + (("arrays",) if args.save_arrays else ())}
-
-    def __call__(self, sample) -> "Any":
-        import numpy as np
-        from PIL import Image
-
-        from tag2mask.data.images import load_image
-        from tag2mask.jobs.runner import ItemError, ItemOutput
-
-        args = self.args
-        if not sample.label_ids:
-            raise ItemError("labels", f"{sample.image_path}: empty label list; every image needs at least one class name")
-        image = load_image(sample.image_path, max_pixels=args.max_decode_pixels)
-        width, height = image.size
-        info: dict[str, Any] = {"labels": [self.vocab.names[k] for k in sample.label_ids], "size": [height, width]}
-        try:
-            info["image"] = Path(sample.image_path).resolve().relative_to(self.image_root.resolve()).as_posix()
-        except ValueError:
-            info["image"] = str(sample.image_path)
-        w, h = fit_max_pixels(width, height, args.max_pixels)
-        if (w, h) != (width, height):
-            if args.max_pixels_policy == "refuse":
-                raise ItemError("too_large", f"{sample.image_path}: image is {width}x{height} = {width * height:,} pixels, "
-                                f"more than --max-pixels {args.max_pixels:,}; raise --max-pixels or use "
-                                "--max-pixels-policy downscale")
-            # reducing_gap: a fast box pre-reduction then bicubic, antialiased like a plain bicubic
-            image = image.resize((w, h), Image.BICUBIC, reducing_gap=3.0)
-            info["processed_size"] = [h, w]
-        result = self.cam_maker(image, sample.label_ids, keep_arrays=args.save_arrays)
-        rgb = np.array(image, dtype=np.uint8)  # a writable copy: the refiners hand it to torch
-        label, extra = self.refiner(result.cams, result.keys, rgb)
-        if (w, h) != (width, height):
-            # the mask must align with the original image; CAMs stay at the processed size (manifest: processed_size)
-            label = np.asarray(Image.fromarray(np.asarray(label, np.uint8)).resize((width, height), Image.NEAREST))
-        return ItemOutput(self._write(sample.name, label, result, extra), info)
-
-    def _write(self, stem: str, label, result, extra) -> list[Path]:
-        import numpy as np
-
-        from tag2mask.io.atomic import atomic_path
-        from tag2mask.io.palette import save_label_png
-
-        mask_path = self.dirs["masks"] / f"{stem}.png"
-        cam_path = self.dirs["cams"] / f"{stem}.npz"
-        save_label_png(mask_path, label)  # atomic (temp file in the same folder, fsync, rename)
-        with atomic_path(cam_path) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez_compressed(f, keys=result.keys, cams=result.cams)
-        outputs = [mask_path, cam_path]
-        if "arrays" in self.dirs:
-            arr_path = self.dirs["arrays"] / f"{stem}.npz"
-            with atomic_path(arr_path) as tmp:
-                with open(tmp, "wb") as f:
-                    np.savez_compressed(f, **result.arrays, **extra)
-            outputs.append(arr_path)
-        return outputs
+#: what the worker processes import once (in the process that forks them), before the first image
+_WORKER_PRELOAD = ("numpy", "PIL.Image", "torch", "tag2mask.cli.label_stages", "tag2mask.methods.pseudo_labels")
 
 
 def run(args: argparse.Namespace) -> int:
+    from tag2mask.cli.common import overlap_settings
+    from tag2mask.jobs.distributed import device_for_rank
+    from tag2mask.jobs.overlap import start_worker_server
+    from tag2mask.runtime import resolve_device
+
+    check_options(args)
+    args.device = device_for_rank(args.device)
+    if overlap_settings(args, resolve_device(args.device))[0] > 0:
+        start_worker_server(_WORKER_PRELOAD)  # the workers' imports overlap the model loading below
     import torch
 
     import tag2mask
     from tag2mask.cli.common import load_model_from_args, toy_model_warning
-    from tag2mask.jobs.distributed import device_for_rank
+    from tag2mask.cli.label_stages import ComputeCAMs, FinishMask, LabelSettings, PrepareImage
+    from tag2mask.jobs.overlap import Stages
     from tag2mask.jobs.runner import JobOptions, print_summary, process_exit_code, run_items
     from tag2mask.clip.numerics import NUMERICS
     from tag2mask.methods.clip_es import PRESETS, ClipES, preset_for
@@ -290,7 +242,6 @@ def run(args: argparse.Namespace) -> int:
     from tag2mask.vocab.vocabulary import load_vocabulary
 
     out = Path(args.out)
-    check_options(args)
     if args.limit is not None and args.limit < 0:
         raise ValueError(f"--limit must be >= 0, got {args.limit}")
     vocab = load_vocabulary(args.classes)
@@ -307,16 +258,28 @@ def run(args: argparse.Namespace) -> int:
         overrides["templates"] = get_templates([args.template])
     config = preset_for(preset, **overrides)
     items = _open_items(args, list(vocab.names))
-    args.device = device_for_rank(args.device)
     # rounded at load when the preset's numerics round weights, so ClipES needs no rounded copies
     model = load_model_from_args(args, official_rounding=config.numerics.round_weights_fp16)
     warning = toy_model_warning(model, [args.images])
     cam_maker = ClipES(model, vocab, config)
     settings = _settings(args, model)
-    refiner = LabelRefiner(args.refine, bg_power=args.bg_power, confidence=args.confidence, compat=args.compat, device=model_device(model))
+    if args.refine == "crf":
+        from tag2mask.refinement.crf import _import_densecrf
+
+        _import_densecrf()  # fail at start-up, not in a worker on the first image, when the extra is missing
     # COCO "file_name" and the manifest's "image" field are relative to the image folder
     image_root = Path(items.image_dir) if hasattr(items, "image_dir") else Path(items.root) / "JPEGImages"
-    labeller = _Labeller(args, cam_maker, refiner, vocab, out, image_root)
+    workers, batch_size = overlap_settings(args, model_device(model))
+    settings_for_workers = LabelSettings(
+        class_names=tuple(vocab.names), image_root=str(image_root), out=str(out), max_decode_pixels=args.max_decode_pixels,
+        max_pixels=args.max_pixels, max_pixels_policy=args.max_pixels_policy, save_arrays=args.save_arrays,
+        refine=args.refine, bg_power=args.bg_power, confidence=args.confidence, compat=args.compat)
+    # PAMR runs on the model's device when that is a GPU (as it always did); CRF and argmax are CPU work
+    on_device = LabelRefiner(args.refine, bg_power=args.bg_power, device=model_device(model)) \
+        if args.refine == "pamr" and model_device(model).type != "cpu" else None
+    stages = Stages(PrepareImage(settings_for_workers), ComputeCAMs(cam_maker, args.save_arrays, on_device),
+                    FinishMask(settings_for_workers), workers=workers, batch_size=batch_size,
+                    preload=_WORKER_PRELOAD)
 
     record = {
         "tag2mask": tag2mask.__version__,
@@ -329,6 +292,8 @@ def run(args: argparse.Namespace) -> int:
         "classes": list(vocab.names),
         "weights": getattr(model, "source_path", None),
         "device": str(model_device(model)),
+        "workers": workers,
+        "batch_size": batch_size,
         "warnings": [warning] if warning else [],
     }
 
@@ -340,7 +305,7 @@ def run(args: argparse.Namespace) -> int:
 
     options = JobOptions(resume=args.resume, overwrite=args.overwrite, quiet=args.quiet, verbose=args.verbose,
                          limit=args.limit, desc="label", unit="img")
-    summary = run_items(items, labeller, out, settings, options, keys=_item_keys(items),
+    summary = run_items(items, stages, out, settings, options, keys=_item_keys(items),
                         preflight_errors=getattr(items, "errors", []), describe=lambda i: _describe(items, i),
                         run_record=record, finalize=finalize, source_of=lambda i: _source(items, i))
     if not args.quiet or summary.failed:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tag2mask.cli.common import add_device_option, add_weights_options
+from tag2mask.cli.common import add_device_option, add_weights_options, record_given_options
 
 
 def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
@@ -28,6 +28,7 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     add_weights_options(p)
     add_device_option(p)
     p.set_defaults(func=run)
+    record_given_options(p)
     return p
 
 

@@ -22,7 +22,15 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from tag2mask.cli.common import add_device_option, add_precision_option, add_weights_options, plain_text
+from tag2mask.cli.common import (
+    add_device_option,
+    add_precision_option,
+    add_weights_options,
+    check_weights_options,
+    plain_text,
+    record_given_options,
+    reject_options,
+)
 
 __all__ = ["add_parser", "run", "main"]
 
@@ -89,6 +97,7 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     add_device_option(w)
     add_precision_option(w)
     w.set_defaults(func=run)
+    record_given_options(w)
     p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
     return w
 
@@ -104,6 +113,20 @@ def split_names(text: str) -> tuple[str, ...]:
     return tuple(n.strip() for n in text.split(",") if n.strip())
 
 
+def _is_synth_export(root: str) -> bool:
+    from tag2mask.synth.export import is_synthetic_export
+
+    return is_synthetic_export(root, levels=0)
+
+
+def _default_splits(kind: str, root: str) -> tuple[str, Optional[str]]:
+    """Training and validation split names for a data set kind (an export's val only when it wrote one)."""
+    if kind == "synth_export":
+        has_val = (Path(root) / "ImageSets" / "Segmentation" / "val.txt").is_file()
+        return "train", "val" if has_val else None
+    return _SPLITS[kind]
+
+
 def build_config(args: argparse.Namespace):
     """The :class:`WeCLIPConfig` of the command line (preset + overrides) and the data set kind."""
     from tag2mask.data.datasets import detect_dataset
@@ -113,7 +136,9 @@ def build_config(args: argparse.Namespace):
     kind = "synth" if args.data == "synth" else detect_dataset(args.data)
     if kind is None:
         raise FileNotFoundError(f"--data {args.data}: not 'synth', a VOC/COCO root or an image folder")
-    config = preset(args.preset or (kind if kind in ("voc", "coco", "synth") else "voc"))
+    if kind == "voc" and _is_synth_export(args.data):
+        kind = "synth_export"  # `tag2mask synth export` output: VOC layout, synthetic classes and splits
+    config = preset(args.preset or {"voc": "voc", "coco": "coco", "synth": "synth", "synth_export": "synth"}.get(kind, "voc"))
     if kind == "folder" and args.classes is None:
         raise ValueError("--data FOLDER needs --classes (the foreground class names of its label file)")
     if kind == "folder" and getattr(config, "label_source", "dataset") != "dataset":
@@ -134,10 +159,17 @@ def run(args: argparse.Namespace) -> int:
 
     if getattr(args, "method", None) != "weclip":
         raise ValueError("choose a method: tag2mask train weclip|segmenter ...")
+    check_weights_options(args)
     config, kind = build_config(args)
-    train_split, val_split = _SPLITS[kind]
+    train_split, val_split = _default_splits(kind, args.data)
     if args.val_split is not None:
         val_split = None if args.val_split.lower() == "none" else args.val_split
+    if kind != "synth":
+        reject_options(args, ("synth_n", "synth_size"), "without --data synth (they size the generated world)")
+    if kind != "folder":
+        reject_options(args, ("labels",), f"to a {kind.replace('_', ' ')} data set (its labels come with it)")
+    if val_split is None:
+        reject_options(args, ("val_limit",), "without a validation split")
     weights = args.weights or str(shipped_weights_path())
     opts = TrainOptions(
         out_dir=args.out, weights=weights, data=args.data, train_split=args.train_split or train_split,

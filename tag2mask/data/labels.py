@@ -8,8 +8,10 @@ Two formats:
 
 Image names are paths *relative to the image folder*; absolute paths, ``..`` components or
 anything resolving (through symlinks too) outside the folder are refused for that item.
-Class names are matched after stripping whitespace, case-insensitively; unknown names raise
-an error that lists the valid ones. Repeated names in one list are dropped, keeping the first
+Class names are matched case-insensitively, ignoring spaces, ``_`` and ``-`` (``potted plant`` =
+``pottedplant``), and the official COCO / VOC spellings of the same class are accepted for each other
+(``airplane``/``aeroplane``, ``motorcycle``/``motorbike``, ``couch``/``sofa``, ``tv``/``tvmonitor``,
+``hair dryer``/``hair drier``); unknown names raise an error that lists the valid ones. Repeated names in one list are dropped, keeping the first
 appearance order (CAM outputs are stored in label order).
 """
 
@@ -118,16 +120,41 @@ def read_labels_file(path: str | Path) -> dict[str, list[str]]:
     raise LabelFileError(f"{path}: unknown label file type {suffix!r}; use .json or .csv")
 
 
+# COCO's official category names and the VOC-style ones CLIP-ES uses for the same classes: label files
+# exported from COCO annotations say "motorcycle", the class lists say "motorbike".
+_SPELLING_VARIANTS: tuple[tuple[str, ...], ...] = (
+    ("aeroplane", "airplane"), ("motorbike", "motorcycle"), ("sofa", "couch"), ("tvmonitor", "tv"),
+    ("hairdrier", "hairdryer"),
+)
+
+
+def _name_key(name: str) -> str:
+    return "".join(ch for ch in name.strip().lower() if ch not in " _-")
+
+
+def _class_index(class_names: Sequence[str]) -> dict[str, int]:
+    """Name key -> class id, with the other spellings of a class added where they name no class."""
+    index: dict[str, int] = {}
+    for i, n in enumerate(class_names):
+        index.setdefault(_name_key(n), i)
+    for variants in _SPELLING_VARIANTS:
+        ids = [index[v] for v in variants if v in index]
+        if ids:
+            for v in variants:
+                index.setdefault(v, ids[0])
+    return index
+
+
 def names_to_ids(labels: Sequence[str], class_names: Sequence[str], where: str = "") -> list[int]:
     """Map class names to 0-based ids into ``class_names`` (first-appearance order, no repeats).
 
     Raises:
         LabelFileError: an unknown name; the message lists the valid names.
     """
-    index = {n.strip().lower(): i for i, n in enumerate(class_names)}
+    index = _class_index(class_names)
     ids: list[int] = []
     for name in labels:
-        key = name.strip().lower()
+        key = _name_key(name)
         if key not in index:
             prefix = f"{where}: " if where else ""
             raise LabelFileError(
@@ -143,11 +170,11 @@ def unknown_class_names(labels: Mapping[str, Sequence[str]], class_names: Sequen
     Matching is the same as :func:`names_to_ids` (stripped, case-insensitive), so a command can
     tell up front that a whole label file uses another vocabulary instead of failing image by image.
     """
-    known = {n.strip().lower() for n in class_names}
+    known = _class_index(class_names)
     unknown: dict[str, list[str]] = {}
     for image, names in labels.items():
         for name in dedupe(n.strip() for n in names):
-            if name and name.lower() not in known:
+            if name and _name_key(name) not in known:
                 unknown.setdefault(name, []).append(image)
     return unknown
 

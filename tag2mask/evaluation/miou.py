@@ -22,21 +22,10 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
+from tag2mask.evaluation.rules import DEFAULT_MIOU_RULE, MIOU_RULES, check_miou_rule
+
 __all__ = ["ConfusionMatrix", "MIOU_RULES", "DEFAULT_MIOU_RULE", "check_miou_rule", "seen_unseen_scores", "harmonic_iou"]
 
-#: mIoU averaging rules: name -> description (reports print the description next to the name).
-MIOU_RULES: dict[str, str] = {
-    "gt_or_pred": "mean over classes present in the ground truth or the prediction (CLIP-ES, mmseg)",
-    "gt": "mean over classes present in the ground truth (WeCLIP)",
-}
-DEFAULT_MIOU_RULE = "gt_or_pred"
-
-
-def check_miou_rule(rule: str) -> str:
-    """``rule`` if it is a known mIoU rule, else a ``ValueError`` listing the rules."""
-    if rule not in MIOU_RULES:
-        raise ValueError(f"unknown mIoU rule {rule!r}; choose one of: {', '.join(MIOU_RULES)}")
-    return rule
 
 
 class ConfusionMatrix:

@@ -171,7 +171,7 @@ def load_checkpoint(path: Union[str, Path], map_location: Any = "cpu") -> Any:
     p = resolve_checkpoint(path)
     try:
         return torch.load(p, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as exc:
+    except pickle.UnpicklingError:
         raise UnsafeCheckpointError(
             f"{p}: this checkpoint stores Python objects, which tag2mask does not unpickle (unpickling a "
             "file can run code). If it is a checkpoint of an older tag2mask, re-save it in the safe format "

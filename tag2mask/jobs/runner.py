@@ -22,19 +22,22 @@ does the rest:
 * **observability** -- a progress bar (items/s, ETA) on rank 0, structured JSON-lines logs in
   ``logs/rank<r>.log``, a merged summary in ``run.json``.
 
-Memory is flat in the number of items: results are written and forgotten; only counters, the
-first few failures and (for resume) the manifest lines of finished items are kept.
+* **overlap** -- a command whose work per item is a :class:`~tag2mask.jobs.overlap.Stages` object
+  (prepare -> compute -> finish) gets decoding and CPU post-processing in worker processes while
+  this process runs the model on batches; the bookkeeping above is the same either way.
+
+A job is described by one :class:`JobSpec` (:func:`run_job`); :func:`run_items` takes its fields as
+arguments. Memory is flat in the number of items: results are written and forgotten; only counters,
+the first few failures and (for resume) the manifest lines of finished items are kept.
 """
 
 from __future__ import annotations
 
-import errno
 import json
 import os
 import re
 import sys
 import time
-import traceback
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Optional, Sequence, TypeVar, Union
@@ -44,16 +47,29 @@ from tag2mask.io.manifest import (
     RunManifest,
     SettingsMismatchError,
     compact_manifest,
-    file_sha256,
     latest_records,
     settings_diff,
     verify_outputs,
     write_settings,
 )
 from tag2mask.jobs import distributed as D
+from tag2mask.jobs.items import (
+    DiskFullError,
+    FinishedItem,
+    ItemError,
+    ItemFailure,
+    ItemOutput,
+    _disk_full,
+    _disk_full_error,
+    _error_message,
+    _release_cuda_memory,
+    error_kind,
+    finished_item,
+    item_failure,
+)
 
-__all__ = ["JobOptions", "ItemError", "ItemOutput", "JobSummary", "JobLog", "DiskFullError", "run_items", "error_kind",
-           "print_summary", "process_exit_code"]
+__all__ = ["JobOptions", "JobSpec", "ItemError", "ItemOutput", "JobSummary", "JobLog", "DiskFullError", "run_items",
+           "run_job", "error_kind", "print_summary", "process_exit_code", "FinishedItem", "ItemFailure"]
 
 T = TypeVar("T")
 #: how many failures each rank keeps for the printed summary (the manifest has all of them)
@@ -73,47 +89,6 @@ class JobOptions:
     limit: Optional[int] = None
     desc: str = "job"
     unit: str = "img"
-
-
-class DiskFullError(OSError):
-    """The disk (or the quota) is full: the job stops; finished items stay and ``--resume`` continues."""
-
-
-_DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
-
-
-def _disk_full(exc: BaseException, out_dir: Path, written: int) -> Optional[DiskFullError]:
-    """A :class:`DiskFullError` for ``exc`` (or something it was raised from) if it is ENOSPC/EDQUOT."""
-    seen = 0
-    while exc is not None and seen < 8:
-        if isinstance(exc, DiskFullError):
-            return exc
-        if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
-            where = exc.filename or exc.filename2 or f"the run folder {out_dir}"
-            err = DiskFullError(
-                f"no space left on the device while writing {where}; the job stopped ({written} new items written, "
-                f"finished items are kept). Free some space, then run the same command again with --resume"
-            )
-            err.errno = exc.errno
-            return err
-        exc, seen = exc.__cause__ or exc.__context__, seen + 1
-    return None
-
-
-class ItemError(Exception):
-    """Raise from ``process_fn`` for an expected, clearly explained per-item failure."""
-
-    def __init__(self, kind: str, message: str) -> None:
-        super().__init__(message)
-        self.kind = kind
-
-
-@dataclass
-class ItemOutput:
-    """What ``process_fn`` may return instead of a bare path list: outputs plus record fields."""
-
-    outputs: Sequence[Union[str, Path]]
-    info: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -170,39 +145,6 @@ class JobLog:
 
     def close(self) -> None:
         self._fh.close()
-
-
-def error_kind(exc: BaseException, default: str = "internal") -> str:
-    """A short machine-readable category for a per-item exception (``default`` when unknown)."""
-    if isinstance(exc, ItemError):
-        return exc.kind
-    from tag2mask.data.images import ImageDecodeError
-    from tag2mask.data.labels import LabelFileError
-
-    if isinstance(exc, ImageDecodeError):
-        return "decode"
-    if isinstance(exc, LabelFileError):
-        return "labels"
-    if isinstance(exc, MemoryError) or type(exc).__name__ == "OutOfMemoryError":
-        return "out_of_memory"
-    if isinstance(exc, FileNotFoundError):
-        return "missing"
-    return default
-
-
-def _error_message(exc: BaseException) -> str:
-    # our own errors already name the file and the problem; others get their type for context
-    if isinstance(exc, ItemError) or error_kind(exc) in ("decode", "labels"):
-        return str(exc)
-    return f"{type(exc).__name__}: {exc}"
-
-
-def _relative(path: Union[str, Path], out_dir: Path) -> str:
-    p = Path(path)
-    try:
-        return p.resolve().relative_to(out_dir.resolve()).as_posix()
-    except ValueError:
-        return str(p)  # outside the run folder: keep it absolute
 
 
 def _remove_stale_temp_files(out_dir: Path) -> int:
@@ -263,6 +205,52 @@ def _collective(fn: Callable[[], Any], info: D.DistInfo) -> Any:
     return gathered[0][0]
 
 
+@dataclass
+class JobSpec:
+    """Everything a batch job is made of (the arguments of :func:`run_items`), as one object.
+
+    Attributes:
+        items: a sequence (``len`` + indexing); ``items[i]`` is only evaluated inside the per-item
+            error handler, so a lazily built item that fails to load becomes an error record.
+        process: ``item -> output paths`` (or :class:`ItemOutput`); raise to report a failure
+            (:class:`ItemError` for a chosen ``error_kind``). Outputs must be written atomically.
+            A :class:`~tag2mask.jobs.overlap.Stages` object splits the work into stages that overlap
+            across items in worker processes (``Stages.workers > 0``), or runs them item by item.
+        out_dir: the run folder (shared by all ranks).
+        settings: everything that changes the outputs (the overwrite guard compares them).
+        options: resume / overwrite / quiet / verbose / limit.
+        keys: the unique manifest name of each item (default ``key_fn(items[i])``); output files
+            should be named after it. Repeated keys are reported as ``duplicate`` errors.
+        key_fn: the manifest name of an item when ``keys`` is not given.
+        preflight_errors: ``(entry, message)`` problems found before the run (e.g. bad label-file
+            entries); recorded once by rank 0 with kind ``labels``.
+        describe: ``index -> text`` naming an item in messages (default: ``item #<index> (<key>)``).
+        run_record: extra fields for ``run.json`` (versions, settings...).
+        finalize: rank 0 calls ``finalize(out_dir, summary)`` after the merged manifest is written
+            (e.g. to export COCO JSON); an exception there fails the run on every rank.
+        source_of: ``index -> JSON-able description of the item's inputs`` as they are now (e.g.
+            :func:`tag2mask.io.manifest.file_state` of its image, plus its labels); recorded with
+            each finished item, and ``--resume`` redoes an item whose inputs no longer match.
+    """
+
+    items: Sequence[Any]
+    process: Callable[[Any], Any]
+    out_dir: Path
+    settings: dict[str, Any]
+    options: JobOptions = field(default_factory=JobOptions)
+    keys: Optional[Sequence[str]] = None
+    key_fn: Callable[[Any], str] = lambda item: str(getattr(item, "name", item))
+    preflight_errors: list[tuple[str, str]] = field(default_factory=list)
+    describe: Optional[Callable[[int], str]] = None
+    run_record: dict[str, Any] = field(default_factory=dict)
+    finalize: Optional[Callable[[Path, JobSummary], None]] = None
+    source_of: Optional[Callable[[int], Any]] = None
+
+    def __post_init__(self) -> None:
+        self.out_dir = Path(self.out_dir)
+        self.preflight_errors = list(self.preflight_errors)
+
+
 def run_items(
     items: Sequence[T],
     process_fn: Callable[[T], Union[Sequence[Union[str, Path]], ItemOutput]],
@@ -280,25 +268,7 @@ def run_items(
 ) -> JobSummary:
     """Process ``items`` into ``out_dir`` with resume, sharding, manifest and logs.
 
-    Args:
-        items: a sequence (``len`` + indexing); ``items[i]`` is only evaluated inside the per-item
-            error handler, so a lazily built item that fails to load becomes an error record.
-        process_fn: ``item -> output paths`` (or :class:`ItemOutput`); raise to report a failure
-            (:class:`ItemError` for a chosen ``error_kind``). Outputs must be written atomically.
-        out_dir: the run folder (shared by all ranks).
-        settings: everything that changes the outputs (the overwrite guard compares them).
-        options: resume / overwrite / quiet / verbose / limit.
-        keys: the unique manifest name of each item (default ``key_fn(items[i])``); output files
-            should be named after it. Repeated keys are reported as ``duplicate`` errors.
-        preflight_errors: ``(entry, message)`` problems found before the run (e.g. bad label-file
-            entries); recorded once by rank 0 with kind ``labels``.
-        describe: ``index -> text`` naming an item in messages (default: ``item #<index> (<key>)``).
-        run_record: extra fields for ``run.json`` (versions, settings...).
-        finalize: rank 0 calls ``finalize(out_dir, summary)`` after the merged manifest is written
-            (e.g. to export COCO JSON); an exception there fails the run on every rank.
-        source_of: ``index -> JSON-able description of the item's inputs`` as they are now (e.g.
-            :func:`tag2mask.io.manifest.file_state` of its image, plus its labels); recorded with
-            each finished item, and ``--resume`` redoes an item whose inputs no longer match.
+    The arguments are the fields of :class:`JobSpec` (``process_fn`` is its ``process``); see there.
 
     Raises:
         DiskFullError: the disk filled up; the job stopped at the first failed write.
@@ -306,12 +276,18 @@ def run_items(
     Returns:
         the :class:`JobSummary` merged over ranks (identical on every rank).
     """
-    out_dir = Path(out_dir)
+    return run_job(JobSpec(items, process_fn, Path(out_dir), settings, options, keys=keys, key_fn=key_fn,
+                           preflight_errors=list(preflight_errors), describe=describe,
+                           run_record=run_record if run_record is not None else {}, finalize=finalize,
+                           source_of=source_of))
+
+
+def run_job(spec: JobSpec) -> JobSummary:
+    """Run the job ``spec`` describes (see :func:`run_items`); the merged summary, identical on every rank."""
     info = D.dist_info()
     created = D.init_distributed(info)
     try:
-        return _run(items, process_fn, out_dir, settings, options, keys, key_fn, list(preflight_errors),
-                    describe, run_record if run_record is not None else {}, finalize, info, source_of)
+        return _run(spec, info)
     finally:
         D.shutdown(created)
 
@@ -327,116 +303,154 @@ def _current_source(source_of: Optional[Callable[[int], Any]], i: int) -> Any:
     return None if value is None else json.loads(json.dumps(value, default=str))
 
 
-def _run(items, process_fn, out_dir: Path, settings, options: JobOptions, keys, key_fn, preflight,
-         describe, run_record, finalize, info: D.DistInfo, source_of=None) -> JobSummary:
-    started = time.time()
-    prep = _collective(lambda: _prepare_folder(out_dir, settings, options), info)
+class _Job:
+    """One rank's bookkeeping: which items to do, their manifest lines, log events and the bar."""
 
-    n = len(items) if options.limit is None else max(0, min(options.limit, len(items)))
+    def __init__(self, spec: JobSpec, info: D.DistInfo, n: int, shard: range, bar: Any) -> None:
+        self.spec, self.info, self.shard, self.bar = spec, info, shard, bar
+        self.out_dir = spec.out_dir
+        items, keys = spec.items, spec.keys
+        self.key_of = (lambda i: keys[i]) if keys is not None else (lambda i: spec.key_fn(items[i]))
+        self.describe = spec.describe or (lambda i: f"item #{i} ({self.key_of(i)})")
+        # keys of all items (every rank computes the same list) -> duplicates are found identically
+        self.first_index: dict[str, int] = {}
+        for i in range(n):
+            self.first_index.setdefault(self.key_of(i), i)
+        done_lines = latest_records([self.out_dir / MANIFEST_NAME]) if spec.options.resume else {}
+        self.done = {k: r for k, r in done_lines.items() if r.get("status") == "ok"}
+        self.log = JobLog(self.out_dir, info.rank, echo=spec.options.verbose, bar=bar if not bar.disable else None)
+        self.manifest = RunManifest(self.out_dir, f"manifest.rank{info.rank}.jsonl")
+        self.written = self.skipped = self.failed = 0
+        self.failures: list[tuple[str, str]] = []
+
+    def todo(self, i: int) -> Optional[tuple[str, Any]]:
+        """``(key, source)`` when item ``i`` must be processed; ``None`` when it is a duplicate or done."""
+        key = self.key_of(i)
+        if self.first_index[key] != i:
+            # a distinct manifest name, so this record never replaces the first item's
+            self.fail(f"{key} [duplicate #{i}]", "duplicate",
+                      f"{self.describe(i)}: same output name {key!r} as {self.describe(self.first_index[key])} "
+                      "(e.g. a.jpg and a.png in one folder); rename one of them", duplicate_of=key)
+            self.advance()
+            return None
+        source = _current_source(self.spec.source_of, i)
+        if key in self.done:
+            problem = verify_outputs(self.out_dir, self.done[key])
+            if problem is None and source is not None and "source" in self.done[key] and self.done[key]["source"] != source:
+                problem = "the input changed since it was processed"
+            if problem is None:
+                self.skipped += 1
+                self.advance()
+                return None
+            self.log.event("redo", item=key, reason=problem)
+        return key, source
+
+    def load(self, i: int) -> Any:
+        """``items[i]``; a lazily built item (e.g. a VOC annotation) that cannot load is an :class:`ItemError`."""
+        try:
+            return self.spec.items[i]
+        except Exception as exc:
+            raise ItemError(error_kind(exc, default="load"), _error_message(exc)) from exc
+
+    def fail(self, key: str, kind: str, message: str, **extra: Any) -> None:
+        self.failed += 1
+        if len(self.failures) < MAX_LISTED_FAILURES:
+            self.failures.append((key, message))
+        self.manifest.record(key, "error", error=message, error_kind=kind, rank=self.info.rank, **extra)
+        self.log.event("error", item=key, kind=kind, error=message)
+
+    def item_failed(self, key: str, failure: ItemFailure, seconds: float) -> None:
+        """Record a failed item, or stop the job when the disk is full (every later item would fail too)."""
+        if failure.disk_full is not None:
+            err = _disk_full_error(failure.disk_full, self.written)
+            raise err
+        extra = {"traceback": failure.traceback} if failure.traceback else {}
+        self.fail(key, failure.kind, failure.message, seconds=round(seconds, 3), **extra)
+        _release_cuda_memory(failure.kind)
+
+    def item_done(self, key: str, done: FinishedItem, seconds: float, source: Any) -> None:
+        extra = {"source": source} if source is not None else {}
+        self.manifest.record(key, "ok", outputs=done.outputs, bytes=done.sizes, sha256=done.hashes,
+                             rank=self.info.rank, seconds=round(seconds, 3), **extra, **done.info)
+        self.written += 1
+        self.log.event("ok", item=key, seconds=round(seconds, 3))
+
+    def advance(self) -> None:
+        self.bar.update(1)
+        self.bar.set_postfix_str(f"failed={self.failed}", refresh=False)
+
+    def counts(self) -> dict[str, Any]:
+        return {"written": self.written, "skipped": self.skipped, "failed": self.failed, "failures": self.failures,
+                "items": len(self.shard)}
+
+
+def _process_serially(job: _Job, process: Callable[[Any], Any]) -> None:
+    """Today's order: load, process, hash and record one item after the other, in this process."""
+    for i in job.shard:
+        todo = job.todo(i)
+        if todo is None:
+            continue
+        key, source = todo
+        t0 = time.time()
+        try:
+            done = finished_item(process(job.load(i)), job.out_dir)
+        except KeyboardInterrupt:
+            raise
+        except Exception as exc:  # one bad item never stops the job; it is reported in the manifest
+            job.item_failed(key, item_failure(exc, job.out_dir), time.time() - t0)
+        else:
+            job.item_done(key, done, time.time() - t0, source)
+        job.advance()
+
+
+def _run(spec: JobSpec, info: D.DistInfo) -> JobSummary:
+    from tag2mask.jobs.overlap import Stages, process_overlapped
+
+    started = time.time()
+    out_dir, options = spec.out_dir, spec.options
+    prep = _collective(lambda: _prepare_folder(out_dir, spec.settings, options), info)
+
+    n = len(spec.items) if options.limit is None else max(0, min(options.limit, len(spec.items)))
     shard = range(info.rank, n, info.world_size)
-    # keys of all items (every rank computes the same list) -> duplicates are found identically
-    key_of = (lambda i: keys[i]) if keys is not None else (lambda i: key_fn(items[i]))
-    if describe is None:
-        describe = lambda i: f"item #{i} ({key_of(i)})"  # noqa: E731
-    first_index: dict[str, int] = {}
-    for i in range(n):
-        first_index.setdefault(key_of(i), i)
-    done_lines = latest_records([out_dir / MANIFEST_NAME]) if options.resume else {}
-    done = {k: r for k, r in done_lines.items() if r.get("status") == "ok"}
-    del done_lines
 
     from tqdm import tqdm
 
     bar = tqdm(total=len(shard), desc=options.desc if info.world_size == 1 else f"{options.desc} [rank 0 of {info.world_size}]",
                unit=options.unit, disable=options.quiet or not info.is_main, file=sys.stderr, dynamic_ncols=True)
-    log = JobLog(out_dir, info.rank, echo=options.verbose, bar=bar if not bar.disable else None)
-    log.event("start", world_size=info.world_size, shard_items=len(shard), total_items=n, resume=options.resume, **prep)
-    manifest = RunManifest(out_dir, f"manifest.rank{info.rank}.jsonl")
-    written = skipped = failed = 0
-    failures: list[tuple[str, str]] = []
-
-    def fail(key: str, kind: str, message: str, **extra: Any) -> None:
-        nonlocal failed
-        failed += 1
-        if len(failures) < MAX_LISTED_FAILURES:
-            failures.append((key, message))
-        manifest.record(key, "error", error=message, error_kind=kind, rank=info.rank, **extra)
-        log.event("error", item=key, kind=kind, error=message)
-
+    job = _Job(spec, info, n, shard, bar)
+    overlapped = isinstance(spec.process, Stages) and spec.process.workers > 0
+    stats: dict[str, Any] = {}
+    job.log.event("start", world_size=info.world_size, shard_items=len(shard), total_items=n, resume=options.resume,
+                  workers=spec.process.workers if overlapped else 0, **prep)
     try:
         if info.is_main:
-            for entry, message in preflight:
-                fail(entry, "labels", message)
-        for i in shard:
-            key = key_of(i)
-            if first_index[key] != i:
-                # a distinct manifest name, so this record never replaces the first item's
-                fail(f"{key} [duplicate #{i}]", "duplicate",
-                     f"{describe(i)}: same output name {key!r} as {describe(first_index[key])} "
-                     "(e.g. a.jpg and a.png in one folder); rename one of them", duplicate_of=key)
-                bar.update(1)
-                continue
-            source = _current_source(source_of, i)
-            if key in done:
-                problem = verify_outputs(out_dir, done[key])
-                if problem is None and source is not None and "source" in done[key] and done[key]["source"] != source:
-                    problem = "the input changed since it was processed"
-                if problem is None:
-                    skipped += 1
-                    bar.update(1)
-                    continue
-                log.event("redo", item=key, reason=problem)
-            t0 = time.time()
-            try:
-                try:
-                    item = items[i]
-                except Exception as exc:  # a lazily built item (e.g. a VOC annotation) that cannot load
-                    raise ItemError(error_kind(exc, default="load"), _error_message(exc)) from exc
-                result = process_fn(item)
-                if not isinstance(result, ItemOutput):
-                    result = ItemOutput(list(result))
-                outputs = [Path(p) for p in result.outputs]
-                rel = [_relative(p, out_dir) for p in outputs]
-                sizes = [p.stat().st_size for p in outputs]
-                hashes = [file_sha256(p) for p in outputs]
-            except KeyboardInterrupt:
-                raise
-            except Exception as exc:  # one bad item never stops the job; it is reported in the manifest
-                full = _disk_full(exc, out_dir, written)
-                if full is not None:  # every later item would fail the same way: stop now
-                    raise full from exc
-                kind = error_kind(exc)
-                extra = {"traceback": traceback.format_exc(limit=8)} if kind == "internal" else {}
-                fail(key, kind, _error_message(exc), seconds=round(time.time() - t0, 3), **extra)
-                _release_cuda_memory(kind)
-            else:
-                extra = {"source": source} if source is not None else {}
-                manifest.record(key, "ok", outputs=rel, bytes=sizes, sha256=hashes, rank=info.rank,
-                                seconds=round(time.time() - t0, 3), **extra, **result.info)
-                written += 1
-                log.event("ok", item=key, seconds=round(time.time() - t0, 3))
-            bar.update(1)
-            bar.set_postfix_str(f"failed={failed}", refresh=False)
+            for entry, message in spec.preflight_errors:
+                job.fail(entry, "labels", message)
+        if overlapped:
+            stats = process_overlapped(job, spec.process)
+        else:
+            _process_serially(job, spec.process)
     except DiskFullError:
         raise
     except OSError as exc:  # the manifest or the log could not be written either
-        full = _disk_full(exc, out_dir, written)
+        full = _disk_full(exc, out_dir, job.written)
         if full is None:
             raise
         raise full from exc
     finally:
         try:
-            manifest.close()
+            job.manifest.close()
         except OSError:
             pass
         bar.close()
 
-    mine = {"written": written, "skipped": skipped, "failed": failed, "failures": failures, "items": len(shard)}
-    log.event("end", **{k: v for k, v in mine.items() if k != "failures"}, seconds=round(time.time() - started, 3))
-    log.close()
+    mine = job.counts()
+    job.log.event("end", **{k: v for k, v in mine.items() if k != "failures"}, **stats,
+                  seconds=round(time.time() - started, 3))
+    job.log.close()
     per_rank = D.all_gather_object(mine)  # also the barrier: every rank has finished writing
     summary = JobSummary(
-        items=n + len(preflight),
+        items=n + len(spec.preflight_errors),
         written=sum(r["written"] for r in per_rank),
         skipped=sum(r["skipped"] for r in per_rank),
         failed=sum(r["failed"] for r in per_rank),
@@ -449,9 +463,9 @@ def _run(items, process_fn, out_dir: Path, settings, options: JobOptions, keys, 
         from tag2mask.io.atomic import atomic_write_text
 
         summary.manifest_counts = compact_manifest(out_dir)
-        if finalize is not None:
-            finalize(out_dir, summary)
-        record = dict(run_record)
+        if spec.finalize is not None:
+            spec.finalize(out_dir, summary)
+        record = dict(spec.run_record)
         record.update(summary.to_dict())
         record["per_rank"] = [{k: v for k, v in r.items() if k != "failures"} for r in per_rank]
         atomic_write_text(out_dir / "run.json", json.dumps(record, indent=2, default=str, ensure_ascii=False))
@@ -459,19 +473,6 @@ def _run(items, process_fn, out_dir: Path, settings, options: JobOptions, keys, 
 
     summary.manifest_counts = _collective(finish, info)
     return summary
-
-
-def _release_cuda_memory(kind: str) -> None:
-    """After a CUDA out-of-memory error, give cached blocks back so the next item can run."""
-    if kind != "out_of_memory":
-        return
-    try:
-        import torch
-
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-    except Exception:  # pragma: no cover - best effort only
-        pass
 
 
 def process_exit_code(summary: JobSummary) -> int:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import dataclasses
 import typing
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -34,6 +34,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tag2mask.clip.model import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
+
+if TYPE_CHECKING:  # PIL is imported lazily at run time
+    import PIL.Image
 from tag2mask.inference import multiscale_flip_logits, slide_logits
 from tag2mask.models.text_head import TextEmbeddingClassifier, TextHeadConfig
 
@@ -171,7 +174,7 @@ def json_ready(value: Any) -> Any:
 # the interface
 
 
-ImageLike = Union["np.ndarray", "PIL.Image.Image"]  # noqa: F821 - PIL imported lazily
+ImageLike = Union["np.ndarray", "PIL.Image.Image"]
 
 
 class Segmenter(nn.Module):

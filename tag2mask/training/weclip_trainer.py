@@ -223,7 +223,12 @@ class WeCLIPTask(TrainTask):
         return validate(self.model, self.val_source, self.opts.val_limit, self.ctx)
 
     def checkpoint_meta(self) -> dict[str, Any]:
-        return {"clip": dict(self.clip_ref)} if hasattr(self, "clip_ref") else {}
+        o = self.opts  # what was trained on, so a run folder says it (config.json, checkpoints)
+        meta: dict[str, Any] = {"data": {"data": str(o.data), "train_split": o.train_split,
+                                         "val_split": o.val_split, "labels": o.labels_file}}
+        if hasattr(self, "clip_ref"):
+            meta["clip"] = dict(self.clip_ref)
+        return meta
 
 
 def train_weclip(config: WeCLIPConfig, opts: TrainOptions) -> dict[str, Any]:
