@@ -115,11 +115,11 @@ def add_segmenter_parser(methods: "argparse._SubParsersAction") -> argparse.Argu
                    help="0-based iteration from which the network's own predictions replace the teacher's "
                         "(zero-shot settings: the official 2000th/4000th/8000th iteration; default off)")
     m.add_argument("--key-smoothing", type=float, default=None, metavar="T",
-                   help="teacher key smoothing threshold (official ks configs: 1.0; default 0 = off)")
+                   help="teacher key smoothing threshold (official ks configs: 1.0; off when not given)")
     m.add_argument("--prompt-denoising", type=float, default=None, metavar="T",
-                   help="teacher prompt denoising threshold (official pd configs: 0.5; default 0 = off)")
+                   help="teacher prompt denoising threshold (official pd configs: 0.5; off when not given)")
     m.add_argument("--teacher-confidence", type=float, default=None, metavar="T",
-                   help="pixels whose best teacher score is below T stay unlabelled (default 0 = off)")
+                   help="pixels whose best teacher score is below T stay unlabelled (off when not given)")
     m.add_argument("--teacher-preset", choices=("published", "default"), default=None,
                    help="the teacher's open-vocabulary preset: published (MaskCLIP's numerics and 85 templates, "
                         "default) or default (docs/open_vocabulary.md)")
