@@ -80,14 +80,15 @@ def _student_config(kind: str, args, vocab, clip):
     return maskclip_plus_config("annotation-free", vocab, model_options={"variant": "tiny"}, **common)
 
 
-def _teacher_on_crops(mcp, config, model, gt_source, n_crops: int, num_classes: int, seed: int) -> dict:
+def _teacher_on_crops(mcp, config, model, gt_source, n_crops: int, num_classes: int, seed: int,
+                      augment=None) -> dict:
     """The teacher's labels on training crops against the ground truth of the same crops."""
     from tag2mask.evaluation.miou import ConfusionMatrix
     from tag2mask.training.segmenter_task import UNLABELED, SegmentationCrops
 
     ctx = type("Ctx", (), {"device": torch.device("cpu")})()
     teacher = mcp.teacher(config, ctx, model)
-    crops = SegmentationCrops(gt_source, config.augment(), model.normalization, seed)
+    crops = SegmentationCrops(gt_source, augment or config.augment(), model.normalization, seed)
     cm = ConfusionMatrix(num_classes)
     for pos in range(n_crops):
         image, gt = crops[pos]
@@ -110,6 +111,8 @@ def main() -> int:
     ap.add_argument("--crop", type=int, default=128)
     ap.add_argument("--no-gt-reference", action="store_true", help="skip the students trained on ground truth")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--teacher-ablation", action="store_true",
+                    help="only: the teacher's label quality on train as the augmentation is added step by step")
     args = ap.parse_args()
 
     from tag2mask.cli.common import shipped_weights_path
@@ -132,6 +135,8 @@ def main() -> int:
     gt = {split: open_segmentation_data(data, split, None, num_classes) for split in ("train", "val", "test")}
     images_only = open_unlabeled_images(data, "train")
 
+    if args.teacher_ablation:
+        return _teacher_ablation(args, clip, vocab, gt["train"], num_classes, out)
     result: dict = {"splits": {s: len(v) for s, v in gt.items()}, "students": {}, "torch": torch.__version__,
                     "device": args.device, "iterations": args.iters, "batch_size": args.batch_size, "crop": args.crop,
                     "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_before": os.getloadavg()[0],
@@ -165,6 +170,33 @@ def main() -> int:
     result["load_after"] = os.getloadavg()[0]
     (out / "results.json").write_text(json.dumps(result, indent=1))
     _print(result, vocab)
+    return 0
+
+
+def _teacher_ablation(args, clip, vocab, train_gt, num_classes: int, out: Path) -> int:
+    """Where the teacher loses quality between whole images and the training crops (train split, ground truth)."""
+    from tag2mask.data.seg_augment import SegAugment
+    from tag2mask.methods.maskclip_plus import MaskClipPlus
+
+    mcp = MaskClipPlus(clip, text_cache=False)
+    config = _student_config("clip-decoder", args, vocab, clip)
+    model = mcp.network(config)
+    n = len(train_gt)
+    steps = [
+        ("whole image, no augmentation", SegAugment(crop=args.size, scale_range=(1.0, 1.0), hflip=False), n),
+        (f"{args.crop} px crop at scale 1", SegAugment(crop=args.crop, scale_range=(1.0, 1.0), hflip=False), 2 * n),
+        ("+ scale 0.75-1.25 and flip", SegAugment(crop=args.crop, scale_range=(0.75, 1.25), hflip=True), 2 * n),
+        ("+ photometric distortion (the training crops)", config.augment(), 2 * n),
+    ]
+    rows = []
+    for label, augment, count in steps:
+        s = _teacher_on_crops(mcp, config, model, train_gt, count, num_classes, seed=1, augment=augment)
+        rows.append({"step": label, "miou": s["Mean IoU"], "pixel_acc": s["Pixel Accuracy"], "class_iou": s["Class IoU"]})
+    (out / "teacher_ablation.json").write_text(json.dumps(rows, indent=1))
+    print("| teacher input (train split) | mIoU | pixel accuracy |")
+    print("|---|---:|---:|")
+    for r in rows:
+        print(f"| {r['step']} | {_pct(r['miou'])} | {_pct(r['pixel_acc'])} |")
     return 0
 
 
