@@ -74,6 +74,8 @@ def _student_config(kind: str, args, vocab, clip):
     common = dict(max_iters=args.iters, batch_size=args.batch_size, crop_size=args.crop, scale_range=(0.75, 1.25),
                   reference_size=None, test_reference_size=None, teacher=TEACHER,
                   clip_fingerprint=getattr(clip, "fingerprint", None))
+    if args.no_photometric:  # the teacher (and the student) see undistorted crops
+        common["photometric"] = False
     if kind == "clip-decoder":  # WeCLIP's decoder optimiser (AdamW 2e-3, wd 0.01), not the DeepLab SGD recipe
         return maskclip_plus_config("annotation-free", vocab, model="clip-decoder", optimizer="adamw", lr=2e-3,
                                     weight_decay=0.01, min_lr=0.0, **common)
@@ -111,6 +113,8 @@ def main() -> int:
     ap.add_argument("--crop", type=int, default=128)
     ap.add_argument("--no-gt-reference", action="store_true", help="skip the students trained on ground truth")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--no-photometric", action="store_true",
+                    help="train without the recipe's photometric distortion (the teacher labels undistorted crops)")
     ap.add_argument("--teacher-ablation", action="store_true",
                     help="only: the teacher's label quality on train as the augmentation is added step by step")
     args = ap.parse_args()
@@ -138,7 +142,8 @@ def main() -> int:
     if args.teacher_ablation:
         return _teacher_ablation(args, clip, vocab, gt["train"], num_classes, out)
     result: dict = {"splits": {s: len(v) for s, v in gt.items()}, "students": {}, "torch": torch.__version__,
-                    "device": args.device, "iterations": args.iters, "batch_size": args.batch_size, "crop": args.crop,
+                    "device": args.device, "iterations": args.iters, "photometric": not args.no_photometric,
+                    "batch_size": args.batch_size, "crop": args.crop,
                     "started": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "load_before": os.getloadavg()[0],
                     "threads": torch.get_num_threads()}
     tic = time.time()
