@@ -15,11 +15,17 @@ Pipeline, all with tag2mask's own parts and the same CLIP weights for teacher an
 4. reference: the same students with the same budget on the train split's ground truth (what the
    student could learn from perfect labels);
 5. diagnostics: the teacher's labels on the training crops scored against the ground truth of the
-   same crops (what the student was really taught), per class.
+   same crops (what the student was really taught), per class; ``--teacher-ablation`` scores them
+   as the augmentation is added step by step (whole image, crop, scale + flip, photometric
+   distortion); ``--no-photometric`` trains without the distortion (the official pipeline feeds
+   the teacher the student's distorted crop).
 
     PYTHONPATH=. python benchmarks/maskclip_plus_synth.py --out /tmp/mcpbench            # ~25 min on 2 busy cores
     PYTHONPATH=. python benchmarks/maskclip_plus_synth.py --out /tmp/mcpbench --students clip-decoder deeplab-v2 \
         --size 224 --crop 160 --iters 2000 --device cuda                                    # a GPU run
+
+    PYTHONPATH=. python benchmarks/maskclip_plus_synth.py --out /tmp/mcpbench --teacher-ablation     # ~3 min
+    PYTHONPATH=. python benchmarks/maskclip_plus_synth.py --out /tmp/mcpbench_np --no-photometric --no-gt-reference
 
 The scratch DeepLab-v2 student costs ~10 s/iteration at crop 160 on 2 busy cores, so the default
 runs the clip-decoder student only.
