@@ -20,7 +20,7 @@ Pipeline, all with tag2mask's own parts and the same CLIP weights for teacher an
    distortion); ``--no-photometric`` trains without the distortion (the official pipeline feeds
    the teacher the student's distorted crop).
 
-    PYTHONPATH=. python benchmarks/maskclip_plus_synth.py --out /tmp/mcpbench            # ~25 min on 2 busy cores
+    PYTHONPATH=. python benchmarks/maskclip_plus_synth.py --out /tmp/mcpbench            # ~35 min on 2 busy cores
     PYTHONPATH=. python benchmarks/maskclip_plus_synth.py --out /tmp/mcpbench --students clip-decoder deeplab-v2 \
         --size 224 --crop 160 --iters 2000 --device cuda                                    # a GPU run
 
