@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import torch
 
 from _seg_double import make_dataset
 from tag2mask.training.logs import read_log
