@@ -12,6 +12,9 @@ A :class:`SegmentationSource` is a list of ``(name, image file, mask file)`` pai
   (0 background, class id + 1, 255 ignore) exactly as ``tag2mask label`` writes them, given as the
   folder of PNGs or as the label run folder (its ``masks/``; its ``run.json`` also names the classes).
 
+:func:`open_unlabeled_images` lists images without any mask (a teacher labels every pixel:
+MaskCLIP+'s annotation-free training on web images).
+
 Masks are matched to images by relative path without extension (``masks/sub/a.png`` ↔
 ``images/sub/a.jpg``, any image extension). Values must be class ids below ``num_classes`` or 255;
 anything else is an error naming the file.
@@ -28,7 +31,8 @@ import numpy as np
 
 from tag2mask.data.datasets import IMAGE_SUFFIXES, detect_dataset
 
-__all__ = ["SegItem", "SegmentationSource", "open_segmentation_data", "pseudo_label_classes", "IGNORE"]
+__all__ = ["SegItem", "SegmentationSource", "UnlabeledImages", "open_segmentation_data", "open_unlabeled_images",
+           "pseudo_label_classes", "IGNORE"]
 
 IGNORE = 255
 
@@ -70,6 +74,45 @@ class SegmentationSource:
                 raise ValueError(f"{item.mask}: label values {bad[:8].tolist()} are not classes 0..{self.num_classes - 1} "
                                  f"or {IGNORE} (ignore); wrong --classes?")
         return item.name, rgb, mask
+
+
+class UnlabeledImages(SegmentationSource):
+    """Images without masks: ``load`` gives an all-zero mask and ``all_unlabeled`` tells trainers that
+    every pixel is unlabelled (the mask carries no label, only the image size)."""
+
+    all_unlabeled = True
+
+    def load(self, i: int) -> tuple[str, np.ndarray, np.ndarray]:
+        from tag2mask.data.images import load_image_array
+
+        item = self.items[i]
+        rgb = load_image_array(item.image)
+        return item.name, rgb, np.zeros(rgb.shape[:2], np.uint8)
+
+
+def open_unlabeled_images(data: Union[str, Path], split: Optional[str] = None) -> UnlabeledImages:
+    """The images of a VOC/COCO split (``split`` as in :func:`open_segmentation_data`) or of an image folder."""
+    data = Path(data)
+    kind = detect_dataset(data)
+    if kind is None:
+        raise FileNotFoundError(f"{data}: not a VOC/COCO root or an image folder")
+    root = data / "VOC2012" if kind == "voc" and not (data / "JPEGImages").is_dir() else data
+    image_dir = root / "JPEGImages" if kind in ("voc", "coco") else data
+    images = _index_files(image_dir, IMAGE_SUFFIXES)
+    if split is not None and kind in ("voc", "coco"):
+        split_path = Path(split)
+        if not split_path.is_file():
+            split_path = (root / "ImageSets" / "Segmentation" / f"{split}.txt" if kind == "voc"
+                          else root / (split if split.endswith(".txt") else f"{split}.txt"))
+        names = _split_names(split_path)
+        missing = [n for n in names if n not in images]
+        if missing:
+            raise _missing("images", missing, image_dir)
+    else:
+        names = sorted(k for k, p in images.items() if p.relative_to(image_dir).with_suffix("").as_posix() == k)
+    if not names:
+        raise ValueError(f"no images in {image_dir}")
+    return UnlabeledImages([SegItem(n, images[n], images[n]) for n in names], None, f"{image_dir} (no masks)")
 
 
 def _split_names(path: Path) -> list[str]:

@@ -1,11 +1,16 @@
 """Prediction, scoring and export for trained segmenters (validation, end of run, ``segment --checkpoint``).
 
 Prediction of one image: normalise with the network's ``normalization``; optionally resize so the
-long side is ``test_long_side``; logits from the network's ``predict_logits`` (whole image or
+long side is ``test_long_side``, or to fit ``test_reference_size = (long, short)`` keeping the aspect
+ratio (mmseg's test ``Resize(img_scale, keep_ratio=True)``); logits from the network's ``predict_logits`` (whole image or
 sliding window, scales, flip: :mod:`tag2mask.models`) or, for a bare network, one forward pass;
 bilinear to the image size; argmax. Scores use the same confusion matrix and report layout as
 ``tag2mask eval`` (``eval.json``: ``mode``, ``num_images``, ``class_names``, ``scores``,
-``per_image_miou``), so ``tag2mask eval OUT/eval/masks --gt GT`` gives the same numbers.
+``per_image_miou``), so ``tag2mask eval OUT/eval/masks --gt GT`` gives the same numbers (except with
+``reduce_zero_label``, where the ground truth's background is not scored and the written masks hold
+the network's labels). A recipe that hid some classes' labels during training (``unlabeled_classes``,
+a strict subset: transductive zero-shot) also gets ``zero_shot``: mIoU over the seen and the unseen
+classes and their harmonic mean (hIoU).
 """
 
 from __future__ import annotations
@@ -34,9 +39,12 @@ def predict_logits(model: nn.Module, rgb: np.ndarray, config: Any) -> torch.Tens
     x = torch.from_numpy(np.array(rgb, dtype=np.float32)).to(device).permute(2, 0, 1)[None] / 255.0
     x = model.normalization(x)
     long_side = getattr(config, "test_long_side", None)
-    if long_side and long_side != max(h, w):
-        r = long_side / max(h, w)
-        x = F.interpolate(x, size=(max(1, int(h * r)), max(1, int(w * r))), mode="bilinear", align_corners=False)
+    box = getattr(config, "test_reference_size", None)
+    r = long_side / max(h, w) if long_side else (min(box[0] / max(h, w), box[1] / min(h, w)) if box else 1.0)
+    if r != 1.0:
+        # mmcv rescale: int(side * r + 0.5)
+        size = (max(1, int(h * r + 0.5)), max(1, int(w * r + 0.5))) if box else (max(1, int(h * r)), max(1, int(w * r)))
+        x = F.interpolate(x, size=size, mode="bilinear", align_corners=False)
     if hasattr(model, "predict_logits"):
         logits = model.predict_logits(x, mode=config.test_mode, crop=config.test_crop, stride=config.test_stride,
                                       scales=tuple(config.test_scales), flip=config.test_flip)
@@ -61,11 +69,16 @@ def evaluate_source(model: nn.Module, source: SegmentationSource, config: Any, c
     was_training = model.training
     model.eval()
     num_classes = config.num_classes
+    reduce_zero = bool(getattr(config, "reduce_zero_label", False))
     total = ConfusionMatrix(num_classes, IGNORE)
     per_image: dict[str, Optional[float]] = {}
     n = len(source) if limit is None else min(limit, len(source))
     for i in range(rank, n, world):
         name, rgb, gt = source.load(i)
+        if reduce_zero:
+            from tag2mask.training.segmenter_task import reduce_zero_label
+
+            gt = reduce_zero_label(gt)
         with ctx.autocast() if ctx is not None else nullcontext():
             logits = predict_logits(model, rgb, config)
         pred = logits.argmax(dim=0).cpu().numpy().astype(np.uint8)
@@ -85,6 +98,13 @@ def evaluate_source(model: nn.Module, source: SegmentationSource, config: Any, c
             per_image = merged
     report = {"mode": "labels", "num_images": n, "class_names": config.class_names, "scores": total.scores(),
               "per_image_miou": dict(sorted(per_image.items())), "data": source.description}
+    unseen = sorted({int(c) for c in getattr(config, "unlabeled_classes", ()) if 0 <= int(c) < num_classes})
+    if 0 < len(unseen) < num_classes:
+        from tag2mask.evaluation.miou import seen_unseen_scores
+
+        seen_miou, unseen_miou, hiou = seen_unseen_scores(report["scores"]["Class IoU"], unseen)
+        report["zero_shot"] = {"unseen_classes": [config.class_names[c] for c in unseen], "miou_seen": seen_miou,
+                               "miou_unseen": unseen_miou, "hiou": hiou}
     if write_dir is not None and rank == 0:
         from tag2mask.io.atomic import atomic_write_text
         from tag2mask.jobs.checkpoint import honour_umask

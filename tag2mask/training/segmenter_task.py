@@ -9,19 +9,28 @@ stepped every N iterations, with warm-up and a floor). The network is built by a
 task does not depend on which network is trained.
 
 Hooks for teacher-student recipes (MaskCLIP+, CLIP-ZSS): label values listed in
-``unlabeled_classes`` become *unlabelled* (-1) in the training crops; a ``teacher`` callable fills
-those pixels of the same augmented crop (``teacher(images, target, iteration) -> target``), and from
-the iteration ``self_train_from`` on the network's own predictions (argmax over the unlabelled
-classes) fill them instead. Pixels still unlabelled, the masks' 255 and the crop padding are ignored.
-The phase is a function of the iteration, so it survives a resume; a teacher's own state goes into
-the checkpoint through its ``state_dict``/``load_state_dict`` if it has them.
+``unlabeled_classes`` become *unlabelled* (-1) in the training crops (every pixel but the padding
+and the masks' 255 when the source says ``all_unlabeled``: images without masks); a ``teacher``
+callable fills those pixels of the same augmented crop (``teacher(images, target, iteration) ->
+target``), and from the iteration ``self_train_from`` on the network's own predictions (argmax over
+the unlabelled classes, from a forward pass in training mode that leaves the BatchNorm running
+statistics untouched) fill them instead. Pixels still unlabelled, the masks' 255 and the crop
+padding are ignored. The phase is a function of the iteration, so it survives a resume; a teacher's
+own state goes into the checkpoint through its ``state_dict``/``load_state_dict`` if it has them.
+A ``teacher_factory(config, ctx, network)`` builds the teacher in ``setup`` from the recipe actually run
+(after a resume: the stored one, including its ``teacher`` settings).
+
+``reduce_zero_label`` (mmseg's name) reads masks in the VOC layout (0 = background) for a network
+without a background class: mask value 0 is ignored and every class value drops by one, in the
+training crops and in the scored ground truth.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 from dataclasses import asdict, dataclass, field, fields
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
@@ -34,13 +43,14 @@ from tag2mask.training.schedule import poly_warmup_multiplier
 from tag2mask.training.stream import EpochOrder, position_loader
 
 __all__ = ["SegmenterConfig", "SEGMENTER_PRESETS", "segmenter_preset", "SegmenterTask", "SegmentationCrops",
-           "UNLABELED", "build_network", "fill_unlabeled"]
+           "UNLABELED", "build_network", "fill_unlabeled", "reduce_zero_label"]
 
 #: target value of pixels a teacher (or self-training) may label
 UNLABELED = -1
 
 ModelFactory = Callable[["SegmenterConfig"], nn.Module]
 Teacher = Callable[[torch.Tensor, torch.Tensor, int], torch.Tensor]
+TeacherFactory = Callable[["SegmenterConfig", TrainContext, nn.Module], Teacher]
 
 
 @dataclass
@@ -69,6 +79,7 @@ class SegmenterConfig:
     reference_size: Optional[tuple[int, int]] = None
     hflip: bool = True
     photometric: bool = False
+    reduce_zero_label: bool = False
     unlabeled_classes: tuple[int, ...] = ()
     # optimisation
     batch_size: int = 10
@@ -89,8 +100,9 @@ class SegmenterConfig:
     max_grad_norm: Optional[float] = None
     sync_bn: bool = False
     ddp_find_unused: bool = False
-    # teacher -> self-training switch (MaskCLIP+)
+    # teacher -> self-training switch (MaskCLIP+); the teacher's settings, read by the method that builds it
     self_train_from: Optional[int] = None
+    teacher: dict = field(default_factory=dict)
     # validation / final evaluation
     test_mode: str = "whole"
     test_crop: int = 512
@@ -98,6 +110,7 @@ class SegmenterConfig:
     test_scales: tuple[float, ...] = (1.0,)
     test_flip: bool = False
     test_long_side: Optional[int] = None
+    test_reference_size: Optional[tuple[int, int]] = None
 
     def __post_init__(self) -> None:
         if self.optimizer not in ("sgd", "adamw"):
@@ -106,10 +119,23 @@ class SegmenterConfig:
             raise ValueError(f"test_mode must be 'whole' or 'slide', got {self.test_mode!r}")
         if self.lr_step < 1 or self.max_iters < 1 or self.batch_size < 1 or self.crop_size < 1:
             raise ValueError("lr_step, max_iters, batch_size and crop_size must be positive")
+        if self.reduce_zero_label and self.background:
+            raise ValueError("reduce_zero_label ignores the masks' background: the network then has no background "
+                             "class (background=False)")
+        if self.test_long_side and self.test_reference_size:
+            raise ValueError("give test_long_side or test_reference_size, not both")
+        bad = [c for c in self.unlabeled_classes if not 0 <= int(c) < self.num_classes]
+        if bad and self.classes:
+            raise ValueError(f"unlabeled_classes {bad} are not label values 0..{self.num_classes - 1}")
 
     @property
     def num_classes(self) -> int:
         return len(self.classes) + (1 if self.background else 0)
+
+    @property
+    def mask_num_classes(self) -> int:
+        """Label values the masks may hold besides 255 (one more than the network's with ``reduce_zero_label``)."""
+        return self.num_classes + (1 if self.reduce_zero_label else 0)
 
     @property
     def class_names(self) -> list[str]:
@@ -130,8 +156,23 @@ class SegmenterConfig:
         unknown = sorted(set(d) - set(names))
         if unknown:
             raise ValueError(f"unknown segmenter config keys: {unknown}")
-        return cls(**{k: tuple(v) if isinstance(v, list) and k != "model_options" else v for k, v in d.items()})
+        return cls(**{k: tuple(v) if isinstance(v, list) and k not in ("model_options", "teacher") else v
+                      for k, v in d.items()})
 
+
+# FMA-WSSS stage 2: Mask2Former Swin-L (ImageNet-22k) on the fine seeds, the official run's
+# "m2f-sl22-bt4-80k-512x" (batch 4, 80k iterations, crop 512; its mmseg fork is unpublished) with mmseg's
+# Mask2Former recipe: AdamW lr 1e-4 with the backbone at x0.1 (so lr = 1e-5, head x10), weight decay 0.05,
+# gradient norm clipped at 0.01, poly 0.9 to 0; short side 512 x {0.5, 0.6, ..., 2.0}, crop 512, flip,
+# PhotoMetricDistortion; test: whole image resized to fit (2048, 512).
+_FMA: dict[str, Any] = dict(
+    model="mask2former", model_options={"backbone": "swin-large"},
+    crop_size=512, scales=tuple(round(0.1 * x, 1) for x in range(5, 21)), reference_size=(2048, 512),
+    hflip=True, photometric=True, batch_size=4, max_iters=80000, optimizer="adamw", lr=1e-5, weight_decay=0.05,
+    betas=(0.9, 0.999), head_lr_mult=10.0, head_bias_lr_mult=10.0, head_bias_weight_decay=False, poly_power=0.9,
+    lr_step=1, min_lr=0.0, max_grad_norm=0.01, sync_bn=True, ddp_find_unused=True, test_mode="whole",
+    test_scales=(1.0,), test_flip=False, test_reference_size=(2048, 512),
+)
 
 #: published recipes; the CLI applies them under --preset (see docs/segmenter.md)
 SEGMENTER_PRESETS: dict[str, dict[str, Any]] = {
@@ -156,6 +197,25 @@ SEGMENTER_PRESETS: dict[str, dict[str, Any]] = {
         warmup_iters=50, warmup_ratio=1e-6, test_mode="whole", test_scales=(1.0, 0.75), test_flip=True,
         test_long_side=512,
     ),
+    # MaskCLIP+ (configs/maskclip_plus, mmseg 0.20.2): DeepLab-v2 with ASPPHeadV2 (conv+BN+ReLU branches to
+    # the text dim, summed) over ResNet-101 v1c (stride 8, contract_dilation, BN trained, SyncBN on several
+    # GPUs), classified by the frozen text embeddings (dot product); SGD lr 0.01 on every parameter, weight
+    # decay 5e-4 on every parameter, poly 0.9 with mmcv's floor 1e-4, batch 4 x 4 GPUs; Resize to fit
+    # (2048, 512) x U(0.5, 2), crop 512, flip, PhotoMetricDistortion; CE divided by all pixels (mmseg 0.20).
+    # methods/maskclip_plus.py adds the data set settings (splits, schedules) and the teacher.
+    "maskclip+": dict(
+        model="deeplab-v2",
+        model_options={"aspp": "bn", "norm_eval": False, "backbone_style": "v1c", "contract_dilation": True,
+                       "loss_average_over_ignored": True, "text_head": {"similarity": "dot"}},
+        crop_size=512, scales=(), scale_range=(0.5, 2.0), reference_size=(2048, 512), hflip=True, photometric=True,
+        batch_size=16, max_iters=2000, optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4,
+        head_lr_mult=1.0, head_bias_lr_mult=1.0, head_bias_weight_decay=True, poly_power=0.9, lr_step=1, min_lr=1e-4,
+        sync_bn=True, test_mode="whole", test_scales=(1.0,), test_flip=False, test_reference_size=(2048, 512),
+    ),
+    # FMA-WSSS stage 2 (VOC): see _FMA; checkpoint iter_30000 of the 80k schedule reported as the best
+    "fma": _FMA,
+    # FMA-WSSS stage 2 on COCO-2014: "m2f-sl22-bt4-100k-512x", checkpoint iter_90000 reported
+    "fma:coco": {**_FMA, "max_iters": 100000},
 }
 
 
@@ -184,14 +244,24 @@ def fill_unlabeled(target: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     return torch.where(target == UNLABELED, labels.to(target.dtype), target)
 
 
+def reduce_zero_label(mask: Any) -> Any:
+    """mmseg's ``reduce_zero_label`` on a label map (NumPy or torch): 0 -> 255, 255 stays, ``v`` -> ``v - 1``."""
+    if isinstance(mask, torch.Tensor):
+        return torch.where((mask == 0) | (mask == IGNORE), torch.full_like(mask, IGNORE), mask - 1)
+    mask = np.asarray(mask)
+    return np.where((mask == 0) | (mask == IGNORE), IGNORE, mask.astype(np.int64) - 1).astype(mask.dtype)
+
+
 class SegmentationCrops(torch.utils.data.Dataset):
     """Training crops indexed by stream position: ``crops[pos] -> (image (3, S, S), target (S, S) int64)``."""
 
     def __init__(self, source: SegmentationSource, augment: SegAugment, normalize: Callable, seed: int,
-                 unlabeled_classes: Sequence[int] = ()) -> None:
+                 unlabeled_classes: Sequence[int] = (), reduce_zero: bool = False) -> None:
         self.source, self.augment, self.normalize, self.seed = source, augment, normalize, int(seed)
         self.order = EpochOrder(len(source), self.seed)
         self.unlabeled = torch.tensor(sorted(set(int(c) for c in unlabeled_classes)), dtype=torch.int64)
+        self.reduce_zero = reduce_zero
+        self.all_unlabeled = bool(getattr(source, "all_unlabeled", False))
 
     def __len__(self) -> int:
         return len(self.source)
@@ -199,9 +269,27 @@ class SegmentationCrops(torch.utils.data.Dataset):
     def __getitem__(self, pos: int) -> tuple[torch.Tensor, torch.Tensor]:
         _, rgb, mask = self.source.load(self.order(pos))
         image, target = self.augment(rgb, mask, np.random.default_rng([self.seed, int(pos)]), self.normalize)
+        if self.all_unlabeled:  # images without masks: everything but the padding (and 255) is the teacher's
+            return image, torch.where(target == IGNORE, target, torch.full_like(target, UNLABELED))
+        if self.reduce_zero:
+            target = reduce_zero_label(target)
         if self.unlabeled.numel():
             target = torch.where(torch.isin(target, self.unlabeled), torch.full_like(target, UNLABELED), target)
         return image, target
+
+
+@contextlib.contextmanager
+def _norm_statistics_kept(model: nn.Module) -> Iterator[None]:
+    """Run forward passes that leave every BatchNorm's running statistics (and batch count) as they were."""
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in norms]
+    try:
+        yield
+    finally:
+        for m, (mean, var, count) in zip(norms, saved):
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(count)
 
 
 class _LossForward(nn.Module):
@@ -224,6 +312,8 @@ class SegmenterTask(TrainTask):
         val_source: pairs scored by :meth:`validate` and at the end of the run (optional).
         model_factory: ``config -> network``; default :func:`build_network`.
         teacher: fills unlabelled pixels before ``self_train_from`` (see the module docstring).
+        teacher_factory: ``(config, ctx, network) -> teacher``, called in :meth:`setup` with the recipe
+            in force and the built network (instead of ``teacher``).
         val_limit: validate on at most this many pairs (the final evaluation uses all).
         evaluate_at_end: predict ``val_source`` after the last iteration, write ``OUT/eval/masks`` and
             ``OUT/eval/eval.json`` (``tag2mask eval``'s format) and export ``OUT/model.safetensors``.
@@ -234,10 +324,13 @@ class SegmenterTask(TrainTask):
     def __init__(self, config: SegmenterConfig, train_source: SegmentationSource,
                  val_source: Optional[SegmentationSource] = None, model_factory: Optional[ModelFactory] = None,
                  teacher: Optional[Teacher] = None, val_limit: Optional[int] = None,
-                 evaluate_at_end: bool = True) -> None:
+                 evaluate_at_end: bool = True, teacher_factory: Optional[TeacherFactory] = None) -> None:
+        if teacher is not None and teacher_factory is not None:
+            raise ValueError("pass a teacher or a teacher_factory, not both")
         self.config, self.train_source, self.val_source = config, train_source, val_source
         self.model_factory = model_factory or build_network
         self.teacher, self.val_limit, self.evaluate_at_end = teacher, val_limit, evaluate_at_end
+        self.teacher_factory = teacher_factory
         self.max_grad_norm = config.max_grad_norm
         self.find_unused_parameters = config.ddp_find_unused
         self.final_eval: Optional[dict[str, Any]] = None
@@ -268,6 +361,8 @@ class SegmenterTask(TrainTask):
         self.model = model.train()
         self.loss_forward = ctx.ddp(_LossForward(self.model))
         self.frozen = tuple(self.model.frozen_prefixes()) if hasattr(self.model, "frozen_prefixes") else ()
+        if self.teacher_factory is not None:
+            self.teacher = self.teacher_factory(self.config, ctx, self.model)
 
     def modules(self) -> dict[str, nn.Module]:
         return {"model": self.model}
@@ -321,7 +416,7 @@ class SegmenterTask(TrainTask):
         if normalize is None:
             raise ValueError(f"{type(self.model).__name__} has no 'normalization' (the mean/std of its inputs)")
         crops = SegmentationCrops(self.train_source, self.config.augment(), normalize, ctx.seed,
-                                  self.config.unlabeled_classes)
+                                  self.config.unlabeled_classes, self.config.reduce_zero_label)
         return position_loader(crops, start, end, self.config.batch_size, ctx.rank, ctx.world_size,
                                num_workers=ctx.num_workers, seed=ctx.seed, pin_memory=ctx.device.type == "cuda")
 
@@ -344,7 +439,9 @@ class SegmenterTask(TrainTask):
     @torch.no_grad()
     def _label_unlabeled(self, images: torch.Tensor, target: torch.Tensor, iteration: int, phase: str) -> torch.Tensor:
         if phase == "self":
-            with self.ctx.autocast():
+            # the labels come from the network as it trains (batch statistics), but only the loss
+            # forward may update the running statistics, as in a single-forward implementation
+            with _norm_statistics_kept(self.model), self.ctx.autocast():
                 logits = self.model(images).float()
             if tuple(logits.shape[-2:]) != tuple(target.shape[-2:]):
                 logits = nn.functional.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)

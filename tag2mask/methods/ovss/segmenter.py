@@ -332,13 +332,14 @@ class OpenVocabSegmenter:
                                              pos_scale_offset=_HARNESS_POS_OFFSET)
         return self.visual.forward_dense(images, last_block=block_fn)
 
-    def _dense(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised ``(n, 3, h, w)`` -> (features ``(n, D, gh, gw)`` unit norm, prompt logits ``(n, S, gh, gw)``).
+    def dense_features(self, images: torch.Tensor, with_keys: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """The method's dense features of normalised ``(n, 3, h, w)`` images (in this segmenter's mean/std).
 
-        Logits are cosine similarities (PD sets removed prompts to -100; KS turns them into
-        smoothed scores). With MaskCLIP numerics a ViT input is zero-padded bottom/right to a
-        multiple of the patch size first (mmseg ``PatchEmbed(padding='corner')``); otherwise the
-        patch grid floors.
+        Returns ``(features (n, D, gh, gw) float32 L2-normalised over D, keys)``; ``keys`` are the
+        last block's keys ``(n, gh*gw, C)`` in row-major grid order (what key smoothing uses) when
+        ``with_keys``, else ``None``. With MaskCLIP numerics a ViT input is zero-padded bottom/right
+        to a multiple of the patch size first (mmseg ``PatchEmbed(padding='corner')``); otherwise
+        the patch grid floors.
         """
         keys = None
         if self.is_vit:
@@ -348,7 +349,7 @@ class OpenVocabSegmenter:
                 images = F.pad(images, (0, (-w) % p, 0, (-h) % p))
             captured: dict[str, torch.Tensor] = {}
             block_fn = self._last_block
-            if self.key_smoothing > 0:
+            if with_keys:
                 def capturing_block(block, x, grid):  # noqa: E306 - capture the keys on the way through
                     captured["keys"] = maskclip_keys(block, x)[:, 1:]
                     return self._last_block(block, x, grid)
@@ -360,16 +361,26 @@ class OpenVocabSegmenter:
             fmap = self.visual.forward_features(images)
             gh, gw = fmap.shape[-2:]
             tokens = self.visual.attnpool.dense_values(fmap).flatten(2).transpose(1, 2)  # (n, hw, D)
-            if self.key_smoothing > 0:
+            if with_keys:
                 keys = self.visual.attnpool.dense_keys(fmap)
         feats = F.normalize(tokens.float(), dim=-1)
         n = feats.shape[0]
-        logits = (feats @ self.text.T).transpose(1, 2).reshape(n, -1, gh, gw)
+        return feats.transpose(1, 2).reshape(n, -1, gh, gw), (keys.float() if keys is not None else None)
+
+    def _dense(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised ``(n, 3, h, w)`` -> (features ``(n, D, gh, gw)`` unit norm, prompt logits ``(n, S, gh, gw)``).
+
+        Logits are cosine similarities (PD sets removed prompts to -100; KS turns them into
+        smoothed scores); see :meth:`dense_features` for the input padding.
+        """
+        feats, keys = self.dense_features(images, with_keys=self.key_smoothing > 0)
+        n, _, gh, gw = feats.shape
+        logits = (feats.flatten(2).transpose(1, 2) @ self.text.T).transpose(1, 2).reshape(n, -1, gh, gw)
         if self.prompt_denoising > 0:
             logits = prompt_denoise(logits, self.prompt_denoising)
         if self.key_smoothing > 0 and keys is not None:
-            logits = key_smooth(logits, keys.float(), self.key_smoothing, paper_form=self.ks_paper_form)
-        return feats.transpose(1, 2).reshape(n, -1, gh, gw), logits
+            logits = key_smooth(logits, keys, self.key_smoothing, paper_form=self.ks_paper_form)
+        return feats, logits
 
     @torch.no_grad()
     def dense_logits(self, images: torch.Tensor) -> torch.Tensor:
