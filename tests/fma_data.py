@@ -48,12 +48,18 @@ def prompt_settings() -> list[str]:
 
 @lru_cache(maxsize=1)
 def fixture_clip():
-    """The tiny CLIP with the official FMA-WSSS loader numerics (fp16-rounded weights, exact pos-emb)."""
+    """The tiny CLIP loaded plainly (float32 weights): FMAClip applies FMA-WSSS's numerics itself."""
     from tag2mask.clip.loading import load_clip
 
-    model = load_clip(TINY_CLIP, round_fp16_weights=True)
-    assert not model.visual.round_pos_embed_fp16
-    return model
+    return load_clip(TINY_CLIP)
+
+
+def fma_model(setting: str, clip=None):
+    """:class:`FMAClip` over the fixture CLIP with the prompts of ``files.prompt.<setting>``."""
+    from tag2mask.methods.fma.model import FMAClip
+
+    return FMAClip(clip if clip is not None else fixture_clip(), prompt_learner(setting),
+                   n_fg=files()["prompt"][setting]["n_fg"])
 
 
 def prompt_learner(setting: str):

@@ -153,3 +153,28 @@ def test_caa_boxes_and_refinement(case, config):
 def test_caa_settings_validate():
     with pytest.raises(ValueError, match="refine"):
         CAASettings(refine="both")
+
+
+def test_caa_runs_through_the_shared_cam_pipeline(monkeypatch):
+    """config.py only chooses settings: the refinement is the CAM pipeline's, with FMA's mapping."""
+    import tag2mask.methods.fma.config as fma_config
+    from tag2mask.localization import cam_pipeline
+
+    calls = []
+
+    def spy(cams, affinity, settings):
+        calls.append(settings)
+        return cam_pipeline.refine_with_affinity(cams, affinity, settings)
+
+    monkeypatch.setattr(fma_config, "refine_with_affinity", spy)
+    case = D.cases("caa")[0]
+    z, i, att, cam = _caa_inputs(case)
+    for name, cfg in case["configs"].items():
+        settings = CAASettings(rounds=cfg["n_iter"], power=cfg["n_iters"], threshold=cfg["thresh"], refine=cfg["aff_at"])
+        out = caa_refine(att, cam, settings)
+        D.assert_close(out.numpy(), z[f"{i}_{name}_out"], cfg["tolerance"]["tol_abs"], f"{i} {name} out")
+        s = calls[-1]
+        assert (s.sinkhorn_rounds, s.affinity_power, s.box_threshold, s.propagate) == \
+            (cfg["n_iter"], cfg["n_iters"], cfg["thresh"], cfg["aff_at"])
+        assert s.score == "clamp_minmax" and s.attention_dtype == "float16" and s.box_edge_quirk
+    assert len(calls) == len(case["configs"])

@@ -54,13 +54,13 @@ def test_prompt_assembly_is_exact(setting):
 def test_text_features(setting):
     z = D.arrays("prompt")
     tol = D.files()["prompt"][setting]["tolerance"]["text_features"]["tol_abs"]
-    learner = D.prompt_learner(setting)
+    model = D.fma_model(setting)
     with torch.no_grad():
-        feats = learner.text_features(D.fixture_clip())
+        feats = model.text_features()
     D.assert_close(feats.numpy(), z[f"{setting}_text_features"], tol, f"{setting} text_features")
-    sub = torch.tensor([0, learner.num_classes - 1])
+    sub = torch.tensor([0, model.prompts.num_classes - 1])
     with torch.no_grad():
-        part = learner.text_features(D.fixture_clip(), rows=sub)
+        part = model.text_features(rows=sub)
     D.assert_close(part.numpy(), feats[sub].numpy(), 1e-6, "subset of rows")
 
 
@@ -79,8 +79,7 @@ def test_initial_context_of_the_real_run():
 def _run(case, create_graph: bool, vjp_mode: str = "auto"):
     z = D.arrays("image_gradcam")
     c = case["name"]
-    learner = D.prompt_learner(case["setting"])
-    model = FMAClip(D.fixture_clip(), learner, n_fg=D.files()["prompt"][case["setting"]]["n_fg"])
+    model = D.fma_model(case["setting"])
     x = D.normalise(z[f"{c}_img_u8"])
     pad = z.get(f"{c}_padding_mask")
     out = model(x, torch.from_numpy(z[f"{c}_fg_cls_lb"]), None if pad is None else torch.from_numpy(pad),
@@ -210,3 +209,32 @@ def test_model_rejects_images_without_positives():
     labels[0, 0] = 1
     with pytest.raises(ValueError, match="no positive"):
         model(torch.zeros(2, 3, 32, 32), labels)
+
+
+def test_numerics_are_applied_by_the_method_and_leave_the_callers_clip_alone():
+    """FMAClip rounds the weights itself: a plain float32 CLIP and a CLIP loaded with the official
+    rounding give the same outputs and context gradients, and the plain CLIP keeps its weights."""
+    from tag2mask.clip.loading import load_clip
+    from tag2mask.clip.numerics import NUMERICS, weights_are_fp16_exact
+
+    case = TRAIN_CASES[0]
+    z = D.arrays("image_gradcam")
+    c = case["name"]
+    plain = load_clip(D.TINY_CLIP)
+    assert not weights_are_fp16_exact(plain)
+    before = {k: v.clone() for k, v in plain.state_dict().items()}
+    results = []
+    for clip in (plain, load_clip(D.TINY_CLIP, round_fp16_weights=True)):
+        model = D.fma_model(case["setting"], clip)
+        assert (model.clip is clip) == (clip is not plain) and not model.numerics.copies_weights
+        out = model(D.normalise(z[f"{c}_img_u8"]), torch.from_numpy(z[f"{c}_fg_cls_lb"]), create_graph=True)
+        (out.pos_cam.square().sum() + out.logits.sum()).backward()  # backward after the call returned
+        results.append((out.logits.detach(), out.pos_cam.detach(), model.prompts.ctx.grad.clone()))
+    for a, b in zip(*results):
+        assert torch.equal(a, b)
+    after = plain.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before), "the caller's float32 weights must be kept"
+    # float32 numerics (models trained in float32) differ from the official rounding
+    model = FMAClip(plain, D.prompt_learner(case["setting"]), n_fg=model.n_fg, numerics=NUMERICS["float32"])
+    with torch.no_grad():
+        assert not torch.equal(model.text_features(), D.fma_model(case["setting"], plain).text_features())

@@ -299,3 +299,40 @@ def test_two_process_torchrun_equals_one_process(tmp_path):
     assert la.keys() == lb.keys()
     for it in la:
         assert la[it] == pytest.approx(lb[it], rel=1e-5, abs=1e-7)
+
+
+class _PlainToy(ToyTask):
+    """The toy regression without its running feature mean (which would advance once per micro-batch)."""
+
+    def step(self, batch, iteration: int):
+        x, y = batch
+        pred = self.wrapped(x).squeeze(1)
+        return {"loss": ((pred - y) ** 2).mean(), "rows": x.shape[0]}
+
+
+class _AccumulatedToy(_PlainToy):
+    accumulation_steps = 2
+
+    def batches(self, start: int, end: int):
+        for x, y in super().batches(start, end):
+            yield [(x[:1], y[:1]), (x[1:], y[1:])]  # one sample each: the mean of the two losses = the batch loss
+
+
+def test_gradient_accumulation_steps_once_per_iteration(tmp_path):
+    train(_PlainToy(iters=5, batch=2, dropout=0.0, switch_at=None), _opts(tmp_path / "one", ckpt_every=5))
+    train(_AccumulatedToy(iters=5, batch=2, dropout=0.0, switch_at=None), _opts(tmp_path / "acc", ckpt_every=5))
+    wa, wb = _weights(tmp_path / "one"), _weights(tmp_path / "acc")
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-6, atol=1e-7)
+    la, lb = _losses(tmp_path / "one"), _losses(tmp_path / "acc")
+    assert la.keys() == lb.keys() == set(range(1, 6))  # one optimiser step and one row per iteration
+    assert all(la[i] == pytest.approx(lb[i], rel=1e-6) for i in la)
+    assert {r["rows"] for r in read_log(tmp_path / "acc" / "train_log.csv")} == {1}  # non-tensor values: the last
+
+
+def test_gradient_accumulation_needs_the_announced_number_of_micro_batches(tmp_path):
+    class Wrong(_AccumulatedToy):
+        accumulation_steps = 3
+
+    with pytest.raises(ValueError, match="accumulation_steps is 3 but a batch has 2"):
+        train(Wrong(iters=2, batch=2, dropout=0.0, switch_at=None), _opts(tmp_path / "w"))

@@ -18,6 +18,7 @@ from tag2mask.cli.common import (
     record_given_options,
     reject_options,
 )
+from tag2mask.cli.label_fma import ItemsAPI, add_fma_options, check_fma_options, run_fma_label
 
 REFINERS = ("crf", "pamr", "none")
 #: default --max-pixels: 1 MP (about 1000x1000). CLIP-ES's attention affinity is quadratic in the
@@ -53,6 +54,7 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
             "  tag2mask label photos/ --labels tags.json --classes classes.txt --out run1\n"
             "  tag2mask label VOCdevkit/VOC2012 --split train --classes voc --weights ViT-B-16.pt --refine crf --out seeds\n"
             "  tag2mask label coco2014 --split train --classes coco --weights ViT-B-16.pt --refine crf --out coco_seeds\n"
+            "  tag2mask label VOCdevkit/VOC2012 --split train_aug --method fma --prompts runs/cls --proposals slic --out seeds\n"
             "LABELS formats: JSON {\"img.jpg\": [\"cat\", \"dog\"]} or CSV with header 'image,labels' and ';'-separated names.\n"
             "scale out: torchrun --nproc-per-node 4 -m tag2mask label ... (see docs/batch_jobs.md)\n"
             "exit code: 0 all items ok, 1 some items failed (listed in OUT/manifest.jsonl), 2 bad arguments"
@@ -71,7 +73,8 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
         "box threshold and numerics of that setting), a name-set file (one class per line, comma-separated "
         "synonyms), or an inline list 'cat, dog; background: sky, grass' (these use the voc settings) (default: voc)",
     )
-    p.add_argument("--method", default="clip-es", choices=("clip-es",), help="localisation method (default: clip-es)")
+    p.add_argument("--method", default="clip-es", choices=("clip-es", "fma"),
+                   help="clip-es (training-free, default) or fma (FMA-WSSS: learned prompts of --prompts RUN + seeding)")
     p.add_argument("--out", required=True, help="output folder (masks/, cams/, arrays/, run.json, manifest.jsonl, logs/)")
     p.add_argument("--refine", default="pamr", choices=REFINERS,
                    help="post-processing: crf (dense CRF, extra 'crf'), pamr or none (default: pamr)")
@@ -108,6 +111,7 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     add_precision_option(p)
     add_run_options(p)
     add_overlap_options(p, "decode images and refine / write masks")
+    add_fma_options(p)
     p.set_defaults(func=run)
     record_given_options(p)
     return p
@@ -115,8 +119,11 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
 
 def check_options(args: argparse.Namespace) -> None:
     """Options that do not apply to the chosen refinement / input are errors, not silently ignored."""
-    check_weights_options(args)
+    check_fma_options(args)
     check_overlap_options(args)
+    if args.method == "fma":
+        return
+    check_weights_options(args)
     if args.refine != "crf":
         reject_options(args, ("confidence",), f"with --refine {args.refine} (it masks low-confidence CRF pixels)")
     else:
@@ -226,6 +233,8 @@ def run(args: argparse.Namespace) -> int:
     from tag2mask.runtime import resolve_device
 
     check_options(args)
+    if args.method == "fma":
+        return run_fma_label(args, ItemsAPI(_open_items, _item_keys, _describe, _source))
     args.device = device_for_rank(args.device)
     if overlap_settings(args, resolve_device(args.device))[0] > 0:
         start_worker_server(_WORKER_PRELOAD)  # the workers' imports overlap the model loading below

@@ -40,15 +40,18 @@ _SPLITS = {"synth": ("train", "val"), "voc": ("train_aug", "train"), "coco": ("t
 
 def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     from tag2mask.cli.train_clip_zss import add_clip_zss_parser
+    from tag2mask.cli.train_fma import add_fma_parser
     from tag2mask.cli.train_segmenter import add_segmenter_parser
 
-    p = sub.add_parser("train", help="train WeCLIP from image-level labels, or a segmentation network on pseudo-labels",
-                       description="Train a method that needs training: weclip (from image-level labels), "
-                                   "segmenter (a network on pseudo-labels / masks) or clip-zss (a network taught by a frozen CLIP to "
-                                   "segment unseen classes). Run folders, resume and torchrun: "
-                                   "docs/training.md.")
+    p = sub.add_parser("train", help="train WeCLIP or FMA-WSSS prompts from image-level labels, or a segmentation "
+                                     "network on pseudo-labels",
+                       description="Train a method that needs training: weclip (from image-level labels), fma "
+                                   "(FMA-WSSS prompt contexts), segmenter (a network on pseudo-labels / masks) or "
+                                   "clip-zss (a network taught by a frozen CLIP to segment unseen classes). Run "
+                                   "folders, resume and torchrun: docs/training.md.")
     methods = p.add_subparsers(dest="method", metavar="METHOD")
     add_segmenter_parser(methods)
+    add_fma_parser(methods)
     add_clip_zss_parser(methods)
     w = methods.add_parser(
         "weclip",
@@ -161,7 +164,7 @@ def run(args: argparse.Namespace) -> int:
     from tag2mask.training.weclip_trainer import TrainOptions, train_weclip
 
     if getattr(args, "method", None) != "weclip":
-        raise ValueError("choose a method: tag2mask train weclip|segmenter|clip-zss ...")
+        raise ValueError("choose a method: tag2mask train weclip|fma|segmenter|clip-zss ...")
     check_weights_options(args)
     config, kind = build_config(args)
     train_split, val_split = _default_splits(kind, args.data)

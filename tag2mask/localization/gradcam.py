@@ -110,7 +110,7 @@ def last_block_gradcam(
     last_input: (B, L, C) residual stream entering the last block (detached here).
     target_fn: block output (B, L, C) -> target scores (B, K); image b's scores may depend on
         image b's tokens only.
-    pairs: (P, 2) long, rows ``(image index, target column)``.
+    pairs: (P, 2) long, rows ``(image index, target column)``; P = 0 gives empty CAMs (targets only).
     attn_mask: additive attention mask of the last block (e.g. padded keys), see
         :func:`tag2mask.clip.vision.key_padding_attn_mask`.
     create_graph: keep the graph of the gradients (a loss on ``cams`` then trains what the
@@ -128,8 +128,6 @@ def last_block_gradcam(
         raise ValueError(f"vjp_mode must be 'auto', 'vmap' or 'loop', got {vjp_mode!r}")
     pairs = torch.as_tensor(pairs, dtype=torch.long).reshape(-1, 2)
     n_pairs = pairs.shape[0]
-    if n_pairs == 0:
-        raise ValueError("GradCAM needs at least one (image, target) pair")
     h, w = grid
     block = visual.blocks[-1]
     x = last_input.detach()
@@ -147,6 +145,10 @@ def last_block_gradcam(
             raise ValueError(f"target_fn must return (B={x.shape[0]}, K) scores, got {tuple(targets.shape)}")
         images, columns = pairs[:, 0].to(targets.device), pairs[:, 1].to(targets.device)
         act = captured["a"]
+        if n_pairs == 0:  # nothing to explain (e.g. training crops without a labelled class): targets only
+            empty = act.new_zeros((0, h, w))
+            return LastBlockGradCAM(cams=empty, grad_weights=act.new_zeros((0, act.shape[-1])), targets=targets,
+                                    activation=act.detach(), attention=attn.detach() if attn is not None else None)
         if vjp_mode == "vmap":
             cotangents = torch.zeros((n_pairs,) + tuple(targets.shape), device=targets.device, dtype=targets.dtype)
             cotangents[torch.arange(n_pairs, device=targets.device), images, columns] = 1

@@ -142,11 +142,15 @@ class TrainTask:
         name: stored in checkpoints (``segment --checkpoint`` and the converters dispatch on it).
         max_grad_norm: clip the global gradient norm to this (``None``: no clipping).
         find_unused_parameters: passed to DDP (modules whose forward skips some parameters).
+        accumulation_steps: gradient accumulation: with N > 1 every item :meth:`batches` yields is
+            a sequence of N micro-batches; :meth:`step` runs on each, the engine back-propagates
+            each loss / N and steps the optimiser once (logged values are micro-batch means).
     """
 
     name: str = "task"
     max_grad_norm: Optional[float] = None
     find_unused_parameters: bool = False
+    accumulation_steps: int = 1
 
     # -- the recipe ------------------------------------------------------------------------------
     @property
@@ -377,15 +381,19 @@ def _run(task: TrainTask, options: RunOptions, rank: int, world: int, device: to
                 summary["stopped_by_task"] = True
                 break
             _apply_lr(opt, task.lr_multiplier(it))
-            values = task.step(batch, it)
-            loss = values["loss"]
-            if not scaler.is_enabled() and not bool(torch.isfinite(loss.detach())):
-                raise TrainingDiverged(
-                    f"the loss is {float(loss.detach())} at iteration {it + 1}; training stopped (newest checkpoint: "
-                    f"{summary['checkpoints'][-1] if summary['checkpoints'] else 'none from this session'}). "
-                    "Lower the learning rate or check the labels")
+            parts = _micro_batches(task, batch)
             opt.zero_grad(set_to_none=True)
-            scaler.scale(loss).backward()
+            values = {}
+            for part in parts:
+                part_values = task.step(part, it)
+                loss = part_values["loss"]
+                if not scaler.is_enabled() and not bool(torch.isfinite(loss.detach())):
+                    raise TrainingDiverged(
+                        f"the loss is {float(loss.detach())} at iteration {it + 1}; training stopped (newest checkpoint: "
+                        f"{summary['checkpoints'][-1] if summary['checkpoints'] else 'none from this session'}). "
+                        "Lower the learning rate or check the labels")
+                scaler.scale(loss if len(parts) == 1 else loss / len(parts)).backward()
+                values = part_values if len(parts) == 1 else _merge_micro(values, part_values, len(parts))
             if task.max_grad_norm is not None:
                 scaler.unscale_(opt)
                 params = [p for g in opt.param_groups for p in g["params"]]
@@ -439,6 +447,28 @@ def _run(task: TrainTask, options: RunOptions, rank: int, world: int, device: to
     if summary["iterations"] >= task.max_iters or summary.get("stopped_by_task"):
         task.finish(summary)
     return summary
+
+
+def _micro_batches(task: TrainTask, batch: Any) -> list[Any]:
+    steps = int(getattr(task, "accumulation_steps", 1) or 1)
+    if steps == 1:
+        return [batch]
+    parts = list(batch)
+    if len(parts) != steps:
+        raise ValueError(f"{task.name}: accumulation_steps is {steps} but a batch has {len(parts)} micro-batches")
+    return parts
+
+
+def _merge_micro(acc: dict[str, Any], values: dict[str, Any], n: int) -> dict[str, Any]:
+    """Running micro-batch mean of the tensor values (detached); other values keep the last one."""
+    out = dict(acc)
+    for k, v in values.items():
+        if isinstance(v, torch.Tensor):
+            v = v.detach() / n
+            out[k] = out[k] + v if isinstance(out.get(k), torch.Tensor) else v
+        else:
+            out[k] = v
+    return out
 
 
 class _Window:

@@ -13,12 +13,10 @@ from typing import Optional
 
 import torch
 
-from tag2mask.localization.affinity import refine_cams, transition_matrix
-from tag2mask.localization.boxes import cam_box_masks
-from tag2mask.localization.scaling import minmax_scale
+from tag2mask.localization.cam_pipeline import CAMSettings, RefinedCAMs, refine_with_affinity, score_maps
 from tag2mask.vocab.classes import COCO_BACKGROUND_WORDS, VOC_BACKGROUND_WORDS
 
-__all__ = ["PromptSettings", "CAASettings", "StageSettings", "PRESETS", "preset", "cam_score", "caa_refine",
+__all__ = ["PromptSettings", "CAASettings", "AugmentSettings", "StageSettings", "PRESETS", "preset", "cam_score", "caa_stages", "caa_refine",
            "VOC_BACKGROUND", "COCO_BACKGROUND"]
 
 #: FMA-WSSS's named background prompts (= CLIP-ES's words: 25 on VOC, 23 on COCO)
@@ -62,6 +60,36 @@ class CAASettings:
         if self.refine not in ("score", "cam"):
             raise ValueError(f"refine must be 'score' or 'cam', got {self.refine!r}")
 
+    @property
+    def cam_settings(self) -> CAMSettings:
+        """The shared CAM pipeline's settings for this stage (official names in brackets): rounds
+        (``n_iter``) -> sinkhorn_rounds, power (``n_iters``) -> affinity_power, threshold
+        (``thresh``) -> box_threshold, refine (``aff_at``) -> propagate; FMA's CAMs are raw, so
+        the score is ``clamp_minmax``; the attention is the saved float16 mean."""
+        return CAMSettings(attention_layers=self.attention_layers, attention_dtype="float16",
+                           sinkhorn_rounds=self.rounds, affinity_power=self.power, box_threshold=self.threshold,
+                           score="clamp_minmax", propagate=self.refine)
+
+
+@dataclass(frozen=True)
+class AugmentSettings:
+    """Training augmentation (official ``VOC2Auger`` with ``rand_range``), in this order: colour
+    jitter; rescale so that the long side is a random integer in ``long_side`` unless the short side
+    would then fall below ``short_side_min`` (then the short side becomes ``short_side_min``), PIL
+    bicubic; a random ``crop`` x ``crop`` window; horizontal flip with p = 0.5; CLIP normalisation."""
+
+    long_side: tuple[int, int] = (288, 480)
+    short_side_min: int = 224
+    crop: int = 224
+    color_jitter: bool = True
+    hflip: bool = True
+
+    def __post_init__(self) -> None:
+        lo, hi = self.long_side
+        if not 0 < lo <= hi or self.short_side_min < self.crop or self.crop < 1:
+            raise ValueError(f"need 0 < long_side[0] <= long_side[1] and short_side_min >= crop, got "
+                             f"{self.long_side}, {self.short_side_min}, {self.crop}")
+
 
 @dataclass(frozen=True)
 class StageSettings:
@@ -71,6 +99,13 @@ class StageSettings:
     caa: None = the raw CAM is used (official COCO seg stage).
     bg_alpha: SAMS background exponent; published_alpha_grid: the official grid when it was chosen
     with ground truth (documented, never searched by tag2mask).
+    batch_size: images per optimiser step; grad_accumulation: split into that many sub-batches
+        (official ``sub_iter_num``: the loss of each is divided by it).
+    labels_from_crop: positives of a training crop = the classes present in its cropped seed
+        (official ``ol_cls_lb``, VOC segmentation stage); else the image-level labels.
+    label_source: image-level labels from the data set's ground-truth masks (``gt_mask``: the
+        official ``seg_cls_labels``) or from its annotations / label file (``dataset``).
+    numerics: key of :data:`tag2mask.clip.numerics.NUMERICS` the CLIP runs with.
     """
 
     prompts: PromptSettings
@@ -85,9 +120,29 @@ class StageSettings:
     weight_decay: float = 5e-4
     batch_size: int = 16
     grad_accumulation: int = 1
-    crop_size: int = 224
+    augment: AugmentSettings = AugmentSettings()
+    labels_from_crop: bool = False
+    label_source: str = "gt_mask"
+    numerics: str = "fma"
     published_alpha_grid: tuple[float, ...] = field(default_factory=tuple)
 
+    def __post_init__(self) -> None:
+        if self.label_source not in ("gt_mask", "dataset"):
+            raise ValueError(f"label_source must be 'gt_mask' or 'dataset', got {self.label_source!r}")
+        if not 0 <= self.warmup_iters < self.max_iters:
+            raise ValueError(f"need 0 <= warmup iterations ({self.warmup_iters}) < iterations ({self.max_iters})")
+        if self.batch_size < 1 or self.grad_accumulation < 1 or self.batch_size % self.grad_accumulation:
+            raise ValueError(f"batch_size {self.batch_size} must be a positive multiple of grad_accumulation "
+                             f"{self.grad_accumulation}")
+
+    @property
+    def crop_size(self) -> int:
+        return self.augment.crop
+
+
+#: COCO's scale range: long side from round(224 * 1.42) up to that x 5/3 (cls) or x 1.67 (seg)
+_COCO_CLS_AUG = AugmentSettings(long_side=(318, 530), short_side_min=224, crop=224)
+_COCO_SEG_AUG = AugmentSettings(long_side=(318, 531), short_side_min=224, crop=224)
 
 PRESETS: dict[str, dict[str, StageSettings]] = {
     "voc": {
@@ -102,7 +157,7 @@ PRESETS: dict[str, dict[str, StageSettings]] = {
             prompts=PromptSettings(class_specific=True, name_position="front", named_background=False,
                                    ctx_std=0.0125, seed="机"),
             caa=CAASettings(rounds=1, power=2, threshold=0.5, refine="cam"),
-            bg_alpha=0.7, loss_weights=(0.0, 1.0, 1.0), max_iters=17000,
+            bg_alpha=0.7, loss_weights=(0.0, 1.0, 1.0), max_iters=17000, labels_from_crop=True,
         ),
     },
     "coco": {
@@ -115,13 +170,36 @@ PRESETS: dict[str, dict[str, StageSettings]] = {
             bg_alpha=0.4, published_alpha_grid=(0.3, 0.4, 0.5),
             # official: 500 + 4 x 5000 iterations, checkpoint 6150 picked with GT validation
             loss_weights=(1.0, 0.0, 0.0), max_iters=20500, warmup_iters=1000, grad_accumulation=4,
+            augment=_COCO_CLS_AUG,
         ),
         "seg": StageSettings(
             prompts=PromptSettings(class_specific=False, name_position="end", named_background=True,
                                    ctx_std=0.015, seed="真"),
             caa=None,
-            # official: 75000 iterations, checkpoint 45000 picked with GT validation
+            # official: 75000 iterations, checkpoint 45000 picked with GT validation; image-level
+            # labels, not the crop's seed classes ("prevents all-background errors")
             bg_alpha=1.0, loss_weights=(0.0, 1.0, 1.0), max_iters=75000, warmup_iters=1000, grad_accumulation=8,
+            augment=_COCO_SEG_AUG,
+        ),
+    },
+    # the shipped tiny CLIP's synthetic world (float32 model, 224 px scenes, 6 stuff words as named
+    # background); a CPU-sized schedule, the rest as VOC (docs/fma.md, docs/benchmarks.md)
+    "synth": {
+        "cls": StageSettings(
+            prompts=PromptSettings(class_specific=False, name_position="end", named_background=True,
+                                   ctx_std=0.015, seed="真"),
+            caa=CAASettings(rounds=1, power=2, threshold=0.4, refine="score"),
+            bg_alpha=0.6, loss_weights=(1.0, 0.0, 0.0), max_iters=300, warmup_iters=50, batch_size=8,
+            augment=AugmentSettings(long_side=(224, 320), short_side_min=224, crop=224),
+            label_source="dataset", numerics="float32",
+        ),
+        "seg": StageSettings(
+            prompts=PromptSettings(class_specific=True, name_position="front", named_background=False,
+                                   ctx_std=0.0125, seed="机"),
+            caa=CAASettings(rounds=1, power=2, threshold=0.5, refine="cam"),
+            bg_alpha=0.7, loss_weights=(0.0, 1.0, 1.0), max_iters=300, warmup_iters=50, batch_size=8,
+            augment=AugmentSettings(long_side=(224, 320), short_side_min=224, crop=224),
+            labels_from_crop=True, label_source="dataset", numerics="float32",
         ),
     },
 }
@@ -141,16 +219,24 @@ def cam_score(cams: torch.Tensor) -> torch.Tensor:
     (K, h, w) -> (K, h, w). In float32 the epsilon is absorbed when a map's range is >= 2, so its
     maximum is then exactly 1.0 (which moves the box threshold by one uint8 step).
     """
-    return minmax_scale(cams.clamp_min(0))
+    return score_maps(cams, "clamp_minmax")
+
+
+def caa_stages(attention: torch.Tensor, cams: torch.Tensor, settings: CAASettings) -> RefinedCAMs:
+    """FMA-WSSS's CAA through the shared CAM pipeline, with every intermediate.
+
+    attention: (hw, hw) mean of the last ``attention_layers`` head-averaged maps without CLS (float32
+    or the saved float16; it is rounded to float16 as the official code saves it).
+    cams: (K, h, w) raw GradCAMs. Boxes always come from the score; ``settings.refine`` picks
+    which map is propagated.
+    """
+    cam_settings = settings.cam_settings
+    affinity = attention.float()
+    if cam_settings.attention_dtype == "float16":
+        affinity = affinity.half().float()
+    return refine_with_affinity(cams, affinity, cam_settings)
 
 
 def caa_refine(attention: torch.Tensor, cams: torch.Tensor, settings: CAASettings) -> torch.Tensor:
-    """FMA-WSSS's CAA with the shared localisation functions: (hw, hw) attention (the saved float16
-    mean of the last maps, as float32), (K, h, w) raw CAMs -> (K, h, w) refined maps.
-
-    Boxes always come from the score; ``settings.refine`` picks which map is propagated.
-    """
-    score = cam_score(cams)
-    trans = transition_matrix(attention, rounds=settings.rounds, power=settings.power)
-    boxes = cam_box_masks(score, settings.threshold)
-    return refine_cams(trans, score if settings.refine == "score" else cams, boxes)
+    """:func:`caa_stages`' refined maps: (hw, hw) attention, (K, h, w) raw CAMs -> (K, h, w) float32."""
+    return caa_stages(attention, cams, settings).refined_lowres

@@ -14,10 +14,22 @@ Per batch (official ``GradCAMCLIP``):
    ``create_graph`` in training so that a loss on the CAMs reaches the prompt contexts.
 
 CAMs are raw (no ReLU, no normalisation), as the official model returns them.
+
+Numerics: :class:`FMAClip` applies FMA-WSSS's own (:data:`tag2mask.clip.numerics.NUMERICS` ``"fma"``:
+Conv/Linear weights and projections rounded to fp16 as the official loader leaves them, the
+interpolated positional table *not* rounded, TF32 off) to the CLIP it is given, on every call,
+like ClipES and WeCLIP do. A CLIP loaded with ``round_fp16_weights=True`` is used as is. Otherwise
+FMAClip works on its own rounded copy of the CLIP and the caller's model keeps its float32 weights
+(the copy costs the model's memory once more: load with ``round_fp16_weights=True`` to avoid it).
+A copy, not weights swapped in only during the call as ClipES does: gradients reach the prompt
+contexts through the frozen CLIP in a backward pass that runs after the call has returned, and
+autograd does not keep the forward-time values of every frozen weight it saved (``x @ W`` reads
+``W`` again in backward), so swapped weights would give the wrong context gradient.
 """
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 from typing import Optional
 
@@ -25,9 +37,11 @@ import torch
 from torch import nn
 
 from tag2mask.clip.model import CLIP
+from tag2mask.clip.loading import round_weights_to_fp16
+from tag2mask.clip.numerics import NUMERICS, Numerics, weights_are_fp16_exact
 from tag2mask.clip.vision import VisionTransformer, key_padding_attn_mask
 from tag2mask.localization.affinity import mean_attention
-from tag2mask.localization.gradcam import last_block_gradcam
+from tag2mask.localization.gradcam import LastBlockGradCAM, last_block_gradcam
 from tag2mask.methods.fma.prompts import PromptLearner
 
 __all__ = ["FMAClip", "FMAOutput", "PaddingLayout", "padding_layout", "masked_softmax", "positive_pairs"]
@@ -137,30 +151,41 @@ class FMAClip(nn.Module):
     """Frozen CLIP ViT + :class:`PromptLearner`; only the prompt contexts are trainable.
 
     Args:
-        clip: a ViT CLIP (frozen here). Load it with ``round_fp16_weights=True`` for the official
-            numerics; its positional table must not be rounded (FMA keeps it in the model dtype).
+        clip: a ViT CLIP, frozen here (its parameters stop requiring gradients). When ``numerics``
+            round weights and ``clip``'s are not fp16-exact, a rounded copy is used instead and
+            ``clip`` is left as it is (see the module docstring).
         prompts: G prompts, the first ``n_fg`` of which are the foreground classes.
         n_fg: number of foreground classes F (the rest are background prompts, always unmasked).
         attention_layers: how many final attention maps feed the CAA affinity (8).
+        numerics: the arithmetic the CLIP runs with (default: FMA-WSSS's official numerics, see
+            the module docstring; ``NUMERICS["float32"]`` for models trained in plain float32,
+            e.g. the shipped tiny CLIP).
     """
 
-    def __init__(self, clip: CLIP, prompts: PromptLearner, n_fg: int, attention_layers: int = 8):
+    def __init__(self, clip: CLIP, prompts: PromptLearner, n_fg: int, attention_layers: int = 8,
+                 numerics: Numerics = NUMERICS["fma"]):
         super().__init__()
         if not clip.is_vit:
             raise ValueError("FMA-WSSS needs a ViT image tower (GradCAM acts on its tokens)")
         if not 0 < n_fg <= prompts.num_classes:
             raise ValueError(f"n_fg must be in 1..{prompts.num_classes}, got {n_fg}")
+        if numerics.round_weights_fp16 and not weights_are_fp16_exact(clip):
+            clip = copy.deepcopy(clip)
+            round_weights_to_fp16(clip)
         self.clip = clip.requires_grad_(False)
         self.prompts = prompts
         self.n_fg = n_fg
         self.attention_layers = attention_layers
+        # nothing left to copy: the binding sets the positional-table interpolation and TF32 per call
+        self.numerics = numerics.bind(clip)
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         return [self.prompts.ctx]
 
-    def text_features(self) -> torch.Tensor:
-        """(G, D) text features of the prompts (graph to the contexts when grad is enabled)."""
-        return self.prompts.text_features(self.clip)
+    def text_features(self, rows: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """(G, D) text features of the prompts, or (len(rows), D) (graph to the contexts when grad is enabled)."""
+        with self.numerics:
+            return self.prompts.text_features(self.clip, rows=rows)
 
     def forward(
         self,
@@ -170,19 +195,33 @@ class FMAClip(nn.Module):
         create_graph: bool = False,
         need_attention: bool = True,
         vjp_mode: str = "auto",
+        require_positive: bool = True,
+        need_cams: bool = True,
+        text_features: Optional[torch.Tensor] = None,
     ) -> FMAOutput:
         """images (B, 3, H, W) CLIP-normalised, fg_labels (B, F) 0/1, padding_mask (B, H, W) bool or None.
 
         ``create_graph=True`` (training) keeps the graph from the CAMs to the prompt contexts.
-        Every image needs at least one positive label.
+        Every image needs at least one positive label, unless ``require_positive=False`` (training
+        crops whose seed holds no class): such images get no CAM, and a batch without any
+        positive gives ``pos_cam`` of shape (0, h, w). ``need_cams=False`` skips GradCAM (logits
+        only, e.g. training with the contrastive loss alone): ``pos_pairs`` and ``pos_cam`` are then empty.
+        ``text_features``: (G, D) from :meth:`text_features`, to skip the text tower when the prompts
+        do not change between calls (inference).
         """
+        with self.numerics:
+            return self._forward(images, fg_labels, padding_mask, create_graph, need_attention, vjp_mode,
+                                 require_positive, need_cams, text_features)
+
+    def _forward(self, images, fg_labels, padding_mask, create_graph, need_attention, vjp_mode,
+                 require_positive, need_cams, text_features) -> FMAOutput:
         visual = self.clip.visual
         fg_labels = fg_labels.to(images.device)
         if fg_labels.shape != (images.shape[0], self.n_fg):
             raise ValueError(f"fg_labels must be (B, {self.n_fg}), got {tuple(fg_labels.shape)}")
         pairs = positive_pairs(fg_labels)
         missing = set(range(images.shape[0])) - set(pairs[:, 0].tolist())
-        if missing:
+        if missing and require_positive:
             raise ValueError(f"images {sorted(missing)} of the batch have no positive class")
         ps = visual.patch_size
         grid = (images.shape[-2] // ps, images.shape[-1] // ps)
@@ -200,28 +239,52 @@ class FMAClip(nn.Module):
                 images, visual.num_blocks - 1, return_attention=need_attention, keep_tokens=False,
                 attention_from=first, pos_embed=pos_embed, attn_mask=attn_mask,
             )
-        text = self.text_features()
+        text = self.prompts.text_features(self.clip) if text_features is None else text_features
         text = text / text.norm(dim=-1, keepdim=True)
         logit_scale = self.clip.logit_scale.detach().exp()
         sm_mask = torch.ones(images.shape[0], text.shape[0], dtype=text.dtype, device=text.device)
         sm_mask[:, : self.n_fg] = (fg_labels > 0).to(text.dtype)
         real = None if layout is None else (~layout.key_padding[:, 1:]).to(images.dtype)
-        saved: dict[str, torch.Tensor] = {}
+        saved: dict[str, list[torch.Tensor]] = {"img_emb": [], "logits": []}
 
-        def target_fn(out: torch.Tensor) -> torch.Tensor:
-            tokens = visual.ln_post(out[:, 1:])
-            if real is None:
-                pooled = tokens.mean(dim=1)
-            else:
-                pooled = (tokens * real[..., None]).sum(dim=1) / real.sum(dim=1, keepdim=True)
-            img_emb = pooled @ visual.proj
-            logits = logit_scale * (img_emb / img_emb.norm(dim=-1, keepdim=True)) @ text.t()
-            saved.update(img_emb=img_emb, logits=logits)
-            return masked_softmax(logits, sm_mask)
+        def make_target_fn(lo: int, hi: int):
+            def target_fn(out: torch.Tensor) -> torch.Tensor:
+                tokens = visual.ln_post(out[:, 1:])
+                if real is None:
+                    pooled = tokens.mean(dim=1)
+                else:
+                    r = real[lo:hi]
+                    pooled = (tokens * r[..., None]).sum(dim=1) / r.sum(dim=1, keepdim=True)
+                img_emb = pooled @ visual.proj
+                logits = logit_scale * (img_emb / img_emb.norm(dim=-1, keepdim=True)) @ text.t()
+                saved["img_emb"].append(img_emb)
+                saved["logits"].append(logits)
+                return masked_softmax(logits, sm_mask[lo:hi])
 
-        res = last_block_gradcam(
-            visual, inter.last, grid, target_fn, pairs, attn_mask=attn_mask, create_graph=create_graph,
-            vjp_mode=vjp_mode, need_attention=need_attention,
+            return target_fn
+
+        if not need_cams:
+            pairs = pairs[:0]
+        mode = vjp_mode if vjp_mode != "auto" else ("vmap" if images.device.type == "cuda" else "loop")
+        # sequential VJPs (CPU) run on one image at a time: a VJP through the whole batch would spend
+        # most of its work on the other images' (zero) gradients; batched VJPs (GPU) take the batch
+        b = images.shape[0]
+        groups = [(0, b)] if mode == "vmap" else [(i, i + 1) for i in range(b)]
+        results = []
+        for lo, hi in groups:
+            sel = (pairs[:, 0] >= lo) & (pairs[:, 0] < hi)
+            local = pairs[sel] - torch.tensor([lo, 0], dtype=pairs.dtype, device=pairs.device)
+            results.append(last_block_gradcam(
+                visual, inter.last[lo:hi], grid, make_target_fn(lo, hi), local,
+                attn_mask=None if attn_mask is None else attn_mask[lo:hi], create_graph=create_graph,
+                # the explicit attention path also when only the second-order graph needs it: torch's
+                # fused attention kernels have no double backward
+                vjp_mode=mode, need_attention=need_attention or create_graph,
+            ))
+        res = LastBlockGradCAM(
+            cams=torch.cat([r.cams for r in results]), grad_weights=torch.cat([r.grad_weights for r in results]),
+            targets=torch.cat([r.targets for r in results]), activation=torch.cat([r.activation for r in results]),
+            attention=torch.cat([r.attention for r in results]) if results[0].attention is not None else None,
         )
         attention = None
         if need_attention:
@@ -229,8 +292,8 @@ class FMAClip(nn.Module):
             attention = torch.stack([mean_attention([m[b] for m in maps], last=self.attention_layers)
                                      for b in range(images.shape[0])])
         return FMAOutput(
-            img_emb=saved["img_emb"],
-            logits=saved["logits"],
+            img_emb=torch.cat(saved["img_emb"]),
+            logits=torch.cat(saved["logits"]),
             sm_logits=res.targets,
             pos_pairs=pairs,
             pos_cam=res.cams,

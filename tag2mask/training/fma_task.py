@@ -1,0 +1,322 @@
+"""FMA-WSSS prompt learning on the training engine: ``tag2mask train fma --task cls|seg``.
+
+What is trained: the CoOp context vectors of :class:`~tag2mask.methods.fma.prompts.PromptLearner`
+(nothing else; the CLIP is frozen). Per iteration (official ``train_coop/run.py``): a batch of
+augmented crops (:mod:`tag2mask.training.fma_data`), optionally split into ``grad_accumulation``
+sub-batches whose losses are each divided by that number; :class:`~tag2mask.methods.fma.model.FMAClip`
+with ``create_graph`` when the CAM loss is on; the loss is ``w_cl * contrastive + w_fg * CAM-fg +
+w_bg * CAM-bg`` (classification stage: the contrastive loss on image-level labels; segmentation
+stage: the CAM activation loss against the coarse seeds); SGD with momentum and weight decay on the
+context, learning rate flat during the warm-up and cosine after it (``training.cosine_schedule``).
+
+Deviations kept explicit (docs/fma.md):
+
+* losses with weight 0 are not computed. The official classification run also evaluates the CAM
+  loss (weight 0) against the data set's ground-truth masks; tag2mask reads no masks there;
+* a (sub-)batch whose crops hold no positive class (segmentation stage, crops of background only)
+  contributes a zero CAM loss. The official code gets 0/0 = NaN there, which its fp16 gradient
+  scaler skips (and which stops an fp32 run);
+* no periodic validation against ground-truth masks (the official runs chose iterations with it).
+
+The run folder is the engine's (``docs/training.md``): checkpoints hold the context only (a few
+hundred kB), the recipe and the CLIP's path and fingerprint; at the end ``prompts.safetensors``
+(context + recipe) is exported for ``tag2mask label --method fma --prompts RUN``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any, Iterable, Optional, Sequence
+
+import torch
+from torch import nn
+
+from tag2mask.methods.fma.config import AugmentSettings, CAASettings, StageSettings, preset
+from tag2mask.methods.fma.losses import cam_activation_loss, multilabel_contrastive_loss
+from tag2mask.methods.fma.model import FMAClip
+from tag2mask.training.cosine_schedule import warmup_cosine_lr
+from tag2mask.training.engine import RunOptions, TrainContext, TrainTask, read_run_checkpoint, train
+from tag2mask.training.fma_data import FMABatch, FMACrops, collate, open_fma_data
+from tag2mask.training.stream import position_loader
+
+__all__ = ["FMATrainConfig", "FMAData", "FMATask", "train_fma", "PROMPTS_FILE", "save_prompts", "load_prompts"]
+
+#: exported at the end of a run: the learned context and the recipe
+PROMPTS_FILE = "prompts.safetensors"
+
+
+@dataclass
+class FMATrainConfig:
+    """The recipe of one prompt-training run (stored in every checkpoint and in ``prompts.safetensors``).
+
+    class_names: foreground names of the labels (label id = index); prompt_names: the text of each
+    foreground prompt; background: background words (named prompts) or, with
+    ``named_background=False``, one nameless prompt per word. ``stage``: the preset's settings
+    (prompts, CAA and seeding for inference, schedule, augmentation), with overrides applied.
+    """
+
+    preset: str
+    task: str
+    class_names: tuple[str, ...]
+    prompt_names: tuple[str, ...]
+    background: tuple[str, ...]
+    stage: StageSettings
+
+    @property
+    def num_fg(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def prompt_texts(self) -> list[str]:
+        """The G prompt names: foreground, then background (empty strings when nameless)."""
+        bg = list(self.background) if self.stage.prompts.named_background else [""] * len(self.background)
+        return list(self.prompt_names) + bg
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "FMATrainConfig":
+        from tag2mask.methods.fma.config import PromptSettings
+
+        s = dict(d["stage"])
+        s["prompts"] = PromptSettings(**s["prompts"])
+        s["caa"] = None if s.get("caa") is None else CAASettings(**s["caa"])
+        aug = dict(s["augment"])
+        aug["long_side"] = tuple(aug["long_side"])
+        s["augment"] = AugmentSettings(**aug)
+        for key in ("loss_weights", "published_alpha_grid"):
+            s[key] = tuple(s[key])
+        known = {f.name for f in fields(StageSettings)}
+        unknown = sorted(set(s) - known)
+        if unknown:
+            raise ValueError(f"unknown FMA stage settings {unknown}")
+        return cls(preset=d["preset"], task=d["task"], class_names=tuple(d["class_names"]),
+                   prompt_names=tuple(d["prompt_names"]), background=tuple(d["background"]),
+                   stage=StageSettings(**s))
+
+    @classmethod
+    def build(cls, preset_name: str, task: str, class_names: Sequence[str], prompt_names: Sequence[str],
+              background: Sequence[str], **overrides: Any) -> "FMATrainConfig":
+        """A preset stage with ``overrides`` (``None`` values ignored; ``augment_*`` keys set augmentation fields)."""
+        stage = preset(preset_name, task)
+        aug = {k[len("augment_"):]: v for k, v in overrides.items() if k.startswith("augment_") and v is not None}
+        rest = {k: v for k, v in overrides.items() if not k.startswith("augment_") and v is not None}
+        if aug:
+            rest["augment"] = replace(stage.augment, **aug)
+        if len(class_names) != len(prompt_names):
+            raise ValueError(f"{len(class_names)} class names but {len(prompt_names)} prompt names")
+        return cls(preset=preset_name, task=task, class_names=tuple(class_names), prompt_names=tuple(prompt_names),
+                   background=tuple(background), stage=replace(stage, **rest))
+
+
+@dataclass
+class FMAData:
+    """Where the training images come from (see :func:`tag2mask.training.fma_data.open_fma_data`)."""
+
+    spec: str
+    split: str = "train"
+    seeds: Optional[str] = None
+    labels_file: Optional[str] = None
+    synth_n: int = 64
+    synth_size: int = 224
+    weights: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def build_model(config: FMATrainConfig, clip, ctx: Optional[torch.Tensor] = None) -> FMAClip:
+    """:class:`FMAClip` of ``config`` on ``clip`` (context from ``ctx`` or drawn by the preset's seed)."""
+    from tag2mask.clip.numerics import NUMERICS
+    from tag2mask.methods.fma.prompts import PromptLearner
+
+    p = config.stage.prompts
+    learner = PromptLearner(clip, config.prompt_texts, n_ctx=p.n_ctx, class_specific=p.class_specific,
+                            name_position=p.name_position, ctx_std=p.ctx_std, seed=p.seed)
+    if ctx is not None:
+        if tuple(ctx.shape) != tuple(learner.ctx.shape):
+            raise ValueError(f"the learned context has shape {tuple(ctx.shape)}, the prompts need "
+                             f"{tuple(learner.ctx.shape)} (another CLIP or prompt setting?)")
+        with torch.no_grad():
+            learner.ctx.copy_(ctx)
+    device = next(clip.parameters()).device
+    attention_layers = config.stage.caa.attention_layers if config.stage.caa is not None else 8
+    return FMAClip(clip, learner.to(device), n_fg=config.num_fg, attention_layers=attention_layers,
+                   numerics=NUMERICS[config.stage.numerics])
+
+
+class _LossForward(nn.Module):
+    """FMAClip forward + the stage's losses, so that DDP sees the whole computation."""
+
+    def __init__(self, model: FMAClip, weights: tuple[float, float, float]) -> None:
+        super().__init__()
+        self.model = model
+        self.weights = weights
+
+    def forward(self, images: torch.Tensor, labels: torch.Tensor, seeds: Optional[torch.Tensor]) -> dict[str, Any]:
+        w_cl, w_fg, w_bg = self.weights
+        cam_on = w_fg != 0 or w_bg != 0
+        out = self.model(images, labels, create_graph=cam_on, need_attention=False, require_positive=False,
+                         need_cams=cam_on)
+        n_fg = self.model.n_fg
+        # keeps the graph to the context even when every term below is skipped
+        loss = 0 * out.logits.sum()
+        values: dict[str, Any] = {"positives": int((labels > 0).sum())}
+        if w_cl != 0:
+            cl = multilabel_contrastive_loss(out.logits[:, :n_fg].float(), labels)
+            loss = loss + w_cl * cl
+            values["cl_loss"] = cl.detach()
+        if cam_on:
+            if seeds is None:
+                raise ValueError("the CAM loss needs seed masks (--seeds)")
+            fg, bg = _cam_losses(out.pos_cam.float(), out.pos_pairs, seeds)
+            loss = loss + w_fg * fg + w_bg * bg
+            values.update(cam_fg=fg.detach(), cam_bg=bg.detach())
+        values["loss"] = loss
+        return values
+
+
+def _cam_losses(pos_cam: torch.Tensor, pairs: torch.Tensor, seeds: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The CAM activation loss, zero (with a graph) when no labelled pixel belongs to a positive pair."""
+    if pos_cam.shape[0] == 0:
+        zero = pos_cam.sum()
+        return zero, zero
+    seed = seeds[pairs[:, 0].to(seeds.device)]
+    if not bool((seed != 255).any()):
+        zero = 0 * pos_cam.sum()
+        return zero, zero
+    return cam_activation_loss(pos_cam, pairs, seeds)
+
+
+class FMATask(TrainTask):
+    """See the module docstring."""
+
+    name = "fma"
+
+    def __init__(self, config: FMATrainConfig, data: FMAData) -> None:
+        self.config, self.data = config, data
+        self.accumulation_steps = config.stage.grad_accumulation
+        self.ctx: Optional[TrainContext] = None
+
+    @property
+    def max_iters(self) -> int:
+        return self.config.stage.max_iters
+
+    def config_dict(self) -> dict[str, Any]:
+        return self.config.to_dict()
+
+    def adopt_config(self, saved: dict[str, Any]) -> None:
+        stored = FMATrainConfig.from_dict(saved)
+        if stored.to_dict() != self.config.to_dict():
+            changed = sorted(k for k, v in _flat(stored.to_dict()).items() if _flat(self.config.to_dict()).get(k) != v)
+            print(f"resume: using the recipe stored in the checkpoint (it differs in {', '.join(changed)})")
+        self.config = stored
+        self.accumulation_steps = stored.stage.grad_accumulation
+
+    def setup(self, ctx: TrainContext) -> None:
+        from tag2mask.clip.loading import load_clip
+        from tag2mask.clip.numerics import NUMERICS
+
+        self.ctx = ctx
+        numerics = NUMERICS[self.config.stage.numerics]
+        clip = load_clip(self.data.weights, device=ctx.device, round_fp16_weights=numerics.round_weights_fp16)
+        self.clip_ref = {"weights": str(getattr(clip, "source_path", self.data.weights)),
+                         "fingerprint": str(getattr(clip, "fingerprint", ""))}
+        self.model = build_model(self.config, clip)
+        self.forward_loss = ctx.ddp(_LossForward(self.model, self.config.stage.loss_weights))
+        d, stage = self.data, self.config.stage
+        self.source = open_fma_data(d.spec, d.split, self.config.class_names, seeds=d.seeds, labels_file=d.labels_file,
+                                    label_source=stage.label_source, synth_n=d.synth_n, synth_size=d.synth_size)
+
+    def modules(self) -> dict[str, nn.Module]:
+        return {"prompts": self.model.prompts}
+
+    def build_optimizer(self) -> torch.optim.Optimizer:
+        s = self.config.stage
+        return torch.optim.SGD([{"params": [self.model.prompts.ctx], "lr": s.base_lr, "weight_decay": s.weight_decay}],
+                               lr=s.base_lr, momentum=s.momentum)
+
+    def lr_multiplier(self, iteration: int) -> float:
+        s = self.config.stage
+        return warmup_cosine_lr(iteration, base_lr=1.0, max_iters=s.max_iters, warmup_iters=s.warmup_iters,
+                                warmup_factor=s.warmup_factor)
+
+    def batches(self, start: int, end: int) -> Iterable[Any]:
+        s, ctx = self.config.stage, self.ctx
+        crops = FMACrops(self.source, s.augment, self.config.num_fg, ctx.seed, labels_from_crop=s.labels_from_crop)
+        loader = position_loader(crops, start, end, s.batch_size, ctx.rank, ctx.world_size, collate_fn=collate,
+                                 num_workers=ctx.num_workers, seed=ctx.seed)
+        parts = self.accumulation_steps
+        for batch in loader:
+            yield batch if parts == 1 else batch.split(parts)
+
+    def step(self, batch: FMABatch, iteration: int) -> dict[str, Any]:
+        device = self.ctx.device
+        seeds = None if batch.seeds is None else batch.seeds.to(device, non_blocking=True)
+        with self.ctx.autocast():
+            return self.forward_loss(batch.images.to(device, non_blocking=True), batch.labels.to(device), seeds)
+
+    def checkpoint_meta(self) -> dict[str, Any]:
+        return {"clip": dict(self.clip_ref)} if hasattr(self, "clip_ref") else {}
+
+    def finish(self, summary: dict[str, Any]) -> None:
+        if self.ctx.is_main:
+            path = save_prompts(self.ctx.out_dir / PROMPTS_FILE, self.model.prompts.ctx.detach(), self.config,
+                                self.checkpoint_meta(), iteration=summary["iterations"])
+            summary["prompts"] = str(path)
+
+
+def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def save_prompts(path: Path, ctx: torch.Tensor, config: FMATrainConfig, meta: dict[str, Any],
+                 iteration: int) -> Path:
+    """Write the learned context and its recipe to a safetensors file (atomic, umask honoured)."""
+    from safetensors.torch import save as st_save
+
+    from tag2mask.io.atomic import atomic_write_bytes
+    from tag2mask.jobs.checkpoint import honour_umask
+
+    metadata = {"format": "tag2mask-fma-prompts-1", "config": json.dumps(config.to_dict()),
+                "meta": json.dumps(meta), "iteration": str(int(iteration))}
+    atomic_write_bytes(path, st_save({"ctx": ctx.detach().float().cpu().contiguous()}, metadata=metadata))
+    honour_umask(path)
+    return path
+
+
+def load_prompts(source: str | Path) -> tuple[FMATrainConfig, torch.Tensor, dict[str, Any]]:
+    """The learned context of a run: ``(config, ctx, meta)`` from ``RUN/prompts.safetensors``, a
+    prompts file, or (a run stopped before its end) the run's newest checkpoint (``weights_only``)."""
+    path = Path(source)
+    file = path / PROMPTS_FILE if path.is_dir() else path
+    if file.suffix == ".safetensors" or (path.is_dir() and file.is_file()):
+        if not file.is_file():
+            raise FileNotFoundError(f"prompts file not found: {file}")
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                metadata = f.metadata() or {}
+                ctx = f.get_tensor("ctx")
+        except Exception as exc:  # not safetensors, truncated, no ctx tensor
+            raise ValueError(f"{file}: not a tag2mask FMA prompts file ({type(exc).__name__}: {exc})") from None
+        if metadata.get("format") != "tag2mask-fma-prompts-1":
+            raise ValueError(f"{file}: not a tag2mask FMA prompts file (metadata format {metadata.get('format')!r})")
+        return FMATrainConfig.from_dict(json.loads(metadata["config"])), ctx, json.loads(metadata.get("meta", "{}"))
+    if not path.exists():
+        raise FileNotFoundError(f"--prompts {path}: no such run folder or prompts file")
+    ckpt = read_run_checkpoint(path, task=FMATask.name)
+    return FMATrainConfig.from_dict(ckpt["config"]), ckpt["modules"]["prompts"]["ctx"], ckpt.get("meta") or {}
+
+
+def train_fma(config: FMATrainConfig, data: FMAData, options: RunOptions) -> dict[str, Any]:
+    """Train (or resume) prompts; returns the engine's summary (``summary["prompts"]`` at the end)."""
+    return train(FMATask(config, data), options)
