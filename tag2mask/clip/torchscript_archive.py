@@ -12,7 +12,7 @@
 * which tensors are parameters/buffers (what ``state_dict()`` would list) is read from each
   class's ``__parameters__`` / ``__buffers__`` line in the source text.
 
-The result equals ``torch.jit.load(path).state_dict()`` for OpenAI's archives (traced modules whose
+The result equals the state dict TorchScript's own loader would give for OpenAI's archives (traced modules whose
 state is a plain attribute dict) and for scripted modules without custom ``__getstate__``.
 """
 

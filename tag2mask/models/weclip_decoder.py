@@ -298,7 +298,7 @@ def load_official_decoder_state(
     checkpoint (``encoder.*`` CLIP weights and the ``par.*`` buffer are skipped).
 
     Args:
-        state: name → array/tensor (e.g. ``np.load('decoder_state.npz')`` or ``torch.load(ckpt)``).
+        state: name → array/tensor (e.g. ``np.load('decoder_state.npz')`` or ``torch.load(ckpt, weights_only=True)``).
         dtype: dtype of the returned tensors (the official checkpoints hold fp32 master weights).
 
     Returns:
