@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any
 
 from tag2mask.cli.common import add_device_option, add_precision_option
+from tag2mask.cli.run_options import add_run_options
 
 __all__ = ["add_clip_zss_parser", "run_clip_zss", "build_clip_zss_configs"]
 
@@ -83,19 +84,8 @@ def add_clip_zss_parser(methods: "argparse._SubParsersAction") -> argparse.Argum
     z.add_argument("--crop", type=int, default=None, help="square training crop")
     z.add_argument("--lr", type=float, default=None, help="base learning rate of the student backbone")
     z.add_argument("--optimizer", choices=("sgd", "adamw"), default=None, help="optimiser (default: the preset's)")
-    z.add_argument("--out", required=True, help="run folder")
-    z.add_argument("--ckpt-every", type=int, default=2000, help="checkpoint every N iterations")
-    z.add_argument("--log-every", type=int, default=20, help="log mean losses every N iterations")
-    z.add_argument("--keep-last", type=int, default=None, help="keep only the newest N checkpoints (default: all)")
-    z.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue the run in OUT from its newest complete checkpoint (or the given checkpoint)")
-    z.add_argument("--overwrite", action="store_true", help="start again in an existing OUT")
-    z.add_argument("--stop-at", type=int, default=None, help="leave after this iteration (the schedule still targets --iters)")
-    z.add_argument("--seed", type=int, default=1, help="random seed")
-    z.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    add_run_options(z, ckpt_every=2000, log_every=20, seed=1)
     z.add_argument("--allow-download", action="store_true", help="let the student fetch pretrained weights from the hub")
-    z.add_argument("--tensorboard", choices=("auto", "on", "off"), default="off", help="TensorBoard logs")
-    z.add_argument("--quiet", action="store_true", help="no progress bar")
     add_device_option(z)
     add_precision_option(z)
     z.set_defaults(func=run_clip_zss)
@@ -157,12 +147,12 @@ def build_clip_zss_configs(args: argparse.Namespace, kind: str):
 
 def run_clip_zss(args: argparse.Namespace) -> int:
     from tag2mask.cli.common import shipped_weights_path
-    from tag2mask.cli.train_cmd import _resume_command
+    from tag2mask.cli.run_options import run_options_from_args
     from tag2mask.cli.train_segmenter import open_train_val
     from tag2mask.data.datasets import detect_dataset
     from tag2mask.synth.export import is_synthetic_export
     from tag2mask.training.clip_zss_task import ClipZssTask
-    from tag2mask.training.engine import RunOptions, train
+    from tag2mask.training.engine import train
 
     kind = detect_dataset(args.data)
     if kind is None:
@@ -177,12 +167,7 @@ def run_clip_zss(args: argparse.Namespace) -> int:
     weights = args.weights or str(shipped_weights_path())
     task = ClipZssTask(seg_config, zss_config, train_source, val_source, clip_weights=weights,
                        val_limit=args.val_limit, evaluate_at_end=not args.no_eval)
-    options = RunOptions(
-        out_dir=args.out, resume=args.resume, overwrite=args.overwrite, device=args.device, precision=args.precision,
-        seed=args.seed, stop_at=args.stop_at, ckpt_every=args.ckpt_every, val_every=args.val_every,
-        log_every=args.log_every, keep_last=args.keep_last, num_workers=args.workers, progress=not args.quiet,
-        tensorboard=args.tensorboard, resume_command=_resume_command(),
-    )
+    options = run_options_from_args(args, val_every=args.val_every)
     summary = train(task, options)
     if os.environ.get("RANK", "0") == "0":
         report: dict[str, Any] = {"iterations": summary["iterations"], "loss": summary.get("last", {}).get("loss"),

@@ -31,6 +31,7 @@ from tag2mask.cli.common import (
     record_given_options,
     reject_options,
 )
+from tag2mask.cli.run_options import add_run_options, resume_command
 
 __all__ = ["add_parser", "run", "main"]
 
@@ -71,7 +72,8 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     w.add_argument("--train-split", default=None, help="training split (VOC train_aug, COCO train, synth train)")
     w.add_argument("--val-split", default=None, help="validation split with GT masks; 'none' disables (VOC default: train)")
     w.add_argument("--val-limit", type=int, default=None, help="validate on at most this many images")
-    w.add_argument("--out", required=True, help="run folder: checkpoints, config.json, train_log.csv, val_log.csv")
+    add_run_options(w, out_help="run folder: checkpoints, config.json, train_log.csv, val_log.csv", ckpt_every=1000,
+                    log_every=10, seed=1, seed_help="random seed (official: 1)", tensorboard="auto")
     w.add_argument("--iters", type=int, default=None, help="total iterations (VOC 30000, COCO 80000)")
     w.add_argument("--batch-size", type=int, default=None, help="global batch, split over processes (default: the preset's, 4)")
     w.add_argument("--crop", type=int, default=None, help="square crop size, multiple of 16 (default: the preset's, 320; synth 128)")
@@ -84,21 +86,8 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     w.add_argument("--no-compat", action="store_true",
                    help="pure float32 numerics (no fp16 rounding of CLIP weights / positional embeddings / decoder out-proj)")
     w.add_argument("--val-every", type=int, default=2000, help="validate every N iterations (0 = never)")
-    w.add_argument("--ckpt-every", type=int, default=1000, help="checkpoint every N iterations")
-    w.add_argument("--log-every", type=int, default=10, help="log losses every N iterations")
-    w.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue the run in OUT from its newest complete checkpoint (or from the given checkpoint "
-                        "file / run folder); the configuration stored in the checkpoint is used")
-    w.add_argument("--overwrite", action="store_true",
-                   help="start again in an existing OUT (deletes its checkpoints and logs)")
-    w.add_argument("--keep-last", type=int, default=None, help="keep only the newest N checkpoints (default: all)")
-    w.add_argument("--stop-at", type=int, default=None, help="leave after this iteration (schedule still targets --iters)")
-    w.add_argument("--seed", type=int, default=1, help="random seed (official: 1)")
-    w.add_argument("--workers", type=int, default=0, help="data loader worker processes")
     w.add_argument("--synth-n", type=int, default=64, help="synthetic images per split")
     w.add_argument("--synth-size", type=int, default=160, help="synthetic image size")
-    w.add_argument("--tensorboard", choices=("auto", "on", "off"), default="auto", help="TensorBoard logs (auto: if installed)")
-    w.add_argument("--quiet", action="store_true", help="no progress bar")
     add_weights_options(w)
     add_device_option(w)
     add_precision_option(w)
@@ -183,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
         val_limit=args.val_limit, ckpt_every=args.ckpt_every, val_every=args.val_every, log_every=args.log_every,
         resume=args.resume, stop_at=args.stop_at, device=args.device, precision=args.precision, seed=args.seed,
         num_workers=args.workers, tensorboard=args.tensorboard, progress=not args.quiet,
-        overwrite=args.overwrite, keep_last=args.keep_last, resume_command=_resume_command(),
+        overwrite=args.overwrite, keep_last=args.keep_last, resume_command=resume_command(),
     )
     summary = train_weclip(config, opts)
     if os.environ.get("RANK", "0") == "0":
@@ -192,27 +181,6 @@ def run(args: argparse.Namespace) -> int:
                           "val": summary["val"][-1] if summary["val"] else None,
                           "checkpoint": summary["checkpoints"][-1] if summary["checkpoints"] else None}))
     return 0
-
-
-def _resume_command() -> str:
-    """This command line with ``--resume`` instead of ``--resume [X]`` / ``--overwrite`` (for messages)."""
-    import shlex
-
-    argv, skip = [], False
-    for a in sys.argv[1:]:
-        if skip:
-            skip = False
-            if not a.startswith("-"):
-                continue
-        if a == "--resume":
-            skip = True
-            continue
-        if a == "--overwrite" or a.startswith("--resume="):
-            continue
-        argv.append(a)
-    if "train" not in argv or int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        return ""  # the engine then says: rerun the same command with --resume
-    return " ".join(["tag2mask", *map(shlex.quote, argv[argv.index("train"):]), "--resume"])
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

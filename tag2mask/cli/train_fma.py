@@ -8,6 +8,7 @@ import os
 from typing import Any, Optional
 
 from tag2mask.cli.common import add_device_option, add_weights_options, check_weights_options, reject_options
+from tag2mask.cli.run_options import add_run_options
 
 __all__ = ["add_fma_parser", "run_fma"]
 
@@ -72,21 +73,10 @@ def add_fma_parser(methods: "argparse._SubParsersAction") -> argparse.ArgumentPa
     f.add_argument("--lr", type=float, default=None, help="base learning rate after the warm-up (1e-3)")
     f.add_argument("--ctx-seed", default=None, help="seed of the initial context, an integer or a string hashed "
                                                     "with sha1 as the official toolkit ('真' cls, '机' seg)")
-    f.add_argument("--out", required=True, help="run folder: checkpoints, config.json, train_log.csv, prompts.safetensors")
-    f.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every N iterations")
-    f.add_argument("--log-every", type=int, default=10, help="log mean losses every N iterations")
-    f.add_argument("--keep-last", type=int, default=None, help="keep only the newest N checkpoints (default: all)")
-    f.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue the run in OUT from its newest complete checkpoint (or the given checkpoint); "
-                        "the recipe stored in the checkpoint is used")
-    f.add_argument("--overwrite", action="store_true", help="start again in an existing OUT (deletes its checkpoints and logs)")
-    f.add_argument("--stop-at", type=int, default=None, help="leave after this iteration (the schedule still targets --iters)")
-    f.add_argument("--seed", type=int, default=0, help="random seed of the data stream (official: 0)")
-    f.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    add_run_options(f, out_help="run folder: checkpoints, config.json, train_log.csv, prompts.safetensors",
+                    ckpt_every=500, log_every=10, seed=0, seed_help="random seed of the data stream (official: 0)")
     f.add_argument("--synth-n", type=int, default=200, help="--data synth: number of training scenes")
     f.add_argument("--synth-size", type=int, default=224, help="--data synth: scene size in pixels")
-    f.add_argument("--tensorboard", choices=("auto", "on", "off"), default="off", help="TensorBoard logs")
-    f.add_argument("--quiet", action="store_true", help="no progress bar")
     f.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="autocast precision (default auto: fp16 with a gradient scaler on CUDA, as the official "
                         "training; fp32 on CPU)")
@@ -165,10 +155,9 @@ def check_fma_options(args: argparse.Namespace, kind: str) -> None:
 
 def run_fma(args: argparse.Namespace) -> int:
     from tag2mask.cli.common import shipped_weights_path
-    from tag2mask.cli.train_cmd import _resume_command
+    from tag2mask.cli.run_options import run_options_from_args
     from tag2mask.data.datasets import detect_dataset
     from tag2mask.runtime import resolve_device
-    from tag2mask.training.engine import RunOptions
     from tag2mask.training.fma_task import FMAData, train_fma
 
     kind = "synth" if args.data == "synth" else detect_dataset(args.data)
@@ -184,12 +173,7 @@ def run_fma(args: argparse.Namespace) -> int:
     data = FMAData(spec=args.data, split=args.split or _default_split(args.data, kind), seeds=args.seeds, labels_file=args.labels,
                    synth_n=args.synth_n, synth_size=args.synth_size,
                    weights=str(args.weights or shipped_weights_path()))
-    options = RunOptions(
-        out_dir=args.out, resume=args.resume, overwrite=args.overwrite, device=args.device, precision=precision,
-        seed=args.seed, stop_at=args.stop_at, ckpt_every=args.ckpt_every, val_every=0, log_every=args.log_every,
-        keep_last=args.keep_last, num_workers=args.workers, progress=not args.quiet, tensorboard=args.tensorboard,
-        resume_command=_resume_command(),
-    )
+    options = run_options_from_args(args, precision=precision)
     summary = train_fma(config, data, options)
     if os.environ.get("RANK", "0") == "0":
         last: Optional[dict] = summary.get("last")

@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tag2mask.cli.common import add_device_option, add_precision_option
+from tag2mask.cli.run_options import add_run_options
 
 __all__ = ["add_segmenter_parser", "run_segmenter"]
 
@@ -125,19 +126,8 @@ def add_segmenter_parser(methods: "argparse._SubParsersAction") -> argparse.Argu
                         "default) or default (docs/open_vocabulary.md)")
     m.add_argument("--templates", default=None,
                    help="teacher prompt templates: a set name (maskclip85, imagenet80) or one template with {}")
-    s.add_argument("--out", required=True, help="run folder")
-    s.add_argument("--ckpt-every", type=int, default=2000, help="checkpoint every N iterations")
-    s.add_argument("--log-every", type=int, default=20, help="log mean losses every N iterations")
-    s.add_argument("--keep-last", type=int, default=None, help="keep only the newest N checkpoints (default: all)")
-    s.add_argument("--resume", nargs="?", const="auto", default=None,
-                   help="continue the run in OUT from its newest complete checkpoint (or the given checkpoint)")
-    s.add_argument("--overwrite", action="store_true", help="start again in an existing OUT")
-    s.add_argument("--stop-at", type=int, default=None, help="leave after this iteration (the schedule still targets --iters)")
-    s.add_argument("--seed", type=int, default=1, help="random seed")
-    s.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    add_run_options(s, ckpt_every=2000, log_every=20, seed=1)
     s.add_argument("--allow-download", action="store_true", help="let the network fetch pretrained weights from the hub")
-    s.add_argument("--tensorboard", choices=("auto", "on", "off"), default="off", help="TensorBoard logs")
-    s.add_argument("--quiet", action="store_true", help="no progress bar")
     add_device_option(s)
     add_precision_option(s)
     s.set_defaults(func=run_segmenter)
@@ -317,9 +307,9 @@ def open_train_val(args: argparse.Namespace, kind: str, num_classes: int, splits
 
 
 def run_segmenter(args: argparse.Namespace) -> int:
-    from tag2mask.cli.train_cmd import _resume_command
+    from tag2mask.cli.run_options import run_options_from_args
     from tag2mask.data.datasets import detect_dataset
-    from tag2mask.training.engine import RunOptions, train
+    from tag2mask.training.engine import train
     from tag2mask.training.segmenter_task import SegmenterTask
 
     kind = detect_dataset(args.data)
@@ -339,12 +329,7 @@ def run_segmenter(args: argparse.Namespace) -> int:
     train_source, val_source = open_train_val(args, kind, config.mask_num_classes, _SPLITS[kind], with_masks)
     task = SegmenterTask(config, train_source, val_source, val_limit=args.val_limit,
                          evaluate_at_end=not args.no_eval, **factories)
-    options = RunOptions(
-        out_dir=args.out, resume=args.resume, overwrite=args.overwrite, device=args.device, precision=args.precision,
-        seed=args.seed, stop_at=args.stop_at, ckpt_every=args.ckpt_every, val_every=args.val_every,
-        log_every=args.log_every, keep_last=args.keep_last, num_workers=args.workers, progress=not args.quiet,
-        tensorboard=args.tensorboard, resume_command=_resume_command(),
-    )
+    options = run_options_from_args(args, val_every=args.val_every)
     summary = train(task, options)
     if os.environ.get("RANK", "0") == "0":
         report = {"iterations": summary["iterations"], "loss": summary.get("last", {}).get("loss"),
