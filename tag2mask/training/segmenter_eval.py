@@ -18,7 +18,7 @@ from __future__ import annotations
 import json
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -28,7 +28,7 @@ from torch import nn
 from tag2mask.data.segmentation import IGNORE, SegmentationSource
 from tag2mask.evaluation.miou import ConfusionMatrix
 
-__all__ = ["predict_logits", "evaluate_source", "export_model", "load_trained_segmenter", "TrainedSegmenter"]
+__all__ = ["predict_logits", "score_predictions", "evaluate_source", "export_model", "load_trained_segmenter", "TrainedSegmenter"]
 
 
 @torch.no_grad()
@@ -56,32 +56,31 @@ def predict_logits(model: nn.Module, rgb: np.ndarray, config: Any) -> torch.Tens
     return logits[0]
 
 
-def evaluate_source(model: nn.Module, source: SegmentationSource, config: Any, ctx: Any = None,
-                    limit: Optional[int] = None, write_dir: Optional[Path] = None) -> dict[str, Any]:
-    """mIoU of ``model`` on ``source`` (sharded over the processes of ``ctx``).
+def score_predictions(model: nn.Module, source: SegmentationSource, config: Any, num_classes: int, ctx: Any = None,
+                      limit: Optional[int] = None, write_dir: Optional[Path] = None, label_offset: int = 0,
+                      transform_gt: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+                      ) -> tuple[ConfusionMatrix, dict[str, Optional[float]], int]:
+    """Predict and score the first ``limit`` images of ``source``, sharded over the processes of ``ctx``.
 
-    With ``write_dir``, the predictions go to ``write_dir/masks/<name>.png`` and the report to
-    ``write_dir/eval.json`` (rank 0).
+    Predictions are ``argmax + label_offset``; ``transform_gt`` maps each ground truth before scoring.
+    With ``write_dir`` the predictions go to ``write_dir/masks/<name>.png``. Returns the confusion matrix
+    summed over the processes, ``{image: mIoU}`` (gathered; only with ``write_dir``) and the image count.
     """
     from tag2mask.io.palette import save_label_png
 
     rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
     was_training = model.training
     model.eval()
-    num_classes = config.num_classes
-    reduce_zero = bool(getattr(config, "reduce_zero_label", False))
     total = ConfusionMatrix(num_classes, IGNORE)
     per_image: dict[str, Optional[float]] = {}
     n = len(source) if limit is None else min(limit, len(source))
     for i in range(rank, n, world):
         name, rgb, gt = source.load(i)
-        if reduce_zero:
-            from tag2mask.training.segmenter_task import reduce_zero_label
-
-            gt = reduce_zero_label(gt)
+        if transform_gt is not None:
+            gt = transform_gt(gt)
         with ctx.autocast() if ctx is not None else nullcontext():
             logits = predict_logits(model, rgb, config)
-        pred = logits.argmax(dim=0).cpu().numpy().astype(np.uint8)
+        pred = (logits.argmax(dim=0) + label_offset).cpu().numpy().astype(np.uint8)
         one = ConfusionMatrix(num_classes, IGNORE)
         one.update(pred, gt, name=str(source.items[i].mask))
         total.merge(one)
@@ -96,6 +95,23 @@ def evaluate_source(model: nn.Module, source: SegmentationSource, config: Any, c
             for part in ctx.all_gather(per_image):
                 merged.update(part)
             per_image = merged
+    return total, per_image, n
+
+
+def evaluate_source(model: nn.Module, source: SegmentationSource, config: Any, ctx: Any = None,
+                    limit: Optional[int] = None, write_dir: Optional[Path] = None) -> dict[str, Any]:
+    """mIoU of ``model`` on ``source`` (sharded over the processes of ``ctx``).
+
+    With ``write_dir``, the predictions go to ``write_dir/masks/<name>.png`` and the report to
+    ``write_dir/eval.json`` (rank 0).
+    """
+    rank = ctx.rank if ctx is not None else 0
+    num_classes = config.num_classes
+    transform_gt = None
+    if getattr(config, "reduce_zero_label", False):
+        from tag2mask.training.segmenter_task import reduce_zero_label as transform_gt
+    total, per_image, n = score_predictions(model, source, config, num_classes, ctx=ctx, limit=limit,
+                                            write_dir=write_dir, transform_gt=transform_gt)
     report = {"mode": "labels", "num_images": n, "class_names": config.class_names, "scores": total.scores(),
               "per_image_miou": dict(sorted(per_image.items())), "data": source.description}
     unseen = sorted({int(c) for c in getattr(config, "unlabeled_classes", ()) if 0 <= int(c) < num_classes})

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import json
-from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Iterator, Optional, Sequence, Union
 
@@ -49,38 +48,18 @@ def evaluate_zero_shot(model: nn.Module, source: Any, seg_config: Any, layout: C
     ``seen_unseen`` = ``{"mIoU_seen", "mIoU_unseen", "hIoU"}`` and ``unseen_ids``.
     """
     from tag2mask.data.segmentation import IGNORE
-    from tag2mask.evaluation.miou import ConfusionMatrix, seen_unseen_scores
-    from tag2mask.io.palette import save_label_png
-    from tag2mask.training.segmenter_eval import predict_logits
+    from tag2mask.evaluation.miou import seen_unseen_scores
+    from tag2mask.training.segmenter_eval import score_predictions
 
-    rank, world = (ctx.rank, ctx.world_size) if ctx is not None else (0, 1)
-    was_training = model.training
-    model.eval()
     names = layout.class_names
-    total = ConfusionMatrix(len(names), IGNORE)
-    per_image: dict[str, Optional[float]] = {}
-    n = len(source) if limit is None else min(limit, len(source))
-    for i in range(rank, n, world):
-        name, rgb, gt = source.load(i)
-        with ctx.autocast() if ctx is not None else nullcontext():
-            logits = predict_logits(model, rgb, seg_config)
-        pred = (logits.argmax(dim=0) + layout.label_offset).cpu().numpy().astype(np.uint8)
-        if layout.background == "ignore":
-            gt = np.where(gt == 0, IGNORE, gt).astype(np.uint8)
-        one = ConfusionMatrix(len(names), IGNORE)
-        one.update(pred, gt, name=str(source.items[i].mask))
-        total.merge(one)
-        if write_dir is not None:
-            save_label_png(write_dir / "masks" / f"{name}.png", pred)
-            per_image[name] = one.scores()["Mean IoU"]
-    model.train(was_training)
-    if ctx is not None and world > 1:
-        total.mat = ctx.all_reduce_sum(torch.from_numpy(total.mat)).numpy()
-        if write_dir is not None:
-            merged: dict[str, Optional[float]] = {}
-            for part in ctx.all_gather(per_image):
-                merged.update(part)
-            per_image = merged
+    rank = ctx.rank if ctx is not None else 0
+
+    def ignore_background(gt: np.ndarray) -> np.ndarray:
+        return np.where(gt == 0, IGNORE, gt).astype(np.uint8)
+
+    total, per_image, n = score_predictions(
+        model, source, seg_config, len(names), ctx=ctx, limit=limit, write_dir=write_dir,
+        label_offset=layout.label_offset, transform_gt=ignore_background if layout.background == "ignore" else None)
     scores = total.scores()
     seen, unseen, hiou = seen_unseen_scores(scores["Class IoU"], layout.unseen_ids,
                                             include_background=layout.background == "class")
