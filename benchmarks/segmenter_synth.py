@@ -136,7 +136,8 @@ def main() -> int:
               "iterations": args.iters, "parameters": sum(p.numel() for p in model.parameters()),
               "torch": torch.__version__, "device": args.device}
     (out / "results.json").write_text(json.dumps(result, indent=2))
-    print(f"students: {args.model} {model_options} ({result['parameters']:,} parameters, from scratch), {args.iters} "
+    start = "frozen pretrained CLIP, decoder from scratch" if args.model == "clip-decoder" else "from scratch"
+    print(f"students: {args.model} {model_options} ({result['parameters']:,} parameters, {start}), {args.iters} "
           f"iterations of batch {args.batch_size} at {args.crop} px; training {timings['train_pseudo_s'] / 60:.1f} min "
           f"(pseudo) / {timings['train_gt_s'] / 60:.1f} min (GT) on {args.device}; labelling {timings['label_s'] / 60:.1f} min")
     print("| split | images | CLIP-ES pseudo-labels (CRF, no ignore) | confident pixels | student on pseudo-labels | "
