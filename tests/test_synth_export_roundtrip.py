@@ -198,3 +198,27 @@ def test_train_weclip_export_without_val(tmp_path, capsys):
                  "--batch-size", "1", "--crop", "64", "--val-every", "1", "--device", "cpu", "--no-compat",
                  "--quiet"]) == 0
     assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["val"] is None
+
+
+def test_train_segmenter_reads_the_export(export, tmp_path, capsys):
+    """`train segmenter --data EXPORT` trains on the export's train split with the synthetic classes and
+    validates on its val split, without being told."""
+    capsys.readouterr()
+    assert main(["train", "segmenter", "--data", str(export), "--out", str(tmp_path / "run"),
+                 "--preset", "clip-es", "--model-option", "variant=tiny", "--model-option", "aspp_channels=16",
+                 "--iters", "1", "--batch-size", "2", "--crop", "32", "--device", "cpu", "--quiet"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    ids = (export / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+    assert report["train_pairs"] == len(ids)
+    assert json.loads((tmp_path / "run" / "eval" / "eval.json").read_text())["num_images"] == len(
+        (export / "ImageSets" / "Segmentation" / "val.txt").read_text().split())
+
+
+def test_train_segmenter_classes_synth(export, tmp_path, capsys):
+    """`--classes synth` names the synthetic world's classes (not one class called 'synth')."""
+    from tag2mask.cli.train_segmenter import resolve_class_names
+    from tag2mask.synth import OBJECT_NAMES
+
+    assert resolve_class_names("synth", None, "voc") == list(OBJECT_NAMES)
+    assert resolve_class_names(None, None, "voc", str(export)) == list(OBJECT_NAMES)
+    assert resolve_class_names(None, None, "voc", str(tmp_path))[0] == "aeroplane"  # a plain VOC root

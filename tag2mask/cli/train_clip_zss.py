@@ -13,6 +13,7 @@ from tag2mask.cli.run_options import add_run_options
 
 __all__ = ["add_clip_zss_parser", "run_clip_zss", "build_clip_zss_configs"]
 
+_SPLITS = {"voc": ("train_aug", "val"), "coco": ("train", "val"), "folder": (None, None)}
 SPLIT_NAMES = ("voc-15-5", "coco-stuff-156-15", "context-49-10", "synth-9-3")  # kept in step with methods.clip_zss.splits
 PRESET_NAMES = ("voc", "coco-stuff", "context", "synth")
 
@@ -57,7 +58,7 @@ def add_clip_zss_parser(methods: "argparse._SubParsersAction") -> argparse.Argum
                    help="recipe: voc / coco-stuff / context (ZegCLIP's protocol, a SegFormer-b2 student; assumed) or synth "
                         "(CPU-sized); default: the split's")
     z.add_argument("--classes", default=None, help="the data set's class names in label order (without --split): voc, "
-                                                   "coco, a file (one per line) or 'a, b, c'")
+                                                   "coco, synth, a file (one per line) or 'a, b, c'")
     z.add_argument("--unseen", default=None, help="unseen class names 'a, b' (without --split)")
     z.add_argument("--background", default=None, choices=("class", "ignore", "none"),
                    help="label 0: a seen background class with a learned embedding (class), ignored in training and "
@@ -116,7 +117,7 @@ def build_clip_zss_configs(args: argparse.Namespace, kind: str):
     else:
         if args.unseen is None:
             raise ValueError("give --split NAME, or --classes and --unseen")
-        names = tuple(resolve_class_names(args.classes, args.masks, kind))
+        names = tuple(resolve_class_names(args.classes, args.masks, kind, args.data))
         unseen = _split_list(args.unseen)
         background = args.background or "class"
         missing = [u for u in unseen if u not in names]
@@ -150,7 +151,7 @@ def run_clip_zss(args: argparse.Namespace) -> int:
     from tag2mask.cli.run_options import run_options_from_args
     from tag2mask.cli.train_segmenter import open_train_val
     from tag2mask.data.datasets import detect_dataset
-    from tag2mask.synth.export import is_synthetic_export
+    from tag2mask.synth.export import export_splits
     from tag2mask.training.clip_zss_task import ClipZssTask
     from tag2mask.training.engine import train
 
@@ -160,9 +161,7 @@ def run_clip_zss(args: argparse.Namespace) -> int:
     if args.allow_download:
         os.environ["TAG2MASK_ALLOW_DOWNLOAD"] = "1"
     seg_config, zss_config = build_clip_zss_configs(args, kind)
-    splits = {"voc": ("train_aug", "val"), "coco": ("train", "val"), "folder": (None, None)}[kind]
-    if kind == "voc" and is_synthetic_export(args.data):
-        splits = ("train", "val")
+    splits = (export_splits(args.data) if kind == "voc" else None) or _SPLITS[kind]
     train_source, val_source = open_train_val(args, kind, seg_config.num_classes, splits)
     weights = args.weights or str(shipped_weights_path())
     task = ClipZssTask(seg_config, zss_config, train_source, val_source, clip_weights=weights,

@@ -108,17 +108,18 @@ def split_names(text: str) -> tuple[str, ...]:
     return tuple(n.strip() for n in text.split(",") if n.strip())
 
 
-def _is_synth_export(root: str) -> bool:
-    from tag2mask.synth.export import is_synthetic_export
+def _is_synth_export_root(root: str) -> bool:
+    from tag2mask.synth.export import export_splits
 
-    return is_synthetic_export(root, levels=0)
+    return export_splits(root) is not None
 
 
 def _default_splits(kind: str, root: str) -> tuple[str, Optional[str]]:
     """Training and validation split names for a data set kind (an export's val only when it wrote one)."""
     if kind == "synth_export":
-        has_val = (Path(root) / "ImageSets" / "Segmentation" / "val.txt").is_file()
-        return "train", "val" if has_val else None
+        from tag2mask.synth.export import export_splits
+
+        return export_splits(root)
     return _SPLITS[kind]
 
 
@@ -131,7 +132,7 @@ def build_config(args: argparse.Namespace):
     kind = "synth" if args.data == "synth" else detect_dataset(args.data)
     if kind is None:
         raise FileNotFoundError(f"--data {args.data}: not 'synth', a VOC/COCO root or an image folder")
-    if kind == "voc" and _is_synth_export(args.data):
+    if kind == "voc" and _is_synth_export_root(args.data):
         kind = "synth_export"  # `tag2mask synth export` output: VOC layout, synthetic classes and splits
     config = preset(args.preset or {"voc": "voc", "coco": "coco", "synth": "synth", "synth_export": "synth"}.get(kind, "voc"))
     if kind == "folder" and args.classes is None:

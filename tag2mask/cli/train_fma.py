@@ -91,9 +91,10 @@ def add_fma_parser(methods: "argparse._SubParsersAction") -> argparse.ArgumentPa
 
 def _default_split(data: str, kind: str) -> str:
     """VOC train_aug, COCO train; a tag2mask synth export (VOC layout without train_aug) train."""
-    from tag2mask.synth.export import is_synthetic_export
+    from tag2mask.synth.export import export_splits
 
-    return "train" if kind == "voc" and is_synthetic_export(data) else _SPLITS[kind]
+    export = export_splits(data) if kind == "voc" else None
+    return export[0] if export else _SPLITS[kind]
 
 
 def _preset_for(args: argparse.Namespace, kind: str) -> str:

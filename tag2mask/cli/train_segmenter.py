@@ -92,7 +92,7 @@ def add_segmenter_parser(methods: "argparse._SubParsersAction") -> argparse.Argu
                    help="CLIP weights: of clip-decoder (its 'clip_weights') and, with maskclip+, of the teacher "
                         "(default: the tiny CLIP shipped with tag2mask)")
     s.add_argument("--classes", default=None,
-                   help="foreground classes: voc, coco, a file (one per line) or 'a, b, c' (default: the classes "
+                   help="foreground classes: voc, coco, synth, a file (one per line) or 'a, b, c' (default: the classes "
                         "recorded by 'tag2mask label' in --masks, or the data set's)")
     s.add_argument("--no-background", action="store_true", help="label 0 is a class, not background")
     s.add_argument("--train-split", default=None, help="VOC/COCO split to train on (default train_aug / train)")
@@ -144,20 +144,25 @@ def _parse_option(text: str) -> tuple[str, Any]:
         return key.strip(), value
 
 
-def resolve_class_names(spec: Optional[str], masks: Optional[str], kind: str) -> list[str]:
-    """Foreground class names from ``--classes``, the label run in ``--masks`` or the data set kind."""
+def resolve_class_names(spec: Optional[str], masks: Optional[str], kind: str, data: Optional[str] = None) -> list[str]:
+    """Foreground class names from ``--classes``, the label run in ``--masks`` or the data set kind
+    (a ``synth export`` folder in ``data``: the synthetic classes)."""
     from tag2mask.cli.eval_cmd import resolve_classes
     from tag2mask.data.segmentation import pseudo_label_classes
+    from tag2mask.synth.export import export_splits
 
     if spec is None:
         recorded = pseudo_label_classes(masks) if masks else None
         if recorded:
             return recorded
-        if kind in ("voc", "coco"):
+        if kind == "voc" and data is not None and export_splits(data) is not None:
+            spec = "synth"
+        elif kind in ("voc", "coco"):
             spec = kind
         else:
-            raise ValueError("--classes is needed (voc, coco, a file or 'a, b, c'): the masks do not name their classes")
-    if spec.lower() in ("voc", "coco") or Path(spec).is_file():
+            raise ValueError("--classes is needed (voc, coco, synth, a file or 'a, b, c'): the masks do not name "
+                             "their classes")
+    if spec.lower() in ("voc", "coco", "synth") or Path(spec).is_file():
         names = resolve_classes(spec)
         return names[1:] if names and names[0].lower() == "background" else names
     names = [n.strip() for n in spec.split(",") if n.strip()]
@@ -218,7 +223,7 @@ def build_segmenter_config(args: argparse.Namespace, kind: str):
             raise ValueError(f"--preset {args.preset} trains {preset_model}; drop --model {model} or the preset")
     network = model or preset_model
     overrides: dict[str, Any] = {"model_options": _network_options(args, network),
-                                 "classes": tuple(resolve_class_names(args.classes, args.masks, kind)),
+                                 "classes": tuple(resolve_class_names(args.classes, args.masks, kind, args.data)),
                                  "background": not args.no_background, **_recipe_overrides(args)}
     if model is not None:
         overrides["model"] = model
@@ -326,7 +331,10 @@ def run_segmenter(args: argparse.Namespace) -> int:
         with_masks = setting.uses_masks or args.masks is not None or args.unseen is not None
     else:
         config = build_segmenter_config(args, kind)
-    train_source, val_source = open_train_val(args, kind, config.mask_num_classes, _SPLITS[kind], with_masks)
+    from tag2mask.synth.export import export_splits
+
+    splits = (export_splits(args.data) if kind == "voc" else None) or _SPLITS[kind]
+    train_source, val_source = open_train_val(args, kind, config.mask_num_classes, splits, with_masks)
     task = SegmenterTask(config, train_source, val_source, val_limit=args.val_limit,
                          evaluate_at_end=not args.no_eval, **factories)
     options = run_options_from_args(args, val_every=args.val_every)

@@ -22,7 +22,7 @@ import json
 import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
-from typing import Callable, Mapping
+from typing import Callable, Mapping, Optional
 
 import numpy as np
 from PIL import Image
@@ -172,6 +172,18 @@ def is_synthetic_export(path: str | Path, levels: int = 3) -> bool:
     p = Path(path).absolute()
     candidates = ([p] if p.is_dir() else []) + list(p.parents)[:levels]
     return any((c / MARKER_NAME).is_file() for c in candidates)
+
+
+def export_splits(root: str | Path) -> Optional[tuple[str, Optional[str]]]:
+    """``("train", "val" or None)`` when ``root`` is a folder written by :func:`export_voc`, else ``None``.
+
+    Training commands default to these splits on an export (it has no ``train_aug``); ``val`` only
+    when the export wrote one.
+    """
+    root = Path(root)
+    if not (root / MARKER_NAME).is_file():
+        return None
+    return "train", "val" if (root / "ImageSets" / "Segmentation" / "val.txt").is_file() else None
 
 
 def _readme(splits: Mapping[str, int], size: int, seed: int, void_outline: bool) -> str:
