@@ -13,6 +13,7 @@ from torch import nn
 from tag2mask.clip.loading import WeightsError, WeightsNotFoundError, load_clip, read_state_dict, save_clip
 from tag2mask.clip.model import CLIP, CLIPConfig, TextConfig, VisionConfig
 from tag2mask.clip.tokenizer import tokenize
+from torchscript_archives import scripted_archive
 
 TEXTS = ["a photo of a cat.", "a clean origami bird avian.", "x"]
 
@@ -166,32 +167,11 @@ def test_hf_config_defaults_and_legacy_config_dict():
 # (2) OpenAI TorchScript archive, (3) state-dict variants
 
 
-def _scripted_archive(sd: dict[str, torch.Tensor]) -> torch.jit.ScriptModule:
-    """A TorchScript module whose state_dict() has exactly OpenAI's key names (plus its bookkeeping entries)."""
-    root = nn.Module()
-    for key, value in sd.items():
-        *parents, leaf = key.split(".")
-        mod = root
-        for p in parents:
-            if not hasattr(mod, p):
-                mod.add_module(p, nn.Module())
-            mod = getattr(mod, p)
-        if value.is_floating_point():
-            mod.register_parameter(leaf, nn.Parameter(value.clone(), requires_grad=False))
-        else:
-            mod.register_buffer(leaf, value.clone())
-    # OpenAI's archives carry these as tensors in state_dict(); build_model deletes them
-    root.register_buffer("input_resolution", torch.tensor(224))
-    root.register_buffer("context_length", torch.tensor(77))
-    root.register_buffer("vocab_size", torch.tensor(49408))
-    return torch.jit.script(root)
-
-
 @pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit is deprecated, OpenAI's archives are not
 def test_openai_torchscript_archive(tiny_clip_path, tmp_path):
     sd = torch.load(tiny_clip_path, map_location="cpu", weights_only=True)
     path = tmp_path / "ViT-tiny.pt"
-    torch.jit.save(_scripted_archive(sd), str(path))
+    torch.jit.save(scripted_archive(sd), str(path))
     model = load_clip(path)
     assert model.source_format == "openai-torchscript"
     _assert_same_parameters(model, sd)

@@ -19,31 +19,9 @@ from torch import nn
 
 from tag2mask.clip.loading import WeightsError, load_clip
 from tag2mask.clip.torchscript_archive import TorchScriptArchiveError, read_torchscript_state_dict
+from torchscript_archives import scripted_archive
 
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")  # torch.jit is deprecated; the archives are not
-
-
-def _scripted_archive(sd: dict[str, torch.Tensor], extra_attribute: bool = False) -> torch.jit.ScriptModule:
-    """A scripted module tree whose ``state_dict()`` has exactly the keys of ``sd`` plus OpenAI's bookkeeping."""
-    root = nn.Module()
-    for key, value in sd.items():
-        *parents, leaf = key.split(".")
-        mod = root
-        for p in parents:
-            if not hasattr(mod, p):
-                mod.add_module(p, nn.Module())
-            mod = getattr(mod, p)
-        if value.is_floating_point():
-            mod.register_parameter(leaf, nn.Parameter(value.clone(), requires_grad=False))
-        else:
-            mod.register_buffer(leaf, value.clone())
-    root.register_buffer("input_resolution", torch.tensor(224))
-    root.register_buffer("context_length", torch.tensor(77))
-    root.register_buffer("vocab_size", torch.tensor(49408))
-    if extra_attribute:
-        # a plain tensor attribute (like a stored attention mask) is in the pickle but not in state_dict()
-        root.transformer.resblocks.attn_mask = torch.full((3, 3), float("-inf")).triu(1)
-    return torch.jit.script(root)
 
 
 def _tiny_sd(tiny_clip_path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor]:
@@ -54,7 +32,7 @@ def _tiny_sd(tiny_clip_path: Path, dtype: torch.dtype) -> dict[str, torch.Tensor
 @pytest.mark.parametrize("dtype, extra", [(torch.float16, False), (torch.float32, True)], ids=["fp16", "fp32_extra_attr"])
 def test_reader_matches_torch_jit_state_dict(tiny_clip_path, tmp_path, dtype, extra):
     path = tmp_path / "archive.pt"
-    torch.jit.save(_scripted_archive(_tiny_sd(tiny_clip_path, dtype), extra_attribute=extra), str(path))
+    torch.jit.save(scripted_archive(_tiny_sd(tiny_clip_path, dtype), extra_attribute=extra), str(path))
     ours = read_torchscript_state_dict(path)
     reference = torch.jit.load(str(path), map_location="cpu").state_dict()  # our own file: trusted
     assert list(ours) == list(reference)
@@ -67,7 +45,7 @@ def test_half_archive_loads_like_the_state_dict(tiny_clip_path, tmp_path, capsys
 
     sd = _tiny_sd(tiny_clip_path, torch.float16)  # OpenAI ships fp16 storages
     path = tmp_path / "ViT-tiny.pt"
-    torch.jit.save(_scripted_archive(sd), str(path))
+    torch.jit.save(scripted_archive(sd), str(path))
     model = load_clip(path)
     assert model.source_format == "openai-torchscript" and model.stored_dtypes == ["float16"]
     ref = load_clip(tiny_clip_path)
@@ -145,7 +123,7 @@ def _replace_data_pkl(src: Path, dst: Path, data: bytes) -> Path:
 
 def _reduce_archive(tmp_path: Path, tiny_clip_path: Path, marker: Path) -> Path:
     good = tmp_path / "good.pt"
-    torch.jit.save(_scripted_archive(_tiny_sd(tiny_clip_path, torch.float16)), str(good))
+    torch.jit.save(scripted_archive(_tiny_sd(tiny_clip_path, torch.float16)), str(good))
     return _replace_data_pkl(good, tmp_path / "reduce_evil.pt", pickle.dumps({"w": _ReducePayload(str(marker))}, protocol=2))
 
 
@@ -248,7 +226,7 @@ def test_tensor_past_its_storage_is_refused(tmp_path):
 
 def test_loader_never_calls_torch_jit_load(tmp_path, tiny_clip_path, monkeypatch):
     path = tmp_path / "a.pt"
-    torch.jit.save(_scripted_archive(_tiny_sd(tiny_clip_path, torch.float32)), str(path))
+    torch.jit.save(scripted_archive(_tiny_sd(tiny_clip_path, torch.float32)), str(path))
 
     def forbidden(*args, **kwargs):
         raise AssertionError("torch.jit.load was called on a user file")
