@@ -236,25 +236,10 @@ class FinishFMA:
         return ItemOutput(outputs + self._write(item.name, label, result), info)
 
     def _write(self, stem: str, label, result) -> list[Path]:
-        import numpy as np
+        from tag2mask.cli.label_stages import write_label_files
 
-        from tag2mask.io.atomic import atomic_path
-        from tag2mask.io.palette import save_label_png
-
-        out = Path(self.settings.out)
-        mask_path, cam_path = out / "masks" / f"{stem}.png", out / "cams" / f"{stem}.npz"
-        save_label_png(mask_path, label)
-        with atomic_path(cam_path) as tmp:
-            with open(tmp, "wb") as f:
-                np.savez_compressed(f, keys=result.keys, cams=result.cams)
-        written = [mask_path, cam_path]
-        if self.settings.save_arrays:
-            arr_path = out / "arrays" / f"{stem}.npz"
-            with atomic_path(arr_path) as tmp:
-                with open(tmp, "wb") as f:
-                    np.savez_compressed(f, **result.arrays)
-            written.append(arr_path)
-        return written
+        arrays = result.arrays if self.settings.save_arrays else None
+        return write_label_files(Path(self.settings.out), stem, label, result.keys, result.cams, arrays)
 
 
 #: what the worker processes import once, before the first image

@@ -159,23 +159,29 @@ class FinishMask:
         return ItemOutput(self._write(item, label, extra), item.info)
 
     def _write(self, item: ComputedCAMs, label, extra) -> list[Path]:
-        import numpy as np
+        arrays = dict(**item.arrays, **extra) if self.settings.save_arrays else None
+        return write_label_files(Path(self.settings.out), item.name, label, item.keys, item.cams, arrays)
 
-        from tag2mask.io.atomic import atomic_path
-        from tag2mask.io.palette import save_label_png
 
-        out = Path(self.settings.out)
-        mask_path = out / "masks" / f"{item.name}.png"
-        cam_path = out / "cams" / f"{item.name}.npz"
-        save_label_png(mask_path, label)  # atomic (temp file in the same folder, fsync, rename)
-        with atomic_path(cam_path) as tmp:
+def write_label_files(out: Path, stem: str, label, keys, cams, arrays: Optional[dict] = None) -> list[Path]:
+    """Write one image's ``masks/<stem>.png``, ``cams/<stem>.npz`` (``keys``, ``cams``) and, given
+    ``arrays``, ``arrays/<stem>.npz``, each atomically (temp file in the same folder, fsync, rename).
+    Returns the paths written."""
+    import numpy as np
+
+    from tag2mask.io.atomic import atomic_path
+    from tag2mask.io.palette import save_label_png
+
+    mask_path, cam_path = out / "masks" / f"{stem}.png", out / "cams" / f"{stem}.npz"
+    save_label_png(mask_path, label)
+    with atomic_path(cam_path) as tmp:
+        with open(tmp, "wb") as f:
+            np.savez_compressed(f, keys=keys, cams=cams)
+    outputs = [mask_path, cam_path]
+    if arrays is not None:
+        arr_path = out / "arrays" / f"{stem}.npz"
+        with atomic_path(arr_path) as tmp:
             with open(tmp, "wb") as f:
-                np.savez_compressed(f, keys=item.keys, cams=item.cams)
-        outputs = [mask_path, cam_path]
-        if self.settings.save_arrays:
-            arr_path = out / "arrays" / f"{item.name}.npz"
-            with atomic_path(arr_path) as tmp:
-                with open(tmp, "wb") as f:
-                    np.savez_compressed(f, **item.arrays, **extra)
-            outputs.append(arr_path)
-        return outputs
+                np.savez_compressed(f, **arrays)
+        outputs.append(arr_path)
+    return outputs
