@@ -93,18 +93,8 @@ class UnlabeledImages(SegmentationSource):
 def open_unlabeled_images(data: Union[str, Path], split: Optional[str] = None) -> UnlabeledImages:
     """The images of a VOC/COCO split (``split`` as in :func:`open_segmentation_data`) or of an image folder."""
     data = Path(data)
-    kind = detect_dataset(data)
-    if kind is None:
-        raise FileNotFoundError(f"{data}: not a VOC/COCO root or an image folder")
-    root = data / "VOC2012" if kind == "voc" and not (data / "JPEGImages").is_dir() else data
-    image_dir = root / "JPEGImages" if kind in ("voc", "coco") else data
-    images = _index_files(image_dir, IMAGE_SUFFIXES)
-    if split is not None and kind in ("voc", "coco"):
-        split_path = Path(split)
-        if not split_path.is_file():
-            split_path = (root / "ImageSets" / "Segmentation" / f"{split}.txt" if kind == "voc"
-                          else root / (split if split.endswith(".txt") else f"{split}.txt"))
-        names = _split_names(split_path)
+    _, _, image_dir, images, names = _locate_images(data, split)
+    if names is not None:
         missing = [n for n in names if n not in images]
         if missing:
             raise _missing("images", missing, image_dir)
@@ -113,6 +103,27 @@ def open_unlabeled_images(data: Union[str, Path], split: Optional[str] = None) -
     if not names:
         raise ValueError(f"no images in {image_dir}")
     return UnlabeledImages([SegItem(n, images[n], images[n]) for n in names], None, f"{image_dir} (no masks)")
+
+
+def _locate_images(data: Path, split: Optional[str]) -> tuple[str, Path, Path, dict[str, Path], Optional[list[str]]]:
+    """``(kind, root, image folder, {name: image path}, the split's names or None)`` of a data set.
+
+    ``split`` (VOC/COCO only): a split name or a split file; ``None`` lists no names.
+    """
+    kind = detect_dataset(data)
+    if kind is None:
+        raise FileNotFoundError(f"{data}: not a VOC/COCO root or an image folder")
+    root = data / "VOC2012" if kind == "voc" and not (data / "JPEGImages").is_dir() else data
+    image_dir = root / "JPEGImages" if kind in ("voc", "coco") else data
+    images = _index_files(image_dir, IMAGE_SUFFIXES)
+    names: Optional[list[str]] = None
+    if split is not None and kind in ("voc", "coco"):
+        split_path = Path(split)
+        if not split_path.is_file():
+            split_path = (root / "ImageSets" / "Segmentation" / f"{split}.txt" if kind == "voc"
+                          else root / (split if split.endswith(".txt") else f"{split}.txt"))
+        names = _split_names(split_path)
+    return kind, root, image_dir, images, names
 
 
 def _split_names(path: Path) -> list[str]:
@@ -184,19 +195,7 @@ def open_segmentation_data(
         num_classes: checked against the mask values when pairs are loaded.
     """
     data = Path(data)
-    kind = detect_dataset(data)
-    if kind is None:
-        raise FileNotFoundError(f"{data}: not a VOC/COCO root or an image folder")
-    root = data / "VOC2012" if kind == "voc" and not (data / "JPEGImages").is_dir() else data
-    image_dir = root / "JPEGImages" if kind in ("voc", "coco") else data
-    images = _index_files(image_dir, IMAGE_SUFFIXES)
-    names: Optional[list[str]] = None
-    if split is not None and kind in ("voc", "coco"):
-        split_path = Path(split)
-        if not split_path.is_file():
-            split_path = (root / "ImageSets" / "Segmentation" / f"{split}.txt" if kind == "voc"
-                          else root / (split if split.endswith(".txt") else f"{split}.txt"))
-        names = _split_names(split_path)
+    kind, root, image_dir, images, names = _locate_images(data, split)
     if masks is not None:
         mask_dir = _mask_folder(Path(masks))
         description = f"{image_dir} with masks {mask_dir}"
