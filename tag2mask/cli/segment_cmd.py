@@ -437,7 +437,7 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
         settings["classes"] = list(segmenter.class_names)
     stems = _output_stems(files)
     record = {"tag2mask": tag2mask.__version__, "command": "segment", "input": str(args.input),
-              "settings": settings, "checkpoint": str(ckpt), "class_names": list(segmenter.class_names),
+              "method": segmenter.kind, "settings": settings, "checkpoint": str(ckpt), "class_names": list(segmenter.class_names),
               "device": str(segmenter.device), "long_side": segmenter.inner.long_side,
               "scales": list(segmenter.inner.scales), "flip": segmenter.inner.flip,
               "warnings": [warning] if warning else []}
