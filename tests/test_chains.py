@@ -78,6 +78,8 @@ def test_label_then_train_segmenter_clip_es_without_pretrained(world, tmp_path, 
     assert report["iterations"] == 3
     assert report["loss"] is not None and math.isfinite(report["loss"])
     assert "--pretrained" in err and "BatchNorm" in err
+    recorded = json.loads((run / "config.json").read_text())
+    assert recorded["config"]["model_options"]["norm_eval"] is False
     from tag2mask.cli.train_segmenter import build_segmenter_config
 
     # an explicit --model-option norm_eval is kept as given, without the warning
