@@ -137,7 +137,8 @@ def _form(state: FormState, methods: Sequence[str]) -> str:
         " all methods side by side</label>"
         "<button type='submit' id='submit'>Segment</button>"
         "<p class='muted'>Classes: comma-separated; synonyms of one class with <code>|</code>; background words "
-        "after <code>; background:</code> (e.g. <code>cat, person|people; background: sky, grass</code>). "
+        "after <code>; background:</code> or <code>, background:</code> (e.g. <code>cat, person|people; background: sky, "
+        "grass</code>). "
         "Names only: the server never reads files.</p></form>"
     )
 
