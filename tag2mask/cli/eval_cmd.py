@@ -162,7 +162,7 @@ def evaluate_label_folder(pred_dir: str | Path, gt_dir: str | Path, num_classes:
     Returns:
         ``{"scores": ConfusionMatrix.scores(), "per_image": {stem: mIoU | None},
         "num_images": n, "gt_values": sorted label values seen in the GT (ignore and 255 excluded),
-        "unscored_pred_pixels": prediction pixels of 255 left out, "pred_pixels": all prediction pixels}``.
+        "unscored_pred_pixels": predicted 255 where the GT would score, "pred_pixels": all prediction pixels}``.
     """
     import numpy as np
 
@@ -178,8 +178,12 @@ def evaluate_label_folder(pred_dir: str | Path, gt_dir: str | Path, num_classes:
         one = ConfusionMatrix(num_classes, ignore_index)
         gt, pred = read_label_png(g), read_label_png(p)
         gt_values.update(int(v) for v in np.unique(gt) if v not in (ignore_index, 255))
-        not_confident = pred == PRED_IGNORE
-        if not_confident.any() and num_classes <= PRED_IGNORE and pred.shape == gt.shape:
+        if pred.shape == gt.shape and num_classes <= PRED_IGNORE:
+            # counted: pixels the ground truth would score (where it is ignore anyway, nothing changes)
+            not_confident = (pred == PRED_IGNORE) & (gt != ignore_index) & (gt < num_classes)
+        else:
+            not_confident = np.zeros((), dtype=bool)  # ConfusionMatrix.update names the size mismatch
+        if not_confident.any():
             # why: the GT's ignore value drops the pixel from the confusion matrix, so 255 in a
             # prediction counts neither as right nor wrong (the pixel is not scored at all)
             unscored += int(not_confident.sum())
