@@ -14,9 +14,7 @@ mIoU rule (--miou-rule): gt_or_pred averages over the classes present in the gro
 prediction (CLIP-ES's evaluation), gt over the classes present in the ground truth (WeCLIP's).
 auto (default) takes the rule of the method that wrote PRED (its run.json), else gt_or_pred.
 Every report states the rule it used.
-
-A predicted 255 (the "not confident" pixels of label --refine crf) is not scored; the report says
-how many such pixels there were.
+A predicted 255 (label --refine crf: "not confident") is not scored; the report counts them.
 """
 
 from __future__ import annotations
@@ -156,8 +154,7 @@ def evaluate_label_folder(pred_dir: str | Path, gt_dir: str | Path, num_classes:
                           miou_rule: str = DEFAULT_MIOU_RULE) -> dict:
     """Score ``PRED/<stem>.png`` label maps against ``GT/<stem>.png``, streaming (mIoU by ``miou_rule``).
 
-    A prediction pixel of 255 (``label --refine crf``: "not confident") is not scored, like an ignored
-    ground-truth pixel; how many there were is returned so that the report can say so.
+    A predicted 255 (``label --refine crf``: "not confident") is not scored; the count is returned.
 
     Returns:
         ``{"scores": ConfusionMatrix.scores(), "per_image": {stem: mIoU | None},
@@ -166,7 +163,7 @@ def evaluate_label_folder(pred_dir: str | Path, gt_dir: str | Path, num_classes:
     """
     import numpy as np
 
-    from tag2mask.evaluation.miou import ConfusionMatrix
+    from tag2mask.evaluation.miou import ConfusionMatrix, unscore_predicted_ignore
     from tag2mask.io.palette import read_label_png
 
     pairs = _pairs(Path(pred_dir), Path(gt_dir), ".png")
@@ -178,16 +175,8 @@ def evaluate_label_folder(pred_dir: str | Path, gt_dir: str | Path, num_classes:
         one = ConfusionMatrix(num_classes, ignore_index)
         gt, pred = read_label_png(g), read_label_png(p)
         gt_values.update(int(v) for v in np.unique(gt) if v not in (ignore_index, 255))
-        if pred.shape == gt.shape and num_classes <= PRED_IGNORE:
-            # counted: pixels the ground truth would score (where it is ignore anyway, nothing changes)
-            not_confident = (pred == PRED_IGNORE) & (gt != ignore_index) & (gt < num_classes)
-        else:
-            not_confident = np.zeros((), dtype=bool)  # ConfusionMatrix.update names the size mismatch
-        if not_confident.any():
-            # why: the GT's ignore value drops the pixel from the confusion matrix, so 255 in a
-            # prediction counts neither as right nor wrong (the pixel is not scored at all)
-            unscored += int(not_confident.sum())
-            gt = np.where(not_confident, -1, gt.astype(np.int64))  # -1: outside [0, C), never counted
+        gt, n = unscore_predicted_ignore(pred, gt, num_classes, ignore_index, PRED_IGNORE)
+        unscored += n
         pixels += int(pred.size)
         one.update(pred, gt, name=f"{p} vs {g}")
         total.merge(one)
@@ -246,12 +235,6 @@ def method_miou_rule(pred: str | Path) -> tuple[str, str]:
         if rule in MIOU_RULES:
             return rule, str(record)
     return DEFAULT_MIOU_RULE, "default"
-
-
-def unscored_note(unscored: int, pixels: int) -> str:
-    """The report's line about prediction pixels of 255 (not scored)."""
-    return (f"{unscored} of {pixels} predicted pixels ({100 * unscored / max(pixels, 1):.1f} %) are 255 (not confident, "
-            "e.g. label --refine crf) and are not scored: the mIoU is over the confident pixels only")
 
 
 def _pct(v: float | None) -> str:
@@ -484,6 +467,8 @@ def run(args: argparse.Namespace) -> int:
     note = coverage_note(args.gt, report["num_images"])
     report["notes"] = [note] if note else []
     if report.get("unscored_pred_pixels"):
+        from tag2mask.evaluation.miou import unscored_note
+
         report["notes"].append(unscored_note(report["unscored_pred_pixels"], report["pred_pixels"]))
     if args.unseen and _zero_shot_split(args.unseen[0]) is not None and args.ignore_index == 0:
         report["notes"].append(f"{args.unseen[0]}: label 0 (background) is not scored, as in ZegCLIP's protocol")

@@ -65,9 +65,8 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     )
     p.add_argument("input", metavar="IMAGE_OR_FOLDER", help="an image file or a folder of images (not recursive)")
     p.add_argument("--classes", default=None,
-                   help="synth|voc|coco|voc-maskclip (a built-in class set), a name-set FILE (e.g. an official "
-                        "cls_voc21.txt), or an inline list 'cat, dog|puppy; background: sky, grass' (also without ';': "
-                        "'cat, dog|puppy, background: sky, grass') (required; with --checkpoint "
+                   help="synth|voc|coco|voc-maskclip, a name-set FILE (e.g. cls_voc21.txt) or inline 'cat, dog|puppy; "
+                        "background: sky, grass' (or ', background:' without ';') (required; with --checkpoint "
                         "the run's classes are used instead, except for a CLIP-ZSS student, which takes any class "
                         "names 'a, b, c': default the classes of its training data, seen and unseen)")
     p.add_argument("--checkpoint", default=None,
