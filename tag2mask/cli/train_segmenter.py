@@ -320,7 +320,8 @@ def open_train_val(args: argparse.Namespace, kind: str, num_classes: int, splits
         train_source = open_unlabeled_images(args.data, train_split)
 
     val_data = args.val_data or (args.data if kind in ("voc", "coco") else None)
-    if val_split is None and args.val_data is None and args.val_split is None and val_data is not None:
+    validates = args.val_every or not getattr(args, "no_eval", False)
+    if val_split is None and args.val_data is None and args.val_split is None and val_data is not None and validates:
         # a root without a val split (an export written without --val): validate on the training
         # images, and say so, rather than on an unnamed split ("VOC None")
         val_split = train_split
