@@ -51,6 +51,11 @@ def test_label_crf_then_eval(world, tmp_path, capsys):
     not_confident = sum(int(((read_label_png(m) == 255) & (read_label_png(gt_dir / m.name) != 255)).sum())
                         for m in masks)
     capsys.readouterr()
+    # the docs' two evaluations, in their order: the CAM seeds, then the CRF pseudo-masks
+    assert main(["eval", str(labels / "cams"), "--cams", "--gt", str(world / "SegmentationClass"), "--classes",
+                 "synth", "--quiet"]) == 0
+    assert 0.0 <= json.loads((labels / "cams" / "eval.json").read_text())["best_miou"] <= 1.0
+    capsys.readouterr()
     assert main(["eval", str(labels / "masks"), "--gt", str(world / "SegmentationClass"), "--classes", "synth",
                  "--quiet"]) == 0
     err = capsys.readouterr().err
