@@ -88,16 +88,12 @@ def test_label_then_train_segmenter_clip_es_without_pretrained(world, tmp_path, 
     assert "--pretrained" in err and "BatchNorm" in err
     recorded = json.loads((run / "config.json").read_text())
     assert recorded["config"]["model_options"]["norm_eval"] is False
-    from tag2mask.cli.train_segmenter import build_segmenter_config
-
     # an explicit --model-option norm_eval is kept as given, without the warning
-    import argparse
-
     from tag2mask.cli.main import build_parser
+    from tag2mask.cli.train_segmenter import build_segmenter_config
 
     args = build_parser().parse_args(["train", "segmenter", "--preset", "clip-es", "--data", str(world), "--masks",
                                       str(labels), "--model-option", "norm_eval=true", "--out", str(run)])
-    assert isinstance(args, argparse.Namespace)
     capsys.readouterr()
     assert build_segmenter_config(args, "voc").model_options["norm_eval"] is True
     assert "--pretrained" not in capsys.readouterr().err
