@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -85,7 +86,9 @@ def add_segmenter_parser(methods: "argparse._SubParsersAction") -> argparse.Argu
                    help="a field of the network's config (JSON value or string), repeatable, e.g. variant=b2")
     s.add_argument("--pretrained", default=None,
                    help="pretrained weights file or folder (the network's 'pretrained': a ResNet for DeepLab, a whole "
-                        "transformers network for segformer / upernet / mask2former)")
+                        "transformers network for segformer / upernet / mask2former). Without it DeepLab starts from a "
+                        "random ResNet and trains its BatchNorm (a warning says so); for a quick CPU try, "
+                        "--model-option variant=tiny builds a small ResNet")
     s.add_argument("--backbone-pretrained", default=None,
                    help="upernet / mask2former: ImageNet backbone folder or hub id (e.g. Swin-L ImageNet-22k for fma)")
     s.add_argument("--weights", default=None,
@@ -227,7 +230,29 @@ def build_segmenter_config(args: argparse.Namespace, kind: str):
                                  "background": not args.no_background, **_recipe_overrides(args)}
     if model is not None:
         overrides["model"] = model
-    return segmenter_preset(args.preset, **overrides)
+    config = segmenter_preset(args.preset, **overrides)
+    _train_norm_of_random_backbone(config, explicit=overrides["model_options"])
+    return config
+
+
+def _train_norm_of_random_backbone(config, explicit: dict[str, Any]) -> None:
+    """DeepLab-v2 without ``pretrained``: train its BatchNorm (in place on ``config``) and warn.
+
+    Frozen BatchNorm (``norm_eval``, deeplab-pytorch's ``freeze_bn``) keeps the statistics of the
+    ImageNet init; of a random ResNet-101 they are meaningless (first loss ~1e5, NaN by iteration 2).
+    A ``norm_eval`` given with ``--model-option`` is kept as given.
+    """
+    from tag2mask.models.deeplab import DeepLabV2Config
+
+    options = config.model_options
+    if config.model != "deeplab-v2" or options.get("pretrained") or "norm_eval" in explicit:
+        return
+    if not options.get("norm_eval", DeepLabV2Config.norm_eval):
+        return
+    options["norm_eval"] = False
+    print("warning: no --pretrained: DeepLab starts from a random ResNet, so its BatchNorm is trained (not frozen "
+          "as with an ImageNet init); pass --pretrained RESNET.pth for the paper's recipe "
+          "(a quick CPU try: --model-option variant=tiny)", file=sys.stderr)
 
 
 def _maskclip_vocabulary(args: argparse.Namespace, setting: Any):
@@ -295,6 +320,14 @@ def open_train_val(args: argparse.Namespace, kind: str, num_classes: int, splits
         train_source = open_unlabeled_images(args.data, train_split)
 
     val_data = args.val_data or (args.data if kind in ("voc", "coco") else None)
+    validates = args.val_every or not getattr(args, "no_eval", False)
+    if val_split is None and args.val_data is None and args.val_split is None and val_data is not None and validates:
+        # a root without a val split (an export written without --val): validate on the training
+        # images, and say so, rather than on an unnamed split ("VOC None")
+        val_split = train_split
+        print(f"warning: {args.data} has no val split: validating on its training images ({train_split}), so the "
+              "scores are not held out; pass --val-data/--val-split, or --val-split none to skip validation",
+              file=sys.stderr)
     if args.val_split is not None:
         val_split = None if args.val_split.lower() == "none" else args.val_split
         if val_split is None:
