@@ -29,7 +29,6 @@ from tag2mask.localization.labels import labels_from_scores, with_background
 from tag2mask.methods.weclip.model import WeCLIP, preset
 
 DATA = Path(__file__).parent / "data" / "weclip"
-pytestmark = pytest.mark.skipif(not (DATA / "forward.npz").exists(), reason="WeCLIP fixtures missing")
 BRANCHES = ("caa", "rfm")
 
 
