@@ -132,7 +132,12 @@ def test_weclip_fp16_compute_inside_and_restored_after(plain):
         assert all(t.dtype == torch.float16 for t in inter.tokens)  # the residual stream is fp16
         assert all(a.dtype == torch.float32 for a in inter.attentions)  # softmax maps are float32
         assert torch.equal(plain.visual.blocks[0].attn.in_proj_weight, before["visual.transformer.resblocks.0.attn.in_proj_weight"])
+        # on a CPU the image tower emulates its fp16 products, the text tower runs the half kernels
+        assert "forward" in plain.visual.conv1.__dict__ and "forward" in plain.visual.blocks[0].mlp.c_fc.__dict__
+        assert "forward" not in plain.transformer.resblocks[0].mlp.c_fc.__dict__
+        assert plain.visual.blocks[0].attn.fp16_emulated and not plain.transformer.resblocks[0].attn.fp16_emulated
     assert not any(m.fp16_mixed for m in attns) and not plain.fingerprint.endswith(":fp16c")
+    assert not any("forward" in m.__dict__ for m in plain.modules())
     for n, p in plain.named_parameters():
         assert p.dtype == torch.float32 and torch.equal(p, before[n]), n
 
@@ -140,3 +145,19 @@ def test_weclip_fp16_compute_inside_and_restored_after(plain):
 def test_fp16_compute_excludes_weight_rounding():
     with pytest.raises(ValueError, match="in_proj"):
         Numerics(round_weights_fp16=True, fp16_compute=True)
+
+
+def test_emulated_fp16_linear_is_one_rounding_of_the_fp16_product():
+    """fp16 operands, float32 arithmetic, one rounding: within one fp16 ulp of torch's half kernel and
+    exactly the float64 product rounded to fp16 wherever that is not a near tie."""
+    from tag2mask.clip.layers import fp16_linear
+
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(37, 64, generator=g), torch.randn(48, 64, generator=g), torch.randn(48, generator=g)
+    emulated, native = fp16_linear(x, w, b, emulated=True), fp16_linear(x, w, b, emulated=False)
+    assert emulated.dtype == native.dtype == torch.float16
+    exact = torch.nn.functional.linear(x.half().double(), w.half().double(), b.half().double())
+    ulp = torch.finfo(torch.float16).eps * exact.abs().clamp_min(2 ** -14)
+    assert ((emulated.double() - exact).abs() <= ulp).all()
+    assert ((emulated.double() - native.double()).abs() <= ulp).all()
+    assert (emulated.double() == exact.half().double()).float().mean() > 0.99

@@ -27,6 +27,19 @@ class LayerNorm(nn.LayerNorm):
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
 
 
+def fp16_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], emulated: bool) -> torch.Tensor:
+    """``F.linear`` with input, weight and bias cast to float16 and a float16 result (``(..., out)``).
+
+    ``emulated``: the product is formed in float32 from the float16 values and rounded once, which is
+    what a float16 GEMM accumulating in float32 returns (the GPU kernels) and is several times faster
+    than torch's CPU half kernels; otherwise torch's float16 kernel runs.
+    """
+    b = None if bias is None else bias.half()
+    if emulated:
+        return F.linear(x.half().float(), weight.half().float(), None if b is None else b.float()).half()
+    return F.linear(x.half(), weight.half(), b)
+
+
 class QuickGELU(nn.Module):
     """``x * sigmoid(1.702 x)``: the activation OpenAI CLIP was trained with."""
 
@@ -68,6 +81,7 @@ class Attention(nn.Module):
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
         self.fp16_mixed = False
+        self.fp16_emulated = False  # fp16 products as float32 arithmetic rounded once (CPUs; see numerics)
         nn.init.xavier_uniform_(self.in_proj_weight)
 
     def qkv(self, x: torch.Tensor, split_heads: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -129,7 +143,7 @@ class Attention(nn.Module):
             scores = scores + attn_mask.float()
         probs = scores.softmax(dim=-1)
         out = self.merge_heads(probs @ v)
-        out = F.linear(out.half(), self.out_proj.weight.half(), self.out_proj.bias.half())
+        out = fp16_linear(out, self.out_proj.weight, self.out_proj.bias, self.fp16_emulated)
         weights = probs.sum(dim=1) / self.heads if need_weights else None
         return out, weights
 
