@@ -152,7 +152,7 @@ class WeCLIPConfig:
     def cam_settings(self) -> CAMSettings:
         """The shared CAM pipeline's settings (the CAA branch; RFM replaces only the affinity)."""
         return CAMSettings(attention_layers=self.caa_layers, box_threshold=self.box_threshold,
-                           exact_resize=self.exact_cv2_resize)
+                           exact_resize=self.exact_cv2_resize, fp16_gradcam=self.compat_numerics)
 
     @property
     def num_classes(self) -> int:
