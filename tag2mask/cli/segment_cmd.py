@@ -103,12 +103,7 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
                         "--no-compat: the loaded model as it is (default: preset's)")
     p.add_argument("--pamr", action=argparse.BooleanOptionalAction, default=None,
                    help="refine with PAMR, 10 steps, dilations 8 and 16 (default: preset's; on for NACLIP's published)")
-    p.add_argument("--naclip-std", type=float, default=None,
-                   help="NACLIP's Gaussian window width σ in patches (official gaussian_std; default: preset's, 5); "
-                        "only where the last block is NACLIP's")
-    p.add_argument("--pamr-steps", type=positive_int, default=None, help="PAMR iterations (default: preset's, 10); needs PAMR on")
-    p.add_argument("--pamr-dilations", type=positive_int_list, default=None,
-                   help="PAMR dilations, comma-separated (official pamr_stride; default: preset's, 8,16); needs PAMR on")
+    _add_window_options(p)
     p.add_argument("--first-line", default="auto", choices=("auto", "background", "class"),
                    help="official cls_*.txt name sets only: whether line 1 lists the background words "
                         "(default: auto = when it is 'background' or a list of stuff words such as sky, wall, tree)")
@@ -129,6 +124,16 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     p.set_defaults(func=run)
     record_given_options(p)
     return p
+
+
+def _add_window_options(p: argparse.ArgumentParser) -> None:
+    """NACLIP's window width and PAMR's schedule (settings the official harnesses record)."""
+    p.add_argument("--naclip-std", type=float, default=None,
+                   help="NACLIP's Gaussian window width σ in patches (official gaussian_std; default: preset's, 5); "
+                        "only where the last block is NACLIP's")
+    p.add_argument("--pamr-steps", type=positive_int, default=None, help="PAMR iterations (default: preset's, 10); needs PAMR on")
+    p.add_argument("--pamr-dilations", type=positive_int_list, default=None,
+                   help="PAMR dilations, comma-separated (official pamr_stride; default: preset's, 8,16); needs PAMR on")
 
 
 #: options of the open-vocabulary methods; a trained WeCLIP run (--checkpoint) takes none of them

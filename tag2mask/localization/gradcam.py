@@ -174,6 +174,19 @@ def last_block_gradcam(
     if fp16_arithmetic:
         weights = weights.half().float()
     activation = act.detach()
+    cams = _weighted_cams(weights, activation, pairs, fp16_arithmetic)
+    return LastBlockGradCAM(
+        cams=cams.view(n_pairs, h, w),
+        grad_weights=weights,
+        targets=targets,
+        activation=activation,
+        attention=attn.detach() if attn is not None else None,
+    )
+
+
+def _weighted_cams(weights: torch.Tensor, activation: torch.Tensor, pairs: torch.Tensor,
+                   fp16_arithmetic: bool) -> torch.Tensor:
+    """``sum_c w_c A_c`` of every pair: weights (P, C), activation (B, L, C), pairs (P, 2) -> (P, hw)."""
     parts, order = [], []
     for b in torch.unique(pairs[:, 0]).tolist():
         sel = torch.nonzero(pairs[:, 0] == b).flatten()
@@ -185,14 +198,7 @@ def last_block_gradcam(
             parts.append(w_b @ activation[b, 1:].float().t())  # (K_b, hw)
         order.append(sel)
     # assembled out of place so that the graph (create_graph) survives
-    cams = torch.cat(parts)[torch.argsort(torch.cat(order)).to(weights.device)]
-    return LastBlockGradCAM(
-        cams=cams.view(n_pairs, h, w),
-        grad_weights=weights,
-        targets=targets,
-        activation=activation,
-        attention=attn.detach() if attn is not None else None,
-    )
+    return torch.cat(parts)[torch.argsort(torch.cat(order)).to(weights.device)]
 
 
 def softmax_gradcam(
