@@ -149,32 +149,10 @@ def last_block_gradcam(
             empty = act.new_zeros((0, h, w))
             return LastBlockGradCAM(cams=empty, grad_weights=act.new_zeros((0, act.shape[-1])), targets=targets,
                                     activation=act.detach(), attention=attn.detach() if attn is not None else None)
-        if vjp_mode == "vmap":
-            cotangents = torch.zeros((n_pairs,) + tuple(targets.shape), device=targets.device, dtype=targets.dtype)
-            cotangents[torch.arange(n_pairs, device=targets.device), images, columns] = 1
-            (grads,) = torch.autograd.grad(
-                targets, act, grad_outputs=cotangents, is_grads_batched=True, create_graph=create_graph
-            )
-            grads = grads[torch.arange(n_pairs, device=grads.device), images.to(grads.device)]  # (P, L, C)
-        else:
-            grads = torch.stack(
-                [
-                    torch.autograd.grad(
-                        targets[images[p], columns[p]], act,
-                        retain_graph=create_graph or p < n_pairs - 1, create_graph=create_graph,
-                    )[0][images[p]]
-                    for p in range(n_pairs)
-                ]
-            )
+        grads = _pair_gradients(targets, act, images, columns, vjp_mode, create_graph)
     weights = grads[:, 1:].float().mean(dim=1)  # (P, C)
     activation = act.detach()
-    parts, order = [], []
-    for b in torch.unique(pairs[:, 0]).tolist():
-        sel = torch.nonzero(pairs[:, 0] == b).flatten()
-        parts.append(weights[sel.to(weights.device)] @ activation[b, 1:].float().t())  # (K_b, hw)
-        order.append(sel)
-    # assembled out of place so that the graph (create_graph) survives
-    cams = torch.cat(parts)[torch.argsort(torch.cat(order)).to(weights.device)]
+    cams = _pair_cams(weights, activation, pairs)
     return LastBlockGradCAM(
         cams=cams.view(n_pairs, h, w),
         grad_weights=weights,
@@ -182,6 +160,41 @@ def last_block_gradcam(
         activation=activation,
         attention=attn.detach() if attn is not None else None,
     )
+
+
+def _pair_gradients(targets: torch.Tensor, act: torch.Tensor, images: torch.Tensor, columns: torch.Tensor,
+                    vjp_mode: str, create_graph: bool) -> torch.Tensor:
+    """``(P, L, C)`` gradient of each pair's target score ``targets[images[p], columns[p]]`` w.r.t. its image's
+    activation ``act`` ``(B, L, C)``: one batched VJP of one-hot cotangents (``vmap``) or one VJP per pair."""
+    n_pairs = images.shape[0]
+    if vjp_mode == "vmap":
+        cotangents = torch.zeros((n_pairs,) + tuple(targets.shape), device=targets.device, dtype=targets.dtype)
+        cotangents[torch.arange(n_pairs, device=targets.device), images, columns] = 1
+        (grads,) = torch.autograd.grad(
+            targets, act, grad_outputs=cotangents, is_grads_batched=True, create_graph=create_graph
+        )
+        return grads[torch.arange(n_pairs, device=grads.device), images.to(grads.device)]  # (P, L, C)
+    return torch.stack(
+        [
+            torch.autograd.grad(
+                targets[images[p], columns[p]], act,
+                retain_graph=create_graph or p < n_pairs - 1, create_graph=create_graph,
+            )[0][images[p]]
+            for p in range(n_pairs)
+        ]
+    )
+
+
+def _pair_cams(weights: torch.Tensor, activation: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """``(P, hw)`` CAMs: each pair's channel ``weights`` ``(P, C)`` against its image's patch tokens of
+    ``activation`` ``(B, L, C)``, one matrix product per image."""
+    parts, order = [], []
+    for b in torch.unique(pairs[:, 0]).tolist():
+        sel = torch.nonzero(pairs[:, 0] == b).flatten()
+        parts.append(weights[sel.to(weights.device)] @ activation[b, 1:].float().t())  # (K_b, hw)
+        order.append(sel)
+    # assembled out of place so that the graph (create_graph) survives
+    return torch.cat(parts)[torch.argsort(torch.cat(order)).to(weights.device)]
 
 
 def softmax_gradcam(
