@@ -196,7 +196,7 @@ def _settings(args: argparse.Namespace, vocab, model, segmenter) -> dict:
             "max_pixels", "max_pixels_policy")
     s = {k: getattr(args, k) for k in keys}
     # what actually runs once the preset and the options are combined
-    s["resolved"] = segmenter.settings.as_dict()
+    s["resolved"] = segmenter.settings.to_dict()
     # --classes may name a file: record what it resolved to, so an edited file counts as a change
     s["vocabulary"] = {"names": list(vocab.names), "synonyms": [list(x) for x in vocab.synonyms],
                        "background": list(vocab.background), "mode": vocab.mode}
