@@ -20,6 +20,7 @@ every setting comes from an :class:`~tag2mask.methods.ovss.presets.OvssPreset` (
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Optional, Sequence, Union
 
@@ -47,6 +48,9 @@ METHODS = ("maskclip", "sclip", "clearclip", "naclip", "clip")
 PUBLISHED_SETTINGS: dict[str, dict[str, object]] = published_settings()
 
 _BACKGROUND_NAME = "background"
+
+#: fields of OvssPreset that a segmenter exposes as attributes too (``seg.mode``, ``seg.crop`` ...)
+_SETTING_NAMES = frozenset(f.name for f in dataclasses.fields(OvssPreset))
 
 _HARNESS_POS_OFFSET = 0.1  # interpolate_pos_encoding: scale_factor = (n + 0.1) / 14
 
@@ -187,6 +191,14 @@ class OpenVocabSegmenter:
             from tag2mask.refinement.pamr import PAMR
 
             self._pamr = PAMR(settings.pamr_steps, dilations=settings.pamr_dilations).to(self.device)
+
+    def __getattr__(self, name: str) -> Any:
+        """The settings read as attributes (``seg.mode`` is ``seg.settings.mode``): declared once, in
+        :class:`~tag2mask.methods.ovss.presets.OvssPreset`. Only called for names not found otherwise."""
+        settings = self.__dict__.get("settings")
+        if settings is not None and name in _SETTING_NAMES:
+            return getattr(settings, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     # ----------------------------------------------------------------------------------------------
     # text side
