@@ -251,6 +251,7 @@ class _Segmenter:
 def _image_records(out: Path, files: list[Path], stems: dict[Path, str]) -> list[dict]:
     """run.json's per-image list (input order), rebuilt from the merged manifest."""
     from tag2mask.io.manifest import MANIFEST_NAME, latest_records
+    from tag2mask.io.paths import path_inside
 
     records = latest_records([out / MANIFEST_NAME])
     images = []
@@ -262,8 +263,8 @@ def _image_records(out: Path, files: list[Path], stems: dict[Path, str]) -> list
         if rec.get("status") == "ok":
             outputs = {}
             for rel in rec.get("outputs", []):
-                p = Path(rel)
-                outputs[_OUTPUT_KINDS.get(p.parent.name, p.parent.name)] = str(p if p.is_absolute() else out / p)
+                p = path_inside(out, rel, out / MANIFEST_NAME)
+                outputs[_OUTPUT_KINDS.get(p.parent.name, p.parent.name)] = str(out / p.relative_to(out.resolve()))
             entry.update(outputs=outputs, present=rec.get("present"), seconds=rec.get("seconds"))
         else:
             entry.update(error=rec.get("error"), error_kind=rec.get("error_kind"))

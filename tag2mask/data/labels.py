@@ -20,7 +20,7 @@ from __future__ import annotations
 import csv
 import io
 import json
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path, PurePosixPath
 from typing import Iterable, Mapping, Sequence
 
 __all__ = [
@@ -186,17 +186,9 @@ def safe_image_path(image_dir: str | Path, name: str, where: str = "") -> Path:
         LabelFileError: absolute path, drive letter, ``..`` component, or a path (or
             symlink) resolving outside ``image_dir``.
     """
-    prefix = f"{where}: " if where else ""
-    if not name or "\x00" in name:
-        raise LabelFileError(f"{prefix}invalid image name {name!r}")
-    win = PureWindowsPath(name)
-    posix = PurePosixPath(name.replace("\\", "/"))
-    if posix.is_absolute() or win.is_absolute() or win.drive or name.startswith(("/", "\\")):
-        raise LabelFileError(f"{prefix}image name {name!r} is an absolute path; names must be relative to {image_dir}")
-    if ".." in posix.parts:
+    from tag2mask.io.paths import path_inside
+
+    if ".." in PurePosixPath(name.replace("\\", "/")).parts:
+        prefix = f"{where}: " if where else ""
         raise LabelFileError(f"{prefix}image name {name!r} points outside the image folder {image_dir} ('..')")
-    root = Path(image_dir).resolve()
-    full = (root / Path(*posix.parts)).resolve()
-    if full != root and root not in full.parents:
-        raise LabelFileError(f"{prefix}image name {name!r} resolves outside the image folder {image_dir}")
-    return full
+    return path_inside(image_dir, name, where, error=LabelFileError, must_be_relative=True)

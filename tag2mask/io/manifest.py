@@ -205,21 +205,27 @@ def compact_manifest(run_dir: Path) -> dict[str, int]:
     return counts
 
 
-def verify_outputs(run_dir: Path, rec: dict[str, Any], check_hash: bool = True) -> Optional[str]:
+def verify_outputs(run_dir: Path, rec: dict[str, Any], check_hash: bool = True,
+                   source: str = MANIFEST_NAME) -> Optional[str]:
     """``None`` if every output of an ``ok`` record is present and intact, else the reason.
 
-    Paths are relative to ``run_dir`` (absolute ones, from older manifests, are used as is).
-    When the record lists ``bytes`` / ``sha256`` they must match; older records without them
-    only need non-empty files.
+    Paths are relative to ``run_dir``; every one must resolve inside it
+    (:func:`tag2mask.io.paths.path_inside`). When the record lists ``bytes`` / ``sha256`` they must
+    match; older records without them only need non-empty files.
+
+    Raises:
+        UnsafePathError: an output path that resolves outside ``run_dir`` (a tampered manifest).
     """
+    from tag2mask.io.paths import path_inside
+
     outputs = rec.get("outputs") or []
     sizes = rec.get("bytes")
     hashes = rec.get("sha256")
     if not outputs:
         return "record lists no outputs"
+    where = Path(run_dir) / source  # the record's file, named in the error
     for i, rel in enumerate(outputs):
-        p = Path(rel)
-        p = p if p.is_absolute() else Path(run_dir) / p
+        p = path_inside(run_dir, rel, where)
         if not p.is_file():
             return f"{rel}: missing"
         size = p.stat().st_size

@@ -26,6 +26,7 @@ from typing import Any, Optional, Union
 
 from tag2mask.io.atomic import atomic_write_bytes
 from tag2mask.io.manifest import RunManifest, iter_records, verify_outputs
+from tag2mask.io.paths import path_inside
 
 __all__ = [
     "RECORD", "DiskFullError", "UnsafeCheckpointError", "save_checkpoint", "latest_checkpoint",
@@ -89,6 +90,7 @@ def save_checkpoint(folder: Union[str, Path], step: int, state: Any, name: Optio
 
     Raises:
         DiskFullError: no space left for the file or its record (the previous checkpoints are intact).
+        UnsafePathError: ``checkpoints.jsonl`` names a file outside ``folder`` (nothing is deleted).
     """
     import hashlib
 
@@ -116,24 +118,45 @@ def save_checkpoint(folder: Union[str, Path], step: int, state: Any, name: Optio
         raise
     if keep_last is not None and keep_last > 0:
         names: list[str] = []
-        for rec in iter_records(folder / RECORD):
+        for rec in _checked_records(folder):
             if rec["item"] in names:
                 names.remove(rec["item"])
             names.append(rec["item"])
         for old in names[:-keep_last]:
-            if old != path.name:
+            # the record may have been edited (a run folder can come from someone else): only
+            # files inside the folder are ever deleted
+            victim = path_inside(folder, old, folder / RECORD)
+            if victim != path.resolve() and victim.is_file():
                 with contextlib.suppress(FileNotFoundError):
-                    (folder / old).unlink()
+                    victim.unlink()
     return path
 
 
-def latest_checkpoint(folder: Union[str, Path]) -> Optional[tuple[Path, int]]:
-    """The newest recorded checkpoint that verifies (size and SHA-256): ``(path, step)``, or None."""
-    folder = Path(folder)
+def _checked_records(folder: Path) -> list[dict[str, Any]]:
+    """The records of ``<folder>/checkpoints.jsonl``, every named file checked to lie inside ``folder``.
+
+    Checked all at once, before anything is loaded or deleted, so a tampered record stops a resume
+    at its start with an error naming the record file and the entry.
+    """
     records = list(iter_records(folder / RECORD))
+    for rec in records:
+        path_inside(folder, rec["item"], folder / RECORD)
+        for rel in rec.get("outputs") or []:
+            path_inside(folder, rel, folder / RECORD)
+    return records
+
+
+def latest_checkpoint(folder: Union[str, Path]) -> Optional[tuple[Path, int]]:
+    """The newest recorded checkpoint that verifies (size and SHA-256): ``(path, step)``, or None.
+
+    Raises:
+        UnsafePathError: a record names a file outside ``folder``.
+    """
+    folder = Path(folder)
+    records = _checked_records(folder)
     for rec in sorted(records, key=lambda r: (r.get("step", -1), r.get("time", 0)), reverse=True):
-        if rec.get("status") == "ok" and verify_outputs(folder, rec) is None:
-            return folder / rec["outputs"][0], int(rec.get("step", -1))
+        if rec.get("status") == "ok" and verify_outputs(folder, rec, source=RECORD) is None:
+            return path_inside(folder, rec["outputs"][0], folder / RECORD), int(rec.get("step", -1))
     return None
 
 
