@@ -86,5 +86,43 @@ def test_train_resume_keep_last_deletes_nothing_outside(tmp_path, capsys, monkey
     rc = main([*base, "--iters", "2", "--resume", "--keep-last", "1"])
     err = capsys.readouterr().err.strip()
     assert rc == 2 and "\n" not in err and "Traceback" not in err
-    assert RECORD in err and "outside the folder" in err
+    assert RECORD in err and "resolves outside the folder" in err
     assert all(v.read_text() == "keep me" for v in victims)
+
+
+# ---- reruns into a finished --out: refused without --resume / --overwrite --------------------------
+
+
+def _one_image(folder: Path) -> Path:
+    import numpy as np
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)).save(folder / "a.png")
+    return folder
+
+
+@pytest.mark.parametrize("command", ["label", "segment"])
+def test_rerun_into_a_finished_out_is_refused(tmp_path, capsys, tiny_clip_path, command):
+    from tag2mask.cli.main import main
+
+    images = _one_image(tmp_path / "images")
+    out = tmp_path / "out"
+    if command == "label":
+        (tmp_path / "labels.json").write_text(json.dumps({"a.png": ["cat"]}))
+        args = ["label", str(images), "--labels", str(tmp_path / "labels.json"), "--classes", "voc",
+                "--refine", "none"]
+    else:
+        args = ["segment", str(images), "--classes", "cat, dog"]
+    args += ["--weights", str(tiny_clip_path), "--device", "cpu", "--quiet", "--out", str(out)]
+    assert main(args) == 0
+    mask = next((out / "masks").rglob("*.png"))
+    mask.write_bytes(mask.read_bytes())  # "hand-corrected": must survive a plain rerun
+    stamp = mask.stat().st_mtime_ns
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "--resume" in err and "--overwrite" in err and "earlier run" in err
+    assert mask.stat().st_mtime_ns == stamp
+    assert main([*args, "--resume"]) == 0 and mask.stat().st_mtime_ns == stamp  # nothing redone
+    assert main([*args, "--overwrite"]) == 0 and mask.stat().st_mtime_ns != stamp  # redone on request

@@ -258,7 +258,7 @@ class FolderDataset(_Base):
         for entry, names in read_labels_file(labels_file).items():
             where = f"{labels_file}: entry {entry!r}"
             try:
-                path = safe_image_path(self.image_dir, entry, where)
+                path = safe_image_path(self.image_dir, entry, str(labels_file))
                 ids = names_to_ids(names, self.class_names, where)
             except LabelFileError as exc:
                 if strict:

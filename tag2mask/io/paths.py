@@ -51,7 +51,7 @@ def path_inside(folder: Union[str, Path], entry: Any, where: Union[str, Path] = 
     """
     where = str(where)
     if not isinstance(entry, str) or not entry or "\x00" in entry:
-        raise _reject(error, where, entry, "is not a valid path (empty, not text, or a NUL byte)")
+        raise _reject(error, where, entry, "is an invalid name (empty, not text, or a NUL byte)")
     text = entry.replace("\\", "/")
     win = PureWindowsPath(entry)
     absolute = PurePosixPath(text).is_absolute() or win.is_absolute() or bool(win.drive)
@@ -71,6 +71,6 @@ def path_inside(folder: Union[str, Path], entry: Any, where: Union[str, Path] = 
         # let whoever opens it report it as an unreadable file (one item, not the whole job)
         full = lexical
     if full != root and root not in full.parents:
-        raise _reject(error, where, entry, f"points outside the folder {folder} (refused: a file read from a "
+        raise _reject(error, where, entry, f"resolves outside the folder {folder} (refused: a file read from a "
                       "folder may only name files inside it)")
     return full

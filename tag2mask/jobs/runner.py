@@ -16,6 +16,8 @@ does the rest:
   a cut manifest line (ignored);
 * **disk full** -- ``ENOSPC`` / ``EDQUOT`` stops the job at once with :class:`DiskFullError` (one
   line naming the file and how to resume), instead of failing every remaining item;
+* **rerun guard** -- a folder whose manifest already records items is refused unless ``resume``
+  (continue: finished items are kept) or ``overwrite`` (redo every item);
 * **settings guard** -- a folder written with other settings is refused unless ``overwrite``;
 * **bad items** -- an exception in ``process_fn`` becomes an ``error`` record with a kind and a
   message naming the item; the job goes on; the exit code is 1 when any item failed;
@@ -161,14 +163,30 @@ def _remove_stale_temp_files(out_dir: Path) -> int:
     return removed
 
 
+def _earlier_records(out_dir: Path) -> int:
+    """How many items the manifests of ``out_dir`` record (0 for a new or empty folder)."""
+    from tag2mask.io.manifest import rank_manifest_paths
+
+    if not out_dir.is_dir():
+        return 0
+    return len(latest_records([out_dir / MANIFEST_NAME, *rank_manifest_paths(out_dir)]))
+
+
 def _prepare_folder(out_dir: Path, settings: dict[str, Any], options: JobOptions) -> dict[str, Any]:
-    """Rank 0, before any rank writes: settings guard, crash leftovers, manifest compaction."""
+    """Rank 0, before any rank writes: rerun and settings guards, crash leftovers, manifest compaction."""
     diff = settings_diff(out_dir, settings)
     if diff and not options.overwrite:
         raise SettingsMismatchError(
             f"{out_dir} holds results made with different settings ({', '.join(diff)}); "
             "choose another --out or pass --overwrite"
         )
+    if not options.resume and not options.overwrite:
+        earlier = _earlier_records(out_dir)
+        if earlier:
+            # never recompute over finished outputs silently: a hand-corrected mask would be lost
+            raise SettingsMismatchError(
+                f"{out_dir} already holds the results of an earlier run ({earlier} item(s) in its manifest); "
+                "continue it with --resume, pass --overwrite to redo every item, or choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
     stale = _remove_stale_temp_files(out_dir)
     compact_manifest(out_dir)  # fold rank files of an interrupted run in, whatever its world size
