@@ -28,6 +28,7 @@ from tag2mask.cli.common import given, plain_text, record_given_options, reject_
 from tag2mask.evaluation.rules import DEFAULT_MIOU_RULE, MIOU_RULES
 from tag2mask.vocab import classes as _vocab_classes
 from tag2mask.io.atomic import atomic_write_text
+from tag2mask.io.json_files import read_json
 
 if TYPE_CHECKING:  # NumPy and the metric code load with the command, not with ``tag2mask --help``
     import numpy as np
@@ -211,7 +212,7 @@ def method_miou_rule(pred: str | Path) -> tuple[str, str]:
         if not record.is_file():
             continue
         try:
-            data = json.loads(record.read_text())
+            data = read_json(record)
         except (OSError, ValueError):
             continue
         if not isinstance(data, dict):
@@ -300,7 +301,7 @@ def prediction_run_record(pred_dir: str | Path) -> dict:
     """``run.json`` of the run that wrote the predictions (``PRED`` or its parent), or ``{}``."""
     for folder in (Path(pred_dir), Path(pred_dir).parent):
         try:
-            record = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+            record = read_json(folder / "run.json")
         except (OSError, ValueError):
             continue
         if isinstance(record, dict):

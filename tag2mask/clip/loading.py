@@ -29,6 +29,8 @@ from tag2mask.clip.hf import convert_hf_state_dict, is_hf_state_dict, read_hf_fo
 from tag2mask.clip.layers import Attention
 from tag2mask.clip.model import CLIP, CLIPConfig, config_from_state_dict, strip_non_parameters
 from tag2mask.clip.torchscript_archive import read_torchscript_state_dict
+from tag2mask.io.torch_files import UnreadableFileError, UnsafeFileError, clean_message, safe_torch_load
+from tag2mask.io.json_files import loads_named
 
 _OPENAI_BASE = "https://openaipublic.azureedge.net/clip/models"
 # name -> (sha256, file name); the sha256 is also the URL folder, as OpenAI publishes them
@@ -141,22 +143,25 @@ def read_state_dict(path: PathLike) -> tuple[dict[str, torch.Tensor], Optional[C
                 meta = f.metadata() or {}
                 sd = {k: f.get_tensor(k) for k in f.keys()}
             if "tag2mask_config" in meta:
-                config = CLIPConfig.from_dict(json.loads(meta["tag2mask_config"]))
+                config = CLIPConfig.from_dict(loads_named(meta["tag2mask_config"], f"{path} (tag2mask_config)"))
             fmt = "safetensors"
         elif _is_torchscript(path):
             # never torch.jit.load a user's file: it runs the archive's code (see torchscript_archive)
             sd = read_torchscript_state_dict(path)
             fmt = "openai-torchscript"
         else:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            obj = safe_torch_load(path, "CLIP checkpoint")
             sd = _unwrap_checkpoint(obj, path)
             fmt = "state-dict"
     except WeightsError:
         raise
     except FileNotFoundError as e:
         raise WeightsNotFoundError(str(e)) from e
-    except Exception as e:  # truncated zip, pickle refusing objects, corrupt safetensors header ...
-        raise WeightsError(f"{path}: not a readable CLIP checkpoint ({type(e).__name__}: {e})") from e
+    except (UnsafeFileError, UnreadableFileError) as e:
+        raise WeightsError(str(e)) from None
+    except Exception as e:  # truncated zip, corrupt safetensors header ...
+        detail = clean_message(str(e))
+        raise WeightsError(f"{path}: not a readable CLIP checkpoint ({type(e).__name__}{': ' + detail if detail else ''})") from None
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise WeightsError(f"{path}: does not contain a state dict of tensors")
     sd = strip_non_parameters(sd)  # before the layout check, so that a ``module.``-prefixed HF dict is recognised

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 from pathlib import Path, PurePosixPath
 from typing import Iterable, Mapping, Sequence
 
@@ -58,10 +57,12 @@ def _read_json(path: Path) -> dict[str, list[str]]:
             seen[key] = value
         return seen
 
+    from tag2mask.io.json_files import JSONFileError, loads_named
+
     try:
-        data = json.loads(_read_utf8(path), object_pairs_hook=no_duplicate_keys)
-    except json.JSONDecodeError as exc:
-        raise LabelFileError(f"{path}: invalid JSON ({exc})") from exc
+        data = loads_named(_read_utf8(path), path, object_pairs_hook=no_duplicate_keys)
+    except JSONFileError as exc:
+        raise LabelFileError(str(exc)) from None
     if not isinstance(data, dict):
         raise LabelFileError(f"{path}: expected a JSON object {{\"image\": [\"class\", ...]}}, got {type(data).__name__}")
     out: dict[str, list[str]] = {}

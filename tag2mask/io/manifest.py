@@ -144,7 +144,7 @@ def iter_records(path: Path) -> Iterator[dict[str, Any]]:
                 continue
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # cut by a crash, or not JSON we can read
                 continue
             if isinstance(rec, dict) and isinstance(rec.get("item"), str):
                 yield rec
@@ -240,12 +240,14 @@ def verify_outputs(run_dir: Path, rec: dict[str, Any], check_hash: bool = True,
 
 def settings_diff(run_dir: Path, settings: dict[str, Any]) -> list[str]:
     """Names of settings that differ from ``<run>/settings.json`` (empty if none or no file)."""
+    from tag2mask.io.json_files import read_json
+
     path = Path(run_dir) / "settings.json"
     if not path.exists():
         return []
     try:
-        old = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        old = read_json(path)
+    except ValueError as exc:
         raise SettingsMismatchError(f"{path}: unreadable settings file ({exc}); delete it or pass --overwrite") from exc
     # compare through JSON so that tuples/lists and other round-trip changes do not count
     new = json.loads(json.dumps(settings, default=str))

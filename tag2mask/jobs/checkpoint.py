@@ -19,7 +19,6 @@ import contextlib
 import errno
 import io
 import os
-import pickle
 import re
 from pathlib import Path
 from typing import Any, Optional, Union
@@ -51,7 +50,7 @@ class DiskFullError(OSError):
         return str(self.args[1])
 
 
-class UnsafeCheckpointError(ValueError):
+class UnsafeCheckpointError(ValueError):  # noqa: N818 (public name)
     """A checkpoint that cannot be read without unpickling Python objects (never done)."""
 
 
@@ -191,20 +190,15 @@ def load_checkpoint(path: Union[str, Path], map_location: Any = "cpu") -> Any:
     """
     import torch
 
+    from tag2mask.io.torch_files import UnsafeFileError, safe_torch_load
+
     p = resolve_checkpoint(path)
     try:
-        return torch.load(p, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        raise UnsafeCheckpointError(
-            f"{p}: this checkpoint stores Python objects, which tag2mask does not unpickle (unpickling a "
-            "file can run code). If it is a checkpoint of an older tag2mask, re-save it in the safe format "
-            f"with: tag2mask convert checkpoint {p} --out NEW_RUN (this reads only tensors, numbers and "
-            "NumPy arrays, nothing executable)"
-        ) from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise
-        raise ValueError(f"{p}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+        return safe_torch_load(p, "checkpoint", map_location=map_location,
+                               hint="if it is a checkpoint of an older tag2mask, re-save it in the safe format "
+                                    f"with: tag2mask convert checkpoint {p} --out NEW_RUN")
+    except UnsafeFileError as exc:
+        raise UnsafeCheckpointError(str(exc)) from None
 
 
 def load_latest_checkpoint(folder: Union[str, Path], map_location: Any = "cpu") -> Optional[tuple[Any, int]]:

@@ -49,12 +49,13 @@ def read_proposals_json(path: Union[str, Path], image_size: tuple[int, int] | No
     that differs from the image, a negative area or level.
     """
     path = Path(path)
+    from tag2mask.io.json_files import read_json
+
     try:
-        with open(path, "r", encoding="utf-8") as f:
-            data = json.load(f)
+        data = read_json(path)
     except FileNotFoundError:
         raise
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:
         raise _fail(path, f"not a readable JSON file ({type(e).__name__}: {e})") from e
     anns = _annotations(data, path)
     masks, levels, areas, scores = [], [], [], []

@@ -54,7 +54,7 @@ from tag2mask.web.service import (
     parse_classes,
 )
 
-__all__ = ["ServerLimits", "SegmentServer", "make_server", "parse_multipart", "RequestError", "METHODS"]
+__all__ = ["ServerLimits", "SegmentServer", "make_server", "parse_multipart", "RequestError", "METHODS", "ServerBindError"]
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -334,6 +334,18 @@ class _Handler(BaseHTTPRequestHandler):
                 "toy_model": toy, "note": TOY_MODEL_NOTE if toy else None}
 
 
+class ServerBindError(OSError):
+    """The server cannot listen on the address asked for (port in use, unknown host, no permission)."""
+
+    def __init__(self, address: tuple[str, int], cause: OSError) -> None:
+        why = cause.strerror or str(cause) or type(cause).__name__
+        super().__init__(cause.errno or 0, f"cannot listen on {address[0]}:{address[1]}: {why} (choose another "
+                                           "--port, or check --host)")
+
+    def __str__(self) -> str:  # one line, without the "[Errno 98]" prefix
+        return str(self.args[1])
+
+
 class SegmentServer(HTTPServer):
     """An HTTP server: request heads gathered by one selector thread, then a bounded worker pool.
 
@@ -348,7 +360,12 @@ class SegmentServer(HTTPServer):
         self.limits = limits or ServerLimits()
         self.request_queue_size = self.limits.backlog
         self.service = service
-        super().__init__(address, _Handler)
+        self.gate: Optional[HeaderGate] = None  # server_close may run before it exists (a failed bind)
+        self.pool: Optional[ThreadPoolExecutor] = None
+        try:
+            super().__init__(address, _Handler)
+        except OSError as exc:  # busy port, unknown host, no permission: one line, not a traceback
+            raise ServerBindError(address, exc) from None
         bound = _host_name(address[0]) if address[0] else "0.0.0.0"
         self.any_address = bound in ("0.0.0.0", "::", "")
         self.allowed_hosts = {*LOOPBACK_NAMES, bound, *(h.strip().lower() for h in allowed_hosts if h.strip())}
@@ -402,8 +419,10 @@ class SegmentServer(HTTPServer):
 
     def server_close(self) -> None:
         super().server_close()
-        self.gate.stop()
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.gate is not None:
+            self.gate.stop()
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 def make_server(model: Any, host: str = "127.0.0.1", port: int = 7860, description: Optional[str] = None, *,
