@@ -31,7 +31,9 @@ COMMANDS: dict[str, str] = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from tag2mask.cli.option_types import OneLineParser
+
+    parser = OneLineParser(
         prog="tag2mask",
         description="Turn a frozen CLIP into a semantic segmenter without pixel labels.",
     )

@@ -12,10 +12,10 @@ from tag2mask.cli.common import (
     add_weights_options,
     check_weights_options,
     given,
-    positive_int,
     record_given_options,
     reject_options,
 )
+from tag2mask.cli import option_types as ot
 
 METHOD_CHOICES = ("maskclip", "sclip", "clearclip", "naclip")
 # kept in step with tag2mask.methods.ovss (importing it here would load torch for every --help)
@@ -83,15 +83,15 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
                         f"config; DATASET one of {', '.join(DATASET_CHOICES)}). Options below override single settings")
     p.add_argument("--out", required=True, help="output folder (masks/, overlays/, logits/, run.json, manifest.jsonl, logs/)")
     p.add_argument("--mode", default=None, choices=("whole", "slide"), help="whole image or sliding window (default: preset's, slide)")
-    p.add_argument("--short-side", type=int, default=None,
+    p.add_argument("--short-side", type=ot.non_negative_int(ot.MAX_SIDE, note="0 keeps the size"), default=None,
                    help="resize so the short side is this, 0 keeps the size (default: preset's; see the table below)")
-    p.add_argument("--crop", type=int, default=None, help="sliding-window crop (default: preset's)")
-    p.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: preset's)")
-    p.add_argument("--prob-threshold", type=float, default=None,
+    p.add_argument("--crop", type=ot.positive_int(ot.MAX_SIDE), default=None, help="sliding-window crop (default: preset's)")
+    p.add_argument("--stride", type=ot.positive_int(ot.MAX_SIDE), default=None, help="sliding-window stride (default: preset's)")
+    p.add_argument("--prob-threshold", type=ot.finite_float(0, 1), default=None,
                    help="pixels whose best class probability is below this become background (default: preset's, 0)")
-    p.add_argument("--area-threshold", type=float, default=None,
+    p.add_argument("--area-threshold", type=ot.finite_float(0, 1), default=None,
                    help="SCLIP's rule: zero the classes covering at most this fraction of the foreground (default: preset's, off)")
-    p.add_argument("--logit-scale", type=float, default=None, help="softmax temperature (default: preset's)")
+    p.add_argument("--logit-scale", type=ot.finite_float(0, 10_000, lo_open=True), default=None, help="softmax temperature (default: preset's)")
     p.add_argument("--templates", default=None,
                    help="prompt templates: imagenet80, maskclip85, photo, or one template with '{}' (default: preset's)")
     p.add_argument("--last-block", default=None, choices=LAST_BLOCK_CHOICES,
@@ -107,13 +107,13 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
                         "(default: auto = when it is 'background' or a list of stuff words such as sky, wall, tree)")
     p.add_argument("--overlay", action="store_true", help="also write OUT/overlays/<stem>.png with a legend")
     p.add_argument("--save-logits", action="store_true", help="also write OUT/logits/<stem>.npz (per-class logits and probabilities, float32)")
-    p.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
+    p.add_argument("--max-pixels", type=ot.positive_int(ot.MAX_PIXELS), default=DEFAULT_MAX_PIXELS,
                    help=f"largest image (width*height) segmented at full size (default {DEFAULT_MAX_PIXELS:,}); larger ones "
                         "are downscaled to fit (aspect kept) and their mask scaled back (nearest) to the original size; "
                         "logits stay at the processed size (manifest: processed_size)")
     p.add_argument("--max-pixels-policy", default="downscale", choices=("downscale", "refuse"),
                    help="an image above --max-pixels: downscale (default) or refuse it (an error record)")
-    p.add_argument("--max-decode-pixels", type=positive_int, default=MAX_DECODE_PIXELS,
+    p.add_argument("--max-decode-pixels", type=ot.positive_int(ot.MAX_PIXELS), default=MAX_DECODE_PIXELS,
                    help=f"images above this many pixels are refused before decoding (decompression-bomb guard; "
                         f"default {MAX_DECODE_PIXELS:,})")
     add_weights_options(p)
