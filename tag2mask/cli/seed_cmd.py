@@ -130,7 +130,12 @@ def read_cam_file(path: Path):
 
     from tag2mask.jobs.runner import ItemError
 
+    from tag2mask.io.budget import npz_headers
+
     try:
+        heads = npz_headers(path)  # sizes and ratios from the headers, before any array is inflated
+        if "cams" in heads and len(heads["cams"][0]) != 3:
+            raise ItemError("cams", f"{path}: 'cams' must be (K, h, w), got shape {heads['cams'][0]}")
         with np.load(path, allow_pickle=False) as z:
             if "keys" not in z.files or "cams" not in z.files:
                 raise ItemError("cams", f"{path}: needs arrays 'keys' (K,) and 'cams' (K, h, w); found {sorted(z.files)}")
