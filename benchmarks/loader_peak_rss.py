@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 CASES = ("safetensors_config", "state_dict_layers", "hf_folder", "stride0", "torchscript_data_pkl",
-         "cam_npz_seed", "cam_npz_eval", "rle_proposal")
+         "cam_npz_seed", "cam_npz_eval", "rle_proposal", "weclip_recipe", "fma_prompt_metadata")
 
 
 def _tiny_state() -> tuple[dict, dict]:
@@ -33,8 +33,11 @@ def _tiny_state() -> tuple[dict, dict]:
         return {k: f.get_tensor(k) for k in f.keys()}, json.loads((f.metadata() or {})["tag2mask_config"])
 
 
-def craft(case: str, d: Path) -> Path:
-    """Write the crafted input of ``case`` under ``d``; returns the path a loader is given."""
+def craft(case: str, d: Path, inflate_mb: int = 2048) -> Path:
+    """Write the crafted input of ``case`` under ``d``; returns the path a loader is given.
+
+    ``inflate_mb``: what the zip bombs inflate to (the tests use less, to be quick).
+    """
     import torch
     from safetensors.torch import save_file
 
@@ -76,7 +79,7 @@ def craft(case: str, d: Path) -> Path:
             z.writestr("archive/version", b"3\n")
             with z.open("archive/data.pkl", "w", force_zip64=True) as f:
                 block = b"\x00" * (1 << 24)
-                for _ in range(128):
+                for _ in range(inflate_mb // 16):
                     f.write(block)
     elif case in ("cam_npz_seed", "cam_npz_eval"):  # a small npz whose arrays inflate to GBs
         p = d / "cams" / "a.npz"
@@ -84,10 +87,11 @@ def craft(case: str, d: Path) -> Path:
         with zipfile.ZipFile(p, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as z:
             z.writestr("keys.npy", _npy(np.array([0], np.int64)))
             with z.open("cams.npy", "w", force_zip64=True) as f:
-                shape = (1, 30000, 30000)
+                side = int((inflate_mb * 2**20 / 2) ** 0.5)
+                shape = (1, side, side)
                 f.write(_npy_header(np.dtype(np.float16), shape))
                 block = b"\x00" * (1 << 24)
-                total = 2 * 30000 * 30000
+                total = 2 * side * side
                 while total > 0:
                     f.write(block[: min(total, len(block))])
                     total -= len(block)
@@ -95,6 +99,16 @@ def craft(case: str, d: Path) -> Path:
         p = d / "proposals" / "a.json"
         p.parent.mkdir()
         p.write_text(json.dumps([{"segmentation": {"size": [50000, 50000], "counts": [0, 2500000000]}}]))
+    elif case == "weclip_recipe":  # a run recipe asking for a 16384-wide decoder
+        from tag2mask.methods.weclip.model import preset
+
+        recipe = preset("synth").to_dict()
+        recipe["embed_dim"] = 16384
+        p = d / "recipe.json"
+        p.write_text(json.dumps(recipe))
+    elif case == "fma_prompt_metadata":  # prompt metadata asking for 10^8 context tokens
+        p = d / "prompts.json"
+        p.write_text(json.dumps({"n_ctx": 10**8}))
     else:
         raise ValueError(case)
     return p
@@ -127,6 +141,18 @@ def run_loader(case: str, path: Path) -> None:
         from tag2mask.evaluation.cam_eval import load_cam_npz
 
         load_cam_npz(path)
+    elif case == "weclip_recipe":  # what loading a WeCLIP checkpoint does with its recipe
+        from tag2mask.clip.loading import load_clip
+        from tag2mask.methods.weclip.model import WeCLIP, WeCLIPConfig
+
+        config = WeCLIPConfig.from_dict(json.loads(path.read_text()))
+        WeCLIP(load_clip(Path(__import__("tag2mask").__file__).parent / "assets" / "tiny_clip.safetensors"), config)
+    elif case == "fma_prompt_metadata":  # what building the FMA prompts from a recipe does
+        from tag2mask.clip.loading import load_clip
+        from tag2mask.methods.fma.prompts import PromptLearner
+
+        clip = load_clip(Path(__import__("tag2mask").__file__).parent / "assets" / "tiny_clip.safetensors")
+        PromptLearner(clip, ["cat", "dog"], n_ctx=json.loads(path.read_text())["n_ctx"])
     elif case == "rle_proposal":
         from tag2mask.proposals.rle_files import read_proposals_json
 

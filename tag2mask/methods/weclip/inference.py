@@ -66,7 +66,11 @@ def load_checkpoint(path: Union[str, Path]) -> tuple[dict[str, torch.Tensor], We
         # relative: a converted run keeps its CLIP inside the run folder, and nowhere else
         folder = Path(ckpt["path"]).parent
         ref["weights"] = str(path_inside(folder, weights, ckpt["path"]))
-    return ckpt["modules"]["decoder"], WeCLIPConfig.from_dict(ckpt["config"]), ref
+    try:
+        config = WeCLIPConfig.from_dict(ckpt["config"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{ckpt['path']}: {exc}") from None
+    return ckpt["modules"]["decoder"], config, ref
 
 
 class WeCLIPSegmenter:

@@ -172,7 +172,20 @@ class WeCLIPConfig:
         unknown = sorted(set(d) - names)
         if unknown:
             raise ValueError(f"unknown WeCLIP config keys: {unknown}")
+        _check_decoder_size(d)
         return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+#: documented maxima of a recipe's decoder (the official one is 256 wide, 3 deep, 8 heads): a run
+#: recipe read from a file may not ask for a decoder of gigabytes
+MAX_DECODER = {"embed_dim": 4096, "decoder_depth": 64, "decoder_heads": 64}
+
+
+def _check_decoder_size(d: dict[str, Any]) -> None:
+    for key, top in MAX_DECODER.items():
+        value = d.get(key, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= top:
+            raise ValueError(f"WeCLIP recipe: {key} must be a whole number 1..{top}, got {value!r}")
 
 
 def _voc() -> WeCLIPConfig:
