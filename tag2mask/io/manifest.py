@@ -44,6 +44,7 @@ __all__ = [
     "iter_records",
     "latest_records",
     "rank_manifest_paths",
+    "recorded_items",
     "file_sha256",
     "file_state",
     "verify_outputs",
@@ -169,6 +170,12 @@ def rank_manifest_paths(run_dir: Path) -> list[Path]:
             if m:
                 found.append((int(m.group(1)), p))
     return [p for _, p in sorted(found)]
+
+
+def recorded_items(run_dir: Path) -> int:
+    """How many items the manifests of ``run_dir`` record (0 for a new or empty folder)."""
+    run_dir = Path(run_dir)
+    return len(latest_records([run_dir / MANIFEST_NAME, *rank_manifest_paths(run_dir)])) if run_dir.is_dir() else 0
 
 
 def compact_manifest(run_dir: Path) -> dict[str, int]:

@@ -50,6 +50,7 @@ from tag2mask.io.manifest import (
     SettingsMismatchError,
     compact_manifest,
     latest_records,
+    recorded_items,
     settings_diff,
     verify_outputs,
     write_settings,
@@ -163,15 +164,6 @@ def _remove_stale_temp_files(out_dir: Path) -> int:
     return removed
 
 
-def _earlier_records(out_dir: Path) -> int:
-    """How many items the manifests of ``out_dir`` record (0 for a new or empty folder)."""
-    from tag2mask.io.manifest import rank_manifest_paths
-
-    if not out_dir.is_dir():
-        return 0
-    return len(latest_records([out_dir / MANIFEST_NAME, *rank_manifest_paths(out_dir)]))
-
-
 def _prepare_folder(out_dir: Path, settings: dict[str, Any], options: JobOptions) -> dict[str, Any]:
     """Rank 0, before any rank writes: rerun and settings guards, crash leftovers, manifest compaction."""
     diff = settings_diff(out_dir, settings)
@@ -181,7 +173,7 @@ def _prepare_folder(out_dir: Path, settings: dict[str, Any], options: JobOptions
             "choose another --out or pass --overwrite"
         )
     if not options.resume and not options.overwrite:
-        earlier = _earlier_records(out_dir)
+        earlier = recorded_items(out_dir)
         if earlier:
             # never recompute over finished outputs silently: a hand-corrected mask would be lost
             raise SettingsMismatchError(
