@@ -7,6 +7,7 @@ import sys
 from pathlib import Path
 
 from tag2mask.cli.common import add_device_option, add_weights_options, record_given_options
+from tag2mask.cli import option_types as ot
 
 DEFAULT_METHODS = ("gradcam", "clip-es", "clip-es+pamr", "clip-es+crf", "maskclip", "sclip", "clearclip", "naclip")
 
@@ -23,8 +24,8 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--out", default="tag2mask-demo", help="output folder (default: tag2mask-demo)")
-    p.add_argument("--n", type=int, default=8, help="number of scenes (default: 8)")
-    p.add_argument("--size", type=int, default=224, help="scene size in pixels (default: 224)")
+    p.add_argument("--n", type=ot.positive_int(1_000_000), default=8, help="number of scenes (default: 8)")
+    p.add_argument("--size", type=ot.int_in(16, ot.MAX_SIDE), default=224, help="scene size in pixels (default: 224)")
     p.add_argument(
         "--methods",
         nargs="+",

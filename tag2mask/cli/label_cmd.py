@@ -20,6 +20,7 @@ from tag2mask.cli.common import (
     reject_options,
 )
 from tag2mask.cli.label_fma import ItemsAPI, add_fma_options, check_fma_options, run_fma_label
+from tag2mask.cli import option_types as ot
 
 REFINERS = ("crf", "pamr", "none")
 #: default --max-pixels: 1 MP (about 1000x1000). CLIP-ES's attention affinity is quadratic in the
@@ -28,16 +29,6 @@ REFINERS = ("crf", "pamr", "none")
 DEFAULT_MAX_PIXELS = 1_000_000
 #: default --max-decode-pixels: the decoder's own decompression-bomb limit (tag2mask.data.images)
 MAX_DECODE_PIXELS = 100_000_000
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(float(text))  # accept 4e6 as well as 4000000
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
@@ -79,20 +70,20 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (masks/, cams/, arrays/, run.json, manifest.jsonl, logs/)")
     p.add_argument("--refine", default="pamr", choices=REFINERS,
                    help="post-processing: crf (dense CRF, extra 'crf'), pamr or none (default: pamr)")
-    p.add_argument("--box-threshold", type=float, default=None,
+    p.add_argument("--box-threshold", type=ot.finite_float(0, 1), default=None,
                    help="CAM box threshold lambda (default: the preset's, 0.4 for voc, 0.7 for coco)")
-    p.add_argument("--bg-power", type=float, default=1.0,
+    p.add_argument("--bg-power", type=ot.finite_float(0, 100, lo_open=True), default=1.0,
                    help="with --refine pamr or none: background score (1 - max CAM)^p (default: 1)")
-    p.add_argument("--confidence", type=float, default=0.95, help="with --refine crf: pixels with max probability below this become 255 (default 0.95; 0 disables)")
+    p.add_argument("--confidence", type=ot.finite_float(0, 1, note="0 disables"), default=0.95, help="with --refine crf: pixels with max probability below this become 255 (default 0.95; 0 disables)")
     p.add_argument("--template", default=None, help="prompt template with one {} (default: the preset's, 'a clean origami {}.' "
                    "for voc/coco); tag2mask prompts select ranks candidates on your images")
-    p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="test-time scales averaged (default: 1.0, as the official code)")
+    p.add_argument("--scales", type=ot.finite_float(0, 8, lo_open=True), nargs="+", default=[1.0], help="test-time scales averaged (default: 1.0, as the official code)")
     p.add_argument("--flip", action="store_true", help="also average horizontally flipped views")
     p.add_argument("--no-compat", dest="compat", action="store_false", help="plain float32 numerics (no fp16 rounding of "
                    "weights and positional embeddings) and no CRF image quirk; default: the official ones")
     p.add_argument("--save-arrays", action="store_true", help="also save every intermediate array (arrays/<stem>.npz), as in the golden fixtures")
     p.add_argument(
-        "--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
+        "--max-pixels", type=ot.positive_int(ot.MAX_PIXELS), default=DEFAULT_MAX_PIXELS,
         help=f"largest image (width*height) processed at full size (default {DEFAULT_MAX_PIXELS:,}; CLIP-ES memory "
         "grows with the square of the pixel count). Larger images are downscaled to fit, keeping the aspect "
         "ratio, and their mask is scaled back (nearest) to the original size; see --max-pixels-policy",
@@ -103,7 +94,7 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
         "(default: downscale)",
     )
     p.add_argument(
-        "--max-decode-pixels", type=_positive_int, default=MAX_DECODE_PIXELS,
+        "--max-decode-pixels", type=ot.positive_int(ot.MAX_PIXELS), default=MAX_DECODE_PIXELS,
         help=f"images above this many pixels are refused before decoding (decompression-bomb guard; default {MAX_DECODE_PIXELS:,})",
     )
     p.add_argument("--coco-json", action="store_true", help="also write OUT/annotations.json (COCO RLE, merged over ranks) at the end")

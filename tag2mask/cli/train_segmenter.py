@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 from tag2mask.cli.common import add_device_option, add_precision_option
 from tag2mask.cli.run_options import add_run_options
+from tag2mask.cli import option_types as ot
 
 __all__ = ["add_segmenter_parser", "run_segmenter"]
 
@@ -102,27 +103,27 @@ def add_segmenter_parser(methods: "argparse._SubParsersAction") -> argparse.Argu
     s.add_argument("--val-data", default=None, help="validation data (default: the training data set for VOC/COCO roots)")
     s.add_argument("--val-split", default=None, help="validation split (default val; 'none' disables)")
     s.add_argument("--val-masks", default=None, help="ground-truth masks of --val-data when it is an image folder")
-    s.add_argument("--val-every", type=int, default=0, help="validate every N iterations (default 0: only at the end)")
-    s.add_argument("--val-limit", type=int, default=None, help="validate on at most N images during training")
+    s.add_argument("--val-every", type=ot.non_negative_int(ot.MAX_ITERS, note="0: only at the end"), default=0, help="validate every N iterations (default 0: only at the end)")
+    s.add_argument("--val-limit", type=ot.positive_int(ot.MAX_COUNT), default=None, help="validate on at most N images during training")
     s.add_argument("--no-eval", action="store_true", help="no evaluation of the validation set at the end")
-    s.add_argument("--iters", type=int, default=None, help="total iterations (clip-es 20000, weclip-fs 30000)")
-    s.add_argument("--batch-size", type=int, default=None, help="global batch, split over processes")
-    s.add_argument("--crop", type=int, default=None, help="square training crop")
-    s.add_argument("--lr", type=float, default=None,
+    s.add_argument("--iters", type=ot.positive_int(ot.MAX_ITERS), default=None, help="total iterations (clip-es 20000, weclip-fs 30000)")
+    s.add_argument("--batch-size", type=ot.positive_int(ot.MAX_BATCH), default=None, help="global batch, split over processes")
+    s.add_argument("--crop", type=ot.positive_int(ot.MAX_SIDE), default=None, help="square training crop")
+    s.add_argument("--lr", type=ot.finite_float(0, 10, lo_open=True), default=None,
                    help="base learning rate (clip-es 2e-4 ImageNet init; use 2.5e-5 with the COCO-pretrained init)")
     s.add_argument("--optimizer", choices=("sgd", "adamw"), default=None, help="optimiser (default: the preset's)")
     m = s.add_argument_group("MaskCLIP+ (--preset maskclip+...)")
     m.add_argument("--unseen", default=None, metavar="NAMES",
                    help="with maskclip+ (annotation-free): a zero-shot split of your own, 'sheep, sofa' or label "
                         "values; the other classes are read from the masks")
-    m.add_argument("--self-train-from", type=int, default=None, metavar="ITER",
+    m.add_argument("--self-train-from", type=ot.non_negative_int(ot.MAX_ITERS), default=None, metavar="ITER",
                    help="0-based iteration from which the network's own predictions replace the teacher's "
                         "(zero-shot settings: the official 2000th/4000th/8000th iteration; default off)")
-    m.add_argument("--key-smoothing", type=float, default=None, metavar="T",
+    m.add_argument("--key-smoothing", type=ot.finite_float(0, 1000), default=None, metavar="T",
                    help="teacher key smoothing threshold (official ks configs: 1.0; off when not given)")
-    m.add_argument("--prompt-denoising", type=float, default=None, metavar="T",
+    m.add_argument("--prompt-denoising", type=ot.finite_float(0, 1000), default=None, metavar="T",
                    help="teacher prompt denoising threshold (official pd configs: 0.5; off when not given)")
-    m.add_argument("--teacher-confidence", type=float, default=None, metavar="T",
+    m.add_argument("--teacher-confidence", type=ot.finite_float(0, 1), default=None, metavar="T",
                    help="pixels whose best teacher score is below T stay unlabelled (off when not given)")
     m.add_argument("--teacher-preset", choices=("published", "default"), default=None,
                    help="the teacher's open-vocabulary preset: published (MaskCLIP's numerics and 85 templates, "

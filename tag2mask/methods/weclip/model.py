@@ -164,6 +164,24 @@ class WeCLIPConfig(DictConfig):
         """The prompt vocabulary (one literal prompt per class, commas kept)."""
         return Vocabulary.from_names(list(self.classes), self.background)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "WeCLIPConfig":
+        """The one config mechanism, after the decoder-size bound (a recipe read from a file may not ask
+        for a decoder of gigabytes)."""
+        _check_decoder_size(d)
+        return super().from_dict(d)
+
+
+#: documented maxima of a recipe's decoder (the official one is 256 wide, 3 deep, 8 heads): a run
+#: recipe read from a file may not ask for a decoder of gigabytes
+MAX_DECODER = {"embed_dim": 4096, "decoder_depth": 64, "decoder_heads": 64}
+
+
+def _check_decoder_size(d: dict[str, Any]) -> None:
+    for key, top in MAX_DECODER.items():
+        value = d.get(key, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= top:
+            raise ValueError(f"WeCLIP recipe: {key} must be a whole number 1..{top}, got {value!r}")
 
 
 def _voc() -> WeCLIPConfig:
