@@ -3,7 +3,7 @@
     python benchmarks/loader_peak_rss.py [--cap-gb 3]
 
 Each case runs in a fresh subprocess capped with RLIMIT_AS (a lower bound when the cap is hit); the
-child prints its peak RSS (ru_maxrss) minus its RSS right before the call, and how the loader ended.
+child prints its peak RSS during the call (VmHWM reset before it; ru_maxrss where that is impossible) minus its RSS right before the call, and how the loader ended.
 The crafted files are made by :func:`craft` (also used by tests/test_loader_budgets.py).
 """
 
@@ -174,6 +174,19 @@ def rss():
             if line.startswith("VmRSS"):
                 return int(line.split()[1]) * 1024
 base = rss()
+# reset the kernel's high-water mark, so the peak is the loader's alone (not an import's transient);
+# where /proc/self/clear_refs cannot be written, ru_maxrss (the process's peak) is an upper bound
+try:
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    def peak_rss():
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM"):
+                    return int(line.split()[1]) * 1024
+except OSError:
+    def peak_rss():
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 try:
     run_loader(sys.argv[1], Path(sys.argv[2]))
     outcome = "loaded"
@@ -181,7 +194,7 @@ except MemoryError:
     outcome = "MemoryError (hit the cap)"
 except Exception as e:
     outcome = type(e).__name__ + ": " + str(e).splitlines()[0][:160]
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+peak = peak_rss()
 print(json.dumps({"peak_over_baseline_mb": round((peak - base) / 2**20, 1), "outcome": outcome}))
 """
 

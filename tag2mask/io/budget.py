@@ -20,8 +20,9 @@ __all__ = ["BudgetError", "MAX_COMPRESSION_RATIO", "MAX_ARRAY_BYTES", "check_zip
 MAX_COMPRESSION_RATIO = 100
 #: largest array read from an ``.npz`` (CAMs and other arrays): 1 GiB uncompressed
 MAX_ARRAY_BYTES = 1 << 30
-#: a member's compressed size below which the ratio is not judged (tiny headers compress well)
-_RATIO_FLOOR = 4096
+#: a member inflating to less than this is no memory threat, whatever its ratio: the ratio is judged only
+#: above it (a legitimate label map or an all-zero CAM compresses far more than 100x)
+_RATIO_FLOOR = 64 << 20
 
 
 class BudgetError(ValueError):
@@ -29,7 +30,7 @@ class BudgetError(ValueError):
 
 
 def check_zip_member(info: zipfile.ZipInfo, where: Union[str, Path], max_bytes: int) -> None:
-    """Refuse a zip member larger than ``max_bytes`` uncompressed, or compressed more than 100x.
+    """Refuse a zip member larger than ``max_bytes`` uncompressed, or inflating to over 64 MiB at more than 100x.
 
     Raises:
         BudgetError: naming ``where`` and the member.
