@@ -63,9 +63,9 @@ def _train(out: Path, data: Path, variant: str, args: argparse.Namespace) -> dic
     from tag2mask.data.segmentation import open_segmentation_data
     from tag2mask.methods.clip_zss.config import CLIP_ZSS_PRESETS, ClipZssConfig
     from tag2mask.methods.clip_zss.splits import get_split
-    from tag2mask.training.clip_zss_task import ClipZssTask
-    from tag2mask.training.engine import RunOptions, train
-    from tag2mask.training.segmenter_task import segmenter_preset
+    from tag2mask.methods.clip_zss.train_task import ClipZssTask
+    from tag2mask.engine.loop import RunOptions, train
+    from tag2mask.segmenter.task import segmenter_preset
 
     split = get_split("synth-9-3")
     preset = CLIP_ZSS_PRESETS["synth"]
@@ -189,8 +189,8 @@ def _paper_scale_speed(reps: int, size: int, device: str) -> dict:
     from tag2mask.clip.model import CLIP, CLIPConfig, TextConfig, VisionConfig
     from tag2mask.methods.ovss import OpenVocabSegmenter
     from tag2mask.models import build_segmenter
-    from tag2mask.training.segmenter_eval import predict_logits
-    from tag2mask.training.segmenter_task import segmenter_preset
+    from tag2mask.segmenter.evaluation import predict_logits
+    from tag2mask.segmenter.task import segmenter_preset
     from tag2mask.vocab.vocabulary import Vocabulary
 
     torch.manual_seed(0)

@@ -98,9 +98,9 @@ def main() -> int:
 
     # the student sees only the train split's pseudo-masks
     from tag2mask.data.segmentation import SegmentationSource, open_segmentation_data
-    from tag2mask.training.engine import RunOptions, train
-    from tag2mask.training.segmenter_eval import evaluate_source
-    from tag2mask.training.segmenter_task import SegmenterTask, segmenter_preset
+    from tag2mask.engine.loop import RunOptions, train
+    from tag2mask.segmenter.evaluation import evaluate_source
+    from tag2mask.segmenter.task import SegmenterTask, segmenter_preset
 
     pseudo = open_segmentation_data(data / "JPEGImages", None, seeds, num_classes)
     train_pairs = SegmentationSource([it for it in pseudo.items if it.name.startswith("train_")], num_classes,

@@ -140,8 +140,8 @@ def _legacy_checkpoint(path: Path, decoder: dict[str, torch.Tensor]) -> dict:
 
 def test_older_pickled_checkpoints_get_a_resave_message_and_a_safe_converter(tmp_path, capsys):
     from tag2mask.jobs.checkpoint import UnsafeCheckpointError, load_checkpoint
-    from tag2mask.training.engine import read_run_checkpoint
-    from tag2mask.training.state import restore_rng_state
+    from tag2mask.engine.loop import read_run_checkpoint
+    from tag2mask.engine.rng_state import restore_rng_state
 
     old_run = tmp_path / "old"
     old_run.mkdir()

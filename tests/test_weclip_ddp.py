@@ -10,14 +10,14 @@ from pathlib import Path
 
 import torch
 
-from tag2mask.training.weclip_trainer import load_training_checkpoint
+from tag2mask.methods.weclip.train_task import load_training_checkpoint
 
 
 def _entry() -> list[str]:
     """``-m tag2mask train`` once the command is registered, else the module's own entry point."""
     from tag2mask.cli.main import COMMANDS
 
-    return ["-m", "tag2mask", "train"] if "train" in COMMANDS else ["-m", "tag2mask.cli.train_cmd"]
+    return ["-m", "tag2mask", "train"] if "train" in COMMANDS else ["-m", "tag2mask.methods.weclip.cli"]
 
 
 def _torchrun(out: Path, weights: Path, *extra: str) -> subprocess.CompletedProcess:

@@ -50,7 +50,7 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
 
 
 def _run_weclip(args: argparse.Namespace) -> int:
-    from tag2mask.cli.train_cmd import split_names
+    from tag2mask.methods.weclip.cli import split_names
     from tag2mask.methods.weclip.convert import convert_official_weclip
 
     classes = split_names(args.classes) if args.classes else None
@@ -61,7 +61,7 @@ def _run_weclip(args: argparse.Namespace) -> int:
 
 
 def _run_checkpoint(args: argparse.Namespace) -> int:
-    from tag2mask.training.legacy import resave_legacy_checkpoint
+    from tag2mask.runs.old_formats import resave_legacy_checkpoint
 
     saved = resave_legacy_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite)
     print(json.dumps({"run": args.out, "checkpoint": str(saved)}))

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
-from tag2mask.cli.common import given, plain_text, record_given_options, reject_options
+from tag2mask.cmdline.options import given, plain_text, record_given_options, reject_options
 from tag2mask.evaluation.rules import DEFAULT_MIOU_RULE, MIOU_RULES
 from tag2mask.vocab import classes as _vocab_classes
 from tag2mask.io.atomic import atomic_write_text

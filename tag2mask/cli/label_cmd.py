@@ -6,7 +6,7 @@ import argparse
 import platform
 from pathlib import Path
 
-from tag2mask.cli.common import (
+from tag2mask.cmdline.options import (
     add_device_option,
     add_overlap_options,
     add_precision_option,
@@ -18,7 +18,7 @@ from tag2mask.cli.common import (
     record_given_options,
     reject_options,
 )
-from tag2mask.cli.label_fma import ItemsAPI, add_fma_options, check_fma_options, run_fma_label
+from tag2mask.methods.fma.label_cli import ItemsAPI, add_fma_options, check_fma_options, run_fma_label
 
 REFINERS = ("crf", "pamr", "none")
 #: default --max-pixels: 1 MP (about 1000x1000). CLIP-ES's attention affinity is quadratic in the
@@ -138,7 +138,7 @@ _XML_SAMPLE = 64
 
 def _open_items(args: argparse.Namespace, class_names: list[str]):
     from tag2mask.data.datasets import COCODataset, FolderDataset, VOCDataset, detect_dataset, xml_object_names
-    from tag2mask.data.labels import read_labels_file
+    from tag2mask.data.tag_files import read_labels_file
 
     kind = detect_dataset(args.images)
     if args.labels is None:
@@ -172,7 +172,7 @@ def _check_vocabulary(args: argparse.Namespace, tags: dict, class_names: list[st
     With the default --classes any unknown name stops the run; with an explicit --classes only a
     file where every image has an unknown name does (a few bad entries become per-image errors).
     """
-    from tag2mask.data.labels import unknown_class_names
+    from tag2mask.data.tag_files import unknown_class_names
     from tag2mask.synth.export import is_synthetic_export
 
     unknown = unknown_class_names(tags, class_names)
@@ -223,11 +223,11 @@ def _settings(args: argparse.Namespace, model) -> dict:
 
 
 #: what the worker processes import once (in the process that forks them), before the first image
-_WORKER_PRELOAD = ("numpy", "PIL.Image", "torch", "tag2mask.cli.label_stages", "tag2mask.methods.pseudo_labels")
+_WORKER_PRELOAD = ("numpy", "PIL.Image", "torch", "tag2mask.methods.clip_es.label_stages", "tag2mask.methods.clip_es.label_maps")
 
 
 def run(args: argparse.Namespace) -> int:
-    from tag2mask.cli.common import overlap_settings
+    from tag2mask.cmdline.options import overlap_settings
     from tag2mask.jobs.distributed import device_for_rank
     from tag2mask.jobs.overlap import start_worker_server
     from tag2mask.runtime import resolve_device
@@ -241,13 +241,13 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import tag2mask
-    from tag2mask.cli.common import load_model_from_args, toy_model_warning
-    from tag2mask.cli.label_stages import ComputeCAMs, FinishMask, LabelSettings, PrepareImage
+    from tag2mask.cmdline.options import load_model_from_args, toy_model_warning
+    from tag2mask.methods.clip_es.label_stages import ComputeCAMs, FinishMask, LabelSettings, PrepareImage
     from tag2mask.jobs.overlap import Stages
     from tag2mask.jobs.runner import JobOptions, print_summary, process_exit_code, run_items
     from tag2mask.clip.numerics import NUMERICS
-    from tag2mask.methods.clip_es import PRESETS, ClipES, preset_for
-    from tag2mask.methods.pseudo_labels import LabelRefiner
+    from tag2mask.methods.clip_es.pipeline import PRESETS, ClipES, preset_for
+    from tag2mask.methods.clip_es.label_maps import LabelRefiner
     from tag2mask.vocab.vocabulary import load_vocabulary
 
     out = Path(args.out)

@@ -24,8 +24,8 @@ COMMANDS: dict[str, str] = {
     "serve": "tag2mask.cli.serve_cmd",
     "eval": "tag2mask.cli.eval_cmd",
     "synth": "tag2mask.cli.synth_cmd",
-    "train": "tag2mask.cli.train_cmd",
-    "prompts": "tag2mask.cli.prompts_cmd",
+    "train": "tag2mask.methods.weclip.cli",
+    "prompts": "tag2mask.methods.clip_es.prompts_cli",
     "convert": "tag2mask.cli.convert_cmd",
 }
 

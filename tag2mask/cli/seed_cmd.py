@@ -7,7 +7,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from tag2mask.cli.common import add_device_option, add_run_options
+from tag2mask.cmdline.options import add_device_option, add_run_options
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 #: refuse images above this many pixels before decoding (same guard as `tag2mask label`)

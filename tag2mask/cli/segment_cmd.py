@@ -6,7 +6,7 @@ import argparse
 import platform
 from pathlib import Path
 
-from tag2mask.cli.common import (
+from tag2mask.cmdline.options import (
     add_device_option,
     add_run_options,
     add_weights_options,
@@ -148,7 +148,7 @@ def _is_clip_zss_run(checkpoint: str) -> bool:
     """Whether ``checkpoint`` (file or run folder) is a ``train clip-zss`` run; ``False`` if unreadable."""
     try:
         from tag2mask.jobs.checkpoint import resolve_checkpoint
-        from tag2mask.training.engine import read_run_checkpoint
+        from tag2mask.engine.loop import read_run_checkpoint
 
         return read_run_checkpoint(resolve_checkpoint(checkpoint)).get("task") == "clip-zss"
     except (OSError, ValueError, KeyError, RuntimeError):
@@ -275,7 +275,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import tag2mask
-    from tag2mask.cli.common import load_model_from_args, toy_model_warning
+    from tag2mask.cmdline.options import load_model_from_args, toy_model_warning
     from tag2mask.jobs.distributed import device_for_rank
     from tag2mask.clip.loading import round_weights_to_fp16
     from tag2mask.methods.ovss.presets import get_preset
@@ -370,7 +370,7 @@ class _CheckpointSegmenter:
     """A trained WeCLIP or `train segmenter` run behind the ``predict(image) -> SegmentationResult`` interface."""
 
     def __init__(self, checkpoint: str, device: str, weights, crf: bool, classes=None) -> None:
-        from tag2mask.training.engine import read_run_checkpoint
+        from tag2mask.engine.loop import read_run_checkpoint
 
         task = read_run_checkpoint(checkpoint)["task"]
         if classes is not None and task != "clip-zss":
@@ -386,7 +386,7 @@ class _CheckpointSegmenter:
             self.class_names = self.inner.class_names
             self.kind, self.has_background = "clip-zss", self.inner.has_background
         elif task == "segmenter":
-            from tag2mask.training.segmenter_eval import TrainedSegmenter
+            from tag2mask.segmenter.evaluation import TrainedSegmenter
 
             if weights is not None or crf:
                 raise ValueError("--weights and --crf apply to WeCLIP checkpoints, not to a `train segmenter` run")
@@ -414,7 +414,7 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
     import hashlib
 
     import tag2mask
-    from tag2mask.cli.common import toy_model_warning
+    from tag2mask.cmdline.options import toy_model_warning
     from tag2mask.jobs.distributed import device_for_rank
 
     if args.limit is not None and args.limit < 0:

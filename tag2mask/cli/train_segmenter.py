@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 from typing import Any, Optional
 
-from tag2mask.cli.common import add_device_option, add_precision_option
-from tag2mask.cli.run_options import add_run_options
+from tag2mask.cmdline.options import add_device_option, add_precision_option
+from tag2mask.cmdline.run_options import add_run_options
 
 __all__ = ["add_segmenter_parser", "run_segmenter"]
 
@@ -58,7 +58,7 @@ torchrun, append-only logs; at the end OUT/model.safetensors and, with a validat
 _SPLITS = {"voc": ("train_aug", "val"), "coco": ("train", "val"), "folder": (None, None)}
 
 _MCP_SETTINGS = ("annotation-free", "voc20", "context59", "coco-stuff", "voc20-zs", "voc21-zs", "coco-stuff-zs",
-                 "context60-zs")  # tag2mask.methods.maskclip_plus.SETTINGS (not imported for --help)
+                 "context60-zs")  # tag2mask.methods.maskclip_plus.recipe.SETTINGS (not imported for --help)
 PRESET_CHOICES = ("clip-es", "weclip-fs", "maskclip+", *(f"maskclip+:{n}" for n in _MCP_SETTINGS[1:]), "fma", "fma:coco")
 # options that only a MaskCLIP+ run reads
 _MCP_OPTIONS = ("unseen", "self_train_from", "key_smoothing", "prompt_denoising", "teacher_confidence",
@@ -191,7 +191,7 @@ def _network_options(args: argparse.Namespace, network: str, teacher_clip: bool 
             raise ValueError(f"--weights (CLIP weights) applies to clip-decoder only, not {network}")
         options["clip_weights"] = args.weights
     if network == "clip-decoder" and "clip_weights" not in options and not teacher_clip:
-        from tag2mask.cli.common import shipped_weights_path
+        from tag2mask.cmdline.options import shipped_weights_path
 
         options["clip_weights"] = str(shipped_weights_path())
     return options
@@ -208,7 +208,7 @@ def _recipe_overrides(args: argparse.Namespace) -> dict[str, Any]:
 
 def build_segmenter_config(args: argparse.Namespace, kind: str):
     """The :class:`SegmenterConfig` of the command line (preset + overrides); not for MaskCLIP+ (see below)."""
-    from tag2mask.training.segmenter_task import segmenter_preset
+    from tag2mask.segmenter.task import segmenter_preset
 
     given = [f"--{d.replace('_', '-')}" for d in _MCP_OPTIONS if getattr(args, d) is not None]
     if given:
@@ -216,7 +216,7 @@ def build_segmenter_config(args: argparse.Namespace, kind: str):
     model = args.model or (None if args.preset else "deeplab-v2")
     preset_model = None
     if args.preset:
-        from tag2mask.training.segmenter_task import SEGMENTER_PRESETS
+        from tag2mask.segmenter.task import SEGMENTER_PRESETS
 
         preset_model = SEGMENTER_PRESETS[args.preset]["model"]
         if model is not None and model != preset_model:
@@ -248,9 +248,9 @@ def _maskclip_vocabulary(args: argparse.Namespace, setting: Any):
 
 def build_maskclip_plus(args: argparse.Namespace, kind: str):
     """``(config, MaskClipPlus, setting)`` of a ``--preset maskclip+[:SETTING]`` command line."""
-    from tag2mask.cli.common import shipped_weights_path
+    from tag2mask.cmdline.options import shipped_weights_path
     from tag2mask.clip.loading import load_clip
-    from tag2mask.methods.maskclip_plus import SETTINGS, MaskClipPlus, maskclip_plus_config
+    from tag2mask.methods.maskclip_plus.recipe import SETTINGS, MaskClipPlus, maskclip_plus_config
 
     name = args.preset.split(":", 1)[1] if ":" in args.preset else "annotation-free"
     setting = SETTINGS[name]
@@ -312,10 +312,10 @@ def open_train_val(args: argparse.Namespace, kind: str, num_classes: int, splits
 
 
 def run_segmenter(args: argparse.Namespace) -> int:
-    from tag2mask.cli.run_options import run_options_from_args
+    from tag2mask.cmdline.run_options import run_options_from_args
     from tag2mask.data.datasets import detect_dataset
-    from tag2mask.training.engine import train
-    from tag2mask.training.segmenter_task import SegmenterTask
+    from tag2mask.engine.loop import train
+    from tag2mask.segmenter.task import SegmenterTask
 
     kind = detect_dataset(args.data)
     if kind is None:

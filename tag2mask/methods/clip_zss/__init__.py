@@ -7,7 +7,7 @@ Read :mod:`.method` first (the training pipeline in one place), then its parts: 
 :mod:`.synthesizer` (PLM pseudo class weights), :mod:`.losses` (ZegCLIP's NEL loss),
 :mod:`.inference` (the student alone), :mod:`.splits` (seen / unseen protocols), :mod:`.config`
 (every value the paper leaves open, marked as assumed). Training runs on the engine:
-:mod:`tag2mask.training.clip_zss_task`; command: ``tag2mask train clip-zss``; docs/clip_zss.md.
+:mod:`tag2mask.methods.clip_zss.train_task`; command: ``tag2mask train clip-zss``; docs/clip_zss.md.
 """
 
 from tag2mask.methods.clip_zss.config import ASSUMED, ClipZssConfig

@@ -49,7 +49,7 @@ def evaluate_zero_shot(model: nn.Module, source: Any, seg_config: Any, layout: C
     """
     from tag2mask.data.segmentation import IGNORE
     from tag2mask.evaluation.miou import seen_unseen_scores
-    from tag2mask.training.segmenter_eval import score_predictions
+    from tag2mask.segmenter.evaluation import score_predictions
 
     names = layout.class_names
     rank = ctx.rank if ctx is not None else 0
@@ -79,7 +79,7 @@ def evaluate_zero_shot(model: nn.Module, source: Any, seg_config: Any, layout: C
 
 def read_zss_checkpoint(path: Union[str, Path]) -> dict[str, Any]:
     """The newest complete checkpoint of a ``train clip-zss`` run (``weights_only`` loading)."""
-    from tag2mask.training.engine import read_run_checkpoint
+    from tag2mask.engine.loop import read_run_checkpoint
 
     return read_run_checkpoint(path, task="clip-zss")
 
@@ -101,7 +101,7 @@ class ZeroShotStudent:
                  prompts: Optional[dict[str, str]] = None) -> None:
         from tag2mask.models import build_segmenter
         from tag2mask.runtime import resolve_device
-        from tag2mask.training.segmenter_task import SegmenterConfig
+        from tag2mask.segmenter.task import SegmenterConfig
 
         ckpt = read_zss_checkpoint(checkpoint)
         self.checkpoint = ckpt["path"]
@@ -168,7 +168,7 @@ class ZeroShotStudent:
     # -- prediction ---------------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, image: Any) -> tuple[np.ndarray, np.ndarray]:
-        from tag2mask.training.segmenter_eval import predict_logits
+        from tag2mask.segmenter.evaluation import predict_logits
 
         rgb = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image, dtype=np.uint8)
         probs = predict_logits(self.model, rgb, self.seg_config).softmax(dim=0).cpu().numpy()

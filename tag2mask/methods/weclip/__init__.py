@@ -3,7 +3,7 @@
 Components: :mod:`.decoder` (11-layer feature fusion + transformer decoder + affinity head),
 :mod:`.losses` (balanced CE, affinity label and loss), :mod:`.rfm` (refinement module of the
 CAM affinity). PAR lives in :mod:`tag2mask.refinement.par`, the lr schedule in
-:mod:`tag2mask.training.schedule`.
+:mod:`tag2mask.engine.schedules.poly`.
 """
 
 from tag2mask.methods.weclip.decoder import (

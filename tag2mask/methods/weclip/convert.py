@@ -104,7 +104,7 @@ def convert_official_weclip(
     from safetensors.torch import save_file
 
     from tag2mask.jobs.checkpoint import RECORD, honour_umask, save_checkpoint
-    from tag2mask.training.engine import CHECKPOINT_FORMAT, RunFolderError
+    from tag2mask.engine.loop import CHECKPOINT_FORMAT, RunFolderError
 
     path, out = Path(path), Path(out_dir)
     if out.is_dir() and any(out.iterdir()) and not overwrite:

@@ -56,7 +56,7 @@ def load_checkpoint(path: Union[str, Path]) -> tuple[dict[str, torch.Tensor], We
     (frozen, and usually far larger than the 6 M decoder parameters). A relative ``weights`` path
     (a converted official checkpoint keeps its CLIP next to it) is relative to the checkpoint's folder.
     """
-    from tag2mask.training.engine import read_run_checkpoint
+    from tag2mask.engine.loop import read_run_checkpoint
 
     ckpt = read_run_checkpoint(path, task="weclip")
     ref = dict(ckpt["meta"].get("clip", {}))

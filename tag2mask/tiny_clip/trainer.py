@@ -36,14 +36,14 @@ Losses (all label-free at the pixel level):
   target is built from the model's own features, never from masks.
 
 Images come from a pool of pre-generated training scenes kept in memory (uint8) with a few caption
-variants each (:mod:`tag2mask.training.clip_data`); augmentation is random flips and 90-degree
+variants each (:mod:`tag2mask.tiny_clip.data`); augmentation is random flips and 90-degree
 rotations (captions have no spatial words). The loop is the training engine's
-(:mod:`tag2mask.training.engine`): checkpoints with exact resume (``--resume``), a run folder that is
+(:mod:`tag2mask.engine.loop`): checkpoints with exact resume (``--resume``), a run folder that is
 never silently overwritten (``--overwrite``), append-only logs, DDP under torchrun.
 
 CLI::
 
-    python -m tag2mask.training.clip_trainer --out runs/tiny --steps 6000 --batch-size 256 --device auto
+    python -m tag2mask.tiny_clip.trainer --out runs/tiny --steps 6000 --batch-size 256 --device auto
 """
 
 from __future__ import annotations
@@ -67,7 +67,7 @@ from tag2mask.clip.model import CLIP, CLIPConfig, TextConfig, VisionConfig
 from tag2mask.clip.tokenizer import tokenize
 from tag2mask.io.atomic import atomic_write_text
 from tag2mask.runtime import resolve_device
-from tag2mask.training.clip_data import (  # re-exported: data of this trainer
+from tag2mask.tiny_clip.data import (  # re-exported: data of this trainer
     NUM_CONCEPTS,
     BatchSampler,
     ScenePool,
@@ -75,7 +75,7 @@ from tag2mask.training.clip_data import (  # re-exported: data of this trainer
     concept_prompts,
     concepts_from_caption,
 )
-from tag2mask.training.clip_eval import (  # re-exported: the trainer reports them while training
+from tag2mask.tiny_clip.evaluation import (  # re-exported: the trainer reports them while training
     EVAL_TEMPLATE,
     average_precision,
     dense_miou,
@@ -83,9 +83,9 @@ from tag2mask.training.clip_eval import (  # re-exported: the trainer reports th
     mean_average_precision,
     zero_shot_map,
 )
-from tag2mask.training.engine import RunOptions, TrainContext, TrainTask
-from tag2mask.training.engine import train as engine_train
-from tag2mask.training.logs import read_log
+from tag2mask.engine.loop import RunOptions, TrainContext, TrainTask
+from tag2mask.engine.loop import train as engine_train
+from tag2mask.engine.logs import read_log
 
 __all__ = [
     "TrainConfig", "TinyClipTask", "ScenePool", "BatchSampler", "build_model", "train", "zero_shot_map",
@@ -381,7 +381,7 @@ class TinyClipTask(TrainTask):
         self.t_start = time.time()
 
     def _meta(self) -> dict[str, str]:
-        return {"trainer": "tag2mask.training.clip_trainer", "train_config": json.dumps(asdict(self.cfg))}
+        return {"trainer": "tag2mask.tiny_clip.trainer", "train_config": json.dumps(asdict(self.cfg))}
 
     def finish(self, summary: dict) -> None:
         if not self.ctx.is_main:
@@ -410,7 +410,7 @@ def train(cfg: TrainConfig, pool: Optional[ScenePool] = None, progress: bool = T
         precision="bf16" if cfg.bf16 and device.type == "cuda" else "fp32",
         ckpt_every=cfg.save_every if cfg.save_every > 0 else cfg.steps, keep_last=2,
         val_every=cfg.eval_every, log_every=cfg.log_every, progress=progress,
-        resume_command="python -m tag2mask.training.clip_trainer ... --resume",
+        resume_command="python -m tag2mask.tiny_clip.trainer ... --resume",
     )
     engine_train(task, options)
     return task.model, read_log(Path(cfg.out) / "train_log.csv")
@@ -418,7 +418,7 @@ def train(cfg: TrainConfig, pool: Optional[ScenePool] = None, progress: bool = T
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     defaults = TrainConfig()
-    ap = argparse.ArgumentParser(prog="python -m tag2mask.training.clip_trainer", description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m tag2mask.tiny_clip.trainer", description=__doc__.split("\n\n")[0])
     for name, value in asdict(defaults).items():
         flag = "--" + name.replace("_", "-")
         if isinstance(value, bool):

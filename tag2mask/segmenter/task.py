@@ -38,9 +38,9 @@ from torch import nn
 
 from tag2mask.data.seg_augment import SegAugment
 from tag2mask.data.segmentation import IGNORE, SegmentationSource
-from tag2mask.training.engine import TrainContext, TrainTask
-from tag2mask.training.schedule import poly_warmup_multiplier
-from tag2mask.training.stream import EpochOrder, position_loader
+from tag2mask.engine.loop import TrainContext, TrainTask
+from tag2mask.engine.schedules.poly import poly_warmup_multiplier
+from tag2mask.engine.data_stream import EpochOrder, position_loader
 
 __all__ = ["SegmenterConfig", "SEGMENTER_PRESETS", "segmenter_preset", "SegmenterTask", "SegmentationCrops",
            "UNLABELED", "build_network", "fill_unlabeled", "reduce_zero_label"]
@@ -60,7 +60,7 @@ class SegmenterConfig:
     Classes: ``classes`` are the foreground names; with ``background`` label 0 is background and
     ``num_classes = len(classes) + 1`` (VOC layout), else ``num_classes = len(classes)``.
     Schedule: ``lr_g(t) = base_g · poly(t)`` with ``poly`` = WeCLIP's warm-up + poly rule
-    (:func:`~tag2mask.training.schedule.poly_warmup_multiplier`) evaluated at ``lr_step ·
+    (:func:`~tag2mask.engine.schedules.poly.poly_warmup_multiplier`) evaluated at ``lr_step ·
     floor(t / lr_step)`` (deeplab-pytorch steps every 10 iterations) and floored at ``min_lr`` (mmseg).
     Groups (networks with ``parameter_groups()``): backbone at ``lr``, head weights ×
     ``head_lr_mult``, head biases × ``head_bias_lr_mult`` (weight decay off unless ``head_bias_weight_decay``).
@@ -471,7 +471,7 @@ class SegmenterTask(TrainTask):
 
     # -- validation and the end of the run ------------------------------------------------------------
     def validate(self, iteration: int) -> Optional[dict[str, float]]:
-        from tag2mask.training.segmenter_eval import evaluate_source
+        from tag2mask.segmenter.evaluation import evaluate_source
 
         if self.val_source is None:
             return None
@@ -479,7 +479,7 @@ class SegmenterTask(TrainTask):
         return {"miou": scores["scores"]["Mean IoU"], "pixel_acc": scores["scores"]["Pixel Accuracy"]}
 
     def finish(self, summary: dict[str, Any]) -> None:
-        from tag2mask.training.segmenter_eval import evaluate_source, export_model
+        from tag2mask.segmenter.evaluation import evaluate_source, export_model
 
         out = self.ctx.out_dir
         if self.ctx.is_main:

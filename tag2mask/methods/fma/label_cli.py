@@ -8,7 +8,7 @@ Per image: CAMs of the image's labels from the prompts of ``--prompts RUN`` with
 ``arrays/`` and ``proposals/``, ``run.json``, ``manifest.jsonl``, ``logs/``.
 
 The job runs as ``label``'s overlapped stages (:class:`tag2mask.jobs.overlap.Stages`, ``--workers``):
-``label``'s own :class:`~tag2mask.cli.label_stages.PrepareImage` (decode, ``--max-pixels``), then
+``label``'s own :class:`~tag2mask.methods.clip_es.label_stages.PrepareImage` (decode, ``--max-pixels``), then
 :class:`ComputeFMA` on the device (CAMs; SAM proposals) and :class:`FinishFMA` in a CPU worker
 (superpixels / proposal files, the seed map, the writes).
 """
@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, NamedTuple, Sequence
 
-from tag2mask.cli.common import reject_options
+from tag2mask.cmdline.options import reject_options
 
 __all__ = ["add_fma_options", "check_fma_options", "FMA_ONLY", "ItemsAPI", "run_fma_label", "ComputeFMA", "FinishFMA",
            "FinishSettings", "FMAComputed"]
@@ -108,7 +108,7 @@ def _load_model(args: argparse.Namespace, config, ctx, meta: dict):
     from tag2mask.clip.loading import load_clip
     from tag2mask.clip.numerics import NUMERICS
     from tag2mask.runtime import resolve_device
-    from tag2mask.training.fma_task import build_model
+    from tag2mask.methods.fma.train_task import build_model
 
     recorded = (meta.get("clip") or {})
     weights = args.weights or recorded.get("weights")
@@ -236,14 +236,14 @@ class FinishFMA:
         return ItemOutput(outputs + self._write(item.name, label, result), info)
 
     def _write(self, stem: str, label, result) -> list[Path]:
-        from tag2mask.cli.label_stages import write_label_files
+        from tag2mask.methods.clip_es.label_stages import write_label_files
 
         arrays = result.arrays if self.settings.save_arrays else None
         return write_label_files(Path(self.settings.out), stem, label, result.keys, result.cams, arrays)
 
 
 #: what the worker processes import once, before the first image
-_WORKER_PRELOAD = ("numpy", "PIL.Image", "torch", "tag2mask.cli.label_stages", "tag2mask.cli.label_fma",
+_WORKER_PRELOAD = ("numpy", "PIL.Image", "torch", "tag2mask.methods.clip_es.label_stages", "tag2mask.methods.fma.label_cli",
                    "tag2mask.proposals.seeding")
 #: the command-line options the proposal sources read (tag2mask.cli.seed_cmd.build_source)
 _PROPOSAL_OPTIONS = ("proposals", "n_segments", "compactness", "scale", "min_size", "sigma", "sam_preset",
@@ -255,7 +255,7 @@ def run_fma_label(args: argparse.Namespace, items_api: "ItemsAPI") -> int:
 
     ``items_api``: how ``label`` reads its items (passed in, so this module does not import ``label_cmd``).
     """
-    from tag2mask.cli.common import overlap_settings
+    from tag2mask.cmdline.options import overlap_settings
     from tag2mask.jobs.distributed import device_for_rank
     from tag2mask.jobs.overlap import start_worker_server
     from tag2mask.runtime import resolve_device
@@ -266,14 +266,14 @@ def run_fma_label(args: argparse.Namespace, items_api: "ItemsAPI") -> int:
     import torch
 
     import tag2mask
-    from tag2mask.cli.common import toy_model_warning
-    from tag2mask.cli.label_stages import LabelSettings, PrepareImage
+    from tag2mask.cmdline.options import toy_model_warning
+    from tag2mask.methods.clip_es.label_stages import LabelSettings, PrepareImage
     from tag2mask.cli.seed_cmd import build_source
     from tag2mask.evaluation.miou import DEFAULT_MIOU_RULE
     from tag2mask.jobs.overlap import Stages
     from tag2mask.jobs.runner import JobOptions, print_summary, process_exit_code, run_items
     from tag2mask.methods.fma.inference import FMACams
-    from tag2mask.training.fma_task import load_prompts
+    from tag2mask.methods.fma.train_task import load_prompts
 
     if args.limit is not None and args.limit < 0:
         raise ValueError(f"--limit must be >= 0, got {args.limit}")

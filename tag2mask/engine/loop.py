@@ -10,7 +10,7 @@ validation and optional extra state. The engine (:func:`train`) owns everything 
   global batch is split over the processes), AMP (bf16, or fp16 with a gradient scaler);
 * the gradient step (zero grad, backward, optional clipping, optimiser step) and a stop with a clear
   message when the loss is not finite;
-* logs that are only appended (:mod:`tag2mask.training.logs`; each row holds the means of the
+* logs that are only appended (:mod:`tag2mask.engine.logs`; each row holds the means of the
   step's tensor values over the iterations since the previous row, averaged over the processes),
   tqdm progress on rank 0, periodic validation, optional TensorBoard;
 * checkpoints through :mod:`tag2mask.jobs.checkpoint`: ONE file per save (``ckpt_<iter>.pt``,
@@ -21,7 +21,7 @@ validation and optional extra state. The engine (:func:`train`) owns everything 
 
 Exact resume: the modules, optimiser, scaler, the task's extra state, the iteration and the RNG state
 of every rank are restored, and the data stream is a function of the stream position
-(:mod:`tag2mask.training.stream`), so on CPU a resumed run is bitwise equal to an uninterrupted one.
+(:mod:`tag2mask.engine.data_stream`), so on CPU a resumed run is bitwise equal to an uninterrupted one.
 """
 
 from __future__ import annotations
@@ -37,11 +37,11 @@ import torch
 from torch import nn
 
 from tag2mask.jobs.checkpoint import DiskFullError, honour_umask, is_disk_full, remove_stale_temp_files, save_checkpoint
-from tag2mask.training.logs import TrainLog, read_events
-from tag2mask.training.run_folder import (  # re-exported: part of the engine's interface
+from tag2mask.engine.logs import TrainLog, read_events
+from tag2mask.runs.layout import (  # re-exported: part of the engine's interface
     CHECKPOINT_FORMAT, RunFolderError, clear_run, prepare_run_folder, read_run_checkpoint,
 )
-from tag2mask.training.state import capture_rng_state, restore_rng_state
+from tag2mask.engine.rng_state import capture_rng_state, restore_rng_state
 
 __all__ = [
     "CHECKPOINT_FORMAT", "RunOptions", "TrainContext", "TrainTask", "TrainingDiverged", "RunFolderError",

@@ -8,8 +8,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tag2mask.cli.common import add_device_option, add_precision_option
-from tag2mask.cli.run_options import add_run_options
+from tag2mask.cmdline.options import add_device_option, add_precision_option
+from tag2mask.cmdline.run_options import add_run_options
 
 __all__ = ["add_clip_zss_parser", "run_clip_zss", "build_clip_zss_configs"]
 
@@ -102,7 +102,7 @@ def build_clip_zss_configs(args: argparse.Namespace, kind: str):
     from tag2mask.cli.train_segmenter import _parse_option, resolve_class_names
     from tag2mask.methods.clip_zss.config import CLIP_ZSS_PRESETS, PRESET_OF_SPLIT, ClipZssConfig
     from tag2mask.methods.clip_zss.splits import get_split
-    from tag2mask.training.segmenter_task import segmenter_preset
+    from tag2mask.segmenter.task import segmenter_preset
 
     preset_name = args.preset or (PRESET_OF_SPLIT.get(args.split) if args.split else None)
     preset = json.loads(json.dumps(CLIP_ZSS_PRESETS[preset_name])) if preset_name else {"segmenter": {}, "zss": {}}
@@ -147,13 +147,13 @@ def build_clip_zss_configs(args: argparse.Namespace, kind: str):
 
 
 def run_clip_zss(args: argparse.Namespace) -> int:
-    from tag2mask.cli.common import shipped_weights_path
-    from tag2mask.cli.run_options import run_options_from_args
+    from tag2mask.cmdline.options import shipped_weights_path
+    from tag2mask.cmdline.run_options import run_options_from_args
     from tag2mask.cli.train_segmenter import open_train_val
     from tag2mask.data.datasets import detect_dataset
     from tag2mask.synth.export import export_splits
-    from tag2mask.training.clip_zss_task import ClipZssTask
-    from tag2mask.training.engine import train
+    from tag2mask.methods.clip_zss.train_task import ClipZssTask
+    from tag2mask.engine.loop import train
 
     kind = detect_dataset(args.data)
     if kind is None:

@@ -2,7 +2,7 @@
 
 What is trained: the CoOp context vectors of :class:`~tag2mask.methods.fma.prompts.PromptLearner`
 (nothing else; the CLIP is frozen). Per iteration (official ``train_coop/run.py``): a batch of
-augmented crops (:mod:`tag2mask.training.fma_data`), optionally split into ``grad_accumulation``
+augmented crops (:mod:`tag2mask.methods.fma.data`), optionally split into ``grad_accumulation``
 sub-batches whose losses are each divided by that number; :class:`~tag2mask.methods.fma.model.FMAClip`
 with ``create_graph`` when the CAM loss is on; the loss is ``w_cl * contrastive + w_fg * CAM-fg +
 w_bg * CAM-bg`` (classification stage: the contrastive loss on image-level labels; segmentation
@@ -36,10 +36,10 @@ from torch import nn
 from tag2mask.methods.fma.config import AugmentSettings, CAASettings, StageSettings, preset
 from tag2mask.methods.fma.losses import cam_activation_loss, multilabel_contrastive_loss
 from tag2mask.methods.fma.model import FMAClip
-from tag2mask.training.cosine_schedule import warmup_cosine_lr
-from tag2mask.training.engine import RunOptions, TrainContext, TrainTask, read_run_checkpoint, train
-from tag2mask.training.fma_data import FMABatch, FMACrops, collate, open_fma_data
-from tag2mask.training.stream import position_loader
+from tag2mask.engine.schedules.cosine import warmup_cosine_lr
+from tag2mask.engine.loop import RunOptions, TrainContext, TrainTask, read_run_checkpoint, train
+from tag2mask.methods.fma.data import FMABatch, FMACrops, collate, open_fma_data
+from tag2mask.engine.data_stream import position_loader
 
 __all__ = ["FMATrainConfig", "FMAData", "FMATask", "train_fma", "PROMPTS_FILE", "save_prompts", "load_prompts"]
 
@@ -114,7 +114,7 @@ class FMATrainConfig:
 
 @dataclass
 class FMAData:
-    """Where the training images come from (see :func:`tag2mask.training.fma_data.open_fma_data`)."""
+    """Where the training images come from (see :func:`tag2mask.methods.fma.data.open_fma_data`)."""
 
     spec: str
     split: str = "train"

@@ -10,7 +10,7 @@ Examples::
 A run folder is never overwritten: an existing one needs --resume (continue) or --overwrite (start
 again; its checkpoints and logs are deleted). Logs are only appended; see docs/training.md.
 
-The sub-command is also runnable as ``python -m tag2mask.cli.train_cmd weclip ...``.
+The sub-command is also runnable as ``python -m tag2mask.methods.weclip.cli weclip ...``.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
-from tag2mask.cli.common import (
+from tag2mask.cmdline.options import (
     add_device_option,
     add_precision_option,
     add_weights_options,
@@ -31,7 +31,7 @@ from tag2mask.cli.common import (
     record_given_options,
     reject_options,
 )
-from tag2mask.cli.run_options import add_run_options, resume_command
+from tag2mask.cmdline.run_options import add_run_options, resume_command
 
 __all__ = ["add_parser", "run", "main"]
 
@@ -40,8 +40,8 @@ _SPLITS = {"synth": ("train", "val"), "voc": ("train_aug", "train"), "coco": ("t
 
 
 def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
-    from tag2mask.cli.train_clip_zss import add_clip_zss_parser
-    from tag2mask.cli.train_fma import add_fma_parser
+    from tag2mask.methods.clip_zss.cli import add_clip_zss_parser
+    from tag2mask.methods.fma.cli import add_fma_parser
     from tag2mask.cli.train_segmenter import add_segmenter_parser
 
     p = sub.add_parser("train", help="train WeCLIP or FMA-WSSS prompts from image-level labels, or a segmentation "
@@ -127,7 +127,7 @@ def build_config(args: argparse.Namespace):
     """The :class:`WeCLIPConfig` of the command line (preset + overrides) and the data set kind."""
     from tag2mask.data.datasets import detect_dataset
     from tag2mask.methods.weclip.model import preset
-    from tag2mask.training.weclip_trainer import config_with_overrides
+    from tag2mask.methods.weclip.train_task import config_with_overrides
 
     kind = "synth" if args.data == "synth" else detect_dataset(args.data)
     if kind is None:
@@ -150,8 +150,8 @@ def build_config(args: argparse.Namespace):
 
 
 def run(args: argparse.Namespace) -> int:
-    from tag2mask.cli.common import shipped_weights_path
-    from tag2mask.training.weclip_trainer import TrainOptions, train_weclip
+    from tag2mask.cmdline.options import shipped_weights_path
+    from tag2mask.methods.weclip.train_task import TrainOptions, train_weclip
 
     if getattr(args, "method", None) != "weclip":
         raise ValueError("choose a method: tag2mask train weclip|fma|segmenter|clip-zss ...")
@@ -185,7 +185,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Stand-alone entry (``python -m tag2mask.cli.train_cmd weclip ...``)."""
+    """Stand-alone entry (``python -m tag2mask.methods.weclip.cli weclip ...``)."""
     parser = argparse.ArgumentParser(prog="tag2mask")
     sub = parser.add_subparsers(dest="command")
     add_parser(sub)

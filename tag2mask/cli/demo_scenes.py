@@ -79,8 +79,8 @@ def build_predictors(
     ``weclip`` needs ``weclip_checkpoint`` (a run trained with ``tag2mask train weclip --data synth``
     on the same CLIP weights); it predicts from the image alone.
     """
-    from tag2mask.methods.clip_es import ClipES, preset_for
-    from tag2mask.methods.pseudo_labels import LabelRefiner
+    from tag2mask.methods.clip_es.pipeline import ClipES, preset_for
+    from tag2mask.methods.clip_es.label_maps import LabelRefiner
 
     device = next(model.parameters()).device
     preds: dict[str, Callable] = {}

@@ -7,8 +7,8 @@ import json
 import os
 from typing import Any, Optional
 
-from tag2mask.cli.common import add_device_option, add_weights_options, check_weights_options, reject_options
-from tag2mask.cli.run_options import add_run_options
+from tag2mask.cmdline.options import add_device_option, add_weights_options, check_weights_options, reject_options
+from tag2mask.cmdline.run_options import add_run_options
 
 __all__ = ["add_fma_parser", "run_fma"]
 
@@ -83,7 +83,7 @@ def add_fma_parser(methods: "argparse._SubParsersAction") -> argparse.ArgumentPa
     add_weights_options(f)
     add_device_option(f)
     f.set_defaults(func=run_fma)
-    from tag2mask.cli.common import record_given_options
+    from tag2mask.cmdline.options import record_given_options
 
     record_given_options(f)
     return f
@@ -112,7 +112,7 @@ def _preset_for(args: argparse.Namespace, kind: str) -> str:
 def build_fma_config(args: argparse.Namespace, kind: str):
     """The :class:`FMATrainConfig` of the command line (preset + overrides)."""
     from tag2mask.methods.fma.prompts import seed_from_string
-    from tag2mask.training.fma_task import FMATrainConfig
+    from tag2mask.methods.fma.train_task import FMATrainConfig
     from tag2mask.vocab.vocabulary import load_vocabulary
 
     name = _preset_for(args, kind)
@@ -155,11 +155,11 @@ def check_fma_options(args: argparse.Namespace, kind: str) -> None:
 
 
 def run_fma(args: argparse.Namespace) -> int:
-    from tag2mask.cli.common import shipped_weights_path
-    from tag2mask.cli.run_options import run_options_from_args
+    from tag2mask.cmdline.options import shipped_weights_path
+    from tag2mask.cmdline.run_options import run_options_from_args
     from tag2mask.data.datasets import detect_dataset
     from tag2mask.runtime import resolve_device
-    from tag2mask.training.fma_task import FMAData, train_fma
+    from tag2mask.methods.fma.train_task import FMAData, train_fma
 
     kind = "synth" if args.data == "synth" else detect_dataset(args.data)
     if kind is None:

@@ -7,7 +7,7 @@ import json
 import math
 from pathlib import Path
 
-from tag2mask.cli.common import add_device_option, add_weights_options
+from tag2mask.cmdline.options import add_device_option, add_weights_options
 
 #: built-in candidates: the two CLIP-ES templates named in the paper/code, then OpenAI's 80 ImageNet ones
 BUILTIN = "builtin"
@@ -67,11 +67,11 @@ def resolve_templates(spec: str) -> tuple[str, ...]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tag2mask.cli.common import load_model_from_args
+    from tag2mask.cmdline.options import load_model_from_args
     from tag2mask.cli.label_cmd import _open_items
     from tag2mask.data.images import load_image
     from tag2mask.io.atomic import atomic_write_text
-    from tag2mask.methods.prompt_selection import rank_templates
+    from tag2mask.methods.clip_es.prompt_selection import rank_templates
     from tag2mask.vocab.vocabulary import load_vocabulary
 
     vocab = load_vocabulary(args.classes)

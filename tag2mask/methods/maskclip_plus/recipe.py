@@ -24,7 +24,7 @@ The paper's pipeline, as the official code runs it (``chongzhou96/MaskCLIP``, an
    ones included: the ``maskclip+`` recipe turns on the networks' ``loss_average_over_ignored`` compat
    switch (``--model-option loss_average_over_ignored=false`` gives the mean over labelled pixels).
 
-Everything trains on the one training engine through :class:`~tag2mask.training.segmenter_task.SegmenterTask`;
+Everything trains on the one training engine through :class:`~tag2mask.segmenter.task.SegmenterTask`;
 this module supplies the network factory (text head), the teacher factory and the recipe
 (:func:`maskclip_plus_config`). Official details kept on purpose: the teacher sees the student's
 ImageNet-normalised, photometrically distorted crop (bottom/right zero padding included); with
@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from tag2mask.methods.ovss.maskclip_refine import key_smooth, prompt_denoise
-from tag2mask.training.segmenter_task import UNLABELED, SegmenterConfig, fill_unlabeled, segmenter_preset
+from tag2mask.segmenter.task import UNLABELED, SegmenterConfig, fill_unlabeled, segmenter_preset
 from tag2mask.vocab.vocabulary import Vocabulary
 
 __all__ = ["MaskClipPlusSetting", "SETTINGS", "SETTING_NAMES", "maskclip_plus_config", "MaskClipTeacher",

@@ -102,7 +102,7 @@ class PrepareImage:
 class ComputeCAMs:
     """Stage 2 (this process): CLIP-ES CAMs for a batch of prepared images.
 
-    ``device_refiner``: a :class:`~tag2mask.methods.pseudo_labels.LabelRefiner` to run here (PAMR on
+    ``device_refiner``: a :class:`~tag2mask.methods.clip_es.label_maps.LabelRefiner` to run here (PAMR on
     a GPU), or ``None`` to leave the refinement to the finish stage.
     """
 
@@ -136,7 +136,7 @@ class FinishMask:
     @property
     def refiner(self):
         if self._refiner is None:
-            from tag2mask.methods.pseudo_labels import LabelRefiner
+            from tag2mask.methods.clip_es.label_maps import LabelRefiner
 
             s = self.settings
             self._refiner = LabelRefiner(s.refine, bg_power=s.bg_power, confidence=s.confidence, compat=s.compat,

@@ -8,7 +8,7 @@ Pipeline per image, as the official ``generate_cams_voc12.py`` / ``generate_cams
    block over [the image's classes + background words], class-aware attention affinity (mean of the
    last 8 maps, Sinkhorn x3, symmetrise, square), per-class box masks from the CAM, propagation,
    min-max at low resolution, bilinear resize to the image; float16 (= the official ``attn_highres``);
-4. (stage 2, :mod:`tag2mask.methods.pseudo_labels`) background ``(1 - max)^p``, dense CRF or PAMR,
+4. (stage 2, :mod:`tag2mask.methods.clip_es.label_maps`) background ``(1 - max)^p``, dense CRF or PAMR,
    confidence masking.
 
 A preset (:data:`PRESETS`) carries everything that differs between the papers' settings: the

@@ -22,10 +22,10 @@ from tag2mask.synth.captions import make_caption
 from tag2mask.synth.scenes import generate_scene
 from tag2mask.synth.splits import seed_for
 from tag2mask.synth.world import NUM_OBJECT_CLASSES, OBJECT_CLASSES, STUFF_CLASSES
-from tag2mask.training.clip_eval import CONCEPT_NAMES, EVAL_TEMPLATE
+from tag2mask.tiny_clip.evaluation import CONCEPT_NAMES, EVAL_TEMPLATE
 
 if TYPE_CHECKING:
-    from tag2mask.training.clip_trainer import TrainConfig
+    from tag2mask.tiny_clip.trainer import TrainConfig
 
 __all__ = ["NUM_CONCEPTS", "concept_prompts", "all_prompt_variants", "concepts_from_caption", "ScenePool",
            "BatchSampler"]

@@ -13,7 +13,7 @@ import sys
 from typing import TYPE_CHECKING, Optional
 
 if TYPE_CHECKING:
-    from tag2mask.training.engine import RunOptions
+    from tag2mask.engine.loop import RunOptions
 
 __all__ = ["add_run_options", "run_options_from_args", "resume_command"]
 
@@ -43,7 +43,7 @@ def add_run_options(parser: argparse.ArgumentParser, *, out_help: str = "run fol
 def run_options_from_args(args: argparse.Namespace, *, val_every: int = 0,
                           precision: Optional[str] = None) -> "RunOptions":
     """The engine's :class:`RunOptions` from the options of :func:`add_run_options` (+ device, precision)."""
-    from tag2mask.training.engine import RunOptions
+    from tag2mask.engine.loop import RunOptions
 
     return RunOptions(
         out_dir=args.out, resume=args.resume, overwrite=args.overwrite, device=args.device,

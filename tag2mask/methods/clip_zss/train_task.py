@@ -1,6 +1,6 @@
 """CLIP-ZSS on the training engine: the segmenter trainer's data side, the method's losses, a CLS bank.
 
-:class:`ClipZssTask` is a :class:`~tag2mask.training.segmenter_task.SegmenterTask` (same crops,
+:class:`ClipZssTask` is a :class:`~tag2mask.segmenter.task.SegmenterTask` (same crops,
 augmentation, position-based stream, optimiser groups and poly schedule, same ``SegmenterConfig``)
 whose network is a text-head student (:mod:`tag2mask.models`, e.g. SegFormer or the frozen-CLIP
 decoder) and whose step is :class:`~tag2mask.methods.clip_zss.method.ClipZss`:
@@ -33,8 +33,8 @@ from tag2mask.methods.clip_zss.inference import evaluate_zero_shot, text_vocabul
 from tag2mask.methods.clip_zss.method import ClassLayout, ClipZss, check_no_unseen, embed_class_names
 from tag2mask.methods.clip_zss.regions import IGNORE
 from tag2mask.methods.clip_zss.teacher import ClipTeacher
-from tag2mask.training.engine import TrainContext
-from tag2mask.training.segmenter_task import SegmenterConfig, SegmenterTask
+from tag2mask.engine.loop import TrainContext
+from tag2mask.segmenter.task import SegmenterConfig, SegmenterTask
 
 __all__ = ["ClipZssTask", "split_prompts"]
 

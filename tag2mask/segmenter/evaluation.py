@@ -109,7 +109,7 @@ def evaluate_source(model: nn.Module, source: SegmentationSource, config: Any, c
     num_classes = config.num_classes
     transform_gt = None
     if getattr(config, "reduce_zero_label", False):
-        from tag2mask.training.segmenter_task import reduce_zero_label as transform_gt
+        from tag2mask.segmenter.task import reduce_zero_label as transform_gt
     total, per_image, n = score_predictions(model, source, config, num_classes, ctx=ctx, limit=limit,
                                             write_dir=write_dir, transform_gt=transform_gt)
     report = {"mode": "labels", "num_images": n, "class_names": config.class_names, "scores": total.scores(),
@@ -161,8 +161,8 @@ def load_trained_segmenter(path: Union[str, Path], device: Union[str, torch.devi
     read again) and its weights come from the checkpoint (``weights_only=True``).
     """
     from tag2mask.runtime import resolve_device
-    from tag2mask.training.engine import read_run_checkpoint
-    from tag2mask.training.segmenter_task import SegmenterConfig, build_network
+    from tag2mask.engine.loop import read_run_checkpoint
+    from tag2mask.segmenter.task import SegmenterConfig, build_network
 
     ckpt = read_run_checkpoint(path, task="segmenter")
     config = SegmenterConfig.from_dict(ckpt["config"])

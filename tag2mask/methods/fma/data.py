@@ -20,7 +20,7 @@ the data pipeline, README section 7).
 
 Determinism: sample ``pos`` of the stream (``pos = iteration x global batch + slot``) is item
 ``permutation_epoch[pos mod N]`` augmented with ``numpy.random.default_rng([seed, pos])``
-(:mod:`tag2mask.training.stream`), so a resumed or multi-process run sees the batches of an
+(:mod:`tag2mask.engine.data_stream`), so a resumed or multi-process run sees the batches of an
 uninterrupted one.
 """
 
@@ -36,7 +36,7 @@ from PIL import Image
 from tag2mask.clip.model import CLIP_MEAN, CLIP_STD
 from tag2mask.data.seg_augment import hsv_to_rgb, rgb_to_hsv
 from tag2mask.methods.fma.config import AugmentSettings
-from tag2mask.training.stream import EpochOrder
+from tag2mask.engine.data_stream import EpochOrder
 
 __all__ = ["FMASource", "open_fma_data", "jitter_step", "color_jitter", "rescale_crop_flip", "augment", "FMACrops", "FMABatch",
            "collate", "IGNORE"]

@@ -2,9 +2,9 @@
 
 :class:`WeCLIPTask` is the recipe (what the official ``dist_clip_voc.py`` trains); everything around it
 — exact resume, checkpoints, DDP, AMP, logs, validation scheduling — is
-:mod:`tag2mask.training.engine`. Only the trainable decoder is checkpointed; CLIP is referenced by
+:mod:`tag2mask.engine.loop`. Only the trainable decoder is checkpointed; CLIP is referenced by
 path and fingerprint. The learning rate of iteration ``t`` is ``lr · poly_warmup_multiplier(t)``, the
-official ``PolyWarmupAdamW`` rule (:mod:`tag2mask.training.schedule`) driven by the iteration instead of
+official ``PolyWarmupAdamW`` rule (:mod:`tag2mask.engine.schedules.poly`) driven by the iteration instead of
 the optimiser's own step counter (they only differ when an fp16 step is skipped).
 
 Bitwise resume on CPU holds because every random draw is either reproducible from the stream
@@ -26,9 +26,9 @@ from tag2mask.evaluation.miou import ConfusionMatrix
 from tag2mask.methods.weclip.data import WeCLIPTrainSet, collate_train, open_images
 from tag2mask.methods.weclip.losses import affinity_loss, balanced_ce_terms, cams_to_affinity_label, radius_window_mask
 from tag2mask.methods.weclip.model import WeCLIP, WeCLIPConfig, build_clip_for, normalize_rgb
-from tag2mask.training.engine import RunOptions, TrainContext, TrainTask, read_run_checkpoint, train
-from tag2mask.training.schedule import PolyWarmupSchedule
-from tag2mask.training.stream import position_loader
+from tag2mask.engine.loop import RunOptions, TrainContext, TrainTask, read_run_checkpoint, train
+from tag2mask.engine.schedules.poly import PolyWarmupSchedule
+from tag2mask.engine.data_stream import position_loader
 
 __all__ = [
     "TrainOptions", "WeCLIPTask", "train_weclip", "train_step", "weclip_losses", "training_loss", "validate",
