@@ -19,9 +19,10 @@ import torch
 from tag2mask.clip.shipped import tiny_clip_path
 from tag2mask.data.segmentation import open_segmentation_data
 from tag2mask.methods.clip_zss.config import ClipZssConfig
-from tag2mask.methods.clip_zss.splits import get_split
+from tag2mask.vocab.zero_shot_splits import get_split
 from tag2mask.methods.clip_zss.train_task import ClipZssTask
-from tag2mask.engine.loop import RunOptions, read_run_checkpoint, train
+from tag2mask.engine.loop import RunOptions, train
+from tag2mask.runs.layout import read_run_checkpoint
 from tag2mask.segmenter.task import segmenter_preset
 
 SPLIT = get_split("synth-9-3")

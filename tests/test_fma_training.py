@@ -18,7 +18,8 @@ import torch
 
 from tag2mask.cmdline.options import shipped_weights_path
 from tag2mask.methods.fma.config import AugmentSettings, preset
-from tag2mask.engine.loop import RunFolderError, RunOptions, read_run_checkpoint
+from tag2mask.engine.loop import RunOptions
+from tag2mask.runs.layout import RunFolderError, read_run_checkpoint
 from tag2mask.methods.fma.data import (
     FMACrops, color_jitter, jitter_step, open_fma_data, rescale_crop_flip,
 )

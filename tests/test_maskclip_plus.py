@@ -25,7 +25,8 @@ from tag2mask.methods.ovss.maskclip_refine import key_smooth, prompt_denoise
 from tag2mask.methods.ovss.segmenter import OpenVocabSegmenter
 from tag2mask.models import IMAGENET_NORMALIZATION, TextEmbeddingClassifier
 from tag2mask.models.base import CLIP_NORMALIZATION
-from tag2mask.engine.loop import RunOptions, read_run_checkpoint, train
+from tag2mask.engine.loop import RunOptions, train
+from tag2mask.runs.layout import read_run_checkpoint
 from tag2mask.engine.logs import read_log
 from tag2mask.segmenter.task import UNLABELED, SegmentationCrops, SegmenterTask
 from tag2mask.vocab.vocabulary import Vocabulary, get_vocabulary

@@ -17,7 +17,7 @@ pytest.importorskip("tag2mask.models")
 
 from _seg_double import CLASSES, make_dataset  # noqa: E402
 from tag2mask.cli.main import main  # noqa: E402
-from tag2mask.engine.loop import read_run_checkpoint  # noqa: E402
+from tag2mask.runs.layout import read_run_checkpoint  # noqa: E402
 from tag2mask.engine.logs import read_log  # noqa: E402
 
 

@@ -20,7 +20,8 @@ import torch
 from _seg_double import CLASSES, OneConv, factory, make_dataset, segmenter_config
 from tag2mask.data.seg_augment import SegAugment
 from tag2mask.data.segmentation import open_segmentation_data
-from tag2mask.engine.loop import RunOptions, read_run_checkpoint, train
+from tag2mask.engine.loop import RunOptions, train
+from tag2mask.runs.layout import read_run_checkpoint
 from tag2mask.engine.logs import read_log
 from tag2mask.segmenter.task import UNLABELED, SegmenterTask, fill_unlabeled, segmenter_preset
 

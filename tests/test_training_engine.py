@@ -21,7 +21,8 @@ from _toy_tasks import ToyTask
 from tag2mask.jobs.checkpoint import (
     RECORD, DiskFullError, UnsafeCheckpointError, latest_checkpoint, load_checkpoint, load_latest_checkpoint,
 )
-from tag2mask.engine.loop import RunFolderError, RunOptions, TrainingDiverged, read_run_checkpoint, train
+from tag2mask.engine.loop import RunOptions, TrainingDiverged, train
+from tag2mask.runs.layout import RunFolderError, read_run_checkpoint
 from tag2mask.engine.logs import read_events, read_log
 
 REPO = Path(__file__).resolve().parents[1]

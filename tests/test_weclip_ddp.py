@@ -17,7 +17,7 @@ def _entry() -> list[str]:
     """``-m tag2mask train`` once the command is registered, else the module's own entry point."""
     from tag2mask.cli.main import COMMANDS
 
-    return ["-m", "tag2mask", "train"] if "train" in COMMANDS else ["-m", "tag2mask.methods.weclip.cli"]
+    return ["-m", "tag2mask", "train"] if "train" in COMMANDS else ["-m", "tag2mask.cli.train_cmd"]
 
 
 def _torchrun(out: Path, weights: Path, *extra: str) -> subprocess.CompletedProcess:

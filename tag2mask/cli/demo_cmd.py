@@ -7,8 +7,10 @@ import sys
 from pathlib import Path
 
 from tag2mask.cmdline.options import add_device_option, add_weights_options, record_given_options
+from tag2mask.methods import registry
 
-DEFAULT_METHODS = ("gradcam", "clip-es", "clip-es+pamr", "clip-es+crf", "maskclip", "sclip", "clearclip", "naclip")
+#: every training-free method of the registry (CLIP-ES with its variants, the open-vocabulary methods)
+DEFAULT_METHODS = registry.demo_methods()
 
 
 def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:

@@ -23,7 +23,6 @@ from tag2mask.vocab.vocabulary import Vocabulary, get_vocabulary
 
 # prompts the shipped tiny CLIP was trained with
 SYNTH_TEMPLATES = ("a photo of a {}.",)
-OVSS_METHODS = ("maskclip", "sclip", "clearclip", "naclip")
 
 TOLD_TAGS = "the scene's tags"
 TOLD_NAMES = "all class names"
@@ -76,49 +75,21 @@ def build_predictors(
 ) -> dict[str, Callable[[Image.Image, list[int]], np.ndarray]]:
     """name -> predict(image, label_ids) giving a (H, W) uint8 label map (0 bg, class id + 1).
 
+    Each name is dispatched to its method's demo factory in :mod:`tag2mask.methods.registry`.
     ``weclip`` needs ``weclip_checkpoint`` (a run trained with ``tag2mask train weclip --data synth``
     on the same CLIP weights); it predicts from the image alone.
     """
-    from tag2mask.methods.clip_es.pipeline import ClipES, preset_for
-    from tag2mask.methods.clip_es.label_maps import LabelRefiner
+    from tag2mask.methods import registry
 
-    device = next(model.parameters()).device
-    preds: dict[str, Callable] = {}
-    needs_es = any(m.startswith("clip-es") or m == "gradcam" for m in methods)
-    if needs_es:
-        maker = ClipES(model, vocab, preset_for("synth"))  # photo template, float32: what the tiny CLIP knows
-        plain = LabelRefiner("none", device=device)
-        pamr = LabelRefiner("pamr", device=device)
-        # scored without the 0.95 ignore region, as the official --eval_only does
-        crf = LabelRefiner("crf", compat=False, confidence=None, device=device) if with_crf else None
-
-        def gradcam_only(image: Image.Image, ids: list[int]) -> np.ndarray:
-            # raw softmax-GradCAM (no attention affinity), upsampled like the refined maps
-            _, cams, _ = maker.lowres(image, ids)
-            high = maker._upsample(cams, (image.size[1], image.size[0])).astype(np.float16)
-            return plain(high, np.asarray(ids), np.asarray(image))[0]
-
-        def es_with(refiner):
-            return lambda image, ids: refiner(maker(image, ids).cams, np.asarray(ids), np.asarray(image))[0]
-
-        table = {"gradcam": gradcam_only, "clip-es": es_with(plain), "clip-es+pamr": es_with(pamr)}
-        if crf is not None:
-            table["clip-es+crf"] = es_with(crf)
-        preds.update({k: v for k, v in table.items() if k in methods})
-    if "weclip" in methods:
-        if not weclip_checkpoint:
-            raise ValueError("method 'weclip' needs a trained checkpoint (tag2mask train weclip --data synth)")
-        from tag2mask.methods.weclip.inference import WeCLIPSegmenter
-
-        weclip = WeCLIPSegmenter(weclip_checkpoint, device=device, weights=getattr(model, "source_path", None))
-        preds["weclip"] = lambda image, ids: weclip.predict(image)[0]
-    for m in methods:
-        if m in OVSS_METHODS:
-            from tag2mask.methods.ovss.segmenter import OpenVocabSegmenter
-
-            seg = OpenVocabSegmenter(model, vocab, m, templates=SYNTH_TEMPLATES, short_side=None, mode="whole")
-            preds[m] = lambda image, ids, seg=seg: seg.predict(image).label
-    return preds
+    options = {"with_crf": with_crf, "weclip_checkpoint": weclip_checkpoint, "templates": SYNTH_TEMPLATES}
+    groups: dict[str, list[str]] = {}
+    for name in methods:
+        groups.setdefault(registry.get(name).name, []).append(name)
+    found: dict[str, Callable] = {}
+    for method, wanted in groups.items():
+        found.update(registry.load(registry.get(method).demo)(model, vocab, wanted, options))
+    # the caller's order (each method's group is built at once: CLIP-ES's variants share one CAM maker)
+    return {name: found[name] for name in methods if name in found}
 
 
 def evaluate_methods(

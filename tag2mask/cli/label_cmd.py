@@ -18,7 +18,8 @@ from tag2mask.cmdline.options import (
     record_given_options,
     reject_options,
 )
-from tag2mask.methods.fma.label_cli import ItemsAPI, add_fma_options, check_fma_options, run_fma_label
+from tag2mask.cmdline.items import describe, item_keys, open_items, source
+from tag2mask.methods import registry
 
 REFINERS = ("crf", "pamr", "none")
 #: default --max-pixels: 1 MP (about 1000x1000). CLIP-ES's attention affinity is quadratic in the
@@ -73,8 +74,9 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
         "box threshold and numerics of that setting), a name-set file (one class per line, comma-separated "
         "synonyms), or an inline list 'cat, dog; background: sky, grass' (these use the voc settings) (default: voc)",
     )
-    p.add_argument("--method", default="clip-es", choices=("clip-es", "fma"),
-                   help="clip-es (training-free, default) or fma (FMA-WSSS: learned prompts of --prompts RUN + seeding)")
+    hooks = registry.commands("label")
+    p.add_argument("--method", default="clip-es", choices=registry.label_methods(),
+                   help="clip-es (training-free, default)" + "".join(f" or {c.name} ({c.help})" for _, c in hooks))
     p.add_argument("--out", required=True, help="output folder (masks/, cams/, arrays/, run.json, manifest.jsonl, logs/)")
     p.add_argument("--refine", default="pamr", choices=REFINERS,
                    help="post-processing: crf (dense CRF, extra 'crf'), pamr or none (default: pamr)")
@@ -111,17 +113,26 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     add_precision_option(p)
     add_run_options(p)
     add_overlap_options(p, "decode images and refine / write masks")
-    add_fma_options(p)
+    for _, command in hooks:  # each method's own options (errors with the other methods)
+        _label_hook(command.name).add_label_options(p)
     p.set_defaults(func=run)
     record_given_options(p)
     return p
 
 
+def _label_hook(method: str):
+    """The module of ``label --method METHOD`` (``add_label_options / check_label_options / run_label``)."""
+    import importlib
+
+    return importlib.import_module(registry.method_of_command("label", method).module)
+
+
 def check_options(args: argparse.Namespace) -> None:
     """Options that do not apply to the chosen refinement / input are errors, not silently ignored."""
-    check_fma_options(args)
+    for _, command in registry.commands("label"):
+        _label_hook(command.name).check_label_options(args)
     check_overlap_options(args)
-    if args.method == "fma":
+    if args.method != "clip-es":
         return
     check_weights_options(args)
     if args.refine != "crf":
@@ -130,86 +141,6 @@ def check_options(args: argparse.Namespace) -> None:
         reject_options(args, ("bg_power",), "with --refine crf (the CRF computes its own background)")
     if args.labels is not None:
         reject_options(args, ("split",), "with --labels (the label file lists the images)")
-
-
-#: VOC roots: how many annotations are read up front to tell a wrong --classes from a few bad files
-_XML_SAMPLE = 64
-
-
-def _open_items(args: argparse.Namespace, class_names: list[str]):
-    from tag2mask.data.datasets import COCODataset, FolderDataset, VOCDataset, detect_dataset, xml_object_names
-    from tag2mask.data.tag_files import read_labels_file
-
-    kind = detect_dataset(args.images)
-    if args.labels is None:
-        if kind == "coco":
-            split = args.split if args.split.endswith(".txt") else f"{args.split}.txt"
-            return COCODataset(args.images, split, class_names)
-        if kind != "voc":
-            raise ValueError(f"{args.images}: not a VOC or COCO root, so --labels is required (JSON or CSV)")
-        dataset = VOCDataset(args.images, split=args.split, class_names=class_names)
-        tags = {}
-        for name in dataset.names[:_XML_SAMPLE]:
-            try:
-                tags[name] = xml_object_names(dataset.root / "Annotations" / f"{name}.xml")
-            except ValueError:
-                continue  # a broken annotation is that item's error record
-        sampled = f" (the first {len(tags)} of {len(dataset)})" if len(dataset) > _XML_SAMPLE else ""
-        _check_vocabulary(args, tags, class_names, f"{dataset.root / 'Annotations'}{sampled}")
-        return dataset
-    image_dir = Path(args.images)
-    if not image_dir.is_dir():
-        raise FileNotFoundError(f"image folder not found: {image_dir}")
-    if kind in ("voc", "coco"):
-        image_dir = image_dir / "JPEGImages" if (image_dir / "JPEGImages").is_dir() else image_dir / "VOC2012" / "JPEGImages"
-    _check_vocabulary(args, read_labels_file(args.labels), class_names, str(args.labels))
-    return FolderDataset(image_dir, args.labels, class_names, strict=False)
-
-
-def _check_vocabulary(args: argparse.Namespace, tags: dict, class_names: list[str], source: str) -> None:
-    """One error up front when the tags are not names of --classes (typically: --classes forgotten).
-
-    With the default --classes any unknown name stops the run; with an explicit --classes only a
-    file where every image has an unknown name does (a few bad entries become per-image errors).
-    """
-    from tag2mask.data.tag_files import unknown_class_names
-    from tag2mask.synth.export import is_synthetic_export
-
-    unknown = unknown_class_names(tags, class_names)
-    bad_images = {image for images in unknown.values() for image in images}
-    if not unknown or (given(args, "classes") and len(bad_images) < len(tags)):
-        return
-    names = sorted(unknown, key=lambda n: (-len(unknown[n]), n))
-    shown = ", ".join(repr(n) for n in names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
-    if is_synthetic_export(args.images):
-        hint = "pass --classes synth (this is a tag2mask synth export)"
-    else:
-        hint = ("pass --classes with your class list: a name-set file (one class per line), an inline list "
-                "'cat, dog, ...', or voc / coco / synth")
-    which = f"--classes {args.classes}" + ("" if given(args, "classes") else " (the default)")
-    raise ValueError(f"{source}: {len(bad_images)} of {len(tags)} images are tagged with class names that {which} "
-                     f"does not know: {shown}; {hint}")
-
-
-def _item_keys(dataset) -> list[str]:
-    """Item names without building samples (a VOC sample parses its XML; that may fail per item)."""
-    return dataset.names
-
-
-def _describe(dataset, i: int) -> str:
-    """The image file of item ``i`` for messages (its name if the sample cannot be built)."""
-    try:
-        return str(dataset[i].image_path)
-    except Exception:
-        return str(dataset.names[i])
-
-
-def _source(dataset, i: int) -> dict:
-    """Item ``i``'s inputs as they are now: its image file's size and time, and its labels (for --resume)."""
-    from tag2mask.io.manifest import file_state
-
-    sample = dataset[i]
-    return {"image": file_state(sample.image_path), "labels": list(sample.label_ids)}
 
 
 def _settings(args: argparse.Namespace, model) -> dict:
@@ -233,8 +164,8 @@ def run(args: argparse.Namespace) -> int:
     from tag2mask.runtime import resolve_device
 
     check_options(args)
-    if args.method == "fma":
-        return run_fma_label(args, ItemsAPI(_open_items, _item_keys, _describe, _source))
+    if args.method != "clip-es":  # a method that brings its own label hook (registry)
+        return _label_hook(args.method).run_label(args)
     args.device = device_for_rank(args.device)
     if overlap_settings(args, resolve_device(args.device))[0] > 0:
         start_worker_server(_WORKER_PRELOAD)  # the workers' imports overlap the model loading below
@@ -266,7 +197,7 @@ def run(args: argparse.Namespace) -> int:
 
         overrides["templates"] = get_templates([args.template])
     config = preset_for(preset, **overrides)
-    items = _open_items(args, list(vocab.names))
+    items = open_items(args, list(vocab.names))
     # rounded at load when the preset's numerics round weights, so ClipES needs no rounded copies
     model = load_model_from_args(args, official_rounding=config.numerics.round_weights_fp16)
     warning = toy_model_warning(model, [args.images])
@@ -314,9 +245,9 @@ def run(args: argparse.Namespace) -> int:
 
     options = JobOptions(resume=args.resume, overwrite=args.overwrite, quiet=args.quiet, verbose=args.verbose,
                          limit=args.limit, desc="label", unit="img")
-    summary = run_items(items, stages, out, settings, options, keys=_item_keys(items),
-                        preflight_errors=getattr(items, "errors", []), describe=lambda i: _describe(items, i),
-                        run_record=record, finalize=finalize, source_of=lambda i: _source(items, i))
+    summary = run_items(items, stages, out, settings, options, keys=item_keys(items),
+                        preflight_errors=getattr(items, "errors", []), describe=lambda i: describe(items, i),
+                        run_record=record, finalize=finalize, source_of=lambda i: source(items, i))
     if not args.quiet or summary.failed:
         print_summary(summary, out, "label")
     return process_exit_code(summary)

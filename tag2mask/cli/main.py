@@ -1,7 +1,9 @@
 """The ``tag2mask`` command: one entry point, one sub-command module each.
 
 Each module in ``COMMANDS`` exposes ``add_parser(subparsers) -> argparse.ArgumentParser`` and sets
-``func=run`` on it, where ``run(args) -> int`` returns the exit code.
+``func=run`` on it, where ``run(args) -> int`` returns the exit code. ``COMMANDS`` holds the generic
+commands of this package plus the top-level commands the methods bring (:mod:`tag2mask.methods.registry`,
+e.g. CLIP-ES's ``prompts``).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import sys
 from typing import Sequence
 
 from tag2mask import __version__
+from tag2mask.methods import registry
 
 # sub-command name -> module implementing it
 COMMANDS: dict[str, str] = {
@@ -24,9 +27,9 @@ COMMANDS: dict[str, str] = {
     "serve": "tag2mask.cli.serve_cmd",
     "eval": "tag2mask.cli.eval_cmd",
     "synth": "tag2mask.cli.synth_cmd",
-    "train": "tag2mask.methods.weclip.cli",
-    "prompts": "tag2mask.methods.clip_es.prompts_cli",
+    "train": "tag2mask.cli.train_cmd",
     "convert": "tag2mask.cli.convert_cmd",
+    **{command.name: command.module for _, command in registry.commands("")},
 }
 
 

@@ -38,15 +38,12 @@ from torch import nn
 
 from tag2mask.jobs.checkpoint import DiskFullError, honour_umask, is_disk_full, remove_stale_temp_files, save_checkpoint
 from tag2mask.engine.logs import TrainLog, read_events
-from tag2mask.runs.layout import (  # re-exported: part of the engine's interface
+from tag2mask.runs.layout import (
     CHECKPOINT_FORMAT, RunFolderError, clear_run, prepare_run_folder, read_run_checkpoint,
 )
-from tag2mask.engine.rng_state import capture_rng_state, restore_rng_state
+from tag2mask.runs.rng_state import capture_rng_state, restore_rng_state
 
-__all__ = [
-    "CHECKPOINT_FORMAT", "RunOptions", "TrainContext", "TrainTask", "TrainingDiverged", "RunFolderError",
-    "train", "prepare_run_folder", "read_run_checkpoint",
-]
+__all__ = ["RunOptions", "TrainContext", "TrainTask", "TrainingDiverged", "train"]
 
 
 class TrainingDiverged(ValueError):

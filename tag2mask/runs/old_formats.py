@@ -19,8 +19,8 @@ from typing import Any, Union
 import torch
 
 from tag2mask.jobs.checkpoint import RECORD, UnsafeCheckpointError, honour_umask, save_checkpoint
-from tag2mask.engine.loop import CHECKPOINT_FORMAT, RunFolderError
-from tag2mask.engine.rng_state import rng_state_as_tensors
+from tag2mask.runs.layout import CHECKPOINT_FORMAT, RunFolderError
+from tag2mask.runs.rng_state import rng_state_as_tensors
 
 __all__ = ["LEGACY_WECLIP_FORMAT", "read_legacy_checkpoint", "resave_legacy_checkpoint"]
 

@@ -28,7 +28,7 @@ from torch import nn
 from tag2mask.data.segmentation import IGNORE, SegmentationSource
 from tag2mask.evaluation.miou import ConfusionMatrix
 
-__all__ = ["predict_logits", "score_predictions", "evaluate_source", "export_model", "load_trained_segmenter", "TrainedSegmenter"]
+__all__ = ["predict_logits", "score_predictions", "evaluate_source", "export_model"]
 
 
 @torch.no_grad()
@@ -109,7 +109,7 @@ def evaluate_source(model: nn.Module, source: SegmentationSource, config: Any, c
     num_classes = config.num_classes
     transform_gt = None
     if getattr(config, "reduce_zero_label", False):
-        from tag2mask.segmenter.task import reduce_zero_label as transform_gt
+        from tag2mask.segmenter.label_values import reduce_zero_label as transform_gt
     total, per_image, n = score_predictions(model, source, config, num_classes, ctx=ctx, limit=limit,
                                             write_dir=write_dir, transform_gt=transform_gt)
     report = {"mode": "labels", "num_images": n, "class_names": config.class_names, "scores": total.scores(),
@@ -152,44 +152,3 @@ def export_model(model: nn.Module, path: Path, config: Any) -> Optional[Path]:
                                           "trained_by": "tag2mask train segmenter"})
     honour_umask(path)
     return path
-
-
-def load_trained_segmenter(path: Union[str, Path], device: Union[str, torch.device] = "cpu"):
-    """``(network in eval mode, SegmenterConfig)`` from a ``train segmenter`` checkpoint or run folder.
-
-    The network is rebuilt from the architecture recorded at training time (no pretrained files are
-    read again) and its weights come from the checkpoint (``weights_only=True``).
-    """
-    from tag2mask.runtime import resolve_device
-    from tag2mask.engine.loop import read_run_checkpoint
-    from tag2mask.segmenter.task import SegmenterConfig, build_network
-
-    ckpt = read_run_checkpoint(path, task="segmenter")
-    config = SegmenterConfig.from_dict(ckpt["config"])
-    network = ckpt["meta"].get("network") or {}
-    model = build_network(config, network.get("config"))
-    frozen = tuple(model.frozen_prefixes()) if hasattr(model, "frozen_prefixes") else ()
-    result = model.load_state_dict(ckpt["modules"]["model"], strict=not frozen)
-    missing = [k for k in getattr(result, "missing_keys", []) if not k.startswith(frozen)]
-    if missing or getattr(result, "unexpected_keys", []):
-        raise ValueError(f"{ckpt['path']}: the weights do not fit the recorded network ({missing[:3]})")
-    dev = resolve_device(device) if isinstance(device, str) else device
-    return model.to(dev).eval(), config
-
-
-class TrainedSegmenter:
-    """A ``train segmenter`` run behind ``predict(image) -> (label (H, W) uint8, probs (C, H, W) float32)``."""
-
-    def __init__(self, checkpoint: Union[str, Path], device: Union[str, torch.device] = "auto") -> None:
-        self.model, self.config = load_trained_segmenter(checkpoint, device)
-        self.device = next(self.model.parameters()).device
-        self.class_names = tuple(self.config.class_names)
-        # the test settings, named as WeCLIPSegmenter names them (segment --checkpoint records them)
-        self.long_side = self.config.test_long_side
-        self.scales = tuple(self.config.test_scales)
-        self.flip = bool(self.config.test_flip)
-
-    def predict(self, image: Any) -> tuple[np.ndarray, np.ndarray]:
-        rgb = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image, dtype=np.uint8)
-        probs = predict_logits(self.model, rgb, self.config).softmax(dim=0).cpu().numpy()
-        return probs.argmax(axis=0).astype(np.uint8), probs.astype(np.float32)

@@ -38,12 +38,13 @@ from torch import nn
 
 from tag2mask.data.seg_augment import SegAugment
 from tag2mask.data.segmentation import IGNORE, SegmentationSource
+from tag2mask.segmenter.label_values import reduce_zero_label
 from tag2mask.engine.loop import TrainContext, TrainTask
 from tag2mask.engine.schedules.poly import poly_warmup_multiplier
 from tag2mask.engine.data_stream import EpochOrder, position_loader
 
-__all__ = ["SegmenterConfig", "SEGMENTER_PRESETS", "segmenter_preset", "SegmenterTask", "SegmentationCrops",
-           "UNLABELED", "build_network", "fill_unlabeled", "reduce_zero_label"]
+__all__ = ["SegmenterConfig", "segmenter_config", "SegmenterTask", "SegmentationCrops",
+           "UNLABELED", "build_network", "fill_unlabeled"]
 
 #: target value of pixels a teacher (or self-training) may label
 UNLABELED = -1
@@ -55,7 +56,7 @@ TeacherFactory = Callable[["SegmenterConfig", TrainContext, nn.Module], Teacher]
 
 @dataclass
 class SegmenterConfig:
-    """The recipe of a segmenter run (stored in every checkpoint; presets in :data:`SEGMENTER_PRESETS`).
+    """The recipe of a segmenter run (stored in every checkpoint; the published recipes are the methods' ``SEGMENTER_RECIPES``).
 
     Classes: ``classes`` are the foreground names; with ``background`` label 0 is background and
     ``num_classes = len(classes) + 1`` (VOC layout), else ``num_classes = len(classes)``.
@@ -160,72 +161,14 @@ class SegmenterConfig:
                       for k, v in d.items()})
 
 
-# FMA-WSSS stage 2: Mask2Former Swin-L (ImageNet-22k) on the fine seeds, the official run's
-# "m2f-sl22-bt4-80k-512x" (batch 4, 80k iterations, crop 512; its mmseg fork is unpublished) with mmseg's
-# Mask2Former recipe: AdamW lr 1e-4 with the backbone at x0.1 (so lr = 1e-5, head x10), weight decay 0.05,
-# gradient norm clipped at 0.01, poly 0.9 to 0; short side 512 x {0.5, 0.6, ..., 2.0}, crop 512, flip,
-# PhotoMetricDistortion; test: whole image resized to fit (2048, 512).
-_FMA: dict[str, Any] = dict(
-    model="mask2former", model_options={"backbone": "swin-large"},
-    crop_size=512, scales=tuple(round(0.1 * x, 1) for x in range(5, 21)), reference_size=(2048, 512),
-    hflip=True, photometric=True, batch_size=4, max_iters=80000, optimizer="adamw", lr=1e-5, weight_decay=0.05,
-    betas=(0.9, 0.999), head_lr_mult=10.0, head_bias_lr_mult=10.0, head_bias_weight_decay=False, poly_power=0.9,
-    lr_step=1, min_lr=0.0, max_grad_norm=0.01, sync_bn=True, ddp_find_unused=True, test_mode="whole",
-    test_scales=(1.0,), test_flip=False, test_reference_size=(2048, 512),
-)
+def segmenter_config(recipe: Optional[dict[str, Any]], **overrides: Any) -> SegmenterConfig:
+    """A :class:`SegmenterConfig` from a recipe (``None``: the dataclass defaults) with overrides applied.
 
-#: published recipes; the CLI applies them under --preset (see docs/segmenter.md)
-SEGMENTER_PRESETS: dict[str, dict[str, Any]] = {
-    # CLIP-ES stage 3 = deeplab-pytorch configs/voc12.yaml (DeepLab-v2 ResNet-101, MSC, frozen BN) with the
-    # paper's lr (Appendix D: 2e-4 ImageNet-pretrained init; 2.5e-5 for the COCO-pretrained init).
-    # The pseudo-masks carry 255 where the CRF confidence is below 0.95 (CGL): `tag2mask label --refine crf`.
-    "clip-es": dict(
-        model="deeplab-v2", model_options={"loss_at_logit_resolution": True, "msc_scales": [0.5, 0.75], "norm_eval": True},
-        crop_size=321, scales=(0.5, 0.75, 1.0, 1.25, 1.5), scale_range=(0.5, 1.5), hflip=True, photometric=False,
-        batch_size=10, max_iters=20000, optimizer="sgd", lr=2e-4, momentum=0.9, weight_decay=5e-4,
-        head_lr_mult=10.0, head_bias_lr_mult=20.0, head_bias_weight_decay=False, poly_power=0.9, lr_step=10,
-        test_mode="whole", test_scales=(1.0,), test_flip=False,
-    ),
-    # WeCLIP's fully supervised setting: its frozen-CLIP decoder trained on ground-truth masks with
-    # WeCLIP's optimiser (AdamW, decoder lr 2e-3, wd 0.01, 50 warm-up iterations, poly power 1),
-    # crop 320, batch 4, 30k iterations; test: long side 512, scales {1, 0.75} + flip.
-    "weclip-fs": dict(
-        model="clip-decoder", model_options={"normalization": "imagenet", "compat_numerics": True},
-        crop_size=320, scales=(), scale_range=(0.5, 2.0), hflip=True, photometric=False,
-        batch_size=4, max_iters=30000, optimizer="adamw", lr=2e-3, weight_decay=0.01, betas=(0.9, 0.999),
-        head_lr_mult=1.0, head_bias_lr_mult=1.0, head_bias_weight_decay=True, poly_power=1.0, lr_step=1,
-        warmup_iters=50, warmup_ratio=1e-6, test_mode="whole", test_scales=(1.0, 0.75), test_flip=True,
-        test_long_side=512,
-    ),
-    # MaskCLIP+ (configs/maskclip_plus, mmseg 0.20.2): DeepLab-v2 with ASPPHeadV2 (conv+BN+ReLU branches to
-    # the text dim, summed) over ResNet-101 v1c (stride 8, contract_dilation, BN trained, SyncBN on several
-    # GPUs), classified by the frozen text embeddings (dot product); SGD lr 0.01 on every parameter, weight
-    # decay 5e-4 on every parameter, poly 0.9 with mmcv's floor 1e-4, batch 4 x 4 GPUs; Resize to fit
-    # (2048, 512) x U(0.5, 2), crop 512, flip, PhotoMetricDistortion; CE divided by all pixels (mmseg 0.20).
-    # methods/maskclip_plus.py adds the data set settings (splits, schedules) and the teacher.
-    "maskclip+": dict(
-        model="deeplab-v2",
-        model_options={"aspp": "bn", "norm_eval": False, "backbone_style": "v1c", "contract_dilation": True,
-                       "loss_average_over_ignored": True, "text_head": {"similarity": "dot"}},
-        crop_size=512, scales=(), scale_range=(0.5, 2.0), reference_size=(2048, 512), hflip=True, photometric=True,
-        batch_size=16, max_iters=2000, optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4,
-        head_lr_mult=1.0, head_bias_lr_mult=1.0, head_bias_weight_decay=True, poly_power=0.9, lr_step=1, min_lr=1e-4,
-        sync_bn=True, test_mode="whole", test_scales=(1.0,), test_flip=False, test_reference_size=(2048, 512),
-    ),
-    # FMA-WSSS stage 2 (VOC): see _FMA; checkpoint iter_30000 of the 80k schedule reported as the best
-    "fma": _FMA,
-    # FMA-WSSS stage 2 on COCO-2014: "m2f-sl22-bt4-100k-512x", checkpoint iter_90000 reported
-    "fma:coco": {**_FMA, "max_iters": 100000},
-}
-
-
-def segmenter_preset(name: Optional[str], **overrides: Any) -> SegmenterConfig:
-    """A :class:`SegmenterConfig` from a preset (``None``: the dataclass defaults) with overrides applied."""
-    base: dict[str, Any] = {}
-    if name is not None:
-        if name not in SEGMENTER_PRESETS:
-            raise ValueError(f"unknown segmenter preset {name!r}; choose from {sorted(SEGMENTER_PRESETS)}")
-        base = json.loads(json.dumps(SEGMENTER_PRESETS[name]))
+    Recipes are the methods' (``SEGMENTER_RECIPES`` of a method folder); look one up by name with
+    :func:`tag2mask.methods.registry.segmenter_preset`. ``model_options`` of the recipe and of the
+    overrides are merged (the overrides win).
+    """
+    base: dict[str, Any] = json.loads(json.dumps(recipe)) if recipe is not None else {}
     options = {**base.pop("model_options", {}), **overrides.pop("model_options", {})}
     return SegmenterConfig.from_dict({**base, **overrides, "model_options": options})
 
@@ -242,14 +185,6 @@ def build_network(config: SegmenterConfig, options: Optional[dict[str, Any]] = N
 def fill_unlabeled(target: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """``target`` with its :data:`UNLABELED` pixels taken from ``labels`` (every other pixel unchanged)."""
     return torch.where(target == UNLABELED, labels.to(target.dtype), target)
-
-
-def reduce_zero_label(mask: Any) -> Any:
-    """mmseg's ``reduce_zero_label`` on a label map (NumPy or torch): 0 -> 255, 255 stays, ``v`` -> ``v - 1``."""
-    if isinstance(mask, torch.Tensor):
-        return torch.where((mask == 0) | (mask == IGNORE), torch.full_like(mask, IGNORE), mask - 1)
-    mask = np.asarray(mask)
-    return np.where((mask == 0) | (mask == IGNORE), IGNORE, mask.astype(np.int64) - 1).astype(mask.dtype)
 
 
 class SegmentationCrops(torch.utils.data.Dataset):

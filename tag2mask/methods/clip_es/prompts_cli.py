@@ -68,7 +68,7 @@ def resolve_templates(spec: str) -> tuple[str, ...]:
 
 def run(args: argparse.Namespace) -> int:
     from tag2mask.cmdline.options import load_model_from_args
-    from tag2mask.cli.label_cmd import _open_items
+    from tag2mask.cmdline.items import open_items
     from tag2mask.data.images import load_image
     from tag2mask.io.atomic import atomic_write_text
     from tag2mask.methods.clip_es.prompt_selection import rank_templates
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
 
     vocab = load_vocabulary(args.classes)
     templates = resolve_templates(args.templates)
-    items = _open_items(args, list(vocab.names))
+    items = open_items(args, list(vocab.names))
     samples = [items[i] for i in range(len(items) if args.limit is None else min(args.limit, len(items)))]
     samples = [s for s in samples if s.label_ids]
     if not any(len(s.label_ids) >= 2 for s in samples):

@@ -14,7 +14,7 @@ from tag2mask.cmdline.run_options import add_run_options
 __all__ = ["add_clip_zss_parser", "run_clip_zss", "build_clip_zss_configs"]
 
 _SPLITS = {"voc": ("train_aug", "val"), "coco": ("train", "val"), "folder": (None, None)}
-SPLIT_NAMES = ("voc-15-5", "coco-stuff-156-15", "context-49-10", "synth-9-3")  # kept in step with methods.clip_zss.splits
+SPLIT_NAMES = ("voc-15-5", "coco-stuff-156-15", "context-49-10", "synth-9-3")  # kept in step with vocab.zero_shot_splits
 PRESET_NAMES = ("voc", "coco-stuff", "context", "synth")
 
 DESCRIPTION = """CLIP-ZSS (inductive generalised zero-shot segmentation): train a segmentation network on the
@@ -43,7 +43,7 @@ mIoU(U) and hIoU.
 """
 
 
-def add_clip_zss_parser(methods: "argparse._SubParsersAction") -> argparse.ArgumentParser:
+def add_parser(methods: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     z = methods.add_parser("clip-zss", help="CLIP-ZSS: a network taught by a frozen CLIP to segment unseen classes "
                                             "(no CLIP image tower at test time)",
                            description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -99,9 +99,9 @@ def _split_list(text: str) -> tuple[str, ...]:
 
 def build_clip_zss_configs(args: argparse.Namespace, kind: str):
     """``(SegmenterConfig, ClipZssConfig)`` of the command line (preset + split + overrides)."""
-    from tag2mask.cli.train_segmenter import _parse_option, resolve_class_names
+    from tag2mask.cmdline.segmenter_options import parse_model_option, resolve_class_names
     from tag2mask.methods.clip_zss.config import CLIP_ZSS_PRESETS, PRESET_OF_SPLIT, ClipZssConfig
-    from tag2mask.methods.clip_zss.splits import get_split
+    from tag2mask.vocab.zero_shot_splits import get_split
     from tag2mask.segmenter.task import segmenter_preset
 
     preset_name = args.preset or (PRESET_OF_SPLIT.get(args.split) if args.split else None)
@@ -127,7 +127,7 @@ def build_clip_zss_configs(args: argparse.Namespace, kind: str):
     preset_model, preset_options = seg.pop("model", "segformer"), seg.pop("model_options", {})
     model = args.model or preset_model
     # the preset's network options (e.g. variant=b2) belong to its network only
-    options = {**(preset_options if model == preset_model else {}), **dict(_parse_option(o) for o in args.model_option)}
+    options = {**(preset_options if model == preset_model else {}), **dict(parse_model_option(o) for o in args.model_option)}
     if args.pretrained is not None:
         if model == "clip-decoder":
             raise ValueError("--pretrained does not apply to clip-decoder (its backbone is the CLIP of --weights)")
@@ -138,7 +138,7 @@ def build_clip_zss_configs(args: argparse.Namespace, kind: str):
             seg[key] = value
     seg_config = segmenter_preset(None, **seg, model=model, model_options=options, classes=tuple(names),
                                   background=background != "none")
-    zss = {**preset["zss"], **dict(_parse_option(o) for o in args.zss_option)}
+    zss = {**preset["zss"], **dict(parse_model_option(o) for o in args.zss_option)}
     for key in ("unseen", "background", "split"):
         if key in zss:
             raise ValueError(f"--zss-option {key}=... : use --{key} instead")
@@ -149,7 +149,7 @@ def build_clip_zss_configs(args: argparse.Namespace, kind: str):
 def run_clip_zss(args: argparse.Namespace) -> int:
     from tag2mask.cmdline.options import shipped_weights_path
     from tag2mask.cmdline.run_options import run_options_from_args
-    from tag2mask.cli.train_segmenter import open_train_val
+    from tag2mask.cmdline.segmenter_options import open_train_val
     from tag2mask.data.datasets import detect_dataset
     from tag2mask.synth.export import export_splits
     from tag2mask.methods.clip_zss.train_task import ClipZssTask
@@ -173,7 +173,7 @@ def run_clip_zss(args: argparse.Namespace) -> int:
                                   "checkpoint": summary["checkpoints"][-1] if summary["checkpoints"] else None,
                                   "train_pairs": len(train_source), "unseen": list(zss_config.unseen)}
         if task.final_eval is not None:
-            from tag2mask.cli.eval_cmd import format_table
+            from tag2mask.evaluation.tables import format_table
 
             ev = task.final_eval
             print(format_table(ev["class_names"], {"IoU": ev["scores"]}))

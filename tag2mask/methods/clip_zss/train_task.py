@@ -43,7 +43,7 @@ def split_prompts(zss: ClipZssConfig) -> dict[str, str]:
     """``{class name: prompt words}`` of the run's named split (empty without one)."""
     if not zss.split:
         return {}
-    from tag2mask.methods.clip_zss.splits import find_split
+    from tag2mask.vocab.zero_shot_splits import find_split
 
     split = find_split(zss.split)
     return dict(split.prompt_names) if split is not None else {}

@@ -44,7 +44,7 @@ end OUT/prompts.safetensors holds the learned context and the recipe.
 _SPLITS = {"synth": "train", "voc": "train_aug", "coco": "train", "folder": "train"}
 
 
-def add_fma_parser(methods: "argparse._SubParsersAction") -> argparse.ArgumentParser:
+def add_parser(methods: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     f = methods.add_parser("fma", help="FMA-WSSS: learn prompt contexts (classification or segmentation prompts)",
                            description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     f.add_argument("--task", required=True, choices=("cls", "seg"),

@@ -19,21 +19,14 @@ import argparse
 import platform
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, NamedTuple, Sequence
+from typing import Any, Sequence
 
+from tag2mask.cmdline.items import describe, item_keys, open_items, source
 from tag2mask.cmdline.options import reject_options
 
-__all__ = ["add_fma_options", "check_fma_options", "FMA_ONLY", "ItemsAPI", "run_fma_label", "ComputeFMA", "FinishFMA",
+__all__ = ["add_label_options", "check_label_options", "FMA_ONLY", "run_label", "ComputeFMA", "FinishFMA",
            "FinishSettings", "FMAComputed"]
 
-
-class ItemsAPI(NamedTuple):
-    """``label``'s item readers: open the data set, item keys, an item's description and its input state."""
-
-    open_items: Callable[..., Any]
-    item_keys: Callable[[Any], list]
-    describe: Callable[[Any, int], str]
-    source: Callable[[Any, int], dict]
 
 #: options only ``--method fma`` uses (so they are errors with CLIP-ES)
 FMA_ONLY = ("prompts", "proposals", "alpha", "sam_weights", "sam_preset", "points_per_side", "points_per_batch",
@@ -43,7 +36,8 @@ _CLIP_ES_ONLY = ("refine", "box_threshold", "bg_power", "confidence", "template"
                  "precision")
 
 
-def add_fma_options(p: argparse.ArgumentParser) -> None:
+def add_label_options(p: argparse.ArgumentParser) -> None:
+    """``label``'s FMA-WSSS options (registry hook of ``label --method fma``)."""
     g = p.add_argument_group("FMA-WSSS (--method fma): seeds from learned prompts, see docs/fma.md")
     g.add_argument("--prompts", default=None, metavar="RUN",
                    help="a `tag2mask train fma` run folder (or its prompts.safetensors); its classes, CLIP, CAA and "
@@ -66,7 +60,7 @@ def add_fma_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--sigma", type=float, default=None, help="--proposals slic/felzenszwalb: smoothing (0.8)")
 
 
-def check_fma_options(args: argparse.Namespace) -> None:
+def check_label_options(args: argparse.Namespace) -> None:
     """FMA options are errors without ``--method fma``; CLIP-ES options are errors with it."""
     if args.method != "fma":
         reject_options(args, FMA_ONLY, f"to --method {args.method} (only to --method fma)")
@@ -97,7 +91,7 @@ def check_fma_options(args: argparse.Namespace) -> None:
 
 
 def _proposal_kind(args: argparse.Namespace) -> str:
-    from tag2mask.cli.seed_cmd import proposal_kind
+    from tag2mask.cmdline.proposal_sources import proposal_kind
 
     spec = args.proposals or "none"
     return "none" if spec == "none" else proposal_kind(spec)
@@ -191,7 +185,7 @@ class FinishFMA:
         return {"settings": self.settings, "_source": None}  # rebuilt where it runs
 
     def _proposals(self, item: FMAComputed):
-        from tag2mask.cli.seed_cmd import build_source
+        from tag2mask.cmdline.proposal_sources import build_source
         from tag2mask.jobs.items import ItemError
         from tag2mask.proposals.base import ProposalError
 
@@ -245,16 +239,13 @@ class FinishFMA:
 #: what the worker processes import once, before the first image
 _WORKER_PRELOAD = ("numpy", "PIL.Image", "torch", "tag2mask.methods.clip_es.label_stages", "tag2mask.methods.fma.label_cli",
                    "tag2mask.proposals.seeding")
-#: the command-line options the proposal sources read (tag2mask.cli.seed_cmd.build_source)
+#: the command-line options the proposal sources read (tag2mask.cmdline.proposal_sources.build_source)
 _PROPOSAL_OPTIONS = ("proposals", "n_segments", "compactness", "scale", "min_size", "sigma", "sam_preset",
                      "points_per_side", "points_per_batch", "sam_weights", "allow_download")
 
 
-def run_fma_label(args: argparse.Namespace, items_api: "ItemsAPI") -> int:
-    """``tag2mask label --method fma`` (options already checked by :func:`check_fma_options`).
-
-    ``items_api``: how ``label`` reads its items (passed in, so this module does not import ``label_cmd``).
-    """
+def run_label(args: argparse.Namespace) -> int:
+    """``tag2mask label --method fma`` (options already checked by :func:`check_label_options`)."""
     from tag2mask.cmdline.options import overlap_settings
     from tag2mask.jobs.distributed import device_for_rank
     from tag2mask.jobs.overlap import start_worker_server
@@ -268,7 +259,7 @@ def run_fma_label(args: argparse.Namespace, items_api: "ItemsAPI") -> int:
     import tag2mask
     from tag2mask.cmdline.options import toy_model_warning
     from tag2mask.methods.clip_es.label_stages import LabelSettings, PrepareImage
-    from tag2mask.cli.seed_cmd import build_source
+    from tag2mask.cmdline.proposal_sources import build_source
     from tag2mask.evaluation.miou import DEFAULT_MIOU_RULE
     from tag2mask.jobs.overlap import Stages
     from tag2mask.jobs.runner import JobOptions, print_summary, process_exit_code, run_items
@@ -282,7 +273,7 @@ def run_fma_label(args: argparse.Namespace, items_api: "ItemsAPI") -> int:
     class_names = list(config.class_names)
     args.classes = config.preset  # named in the vocabulary messages of the shared item readers
     try:
-        items = items_api.open_items(args, class_names)
+        items = open_items(args, class_names)
     except ValueError as exc:
         if "does not know" not in str(exc):
             raise
@@ -331,9 +322,9 @@ def run_fma_label(args: argparse.Namespace, items_api: "ItemsAPI") -> int:
                     preload=_WORKER_PRELOAD)
     options = JobOptions(resume=args.resume, overwrite=args.overwrite, quiet=args.quiet, verbose=args.verbose,
                          limit=args.limit, desc="label fma", unit="img")
-    summary = run_items(items, stages, out, settings, options, keys=items_api.item_keys(items),
-                        preflight_errors=getattr(items, "errors", []), describe=lambda i: items_api.describe(items, i),
-                        run_record=record, finalize=finalize, source_of=lambda i: items_api.source(items, i))
+    summary = run_items(items, stages, out, settings, options, keys=item_keys(items),
+                        preflight_errors=getattr(items, "errors", []), describe=lambda i: describe(items, i),
+                        run_record=record, finalize=finalize, source_of=lambda i: source(items, i))
     if not args.quiet or summary.failed:
         print_summary(summary, out, "label")
     return process_exit_code(summary)

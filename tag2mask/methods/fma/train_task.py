@@ -37,7 +37,8 @@ from tag2mask.methods.fma.config import AugmentSettings, CAASettings, StageSetti
 from tag2mask.methods.fma.losses import cam_activation_loss, multilabel_contrastive_loss
 from tag2mask.methods.fma.model import FMAClip
 from tag2mask.engine.schedules.cosine import warmup_cosine_lr
-from tag2mask.engine.loop import RunOptions, TrainContext, TrainTask, read_run_checkpoint, train
+from tag2mask.engine.loop import RunOptions, TrainContext, TrainTask, train
+from tag2mask.runs.layout import read_run_checkpoint
 from tag2mask.methods.fma.data import FMABatch, FMACrops, collate, open_fma_data
 from tag2mask.engine.data_stream import position_loader
 

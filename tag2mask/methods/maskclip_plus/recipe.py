@@ -45,11 +45,31 @@ import torch.nn.functional as F
 from torch import nn
 
 from tag2mask.methods.ovss.maskclip_refine import key_smooth, prompt_denoise
-from tag2mask.segmenter.task import UNLABELED, SegmenterConfig, fill_unlabeled, segmenter_preset
+from tag2mask.segmenter.task import UNLABELED, SegmenterConfig, fill_unlabeled, segmenter_config
 from tag2mask.vocab.vocabulary import Vocabulary
 
-__all__ = ["MaskClipPlusSetting", "SETTINGS", "SETTING_NAMES", "maskclip_plus_config", "MaskClipTeacher",
+__all__ = ["SEGMENTER_RECIPES", "MaskClipPlusSetting", "SETTINGS", "SETTING_NAMES", "maskclip_plus_config",
+           "MaskClipTeacher",
            "MaskClipPlus", "vocabulary_to_dict", "vocabulary_from_dict"]
+
+#: recipe name -> SegmenterConfig fields; ``maskclip+:SETTING`` adds a :data:`SETTINGS` entry (docs/segmenter.md)
+SEGMENTER_RECIPES: dict[str, dict[str, Any]] = {
+    # MaskCLIP+ (configs/maskclip_plus, mmseg 0.20.2): DeepLab-v2 with ASPPHeadV2 (conv+BN+ReLU branches to
+    # the text dim, summed) over ResNet-101 v1c (stride 8, contract_dilation, BN trained, SyncBN on several
+    # GPUs), classified by the frozen text embeddings (dot product); SGD lr 0.01 on every parameter, weight
+    # decay 5e-4 on every parameter, poly 0.9 with mmcv's floor 1e-4, batch 4 x 4 GPUs; Resize to fit
+    # (2048, 512) x U(0.5, 2), crop 512, flip, PhotoMetricDistortion; CE divided by all pixels (mmseg 0.20).
+    # maskclip_plus_config (below) adds the data set settings (splits, schedules) and the teacher.
+    "maskclip+": dict(
+        model="deeplab-v2",
+        model_options={"aspp": "bn", "norm_eval": False, "backbone_style": "v1c", "contract_dilation": True,
+                       "loss_average_over_ignored": True, "text_head": {"similarity": "dot"}},
+        crop_size=512, scales=(), scale_range=(0.5, 2.0), reference_size=(2048, 512), hflip=True, photometric=True,
+        batch_size=16, max_iters=2000, optimizer="sgd", lr=0.01, momentum=0.9, weight_decay=5e-4,
+        head_lr_mult=1.0, head_bias_lr_mult=1.0, head_bias_weight_decay=True, poly_power=0.9, lr_step=1, min_lr=1e-4,
+        sync_bn=True, test_mode="whole", test_scales=(1.0,), test_flip=False, test_reference_size=(2048, 512),
+    ),
+}
 
 # the unseen classes of the transductive zero-shot splits (label values of the official configs)
 _VOC20_UNSEEN = (15, 16, 17, 18, 19)  # potted plant, sheep, sofa, train, tv monitor (background ignored)
@@ -193,7 +213,7 @@ def maskclip_plus_config(
     recipe = {k: v for k, v in s.recipe.items() if k != "model_options"}
     model = overrides.pop("model", recipe.pop("model", "deeplab-v2"))
     if model == "deeplab-v2":
-        options = dict(segmenter_preset("maskclip+").model_options)
+        options = dict(SEGMENTER_RECIPES["maskclip+"]["model_options"])
     else:  # another network keeps the recipe's loss and head; the setting's network options are for its own
         options = {"loss_average_over_ignored": True, "text_head": {"similarity": "dot"}}
         if model.startswith("deeplab"):
@@ -207,8 +227,8 @@ def maskclip_plus_config(
         raise ValueError(f"unknown teacher settings {unknown}; valid: {sorted(_TEACHER_DEFAULTS)}")
     teacher_settings.update(vocabulary=vocabulary_to_dict(vocabulary), clip_weights=clip_weights,
                             clip_fingerprint=clip_fingerprint, setting=setting)
-    config = segmenter_preset(
-        "maskclip+", **{**recipe, **overrides}, model=model, classes=tuple(vocabulary.names), background=bg,
+    config = segmenter_config(
+        SEGMENTER_RECIPES["maskclip+"], **{**recipe, **overrides}, model=model, classes=tuple(vocabulary.names), background=bg,
         reduce_zero_label=s.reduce_zero_label, unlabeled_classes=hidden, teacher=teacher_settings,
     )
     config.model_options = options  # not merged with the DeepLab-v2 options of the base recipe

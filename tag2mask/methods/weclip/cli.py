@@ -10,7 +10,7 @@ Examples::
 A run folder is never overwritten: an existing one needs --resume (continue) or --overwrite (start
 again; its checkpoints and logs are deleted). Logs are only appended; see docs/training.md.
 
-The sub-command is also runnable as ``python -m tag2mask.methods.weclip.cli weclip ...``.
+The sub-command is also runnable as ``python -m tag2mask.cli.train_cmd weclip ...``.
 """
 
 from __future__ import annotations
@@ -33,27 +33,14 @@ from tag2mask.cmdline.options import (
 )
 from tag2mask.cmdline.run_options import add_run_options, resume_command
 
-__all__ = ["add_parser", "run", "main"]
+__all__ = ["add_parser", "run"]
 
 # default (train split, val split) per data set kind; the official VOC run validates on VOC train
 _SPLITS = {"synth": ("train", "val"), "voc": ("train_aug", "train"), "coco": ("train", None), "folder": ("train", None)}
 
 
-def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
-    from tag2mask.methods.clip_zss.cli import add_clip_zss_parser
-    from tag2mask.methods.fma.cli import add_fma_parser
-    from tag2mask.cli.train_segmenter import add_segmenter_parser
-
-    p = sub.add_parser("train", help="train WeCLIP or FMA-WSSS prompts from image-level labels, or a segmentation "
-                                     "network on pseudo-labels",
-                       description="Train a method that needs training: weclip (from image-level labels), fma "
-                                   "(FMA-WSSS prompt contexts), segmenter (a network on pseudo-labels / masks) or "
-                                   "clip-zss (a network taught by a frozen CLIP to segment unseen classes). Run "
-                                   "folders, resume and torchrun: docs/training.md.")
-    methods = p.add_subparsers(dest="method", metavar="METHOD")
-    add_segmenter_parser(methods)
-    add_fma_parser(methods)
-    add_clip_zss_parser(methods)
+def add_parser(methods: "argparse._SubParsersAction") -> argparse.ArgumentParser:
+    """``tag2mask train weclip`` (registered in :mod:`tag2mask.methods.registry`)."""
     w = methods.add_parser(
         "weclip",
         help="WeCLIP: frozen CLIP + decoder trained on its online pseudo labels",
@@ -93,19 +80,7 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     add_precision_option(w)
     w.set_defaults(func=run)
     record_given_options(w)
-    p.set_defaults(func=lambda args: (p.print_help(), 2)[1])
     return w
-
-
-def split_names(text: str) -> tuple[str, ...]:
-    from tag2mask.methods.weclip.model import PRESET_NAMES, preset
-
-    if text.strip().lower() in PRESET_NAMES:  # "--classes voc": the preset's prompt names
-        return preset(text).classes
-    path = Path(text)
-    if path.is_file():
-        return tuple(ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#"))
-    return tuple(n.strip() for n in text.split(",") if n.strip())
 
 
 def _is_synth_export_root(root: str) -> bool:
@@ -126,7 +101,7 @@ def _default_splits(kind: str, root: str) -> tuple[str, Optional[str]]:
 def build_config(args: argparse.Namespace):
     """The :class:`WeCLIPConfig` of the command line (preset + overrides) and the data set kind."""
     from tag2mask.data.datasets import detect_dataset
-    from tag2mask.methods.weclip.model import preset
+    from tag2mask.methods.weclip.model import preset, split_names
     from tag2mask.methods.weclip.train_task import config_with_overrides
 
     kind = "synth" if args.data == "synth" else detect_dataset(args.data)
@@ -153,8 +128,6 @@ def run(args: argparse.Namespace) -> int:
     from tag2mask.cmdline.options import shipped_weights_path
     from tag2mask.methods.weclip.train_task import TrainOptions, train_weclip
 
-    if getattr(args, "method", None) != "weclip":
-        raise ValueError("choose a method: tag2mask train weclip|fma|segmenter|clip-zss ...")
     check_weights_options(args)
     config, kind = build_config(args)
     train_split, val_split = _default_splits(kind, args.data)
@@ -182,16 +155,3 @@ def run(args: argparse.Namespace) -> int:
                           "val": summary["val"][-1] if summary["val"] else None,
                           "checkpoint": summary["checkpoints"][-1] if summary["checkpoints"] else None}))
     return 0
-
-
-def main(argv: Optional[Sequence[str]] = None) -> int:
-    """Stand-alone entry (``python -m tag2mask.methods.weclip.cli weclip ...``)."""
-    parser = argparse.ArgumentParser(prog="tag2mask")
-    sub = parser.add_subparsers(dest="command")
-    add_parser(sub)
-    args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])
-    return int(args.func(args) or 0)
-
-
-if __name__ == "__main__":
-    sys.exit(main())

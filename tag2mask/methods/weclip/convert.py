@@ -23,7 +23,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from tag2mask.methods.weclip.decoder import WeCLIPDecoder, load_official_decoder_state
+from tag2mask.models.weclip_decoder import WeCLIPDecoder, load_official_decoder_state
 from tag2mask.methods.weclip.model import WeCLIPConfig, build_clip_for, preset
 
 __all__ = ["read_official_checkpoint", "split_official_state", "convert_official_weclip"]
@@ -104,7 +104,7 @@ def convert_official_weclip(
     from safetensors.torch import save_file
 
     from tag2mask.jobs.checkpoint import RECORD, honour_umask, save_checkpoint
-    from tag2mask.engine.loop import CHECKPOINT_FORMAT, RunFolderError
+    from tag2mask.runs.layout import CHECKPOINT_FORMAT, RunFolderError
 
     path, out = Path(path), Path(out_dir)
     if out.is_dir() and any(out.iterdir()) and not overwrite:

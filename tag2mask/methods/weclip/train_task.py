@@ -26,7 +26,8 @@ from tag2mask.evaluation.miou import ConfusionMatrix
 from tag2mask.methods.weclip.data import WeCLIPTrainSet, collate_train, open_images
 from tag2mask.methods.weclip.losses import affinity_loss, balanced_ce_terms, cams_to_affinity_label, radius_window_mask
 from tag2mask.methods.weclip.model import WeCLIP, WeCLIPConfig, build_clip_for, normalize_rgb
-from tag2mask.engine.loop import RunOptions, TrainContext, TrainTask, read_run_checkpoint, train
+from tag2mask.engine.loop import RunOptions, TrainContext, TrainTask, train
+from tag2mask.runs.layout import read_run_checkpoint
 from tag2mask.engine.schedules.poly import PolyWarmupSchedule
 from tag2mask.engine.data_stream import position_loader
 
