@@ -65,7 +65,7 @@ def _train(out: Path, data: Path, variant: str, args: argparse.Namespace) -> dic
     from tag2mask.vocab.zero_shot_splits import get_split
     from tag2mask.methods.clip_zss.train_task import ClipZssTask
     from tag2mask.engine.loop import RunOptions, train
-    from tag2mask.segmenter.task import segmenter_preset
+    from tag2mask.methods.registry import segmenter_preset
 
     split = get_split("synth-9-3")
     preset = CLIP_ZSS_PRESETS["synth"]
@@ -190,7 +190,7 @@ def _paper_scale_speed(reps: int, size: int, device: str) -> dict:
     from tag2mask.methods.ovss.segmenter import OpenVocabSegmenter
     from tag2mask.models import build_segmenter
     from tag2mask.segmenter.evaluation import predict_logits
-    from tag2mask.segmenter.task import segmenter_preset
+    from tag2mask.methods.registry import segmenter_preset
     from tag2mask.vocab.vocabulary import Vocabulary
 
     torch.manual_seed(0)

@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--weclip-checkpoint", default=None, help="add WeCLIP trained on synth train (tag2mask train weclip --data synth)")
     args = ap.parse_args()
     model = load_clip(args.weights or shipped_weights_path(), device=args.device)
-    from tag2mask.tiny_clip.trainer import zero_shot_map
+    from tag2mask.tiny_clip.evaluation import zero_shot_map
 
     t0 = time.time()
     zs = zero_shot_map(model, n_val=args.n)  # always on val

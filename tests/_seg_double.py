@@ -95,7 +95,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def segmenter_config(**overrides):
-    from tag2mask.segmenter.task import segmenter_preset
+    from tag2mask.methods.registry import segmenter_preset
 
     base = dict(model="one-conv", classes=CLASSES, crop_size=24, scales=(1.0,), batch_size=4, max_iters=6,
                 optimizer="sgd", lr=0.05, lr_step=1, head_lr_mult=1.0, head_bias_lr_mult=1.0, photometric=False)

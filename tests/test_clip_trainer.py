@@ -12,18 +12,10 @@ import pytest
 import torch
 
 from tag2mask.clip.loading import load_clip
-from tag2mask.tiny_clip.trainer import (
-    NUM_CONCEPTS,
-    BatchSampler,
-    ScenePool,
-    TrainConfig,
-    attention_affinity_loss,
-    average_precision,
-    concepts_from_caption,
-    main,
-    mean_average_precision,
-    multi_positive_infonce,
-)
+from tag2mask.tiny_clip.config import TrainConfig
+from tag2mask.tiny_clip.data import NUM_CONCEPTS, BatchSampler, ScenePool, concepts_from_caption
+from tag2mask.tiny_clip.evaluation import average_precision, mean_average_precision
+from tag2mask.tiny_clip.trainer import attention_affinity_loss, main, multi_positive_infonce
 
 ASSET = Path(__file__).resolve().parents[1] / "tag2mask" / "assets" / "tiny_clip.safetensors"
 
@@ -60,7 +52,7 @@ def test_smoke_run_writes_log_and_loadable_weights(tmp_path):
 
 def test_resumed_run_equals_uninterrupted_and_folder_is_guarded(tmp_path):
     """The tiny-CLIP trainer runs on the training engine: exact resume, no silent overwrite."""
-    from tag2mask.tiny_clip.trainer import TinyClipTask, TrainConfig, train
+    from tag2mask.tiny_clip.trainer import TinyClipTask, train
     from tag2mask.engine.loop import RunOptions
     from tag2mask.engine.loop import train as engine_train
 

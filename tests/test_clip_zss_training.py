@@ -23,7 +23,7 @@ from tag2mask.vocab.zero_shot_splits import get_split
 from tag2mask.methods.clip_zss.train_task import ClipZssTask
 from tag2mask.engine.loop import RunOptions, train
 from tag2mask.runs.layout import read_run_checkpoint
-from tag2mask.segmenter.task import segmenter_preset
+from tag2mask.methods.registry import segmenter_preset
 
 SPLIT = get_split("synth-9-3")
 

@@ -13,7 +13,7 @@ import pytest
 
 from _seg_double import make_dataset
 from tag2mask.engine.logs import read_log
-from tag2mask.segmenter.task import SEGMENTER_PRESETS
+from tag2mask.methods.fma.recipe import SEGMENTER_RECIPES as SEGMENTER_PRESETS
 
 pytest.importorskip("transformers")
 

@@ -23,7 +23,8 @@ from tag2mask.data.segmentation import open_segmentation_data
 from tag2mask.engine.loop import RunOptions, train
 from tag2mask.runs.layout import read_run_checkpoint
 from tag2mask.engine.logs import read_log
-from tag2mask.segmenter.task import UNLABELED, SegmenterTask, fill_unlabeled, segmenter_preset
+from tag2mask.methods.registry import segmenter_preset
+from tag2mask.segmenter.task import UNLABELED, SegmenterTask, fill_unlabeled
 
 REPO = Path(__file__).resolve().parents[1]
 

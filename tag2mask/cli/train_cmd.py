@@ -15,12 +15,13 @@ from typing import Optional, Sequence
 
 from tag2mask.methods import registry
 
-__all__ = ["add_parser", "main"]
+__all__ = ["GENERIC", "add_parser", "main"]
+
+#: the generic training sub-commands of this package (name -> module), before the methods' own
+GENERIC: dict[str, str] = {"segmenter": "tag2mask.cli.train_segmenter"}
 
 
 def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
-    from tag2mask.cli.train_segmenter import add_segmenter_parser
-
     p = sub.add_parser("train", help="train WeCLIP or FMA-WSSS prompts from image-level labels, or a segmentation "
                                      "network on pseudo-labels",
                        description="Train a method that needs training: weclip (from image-level labels), fma "
@@ -28,9 +29,9 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
                                    "clip-zss (a network taught by a frozen CLIP to segment unseen classes). Run "
                                    "folders, resume and torchrun: docs/training.md.")
     methods = p.add_subparsers(dest="method", metavar="METHOD")
-    add_segmenter_parser(methods)
-    for _, command in registry.commands("train"):
-        importlib.import_module(command.module).add_parser(methods)
+    modules = [*GENERIC.values(), *(command.module for _, command in registry.commands("train"))]
+    for module in modules:  # each sub-command module adds its own parser (none imports another)
+        importlib.import_module(module).add_parser(methods)
 
     def choose(args: argparse.Namespace) -> int:
         p.print_help()

@@ -19,7 +19,7 @@ from tag2mask.cmdline.segmenter_options import (
 )
 from tag2mask.methods import registry
 
-__all__ = ["add_segmenter_parser", "run_segmenter"]
+__all__ = ["add_parser", "run_segmenter"]
 
 
 DESCRIPTION = """Train a segmentation network on pseudo-labels or ground-truth masks.
@@ -79,7 +79,7 @@ def _setup_of(preset: Optional[str]) -> Optional[str]:
     return registry.segmenter_recipe_owner(preset).recipe_setup if preset else None
 
 
-def add_segmenter_parser(methods: "argparse._SubParsersAction") -> argparse.ArgumentParser:
+def add_parser(methods: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     s = methods.add_parser("segmenter", help="a segmentation network on pseudo-labels or ground truth (CLIP-ES stage 3, "
                                              "WeCLIP fully supervised, any network)",
                            description=DESCRIPTION,

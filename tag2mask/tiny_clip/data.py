@@ -25,7 +25,7 @@ from tag2mask.synth.world import NUM_OBJECT_CLASSES, OBJECT_CLASSES, STUFF_CLASS
 from tag2mask.tiny_clip.evaluation import CONCEPT_NAMES, EVAL_TEMPLATE
 
 if TYPE_CHECKING:
-    from tag2mask.tiny_clip.trainer import TrainConfig
+    from tag2mask.tiny_clip.config import TrainConfig
 
 __all__ = ["NUM_CONCEPTS", "concept_prompts", "all_prompt_variants", "concepts_from_caption", "ScenePool",
            "BatchSampler"]

@@ -67,73 +67,17 @@ from tag2mask.clip.model import CLIP, CLIPConfig, TextConfig, VisionConfig
 from tag2mask.clip.tokenizer import tokenize
 from tag2mask.io.atomic import atomic_write_text
 from tag2mask.runtime import resolve_device
-from tag2mask.tiny_clip.data import (  # re-exported: data of this trainer
-    NUM_CONCEPTS,
-    BatchSampler,
-    ScenePool,
-    all_prompt_variants,
-    concept_prompts,
-    concepts_from_caption,
-)
-from tag2mask.tiny_clip.evaluation import (  # re-exported: the trainer reports them while training
-    EVAL_TEMPLATE,
-    average_precision,
-    dense_miou,
-    image_features,
-    mean_average_precision,
-    zero_shot_map,
-)
+from tag2mask.tiny_clip.config import TrainConfig
+from tag2mask.tiny_clip.data import BatchSampler, ScenePool, concept_prompts
+from tag2mask.tiny_clip.evaluation import dense_miou, zero_shot_map
 from tag2mask.engine.loop import RunOptions, TrainContext, TrainTask
 from tag2mask.engine.loop import train as engine_train
 from tag2mask.engine.logs import read_log
 
-__all__ = [
-    "TrainConfig", "TinyClipTask", "ScenePool", "BatchSampler", "build_model", "train", "zero_shot_map",
-    "average_precision", "mean_average_precision", "concept_prompts", "all_prompt_variants",
-    "concepts_from_caption", "NUM_CONCEPTS", "EVAL_TEMPLATE", "dense_miou", "save_half", "main",
-]
+__all__ = ["TinyClipTask", "build_model", "train", "save_half", "main"]
 
 # ----------------------------------------------------------------------------------------------------
 # configuration and model
-
-
-@dataclass
-class TrainConfig:
-    out: str = "runs/tiny_clip"
-    steps: int = 6000
-    batch_size: int = 256
-    lr: float = 1e-3
-    min_lr_ratio: float = 0.02
-    weight_decay: float = 0.05
-    warmup: int = 300
-    grad_clip: float = 1.0
-    time_budget_s: float = 0.0  # > 0: the schedule also advances with elapsed time and training stops when it is spent
-    pool_size: int = 20000
-    pool_workers: int = 0  # 0: os.cpu_count()
-    image_size: int = 224
-    patch_size: int = 16
-    vision_width: int = 192
-    vision_layers: int = 6
-    text_width: int = 64
-    text_layers: int = 3
-    embed_dim: int = 128
-    caption_prob: float = 0.5
-    stuff_prompt_prob: float = 0.2
-    w_clip: float = 1.0
-    w_bce: float = 1.0
-    w_dense: float = 1.0
-    dense_topk: int = 4
-    w_attn: float = 0.0
-    attn_from_block: int = 0
-    attn_tau: float = 0.1
-    attn_start: float = 0.1
-    bf16: bool = True
-    seed: int = 0
-    device: str = "auto"
-    log_every: int = 50
-    eval_every: int = 1000
-    n_val: int = 200
-    save_every: int = 1000
 
 
 def model_config(cfg: TrainConfig) -> CLIPConfig:
