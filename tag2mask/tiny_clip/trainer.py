@@ -69,7 +69,7 @@ from tag2mask.io.atomic import atomic_write_text
 from tag2mask.runtime import resolve_device
 from tag2mask.tiny_clip.config import TrainConfig
 from tag2mask.tiny_clip.data import BatchSampler, ScenePool, concept_prompts
-from tag2mask.tiny_clip.evaluation import dense_miou, zero_shot_map
+from tag2mask.tiny_clip.evaluation import dense_miou, image_features, zero_shot_map
 from tag2mask.engine.loop import RunOptions, TrainContext, TrainTask
 from tag2mask.engine.loop import train as engine_train
 from tag2mask.engine.logs import read_log

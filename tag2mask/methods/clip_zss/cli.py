@@ -102,7 +102,7 @@ def build_clip_zss_configs(args: argparse.Namespace, kind: str):
     from tag2mask.cmdline.segmenter_options import parse_model_option, resolve_class_names
     from tag2mask.methods.clip_zss.config import CLIP_ZSS_PRESETS, PRESET_OF_SPLIT, ClipZssConfig
     from tag2mask.vocab.zero_shot_splits import get_split
-    from tag2mask.segmenter.task import segmenter_preset
+    from tag2mask.segmenter.task import segmenter_config
 
     preset_name = args.preset or (PRESET_OF_SPLIT.get(args.split) if args.split else None)
     preset = json.loads(json.dumps(CLIP_ZSS_PRESETS[preset_name])) if preset_name else {"segmenter": {}, "zss": {}}
@@ -136,7 +136,7 @@ def build_clip_zss_configs(args: argparse.Namespace, kind: str):
                        ("lr", args.lr), ("optimizer", args.optimizer)):
         if value is not None:
             seg[key] = value
-    seg_config = segmenter_preset(None, **seg, model=model, model_options=options, classes=tuple(names),
+    seg_config = segmenter_config(None, **seg, model=model, model_options=options, classes=tuple(names),
                                   background=background != "none")
     zss = {**preset["zss"], **dict(parse_model_option(o) for o in args.zss_option)}
     for key in ("unseen", "background", "split"):
