@@ -14,7 +14,6 @@ from tag2mask.cmdline.options import (
     add_weights_options,
     check_overlap_options,
     check_weights_options,
-    given,
     record_given_options,
     reject_options,
 )

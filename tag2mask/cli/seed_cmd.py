@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from tag2mask.cmdline.options import add_device_option, add_run_options
-from tag2mask.cmdline.proposal_sources import SUPERPIXELS, build_source, proposal_kind
+from tag2mask.cmdline.proposal_sources import build_source, proposal_kind
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 #: refuse images above this many pixels before decoding (same guard as `tag2mask label`)

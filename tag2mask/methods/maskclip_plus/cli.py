@@ -8,7 +8,7 @@ this method's recipes (a teacher labels the images, so the run needs more than a
 from __future__ import annotations
 
 import argparse
-from typing import Any, Optional
+from typing import Any
 
 from tag2mask.cmdline.segmenter_options import network_options, recipe_overrides
 

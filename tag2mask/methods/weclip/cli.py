@@ -18,9 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import sys
-from pathlib import Path
-from typing import Optional, Sequence
+from typing import Optional
 
 from tag2mask.cmdline.options import (
     add_device_option,
