@@ -62,6 +62,26 @@ def test_rank_templates_matches_a_direct_computation(scenes):
     assert len({round(r.sharpness, 9) for r in ranking}) == len(TEMPLATES)  # the templates are told apart
 
 
+def test_rank_templates_encodes_each_image_once(scenes, monkeypatch):
+    """Image features do not depend on the template: N images are encoded N times in all, not N x templates."""
+    from tag2mask.clip import load_clip, tiny_clip_path
+    from tag2mask.vocab.vocabulary import get_vocabulary
+
+    images, labels = scenes
+    model = load_clip(tiny_clip_path())
+    encoded: list[int] = []
+    original = model.encode_image
+
+    def counting(x, *a, **k):
+        encoded.append(int(x.shape[0]))
+        return original(x, *a, **k)
+
+    monkeypatch.setattr(model, "encode_image", counting)
+    ranking = rank_templates(model, images, labels, get_vocabulary("synth"), TEMPLATES, batch_size=2)
+    assert len(ranking) == len(TEMPLATES) > 1
+    assert sum(encoded) == len(images)
+
+
 def test_clip_preprocess_centre_crops_the_short_side():
     im = Image.fromarray(np.arange(40 * 60 * 3, dtype=np.uint8).reshape(40, 60, 3) % 251)
     x = clip_preprocess(im, 32)

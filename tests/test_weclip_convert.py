@@ -170,3 +170,24 @@ def test_older_pickled_checkpoints_get_a_resave_message_and_a_safe_converter(tmp
     restore_rng_state(ckpt["rng"][0])
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == want
     assert json.loads((new_run / "config.json").read_text())["task"] == "weclip"
+
+
+def test_a_failed_convert_leaves_nothing_that_blocks_the_retry(tmp_path, tiny_clip_path, capsys):
+    """The decoder check fails after the CLIP was written: no run folder, no staging folder is left."""
+    official = tmp_path / "WeCLIP_model_iter_30000.pth"
+    _build_official_pth(official, tiny_clip_path)
+    state = torch.load(official, weights_only=True)
+    broken = tmp_path / "broken_iter_30000.pth"
+    decoder_keys = [k for k in state if k.startswith("decoder.") and state[k].ndim >= 1]
+    state[decoder_keys[-1]] = torch.zeros(*[n + 1 for n in state[decoder_keys[-1]].shape])
+    torch.save(state, broken)
+    run = tmp_path / "out" / "run"
+    assert main(["convert", "weclip", str(broken), "--out", str(run)]) == 2
+    assert "does not fit" in capsys.readouterr().err
+    assert not run.exists() and list((tmp_path / "out").iterdir()) == []
+    assert main(["convert", "weclip", str(official), "--out", str(run)]) == 0  # no --overwrite needed
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["run"]
+    assert (run / "clip.safetensors").is_file() and (run / "config.json").is_file()
+    assert main(["convert", "weclip", str(official), "--out", str(run), "--overwrite"]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["run"]
+    assert len(list(run.glob("ckpt_*.pt"))) == 1

@@ -76,13 +76,14 @@ def run(args: argparse.Namespace) -> int:
         stem = f"scene_{i:03d}"
         rgb = np.asarray(image)
         image.save(out / "images" / f"{stem}.png")
-        save_overlay(out / "overlays" / "ground_truth" / f"{stem}.png", rgb, gt, names, legend=False)
+        # overlay and flat mask side by side: a blend over coloured shapes alone looks like the input
+        save_overlay(out / "overlays" / "ground_truth" / f"{stem}.png", rgb, gt, names, beside_mask=True)
         scene = {"name": stem, "tags": list(tags), "image": f"images/{stem}.png",
                  "ground_truth": f"overlays/ground_truth/{stem}.png", "overlays": {}}
         for method, pred in outputs.items():
             save_label_png(out / "masks" / method / f"{stem}.png", pred)
             rel = f"overlays/{method}/{stem}.png"
-            save_overlay(out / rel, rgb, pred, names, legend=False)
+            save_overlay(out / rel, rgb, pred, names, beside_mask=True)
             scene["overlays"][method] = rel
         scenes.append(scene)
 
@@ -120,7 +121,9 @@ def write_demo_page(out: Path, scenes: list[dict], scores, model, args: argparse
     notes.append(f"Each method segments {n} synthetic scenes with exact ground truth. The CLIP-ES family is told "
                  "each scene's tags (image-level labels); the open-vocabulary methods are told only the "
                  f"{len(OBJECT_NAMES)} class names and must find which are present. mIoU is computed over all "
-                 "scenes at once (background included); the number under each overlay is that scene's mIoU.")
+                 "scenes at once (background included); the number under each overlay is that scene's mIoU. "
+                 "Each cell shows the overlay (left) and the flat mask (right). ms / image excludes a warm-up "
+                 "pass of every method on the first scene.")
     rows = []
     for m, s in scores.items():
         what, told = METHOD_INFO.get(m, ("", ""))

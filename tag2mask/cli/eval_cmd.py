@@ -14,6 +14,7 @@ mIoU rule (--miou-rule): gt_or_pred averages over the classes present in the gro
 prediction (CLIP-ES's evaluation), gt over the classes present in the ground truth (WeCLIP's).
 auto (default) takes the rule of the method that wrote PRED (its run.json), else gt_or_pred.
 Every report states the rule it used.
+A predicted 255 (label --refine crf: "not confident") is not scored; the report counts them.
 """
 
 from __future__ import annotations
@@ -34,6 +35,10 @@ if TYPE_CHECKING:  # NumPy and the metric code load with the command, not with `
     import numpy as np
 
 __all__ = ["add_parser", "run", "evaluate_label_folder", "evaluate_cam_folder"]
+
+#: prediction value that is not scored: the "not confident" pixels of ``label --refine crf``
+PRED_IGNORE = 255
+
 
 def _resolve_unseen(items: Sequence[str], names: Sequence[str]) -> list[int]:
     """``--unseen`` entries: integer label values (background = 0), class names, or one split name."""
@@ -91,28 +96,35 @@ def evaluate_label_folder(pred_dir: str | Path, gt_dir: str | Path, num_classes:
                           miou_rule: str = DEFAULT_MIOU_RULE) -> dict:
     """Score ``PRED/<stem>.png`` label maps against ``GT/<stem>.png``, streaming (mIoU by ``miou_rule``).
 
+    A predicted 255 (``label --refine crf``: "not confident") is not scored; the count is returned.
+
     Returns:
         ``{"scores": ConfusionMatrix.scores(), "per_image": {stem: mIoU | None},
-        "num_images": n, "gt_values": sorted label values seen in the GT (ignore and 255 excluded)}``.
+        "num_images": n, "gt_values": sorted label values seen in the GT (ignore and 255 excluded),
+        "unscored_pred_pixels": predicted 255 where the GT would score, "pred_pixels": all prediction pixels}``.
     """
     import numpy as np
 
-    from tag2mask.evaluation.miou import ConfusionMatrix
+    from tag2mask.evaluation.miou import ConfusionMatrix, unscore_predicted_ignore
     from tag2mask.io.palette import read_label_png
 
     pairs = _pairs(Path(pred_dir), Path(gt_dir), ".png")
     total = ConfusionMatrix(num_classes, ignore_index)
     per_image: dict[str, float | None] = {}
     gt_values: set[int] = set()
+    unscored = pixels = 0
     for stem, p, g in _progress(pairs, len(pairs), progress, "eval"):
         one = ConfusionMatrix(num_classes, ignore_index)
-        gt = read_label_png(g)
+        gt, pred = read_label_png(g), read_label_png(p)
         gt_values.update(int(v) for v in np.unique(gt) if v not in (ignore_index, 255))
-        one.update(read_label_png(p), gt, name=f"{p} vs {g}")
+        gt, n = unscore_predicted_ignore(pred, gt, num_classes, ignore_index, PRED_IGNORE)
+        unscored += n
+        pixels += int(pred.size)
+        one.update(pred, gt, name=f"{p} vs {g}")
         total.merge(one)
         per_image[stem] = one.scores(miou_rule)["Mean IoU"]
     return {"scores": total.scores(miou_rule), "per_image": per_image, "num_images": len(pairs),
-            "gt_values": sorted(gt_values)}
+            "gt_values": sorted(gt_values), "unscored_pred_pixels": unscored, "pred_pixels": pixels}
 
 
 def evaluate_cam_folder(cam_dir: str | Path, gt_dir: str | Path, num_classes: int,
@@ -157,8 +169,11 @@ def method_miou_rule(pred: str | Path) -> tuple[str, str]:
         if not isinstance(data, dict):
             continue
         rule = data.get("miou_rule")
-        if rule is None and isinstance(data.get("method"), str):  # the method's own rule (registry)
-            rule = registry.miou_rule_of(data["method"])
+        settings = data.get("settings") if isinstance(data.get("settings"), dict) else {}
+        # both forms: a top-level ``method`` and ``settings.method`` (what ``segment --checkpoint`` writes)
+        method = data.get("method") or settings.get("method")
+        if rule is None and isinstance(method, str):  # the method's own rule (registry)
+            rule = registry.miou_rule_of(method)
         if rule in MIOU_RULES:
             return rule, str(record)
     return DEFAULT_MIOU_RULE, "default"
@@ -363,6 +378,7 @@ def run(args: argparse.Namespace) -> int:
             report = {"mode": "labels", "num_images": res["num_images"], "class_names": names,
                       "scores": res["scores"], "per_image_miou": res["per_image"]}
             gt_values = res["gt_values"]
+            report.update(unscored_pred_pixels=res["unscored_pred_pixels"], pred_pixels=res["pred_pixels"])
         report.update(miou_rule=rule, miou_rule_description=MIOU_RULES[rule], miou_rule_source=rule_source)
     except (FileNotFoundError, ValueError) as exc:
         print(f"tag2mask eval: error: {exc}", file=sys.stderr)
@@ -372,6 +388,10 @@ def run(args: argparse.Namespace) -> int:
     report["warnings"] = class_list_warnings(args, names, gt_values, run_record) + list(run_record.get("warnings", []))
     note = coverage_note(args.gt, report["num_images"])
     report["notes"] = [note] if note else []
+    if report.get("unscored_pred_pixels"):
+        from tag2mask.evaluation.miou import unscored_note
+
+        report["notes"].append(unscored_note(report["unscored_pred_pixels"], report["pred_pixels"]))
     if args.unseen and _zero_shot_split(args.unseen[0]) is not None and args.ignore_index == 0:
         report["notes"].append(f"{args.unseen[0]}: label 0 (background) is not scored, as in ZegCLIP's protocol")
     for text in report["warnings"]:

@@ -67,7 +67,8 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     )
     p.add_argument("input", metavar="IMAGE_OR_FOLDER", help="an image file or a folder of images (not recursive)")
     p.add_argument("--classes", default=None,
-                   help="inline 'cat, dog|puppy; background: sky, grass' or a name-set file (required; with --checkpoint "
+                   help="synth|voc|coco|voc-maskclip, a name-set FILE (e.g. cls_voc21.txt) or inline 'cat, dog|puppy; "
+                        "background: sky, grass' (or ', background:' without ';') (required; with --checkpoint "
                         "the run's classes are used instead, except for a CLIP-ZSS student, which takes any class "
                         "names 'a, b, c': default the classes of its training data, seen and unseen)")
     p.add_argument("--checkpoint", default=None,
@@ -411,7 +412,7 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
         settings["classes"] = list(segmenter.class_names)
     stems = _output_stems(files)
     record = {"tag2mask": tag2mask.__version__, "command": "segment", "input": str(args.input),
-              "settings": settings, "checkpoint": str(ckpt), "class_names": list(segmenter.class_names),
+              "method": segmenter.kind, "settings": settings, "checkpoint": str(ckpt), "class_names": list(segmenter.class_names),
               "device": str(segmenter.device), "long_side": segmenter.inner.long_side,
               "scales": list(segmenter.inner.scales), "flip": segmenter.inner.flip,
               "warnings": [warning] if warning else []}

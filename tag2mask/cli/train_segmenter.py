@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -99,7 +100,9 @@ def add_parser(methods: "argparse._SubParsersAction") -> argparse.ArgumentParser
                    help="a field of the network's config (JSON value or string), repeatable, e.g. variant=b2")
     s.add_argument("--pretrained", default=None,
                    help="pretrained weights file or folder (the network's 'pretrained': a ResNet for DeepLab, a whole "
-                        "transformers network for segformer / upernet / mask2former)")
+                        "transformers network for segformer / upernet / mask2former). Without it DeepLab starts from a "
+                        "random ResNet and trains its BatchNorm (a warning says so); for a quick CPU try, "
+                        "--model-option variant=tiny builds a small ResNet")
     s.add_argument("--backbone-pretrained", default=None,
                    help="upernet / mask2former: ImageNet backbone folder or hub id (e.g. Swin-L ImageNet-22k for fma)")
     s.add_argument("--weights", default=None,
@@ -158,7 +161,29 @@ def build_segmenter_config(args: argparse.Namespace, kind: str):
                                  "background": not args.no_background, **recipe_overrides(args)}
     if model is not None:
         overrides["model"] = model
-    return registry.segmenter_preset(args.preset, **overrides)
+    config = registry.segmenter_preset(args.preset, **overrides)
+    _train_norm_of_random_backbone(config, explicit=overrides["model_options"])
+    return config
+
+
+def _train_norm_of_random_backbone(config, explicit: dict[str, Any]) -> None:
+    """DeepLab-v2 without ``pretrained``: train its BatchNorm (in place on ``config``) and warn.
+
+    Frozen BatchNorm (``norm_eval``, deeplab-pytorch's ``freeze_bn``) keeps the statistics of the
+    ImageNet init; of a random ResNet-101 they are meaningless (first loss ~1e5, NaN by iteration 2).
+    A ``norm_eval`` given with ``--model-option`` is kept as given.
+    """
+    from tag2mask.models.deeplab import DeepLabV2Config
+
+    options = config.model_options
+    if config.model != "deeplab-v2" or options.get("pretrained") or "norm_eval" in explicit:
+        return
+    if not options.get("norm_eval", DeepLabV2Config.norm_eval):
+        return
+    options["norm_eval"] = False
+    print("warning: no --pretrained: DeepLab starts from a random ResNet, so its BatchNorm is trained (not frozen "
+          "as with an ImageNet init); pass --pretrained RESNET.pth for the paper's recipe "
+          "(a quick CPU try: --model-option variant=tiny)", file=sys.stderr)
 
 
 def run_segmenter(args: argparse.Namespace) -> int:

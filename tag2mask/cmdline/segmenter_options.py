@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -104,6 +105,14 @@ def open_train_val(args: argparse.Namespace, kind: str, num_classes: int, splits
         train_source = open_unlabeled_images(args.data, train_split)
 
     val_data = args.val_data or (args.data if kind in ("voc", "coco") else None)
+    validates = args.val_every or not getattr(args, "no_eval", False)
+    if val_split is None and args.val_data is None and args.val_split is None and val_data is not None and validates:
+        # a root without a val split (an export written without --val): validate on the training
+        # images, and say so, rather than on an unnamed split ("VOC None")
+        val_split = train_split
+        print(f"warning: {args.data} has no val split: validating on its training images ({train_split}), so the "
+              "scores are not held out; pass --val-data/--val-split, or --val-split none to skip validation",
+              file=sys.stderr)
     if args.val_split is not None:
         val_split = None if args.val_split.lower() == "none" else args.val_split
         if val_split is None:

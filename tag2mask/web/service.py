@@ -175,6 +175,7 @@ class SegmentService:
         self.toy_model = is_shipped_tiny_clip(model)
         self._cache: "OrderedDict[tuple[Vocabulary, str, str], Any]" = OrderedDict()
         self._lock = threading.Lock()
+        self._sample: Optional[tuple[Image.Image, list[MethodResult]]] = None
 
     def describe_model(self) -> str:
         """What the page says about the model: architecture only, never a server path."""
@@ -196,6 +197,19 @@ class SegmentService:
         while len(self._cache) > self.cache_size:  # memory stays bounded: forget the least recently used
             self._cache.popitem(last=False)
         return seg
+
+    def sample(self, classes: str, method: str) -> tuple[Image.Image, list[MethodResult]]:
+        """A synthetic scene segmented with ``classes`` by ``method``: what the page shows before any upload.
+
+        Computed on the first call and kept (one scene, a few hundred KB), so opening the page stays fast.
+        """
+        if self._sample is None:
+            from tag2mask.synth.scenes import generate_scene
+
+            image = Image.fromarray(generate_scene(seed=0).image)
+            results, _ = self.segment(image, parse_classes(classes), [method])
+            self._sample = (image, results)
+        return self._sample
 
     def segment(self, image: Image.Image, vocab: Vocabulary, methods: Sequence[str], mode: str = "whole"
                 ) -> tuple[list[MethodResult], Optional[tuple[int, int]]]:

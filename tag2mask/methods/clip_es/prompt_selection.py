@@ -34,7 +34,8 @@ from tag2mask.clip.text_embed import embed_vocabulary
 from tag2mask.data.transforms import to_normalized_tensor
 from tag2mask.vocab.vocabulary import Vocabulary
 
-__all__ = ["TemplateScore", "sharpness", "clip_class_probabilities", "rank_templates", "clip_preprocess"]
+__all__ = ["TemplateScore", "sharpness", "clip_class_probabilities", "class_probabilities", "encode_images",
+           "rank_templates", "clip_preprocess"]
 
 
 @dataclass(frozen=True)
@@ -84,25 +85,48 @@ def clip_preprocess(image: Image.Image, size: int) -> torch.Tensor:
 
 
 @torch.no_grad()
+def encode_images(model: CLIP, images: Sequence[Image.Image], batch_size: int = 16) -> torch.Tensor:
+    """Standard CLIP image embeddings, L2-normalised: ``(N, D)`` float32 on the model's device.
+
+    They do not depend on the template, so :func:`rank_templates` computes them once for all templates.
+    """
+    device = next(model.parameters()).device
+    size = model.visual.image_size
+    feats = []
+    for start in range(0, len(images), batch_size):
+        x = torch.cat([clip_preprocess(im, size) for im in images[start : start + batch_size]]).to(device)
+        feats.append(F.normalize(model.encode_image(x).float(), dim=-1))
+    return torch.cat(feats) if feats else torch.zeros(0, model.text_projection.shape[1], device=device)
+
+
+@torch.no_grad()
+def class_probabilities(model: CLIP, image_feats: torch.Tensor, text: torch.Tensor, class_index: torch.Tensor,
+                        num_classes: int) -> np.ndarray:
+    """Zero-shot class probabilities from image embeddings: ``(N, K)`` float64, rows summing to 1.
+
+    image_feats: ``(N, D)`` from :func:`encode_images`; text: ``(S, D)`` L2-normalised prompt
+    embeddings, ``class_index`` ``(S,)`` the class of each row; a class's probability is the sum over
+    its rows of the softmax over all ``S`` rows.
+    """
+    device = image_feats.device
+    scale = float(model.logit_scale.exp())
+    probs = (scale * image_feats @ text.to(device).float().t()).softmax(dim=-1).double()
+    per_class = torch.zeros(probs.shape[0], num_classes, dtype=torch.float64, device=device)
+    per_class.index_add_(1, class_index.to(device), probs)
+    return per_class.cpu().numpy()
+
+
 def clip_class_probabilities(model: CLIP, images: Sequence[Image.Image], text: torch.Tensor,
                              class_index: torch.Tensor, num_classes: int, batch_size: int = 16) -> np.ndarray:
     """Zero-shot class probabilities of standard CLIP: ``(N, K)`` float64, rows summing to 1.
 
-    text: ``(S, D)`` L2-normalised prompt embeddings, ``class_index`` ``(S,)`` the class of each row;
-    a class's probability is the sum over its rows of the softmax over all ``S`` rows.
+    text: ``(S, D)`` L2-normalised prompt embeddings, ``class_index`` ``(S,)`` the class of each row.
+    Encodes the images; to score several templates, encode once with :func:`encode_images` and call
+    :func:`class_probabilities` per template.
     """
-    device = next(model.parameters()).device
-    size = model.visual.image_size
-    scale = float(model.logit_scale.exp())
-    out = []
-    for start in range(0, len(images), batch_size):
-        x = torch.cat([clip_preprocess(im, size) for im in images[start : start + batch_size]]).to(device)
-        feats = F.normalize(model.encode_image(x).float(), dim=-1)
-        probs = (scale * feats @ text.to(device).float().t()).softmax(dim=-1).double()
-        per_class = torch.zeros(probs.shape[0], num_classes, dtype=torch.float64, device=device)
-        per_class.index_add_(1, class_index.to(device), probs)
-        out.append(per_class.cpu().numpy())
-    return np.concatenate(out) if out else np.zeros((0, num_classes))
+    if not images:
+        return np.zeros((0, num_classes))
+    return class_probabilities(model, encode_images(model, images, batch_size), text, class_index, num_classes)
 
 
 def rank_templates(
@@ -136,10 +160,11 @@ def rank_templates(
         if bad:
             raise ValueError(f"label ids {bad} outside the vocabulary's {k} classes")
     classes_only = Vocabulary(vocab.names, vocab.synonyms, (), vocab.mode)
+    image_feats = encode_images(model, images, batch_size)  # once: only the text side depends on the template
     results = []
     for template in progress(templates) if progress else templates:
         fg, _ = embed_vocabulary(model, classes_only, [template], cache_dir=False)
-        probs = clip_class_probabilities(model, images, fg.features, fg.class_index, k, batch_size)
+        probs = class_probabilities(model, image_feats, fg.features, fg.class_index, k)
         own = [probs[n, list(dict.fromkeys(int(i) for i in ids))] for n, ids in enumerate(label_lists)]
         value, n_multi = sharpness(own)
         mean_prob = float(np.mean(np.concatenate([o for o in own if o.size]))) if any(o.size for o in own) else float("nan")

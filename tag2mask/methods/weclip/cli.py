@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from typing import Optional
 
 from tag2mask.cmdline.options import (
@@ -137,6 +138,11 @@ def run(args: argparse.Namespace) -> int:
         reject_options(args, ("labels",), f"to a {kind.replace('_', ' ')} data set (its labels come with it)")
     if val_split is None:
         reject_options(args, ("val_limit",), "without a validation split")
+    if config.warmup_iters >= config.max_iters:
+        # why: the lr is still ramping up from warmup_ratio · lr when such a run stops
+        print(f"warning: --iters {config.max_iters} ends within the {config.warmup_iters}-iteration learning-rate "
+              f"warm-up: the whole run trains below the full learning rate (use more than {config.warmup_iters} "
+              "iterations)", file=sys.stderr)
     weights = args.weights or str(shipped_weights_path())
     opts = TrainOptions(
         out_dir=args.out, weights=weights, data=args.data, train_split=args.train_split or train_split,
