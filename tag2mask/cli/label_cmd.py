@@ -170,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
         start_worker_server(_WORKER_PRELOAD)  # the workers' imports overlap the model loading below
     import torch
 
-    import tag2mask
+    from tag2mask.version import __version__
     from tag2mask.cmdline.options import load_model_from_args, toy_model_warning
     from tag2mask.methods.clip_es.label_stages import ComputeCAMs, FinishMask, LabelSettings, PrepareImage
     from tag2mask.jobs.overlap import Stages
@@ -221,7 +221,7 @@ def run(args: argparse.Namespace) -> int:
                     preload=_WORKER_PRELOAD)
 
     record = {
-        "tag2mask": tag2mask.__version__,
+        "tag2mask": __version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "command": "label",

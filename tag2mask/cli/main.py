@@ -14,7 +14,7 @@ import os
 import sys
 from typing import Sequence
 
-from tag2mask import __version__
+from tag2mask.version import __version__
 from tag2mask.methods import registry
 
 # sub-command name -> module implementing it

@@ -185,7 +185,7 @@ class _Seeder:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    import tag2mask
+    from tag2mask.version import __version__
     from tag2mask.jobs.runner import JobOptions, print_summary, process_exit_code, run_items
     from tag2mask.runtime import resolve_device
 
@@ -206,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
         "uncovered": args.uncovered, "save_proposals": args.save_proposals, "proposals": source.describe(),
     }
     record = {
-        "tag2mask": tag2mask.__version__, "torch": torch.__version__, "python": platform.python_version(),
+        "tag2mask": __version__, "torch": torch.__version__, "python": platform.python_version(),
         "command": "seed", "settings": settings, "device": str(device),
     }
     options = JobOptions(resume=args.resume, overwrite=args.overwrite, quiet=args.quiet, verbose=args.verbose,

@@ -279,7 +279,7 @@ def _image_records(out: Path, files: list[Path], stems: dict[Path, str]) -> list
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    import tag2mask
+    from tag2mask.version import __version__
     from tag2mask.cmdline.options import load_model_from_args, toy_model_warning
     from tag2mask.jobs.distributed import device_for_rank
     from tag2mask.clip.loading import round_weights_to_fp16
@@ -318,7 +318,7 @@ def run(args: argparse.Namespace) -> int:
     settings = _settings(args, vocab, model, segmenter)
     stems = _output_stems(files)
     record = {
-        "tag2mask": tag2mask.__version__,
+        "tag2mask": __version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "command": "segment",
@@ -387,7 +387,7 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
     """``segment --checkpoint``: WeCLIP inference over a folder on the same batch runner."""
     import hashlib
 
-    import tag2mask
+    from tag2mask.version import __version__
     from tag2mask.cmdline.options import toy_model_warning
     from tag2mask.jobs.distributed import device_for_rank
 
@@ -411,7 +411,7 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
     if getattr(segmenter.inner, "takes_classes", False):  # the class names are part of what is segmented
         settings["classes"] = list(segmenter.class_names)
     stems = _output_stems(files)
-    record = {"tag2mask": tag2mask.__version__, "command": "segment", "input": str(args.input),
+    record = {"tag2mask": __version__, "command": "segment", "input": str(args.input),
               "method": segmenter.kind, "settings": settings, "checkpoint": str(ckpt), "class_names": list(segmenter.class_names),
               "device": str(segmenter.device), "long_side": segmenter.inner.long_side,
               "scales": list(segmenter.inner.scales), "flip": segmenter.inner.flip,

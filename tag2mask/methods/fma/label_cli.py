@@ -256,7 +256,7 @@ def run_label(args: argparse.Namespace) -> int:
         start_worker_server(_WORKER_PRELOAD)  # the workers' imports overlap the model loading below
     import torch
 
-    import tag2mask
+    from tag2mask.version import __version__
     from tag2mask.cmdline.options import toy_model_warning
     from tag2mask.methods.clip_es.label_stages import LabelSettings, PrepareImage
     from tag2mask.cmdline.proposal_sources import build_source
@@ -298,7 +298,7 @@ def run_label(args: argparse.Namespace) -> int:
     }
     workers, batch_size = overlap_settings(args, device)
     record = {
-        "tag2mask": tag2mask.__version__, "torch": torch.__version__, "python": platform.python_version(),
+        "tag2mask": __version__, "torch": torch.__version__, "python": platform.python_version(),
         "command": "label", "method": "fma", "settings": settings, "fma": config.to_dict(),
         "miou_rule": DEFAULT_MIOU_RULE, "classes": class_names, "weights": getattr(clip, "source_path", None),
         "device": str(device), "workers": workers, "batch_size": batch_size,
