@@ -243,7 +243,9 @@ def test_presets_reproduce_the_official_configs():
     import fma_data as D
 
     for case in D.cases("lr_schedule"):
-        stage = preset("voc", case["name"].split("_")[1])
+        # the official config the case was read from names its data set and stage: configs/<DATASET>/<stage>/cfg.py
+        _, dataset, task = Path(case["config"]).parts[:3]
+        stage = preset(dataset.lower(), task)
         assert (stage.max_iters, stage.warmup_iters, stage.base_lr) == (case["max_iter"], case["warm"]["warm_iters"],
                                                                       case["base_lr"])
         assert stage.warmup_factor == pytest.approx(case["warm"]["start_factor"])

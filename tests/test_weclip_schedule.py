@@ -13,7 +13,6 @@ from tag2mask.engine.schedules.poly import PolyWarmupAdamW, PolyWarmupSchedule, 
 
 DATA = Path(__file__).parent / "data" / "weclip"
 FIXTURE = DATA / "lr_schedule.npz"
-pytestmark = pytest.mark.skipif(not FIXTURE.exists(), reason="WeCLIP fixtures missing")
 
 
 def _conditions() -> dict:

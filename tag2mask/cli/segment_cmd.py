@@ -13,6 +13,7 @@ from tag2mask.cmdline.options import (
     check_weights_options,
     given,
     positive_int,
+    positive_int_list,
     record_given_options,
     reject_options,
 )
@@ -105,6 +106,7 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
                         "--no-compat: the loaded model as it is (default: preset's)")
     p.add_argument("--pamr", action=argparse.BooleanOptionalAction, default=None,
                    help="refine with PAMR, 10 steps, dilations 8 and 16 (default: preset's; on for NACLIP's published)")
+    _add_window_options(p)
     p.add_argument("--first-line", default="auto", choices=("auto", "background", "class"),
                    help="official cls_*.txt name sets only: whether line 1 lists the background words "
                         "(default: auto = when it is 'background' or a list of stuff words such as sky, wall, tree)")
@@ -127,9 +129,21 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     return p
 
 
+def _add_window_options(p: argparse.ArgumentParser) -> None:
+    """NACLIP's window width and PAMR's schedule (settings the official harnesses record)."""
+    p.add_argument("--naclip-std", type=float, default=None,
+                   help="NACLIP's Gaussian window width σ in patches (official gaussian_std; default: preset's, 5); "
+                        "only where the last block is NACLIP's")
+    p.add_argument("--pamr-steps", type=positive_int, default=None, help="PAMR iterations (default: preset's, 10); needs PAMR on")
+    p.add_argument("--pamr-dilations", type=positive_int_list, default=None,
+                   help="PAMR dilations, comma-separated (official pamr_stride; default: preset's, 8,16); needs PAMR on")
+
+
 #: options of the open-vocabulary methods; a trained WeCLIP run (--checkpoint) takes none of them
 _OVSS_OPTIONS = ("classes", "method", "preset", "mode", "short_side", "crop", "stride", "prob_threshold",
-                 "area_threshold", "logit_scale", "templates", "last_block", "compat", "pamr", "first_line")
+                 "area_threshold", "logit_scale", "templates", "last_block", "compat", "pamr", "first_line",
+                 "naclip_std", "pamr_steps", "pamr_dilations")
+
 
 
 def check_options(args: argparse.Namespace) -> None:
@@ -187,8 +201,8 @@ def _output_stems(files: list[Path]) -> dict[Path, str]:
 def _settings(args: argparse.Namespace, vocab, model, segmenter) -> dict:
     """Everything that changes the outputs (the runner's --overwrite guard compares them)."""
     keys = ("method", "preset", "classes", "first_line", "mode", "short_side", "crop", "stride", "prob_threshold",
-            "area_threshold", "logit_scale", "templates", "last_block", "compat", "pamr", "overlay", "save_logits",
-            "max_pixels", "max_pixels_policy")
+            "area_threshold", "logit_scale", "templates", "last_block", "compat", "pamr", "naclip_std", "pamr_steps",
+            "pamr_dilations", "overlay", "save_logits", "max_pixels", "max_pixels_policy")
     s = {k: getattr(args, k) for k in keys}
     # what actually runs once the preset and the options are combined
     s["resolved"] = segmenter.settings.as_dict()
@@ -204,7 +218,8 @@ def _segmenter_options(args: argparse.Namespace) -> dict:
     options = {
         "mode": args.mode, "crop": args.crop, "stride": args.stride, "prob_threshold": args.prob_threshold,
         "area_threshold": args.area_threshold, "logit_scale": args.logit_scale, "templates": args.templates,
-        "compat": args.compat, "pamr": args.pamr, "last_block": args.last_block,
+        "compat": args.compat, "pamr": args.pamr, "last_block": args.last_block, "naclip_std": args.naclip_std,
+        "pamr_steps": args.pamr_steps, "pamr_dilations": args.pamr_dilations,
     }
     options = {k: v for k, v in options.items() if v is not None}
     if args.short_side is not None:
@@ -315,6 +330,10 @@ def run(args: argparse.Namespace) -> int:
                                                                    **_segmenter_options(args))
     if segmenter.mode == "whole":  # a preset may choose the whole-image mode
         reject_options(args, ("crop", "stride"), f"with preset {segmenter.settings.name!r}, which runs whole images")
+    if segmenter.settings.last_block != "naclip":
+        reject_options(args, ("naclip_std",), f"with last block {segmenter.settings.last_block!r} (NACLIP's window only)")
+    if not segmenter.settings.pamr:
+        reject_options(args, ("pamr_steps", "pamr_dilations"), "without PAMR (add --pamr)")
     settings = _settings(args, vocab, model, segmenter)
     stems = _output_stems(files)
     record = {

@@ -136,7 +136,9 @@ class CLIP(nn.Module):
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """Text embedding at the EOT token (the highest id), not normalised: (N, ctx) long -> (N, D)."""
-        return self.encode_token_embeddings(self.token_embedding(tokens), tokens.argmax(dim=-1))
+        # the embedding table is not converted to fp16 by the official loaders; its rows enter the
+        # tower in the tower's dtype (``.type(self.dtype)`` in OpenAI's code)
+        return self.encode_token_embeddings(self.token_embedding(tokens).to(self.dtype), tokens.argmax(dim=-1))
 
     def encode_token_embeddings(self, embeddings: torch.Tensor, eot_positions: torch.Tensor) -> torch.Tensor:
         """The text tower on already embedded tokens, not normalised: (N, ctx, W), (N,) long -> (N, D).

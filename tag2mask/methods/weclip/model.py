@@ -17,9 +17,11 @@ One training step, as the official ``WeCLIP.forward`` composes it:
 Steps 3's GradCAM → affinity → boxes → propagation → scaling is the shared CAM pipeline
 (:mod:`tag2mask.localization.cam_pipeline`) that CLIP-ES uses too; RFM only supplies the affinity.
 
-Numerics: ``compat_numerics=True`` reproduces the released code (CLIP Conv/Linear weights rounded to
-fp16 by the loader, fp16-rounded positional embeddings, fp16 attention out-projection in the
-decoder, TF32 off); ``False`` is a pure float32 model (what the ``fp32ref_*`` fixture arrays hold).
+Numerics: ``compat_numerics=True`` reproduces the released code's GPU run: the CLIP computes in fp16
+where it does (Conv/Linear layers, residual stream, attention out-projections; q/k/v projection and
+softmax in float32 with the unrounded ``in_proj``), fp16-rounded positional embeddings, fp16
+attention out-projection in the decoder, TF32 off; ``False`` is a pure float32 model (what the
+``fp32ref_*`` fixture arrays hold).
 :class:`WeCLIP` applies them to the CLIP it is given (:mod:`tag2mask.clip.numerics`).
 """
 
@@ -151,7 +153,7 @@ class WeCLIPConfig:
     def cam_settings(self) -> CAMSettings:
         """The shared CAM pipeline's settings (the CAA branch; RFM replaces only the affinity)."""
         return CAMSettings(attention_layers=self.caa_layers, box_threshold=self.box_threshold,
-                           exact_resize=self.exact_cv2_resize)
+                           exact_resize=self.exact_cv2_resize, fp16_gradcam=self.compat_numerics)
 
     @property
     def num_classes(self) -> int:
@@ -268,10 +270,11 @@ class WeCLIP(nn.Module):
     """Frozen CLIP ViT + trainable :class:`WeCLIPDecoder` + online pseudo labels.
 
     Args:
-        clip: a loaded CLIP ViT (frozen here). ``config.numerics`` are applied to it on every call
-            (:mod:`tag2mask.clip.numerics`): a CLIP loaded with ``round_fp16_weights=True`` (as
-            :func:`build_clip_for` does) is used as is, otherwise rounded copies of its weights are
-            swapped in while WeCLIP runs, so code sharing the CLIP is not affected.
+        clip: a loaded float32 CLIP ViT (frozen here). ``config.numerics`` are applied to it on every
+            call (:mod:`tag2mask.clip.numerics`): with ``compat_numerics`` fp16 copies of its
+            Conv/Linear weights are swapped in while WeCLIP runs, so code sharing the CLIP is not
+            affected. (A CLIP loaded with ``round_fp16_weights=True`` also has its attention
+            ``in_proj`` rounded, which the official WeCLIP does not do: load it plain.)
         config: :class:`WeCLIPConfig`.
         text_cache_dir: cache folder for the prompt embeddings (``False`` disables the cache).
     """
@@ -428,8 +431,8 @@ class WeCLIP(nn.Module):
 
 
 def build_clip_for(config: WeCLIPConfig, weights: Any, device: Any = "cpu") -> CLIP:
-    """Load CLIP ``weights`` for ``config`` (frozen, eval); with ``compat_numerics`` the weights are
-    rounded at load time, so :class:`WeCLIP` needs no rounded copies."""
+    """Load CLIP ``weights`` for ``config`` (frozen, eval), in float32: WeCLIP's numerics convert
+    what the official loader converts themselves and keep the attention ``in_proj`` as loaded."""
     from tag2mask.clip.loading import load_clip
 
     return load_clip(weights, device=device, round_fp16_weights=config.numerics.round_weights_fp16)
