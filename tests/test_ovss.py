@@ -23,7 +23,7 @@ from tag2mask.methods.ovss.last_block import LAST_BLOCKS, get_last_block
 from tag2mask.methods.ovss.segmenter import OpenVocabSegmenter
 from tag2mask.methods.ovss.last_block import NAClipBlock, maskclip_keys, neighbourhood_prior
 from tag2mask.methods.ovss.maskclip_refine import key_smooth, key_smoothing_weights, prompt_denoise
-from tag2mask.methods.ovss.segmenter import maskclip_numerics
+from tag2mask.methods.ovss.numerics import maskclip_numerics
 from tag2mask.vocab.vocabulary import Vocabulary
 
 GRID = (4, 5)

@@ -26,7 +26,7 @@ from tag2mask.io.palette import read_label_png
 from tag2mask.methods.ovss.last_block import attention_weights
 from tag2mask.methods.ovss.segmenter import OpenVocabSegmenter
 from tag2mask.methods.ovss.last_block import neighbourhood_prior
-from tag2mask.methods.ovss.segmenter import _fp16_rounding_targets
+from tag2mask.methods.ovss.numerics import fp16_rounding_targets
 from tag2mask.vocab.vocabulary import load_vocabulary
 
 DATA = Path(__file__).parent / "data" / "ovss"
@@ -152,7 +152,7 @@ def test_published_presets_round_the_weights_like_the_official_loaders(model, se
     meta = INDEX["methods"][key]
     assert seg.model is not model  # the caller's full-precision model is left alone
     ours, original = dict(seg.model.named_parameters()), dict(model.named_parameters())
-    targets = {id(t) for t in _fp16_rounding_targets(model)}
+    targets = {id(t) for t in fp16_rounding_targets(model)}
     # the README counts the tensors that rounding changes (zero biases and LayerNorms are fp16-exact)
     changed = [n for n, p in original.items() if id(p) in targets and not torch.equal(p, p.half().float())]
     assert len(changed) == meta["fp16_rounded_params"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import platform
 from pathlib import Path
+from typing import Any
 
 from tag2mask.cmdline.options import (
     add_device_option,
@@ -170,32 +171,16 @@ def run(args: argparse.Namespace) -> int:
         start_worker_server(_WORKER_PRELOAD)  # the workers' imports overlap the model loading below
     import torch
 
-    from tag2mask.version import __version__
     from tag2mask.cmdline.options import load_model_from_args, toy_model_warning
-    from tag2mask.methods.clip_es.label_stages import ComputeCAMs, FinishMask, LabelSettings, PrepareImage
-    from tag2mask.jobs.overlap import Stages
-    from tag2mask.jobs.runner import JobOptions, print_summary, process_exit_code, run_items
-    from tag2mask.clip.numerics import NUMERICS
-    from tag2mask.methods.clip_es.pipeline import PRESETS, ClipES, preset_for
-    from tag2mask.methods.clip_es.label_maps import LabelRefiner
+    from tag2mask.methods.clip_es.pipeline import ClipES
+    from tag2mask.version import __version__
     from tag2mask.vocab.vocabulary import load_vocabulary
 
     out = Path(args.out)
     if args.limit is not None and args.limit < 0:
         raise ValueError(f"--limit must be >= 0, got {args.limit}")
     vocab = load_vocabulary(args.classes)
-    # a preset name selects the whole official setting (vocabulary, threshold, numerics); files use voc's
-    preset = args.classes.strip().lower() if args.classes.strip().lower() in PRESETS else "voc"
-    overrides = dict(scales=tuple(args.scales), flip=args.flip, precision=args.precision)
-    if args.box_threshold is not None:
-        overrides["box_threshold"] = args.box_threshold
-    if not args.compat:
-        overrides["numerics"] = NUMERICS["float32"]
-    if args.template is not None:
-        from tag2mask.vocab.templates import get_templates
-
-        overrides["templates"] = get_templates([args.template])
-    config = preset_for(preset, **overrides)
+    config = _clip_es_config(args)
     items = open_items(args, list(vocab.names))
     # rounded at load when the preset's numerics round weights, so ClipES needs no rounded copies
     model = load_model_from_args(args, official_rounding=config.numerics.round_weights_fp16)
@@ -206,19 +191,7 @@ def run(args: argparse.Namespace) -> int:
         from tag2mask.refinement.crf import _import_densecrf
 
         _import_densecrf()  # fail at start-up, not in a worker on the first image, when the extra is missing
-    # COCO "file_name" and the manifest's "image" field are relative to the image folder
-    image_root = Path(items.image_dir) if hasattr(items, "image_dir") else Path(items.root) / "JPEGImages"
-    workers, batch_size = overlap_settings(args, model_device(model))
-    settings_for_workers = LabelSettings(
-        class_names=tuple(vocab.names), image_root=str(image_root), out=str(out), max_decode_pixels=args.max_decode_pixels,
-        max_pixels=args.max_pixels, max_pixels_policy=args.max_pixels_policy, save_arrays=args.save_arrays,
-        refine=args.refine, bg_power=args.bg_power, confidence=args.confidence, compat=args.compat)
-    # PAMR runs on the model's device when that is a GPU (as it always did); CRF and argmax are CPU work
-    on_device = LabelRefiner(args.refine, bg_power=args.bg_power, device=model_device(model)) \
-        if args.refine == "pamr" and model_device(model).type != "cpu" else None
-    stages = Stages(PrepareImage(settings_for_workers), ComputeCAMs(cam_maker, args.save_arrays, on_device),
-                    FinishMask(settings_for_workers), workers=workers, batch_size=batch_size,
-                    preload=_WORKER_PRELOAD)
+    stages = _label_stages(args, items, vocab, model, cam_maker)
 
     record = {
         "tag2mask": __version__,
@@ -231,10 +204,59 @@ def run(args: argparse.Namespace) -> int:
         "classes": list(vocab.names),
         "weights": getattr(model, "source_path", None),
         "device": str(model_device(model)),
-        "workers": workers,
-        "batch_size": batch_size,
+        "workers": stages.workers,
+        "batch_size": stages.batch_size,
         "warnings": [warning] if warning else [],
     }
+    return _run_label_job(args, items, stages, out, settings, record, vocab)
+
+
+def _clip_es_config(args: argparse.Namespace) -> Any:
+    """The CLIP-ES config of ``args``: a preset name in ``--classes`` selects the whole official setting
+    (vocabulary, threshold, numerics); class files use voc's; the options override it."""
+    from tag2mask.clip.numerics import NUMERICS
+    from tag2mask.methods.clip_es.pipeline import PRESETS, preset_for
+
+    preset = args.classes.strip().lower() if args.classes.strip().lower() in PRESETS else "voc"
+    overrides = dict(scales=tuple(args.scales), flip=args.flip, precision=args.precision)
+    if args.box_threshold is not None:
+        overrides["box_threshold"] = args.box_threshold
+    if not args.compat:
+        overrides["numerics"] = NUMERICS["float32"]
+    if args.template is not None:
+        from tag2mask.vocab.templates import get_templates
+
+        overrides["templates"] = get_templates([args.template])
+    return preset_for(preset, **overrides)
+
+
+def _label_stages(args: argparse.Namespace, items: Any, vocab: Any, model: Any, cam_maker: Any) -> Any:
+    """The three stages of ``label`` (prepare an image, CAMs on the model's device, finish the mask)."""
+    from tag2mask.cmdline.options import overlap_settings
+    from tag2mask.methods.clip_es.label_stages import ComputeCAMs, FinishMask, LabelSettings, PrepareImage
+    from tag2mask.jobs.overlap import Stages
+    from tag2mask.methods.clip_es.label_maps import LabelRefiner
+
+    # COCO "file_name" and the manifest's "image" field are relative to the image folder
+    image_root = Path(items.image_dir) if hasattr(items, "image_dir") else Path(items.root) / "JPEGImages"
+    workers, batch_size = overlap_settings(args, model_device(model))
+    settings_for_workers = LabelSettings(
+        class_names=tuple(vocab.names), image_root=str(image_root), out=str(Path(args.out)),
+        max_decode_pixels=args.max_decode_pixels, max_pixels=args.max_pixels,
+        max_pixels_policy=args.max_pixels_policy, save_arrays=args.save_arrays, refine=args.refine,
+        bg_power=args.bg_power, confidence=args.confidence, compat=args.compat)
+    # PAMR runs on the model's device when that is a GPU (as it always did); CRF and argmax are CPU work
+    on_device = LabelRefiner(args.refine, bg_power=args.bg_power, device=model_device(model)) \
+        if args.refine == "pamr" and model_device(model).type != "cpu" else None
+    return Stages(PrepareImage(settings_for_workers), ComputeCAMs(cam_maker, args.save_arrays, on_device),
+                  FinishMask(settings_for_workers), workers=workers, batch_size=batch_size,
+                  preload=_WORKER_PRELOAD)
+
+
+def _run_label_job(args: argparse.Namespace, items: Any, stages: Any, out: Path, settings: dict, record: dict,
+                   vocab: Any) -> int:
+    """Run the items through ``stages`` into ``out`` (resumable), print the summary; the exit code."""
+    from tag2mask.jobs.runner import JobOptions, print_summary, process_exit_code, run_items
 
     def finalize(run_dir: Path, summary) -> None:
         if args.coco_json:

@@ -86,6 +86,18 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
                         "proven against the official code), or 'published:DATASET' (plus that benchmark's official "
                         f"config; DATASET one of {', '.join(DATASET_CHOICES)}). Options below override single settings")
     p.add_argument("--out", required=True, help="output folder (masks/, overlays/, logits/, run.json, manifest.jsonl, logs/)")
+    _add_preset_overrides(p)
+    _add_output_options(p)
+    add_weights_options(p)
+    add_device_option(p)
+    add_run_options(p)
+    p.set_defaults(func=run)
+    record_given_options(p)
+    return p
+
+
+def _add_preset_overrides(p: argparse.ArgumentParser) -> None:
+    """Options that override single settings of the preset (None: the preset's)."""
     p.add_argument("--mode", default=None, choices=("whole", "slide"), help="whole image or sliding window (default: preset's, slide)")
     p.add_argument("--short-side", type=int, default=None,
                    help="resize so the short side is this, 0 keeps the size (default: preset's; see the table below)")
@@ -107,6 +119,10 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     p.add_argument("--pamr", action=argparse.BooleanOptionalAction, default=None,
                    help="refine with PAMR, 10 steps, dilations 8 and 16 (default: preset's; on for NACLIP's published)")
     _add_window_options(p)
+
+
+def _add_output_options(p: argparse.ArgumentParser) -> None:
+    """How name-set files are read, what is written, and the image-size guards."""
     p.add_argument("--first-line", default="auto", choices=("auto", "background", "class"),
                    help="official cls_*.txt name sets only: whether line 1 lists the background words "
                         "(default: auto = when it is 'background' or a list of stuff words such as sky, wall, tree)")
@@ -121,12 +137,6 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     p.add_argument("--max-decode-pixels", type=positive_int, default=MAX_DECODE_PIXELS,
                    help=f"images above this many pixels are refused before decoding (decompression-bomb guard; "
                         f"default {MAX_DECODE_PIXELS:,})")
-    add_weights_options(p)
-    add_device_option(p)
-    add_run_options(p)
-    p.set_defaults(func=run)
-    record_given_options(p)
-    return p
 
 
 def _add_window_options(p: argparse.ArgumentParser) -> None:
@@ -205,7 +215,7 @@ def _settings(args: argparse.Namespace, vocab, model, segmenter) -> dict:
             "pamr_dilations", "overlay", "save_logits", "max_pixels", "max_pixels_policy")
     s = {k: getattr(args, k) for k in keys}
     # what actually runs once the preset and the options are combined
-    s["resolved"] = segmenter.settings.as_dict()
+    s["resolved"] = segmenter.settings.to_dict()
     # --classes may name a file: record what it resolved to, so an edited file counts as a change
     s["vocabulary"] = {"names": list(vocab.names), "synonyms": [list(x) for x in vocab.synonyms],
                        "background": list(vocab.background), "mode": vocab.mode}
@@ -328,7 +338,7 @@ def run(args: argparse.Namespace) -> int:
         model.fingerprint = f"{getattr(model, 'fingerprint', 'unknown')}:fp16r"
     segmenter = registry.load(registry.get(args.method).predictor)(model, vocab, args.method, preset=preset,
                                                                    **_segmenter_options(args))
-    if segmenter.mode == "whole":  # a preset may choose the whole-image mode
+    if segmenter.settings.mode == "whole":  # a preset may choose the whole-image mode
         reject_options(args, ("crop", "stride"), f"with preset {segmenter.settings.name!r}, which runs whole images")
     if segmenter.settings.last_block != "naclip":
         reject_options(args, ("naclip_std",), f"with last block {segmenter.settings.last_block!r} (NACLIP's window only)")
@@ -345,8 +355,8 @@ def run(args: argparse.Namespace) -> int:
         "settings": settings,
         "segmenter": repr(segmenter),
         # what ran, next to what was asked (settings): a preset or the method may change these
-        "window": {"mode": segmenter.mode, "short_side": segmenter.short_side, "crop": segmenter.crop,
-                   "stride": segmenter.stride},
+        "window": {"mode": segmenter.settings.mode, "short_side": segmenter.settings.short_side,
+                   "crop": segmenter.settings.crop, "stride": segmenter.settings.stride},
         "preset": segmenter.settings.name,
         "logit_scale": segmenter.logit_scale,
         "templates": segmenter.templates if isinstance(segmenter.templates, str) else list(segmenter.templates),

@@ -153,23 +153,7 @@ def last_block_gradcam(
             empty = act.new_zeros((0, h, w))
             return LastBlockGradCAM(cams=empty, grad_weights=act.new_zeros((0, act.shape[-1])), targets=targets,
                                     activation=act.detach(), attention=attn.detach() if attn is not None else None)
-        if vjp_mode == "vmap":
-            cotangents = torch.zeros((n_pairs,) + tuple(targets.shape), device=targets.device, dtype=targets.dtype)
-            cotangents[torch.arange(n_pairs, device=targets.device), images, columns] = 1
-            (grads,) = torch.autograd.grad(
-                targets, act, grad_outputs=cotangents, is_grads_batched=True, create_graph=create_graph
-            )
-            grads = grads[torch.arange(n_pairs, device=grads.device), images.to(grads.device)]  # (P, L, C)
-        else:
-            grads = torch.stack(
-                [
-                    torch.autograd.grad(
-                        targets[images[p], columns[p]], act,
-                        retain_graph=create_graph or p < n_pairs - 1, create_graph=create_graph,
-                    )[0][images[p]]
-                    for p in range(n_pairs)
-                ]
-            )
+        grads = _pair_gradients(targets, act, images, columns, vjp_mode, create_graph)
     weights = grads[:, 1:].float().mean(dim=1)  # (P, C)
     if fp16_arithmetic:
         weights = weights.half().float()
@@ -181,6 +165,29 @@ def last_block_gradcam(
         targets=targets,
         activation=activation,
         attention=attn.detach() if attn is not None else None,
+    )
+
+
+def _pair_gradients(targets: torch.Tensor, act: torch.Tensor, images: torch.Tensor, columns: torch.Tensor,
+                    vjp_mode: str, create_graph: bool) -> torch.Tensor:
+    """``(P, L, C)`` gradient of each pair's target score ``targets[images[p], columns[p]]`` w.r.t. its image's
+    activation ``act`` ``(B, L, C)``: one batched VJP of one-hot cotangents (``vmap``) or one VJP per pair."""
+    n_pairs = images.shape[0]
+    if vjp_mode == "vmap":
+        cotangents = torch.zeros((n_pairs,) + tuple(targets.shape), device=targets.device, dtype=targets.dtype)
+        cotangents[torch.arange(n_pairs, device=targets.device), images, columns] = 1
+        (grads,) = torch.autograd.grad(
+            targets, act, grad_outputs=cotangents, is_grads_batched=True, create_graph=create_graph
+        )
+        return grads[torch.arange(n_pairs, device=grads.device), images.to(grads.device)]  # (P, L, C)
+    return torch.stack(
+        [
+            torch.autograd.grad(
+                targets[images[p], columns[p]], act,
+                retain_graph=create_graph or p < n_pairs - 1, create_graph=create_graph,
+            )[0][images[p]]
+            for p in range(n_pairs)
+        ]
     )
 
 

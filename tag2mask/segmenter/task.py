@@ -29,13 +29,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Iterator, Optional, Sequence
 
 import numpy as np
 import torch
 from torch import nn
 
+from tag2mask.config import DictConfig
 from tag2mask.data.seg_augment import SegAugment
 from tag2mask.data.segmentation import IGNORE, SegmentationSource
 from tag2mask.segmenter.label_values import reduce_zero_label
@@ -55,8 +56,9 @@ TeacherFactory = Callable[["SegmenterConfig", TrainContext, nn.Module], Teacher]
 
 
 @dataclass
-class SegmenterConfig:
-    """The recipe of a segmenter run (stored in every checkpoint; the published recipes are the methods' ``SEGMENTER_RECIPES``).
+class SegmenterConfig(DictConfig):
+    """The recipe of a segmenter run (stored in every checkpoint; the published recipes are the methods'
+    ``SEGMENTER_RECIPES``, looked up by :func:`tag2mask.methods.registry.segmenter_preset`).
 
     Classes: ``classes`` are the foreground names; with ``background`` label 0 is background and
     ``num_classes = len(classes) + 1`` (VOC layout), else ``num_classes = len(classes)``.
@@ -148,17 +150,6 @@ class SegmenterConfig:
                           reference_size=tuple(self.reference_size) if self.reference_size else None,
                           hflip=self.hflip, photometric=self.photometric)
 
-    def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(asdict(self)))
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "SegmenterConfig":
-        names = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(d) - set(names))
-        if unknown:
-            raise ValueError(f"unknown segmenter config keys: {unknown}")
-        return cls(**{k: tuple(v) if isinstance(v, list) and k not in ("model_options", "teacher") else v
-                      for k, v in d.items()})
 
 
 def segmenter_config(recipe: Optional[dict[str, Any]], **overrides: Any) -> SegmenterConfig:
@@ -255,6 +246,7 @@ class SegmenterTask(TrainTask):
     """
 
     name = "segmenter"
+    recipe_type = SegmenterConfig
 
     def __init__(self, config: SegmenterConfig, train_source: SegmentationSource,
                  val_source: Optional[SegmentationSource] = None, model_factory: Optional[ModelFactory] = None,
@@ -275,17 +267,10 @@ class SegmenterTask(TrainTask):
     def max_iters(self) -> int:
         return self.config.max_iters
 
-    def config_dict(self) -> dict[str, Any]:
-        return self.config.to_dict()
-
-    def adopt_config(self, saved: dict[str, Any]) -> None:
-        stored = SegmenterConfig.from_dict(saved)
-        if stored.to_dict() != self.config.to_dict():
-            changed = sorted(k for k, v in stored.to_dict().items() if self.config.to_dict().get(k) != v)
-            print(f"resume: using the recipe stored in the checkpoint (it differs in {', '.join(changed)})")
-        self.config = stored
-        self.max_grad_norm = stored.max_grad_norm
-        self.find_unused_parameters = stored.ddp_find_unused
+    def use_recipe(self, recipe: SegmenterConfig) -> None:
+        self.config = recipe
+        self.max_grad_norm = recipe.max_grad_norm
+        self.find_unused_parameters = recipe.ddp_find_unused
 
     # -- model ------------------------------------------------------------------------------------
     def setup(self, ctx: TrainContext) -> None:

@@ -31,6 +31,7 @@ from PIL import Image
 from tag2mask.clip.model import CLIP, CLIP_MEAN, CLIP_STD
 from tag2mask.clip.numerics import NUMERICS, Numerics
 from tag2mask.clip.text_embed import TextEmbeddings, embed_vocabulary
+from tag2mask.config import DictConfig
 from tag2mask.data.transforms import resize_pil, size_to_multiple, to_normalized_tensor
 from tag2mask.evaluation.miou import MIOU_RULES
 from tag2mask.localization.cam_pipeline import CAMSettings, run_cam_pipeline, scale_to_size
@@ -42,7 +43,7 @@ __all__ = ["ClipESConfig", "PRESETS", "ClipESResult", "ClipES", "preset_for"]
 
 
 @dataclass(frozen=True)
-class ClipESConfig:
+class ClipESConfig(DictConfig):
     """Settings of the CLIP-ES localisation stage.
 
     vocabulary: preset vocabulary (``voc``, ``coco``, ``synth``) used when :class:`ClipES` is given none.
@@ -78,12 +79,6 @@ class ClipESConfig:
         """The shared CAM pipeline's settings for CLIP-ES (boxes and propagation from the GradCAM maps)."""
         return CAMSettings(attention_layers=self.attention_layers, sinkhorn_rounds=self.sinkhorn_rounds,
                            box_threshold=self.box_threshold, exact_resize=self.exact_resize)
-
-    def to_dict(self) -> dict:
-        """JSON-friendly dict (for run records)."""
-        d = dict(self.__dict__)
-        d["numerics"] = dict(self.numerics.__dict__)
-        return d
 
 
 PRESETS: dict[str, ClipESConfig] = {

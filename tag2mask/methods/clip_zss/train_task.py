@@ -21,11 +21,13 @@ mIoU(S), mIoU(U) and hIoU (``OUT/eval/eval.json``).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import torch
 from torch import nn
 
+from tag2mask.config import DictConfig
 from tag2mask.data.segmentation import SegmentationSource
 from tag2mask.methods.clip_zss.config import ClipZssConfig
 from tag2mask.methods.clip_zss.glm import ClsBank
@@ -36,7 +38,7 @@ from tag2mask.methods.clip_zss.teacher import ClipTeacher
 from tag2mask.engine.loop import TrainContext
 from tag2mask.segmenter.task import SegmenterConfig, SegmenterTask
 
-__all__ = ["ClipZssTask", "split_prompts"]
+__all__ = ["ClipZssRecipe", "ClipZssTask", "split_prompts"]
 
 
 def split_prompts(zss: ClipZssConfig) -> dict[str, str]:
@@ -47,6 +49,14 @@ def split_prompts(zss: ClipZssConfig) -> dict[str, str]:
 
     split = find_split(zss.split)
     return dict(split.prompt_names) if split is not None else {}
+
+
+@dataclass
+class ClipZssRecipe(DictConfig):
+    """A CLIP-ZSS run's recipe as stored in its checkpoints: the student's part and the method's part."""
+
+    segmenter: SegmenterConfig
+    zss: ClipZssConfig
 
 
 class ClipZssTask(SegmenterTask):
@@ -61,6 +71,7 @@ class ClipZssTask(SegmenterTask):
     """
 
     name = "clip-zss"
+    recipe_type = ClipZssRecipe
 
     def __init__(self, config: SegmenterConfig, zss: ClipZssConfig, train_source: SegmentationSource,
                  val_source: Optional[SegmentationSource] = None, clip_weights: Optional[str] = None,
@@ -82,16 +93,10 @@ class ClipZssTask(SegmenterTask):
 
     # -- recipe -----------------------------------------------------------------------------------
     def config_dict(self) -> dict[str, Any]:
-        return {"segmenter": self.config.to_dict(), "zss": self.zss.to_dict()}
+        return ClipZssRecipe(self.config, self.zss).to_dict()
 
-    def adopt_config(self, saved: dict[str, Any]) -> None:
-        stored = {"segmenter": SegmenterConfig.from_dict(saved["segmenter"]).to_dict(),
-                  "zss": ClipZssConfig.from_dict(saved["zss"]).to_dict()}
-        if stored != self.config_dict():
-            changed = sorted(f"{part}.{k}" for part in stored for k, v in stored[part].items()
-                             if self.config_dict()[part].get(k) != v)
-            print(f"resume: using the recipe stored in the checkpoint (it differs in {', '.join(changed)})")
-        self._set_recipe(SegmenterConfig.from_dict(saved["segmenter"]), ClipZssConfig.from_dict(saved["zss"]))
+    def use_recipe(self, recipe: ClipZssRecipe) -> None:
+        self._set_recipe(recipe.segmenter, recipe.zss)
 
     # -- model ------------------------------------------------------------------------------------
     def setup(self, ctx: TrainContext) -> None:

@@ -256,12 +256,10 @@ def run_label(args: argparse.Namespace) -> int:
         start_worker_server(_WORKER_PRELOAD)  # the workers' imports overlap the model loading below
     import torch
 
-    from tag2mask.version import __version__
     from tag2mask.cmdline.options import toy_model_warning
-    from tag2mask.methods.clip_es.label_stages import LabelSettings, PrepareImage
     from tag2mask.cmdline.proposal_sources import build_source
+    from tag2mask.version import __version__
     from tag2mask.evaluation.miou import DEFAULT_MIOU_RULE
-    from tag2mask.jobs.overlap import Stages
     from tag2mask.jobs.runner import JobOptions, print_summary, process_exit_code, run_items
     from tag2mask.methods.fma.inference import FMACams
     from tag2mask.methods.fma.train_task import load_prompts
@@ -272,13 +270,7 @@ def run_label(args: argparse.Namespace) -> int:
     config, ctx, meta = load_prompts(args.prompts)
     class_names = list(config.class_names)
     args.classes = config.preset  # named in the vocabulary messages of the shared item readers
-    try:
-        items = open_items(args, class_names)
-    except ValueError as exc:
-        if "does not know" not in str(exc):
-            raise
-        raise ValueError(f"the image labels must be classes of the prompts run {args.prompts} "
-                         f"({', '.join(class_names[:6])}{', ...' if len(class_names) > 6 else ''}): {exc}") from None
+    items = _open_items(args, class_names)
     clip, model = _load_model(args, config, ctx, meta)
     device = next(clip.parameters()).device
     warning = toy_model_warning(clip, [args.images])
@@ -289,7 +281,6 @@ def run_label(args: argparse.Namespace) -> int:
     described = sam.describe() if sam is not None else (
         "none" if kind == "none" else build_source(args, kind, "cpu").describe())
     alpha = args.alpha if args.alpha is not None else config.stage.bg_alpha
-    image_root = Path(items.image_dir) if hasattr(items, "image_dir") else Path(items.root) / "JPEGImages"
     settings = {
         "method": "fma", "prompts": str(Path(args.prompts).resolve()), "weights": clip.fingerprint,
         "proposals": described, "alpha": alpha,
@@ -311,15 +302,8 @@ def run_label(args: argparse.Namespace) -> int:
 
             record["coco_json"] = write_coco_from_manifest(run_dir, class_names, run_dir / "annotations.json")
 
-    prepare = PrepareImage(LabelSettings(
-        class_names=tuple(class_names), image_root=str(image_root), out=str(out), max_decode_pixels=args.max_decode_pixels,
-        max_pixels=args.max_pixels, max_pixels_policy=args.max_pixels_policy, save_arrays=args.save_arrays,
-        refine="none", bg_power=alpha, confidence=None, compat=False))  # the last four: unused by PrepareImage
-    finish = FinishFMA(FinishSettings(
-        out=str(out), alpha=alpha, proposals=kind, proposal_options={k: getattr(args, k) for k in _PROPOSAL_OPTIONS},
-        save_arrays=args.save_arrays, save_proposals=args.save_proposals))
-    stages = Stages(prepare, ComputeFMA(cams, args.save_arrays, sam), finish, workers=workers, batch_size=batch_size,
-                    preload=_WORKER_PRELOAD)
+    stages = _fma_stages(args, items, class_names, alpha, kind, ComputeFMA(cams, args.save_arrays, sam),
+                         workers, batch_size)
     options = JobOptions(resume=args.resume, overwrite=args.overwrite, quiet=args.quiet, verbose=args.verbose,
                          limit=args.limit, desc="label fma", unit="img")
     summary = run_items(items, stages, out, settings, options, keys=item_keys(items),
@@ -328,3 +312,34 @@ def run_label(args: argparse.Namespace) -> int:
     if not args.quiet or summary.failed:
         print_summary(summary, out, "label")
     return process_exit_code(summary)
+
+
+def _open_items(args: argparse.Namespace, class_names: list[str]) -> Any:
+    """The items to label, through ``label``'s reader; image labels outside the prompts' classes are an error
+    that names the prompts run."""
+    try:
+        return open_items(args, class_names)
+    except ValueError as exc:
+        if "does not know" not in str(exc):
+            raise
+        raise ValueError(f"the image labels must be classes of the prompts run {args.prompts} "
+                         f"({', '.join(class_names[:6])}{', ...' if len(class_names) > 6 else ''}): {exc}") from None
+
+
+def _fma_stages(args: argparse.Namespace, items: Any, class_names: list[str], alpha: float, kind: str,
+                compute: "ComputeFMA", workers: int, batch_size: int) -> Any:
+    """The three stages of ``label --method fma``: ``label``'s image preparation, ``compute`` on the device,
+    :class:`FinishFMA` (seeds, proposals, files)."""
+    from tag2mask.jobs.overlap import Stages
+    from tag2mask.methods.clip_es.label_stages import LabelSettings, PrepareImage
+
+    out = Path(args.out)
+    image_root = Path(items.image_dir) if hasattr(items, "image_dir") else Path(items.root) / "JPEGImages"
+    prepare = PrepareImage(LabelSettings(
+        class_names=tuple(class_names), image_root=str(image_root), out=str(out), max_decode_pixels=args.max_decode_pixels,
+        max_pixels=args.max_pixels, max_pixels_policy=args.max_pixels_policy, save_arrays=args.save_arrays,
+        refine="none", bg_power=alpha, confidence=None, compat=False))  # the last four: unused by PrepareImage
+    finish = FinishFMA(FinishSettings(
+        out=str(out), alpha=alpha, proposals=kind, proposal_options={k: getattr(args, k) for k in _PROPOSAL_OPTIONS},
+        save_arrays=args.save_arrays, save_proposals=args.save_proposals))
+    return Stages(prepare, compute, finish, workers=workers, batch_size=batch_size, preload=_WORKER_PRELOAD)

@@ -26,14 +26,15 @@ hundred kB), the recipe and the CLIP's path and fingerprint; at the end ``prompt
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterable, Optional, Sequence
 
 import torch
 from torch import nn
 
-from tag2mask.methods.fma.config import AugmentSettings, CAASettings, StageSettings, preset
+from tag2mask.config import DictConfig
+from tag2mask.methods.fma.config import StageSettings, preset
 from tag2mask.methods.fma.losses import cam_activation_loss, multilabel_contrastive_loss
 from tag2mask.methods.fma.model import FMAClip
 from tag2mask.engine.schedules.cosine import warmup_cosine_lr
@@ -49,7 +50,7 @@ PROMPTS_FILE = "prompts.safetensors"
 
 
 @dataclass
-class FMATrainConfig:
+class FMATrainConfig(DictConfig):
     """The recipe of one prompt-training run (stored in every checkpoint and in ``prompts.safetensors``).
 
     class_names: foreground names of the labels (label id = index); prompt_names: the text of each
@@ -75,28 +76,6 @@ class FMATrainConfig:
         bg = list(self.background) if self.stage.prompts.named_background else [""] * len(self.background)
         return list(self.prompt_names) + bg
 
-    def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(asdict(self)))
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "FMATrainConfig":
-        from tag2mask.methods.fma.config import PromptSettings
-
-        s = dict(d["stage"])
-        s["prompts"] = PromptSettings(**s["prompts"])
-        s["caa"] = None if s.get("caa") is None else CAASettings(**s["caa"])
-        aug = dict(s["augment"])
-        aug["long_side"] = tuple(aug["long_side"])
-        s["augment"] = AugmentSettings(**aug)
-        for key in ("loss_weights", "published_alpha_grid"):
-            s[key] = tuple(s[key])
-        known = {f.name for f in fields(StageSettings)}
-        unknown = sorted(set(s) - known)
-        if unknown:
-            raise ValueError(f"unknown FMA stage settings {unknown}")
-        return cls(preset=d["preset"], task=d["task"], class_names=tuple(d["class_names"]),
-                   prompt_names=tuple(d["prompt_names"]), background=tuple(d["background"]),
-                   stage=StageSettings(**s))
 
     @classmethod
     def build(cls, preset_name: str, task: str, class_names: Sequence[str], prompt_names: Sequence[str],
@@ -194,6 +173,7 @@ class FMATask(TrainTask):
     """See the module docstring."""
 
     name = "fma"
+    recipe_type = FMATrainConfig
 
     def __init__(self, config: FMATrainConfig, data: FMAData) -> None:
         self.config, self.data = config, data
@@ -204,16 +184,9 @@ class FMATask(TrainTask):
     def max_iters(self) -> int:
         return self.config.stage.max_iters
 
-    def config_dict(self) -> dict[str, Any]:
-        return self.config.to_dict()
-
-    def adopt_config(self, saved: dict[str, Any]) -> None:
-        stored = FMATrainConfig.from_dict(saved)
-        if stored.to_dict() != self.config.to_dict():
-            changed = sorted(k for k, v in _flat(stored.to_dict()).items() if _flat(self.config.to_dict()).get(k) != v)
-            print(f"resume: using the recipe stored in the checkpoint (it differs in {', '.join(changed)})")
-        self.config = stored
-        self.accumulation_steps = stored.stage.grad_accumulation
+    def use_recipe(self, recipe: FMATrainConfig) -> None:
+        self.config = recipe
+        self.accumulation_steps = recipe.stage.grad_accumulation
 
     def setup(self, ctx: TrainContext) -> None:
         from tag2mask.clip.loading import load_clip
@@ -268,14 +241,6 @@ class FMATask(TrainTask):
             summary["prompts"] = str(path)
 
 
-def _flat(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in d.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
 
 
 def save_prompts(path: Path, ctx: torch.Tensor, config: FMATrainConfig, meta: dict[str, Any],

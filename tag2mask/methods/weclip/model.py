@@ -27,7 +27,7 @@ attention out-projection in the decoder, TF32 off; ``False`` is a pure float32 m
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -36,6 +36,7 @@ from torch import Tensor, nn
 
 from tag2mask.clip.model import CLIP, CLIP_MEAN, CLIP_STD
 from tag2mask.clip.numerics import NUMERICS, Numerics
+from tag2mask.config import DictConfig
 from tag2mask.clip.text_embed import CacheDir, TextEmbeddings, embed_vocabulary
 from tag2mask.evaluation.miou import check_miou_rule
 from tag2mask.localization.cam_pipeline import CAMSettings, run_cam_pipeline, scale_to_size
@@ -72,7 +73,7 @@ IMAGENET_STD_255 = (58.395, 57.12, 57.375)
 
 
 @dataclass(frozen=True)
-class WeCLIPConfig:
+class WeCLIPConfig(DictConfig):
     """Everything that defines a WeCLIP model and its training recipe (saved in every checkpoint).
 
     Vocabulary: ``classes`` are the foreground prompt names (CLIP-ES style, synonyms written into one
@@ -164,18 +165,6 @@ class WeCLIPConfig:
         """The prompt vocabulary (one literal prompt per class, commas kept)."""
         return Vocabulary.from_names(list(self.classes), self.background)
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly dict (tuples become lists)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "WeCLIPConfig":
-        """Inverse of :meth:`to_dict`; unknown keys are rejected so typos do not pass silently."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown WeCLIP config keys: {unknown}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 def _voc() -> WeCLIPConfig:

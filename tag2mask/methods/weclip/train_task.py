@@ -157,6 +157,7 @@ class WeCLIPTask(TrainTask):
     """WeCLIP's decoder trained on its online pseudo labels (see the module docstring)."""
 
     name = "weclip"
+    recipe_type = WeCLIPConfig
 
     def __init__(self, config: WeCLIPConfig, opts: TrainOptions) -> None:
         self.config, self.opts = config, opts
@@ -166,14 +167,6 @@ class WeCLIPTask(TrainTask):
     def max_iters(self) -> int:
         return self.config.max_iters
 
-    def config_dict(self) -> dict[str, Any]:
-        return self.config.to_dict()
-
-    def adopt_config(self, saved: dict[str, Any]) -> None:
-        stored = WeCLIPConfig.from_dict(saved)
-        if stored != self.config and (self.ctx is None or self.ctx.is_main):
-            print("resume: using the configuration stored in the checkpoint")
-        self.config = stored
 
     def setup(self, ctx: TrainContext) -> None:
         self.ctx = ctx
