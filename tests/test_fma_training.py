@@ -23,7 +23,8 @@ from tag2mask.runs.layout import RunFolderError, read_run_checkpoint
 from tag2mask.methods.fma.data import (
     FMACrops, color_jitter, jitter_step, open_fma_data, rescale_crop_flip,
 )
-from tag2mask.methods.fma.train_task import FMAData, FMATask, FMATrainConfig, load_prompts, train_fma
+from tag2mask.methods.fma.train_task import FMAData, FMATask, train_fma
+from tag2mask.methods.fma.prompt_run import FMATrainConfig, load_prompts
 from tag2mask.engine.logs import read_log
 from tag2mask.vocab.vocabulary import get_vocabulary
 
@@ -304,7 +305,7 @@ def test_cli_trains_on_a_synth_export_with_its_train_split(tmp_path, capsys):
 
 
 def test_prompts_files_are_read_safely(tmp_path):
-    from tag2mask.methods.fma.train_task import PROMPTS_FILE
+    from tag2mask.methods.fma.prompt_run import PROMPTS_FILE
 
     bad = tmp_path / PROMPTS_FILE
     bad.write_bytes(b"\x80\x04not safetensors")

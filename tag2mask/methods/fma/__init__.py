@@ -6,7 +6,7 @@ Paper -> files:
 - The prompt-training losses (multi-label contrastive, CAM activation): :mod:`.losses`;
   the per-stage settings and CAA refinement: :mod:`.config`.
 - Prompt training on the engine: :mod:`.train_task` with its data in :mod:`.data`; command
-  ``tag2mask train fma`` (:mod:`.cli`).
+  ``tag2mask train fma`` (:mod:`.cli`); a run's recipe and learned context as files: :mod:`.prompt_run`.
 - CAM inference with learned prompts: :mod:`.inference`; ``tag2mask label --method fma``
   (:mod:`.label_cli`) writes coarse / fine seeds, with SAM proposals from the shared
   :mod:`tag2mask.proposals` (seeding works with any CAMs: ``tag2mask seed``).

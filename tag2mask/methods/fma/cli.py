@@ -112,7 +112,7 @@ def _preset_for(args: argparse.Namespace, kind: str) -> str:
 def build_fma_config(args: argparse.Namespace, kind: str):
     """The :class:`FMATrainConfig` of the command line (preset + overrides)."""
     from tag2mask.methods.fma.prompts import seed_from_string
-    from tag2mask.methods.fma.train_task import FMATrainConfig
+    from tag2mask.methods.fma.prompt_run import FMATrainConfig
     from tag2mask.vocab.vocabulary import load_vocabulary
 
     name = _preset_for(args, kind)

@@ -102,7 +102,7 @@ def _load_model(args: argparse.Namespace, config, ctx, meta: dict):
     from tag2mask.clip.loading import load_clip
     from tag2mask.clip.numerics import NUMERICS
     from tag2mask.runtime import resolve_device
-    from tag2mask.methods.fma.train_task import build_model
+    from tag2mask.methods.fma.prompt_run import build_model
 
     recorded = (meta.get("clip") or {})
     weights = args.weights or recorded.get("weights")
@@ -262,7 +262,7 @@ def run_label(args: argparse.Namespace) -> int:
     from tag2mask.evaluation.miou import DEFAULT_MIOU_RULE
     from tag2mask.jobs.runner import JobOptions, print_summary, process_exit_code, run_items
     from tag2mask.methods.fma.inference import FMACams
-    from tag2mask.methods.fma.train_task import load_prompts
+    from tag2mask.methods.fma.prompt_run import load_prompts
 
     if args.limit is not None and args.limit < 0:
         raise ValueError(f"--limit must be >= 0, got {args.limit}")
