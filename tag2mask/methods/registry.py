@@ -96,7 +96,8 @@ METHODS: tuple[Method, ...] = (
     Method("clip-es", "tags->cams", "tag2mask.methods.clip_es", "CLIP-ES (Lin et al., CVPR 2023)",
            demo_names=("gradcam", "clip-es", "clip-es+pamr", "clip-es+crf"), presets=("voc", "coco", "synth"),
            demo="tag2mask.methods.clip_es.demo:demo_predictors",
-           commands=(Command("", "prompts", "tag2mask.methods.clip_es.prompts_cli"),),
+           commands=(Command("label", "clip-es", "tag2mask.methods.clip_es.label_cli", "training-free, default"),
+                     Command("", "prompts", "tag2mask.methods.clip_es.prompts_cli")),
            segmenter_recipes=("clip-es",), recipes="tag2mask.methods.clip_es.recipe:SEGMENTER_RECIPES"),
     Method("fma", "tags->cams", "tag2mask.methods.fma", "FMA-WSSS (Yang & Gong, WACV 2024)",
            presets=("voc", "coco", "synth"),
@@ -179,8 +180,8 @@ def segment_methods() -> tuple[str, ...]:
 
 
 def label_methods() -> tuple[str, ...]:
-    """``label --method`` choices: CLIP-ES (built into ``label``) and every method bringing a ``label`` hook."""
-    return ("clip-es", *(c.name for _, c in commands("label")))
+    """``label --method`` choices: every method bringing a ``label`` hook (CLIP-ES, the default, first)."""
+    return tuple(c.name for _, c in commands("label"))
 
 
 def serve_methods() -> tuple[str, ...]:

@@ -8,7 +8,8 @@ Paper -> files:
 - Eq. 9 on the user's own images: :mod:`.prompt_selection`; command ``tag2mask prompts select``
   (:mod:`.prompts_cli`).
 - Stage 2 (CAMs -> pseudo-masks: background score, dense CRF, PAMR; the confidence-guided
-  loss's 0.95 ignore region): :mod:`.label_maps`; ``tag2mask label``'s stages: :mod:`.label_stages`.
+  loss's 0.95 ignore region): :mod:`.label_maps`; ``tag2mask label`` (the default ``--method``):
+  :mod:`.label_cli`, its overlapped stages :mod:`.label_stages`.
 - Stage 3 (DeepLab-v2 on the pseudo-masks): the segmenter recipe ``clip-es`` in :mod:`.recipe`,
   trained by :mod:`tag2mask.segmenter` (``tag2mask train segmenter --preset clip-es``).
 Docs: docs/clip_es.md.
