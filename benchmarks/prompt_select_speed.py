@@ -2,7 +2,7 @@
 
 Both run in this one invocation on the same images, templates and model, alternating, so load
 affects them alike: "before" is the former loop (every template re-encodes every image through
-``clip_class_probabilities``), "after" is :func:`tag2mask.methods.prompt_selection.rank_templates`.
+``clip_class_probabilities``), "after" is :func:`tag2mask.methods.clip_es.prompt_selection.rank_templates`.
 The two rankings are checked to agree. Prints a markdown row with machine, load and date.
 
     python benchmarks/prompt_select_speed.py --images 20 --templates builtin
@@ -21,10 +21,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tag2mask.cli.prompts_cmd import resolve_templates
+from tag2mask.methods.clip_es.prompts_cli import resolve_templates
 from tag2mask.clip import load_clip, tiny_clip_path
 from tag2mask.clip.text_embed import embed_vocabulary
-from tag2mask.methods.prompt_selection import clip_class_probabilities, rank_templates, sharpness
+from tag2mask.methods.clip_es.prompt_selection import clip_class_probabilities, rank_templates, sharpness
 from tag2mask.synth import SyntheticDataset
 from tag2mask.vocab.vocabulary import Vocabulary, get_vocabulary
 

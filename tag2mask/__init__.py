@@ -2,7 +2,7 @@
 
 from typing import Any
 
-__version__ = "0.1.0"
+from tag2mask.version import __version__  # noqa: F401  (the public tag2mask.__version__)
 
 #: the folder API (:mod:`tag2mask.api`), imported on first use so ``tag2mask --help`` stays fast
 _LAZY = {"label_folder", "segment_folder", "FolderRun"}

@@ -31,7 +31,7 @@ def test_user_errors_are_one_line(tmp_path, capsys):
 
 
 def test_info_reports_the_stored_dtype(capsys):
-    from tag2mask.cli.common import shipped_weights_path
+    from tag2mask.cmdline.options import shipped_weights_path
 
     assert main(["info", "--weights", str(shipped_weights_path())]) == 0
     out = capsys.readouterr().out

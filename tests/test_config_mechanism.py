@@ -73,7 +73,9 @@ def test_library_configs_round_trip():
     from tag2mask.clip.model import CLIPConfig, TextConfig, VisionConfig
     from tag2mask.methods.clip_zss.config import ClipZssConfig
     from tag2mask.methods.weclip.model import preset as weclip_preset
-    from tag2mask.training.segmenter_task import SEGMENTER_PRESETS, segmenter_preset
+    from tag2mask.methods.registry import segmenter_preset, segmenter_recipe_names
+
+    SEGMENTER_PRESETS = segmenter_recipe_names()  # every recipe the methods register
 
     clip = CLIPConfig(embed_dim=64, vision=VisionConfig(width=32, layers=(1, 1, 1, 1), heads=2, image_size=64),
                       text=TextConfig(width=32, layers=1, heads=2))

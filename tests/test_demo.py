@@ -7,7 +7,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from tag2mask.cli.common import shipped_weights_path
+from tag2mask.cmdline.options import shipped_weights_path
 
 
 def test_shipped_weights_classify_generated_scenes():
@@ -70,7 +70,7 @@ def test_demo_cells_show_the_flat_mask_beside_the_overlay(tmp_path):
 
 def test_demo_timing_excludes_the_warm_up(monkeypatch):
     """Each method runs once untimed before the timed loop: n timed calls, n + 1 calls in all."""
-    import tag2mask.demo as demo
+    import tag2mask.cli.demo_scenes as demo
 
     calls: list[float] = []
 
@@ -95,7 +95,7 @@ def test_demo_page_is_a_grid_under_a_summary(tmp_path, tiny_clip_path):
     import re
 
     from tag2mask.cli.main import main
-    from tag2mask.demo import METHOD_INFO
+    from tag2mask.cli.demo_scenes import METHOD_INFO
 
     out = tmp_path / "demo"
     methods = ["clip-es", "sclip"]
@@ -133,7 +133,7 @@ def test_caa_improves_the_shipped_models_gradcam_seeds():
     # (12 test scenes: 39.9 -> 42.7 mIoU with the shipped weights). A broken affinity, Sinkhorn or
     # box mask, or weights whose attention does not group objects, turns this around.
     from tag2mask.clip.loading import load_clip
-    from tag2mask.demo import evaluate_methods
+    from tag2mask.cli.demo_scenes import evaluate_methods
 
     model = load_clip(shipped_weights_path())
     scores = evaluate_methods(model, 12, ["gradcam", "clip-es"], split="test")

@@ -1,4 +1,4 @@
-"""MaskCLIP+ (tag2mask.methods.maskclip_plus) on the segmenter task, with the shipped tiny CLIP as teacher.
+"""MaskCLIP+ (tag2mask.methods.maskclip_plus.recipe) on the segmenter task, with the shipped tiny CLIP as teacher.
 
 What the official MaskClipPlusHead does and these tests pin: the teacher labels only the -1 pixels of
 the same crop (argmax of raw cosine over the listed categories, PD/KS before the bilinear resize);
@@ -17,17 +17,18 @@ import torch
 import torch.nn.functional as F
 
 from _seg_double import make_dataset
-from tag2mask.cli.common import shipped_weights_path
+from tag2mask.cmdline.options import shipped_weights_path
 from tag2mask.clip.loading import load_clip
 from tag2mask.data.segmentation import open_segmentation_data, open_unlabeled_images
-from tag2mask.methods.maskclip_plus import SETTING_NAMES, SETTINGS, MaskClipPlus, MaskClipTeacher, maskclip_plus_config
+from tag2mask.methods.maskclip_plus.recipe import SETTING_NAMES, SETTINGS, MaskClipPlus, MaskClipTeacher, maskclip_plus_config
 from tag2mask.methods.ovss.maskclip_refine import key_smooth, prompt_denoise
 from tag2mask.methods.ovss.segmenter import OpenVocabSegmenter
 from tag2mask.models import IMAGENET_NORMALIZATION, TextEmbeddingClassifier
 from tag2mask.models.base import CLIP_NORMALIZATION
-from tag2mask.training.engine import RunOptions, read_run_checkpoint, train
-from tag2mask.training.logs import read_log
-from tag2mask.training.segmenter_task import UNLABELED, SegmentationCrops, SegmenterTask
+from tag2mask.engine.loop import RunOptions, train
+from tag2mask.runs.layout import read_run_checkpoint
+from tag2mask.engine.logs import read_log
+from tag2mask.segmenter.task import UNLABELED, SegmentationCrops, SegmenterTask
 from tag2mask.vocab.vocabulary import Vocabulary, get_vocabulary
 
 TINY_STUDENT = {"variant": "tiny"}
@@ -164,7 +165,9 @@ def _names(vocab: Vocabulary, labels, background: bool) -> tuple[str, ...]:
 
 
 def test_settings_are_the_official_configs():
-    from tag2mask.cli.train_segmenter import _MCP_SETTINGS
+    from tag2mask.methods import registry
+
+    _MCP_SETTINGS = registry.get("maskclip+").presets  # the names --help lists, without importing the method
 
     assert _MCP_SETTINGS == SETTING_NAMES  # every setting is reachable from the command line
     assert set(OFFICIAL) <= set(SETTING_NAMES)

@@ -93,7 +93,7 @@ def test_methods_apply_their_numerics_during_their_passes(plain, monkeypatch):
     """ClipES / WeCLIP run the CLIP inside their numerics (TF32 off, rounded weights) and leave it after."""
     from PIL import Image
 
-    from tag2mask.methods.clip_es import ClipES, preset_for
+    from tag2mask.methods.clip_es.pipeline import ClipES, preset_for
     from tag2mask.methods.weclip.model import WeCLIP, normalize_rgb, preset
 
     seen = []

@@ -1,4 +1,4 @@
-"""Every numeric option of every sub-command is checked by a typed helper (tag2mask.cli.option_types).
+"""Every numeric option of every sub-command is checked by a typed helper (tag2mask.cmdline.option_types).
 
 The walker introspects the argparse parsers: no option may still use a bare ``int``/``float``, and
 NaN, infinity, -1, 0 and 1e30 are refused with exit code 2 and one line naming the option, unless the
@@ -12,7 +12,7 @@ import argparse
 import pytest
 
 from tag2mask.cli.main import build_parser, main
-from tag2mask.cli.option_types import MAX_SIDE, Number, _AutoOr, device, finite_float, positive_int
+from tag2mask.cmdline.option_types import MAX_SIDE, Number, _AutoOr, device, finite_float, positive_int
 
 BAD_VALUES = ("nan", "inf", "-1", "0", "1e30", "abc")
 
@@ -113,7 +113,7 @@ def test_sub_commands_without_arguments_are_one_line(capsys, argv):
 
 def test_stop_at_beyond_iters_is_refused(tmp_path):
     from _toy_tasks import ToyTask
-    from tag2mask.training.engine import RunOptions, train
+    from tag2mask.engine.loop import RunOptions, train
 
     with pytest.raises(ValueError, match="--stop-at 20 is outside the run's 1..12 iterations"):
         train(ToyTask(iters=12), RunOptions(out_dir=str(tmp_path / "r"), device="cpu", stop_at=20, progress=False))

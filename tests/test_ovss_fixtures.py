@@ -23,7 +23,8 @@ from PIL import Image
 
 from tag2mask.clip.loading import load_clip
 from tag2mask.io.palette import read_label_png
-from tag2mask.methods.ovss import OpenVocabSegmenter, attention_weights
+from tag2mask.methods.ovss.last_block import attention_weights
+from tag2mask.methods.ovss.segmenter import OpenVocabSegmenter
 from tag2mask.methods.ovss.last_block import neighbourhood_prior
 from tag2mask.methods.ovss.numerics import fp16_rounding_targets
 from tag2mask.vocab.vocabulary import load_vocabulary

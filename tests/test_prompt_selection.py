@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tag2mask.methods.prompt_selection import clip_preprocess, rank_templates, sharpness
+from tag2mask.methods.clip_es.prompt_selection import clip_preprocess, rank_templates, sharpness
 
 TEMPLATES = ("a photo of a {}.", "a clean origami {}.", "art of the {}.")
 

@@ -15,8 +15,8 @@ import torch
 import tag2mask.models  # noqa: F401  (our own package: must import)
 from _seg_double import CLASSES, make_dataset
 from tag2mask.cli.main import main
-from tag2mask.training.engine import read_run_checkpoint
-from tag2mask.training.logs import read_log
+from tag2mask.runs.layout import read_run_checkpoint
+from tag2mask.engine.logs import read_log
 
 
 @pytest.fixture(scope="module")

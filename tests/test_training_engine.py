@@ -1,4 +1,4 @@
-"""The training engine (tag2mask.training.engine) on a toy task: resume, logs, run folders, safety, DDP.
+"""The training engine (tag2mask.engine.loop) on a toy task: resume, logs, run folders, safety, DDP.
 
 The toy task (tests/_toy_tasks.py) has dropout, extra checkpointed state and a phase switch, so an
 exact resume needs every piece of state the engine saves.
@@ -21,8 +21,9 @@ from _toy_tasks import ToyTask
 from tag2mask.jobs.checkpoint import (
     RECORD, DiskFullError, UnsafeCheckpointError, latest_checkpoint, load_checkpoint, load_latest_checkpoint,
 )
-from tag2mask.training.engine import RunFolderError, RunOptions, TrainingDiverged, read_run_checkpoint, train
-from tag2mask.training.logs import read_events, read_log
+from tag2mask.engine.loop import RunOptions, TrainingDiverged, train
+from tag2mask.runs.layout import RunFolderError, read_run_checkpoint
+from tag2mask.engine.logs import read_events, read_log
 
 REPO = Path(__file__).resolve().parents[1]
 

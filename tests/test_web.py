@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tag2mask.cli.common import shipped_weights_path
+from tag2mask.cmdline.options import shipped_weights_path
 
 SYNTH_CLASSES = "star, ring, cross, heart; background: grass, water, sky"
 

@@ -12,7 +12,7 @@ import time
 
 import pytest
 
-from tag2mask.cli.common import shipped_weights_path
+from tag2mask.cmdline.options import shipped_weights_path
 from tag2mask.web.multipart import MAX_PARTS, MAX_TEXT_FIELD_BYTES, parse_multipart
 from tag2mask.web.service import RequestError
 

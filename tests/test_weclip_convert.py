@@ -54,7 +54,7 @@ def _build_official_pth(path: Path, tiny_clip_path: Path) -> dict[str, np.ndarra
 
 def test_convert_official_weclip_checkpoint(tmp_path, tiny_clip_path):
     from tag2mask.io.palette import read_label_png
-    from tag2mask.methods.weclip.decoder import WeCLIPDecoder, load_official_decoder_state
+    from tag2mask.models.weclip_decoder import WeCLIPDecoder, load_official_decoder_state
     from tag2mask.methods.weclip.inference import WeCLIPSegmenter
 
     official = tmp_path / "WeCLIP_model_iter_30000.pth"
@@ -140,8 +140,8 @@ def _legacy_checkpoint(path: Path, decoder: dict[str, torch.Tensor]) -> dict:
 
 def test_older_pickled_checkpoints_get_a_resave_message_and_a_safe_converter(tmp_path, capsys):
     from tag2mask.jobs.checkpoint import UnsafeCheckpointError, load_checkpoint
-    from tag2mask.training.engine import read_run_checkpoint
-    from tag2mask.training.state import restore_rng_state
+    from tag2mask.runs.layout import read_run_checkpoint
+    from tag2mask.runs.rng_state import restore_rng_state
 
     old_run = tmp_path / "old"
     old_run.mkdir()

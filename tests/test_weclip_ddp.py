@@ -11,7 +11,7 @@ from pathlib import Path
 
 import torch
 
-from tag2mask.training.weclip_trainer import load_training_checkpoint
+from tag2mask.methods.weclip.train_task import load_training_checkpoint
 
 
 def _entry() -> list[str]:

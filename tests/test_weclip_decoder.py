@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from tag2mask.methods.weclip.decoder import (
+from tag2mask.models.weclip_decoder import (
     WeCLIPDecoder,
     count_trainable_parameters,
     load_official_decoder_state,

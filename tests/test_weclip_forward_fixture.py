@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from tag2mask.clip.loading import load_clip
-from tag2mask.methods.weclip.decoder import load_official_decoder_state
+from tag2mask.models.weclip_decoder import load_official_decoder_state
 from tag2mask.localization.cam_pipeline import scale_to_size
 from tag2mask.localization.labels import labels_from_scores, with_background
 from tag2mask.methods.weclip.model import WeCLIP, normalize_rgb, preset

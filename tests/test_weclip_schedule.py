@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from tag2mask.training.schedule import PolyWarmupAdamW, PolyWarmupSchedule, poly_warmup_multiplier
+from tag2mask.engine.schedules.poly import PolyWarmupAdamW, PolyWarmupSchedule, poly_warmup_multiplier
 
 DATA = Path(__file__).parent / "data" / "weclip"
 FIXTURE = DATA / "lr_schedule.npz"

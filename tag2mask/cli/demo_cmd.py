@@ -6,10 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from tag2mask.cli.common import add_device_option, add_weights_options, record_given_options
-from tag2mask.cli import option_types as ot
+from tag2mask.cmdline.options import add_device_option, add_weights_options, record_given_options
+from tag2mask.methods import registry
+from tag2mask.cmdline import option_types as ot
 
-DEFAULT_METHODS = ("gradcam", "clip-es", "clip-es+pamr", "clip-es+crf", "maskclip", "sclip", "clearclip", "naclip")
+#: every training-free method of the registry (CLIP-ES with its variants, the open-vocabulary methods)
+DEFAULT_METHODS = registry.demo_methods()
 
 
 def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
@@ -44,8 +46,8 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from tag2mask.cli.common import load_model_from_args
-    from tag2mask.demo import evaluate_methods, results_table, write_results_json
+    from tag2mask.cmdline.options import load_model_from_args
+    from tag2mask.cli.demo_scenes import evaluate_methods, results_table, write_results_json
     from tag2mask.io.palette import save_label_png
     from tag2mask.io.visualize import save_overlay
     from tag2mask.synth.world import OBJECT_NAMES
@@ -106,7 +108,7 @@ def run(args: argparse.Namespace) -> int:
 def write_demo_page(out: Path, scenes: list[dict], scores, model, args: argparse.Namespace) -> Path:
     """``out/index.html``: what each method is and how it scored, then one row of overlays per scene."""
     from tag2mask.clip.shipped import TINY_CLIP_NOTE, is_shipped_tiny_clip
-    from tag2mask.demo import METHOD_INFO
+    from tag2mask.cli.demo_scenes import METHOD_INFO
     from tag2mask.io.html_report import GridCell, GridRow, Table, format_percent, write_report
     from tag2mask.io.visualize import legend_entries
     from tag2mask.synth.world import OBJECT_NAMES

@@ -25,81 +25,21 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
-from tag2mask.cli.common import given, plain_text, record_given_options, reject_options
+from tag2mask.cmdline.options import given, plain_text, record_given_options, reject_options
+from tag2mask.cmdline.classes import resolve_classes, zero_shot_split as _zero_shot_split
 from tag2mask.evaluation.rules import DEFAULT_MIOU_RULE, MIOU_RULES
-from tag2mask.vocab import classes as _vocab_classes
+from tag2mask.evaluation.tables import format_table, pct as _pct
 from tag2mask.io.atomic import atomic_write_text
 from tag2mask.io.json_files import read_json
-from tag2mask.cli import option_types as ot
+from tag2mask.cmdline import option_types as ot
 
 if TYPE_CHECKING:  # NumPy and the metric code load with the command, not with ``tag2mask --help``
     import numpy as np
 
-__all__ = ["add_parser", "run", "resolve_classes", "evaluate_label_folder", "evaluate_cam_folder"]
+__all__ = ["add_parser", "run", "evaluate_label_folder", "evaluate_cam_folder"]
 
-VOC_CLASSES = list(_vocab_classes.VOC_CLASSES)
-# CLIP-ES's class_names_coco order and spellings (motorbike, aeroplane, sofa, pottedplant, diningtable,
-# tvmonitor), the names `tag2mask label --classes coco` uses: label k + 1 = COCO_CLASSES[k]
-COCO_CLASSES = list(_vocab_classes.COCO_CLASSES)
 #: prediction value that is not scored: the "not confident" pixels of ``label --refine crf``
 PRED_IGNORE = 255
-
-
-def resolve_classes(spec: str, num_classes: int | None = None) -> list[str]:
-    """Class names *including background at index 0* for ``voc``, ``coco``, ``synth``, a FILE or an inline list
-    (a zero-shot split name gives its own label order, without a background entry for COCO-Stuff).
-
-    FILE: one class per line; only the first comma-separated name of a line is used (the
-    rest are synonyms); blank lines and ``#`` comments skipped. Background is prepended
-    unless the first name is ``background``. An inline list is read as everywhere else
-    (``"cat, dog|puppy; background: sky"``: display names, background words dropped).
-    ``num_classes`` overrides the count: extra classes are named ``class <k>``; fewer than
-    listed is an error.
-    """
-    path = Path(spec)
-    split = _zero_shot_split(spec)
-    if split is not None:  # a zero-shot split's label order (COCO-Stuff: no background entry)
-        names = list(split.class_names)
-    elif spec.lower() == "voc":
-        names = ["background"] + VOC_CLASSES
-    elif spec.lower() == "coco":
-        names = ["background"] + COCO_CLASSES
-    elif spec.lower() == "synth":
-        from tag2mask.synth.world import OBJECT_NAMES
-
-        names = ["background"] + list(OBJECT_NAMES)
-    elif not path.is_file() and ("," in spec or ";" in spec):
-        from tag2mask.vocab.vocabulary import parse_class_string
-
-        names = ["background"] + list(parse_class_string(spec).names)
-    else:
-        if not path.is_file():
-            raise FileNotFoundError(f"--classes: expected voc, coco, synth, a class file or an inline list "
-                                    f"'cat, dog'; {spec} not found")
-        names = []
-        for line in path.read_text(encoding="utf-8-sig").splitlines():
-            line = line.strip()
-            if line and not line.startswith("#"):
-                names.append(line.split(",")[0].strip())
-        if not names:
-            raise ValueError(f"{path}: no class names found")
-        if names[0].lower() != "background":
-            names = ["background"] + names
-    if num_classes is not None:
-        if num_classes < len(names):
-            raise ValueError(f"--num-classes {num_classes} is smaller than the {len(names)} classes "
-                             f"(background included) of --classes {spec}")
-        names += [f"class {k}" for k in range(len(names), num_classes)]
-    from tag2mask.vocab.vocabulary import check_class_names
-
-    return list(check_class_names(names, "--classes" if not path.is_file() else str(path)))
-
-
-def _zero_shot_split(spec: str):
-    """The named zero-shot split ``spec`` (``voc-15-5``, ``synth-9-3`` ...), or ``None``."""
-    from tag2mask.methods.clip_zss.splits import find_split
-
-    return find_split(spec) if "-" in spec and not Path(spec).exists() else None
 
 
 def _resolve_unseen(items: Sequence[str], names: Sequence[str]) -> list[int]:
@@ -217,7 +157,7 @@ def method_miou_rule(pred: str | Path) -> tuple[str, str]:
     Looks for a ``run.json`` in PRED and its two parents (``label`` records ``miou_rule``; a WeCLIP
     ``segment`` run records ``method: weclip``); falls back to :data:`DEFAULT_MIOU_RULE`.
     """
-    from tag2mask.methods.weclip.model import WeCLIPConfig
+    from tag2mask.methods import registry
 
     here = Path(pred).resolve()
     for folder in (here, *list(here.parents)[:2]):
@@ -234,31 +174,11 @@ def method_miou_rule(pred: str | Path) -> tuple[str, str]:
         settings = data.get("settings") if isinstance(data.get("settings"), dict) else {}
         # both forms: a top-level ``method`` and ``settings.method`` (what ``segment --checkpoint`` writes)
         method = data.get("method") or settings.get("method")
-        if rule is None and method == "weclip":
-            rule = WeCLIPConfig.__dataclass_fields__["miou_rule"].default
+        if rule is None and isinstance(method, str):  # the method's own rule (registry)
+            rule = registry.miou_rule_of(method)
         if rule in MIOU_RULES:
             return rule, str(record)
     return DEFAULT_MIOU_RULE, "default"
-
-
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:6.2f}"
-
-
-def format_table(names: Sequence[str], columns: dict[str, dict]) -> str:
-    """Markdown-style table: one row per class + summary rows, one column per setting."""
-    heads = list(columns)
-    width = max(12, *(len(n) for n in names))
-    lines = [f"| {'class':<{width}} | " + " | ".join(f"{h:>7}" for h in heads) + " |",
-             f"|{'-' * (width + 2)}|" + "|".join("-" * 9 for _ in heads) + "|"]
-    for i, n in enumerate(names):
-        vals = [columns[h]["Class IoU"][i] for h in heads]
-        if all(v is None for v in vals):
-            continue  # absent from GT and prediction: excluded, not shown as 0
-        lines.append(f"| {n:<{width}} | " + " | ".join(f"{_pct(v):>7}" for v in vals) + " |")
-    for key, label in (("Mean IoU", "mIoU"), ("Pixel Accuracy", "pixel acc"), ("Mean Accuracy", "mean acc")):
-        lines.append(f"| {label:<{width}} | " + " | ".join(f"{_pct(columns[h][key]):>7}" for h in heads) + " |")
-    return "\n".join(lines)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:

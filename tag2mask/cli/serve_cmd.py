@@ -6,8 +6,8 @@ import argparse
 import textwrap
 import sys
 
-from tag2mask.cli.common import add_device_option, add_weights_options, record_given_options
-from tag2mask.cli import option_types as ot
+from tag2mask.cmdline.options import add_device_option, add_weights_options, record_given_options
+from tag2mask.cmdline import option_types as ot
 
 
 def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
@@ -38,7 +38,7 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tag2mask.cli.common import load_model_from_args
+    from tag2mask.cmdline.options import load_model_from_args
     from tag2mask.web.server import LOOPBACK_NAMES, make_server
 
     model = load_model_from_args(args)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-from tag2mask.cli import option_types as ot
+from tag2mask.cmdline import option_types as ot
 import sys
 
 

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tag2mask.data.images import fit_max_pixels, to_rgb
+from tag2mask.methods import registry
 from tag2mask.vocab.vocabulary import PRESETS, Vocabulary, get_vocabulary, parse_class_string
 
 __all__ = [
@@ -28,7 +29,8 @@ __all__ = [
     "RequestError", "MethodResult", "SegmentService", "parse_classes", "decode_upload", "is_shipped_tiny_clip",
 ]
 
-METHODS = ("naclip", "sclip", "clearclip", "maskclip")
+#: the open-vocabulary methods the registry offers to the web demo, the default first
+METHODS = registry.serve_methods()
 #: uploads with more pixels are refused before decoding (decompression bombs)
 MAX_IMAGE_PIXELS = 16_000_000
 #: larger images are segmented at this many pixels (aspect kept) and their mask scaled back (nearest):
@@ -182,14 +184,13 @@ class SegmentService:
         return f"tiny CLIP shipped with tag2mask ({arch})" if self.toy_model else f"CLIP {arch}"
 
     def _segmenter(self, vocab: Vocabulary, method: str, mode: str) -> Any:
-        from tag2mask.methods.ovss.segmenter import OpenVocabSegmenter
-
         key = (vocab, method, mode)
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
         try:
-            seg = OpenVocabSegmenter(self.model, vocab, method, mode=mode, short_side=self.short_side)
+            seg = registry.load(registry.get(method).predictor)(self.model, vocab, method, mode=mode,
+                                                                   short_side=self.short_side)
         except ValueError as e:  # e.g. more labels than an 8-bit map holds
             raise RequestError(f"bad class list: {e}") from e
         self._cache[key] = seg

@@ -122,7 +122,7 @@ FROM_ZEGCLIP_CODE: dict[str, str] = {
 }
 
 
-# The student's recipe is a SegmenterConfig (tag2mask.training.segmenter_task). The paper's student
+# The student's recipe is a SegmenterConfig (tag2mask.segmenter.task). The paper's student
 # optimiser is not known to us: the benchmark presets use mmseg's SegFormer recipe (AdamW 6e-5,
 # weight decay 0.01, head x10, linear warm-up 1500 iterations, poly power 1) on ZegCLIP's protocol
 # (512 crops of images scaled to 2048x512 x U(0.5, 2), photometric jitter, batch 16, VOC 20k / COCO-Stuff

@@ -26,7 +26,7 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from tag2mask.methods.weclip.decoder import WeCLIPDecoder, load_official_decoder_state
+from tag2mask.models.weclip_decoder import WeCLIPDecoder, load_official_decoder_state
 from tag2mask.methods.weclip.model import WeCLIPConfig, build_clip_for, preset
 
 __all__ = ["read_official_checkpoint", "split_official_state", "convert_official_weclip"]
@@ -104,7 +104,7 @@ def convert_official_weclip(
         classes: foreground prompt names for other label sets.
         overwrite: replace the checkpoint of an existing converted run folder.
     """
-    from tag2mask.training.engine import RunFolderError
+    from tag2mask.runs.layout import RunFolderError
 
     path, out = Path(path), Path(out_dir)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -131,7 +131,7 @@ def _write_converted_run(folder: Path, path: Path, clip_state: dict, decoder_sta
     from safetensors.torch import save_file
 
     from tag2mask.jobs.checkpoint import honour_umask, save_checkpoint
-    from tag2mask.training.engine import CHECKPOINT_FORMAT
+    from tag2mask.runs.layout import CHECKPOINT_FORMAT
 
     clip_path = folder / "clip.safetensors"
     save_file({k: v.detach().contiguous() for k, v in clip_state.items()}, str(clip_path),
@@ -165,7 +165,7 @@ def _write_converted_run(folder: Path, path: Path, clip_state: dict, decoder_sta
 def _publish_run(staging: Path, out: Path, overwrite: bool) -> None:
     """Move the complete run in ``staging`` to ``out``: one rename, or file by file into an existing ``out``."""
     from tag2mask.jobs.checkpoint import RECORD
-    from tag2mask.training.engine import RunFolderError
+    from tag2mask.runs.layout import RunFolderError
 
     mask = os.umask(0)
     os.umask(mask)

@@ -41,13 +41,14 @@ from tag2mask.clip.text_embed import CacheDir, TextEmbeddings, embed_vocabulary
 from tag2mask.evaluation.miou import check_miou_rule
 from tag2mask.localization.cam_pipeline import CAMSettings, run_cam_pipeline, scale_to_size
 from tag2mask.localization.labels import labels_from_scores, with_background
-from tag2mask.methods.weclip.decoder import WeCLIPDecoder
+from tag2mask.models.weclip_decoder import WeCLIPDecoder
 from tag2mask.methods.weclip.rfm import rfm_affinity, rfm_keep_mask
 from tag2mask.refinement.par import PAR
 from tag2mask.vocab.templates import CLIP_ES as CLIP_ES_TEMPLATES
 from tag2mask.vocab.vocabulary import Vocabulary, get_vocabulary
 
 __all__ = [
+    "split_names",
     "IMAGENET_MEAN_255",
     "IMAGENET_STD_255",
     "WeCLIPConfig",
@@ -217,6 +218,23 @@ def preset(name: str, **overrides: Any) -> WeCLIPConfig:
     if key not in _PRESETS:
         raise ValueError(f"unknown WeCLIP preset {name!r}; choose from {list(_PRESETS)}")
     return replace(_PRESETS[key](), **overrides)
+
+
+def split_names(text: str) -> tuple[str, ...]:
+    """``--classes`` / ``--background`` of ``train weclip`` and ``convert weclip``: a preset name (its prompt
+    names), a file (one name per line, ``#`` comments) or ``'a, b, c'``."""
+    from pathlib import Path
+
+    if text.strip().lower() in PRESET_NAMES:  # "--classes voc": the preset's prompt names
+        return preset(text).classes
+    from tag2mask.vocab.vocabulary import check_class_names
+
+    path = Path(text)
+    if path.is_file():
+        names = tuple(ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()
+                      if ln.strip() and not ln.startswith("#"))
+        return check_class_names(names, str(path))
+    return check_class_names(tuple(n.strip() for n in text.split(",") if n.strip()), "--classes")
 
 
 def normalize_rgb(rgb: np.ndarray, normalization: str = "imagenet") -> Tensor:
