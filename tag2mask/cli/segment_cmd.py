@@ -6,6 +6,7 @@ import argparse
 import platform
 from pathlib import Path
 
+from tag2mask.cli import segment_ovss2
 from tag2mask.cli.common import (
     add_device_option,
     add_run_options,
@@ -17,7 +18,7 @@ from tag2mask.cli.common import (
     reject_options,
 )
 
-METHOD_CHOICES = ("maskclip", "sclip", "clearclip", "naclip")
+METHOD_CHOICES = ("maskclip", "sclip", "clearclip", "naclip") + segment_ovss2.METHODS
 # kept in step with tag2mask.methods.ovss (importing it here would load torch for every --help)
 DATASET_CHOICES = ("voc21", "voc20", "context60", "context59", "coco_object", "coco_stuff", "city_scapes", "ade20k")
 LAST_BLOCK_CHOICES = ("clip", "maskclip", "sclip", "clearclip", "naclip", "clip-reduced", "maskclip-reduced",
@@ -29,6 +30,7 @@ PRESET_TABLE = """presets (--preset; options given explicitly override single se
   naclip     published  336         slide 224/112  40           on    fp16-rounded
   clearclip  published  448         slide 448/224  50           off   fp16-rounded
   maskclip   published  512         whole          1 (cosine)   off   as loaded; MaskCLIP's mmseg numerics
+""" + segment_ovss2.PRESET_ROWS + """
   default and published: probability threshold 0, no area threshold; published:DATASET adds that
   benchmark's official config (e.g. sclip published:voc21: logit scale 65, prob/area thresholds 0.1)."""
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -102,6 +104,7 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
                         "--no-compat: the loaded model as it is (default: preset's)")
     p.add_argument("--pamr", action=argparse.BooleanOptionalAction, default=None,
                    help="refine with PAMR, 10 steps, dilations 8 and 16 (default: preset's; on for NACLIP's published)")
+    segment_ovss2.add_options(p)
     p.add_argument("--first-line", default="auto", choices=("auto", "background", "class"),
                    help="official cls_*.txt name sets only: whether line 1 lists the background words "
                         "(default: auto = when it is 'background' or a list of stuff words such as sky, wall, tree)")
@@ -126,7 +129,8 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
 
 #: options of the open-vocabulary methods; a trained WeCLIP run (--checkpoint) takes none of them
 _OVSS_OPTIONS = ("classes", "method", "preset", "mode", "short_side", "crop", "stride", "prob_threshold",
-                 "area_threshold", "logit_scale", "templates", "last_block", "compat", "pamr", "first_line")
+                 "area_threshold", "logit_scale", "templates", "last_block", "compat", "pamr", "first_line"
+                 ) + segment_ovss2.OPTION_DESTS
 
 
 def check_options(args: argparse.Namespace) -> None:
@@ -183,7 +187,7 @@ def _settings(args: argparse.Namespace, vocab, model, segmenter) -> dict:
     """Everything that changes the outputs (the runner's --overwrite guard compares them)."""
     keys = ("method", "preset", "classes", "first_line", "mode", "short_side", "crop", "stride", "prob_threshold",
             "area_threshold", "logit_scale", "templates", "last_block", "compat", "pamr", "overlay", "save_logits",
-            "max_pixels", "max_pixels_policy")
+            "max_pixels", "max_pixels_policy") + segment_ovss2.OPTION_DESTS
     s = {k: getattr(args, k) for k in keys}
     # what actually runs once the preset and the options are combined
     s["resolved"] = segmenter.settings.as_dict()
@@ -288,13 +292,16 @@ def run(args: argparse.Namespace) -> int:
     # cheap checks first, so a typo fails before the model is loaded
     if args.classes is None:
         raise ValueError("--classes is required (or --checkpoint for a trained WeCLIP run)")
-    if args.method not in METHODS:
+    if args.method not in METHODS + segment_ovss2.METHODS:
         raise ValueError(f"unknown method {args.method!r}; choose one of {list(METHOD_CHOICES)}")
     if not str(args.classes).strip():
         raise ValueError("--classes is empty; give e.g. 'cat, dog; background: sky' or a name-set file")
     if args.limit is not None and args.limit < 0:
         raise ValueError(f"--limit must be >= 0, got {args.limit}")
-    preset = get_preset(args.method, args.preset)  # a bad preset name fails before the model is loaded
+    segment_ovss2.check_options(args)
+    newer = args.method in segment_ovss2.METHODS
+    # a bad preset name fails before the model is loaded
+    preset = (segment_ovss2.get_preset if newer else get_preset)(args.method, args.preset)
     first_line = {"auto": None, "background": True, "class": False}[args.first_line]
     vocab = load_vocabulary(args.classes, first_line_background=first_line)
     files = list_images(Path(args.input))
@@ -307,7 +314,10 @@ def run(args: argparse.Namespace) -> int:
         # as the official loaders do; done here on the command's own model, so the segmenter needs no copy
         round_weights_to_fp16(model)
         model.fingerprint = f"{getattr(model, 'fingerprint', 'unknown')}:fp16r"
-    segmenter = OpenVocabSegmenter(model, vocab, args.method, preset=preset, **_segmenter_options(args))
+    if newer:
+        segmenter = segment_ovss2.make_segmenter(model, vocab, args, preset, _segmenter_options(args))
+    else:
+        segmenter = OpenVocabSegmenter(model, vocab, args.method, preset=preset, **_segmenter_options(args))
     if segmenter.mode == "whole":  # a preset may choose the whole-image mode
         reject_options(args, ("crop", "stride"), f"with preset {segmenter.settings.name!r}, which runs whole images")
     settings = _settings(args, vocab, model, segmenter)
