@@ -14,6 +14,8 @@ method   official code           short crop/stride  logit other
 scclip   SuleBai/SC-CLIP         336   224 / 112    40    LOF anomaly smoothing, no PAMR
 pearl    PGSmall/PEARL           336   224 / 112    40    alpha_kk 0.08, polar 5 its, TLP grid 80, probs
                                                           renormalised
+corrclip zdk258/CorrCLIP (v1)    336   336 / 112    40    DINO ViT-B/8, region maps, MetaCLIP B/16 weights,
+                                                          windows padded to a multiple of 56
 ======== ====================== ===== ============ ===== =================================================
 """
 
@@ -28,7 +30,7 @@ from tag2mask.methods.ovss2.scclip import TOKEN_MAPS
 
 __all__ = ["METHODS", "Ovss2Preset", "DATASET_SETTINGS", "get_preset", "published_settings"]
 
-METHODS = ("scclip", "pearl")
+METHODS = ("scclip", "pearl", "corrclip")
 
 
 @dataclass(frozen=True)
@@ -64,9 +66,11 @@ class Ovss2Preset(OvssPreset):
 
 def _default(method: str) -> Ovss2Preset:
     # SC-CLIP is SCLIP's harness (whole images upsampled directly); PEARL is NACLIP's (renormalised probs)
-    return Ovss2Preset(name="default", method=method, last_block=method,
-                       whole_upsample="direct" if method == "scclip" else "input",
-                       renormalise_probs=method == "pearl")
+    preset = Ovss2Preset(name="default", method=method, last_block=method,
+                         whole_upsample="direct" if method == "scclip" else "input",
+                         renormalise_probs=method == "pearl")
+    # CorrCLIP's windows are part of the method (336 px, stride 112) in every preset
+    return dataclasses.replace(preset, crop=336, stride=112) if method == "corrclip" else preset
 
 
 def _published(method: str) -> Ovss2Preset:
@@ -91,6 +95,13 @@ DATASET_SETTINGS: dict[str, dict[str, dict[str, object]]] = {
         "coco_object": {"prob_threshold": 0.1},
         "ade20k": {"alpha_kk": 0.3},
         "city_scapes": {"short_side": 560, "alpha_kk": 0.3, "tlp_grid": 224},
+    },
+    "corrclip": {
+        "voc21": {"prob_threshold": 0.2},
+        "context60": {"prob_threshold": 0.15},
+        "coco_object": {"prob_threshold": 0.25},
+        "ade20k": {"short_side": 448},
+        "city_scapes": {"short_side": 448, "crop": 224},
     },
 }
 

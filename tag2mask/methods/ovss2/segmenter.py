@@ -41,7 +41,8 @@ class NewerOvssSegmenter(OpenVocabSegmenter):
     Args:
         model: a ViT :class:`~tag2mask.clip.model.CLIP`.
         vocab: a :class:`~tag2mask.vocab.vocabulary.Vocabulary` or a spec for ``load_vocabulary``.
-        method: ``scclip`` or ``pearl``.
+        method: ``scclip`` or ``pearl`` (``corrclip``: use
+            :class:`~tag2mask.methods.corrclip.segmenter.CorrClipSegmenter`, which adds DINO and regions).
         preset: ``default``, ``published``, ``published:<dataset>`` or an
             :class:`~tag2mask.methods.ovss2.presets.Ovss2Preset`; keywords left at their default take
             the preset's value (``self.settings`` holds the resolved preset).
@@ -66,7 +67,8 @@ class NewerOvssSegmenter(OpenVocabSegmenter):
         unknown = set(overrides) - set(_PRESET_KEYWORDS)
         if unknown:
             raise TypeError(f"{method} takes no option(s) {sorted(unknown)}")
-        own = {"scclip": {"scclip_token_map"}, "pearl": {"alpha_kk", "polar_iters", "tlp", "tlp_grid"}}[method]
+        own = {"scclip": {"scclip_token_map"}, "pearl": {"alpha_kk", "polar_iters", "tlp", "tlp_grid"},
+               "corrclip": set()}[method]
         foreign = {k for k in overrides if k in {"scclip_token_map", "alpha_kk", "polar_iters", "tlp", "tlp_grid"}} - own
         if foreign:
             raise ValueError(f"option(s) {sorted(foreign)} do not apply to method {method!r}")
