@@ -1,11 +1,13 @@
-"""SC-CLIP and PEARL against golden data from their official code (``tests/data/ovss2``).
+"""SC-CLIP, PEARL and CorrCLIP against golden data from their official code (``tests/data/ovss2``).
 
 Data-driven over ``tests/data/ovss2/index.json`` (README there): every case of a method built here
 is run end to end from the image and the tiny checkpoint, through the Python API
 (``preset="published"`` with the fixture's settings as overrides) and through ``tag2mask segment``;
 every array of the case must match within ``tolerances.<method>.<array>``, label maps up to
-``label_max_mismatch`` pixels, anomaly sets and window boxes exactly. Nothing here names a case, a
-size or a class count: another set of this format can be dropped in.
+``label_max_mismatch`` pixels, anomaly sets, window boxes, region maps, scopes and DBSCAN labels
+exactly. CorrCLIP's DINO is the set's own (``index.json`` ``dino``), loaded from Meta's layout and
+from a ``transformers`` folder converted here; its name set is the set's ``"; "`` file. Nothing
+here names a case, a size or a class count: another set of this format can be dropped in.
 """
 
 from __future__ import annotations
@@ -21,16 +23,20 @@ from PIL import Image
 
 from tag2mask.clip.loading import load_clip
 from tag2mask.io.palette import read_label_png
+from tag2mask.methods.corrclip import CorrClipSegmenter, read_corrclip_names
 from tag2mask.methods.ovss2 import NewerOvssSegmenter
 from tag2mask.methods.ovss2.pearl import tlp_text_matrix
+from tag2mask.models.dino import dino_to_hf, load_dino
 from tag2mask.vocab.vocabulary import load_vocabulary
 
 DATA = Path(__file__).parent / "data" / "ovss2"
 INDEX = json.loads((DATA / "index.json").read_text())
 #: fixture method keys of the methods NewerOvssSegmenter runs (the official repo names the method)
-METHOD_KEYS = sorted(k for k, m in INDEX["methods"].items() if m["repo"] in ("scclip", "pearl"))
-CASE_KEYS = sorted(c for c, case in INDEX["cases"].items() if case["method"] in METHOD_KEYS)
-EXACT = {"win_boxes", "win_outliers"}  # fp32 and fp64 agreed on every window and anomaly set
+METHOD_KEYS = sorted(INDEX["methods"])
+CASE_KEYS = sorted(INDEX["cases"])
+# fp32 and fp64 agreed on every window, anomaly set, region map, scope entry (README section 6)
+EXACT = {"win_boxes", "win_outliers", "win_region_masks", "win_scope"}
+LABELS = {"label", "label_nocorr"}
 
 
 def run_spec(key: str) -> tuple[str, dict]:
@@ -45,7 +51,14 @@ def run_spec(key: str) -> tuple[str, dict]:
         options["mode"] = "whole"
     if meta["repo"] == "pearl":
         options.update(alpha_kk=float(s["alpha_kk"]), tlp_grid=int(s["grid"]))
+    if meta["repo"] == "corrclip":  # no area threshold in CorrCLIP
+        assert options.pop("area_threshold") is None
     return meta["repo"], options
+
+
+def _names(key: str) -> list[str]:
+    """The name set of fixture method ``key`` (CorrCLIP's own ``"; "`` file, README section 1)."""
+    return INDEX["names_corrclip"] if INDEX["methods"][key]["repo"] == "corrclip" else INDEX["names"]
 
 
 @lru_cache(maxsize=None)
@@ -61,24 +74,58 @@ def text_arrays() -> dict[str, np.ndarray]:
 
 
 @pytest.fixture(scope="module")
-def name_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("names") / "cls_fixture.txt"
-    path.write_text("\n".join(INDEX["names"]), encoding="utf-8")
-    return path
+def name_files(tmp_path_factory) -> dict[str, Path]:
+    """Fixture method key -> its name set written as the official file (line 1 = background)."""
+    folder = tmp_path_factory.mktemp("names")
+    out = {}
+    for key in METHOD_KEYS:
+        out[key] = folder / f"cls_{key}.txt"
+        out[key].write_text("\n".join(_names(key)), encoding="utf-8")
+    return out
+
+
+def _vocab(key: str, path: Path):
+    if INDEX["methods"][key]["repo"] == "corrclip":
+        return read_corrclip_names(path)
+    return load_vocabulary(str(path), first_line_background=True)
 
 
 @pytest.fixture(scope="module")
-def segmenters(tiny_clip_path, name_file):
-    model = load_clip(tiny_clip_path)
-    cache: dict[str, NewerOvssSegmenter] = {}
+def dino_files(tmp_path_factory) -> dict[str, Path]:
+    """The set's tiny DINO in Meta's layout (a ``.pth`` state dict) and as a ``transformers`` ViTModel folder."""
+    folder = tmp_path_factory.mktemp("dino")
+    with np.load(DATA / INDEX["dino"]["file"]) as z:
+        sd = {k: torch.from_numpy(z[k]) for k in z.files}
+    torch.save(sd, folder / "dino_meta.pth")
+    hf = folder / "dino_hf"
+    hf.mkdir()
+    from safetensors.torch import save_file
 
-    def get(key: str) -> NewerOvssSegmenter:
-        if key not in cache:
+    save_file({k: v.contiguous() for k, v in dino_to_hf(sd).items()}, str(hf / "model.safetensors"))
+    cfg = INDEX["dino"]
+    (hf / "config.json").write_text(json.dumps({
+        "model_type": "vit", "hidden_size": cfg["embed_dim"], "num_hidden_layers": cfg["depth"],
+        "num_attention_heads": cfg["num_heads"], "patch_size": cfg["patch_size"], "image_size": cfg["img_size"],
+        "intermediate_size": int(cfg["embed_dim"] * cfg["mlp_ratio"]), "qkv_bias": cfg["qkv_bias"]}))
+    return {"meta": folder / "dino_meta.pth", "hf": hf}
+
+
+@pytest.fixture(scope="module")
+def segmenters(tiny_clip_path, name_files, dino_files):
+    model = load_clip(tiny_clip_path)
+    cache: dict[tuple[str, str], NewerOvssSegmenter] = {}
+
+    def get(key: str, dino_layout: str = "meta") -> NewerOvssSegmenter:
+        if (key, dino_layout) not in cache:
             method, options = run_spec(key)
-            vocab = load_vocabulary(str(name_file), first_line_background=True)
-            cache[key] = NewerOvssSegmenter(model, vocab, method, preset="published", text_cache=False,
-                                            device="cpu", **options)
-        return cache[key]
+            common = dict(preset="published", text_cache=False, device="cpu", **options)
+            vocab = _vocab(key, name_files[key])
+            if method == "corrclip":
+                dino = load_dino(dino_files[dino_layout], num_heads=INDEX["dino"]["num_heads"])
+                cache[key, dino_layout] = CorrClipSegmenter(model, vocab, dino, **common)
+            else:
+                cache[key, dino_layout] = NewerOvssSegmenter(model, vocab, method, **common)
+        return cache[key, dino_layout]
 
     return get
 
@@ -95,8 +142,8 @@ def _assert_labels(name: str, ours: np.ndarray, ref: np.ndarray, allowed: int) -
     assert wrong <= allowed, f"{name}: {wrong} pixels differ (allowed {allowed})"
 
 
-def test_the_set_has_cases_of_every_method_built_here():
-    assert {INDEX["methods"][k]["repo"] for k in METHOD_KEYS} == {"scclip", "pearl"}
+def test_the_set_has_cases_of_every_method():
+    assert {INDEX["methods"][k]["repo"] for k in METHOD_KEYS} == {"scclip", "pearl", "corrclip"}
     assert all(any(INDEX["cases"][c]["method"] == k for c in CASE_KEYS) for k in METHOD_KEYS)
 
 
@@ -111,12 +158,44 @@ def test_text_embeddings(segmenters, key):
         _assert_close("tlp_S", tlp_text_matrix(seg.text).numpy(), text_arrays()[f"{key}.tlp_S"], 1e-6)
 
 
+def test_the_dino_is_the_sets_own(dino_files):
+    """Architecture and weights of the loaded DINO are those ``index.json`` describes, in both layouts."""
+    cfg = INDEX["dino"]
+    models = [load_dino(dino_files["meta"], num_heads=cfg["num_heads"]), load_dino(dino_files["hf"])]
+    with np.load(DATA / cfg["file"]) as z:
+        ref = {k: z[k] for k in z.files}
+    for m in models:
+        assert (m.embed_dim, len(m.blocks), m.num_heads, m.patch_size) == \
+            (cfg["embed_dim"], cfg["depth"], cfg["num_heads"], cfg["patch_size"])
+        assert {k: v.numpy().tolist() for k, v in m.state_dict().items()} == {k: v.tolist() for k, v in ref.items()}
+
+
+def _predict(seg, case: dict, ref: dict):
+    image = Image.fromarray(ref["image"])
+    if isinstance(seg, CorrClipSegmenter):  # the region map the official code loaded for this image
+        return seg.predict(image, keep_arrays=True, region_map=ref["region_mask"])
+    return seg.predict(image, keep_arrays=True)
+
+
+CORR_CASES = [c for c in CASE_KEYS if INDEX["methods"][INDEX["cases"][c]["method"]]["repo"] == "corrclip"]
+
+
+@pytest.mark.parametrize("case_key", CORR_CASES)
+def test_corrclip_with_a_transformers_dino_folder(segmenters, case_key):
+    case = INDEX["cases"][case_key]
+    key, ref = case["method"], arrays_of(case["image"])
+    res = _predict(segmenters(key, "hf"), case, ref)
+    _assert_close("win_dino_feats", res.arrays["win_dino_feats"], ref[f"{key}.win_dino_feats"],
+                  INDEX["tolerances"][key]["win_dino_feats"])
+    _assert_labels("label", res.label, ref[f"{key}.label"], case["label_max_mismatch"])
+
+
 @pytest.mark.parametrize("case_key", CASE_KEYS)
 def test_arrays_match_official(segmenters, case_key):
     case = INDEX["cases"][case_key]
     key, ref = case["method"], arrays_of(case["image"])
     tol = INDEX["tolerances"][key]
-    res = segmenters(key).predict(Image.fromarray(ref["image"]), keep_arrays=True)
+    res = _predict(segmenters(key), case, ref)
     ours = res.arrays
     np.testing.assert_array_equal(ours["input"], ref[case["input_key"]])
     assert list(ours["input"].shape[1:]) == case["input_hw"]
@@ -130,13 +209,16 @@ def test_arrays_match_official(segmenters, case_key):
         assert name in ours, f"fixture array {key}.{name} is not produced"
         if name in EXACT:
             np.testing.assert_array_equal(ours[name], ref[f"{key}.{name}"], err_msg=name)
-        elif name == "label":
+        elif name in LABELS:
             _assert_labels(name, ours[name], ref[f"{key}.{name}"], case["label_max_mismatch"])
         else:
             assert name in tol, f"fixture array {key}.{name} has no tolerance"
             _assert_close(name, ours[name], ref[f"{key}.{name}"], tol[name])
     counts = np.bincount(res.label.ravel(), minlength=len(case["label_counts"]))
     assert np.abs(counts - np.asarray(case["label_counts"])).sum() <= 2 * case["label_max_mismatch"]
+    for window in case.get("dbscan", []):  # CorrCLIP: DBSCAN label of every region but the smallest id
+        assert len(window["labels"]) == window["n_regions"]
+        assert ours["dbscan"][window["window"]] == window["labels"]
     np.testing.assert_array_equal(res.label, ours["label"])
 
 
@@ -152,7 +234,16 @@ def image_folder(tmp_path_factory) -> Path:
     return folder
 
 
-def _cli_args(key: str, name_file: Path, folder: Path, out: Path, weights: Path) -> list[str]:
+@pytest.fixture(scope="module")
+def region_folder(tmp_path_factory) -> Path:
+    """Each image's region map as the official pre-generated file: ``<stem>.npz['instance_mask']``."""
+    folder = tmp_path_factory.mktemp("regions")
+    for image in INDEX["images"]:
+        np.savez_compressed(folder / f"{image}.npz", instance_mask=arrays_of(image)["region_mask"])
+    return folder
+
+
+def _cli_args(key: str, name_file: Path, folder: Path, out: Path, weights: Path, extra: list[str]) -> list[str]:
     method, options = run_spec(key)
     argv = ["segment", str(folder), "--classes", str(name_file), "--first-line", "background", "--method", method,
             "--preset", "published", "--weights", str(weights), "--out", str(out), "--device", "cpu",
@@ -160,20 +251,23 @@ def _cli_args(key: str, name_file: Path, folder: Path, out: Path, weights: Path)
             "--logit-scale", repr(options["logit_scale"]), "--prob-threshold", repr(options["prob_threshold"])]
     if options["mode"] == "slide":
         argv += ["--crop", str(options["crop"]), "--stride", str(options["stride"])]
-    if options["area_threshold"] is not None:
+    if options.get("area_threshold") is not None:
         argv += ["--area-threshold", repr(float(options["area_threshold"]))]
     if "alpha_kk" in options:
         argv += ["--alpha-kk", repr(options["alpha_kk"]), "--tlp-grid", str(options["tlp_grid"])]
-    return argv
+    return argv + extra
 
 
 @pytest.mark.parametrize("key", METHOD_KEYS)
-def test_command_reproduces_official(key, name_file, image_folder, tiny_clip_path, tmp_path, monkeypatch):
+def test_command_reproduces_official(key, name_files, image_folder, region_folder, dino_files, tiny_clip_path,
+                                     tmp_path, monkeypatch, capsys):
     from tag2mask.cli.main import main
 
     monkeypatch.setenv("TAG2MASK_CACHE", str(tmp_path / "cache"))
     out = tmp_path / "out"
-    assert main(_cli_args(key, name_file, image_folder, out, tiny_clip_path)) == 0
+    corr = INDEX["methods"][key]["repo"] == "corrclip"
+    extra = ["--dino", str(dino_files["hf"]), "--regions", str(region_folder)] if corr else []
+    assert main(_cli_args(key, name_files[key], image_folder, out, tiny_clip_path, extra)) == 0
     for case in (INDEX["cases"][c] for c in CASE_KEYS):
         if case["method"] != key:
             continue
@@ -185,3 +279,6 @@ def test_command_reproduces_official(key, name_file, image_folder, tiny_clip_pat
     record = json.loads((out / "run.json").read_text())
     assert record["settings"]["resolved"]["round_fp16_weights"] is True
     assert record["settings"]["resolved"]["method"] == run_spec(key)[0]
+    # a published CorrCLIP run with another CLIP than MetaCLIP B/16 says so
+    assert any("MetaCLIP" in w for w in record["warnings"]) == corr
+    assert ("MetaCLIP" in capsys.readouterr().err) == corr

@@ -241,7 +241,9 @@ class _Segmenter:
                                 f"--max-pixels {max_pixels:,}; raise --max-pixels or use --max-pixels-policy downscale")
             image = image.resize((w, h), Image.BICUBIC, reducing_gap=3.0)
             info["processed_size"] = [h, w]
-        res = self.segmenter.predict(image)
+        # region maps of a folder are keyed by the file stem (CorrCLIP)
+        res = self.segmenter.predict(image, key=path.stem) if getattr(self.segmenter, "wants_key", False) \
+            else self.segmenter.predict(image)
         rgb = np.asarray(image, dtype=np.uint8)
         if (w, h) != (width, height):
             # the mask (and overlay) align with the original image; the logits stay at the processed size
@@ -284,7 +286,6 @@ def run(args: argparse.Namespace) -> int:
     from tag2mask.clip.loading import round_weights_to_fp16
     from tag2mask.methods.ovss.presets import get_preset
     from tag2mask.methods.ovss.segmenter import METHODS, OpenVocabSegmenter
-    from tag2mask.vocab.vocabulary import load_vocabulary
 
     check_options(args)
     if args.checkpoint:
@@ -303,13 +304,15 @@ def run(args: argparse.Namespace) -> int:
     # a bad preset name fails before the model is loaded
     preset = (segment_ovss2.get_preset if newer else get_preset)(args.method, args.preset)
     first_line = {"auto": None, "background": True, "class": False}[args.first_line]
-    vocab = load_vocabulary(args.classes, first_line_background=first_line)
+    vocab = segment_ovss2.load_vocab(args.classes, first_line)
     files = list_images(Path(args.input))
     out = Path(args.out)
 
     args.device = device_for_rank(args.device)
     model = load_model_from_args(args)
-    warning = toy_model_warning(model, [args.input])
+    warnings = [toy_model_warning(model, [args.input])]
+    if args.method == "corrclip":
+        warnings.append(segment_ovss2.corrclip_warning(model, preset))
     if preset.round_fp16_weights:
         # as the official loaders do; done here on the command's own model, so the segmenter needs no copy
         round_weights_to_fp16(model)
@@ -341,7 +344,7 @@ def run(args: argparse.Namespace) -> int:
         "weights": getattr(model, "source_path", None),
         "weights_fingerprint": getattr(model, "fingerprint", None),
         "device": str(segmenter.device),
-        "warnings": [warning] if warning else [],
+        "warnings": [w for w in warnings if w],
     }
     return _run_job(args, files, stems, out, segmenter, settings, record)
 

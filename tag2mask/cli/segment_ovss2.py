@@ -1,4 +1,4 @@
-"""``tag2mask segment`` options and dispatch of the newer methods (SC-CLIP, PEARL).
+"""``tag2mask segment`` options and dispatch of the newer methods (SC-CLIP, PEARL, CorrCLIP).
 
 Kept apart from :mod:`tag2mask.cli.segment_cmd` so that the methods of
 :mod:`tag2mask.methods.ovss2` plug in with a few lines there; torch is imported only when a
@@ -11,19 +11,25 @@ import argparse
 
 from tag2mask.cli.common import given, reject_options
 
-__all__ = ["METHODS", "OPTION_DESTS", "add_options", "check_options", "get_preset", "make_segmenter"]
+__all__ = ["METHODS", "OPTION_DESTS", "add_options", "check_options", "get_preset", "load_vocab", "make_segmenter",
+           "corrclip_warning"]
 
 #: kept in step with tag2mask.methods.ovss2.presets.METHODS (importing it would load torch for --help)
-METHODS = ("scclip", "pearl")
+METHODS = ("scclip", "pearl", "corrclip")
 #: option dest -> the methods it applies to
-_OWN = {"token_map": ("scclip",), "alpha_kk": ("pearl",), "tlp": ("pearl",), "tlp_grid": ("pearl",)}
+_OWN = {"token_map": ("scclip",), "alpha_kk": ("pearl",), "tlp": ("pearl",), "tlp_grid": ("pearl",),
+        "dino": ("corrclip",), "dino_heads": ("corrclip",), "regions": ("corrclip",), "sam_weights": ("corrclip",)}
 OPTION_DESTS = tuple(_OWN)
 #: options of the older methods that the newer ones do not take
 _OLDER_ONLY = ("last_block", "compat", "pamr")
 
 PRESET_ROWS = """\
   scclip     published  336         slide 224/112  40           off   fp16-rounded; LOF anomaly smoothing
-  pearl      published  336         slide 224/112  40           off   fp16-rounded; TLP on, alpha_kk 0.08"""
+  pearl      published  336         slide 224/112  40           off   fp16-rounded; TLP on, alpha_kk 0.08
+  corrclip   published  336         slide 336/112  40           off   fp16-rounded; DINO + --regions; MetaCLIP B/16"""
+#: what CorrCLIP's published numbers were produced with
+METACLIP_HINT = ("CorrCLIP's published numbers use MetaCLIP ViT-B-16-quickgelu weights (open_clip 'metaclip_fullcc', "
+                 "file b16_fullcc2.5b.pt) and DINO ViT-B/8")
 
 
 def add_options(p: argparse.ArgumentParser) -> None:
@@ -36,6 +42,16 @@ def add_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--tlp", action=argparse.BooleanOptionalAction, default=None,
                    help="pearl: text-aware Laplacian propagation of the logits (default: preset's, on)")
     p.add_argument("--tlp-grid", type=int, default=None, help="pearl: TLP target grid (default: preset's, 80)")
+    p.add_argument("--dino", default=None,
+                   help="corrclip: DINO weights: Meta's dino_vitb8_pretrain.pth, a Hugging Face facebook/dino-vitb8 "
+                        "folder, or the name dino_vitb8 (weights cache; downloaded only with --allow-download)")
+    p.add_argument("--dino-heads", type=int, default=None,
+                   help="corrclip: attention heads of a non-standard DINO file (default: width / 64, or the folder's config)")
+    p.add_argument("--regions", default=None,
+                   help="corrclip: class-agnostic regions: a folder of <stem>.npz (instance_mask) / .png id maps / "
+                        ".json RLE masks (the official default: pre-generated SAM2 masks), or sam (needs "
+                        "--sam-weights), slic or felzenszwalb (scikit-image)")
+    p.add_argument("--sam-weights", default=None, help="corrclip --regions sam: a Hugging Face SamModel folder or hub id")
 
 
 def check_options(args: argparse.Namespace) -> None:
@@ -56,11 +72,67 @@ def get_preset(method: str, name: str):
 
 def _overrides(args: argparse.Namespace) -> dict:
     names = {"token_map": "scclip_token_map", "alpha_kk": "alpha_kk", "tlp": "tlp", "tlp_grid": "tlp_grid"}
-    return {names[d]: getattr(args, d) for d in _OWN if getattr(args, d) is not None and given(args, d)}
+    return {names[d]: getattr(args, d) for d in names if getattr(args, d) is not None and given(args, d)}
+
+
+def load_vocab(spec: str, first_line_background):
+    """``--classes``: CorrCLIP's ``"; "`` name files read as they are, everything else as usual."""
+    from tag2mask.methods.corrclip.names import is_corrclip_nameset, read_corrclip_names
+    from tag2mask.vocab.vocabulary import load_vocabulary
+
+    if is_corrclip_nameset(spec):
+        return read_corrclip_names(spec, first_line_background is not False)
+    return load_vocabulary(spec, first_line_background=first_line_background)
+
+
+def _region_source(args: argparse.Namespace, device):
+    from tag2mask.methods.corrclip.regions import ProposalRegions, RegionFolder
+
+    choice = args.regions
+    if choice in ("slic", "felzenszwalb"):
+        from tag2mask.proposals.superpixels import SuperpixelProposals
+
+        return ProposalRegions(SuperpixelProposals(choice))
+    if choice == "sam":
+        if not args.sam_weights:
+            raise ValueError("--regions sam needs --sam-weights (a Hugging Face SamModel folder or hub id)")
+        from tag2mask.proposals.sam import SamGeneratorSettings, SamProposals, load_sam
+
+        # CorrCLIP's dynamic SAM2 settings: 8 points per side, IoU and stability thresholds 0.4
+        settings = SamGeneratorSettings(points_per_side=8, pred_iou_thresh=0.4, stability_score_thresh=0.4)
+        sam = load_sam(args.sam_weights, device, allow_download=bool(getattr(args, "allow_download", False)) or None)
+        return ProposalRegions(SamProposals(sam, settings, weights=str(args.sam_weights)))
+    return RegionFolder(choice)
+
+
+def corrclip_warning(model, preset) -> str | None:
+    """A published CorrCLIP run with a CLIP that is not recognisably MetaCLIP B/16 gets this warning."""
+    source = str(getattr(model, "source_path", "") or "").lower()
+    arch = (model.visual.patch_size, model.visual.width, model.visual.num_blocks)
+    if not str(preset.name).startswith("published") or ("metaclip" in source or "fullcc" in source) \
+            and arch == (16, 768, 12):
+        return None
+    import sys
+
+    text = f"{METACLIP_HINT}; this CLIP ({source or 'the shipped tiny CLIP'}) is not recognised as MetaCLIP B/16 " \
+           "(by its file name and architecture): pass --weights b16_fullcc2.5b.pt to reproduce them"
+    print(f"warning: {text}", file=sys.stderr)
+    return text
 
 
 def make_segmenter(model, vocab, args: argparse.Namespace, preset, common: dict):
     """The segmenter of a newer method; ``common`` = the shared overrides of ``segment_cmd``."""
-    from tag2mask.methods.ovss2.segmenter import NewerOvssSegmenter
+    if args.method != "corrclip":
+        from tag2mask.methods.ovss2.segmenter import NewerOvssSegmenter
 
-    return NewerOvssSegmenter(model, vocab, args.method, preset=preset, **common, **_overrides(args))
+        return NewerOvssSegmenter(model, vocab, args.method, preset=preset, **common, **_overrides(args))
+    from tag2mask.methods.corrclip import CorrClipSegmenter
+    from tag2mask.models.dino import load_dino
+
+    if not args.regions:
+        raise ValueError("--method corrclip needs --regions DIR|sam|slic|felzenszwalb")
+    device = next(model.parameters()).device  # where the command put CLIP ('auto' is resolved by then)
+    regions = _region_source(args, device)
+    dino = load_dino(args.dino or "dino_vitb8", device, allow_download=bool(getattr(args, "allow_download", False))
+                     or None, num_heads=args.dino_heads)
+    return CorrClipSegmenter(model, vocab, dino, regions=regions, preset=preset, **common)
