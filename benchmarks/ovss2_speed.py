@@ -7,7 +7,9 @@ with its PAMR, PEARL with its TLP) on a 480x640 image (-> 336x448) with 20 class
 words. CorrCLIP gets a fixed region map of 24 rectangles (the cost of producing regions is timed
 separately: SLIC on the same image). Timings round-robin, best of ``--reps``. Prints a markdown table::
 
-    python benchmarks/ovss2_speed.py [--device cpu|cuda] [--reps 2] [--threads N]
+    python benchmarks/ovss2_speed.py [--device cpu|cuda] [--reps 2] [--threads N] [--methods ...] [--no-warmup]
+
+Each row is printed as soon as it is measured; ``x SCLIP`` needs ``sclip`` among ``--methods``.
 """
 
 from __future__ import annotations
@@ -46,6 +48,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--reps", type=int, default=2)
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--methods", nargs="+", default=None, help="subset of the rows (default: all)")
+    ap.add_argument("--no-warmup", action="store_true", help="skip the untimed first run of each method")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -77,20 +81,21 @@ def main() -> None:
         jobs["slic regions (CPU)"] = lambda: slic.segment(rgb)
     except ImportError:
         pass
-    best = {k: float("inf") for k in jobs}
-    with torch.no_grad():
-        for fn in jobs.values():
-            fn()
-        for _ in range(args.reps):
-            for k, fn in jobs.items():
-                best[k] = min(best[k], _ms(fn, device))
+    if args.methods:
+        jobs = {k: v for k, v in jobs.items() if k.split(" ")[0] in args.methods}
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
     print(f"published presets, ViT-B/16-sized random CLIP (+ ViT-B/8 DINO for corrclip), 480x640 -> 336x448, "
           f"20 classes + 5 background words, {name}, torch {torch.__version__}, best of {args.reps}\n")
     print("| method | ms/image | x SCLIP |")
-    print("|---|---:|---:|")
-    for k, v in best.items():
-        print(f"| {k} | {v:.0f} | {v / best['sclip']:.2f} |")
+    print("|---|---:|---:|", flush=True)
+    best: dict[str, float] = {}
+    with torch.no_grad():
+        for k, fn in jobs.items():  # one method at a time, so each row appears as soon as it is measured
+            if not args.no_warmup:
+                fn()
+            best[k] = min(_ms(fn, device) for _ in range(args.reps))
+            ratio = f"{best[k] / best['sclip']:.2f}" if "sclip" in best else "–"
+            print(f"| {k} | {best[k]:.0f} | {ratio} |", flush=True)
 
 
 if __name__ == "__main__":
