@@ -24,6 +24,9 @@ from tag2mask.vocab.vocabulary import Vocabulary, get_vocabulary
 # prompts the shipped tiny CLIP was trained with
 SYNTH_TEMPLATES = ("a photo of a {}.",)
 OVSS_METHODS = ("maskclip", "sclip", "clearclip", "naclip")
+# tag2mask.methods.ovss2; SC-CLIP's fixed block indices need 11+ blocks (the shipped tiny CLIP has 6)
+# and CorrCLIP needs a DINO, so neither is in the demo
+NEWER_OVSS_METHODS = ("pearl",)
 
 TOLD_TAGS = "the scene's tags"
 TOLD_NAMES = "all class names"
@@ -44,6 +47,8 @@ METHOD_INFO: dict[str, tuple[str, str]] = {
                   TOLD_NAMES),
     "naclip": ("NACLIP: last block with key-key attention plus a Gaussian neighbourhood prior, without "
                "residual and feed-forward", TOLD_NAMES),
+    "pearl": ("PEARL (CVPR'26): Procrustes-aligned last-block attention, then text-aware Laplacian "
+              "propagation of the logits", TOLD_NAMES),
     "weclip": ("WeCLIP (CVPR'24): a decoder trained on frozen-CLIP pseudo-labels; predicts from the image "
                "alone", "nothing (trained on tags)"),
 }
@@ -117,6 +122,11 @@ def build_predictors(
             from tag2mask.methods.ovss.segmenter import OpenVocabSegmenter
 
             seg = OpenVocabSegmenter(model, vocab, m, templates=SYNTH_TEMPLATES, short_side=None, mode="whole")
+            preds[m] = lambda image, ids, seg=seg: seg.predict(image).label
+        elif m in NEWER_OVSS_METHODS:
+            from tag2mask.methods.ovss2 import NewerOvssSegmenter
+
+            seg = NewerOvssSegmenter(model, vocab, m, templates=SYNTH_TEMPLATES, short_side=None, mode="whole")
             preds[m] = lambda image, ids, seg=seg: seg.predict(image).label
     return preds
 

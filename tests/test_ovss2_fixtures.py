@@ -44,7 +44,7 @@ def run_spec(key: str) -> tuple[str, dict]:
     meta = INDEX["methods"][key]
     s = meta["settings"]
     options = {"short_side": s["short"], "logit_scale": float(s["logit_scale"]),
-               "prob_threshold": float(s["prob_thd"]), "area_threshold": s.get("area_thd")}
+               "prob_threshold": float(s.get("prob_thd", 0.0)), "area_threshold": s.get("area_thd")}
     if s["crop"] > 0:
         options.update(mode="slide", crop=s["crop"], stride=s["stride"])
     else:

@@ -116,6 +116,13 @@ def test_published_dataset_presets():
         get_preset("pearl", "published:kitti")
 
 
+def test_scclip_needs_eleven_blocks():
+    from tag2mask.clip.shipped import tiny_clip_path as shipped
+
+    with pytest.raises(ValueError, match="at least 11 blocks, this one has 6"):
+        NewerOvssSegmenter(load_clip(shipped()), "cat, dog", "scclip", text_cache=False)
+
+
 def test_options_of_another_method_are_errors(tiny_clip_path):
     model = load_clip(tiny_clip_path)
     with pytest.raises(ValueError, match="do not apply"):

@@ -8,7 +8,8 @@ from pathlib import Path
 
 from tag2mask.cli.common import add_device_option, add_weights_options, record_given_options
 
-DEFAULT_METHODS = ("gradcam", "clip-es", "clip-es+pamr", "clip-es+crf", "maskclip", "sclip", "clearclip", "naclip")
+DEFAULT_METHODS = ("gradcam", "clip-es", "clip-es+pamr", "clip-es+crf", "maskclip", "sclip", "clearclip", "naclip",
+                   "pearl")
 
 
 def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:

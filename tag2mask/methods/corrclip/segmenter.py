@@ -47,14 +47,18 @@ class CorrClipSegmenter(NewerOvssSegmenter):
         dino: a :class:`~tag2mask.models.dino.DinoViT` (published: ``dino_vitb8``).
         regions: ``(rgb (H, W, 3) uint8, key) -> (H', W') int`` region source, used when
             :meth:`predict` gets no ``region_map``.
-        preset, templates, crop_batch, device, text_cache, overrides: as
+        preset, templates, device, text_cache, overrides: as
             :class:`~tag2mask.methods.ovss2.segmenter.NewerOvssSegmenter` (method ``corrclip``).
+            Windows run one at a time (each has its own region tokens): ``crop_batch`` is refused.
     """
 
     wants_key = True  # the command passes the file stem (region folders are keyed by it)
 
     def __init__(self, model: CLIP, vocab: Union[Vocabulary, str], dino: DinoViT, *,
                  regions: Optional[RegionSource] = None, **kwargs: Any):
+        if "crop_batch" in kwargs:
+            raise TypeError("CorrCLIP runs one window at a time (each window has its own region tokens); "
+                            "crop_batch does not apply")
         super().__init__(model, vocab, "corrclip", **kwargs)
         self.dino = dino.to(self.device).eval()
         self.regions = regions

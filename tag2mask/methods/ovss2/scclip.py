@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from tag2mask.clip.layers import ResidualAttentionBlock
 from tag2mask.clip.vision import VisionTransformer
 
-__all__ = ["SCClipConfig", "TOKEN_MAPS", "lof_scores", "outlier_mask", "smooth_outliers", "scclip_dense"]
+__all__ = ["SCClipConfig", "TOKEN_MAPS", "check_depth", "lof_scores", "outlier_mask", "smooth_outliers", "scclip_dense"]
 
 TOKEN_MAPS = ("correct", "official")
 
@@ -121,6 +121,15 @@ def smooth_outliers(fmap: torch.Tensor, cells: torch.Tensor) -> torch.Tensor:
     return fmap * (1 - update) + mean * update
 
 
+def check_depth(num_blocks: int, config: SCClipConfig = SCClipConfig()) -> None:
+    """SC-CLIP's block indices are fixed (ViT-B/16's 12 blocks); fail clearly on a shallower tower."""
+    needed = max(config.pre_adjust_idx, config.post_adjust_idx, config.multi_end_idx - 1) + 2
+    if num_blocks < needed:
+        raise ValueError(f"SC-CLIP uses the outputs of blocks {config.post_adjust_idx + 1}, "
+                         f"{config.pre_adjust_idx + 1} and {config.multi_start_idx + 1}..{config.multi_end_idx}: it "
+                         f"needs a ViT with at least {needed} blocks, this one has {num_blocks}")
+
+
 def _tokens_to_map(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
     """``(B, h*w, C)`` row-major -> ``(B, C, h, w)``."""
     return tokens.transpose(1, 2).reshape(tokens.shape[0], tokens.shape[2], *grid)
@@ -161,6 +170,7 @@ def scclip_dense(
     ``lof_scores`` (B, h*w), ``outliers`` (B, h, w) bool (the cells smoothed), ``mid_simi`` /
     ``pre_sim_thd`` / ``post_sim_thd`` (B, h*w, h*w), ``main`` / ``multi`` (B, h*w, width).
     """
+    check_depth(visual.num_blocks, config)
     x, grid = visual.embed(images, pos_mode=pos_mode, pos_scale_offset=pos_scale_offset)
     outs = visual.run_blocks(x, 0, visual.num_blocks - 1, keep_tokens=True).tokens  # blocks 1..L-1
     last = outs[-1]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence, Union
 
-import numpy as np
 import torch
 from PIL import Image
 
@@ -26,7 +25,7 @@ from tag2mask.methods.ovss.segmenter import (
 )
 from tag2mask.methods.ovss2.pearl import PearlBlock, text_laplacian_propagation, tlp_text_matrix
 from tag2mask.methods.ovss2.presets import METHODS, Ovss2Preset, get_preset
-from tag2mask.methods.ovss2.scclip import SCClipConfig, scclip_dense
+from tag2mask.methods.ovss2.scclip import SCClipConfig, check_depth, scclip_dense
 from tag2mask.vocab.vocabulary import Vocabulary, load_vocabulary
 
 __all__ = ["NewerOvssSegmenter"]
@@ -82,6 +81,8 @@ class NewerOvssSegmenter(OpenVocabSegmenter):
             raise ValueError(f"method {method!r} needs a ViT image tower")
         self._setup(model, vocab, method, settings, templates, crop_batch, device)
         self._scclip = SCClipConfig(token_map=settings.scclip_token_map)
+        if method == "scclip":
+            check_depth(self.visual.num_blocks, self._scclip)
         self._last_block = PearlBlock(settings.alpha_kk, settings.polar_iters) if method == "pearl" else None
         self._build_text(text_cache)
         self._tlp_matrix = tlp_text_matrix(self.text) if method == "pearl" and settings.tlp else None
