@@ -191,3 +191,25 @@ def test_cli_corrclip_with_superpixels_and_checks(tmp_path, tiny_clip_path, caps
     assert main(base + ["--dino", str(hf), "--regions", "sam", "--out", str(tmp_path / "o3")]) == 2
     assert "--sam-weights" in capsys.readouterr().err
     assert main(base + ["--dino", str(hf), "--regions", "slic", "--pamr", "--out", str(tmp_path / "o4")]) == 2
+    assert "--pamr" in capsys.readouterr().err
+    assert main(base + ["--dino", str(hf), "--regions", "slic", "--sam-weights", "x", "--out", str(tmp_path / "o5")]) == 2
+    assert "--sam-weights does not apply to --regions slic" in capsys.readouterr().err
+
+
+def test_cli_corrclip_with_sam_regions(tmp_path, tiny_clip_path):
+    pytest.importorskip("transformers")
+    from tiny_sam import tiny_sam
+
+    from tag2mask.cli.main import main
+
+    tiny_sam().save_pretrained(tmp_path / "sam")
+    sd = _tiny_dino_state()
+    torch.save(sd, tmp_path / "dino.pth")
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (48, 48, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    argv = ["segment", str(tmp_path / "a.png"), "--classes", "cat, car", "--weights", str(tiny_clip_path),
+            "--method", "corrclip", "--short-side", "112", "--dino", str(tmp_path / "dino.pth"), "--dino-heads", "2",
+            "--regions", "sam", "--sam-weights", str(tmp_path / "sam"), "--out", str(tmp_path / "out")]
+    assert main(argv) == 0
+    record = json.loads((tmp_path / "out" / "run.json").read_text())
+    assert record["images"][0]["status"] == "ok"
+    assert record["settings"]["regions"] == "sam" and record["settings"]["dino_heads"] == 2

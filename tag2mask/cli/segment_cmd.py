@@ -43,7 +43,8 @@ MAX_DECODE_PIXELS = 100_000_000
 def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     p = sub.add_parser(
         "segment",
-        help="segment images into free-form class names (MaskCLIP, SCLIP, ClearCLIP, NACLIP; training-free)",
+        help="segment images into free-form class names (MaskCLIP, SCLIP, ClearCLIP, NACLIP, SC-CLIP, PEARL, "
+             "CorrCLIP; training-free)",
         description=(
             "Write a palette PNG label map per image (0 = background when background words or a probability "
             "threshold are given, then the classes in order), optionally an overlay with a legend and the "
@@ -78,7 +79,7 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
                         "apply; --weights then names the CLIP of a clip-zss run, whose text encoder embeds --classes "
                         "(default: the run's own; no image tower is loaded)")
     p.add_argument("--crf", action="store_true", help="with --checkpoint only: dense CRF with WeCLIP's parameters (extra 'crf')")
-    p.add_argument("--method", default="naclip", choices=METHOD_CHOICES, help="last-block variant (default: naclip)")
+    p.add_argument("--method", default="naclip", choices=METHOD_CHOICES, help="method (default: naclip); scclip, pearl and corrclip: docs/open_vocabulary.md")
     p.add_argument("--preset", default="default",
                    help="settings preset (default: default): 'default', 'published' (the method's official harness, "
                         "proven against the official code), or 'published:DATASET' (plus that benchmark's official "

@@ -61,6 +61,8 @@ def check_options(args: argparse.Namespace) -> None:
             reject_options(args, (dest,), f"to --method {args.method} (only to {', '.join(methods)})")
     if args.method in METHODS:
         reject_options(args, _OLDER_ONLY, f"to --method {args.method} (it has its own last block and refinement)")
+    if args.method == "corrclip" and args.regions != "sam":
+        reject_options(args, ("sam_weights",), f"to --regions {args.regions} (only to --regions sam)")
 
 
 def get_preset(method: str, name: str):
