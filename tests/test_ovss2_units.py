@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -161,3 +163,20 @@ def test_cli_rejects_options_of_other_methods(tmp_path, tiny_clip_path, capsys):
     assert "--pamr" in capsys.readouterr().err
     assert main(base + ["--method", "naclip", "--token-map", "official"]) == 2
     assert "--token-map" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("method", ["scclip", "pearl"])
+def test_cli_published_dataset_preset(method, tmp_path, tiny_clip_path):
+    """``--preset published:voc21`` runs and records the benchmark's official settings."""
+    from tag2mask.cli.main import main
+
+    Image.fromarray(np.random.default_rng(2).integers(0, 255, (36, 50, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    (tmp_path / "cls.txt").write_text("sky, wall\ncat\ncar\n", encoding="utf-8")
+    out = tmp_path / "out"
+    assert main(["segment", str(tmp_path / "a.png"), "--classes", str(tmp_path / "cls.txt"), "--first-line",
+                 "background", "--method", method, "--preset", "published:voc21", "--weights", str(tiny_clip_path),
+                 "--out", str(out), "--quiet"]) == 0
+    resolved = json.loads((out / "run.json").read_text())["settings"]["resolved"]
+    expected = get_preset(method, "published:voc21").as_dict()
+    assert resolved == expected and resolved["name"] == "published:voc21"
+    assert (resolved["logit_scale"], resolved["prob_threshold"]) == ((50.0, 0.15) if method == "scclip" else (40.0, 0.1))
