@@ -79,7 +79,8 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
                         "apply; --weights then names the CLIP of a clip-zss run, whose text encoder embeds --classes "
                         "(default: the run's own; no image tower is loaded)")
     p.add_argument("--crf", action="store_true", help="with --checkpoint only: dense CRF with WeCLIP's parameters (extra 'crf')")
-    p.add_argument("--method", default="naclip", choices=METHOD_CHOICES, help="method (default: naclip); scclip, pearl and corrclip: docs/open_vocabulary.md")
+    p.add_argument("--method", default="naclip", choices=METHOD_CHOICES,
+                   help="method (default: naclip); scclip, pearl and corrclip: docs/open_vocabulary.md")
     p.add_argument("--preset", default="default",
                    help="settings preset (default: default): 'default', 'published' (the method's official harness, "
                         "proven against the official code), or 'published:DATASET' (plus that benchmark's official "
@@ -188,7 +189,9 @@ def _settings(args: argparse.Namespace, vocab, model, segmenter) -> dict:
     """Everything that changes the outputs (the runner's --overwrite guard compares them)."""
     keys = ("method", "preset", "classes", "first_line", "mode", "short_side", "crop", "stride", "prob_threshold",
             "area_threshold", "logit_scale", "templates", "last_block", "compat", "pamr", "overlay", "save_logits",
-            "max_pixels", "max_pixels_policy") + segment_ovss2.OPTION_DESTS
+            "max_pixels", "max_pixels_policy")
+    # the newer methods' own options only for them, so that older output folders still resume
+    keys += segment_ovss2.OPTION_DESTS if args.method in segment_ovss2.METHODS else ()
     s = {k: getattr(args, k) for k in keys}
     # what actually runs once the preset and the options are combined
     s["resolved"] = segmenter.settings.as_dict()
