@@ -5,8 +5,9 @@
 positional embedding interpolated bicubically with DINO's ``(n + 0.1)`` scale factors, pre-LN blocks
 (LayerNorm eps 1e-6, exact GELU), final LayerNorm. :func:`load_dino` reads weights safely:
 
-* Meta's released state dict (``dino_vitb8_pretrain.pth``; a full training checkpoint's ``teacher``
-  is accepted too) with ``torch.load(weights_only=True)``, or the same keys in ``.safetensors``;
+* Meta's released backbone state dict (``dino_vitb8_pretrain.pth``) with ``torch.load(weights_only=True)``
+  (a tensors-only dict with a ``teacher`` entry is unwrapped; Meta's *full* training checkpoints pickle
+  an ``argparse.Namespace`` and are refused), or the same keys in ``.safetensors``;
 * a Hugging Face ``transformers`` ``ViTModel`` folder (``facebook/dino-vitb8``: ``config.json`` +
   ``model.safetensors`` or ``pytorch_model.bin``), converted to the layout above. The LayerNorm eps is
   DINO's 1e-6 whatever the folder's config says (HF's DINO configs carry ViTConfig's 1e-12; CorrCLIP
