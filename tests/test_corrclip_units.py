@@ -213,3 +213,4 @@ def test_cli_corrclip_with_sam_regions(tmp_path, tiny_clip_path):
     record = json.loads((tmp_path / "out" / "run.json").read_text())
     assert record["images"][0]["status"] == "ok"
     assert record["settings"]["regions"] == "sam" and record["settings"]["dino_heads"] == 2
+    assert len(record["settings"]["dino_weights"]) == 16

@@ -190,9 +190,8 @@ def _settings(args: argparse.Namespace, vocab, model, segmenter) -> dict:
     keys = ("method", "preset", "classes", "first_line", "mode", "short_side", "crop", "stride", "prob_threshold",
             "area_threshold", "logit_scale", "templates", "last_block", "compat", "pamr", "overlay", "save_logits",
             "max_pixels", "max_pixels_policy")
-    # the newer methods' own options only for them, so that older output folders still resume
-    keys += segment_ovss2.OPTION_DESTS if args.method in segment_ovss2.METHODS else ()
     s = {k: getattr(args, k) for k in keys}
+    s.update(segment_ovss2.extra_settings(args, segmenter))
     # what actually runs once the preset and the options are combined
     s["resolved"] = segmenter.settings.as_dict()
     # --classes may name a file: record what it resolved to, so an edited file counts as a change

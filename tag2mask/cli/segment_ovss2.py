@@ -11,8 +11,8 @@ import argparse
 
 from tag2mask.cli.common import given, reject_options
 
-__all__ = ["METHODS", "OPTION_DESTS", "add_options", "check_options", "get_preset", "load_vocab", "make_segmenter",
-           "corrclip_warning"]
+__all__ = ["METHODS", "OPTION_DESTS", "add_options", "check_options", "extra_settings", "get_preset", "load_vocab",
+           "make_segmenter", "corrclip_warning"]
 
 #: kept in step with tag2mask.methods.ovss2.presets.METHODS (importing it would load torch for --help)
 METHODS = ("scclip", "pearl", "corrclip")
@@ -63,6 +63,17 @@ def check_options(args: argparse.Namespace) -> None:
         reject_options(args, _OLDER_ONLY, f"to --method {args.method} (it has its own last block and refinement)")
     if args.method == "corrclip" and args.regions != "sam":
         reject_options(args, ("sam_weights",), f"to --regions {args.regions} (only to --regions sam)")
+
+
+def extra_settings(args: argparse.Namespace, segmenter) -> dict:
+    """The newer methods' entries of the settings guard: their options (only for them, so that older
+    output folders still resume) and CorrCLIP's DINO fingerprint (a changed file is a changed setting)."""
+    if args.method not in METHODS:
+        return {}
+    out = {d: getattr(args, d) for d in OPTION_DESTS}
+    if getattr(segmenter, "dino", None) is not None:
+        out["dino_weights"] = getattr(segmenter.dino, "fingerprint", None)
+    return out
 
 
 def get_preset(method: str, name: str):

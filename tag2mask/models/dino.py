@@ -258,7 +258,10 @@ def load_dino(source: Union[str, os.PathLike], device: Union[str, torch.device] 
         model.load_state_dict({k: v.float() for k, v in sd.items() if not k.startswith("head.")}, strict=True)
     except RuntimeError as e:
         raise DinoWeightsError(f"{path}: DINO weights do not fit the architecture: {e}") from e
+    from tag2mask.clip.loading import _fingerprint
+
     model.source_path = str(path)
+    model.fingerprint = _fingerprint(path)  # sha256 prefix of the file (or folder): the settings guard uses it
     return model.requires_grad_(False).to(device).eval()
 
 
