@@ -177,6 +177,6 @@ def test_cli_published_dataset_preset(method, tmp_path, tiny_clip_path):
                  "background", "--method", method, "--preset", "published:voc21", "--weights", str(tiny_clip_path),
                  "--out", str(out), "--quiet"]) == 0
     resolved = json.loads((out / "run.json").read_text())["settings"]["resolved"]
-    expected = get_preset(method, "published:voc21").as_dict()
+    expected = get_preset(method, "published:voc21").to_dict()
     assert resolved == expected and resolved["name"] == "published:voc21"
     assert (resolved["logit_scale"], resolved["prob_threshold"]) == ((50.0, 0.15) if method == "scclip" else (40.0, 0.1))

@@ -197,7 +197,7 @@ def _read_hf_folder(folder: Path) -> dict[str, torch.Tensor]:
 
 
 def _resolve(source: Union[str, os.PathLike], allow_download: Optional[bool]) -> Path:
-    from tag2mask.clip.loading import _downloads_allowed, default_cache_dir
+    from tag2mask.clip.loading import default_cache_dir, downloads_allowed
 
     path = Path(source).expanduser()
     if path.exists() or str(source) not in DINO_NAMES:
@@ -210,7 +210,7 @@ def _resolve(source: Union[str, os.PathLike], allow_download: Optional[bool]) ->
     target = default_cache_dir() / filename
     if target.exists():
         return target
-    if not _downloads_allowed(allow_download):
+    if not downloads_allowed(allow_download):
         raise DinoWeightsError(f"DINO weights {source!r} are not on this machine (looked for {target}); pass the "
                                f"file with --dino, put it there, or allow a download from {url} with --allow-download")
     return _download_unverified(url, target)
@@ -258,10 +258,10 @@ def load_dino(source: Union[str, os.PathLike], device: Union[str, torch.device] 
         model.load_state_dict({k: v.float() for k, v in sd.items() if not k.startswith("head.")}, strict=True)
     except RuntimeError as e:
         raise DinoWeightsError(f"{path}: DINO weights do not fit the architecture: {e}") from e
-    from tag2mask.clip.loading import _fingerprint
+    from tag2mask.clip.loading import file_fingerprint
 
     model.source_path = str(path)
-    model.fingerprint = _fingerprint(path)  # sha256 prefix of the file (or folder): the settings guard uses it
+    model.fingerprint = file_fingerprint(path)  # sha256 prefix of the file (or folder): the settings guard uses it
     return model.requires_grad_(False).to(device).eval()
 
 

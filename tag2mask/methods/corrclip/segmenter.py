@@ -24,13 +24,14 @@ from PIL import Image
 from tag2mask.clip.model import CLIP
 from tag2mask.methods.corrclip.model import corrclip_window
 from tag2mask.methods.corrclip.regions import PAD_ID, correct_labels
-from tag2mask.methods.ovss.segmenter import _HARNESS_POS_OFFSET, SegmentationResult
+from tag2mask.methods.ovss.numerics import HARNESS_POS_OFFSET
+from tag2mask.methods.ovss.segmenter import SegmentationResult
 from tag2mask.methods.ovss.windows import centre_padding, window_boxes
 from tag2mask.methods.ovss2.segmenter import NewerOvssSegmenter
 from tag2mask.models.dino import DinoViT
 from tag2mask.vocab.vocabulary import Vocabulary
 
-__all__ = ["CorrClipSegmenter", "WINDOW_MULTIPLE"]
+__all__ = ["CorrClipSegmenter", "WINDOW_MULTIPLE", "corrclip_predictor", "region_source"]
 
 WINDOW_MULTIPLE = 56  # official: windows padded to a multiple of 56 (lcm of the patch sizes 8 and 14, x4)
 
@@ -82,7 +83,7 @@ class CorrClipSegmenter(NewerOvssSegmenter):
         crop, region = F.pad(crop, pad), F.pad(region, pad, value=PAD_ID)
         record: Optional[dict] = {} if arrays is not None else None
         feats, dgrid = corrclip_window(self.visual, self.dino, crop, region, pos_mode="bicubic",
-                                       pos_scale_offset=_HARNESS_POS_OFFSET, record=record)
+                                       pos_scale_offset=HARNESS_POS_OFFSET, record=record)
         feats = F.normalize(feats.float(), dim=-1)
         patch_logits = (feats @ self.text.T).T.reshape(1, -1, *dgrid)
         if arrays is not None:
@@ -135,3 +136,48 @@ class CorrClipSegmenter(NewerOvssSegmenter):
         return SegmentationResult(label=label_np, logits=class_logit.float().cpu().numpy(),
                                   class_names=self.class_names, has_background=self.has_background,
                                   probs=probs_np, arrays=arrays)
+
+
+def region_source(spec: Union[str, RegionSource], device: Union[str, torch.device, None] = None,
+                  sam_weights: Optional[str] = None, allow_download: Optional[bool] = None) -> RegionSource:
+    """A region source from ``spec``: a folder of region maps keyed by file stem, ``slic`` /
+    ``felzenszwalb`` superpixels, ``sam`` (SAM with CorrCLIP's dynamic settings; needs ``sam_weights``),
+    or a callable returned as it is."""
+    from tag2mask.methods.corrclip.regions import ProposalRegions, RegionFolder
+
+    if callable(spec):
+        return spec
+    if spec in ("slic", "felzenszwalb"):
+        from tag2mask.proposals.superpixels import SuperpixelProposals
+
+        return ProposalRegions(SuperpixelProposals(spec))
+    if spec == "sam":
+        if not sam_weights:
+            raise ValueError("regions 'sam' need SAM weights (a Hugging Face SamModel folder or hub id)")
+        from tag2mask.proposals.sam import SamGeneratorSettings, SamProposals, load_sam
+
+        # CorrCLIP's dynamic SAM2 settings: 8 points per side, IoU and stability thresholds 0.4
+        settings = SamGeneratorSettings(points_per_side=8, pred_iou_thresh=0.4, stability_score_thresh=0.4)
+        sam = load_sam(sam_weights, device, allow_download=allow_download)
+        return ProposalRegions(SamProposals(sam, settings, weights=str(sam_weights)))
+    return RegionFolder(spec)
+
+
+def corrclip_predictor(model: CLIP, vocab: Union[Vocabulary, str], method: str = "corrclip", *,
+                       dino: Union[DinoViT, str] = "dino_vitb8", regions: Union[str, RegionSource, None] = None,
+                       dino_heads: Optional[int] = None, sam_weights: Optional[str] = None,
+                       allow_download: Optional[bool] = None, **settings: Any) -> CorrClipSegmenter:
+    """The registry's predictor factory of ``corrclip``: ``dino`` a :class:`~tag2mask.models.dino.DinoViT` or
+    weights for :func:`~tag2mask.models.dino.load_dino`; ``regions`` see :func:`region_source`;
+    ``settings`` as :class:`CorrClipSegmenter` (``preset``, ``mode``, ``short_side`` ...)."""
+    from tag2mask.models.dino import load_dino
+
+    if method != "corrclip":
+        raise ValueError(f"corrclip_predictor builds CorrCLIP, not {method!r}")
+    if regions is None:
+        raise ValueError("CorrCLIP needs regions: a folder of region maps, sam, slic or felzenszwalb")
+    device = settings.get("device") or next(model.parameters()).device  # where CLIP is ('auto' resolved by then)
+    source = region_source(regions, device, sam_weights, allow_download)
+    if not isinstance(dino, DinoViT):
+        dino = load_dino(dino, device, allow_download=allow_download, num_heads=dino_heads)
+    return CorrClipSegmenter(model, vocab, dino, regions=source, **settings)

@@ -132,4 +132,4 @@ def get_preset(method: str, name: Union[str, OvssPreset] = "default") -> Ovss2Pr
 
 def published_settings() -> dict[str, dict[str, object]]:
     """method -> the fields of its ``published`` preset (docs, ``--help``)."""
-    return {m: get_preset(m, "published").as_dict() for m in METHODS}
+    return {m: get_preset(m, "published").to_dict() for m in METHODS}

@@ -19,10 +19,8 @@ from tag2mask.clip.model import CLIP
 from tag2mask.clip.text_embed import CacheDir
 from tag2mask.clip.vision import VisionTransformer
 from tag2mask.methods.ovss.presets import OvssPreset
-from tag2mask.methods.ovss.segmenter import (
-    _HARNESS_MEAN, _HARNESS_POS_OFFSET, _HARNESS_STD, FROM_PRESET, OpenVocabSegmenter, SegmentationResult,
-    _fp16_rounded,
-)
+from tag2mask.methods.ovss.numerics import HARNESS_POS_OFFSET, fp16_rounded, input_mean_std
+from tag2mask.methods.ovss.segmenter import OpenVocabSegmenter, SegmentationResult
 from tag2mask.methods.ovss2.pearl import PearlBlock, text_laplacian_propagation, tlp_text_matrix
 from tag2mask.methods.ovss2.presets import METHODS, Ovss2Preset, get_preset
 from tag2mask.methods.ovss2.scclip import SCClipConfig, check_depth, scclip_dense
@@ -71,7 +69,6 @@ class NewerOvssSegmenter(OpenVocabSegmenter):
         foreign = {k for k in overrides if k in {"scclip_token_map", "alpha_kk", "polar_iters", "tlp", "tlp_grid"}} - own
         if foreign:
             raise ValueError(f"option(s) {sorted(foreign)} do not apply to method {method!r}")
-        overrides = {k: v for k, v in overrides.items() if v is not FROM_PRESET}
         if templates is not None:
             overrides["templates"] = templates if isinstance(templates, str) else "custom"
         settings: Ovss2Preset = get_preset(method, preset).replace(**overrides)
@@ -101,11 +98,12 @@ class NewerOvssSegmenter(OpenVocabSegmenter):
         self.logit_scale = settings.effective_logit_scale
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         if settings.round_fp16_weights:
-            model = _fp16_rounded(model)
+            model = fp16_rounded(model)
         self.model = model.to(self.device).eval()
         self.visual = self.model.visual
-        self._mean = torch.tensor(_HARNESS_MEAN, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
-        self._std = torch.tensor(_HARNESS_STD, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        mean, std = input_mean_std("harness")
+        self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
+        self._std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self.templates = templates if templates is not None and not isinstance(templates, str) else settings.templates
         self._pamr = None
         self._arrays: Optional[dict[str, list]] = None
@@ -120,7 +118,7 @@ class NewerOvssSegmenter(OpenVocabSegmenter):
         """
         if with_keys:
             raise ValueError(f"{self.method} has no key smoothing")
-        pos = {"pos_mode": "bicubic", "pos_scale_offset": _HARNESS_POS_OFFSET}
+        pos = {"pos_mode": "bicubic", "pos_scale_offset": HARNESS_POS_OFFSET}
         if self.method == "scclip":
             record: Optional[dict] = {} if self._arrays is not None else None
             tokens, (gh, gw) = scclip_dense(self.visual, images, self._scclip, record=record, **pos)
