@@ -26,7 +26,7 @@ from tag2mask.io.palette import read_label_png
 from tag2mask.methods.corrclip import CorrClipSegmenter, read_corrclip_names
 from tag2mask.methods.ovss2 import NewerOvssSegmenter
 from tag2mask.methods.ovss2.pearl import tlp_text_matrix
-from tag2mask.models.dino import dino_to_hf, load_dino
+from tag2mask.models.dino import dino_to_hf, hf_to_dino, load_dino
 from tag2mask.vocab.vocabulary import load_vocabulary
 
 DATA = Path(__file__).parent / "data" / "ovss2"
@@ -220,6 +220,43 @@ def test_arrays_match_official(segmenters, case_key):
         assert len(window["labels"]) == window["n_regions"]
         assert ours["dbscan"][window["window"]] == window["labels"]
     np.testing.assert_array_equal(res.label, ours["label"])
+
+
+#: every array the cases of a method hold; test_arrays_match_official compares each of them by name
+CASE_ARRAYS = {
+    "scclip": ("win_boxes", "win_feats", "win_patch_logits", "logits", "probs", "label", "win_lof_scores",
+               "win_outliers", "win0_mid_simi", "win0_pre_sim_thd", "win0_post_sim_thd", "win0_main", "win0_multi"),
+    "pearl": ("win_boxes", "win_feats", "win_patch_logits", "logits", "probs", "label", "logits_tlp", "tlp_F_grid",
+              "tlp_agree", "tlp_log_s", "tlp_w_h", "tlp_w_v", "win0_pa_R", "win0_pa_attn"),
+    "corrclip": ("win_boxes", "win_feats", "win_patch_logits", "logits", "probs", "label", "label_nocorr",
+                 "win_dino_feats", "win_region_masks", "win_scope"),
+}
+#: the tiny DINO's tensors in Meta's layout (``{i}``: each block)
+DINO_TENSORS = ("cls_token", "pos_embed", "patch_embed.proj.weight", "patch_embed.proj.bias", "norm.weight",
+                "norm.bias") + tuple(f"blocks.{{i}}.{name}.{kind}" for name in
+                                     ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
+                                     for kind in ("weight", "bias"))
+
+
+def test_every_case_array_is_one_the_comparison_knows():
+    held: dict[str, set[str]] = {}
+    for case in (INDEX["cases"][c] for c in CASE_KEYS):
+        key = case["method"]
+        names = {k.split(".", 1)[1] for k in arrays_of(case["image"]) if k.startswith(key + ".")}
+        held.setdefault(INDEX["methods"][key]["repo"], set()).update(names)
+    for repo, names in held.items():
+        assert names <= set(CASE_ARRAYS[repo]), f"{repo}: arrays {sorted(names - set(CASE_ARRAYS[repo]))} unknown"
+    # each array is held by some case of its method (a method variant may hold a subset, e.g. whole-image PEARL)
+    assert {r: set(CASE_ARRAYS[r]) for r in held} == held
+
+
+def test_tiny_dino_file_holds_the_whole_model():
+    with np.load(DATA / INDEX["dino"]["file"]) as z:
+        sd = {k: torch.from_numpy(z[k]) for k in z.files}
+    blocks = INDEX["dino"]["depth"]
+    expected = {n.replace("{i}", str(i)) for n in DINO_TENSORS for i in (range(blocks) if "{i}" in n else (0,))}
+    assert set(sd) == expected
+    assert set(hf_to_dino(dino_to_hf(sd))) == expected  # every tensor maps to the transformers layout and back
 
 
 # --------------------------------------------------------------------------------------------------
