@@ -5,7 +5,7 @@
 positional embedding interpolated bicubically with DINO's ``(n + 0.1)`` scale factors, pre-LN blocks
 (LayerNorm eps 1e-6, exact GELU), final LayerNorm. :func:`load_dino` reads weights safely:
 
-* Meta's released backbone state dict (``dino_vitb8_pretrain.pth``) with ``torch.load(weights_only=True)``
+* Meta's released backbone state dict (``dino_vitb8_pretrain.pth``) through ``tag2mask.io.torch_files.safe_torch_load`` (tensors only)
   (a tensors-only dict with a ``teacher`` entry is unwrapped; Meta's *full* training checkpoints pickle
   an ``argparse.Namespace`` and are refused), or the same keys in ``.safetensors``;
 * a Hugging Face ``transformers`` ``ViTModel`` folder (``facebook/dino-vitb8``: ``config.json`` +
@@ -21,7 +21,6 @@ Nothing is ever unpickled beyond tensors; a missing or incomplete file raises
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
@@ -178,10 +177,12 @@ def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(str(path))
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same clear message
-        raise DinoWeightsError(f"{path}: cannot read DINO weights as a tensor state dict ({e})") from e
+    from tag2mask.io.torch_files import UnreadableFileError, UnsafeFileError, safe_torch_load
+
+    try:  # tensors only (weights_only); pickled objects and TorchScript are refused in one line
+        obj = safe_torch_load(path, what="DINO weights")
+    except (UnsafeFileError, UnreadableFileError) as e:
+        raise DinoWeightsError(f"cannot read DINO weights as a tensor state dict: {e}") from e
     if isinstance(obj, dict) and isinstance(obj.get("teacher"), dict):  # a full DINO training checkpoint
         obj = {k.removeprefix("module.").removeprefix("backbone."): v for k, v in obj["teacher"].items()}
     if not isinstance(obj, dict) or not all(torch.is_tensor(v) for v in obj.values()):
@@ -270,7 +271,10 @@ def _heads_of(path: Path, width: int, num_heads: Optional[int]) -> int:
     if num_heads is not None:
         return int(num_heads)
     if path.is_dir() and (path / "config.json").is_file():
-        heads = json.loads((path / "config.json").read_text()).get("num_attention_heads")
+        from tag2mask.io.json_files import read_json
+
+        config = read_json(path / "config.json")
+        heads = config.get("num_attention_heads") if isinstance(config, dict) else None
         if heads:
             return int(heads)
     if width % 64:

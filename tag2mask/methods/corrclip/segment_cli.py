@@ -9,7 +9,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tag2mask.cmdline.options import positive_int, reject_options
+from tag2mask.cmdline import option_types as ot
+from tag2mask.cmdline.options import reject_options
 
 __all__ = ["METHODS", "OPTION_DESTS", "PRESET_ROWS", "METACLIP_HINT", "add_segment_options", "check_segment_options",
            "segment_preset", "segment_vocabulary", "build_segmenter", "segment_settings", "segment_warnings"]
@@ -33,7 +34,7 @@ def add_segment_options(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dino", default=None,
                    help="corrclip: DINO weights: Meta's dino_vitb8_pretrain.pth, a Hugging Face facebook/dino-vitb8 "
                         "folder, or the name dino_vitb8 (weights cache; downloaded only with --allow-download)")
-    p.add_argument("--dino-heads", type=positive_int, default=None,
+    p.add_argument("--dino-heads", type=ot.positive_int(1024), default=None,
                    help="corrclip: attention heads of a non-standard DINO file (default: width / 64, or the folder's config)")
     p.add_argument("--regions", default=None,
                    help="corrclip (required): class-agnostic regions: a folder of <stem>.npz (instance_mask) / .png "

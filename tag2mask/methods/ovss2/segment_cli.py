@@ -7,11 +7,11 @@ The ``segment`` hooks of :mod:`tag2mask.cli.segment_methods` (registered as
 from __future__ import annotations
 
 import argparse
-import math
 
-from tag2mask.cmdline.options import given, positive_int, reject_options
+from tag2mask.cmdline import option_types as ot
+from tag2mask.cmdline.options import given, reject_options
 
-__all__ = ["METHODS", "OPTION_DESTS", "PRESET_ROWS", "non_negative_float", "add_segment_options", "check_segment_options", "segment_preset",
+__all__ = ["METHODS", "OPTION_DESTS", "PRESET_ROWS", "add_segment_options", "check_segment_options", "segment_preset",
            "segment_vocabulary", "build_segmenter", "segment_settings", "segment_warnings"]
 
 #: the methods this module serves (kept in step with the registry's ``segment`` commands)
@@ -30,27 +30,16 @@ PRESET_ROWS = """\
   pearl      published  336         slide 224/112  40           off   fp16-rounded; TLP on, alpha_kk 0.08"""
 
 
-def non_negative_float(text: str) -> float:
-    """argparse type: a finite number >= 0 (NaN, infinities and negatives are refused in one line)."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not math.isfinite(value) or value < 0:
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
-
-
 def add_segment_options(p: argparse.ArgumentParser) -> None:
     """SC-CLIP's and PEARL's options (each refused for a method it does not apply to)."""
     p.add_argument("--token-map", default=None, choices=("correct", "official"),
                    help="scclip: token -> grid cell mapping of the anomaly smoothing; 'official' is the released "
                         "code's (i // rows, i %% rows), wrong for non-square windows (default: correct)")
-    p.add_argument("--alpha-kk", type=non_negative_float, default=None,
+    p.add_argument("--alpha-kk", type=ot.finite_float(0, 100, note="0 = no key-key term"), default=None,
                    help="pearl: weight of the key-key attention term (default: preset's, 0.08; ADE/City 0.3)")
     p.add_argument("--tlp", action=argparse.BooleanOptionalAction, default=None,
                    help="pearl: text-aware Laplacian propagation of the logits (default: preset's, on)")
-    p.add_argument("--tlp-grid", type=positive_int, default=None, help="pearl: TLP target grid (default: preset's, 80)")
+    p.add_argument("--tlp-grid", type=ot.positive_int(ot.MAX_SIDE), default=None, help="pearl: TLP target grid (default: preset's, 80)")
 
 
 def check_segment_options(args: argparse.Namespace) -> None:
