@@ -199,8 +199,8 @@ def test_registry_agrees_with_the_method_folders():
         assert folder.__doc__ and "Paper -> files" in folder.__doc__, f"{m.folder}: no paper -> files map"
         for command in m.commands:
             module = importlib.import_module(command.module)
-            hooks = ("add_label_options", "check_label_options", "run_label") if command.parent == "label" \
-                else ("add_parser",)
+            hooks = {"label": ("add_label_options", "check_label_options", "run_label"),
+                     "segment": registry.SEGMENT_HOOKS}.get(command.parent, ("add_parser",))
             assert all(callable(getattr(module, h, None)) for h in hooks), f"{command.module}: {hooks}"
         for ref in (m.predictor, m.demo, m.miou_rule):
             if ref is not None:

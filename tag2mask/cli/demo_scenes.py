@@ -43,6 +43,8 @@ METHOD_INFO: dict[str, tuple[str, str]] = {
                   TOLD_NAMES),
     "naclip": ("NACLIP: last block with key-key attention plus a Gaussian neighbourhood prior, without "
                "residual and feed-forward", TOLD_NAMES),
+    "pearl": ("PEARL (CVPR'26): Procrustes-aligned last-block attention, then text-aware Laplacian "
+              "propagation of the logits", TOLD_NAMES),
     "weclip": ("WeCLIP (CVPR'24): a decoder trained on frozen-CLIP pseudo-labels; predicts from the image "
                "alone", "nothing (trained on tags)"),
 }

@@ -15,6 +15,7 @@ from tag2mask.cmdline.options import (
     record_given_options,
     reject_options,
 )
+from tag2mask.cli import segment_methods
 from tag2mask.methods import registry
 from tag2mask.cmdline import option_types as ot
 
@@ -31,6 +32,7 @@ PRESET_TABLE = """presets (--preset; options given explicitly override single se
   naclip     published  336         slide 224/112  40           on    fp16-rounded
   clearclip  published  448         slide 448/224  50           off   fp16-rounded
   maskclip   published  512         whole          1 (cosine)   off   as loaded; MaskCLIP's mmseg numerics
+{rows}
   default and published: probability threshold 0, no area threshold; published:DATASET adds that
   benchmark's official config (e.g. sclip published:voc21: logit scale 65, prob/area thresholds 0.1)."""
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -43,7 +45,7 @@ MAX_DECODE_PIXELS = 100_000_000
 def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     p = sub.add_parser(
         "segment",
-        help="segment images into free-form class names (MaskCLIP, SCLIP, ClearCLIP, NACLIP; training-free)",
+        help="segment images into free-form class names (training-free: " + ", ".join(METHOD_CHOICES) + ")",
         description=(
             "Write a palette PNG label map per image (0 = background when background words or a probability "
             "threshold are given, then the classes in order), optionally an overlay with a legend and the "
@@ -59,7 +61,7 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
             "and 'background: sky, wall, ...' lines for background words; official cls_*.txt files (SCLIP,\n"
             "NACLIP, ClearCLIP) are read as they are, line 1 = background where the dataset has one\n"
             "(see --first-line). See docs/open_vocabulary.md.\n"
-            + PRESET_TABLE + "\n"
+            + PRESET_TABLE.format(rows=segment_methods.preset_rows()) + "\n"
             "scale out: torchrun --nproc-per-node 4 -m tag2mask segment ... (see docs/batch_jobs.md)\n"
             "exit code: 0 all images ok, 1 some images failed (listed in OUT/manifest.jsonl), 2 bad arguments"
         ),
@@ -79,7 +81,7 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
                         "apply; --weights then names the CLIP of a clip-zss run, whose text encoder embeds --classes "
                         "(default: the run's own; no image tower is loaded)")
     p.add_argument("--crf", action="store_true", help="with --checkpoint only: dense CRF with WeCLIP's parameters (extra 'crf')")
-    p.add_argument("--method", default="naclip", choices=METHOD_CHOICES, help="last-block variant (default: naclip)")
+    p.add_argument("--method", default="naclip", choices=METHOD_CHOICES, help="method (default: naclip; which to pick: docs/open_vocabulary.md)")
     p.add_argument("--preset", default="default",
                    help="settings preset (default: default): 'default', 'published' (the method's official harness, "
                         "proven against the official code), or 'published:DATASET' (plus that benchmark's official "
@@ -118,6 +120,7 @@ def _add_preset_overrides(p: argparse.ArgumentParser) -> None:
     p.add_argument("--pamr", action=argparse.BooleanOptionalAction, default=None,
                    help="refine with PAMR, 10 steps, dilations 8 and 16 (default: preset's; on for NACLIP's published)")
     _add_window_options(p)
+    segment_methods.add_options(p)  # the options of the methods that bring their own (registry)
 
 
 def _add_output_options(p: argparse.ArgumentParser) -> None:
@@ -151,7 +154,7 @@ def _add_window_options(p: argparse.ArgumentParser) -> None:
 #: options of the open-vocabulary methods; a trained WeCLIP run (--checkpoint) takes none of them
 _OVSS_OPTIONS = ("classes", "method", "preset", "mode", "short_side", "crop", "stride", "prob_threshold",
                  "area_threshold", "logit_scale", "templates", "last_block", "compat", "pamr", "first_line",
-                 "naclip_std", "pamr_steps", "pamr_dilations")
+                 "naclip_std", "pamr_steps", "pamr_dilations") + segment_methods.option_dests()
 
 
 
@@ -213,6 +216,7 @@ def _settings(args: argparse.Namespace, vocab, model, segmenter) -> dict:
             "area_threshold", "logit_scale", "templates", "last_block", "compat", "pamr", "naclip_std", "pamr_steps",
             "pamr_dilations", "overlay", "save_logits", "max_pixels", "max_pixels_policy")
     s = {k: getattr(args, k) for k in keys}
+    s.update(segment_methods.hooks_of(args.method).segment_settings(args, segmenter))
     # what actually runs once the preset and the options are combined
     s["resolved"] = segmenter.settings.to_dict()
     # --classes may name a file: record what it resolved to, so an edited file counts as a change
@@ -266,7 +270,9 @@ class _Segmenter:
                                 f"--max-pixels {max_pixels:,}; raise --max-pixels or use --max-pixels-policy downscale")
             image = image.resize((w, h), Image.BICUBIC, reducing_gap=3.0)
             info["processed_size"] = [h, w]
-        res = self.segmenter.predict(image)
+        # region maps of a folder are keyed by the file stem (CorrCLIP)
+        wants_key = getattr(self.segmenter, "wants_key", False)
+        res = self.segmenter.predict(image, key=path.stem) if wants_key else self.segmenter.predict(image)
         rgb = np.asarray(image, dtype=np.uint8)
         if (w, h) != (width, height):
             # the mask (and overlay) align with the original image; the logits stay at the processed size
@@ -308,8 +314,6 @@ def run(args: argparse.Namespace) -> int:
     from tag2mask.cmdline.options import load_model_from_args, toy_model_warning
     from tag2mask.jobs.distributed import device_for_rank
     from tag2mask.clip.loading import round_weights_to_fp16
-    from tag2mask.methods.ovss.presets import get_preset
-    from tag2mask.vocab.vocabulary import load_vocabulary
 
     check_options(args)
     if args.checkpoint:
@@ -323,21 +327,22 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--classes is empty; give e.g. 'cat, dog; background: sky' or a name-set file")
     if args.limit is not None and args.limit < 0:
         raise ValueError(f"--limit must be >= 0, got {args.limit}")
-    preset = get_preset(args.method, args.preset)  # a bad preset name fails before the model is loaded
+    segment_methods.check_options(args)
+    hooks = segment_methods.hooks_of(args.method)
+    preset = hooks.segment_preset(args.method, args.preset)  # a bad preset name fails before the model is loaded
     first_line = {"auto": None, "background": True, "class": False}[args.first_line]
-    vocab = load_vocabulary(args.classes, first_line_background=first_line)
+    vocab = hooks.segment_vocabulary(args.classes, first_line)
     files = list_images(Path(args.input))
     out = Path(args.out)
 
     args.device = device_for_rank(args.device)
     model = load_model_from_args(args)
-    warning = toy_model_warning(model, [args.input])
+    warnings = [w for w in [toy_model_warning(model, [args.input])] + hooks.segment_warnings(model, preset) if w]
     if preset.round_fp16_weights:
         # as the official loaders do; done here on the command's own model, so the segmenter needs no copy
         round_weights_to_fp16(model)
         model.fingerprint = f"{getattr(model, 'fingerprint', 'unknown')}:fp16r"
-    segmenter = registry.load(registry.get(args.method).predictor)(model, vocab, args.method, preset=preset,
-                                                                   **_segmenter_options(args))
+    segmenter = hooks.build_segmenter(model, vocab, args, preset, _segmenter_options(args))
     if segmenter.settings.mode == "whole":  # a preset may choose the whole-image mode
         reject_options(args, ("crop", "stride"), f"with preset {segmenter.settings.name!r}, which runs whole images")
     if segmenter.settings.last_block != "naclip":
@@ -365,7 +370,7 @@ def run(args: argparse.Namespace) -> int:
         "weights": getattr(model, "source_path", None),
         "weights_fingerprint": getattr(model, "fingerprint", None),
         "device": str(segmenter.device),
-        "warnings": [warning] if warning else [],
+        "warnings": warnings,
     }
     return _run_job(args, files, stems, out, segmenter, settings, record)
 

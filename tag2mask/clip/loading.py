@@ -63,7 +63,8 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "clip"
 
 
-def _downloads_allowed(flag: Optional[bool]) -> bool:
+def downloads_allowed(flag: Optional[bool]) -> bool:
+    """Whether a download may happen: ``flag`` when given, else ``TAG2MASK_ALLOW_DOWNLOAD`` (off by default)."""
     if flag is not None:
         return flag
     return os.environ.get("TAG2MASK_ALLOW_DOWNLOAD", "").strip().lower() in ("1", "true", "yes")
@@ -83,7 +84,7 @@ def _resolve_registry_name(name: str, allow_download: Optional[bool], cache_dir:
     path = root / filename
     if path.exists():
         return path
-    if not _downloads_allowed(allow_download):
+    if not downloads_allowed(allow_download):
         raise WeightsNotFoundError(
             f"CLIP weights {name!r} are not on this machine (looked for {path}). Either pass a file you have "
             f"(--weights /path/to/{filename}, a Hugging Face CLIPModel folder or a .safetensors file), put "
@@ -279,7 +280,7 @@ def load_clip(
     model = build_from_state_dict(sd, config, activation or "quick_gelu", source=str(path))
     if round_fp16_weights:
         round_weights_to_fp16(model)
-    model.fingerprint = _fingerprint(path) + (":fp16r" if round_fp16_weights else "")
+    model.fingerprint = file_fingerprint(path) + (":fp16r" if round_fp16_weights else "")
     model.source_format = fmt
     model.source_path = str(path)
     model.stored_dtypes = stored_dtypes  # as in the file, before the float32 load (for `tag2mask info`)
@@ -288,7 +289,8 @@ def load_clip(
     return model.to(device=device, dtype=dtype).eval()
 
 
-def _fingerprint(path: Path) -> str:
+def file_fingerprint(path: Path) -> str:
+    """16 hex digits of SHA-256 of a file, or of a folder's files (names and contents): a weights identity."""
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.is_file())
         h = hashlib.sha256()

@@ -34,9 +34,9 @@ def is_shipped_tiny_clip(model: object) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _shipped_fingerprint() -> Optional[str]:
-    from tag2mask.clip.loading import _fingerprint
+    from tag2mask.clip.loading import file_fingerprint
 
-    return _fingerprint(SHIPPED_WEIGHTS) if SHIPPED_WEIGHTS.is_file() else None
+    return file_fingerprint(SHIPPED_WEIGHTS) if SHIPPED_WEIGHTS.is_file() else None
 
 
 def tiny_clip_path() -> Path:

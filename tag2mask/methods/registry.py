@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 __all__ = [
-    "KINDS", "Command", "Method", "METHODS", "RUN_PREDICTORS", "load", "get", "names", "commands", "method_of_command",
+    "KINDS", "SEGMENT_HOOKS", "Command", "Method", "METHODS", "RUN_PREDICTORS", "load", "get", "names", "commands", "method_of_command",
     "segment_methods", "label_methods", "serve_methods", "demo_methods", "segmenter_recipe_names",
     "segmenter_recipe", "segmenter_recipe_owner", "segmenter_preset", "run_predictor", "miou_rule_of",
     "zero_shot_split",
@@ -33,9 +33,11 @@ class Command:
     """A CLI sub-command a method brings.
 
     ``parent``: ``""`` for a top-level command (``tag2mask NAME``), else the command it extends:
-    ``"train"`` / ``"convert"`` (a sub-command ``tag2mask PARENT NAME``) or ``"label"`` (a value of
-    ``label --method``). ``module`` exposes ``add_parser(subparsers) -> ArgumentParser`` (sub-commands)
-    or the ``label`` hooks ``add_label_options / check_label_options / run_label`` (see :mod:`tag2mask.cli.label_cmd`).
+    ``"train"`` / ``"convert"`` (a sub-command ``tag2mask PARENT NAME``), ``"label"`` (a value of
+    ``label --method``) or ``"segment"`` (a ``segment --method`` with its own options and segmenter).
+    ``module`` exposes ``add_parser(subparsers) -> ArgumentParser`` (sub-commands), the ``label`` hooks
+    ``add_label_options / check_label_options / run_label`` (see :mod:`tag2mask.cli.label_cmd`) or the
+    ``segment`` hooks (:data:`SEGMENT_HOOKS`, see :mod:`tag2mask.cli.segment_methods`).
     """
 
     parent: str
@@ -80,6 +82,10 @@ class Method:
             raise ValueError(f"method {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
 
 
+#: what a ``Command("segment", ...)`` module defines (see :mod:`tag2mask.cli.segment_methods`)
+SEGMENT_HOOKS = ("add_segment_options", "check_segment_options", "segment_preset", "segment_vocabulary",
+                 "build_segmenter", "segment_settings", "segment_warnings")
+
 _OVSS = "tag2mask.methods.ovss"
 _OVSS_PRESETS = ("default", "published")
 _OVSS_PREDICTOR = "tag2mask.methods.ovss.segmenter:OpenVocabSegmenter"
@@ -109,6 +115,16 @@ METHODS: tuple[Method, ...] = (
     _ovss("sclip", "SCLIP (Wang, Mei & Yuille, ECCV 2024)", 2),
     _ovss("clearclip", "ClearCLIP (Lan et al., ECCV 2024)", 3),
     _ovss("naclip", "NACLIP (Hajimiri, Ben Ayed & Dolz, WACV 2025)", 1),
+    Method("scclip", "names->masks", "tag2mask.methods.ovss2", "SC-CLIP (IEEE TIP 2025)",
+           presets=_OVSS_PRESETS, predictor="tag2mask.methods.ovss2.segmenter:NewerOvssSegmenter",
+           commands=(Command("segment", "scclip", "tag2mask.methods.ovss2.segment_cli"),)),
+    Method("pearl", "names->masks", "tag2mask.methods.ovss2", "PEARL (CVPR 2026)",
+           presets=_OVSS_PRESETS, predictor="tag2mask.methods.ovss2.segmenter:NewerOvssSegmenter",
+           demo="tag2mask.methods.ovss2.demo:demo_predictors", demo_names=("pearl",), serve=5,
+           commands=(Command("segment", "pearl", "tag2mask.methods.ovss2.segment_cli"),)),
+    Method("corrclip", "names->masks", "tag2mask.methods.corrclip", "CorrCLIP (ICCV 2025)",
+           presets=_OVSS_PRESETS, predictor="tag2mask.methods.corrclip.segmenter:corrclip_predictor",
+           commands=(Command("segment", "corrclip", "tag2mask.methods.corrclip.segment_cli"),)),
     Method("maskclip+", "trained-run", "tag2mask.methods.maskclip_plus", "MaskCLIP+ (Zhou, Loy & Dai, ECCV 2022)",
            presets=("annotation-free", "voc20", "context59", "coco-stuff", "voc20-zs", "voc21-zs", "coco-stuff-zs",
                     "context60-zs"),

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from tag2mask.clip.loading import WeightsError, WeightsNotFoundError
-from tag2mask.clip.loading import _downloads_allowed as downloads_allowed
+from tag2mask.clip.loading import downloads_allowed
 
 __all__ = ["downloads_allowed", "require_transformers", "from_pretrained", "is_local_source"]
 

@@ -18,10 +18,12 @@ from tag2mask.clip.layers import Attention, ResidualAttentionBlock, set_numerics
 from tag2mask.clip.model import CLIP, CLIP_MEAN, CLIP_STD
 from tag2mask.clip.vision import VisionTransformer
 
-__all__ = ["maskclip_numerics", "fp16_rounding_targets", "is_fp16_rounded", "fp16_rounded", "input_mean_std"]
+__all__ = ["HARNESS_POS_OFFSET", "maskclip_numerics", "fp16_rounding_targets", "is_fp16_rounded", "fp16_rounded", "input_mean_std"]
 
 # mean / std in 0-255 units: the SCLIP-family SegDataPreProcessor and MaskCLIP's mmseg config
 _HARNESS_MEAN, _HARNESS_STD = (122.771, 116.746, 104.094), (68.501, 66.632, 70.323)
+#: the harnesses' interpolate_pos_encoding: scale_factor = (n + 0.1) / 14 (bicubic)
+HARNESS_POS_OFFSET = 0.1
 _MMSEG_IMAGENET_MEAN, _MMSEG_IMAGENET_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
 
 

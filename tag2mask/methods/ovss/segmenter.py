@@ -35,7 +35,7 @@ from tag2mask.clip.vision import VisionTransformer
 from tag2mask.inference import slide_logits
 from tag2mask.methods.ovss.last_block import get_last_block, maskclip_keys
 from tag2mask.methods.ovss.maskclip_refine import key_smooth, prompt_denoise
-from tag2mask.methods.ovss.numerics import fp16_rounded, input_mean_std, maskclip_numerics
+from tag2mask.methods.ovss.numerics import HARNESS_POS_OFFSET, fp16_rounded, input_mean_std, maskclip_numerics
 from tag2mask.methods.ovss.presets import OvssPreset, get_preset, published_settings
 from tag2mask.methods.ovss.windows import centre_padding, resize_like_mmcv, window_boxes
 from tag2mask.vocab.vocabulary import Vocabulary, load_vocabulary
@@ -51,8 +51,6 @@ _BACKGROUND_NAME = "background"
 
 #: fields of OvssPreset that a segmenter exposes as attributes too (``seg.mode``, ``seg.crop`` ...)
 _SETTING_NAMES = frozenset(f.name for f in dataclasses.fields(OvssPreset))
-
-_HARNESS_POS_OFFSET = 0.1  # interpolate_pos_encoding: scale_factor = (n + 0.1) / 14
 
 
 @dataclass
@@ -250,7 +248,7 @@ class OpenVocabSegmenter:
                 return self.visual.forward_dense(images, last_block=block_fn)
         if self.settings.numerics == "harness":
             return self.visual.forward_dense(images, last_block=block_fn, pos_mode="bicubic",
-                                             pos_scale_offset=_HARNESS_POS_OFFSET)
+                                             pos_scale_offset=HARNESS_POS_OFFSET)
         return self.visual.forward_dense(images, last_block=block_fn)
 
     def dense_features(self, images: torch.Tensor, with_keys: bool = False) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
