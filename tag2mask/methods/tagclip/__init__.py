@@ -1,0 +1,30 @@
+"""TagCLIP (Lin et al., AAAI 2024): training-free multi-label tags from a frozen CLIP, then CLIP-ES masks.
+
+Paper / spec section -> file of this package (spec = the implementation-grade description of the
+official code ``linyq2117/TagCLIP`` @ ``c32b640f``; docs/tagclip.md for users):
+
+======================================================  ==========================================
+what                                                    where
+======================================================  ==========================================
+per-dataset settings (spec 3), official bugs (spec 9)   :mod:`.presets` (``PRESETS``, ``Quirks``)
+the fork's two encoder regimes (spec 2.2-2.4, 4.2, 4.7) :mod:`.encoder`
+coarse scores, attention vote ("dual masking" 1),       :mod:`.local`
+class box masks ("dual masking" 2), refined scores
+(spec 4.3-4.6)
+class-wise re-identification, fusion, tags (4.7-4.8)    :mod:`.cwr`
+the tagger API (spec 4, whole)                          :mod:`.tagger` (``TagCLIP``, ``TagResult``)
+official mAP / F1 and the corrected mAP (spec 4.9)      :mod:`.metrics`
+tag files (official ``<id> c1 c2`` lines, JSON)         :mod:`.tagfile`
+classify-then-segment: CLIP-ES on predicted tags with   :mod:`.segment`
+the vendored CLIP-ES's differences (spec 6)
+``tag2mask tag`` (spec 1 step 1, 4.9)                   :mod:`.cli`
+======================================================  ==========================================
+
+CLIP-ES's parts (GradCAM, attention affinity, boxes, CRF) are reused from
+:mod:`tag2mask.methods.clip_es`, :mod:`tag2mask.localization` and :mod:`tag2mask.methods.pseudo_labels`.
+"""
+
+from tag2mask.methods.tagclip.presets import OFFICIAL_QUIRKS, PRESETS, Quirks, TagCLIPConfig, preset_for
+from tag2mask.methods.tagclip.tagger import TagCLIP, TagResult
+
+__all__ = ["TagCLIP", "TagResult", "TagCLIPConfig", "Quirks", "OFFICIAL_QUIRKS", "PRESETS", "preset_for"]
