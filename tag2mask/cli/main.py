@@ -27,6 +27,7 @@ COMMANDS: dict[str, str] = {
     "train": "tag2mask.cli.train_cmd",
     "prompts": "tag2mask.cli.prompts_cmd",
     "convert": "tag2mask.cli.convert_cmd",
+    "tag": "tag2mask.methods.tagclip.cli",  # TagCLIP (issue 29)
 }
 
 

@@ -21,7 +21,7 @@ from typing import Optional
 from tag2mask.vocab import classes as _classes
 from tag2mask.vocab.templates import MASKCLIP_85, PHOTO
 
-__all__ = ["Quirks", "OFFICIAL_QUIRKS", "TagCLIPConfig", "PRESETS", "preset_for", "COCO_STUFF_CLASSES",
+__all__ = ["Quirks", "OFFICIAL_QUIRKS", "TagCLIPConfig", "PRESETS", "preset_for", "config_for_classes", "COCO_STUFF_CLASSES",
            "COCO_STUFF_UNUSED_IDS", "coco_stuff_182_to_171"]
 
 #: COCO-Stuff's 171 used classes in label order (raw COCO-Stuff spellings; TagCLIP's ``clip_text.py``
@@ -177,3 +177,19 @@ def preset_for(name: str, compat: Optional[bool] = None, **overrides) -> TagCLIP
         raise ValueError(f"unknown TagCLIP preset {name!r}; choose from {sorted([*PRESETS, 'synth'])}")
     config = replace(config, **overrides) if overrides else config
     return config if compat is None else config.with_compat(compat)
+
+
+def config_for_classes(spec: str, compat: bool = False) -> tuple[str, TagCLIPConfig]:
+    """``--classes`` of the commands -> (preset name, config).
+
+    A preset name (``voc``, ``coco``, ``cocostuff``, ``synth``) selects its whole setting; a name-set
+    file or an inline list (:func:`tag2mask.vocab.vocabulary.load_vocabulary`) supplies the class
+    names (display names) and background words, with the ``voc`` constants (θ 0.5, blocks 9-11).
+    """
+    key = spec.strip().lower()
+    if key in PRESETS or key == "synth":
+        return key, preset_for(key, compat=compat)
+    from tag2mask.vocab.vocabulary import load_vocabulary
+
+    vocab = load_vocabulary(spec)
+    return "voc", preset_for("voc", compat=compat, class_names=tuple(vocab.names), background=tuple(vocab.background))
