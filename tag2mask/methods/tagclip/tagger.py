@@ -91,6 +91,15 @@ class TagCLIP:
             self.text = text_matrix(model, config.texts, config.templates, text_cache_dir).to(self.device)
         self.logit_scale = float(model.logit_scale.detach().float().exp())
 
+    def with_config(self, config: TagCLIPConfig) -> "TagCLIP":
+        """A tagger on the same model with other settings; the text matrix is reused when texts and templates agree."""
+        if (config.texts, config.templates) != (self.config.texts, self.config.templates):
+            return TagCLIP(self.model, config)
+        other = object.__new__(TagCLIP)
+        other.__dict__.update(self.__dict__)
+        other.config = config
+        return other
+
     @property
     def class_names(self) -> tuple[str, ...]:
         return self.config.class_names
@@ -131,7 +140,8 @@ class TagCLIP:
         result = TagResult(scores.detach().cpu().numpy().astype(np.float32), tags, fallback, info)
         if keep_arrays:
             result.arrays = _arrays(x, full, vote, coarse, attn, cm, refined, local, scores,
-                                    crops, crop_masks, crop_cls, crop_probs)
+                                    crops, crop_masks, crop_cls, crop_probs,
+                                    visual.image_size // visual.patch_size, tuple(self.text.shape[::-1]))
         return result
 
     def _info(self, grid, plan: Optional[_cwr.CropPlan], scores, tags, fallback) -> dict[str, Any]:
@@ -148,7 +158,8 @@ def _np(t) -> np.ndarray:
     return t.detach().float().cpu().numpy()
 
 
-def _arrays(x, full, vote, coarse, attn, cm, refined, local, scores, crops, crop_masks, crop_cls, crop_probs) -> dict:
+def _arrays(x, full, vote, coarse, attn, cm, refined, local, scores, crops, crop_masks, crop_cls, crop_probs,
+            grid_of_crops: int, dims: tuple[int, int]) -> dict:
     """Every intermediate under the golden fixtures' names (without the ``cls.`` prefix)."""
     out = {
         "input": _np(x), "pos_emb_new": _np(full.pos_table), "image_features": _np(normalized(full.tokens)),
@@ -165,5 +176,11 @@ def _arrays(x, full, vote, coarse, attn, cm, refined, local, scores, crops, crop
             "crop_input_center": _np(crops[:, :, c - 16 : c + 16, c - 16 : c + 16]),
             "crop_cls_feature": _np(normalized(crop_cls)), "crop_probs": _np(crop_probs),
         })
+    else:  # no crop encoded: empty arrays of the same layout, as the fixtures store them
+        g = grid_of_crops
+        out.update({"crop_mask14": np.zeros((0, g, g), np.uint8),
+                    "crop_input_center": np.zeros((0, 3, 32, 32), np.float32),
+                    "crop_cls_feature": np.zeros((0, dims[0]), np.float32),
+                    "crop_probs": np.zeros((0, dims[1]), np.float32)})
     return out
 
