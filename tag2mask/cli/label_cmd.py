@@ -112,6 +112,9 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     add_run_options(p)
     add_overlap_options(p, "decode images and refine / write masks")
     add_fma_options(p)
+    from tag2mask.methods.tagclip.segment import add_label_options  # TagCLIP hook (issue 29): --tags auto
+
+    add_label_options(p)
     p.set_defaults(func=run)
     record_given_options(p)
     return p
@@ -236,6 +239,11 @@ def run(args: argparse.Namespace) -> int:
     if args.method == "fma":
         return run_fma_label(args, ItemsAPI(_open_items, _item_keys, _describe, _source))
     args.device = device_for_rank(args.device)
+    # --- TagCLIP hook (issue 29): no tags given -> TagCLIP predicts them into OUT/tagclip, sets args.labels
+    from tag2mask.methods.tagclip.segment import prepare_auto_tags
+
+    auto = prepare_auto_tags(args)
+    # --- end of the TagCLIP hook
     if overlap_settings(args, resolve_device(args.device))[0] > 0:
         start_worker_server(_WORKER_PRELOAD)  # the workers' imports overlap the model loading below
     import torch
@@ -270,8 +278,8 @@ def run(args: argparse.Namespace) -> int:
     # rounded at load when the preset's numerics round weights, so ClipES needs no rounded copies
     model = load_model_from_args(args, official_rounding=config.numerics.round_weights_fp16)
     warning = toy_model_warning(model, [args.images])
-    cam_maker = ClipES(model, vocab, config)
-    settings = _settings(args, model)
+    cam_maker = ClipES(model, vocab, config, affinity_fn=auto.affinity_fn if auto else None)  # TagCLIP hook
+    settings = _settings(args, model) | (auto.settings if auto else {})  # TagCLIP hook
     if args.refine == "crf":
         from tag2mask.refinement.crf import _import_densecrf
 
@@ -304,6 +312,7 @@ def run(args: argparse.Namespace) -> int:
         "workers": workers,
         "batch_size": batch_size,
         "warnings": [warning] if warning else [],
+        **(auto.record if auto else {}),  # TagCLIP hook
     }
 
     def finalize(run_dir: Path, summary) -> None:
@@ -319,7 +328,7 @@ def run(args: argparse.Namespace) -> int:
                         run_record=record, finalize=finalize, source_of=lambda i: _source(items, i))
     if not args.quiet or summary.failed:
         print_summary(summary, out, "label")
-    return process_exit_code(summary)
+    return max(process_exit_code(summary), auto.exit_code if auto else 0)  # TagCLIP hook: tag failures count
 
 
 def model_device(model):
