@@ -189,8 +189,10 @@ def run(args: argparse.Namespace) -> int:
     out = Path(args.out)
     settings = {"command": "tag", "classes": args.classes, "preset": preset, "compat": args.compat, "cwr": args.cwr,
                 "save_arrays": args.save_arrays, "weights": model.fingerprint}
+    used = {"attn_mean_blocks_used": list(tagger.mean_layers)}  # differs from the preset for a non-12-block ViT
     record = {"tag2mask": tag2mask.__version__, "torch": torch.__version__, "python": platform.python_version(),
-              "command": "tag", "settings": settings, "tagclip": config.to_dict(), "classes": list(config.class_names),
+              "command": "tag", "settings": settings, "tagclip": config.to_dict() | used,
+              "classes": list(config.class_names),
               "weights": getattr(model, "source_path", None), "device": str(tagger.device),
               "warnings": [warning] if warning else []}
     result: dict[str, Any] = {}

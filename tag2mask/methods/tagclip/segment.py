@@ -109,7 +109,8 @@ def prepare_auto_tags(args: argparse.Namespace) -> Optional[AutoTags]:
     options = JobOptions(resume=args.resume, overwrite=args.overwrite, quiet=args.quiet, verbose=args.verbose,
                          limit=args.limit, desc="tag", unit="img")
     summary = run_items(items, _process(tagger, items, out, False), out, settings, options, keys=items.names,
-                        run_record={"command": "tag", "settings": settings, "tagclip": config.to_dict()},
+                        run_record={"command": "tag", "settings": settings,
+                                    "tagclip": config.to_dict() | {"attn_mean_blocks_used": list(tagger.mean_layers)}},
                         finalize=lambda d, s: _finalize(d, items, config, preset, None, result),
                         source_of=lambda i: _source(items, i))
     if summary.failed:

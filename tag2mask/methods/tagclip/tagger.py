@@ -66,6 +66,24 @@ def text_matrix(model, texts: Sequence[str], templates: Sequence[str], cache_dir
     return normalized(feats)  # classify() normalises the stacked matrix once more
 
 
+#: depth of the ViT-B/16 the official block indices refer to
+OFFICIAL_BLOCKS = 12
+
+
+def resolve_layers(layers: Sequence[int], num_blocks: int) -> tuple[int, ...]:
+    """The official 0-based block indices for a model with ``num_blocks`` blocks.
+
+    The indices refer to ViT-B/16's 12 blocks; for another depth they keep their distance from the
+    last block (blocks 9-11 of 12 -> the three blocks before the last one; indices that would fall
+    before the first block are dropped). Raises when none is left.
+    """
+    shifted = tuple(i - OFFICIAL_BLOCKS + num_blocks for i in layers)
+    kept = tuple(i for i in shifted if 0 <= i < num_blocks)
+    if not kept:
+        raise ValueError(f"attention layers {tuple(layers)} select no block of a {num_blocks}-block model")
+    return kept
+
+
 class TagCLIP:
     """Training-free multi-label classifier (TagCLIP, AAAI 2024) on a frozen CLIP ViT.
 
@@ -81,9 +99,7 @@ class TagCLIP:
         if str(getattr(model, "fingerprint", "")).endswith(":fp16r"):
             raise ValueError("TagCLIP runs the checkpoint's weights unrounded; load the model without "
                              "fp16 weight rounding (CLIP-ES's official rounding)")
-        n_blocks = model.visual.num_blocks
-        if max(config.attn_mean_layers) >= n_blocks:
-            raise ValueError(f"attn_mean_layers {config.attn_mean_layers} outside the {n_blocks} blocks")
+        self.mean_layers = resolve_layers(config.attn_mean_layers, model.visual.num_blocks)
         self.model = model.eval()
         self.config = config
         self.device = next(model.parameters()).device
@@ -119,7 +135,7 @@ class TagCLIP:
         cfg, visual = self.config, self.model.visual
         full = encode_full_image(visual, x, cfg.last_block_mask, cfg.round_pos_embed_fp16)
         coarse = _local.coarse_scores(full.tokens, self.text, self.logit_scale)
-        vote = _local.attention_vote(full.attentions, cfg.attn_mean_layers, cfg.attn_vote_min_count)
+        vote = _local.attention_vote(full.attentions, self.mean_layers, cfg.attn_vote_min_count)
         attn = vote.weight @ coarse
         cm = _local.class_box_masks(attn, full.grid, cfg.quirks.box_edge_quirk)
         refined = _local.refined_scores(vote.weight, coarse, attn, cm.masks, cm.processed)
