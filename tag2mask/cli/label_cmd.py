@@ -47,7 +47,8 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
             "Write a pseudo-mask (palette PNG: 0 background, class id + 1, 255 ignore), the refined CAMs "
             "(npz) and a run record for every image. Labels come from a JSON/CSV file, or for a VOC root "
             "from Annotations/*.xml, or for a COCO root (JPEGImages/ + SegmentationClass/) from the split "
-            "file's '<image id> <class id> ...' lines, as the official scripts read them."
+            "file's '<image id> <class id> ...' lines, as the official scripts read them. For an image folder without "
+            "--labels (or with --tags auto) TagCLIP predicts the tags first (docs/tagclip.md)."
         ),
         epilog=(
             "examples:\n"
