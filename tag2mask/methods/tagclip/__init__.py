@@ -24,7 +24,18 @@ CLIP-ES's parts (GradCAM, attention affinity, boxes, CRF) are reused from
 :mod:`tag2mask.methods.clip_es`, :mod:`tag2mask.localization` and :mod:`tag2mask.methods.pseudo_labels`.
 """
 
-from tag2mask.methods.tagclip.presets import OFFICIAL_QUIRKS, PRESETS, Quirks, TagCLIPConfig, preset_for
-from tag2mask.methods.tagclip.tagger import TagCLIP, TagResult
+from typing import Any
 
 __all__ = ["TagCLIP", "TagResult", "TagCLIPConfig", "Quirks", "OFFICIAL_QUIRKS", "PRESETS", "preset_for"]
+
+_WHERE = {"TagCLIP": "tagger", "TagResult": "tagger", "TagCLIPConfig": "presets", "Quirks": "presets",
+          "OFFICIAL_QUIRKS": "presets", "PRESETS": "presets", "preset_for": "presets"}
+
+
+def __getattr__(name: str) -> Any:
+    # lazy: `tag2mask --help` imports the sub-command module (cli.py) without torch or NumPy
+    if name in _WHERE:
+        import importlib
+
+        return getattr(importlib.import_module(f"tag2mask.methods.tagclip.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'tag2mask.methods.tagclip' has no attribute {name!r}")
