@@ -91,7 +91,7 @@ class ClassMasks(NamedTuple):
     """Output of :func:`class_box_masks`.
 
     masks: ``(C, h, w)`` uint8 M_cls per text (0 for texts not processed).
-    processed: ``(C,)`` bool texts whose maximum attention score is positive.
+    processed: ``(C,)`` bool texts whose maximum attention score is positive (and not constant).
     thresholds: per text the uint8 threshold ``int(mean * 255)`` (-1 when not processed).
     boxes: per text the list of boxes ``(x0, y0, x1, y1)``.
     """
@@ -123,9 +123,14 @@ def class_box_masks(logits_attn: Tensor, grid: tuple[int, int], edge_quirk: bool
             all_boxes.append([])
             continue
         s = minmax_no_eps(col)
-        thr = int(s.mean() * 255)  # float32 product, then truncation (the official int(tensor))
-        # non-finite values (a constant column) give no foreground rather than a platform-defined cast
-        u8 = torch.nan_to_num(s * 255, nan=0.0).clamp(0, 255).to(torch.uint8).reshape(h, w).numpy()
+        mean = s.mean() * 255  # float32 product, then truncation (the official int(tensor))
+        if not bool(torch.isfinite(mean)):
+            # a constant column: the official int(NaN) stops with an error; here it keeps its P_attn scores
+            thresholds.append(-1)
+            all_boxes.append([])
+            continue
+        thr = int(mean)
+        u8 = (s * 255).clamp(0, 255).to(torch.uint8).reshape(h, w).numpy()
         masks[c], boxes = threshold_boxes(u8 > thr, edge_quirk)
         processed[c] = True
         thresholds.append(thr)
