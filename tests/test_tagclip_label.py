@@ -148,3 +148,5 @@ def test_label_synth_images_without_tags(tmp_path):
     bad = _label([str(images), "--classes", "synth", "--tags", "auto", "--labels", str(out / "tagclip" / "tags.json"),
                   "--out", str(tmp_path / "o2")])
     assert bad.returncode == 2 and "--tags auto predicts the tags" in bad.stderr
+    fma = _label([str(images), "--method", "fma", "--tags", "auto", "--out", str(tmp_path / "o3")])
+    assert fma.returncode == 2 and "--tags does not apply with --method fma" in fma.stderr

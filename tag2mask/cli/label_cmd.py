@@ -19,6 +19,7 @@ from tag2mask.cli.common import (
     reject_options,
 )
 from tag2mask.cli.label_fma import ItemsAPI, add_fma_options, check_fma_options, run_fma_label
+from tag2mask.methods.tagclip.segment import add_label_options, prepare_auto_tags  # TagCLIP hook (issue 29)
 
 REFINERS = ("crf", "pamr", "none")
 #: default --max-pixels: 1 MP (about 1000x1000). CLIP-ES's attention affinity is quadratic in the
@@ -113,9 +114,7 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     add_run_options(p)
     add_overlap_options(p, "decode images and refine / write masks")
     add_fma_options(p)
-    from tag2mask.methods.tagclip.segment import add_label_options  # TagCLIP hook (issue 29): --tags auto
-
-    add_label_options(p)
+    add_label_options(p)  # TagCLIP hook (issue 29): --tags auto
     p.set_defaults(func=run)
     record_given_options(p)
     return p
@@ -123,6 +122,8 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
 
 def check_options(args: argparse.Namespace) -> None:
     """Options that do not apply to the chosen refinement / input are errors, not silently ignored."""
+    if args.method == "fma":
+        reject_options(args, ("tags",), "with --method fma (TagCLIP's tags feed CLIP-ES)")  # TagCLIP hook
     check_fma_options(args)
     check_overlap_options(args)
     if args.method == "fma":
@@ -240,11 +241,7 @@ def run(args: argparse.Namespace) -> int:
     if args.method == "fma":
         return run_fma_label(args, ItemsAPI(_open_items, _item_keys, _describe, _source))
     args.device = device_for_rank(args.device)
-    # --- TagCLIP hook (issue 29): no tags given -> TagCLIP predicts them into OUT/tagclip, sets args.labels
-    from tag2mask.methods.tagclip.segment import prepare_auto_tags
-
-    auto = prepare_auto_tags(args)
-    # --- end of the TagCLIP hook
+    auto = prepare_auto_tags(args)  # TagCLIP hook (issue 29): no tags -> predicted into OUT/tagclip, sets --labels
     if overlap_settings(args, resolve_device(args.device))[0] > 0:
         start_worker_server(_WORKER_PRELOAD)  # the workers' imports overlap the model loading below
     import torch
