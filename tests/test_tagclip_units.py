@@ -117,3 +117,18 @@ def test_tagger_refuses_fp16_rounded_weights():
     model = load_clip(shipped_weights_path(), round_fp16_weights=True)
     with pytest.raises(ValueError, match="unrounded"):
         TagCLIP(model, preset_for("synth"), text_cache_dir=False)
+
+
+def test_gt_from_a_label_file_or_official_lines(tmp_path):
+    from tag2mask.methods.tagclip.cli import _gt_tags
+
+    names, files = ["a", "sub/b"], ["a.jpg", "sub/b.png"]
+    classes = preset_for("voc").class_names
+    js = tmp_path / "gt.json"
+    js.write_text('{"a.jpg": ["dog", "person"], "sub/b.png": ["cat"]}')
+    assert _gt_tags(str(js), names, files, "voc", classes) == {"a": [11, 14], "sub/b": [7]}
+    txt = tmp_path / "gt.txt"
+    txt.write_text("a 11 14\nb 7\n")  # official ids are image stems
+    assert _gt_tags(str(txt), names, files, "voc", classes) == {"a": [11, 14], "sub/b": [7]}
+    txt.write_text("a 181\n")  # COCO-Stuff: 182-space ids
+    assert _gt_tags(str(txt), names, files, "cocostuff", COCO_STUFF_CLASSES) == {"a": [len(COCO_STUFF_CLASSES) - 1]}
