@@ -90,7 +90,7 @@ def _finalize(run_dir: Path, items, config, preset: str, gt_path: Optional[str],
     from tag2mask.methods.tagclip.tagfile import gt_matrix, write_tag_lines, write_tags_json
 
     names, files, scores, tags = [], [], [], []
-    for i, name in enumerate(items.names):
+    for name in items.names:
         path = run_dir / "scores" / f"{name}.json"
         if not path.is_file():
             continue  # failed or not reached (--limit): absent from the run-level files
