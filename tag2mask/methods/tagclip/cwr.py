@@ -99,9 +99,25 @@ def crop_inputs(image: Tensor, plan: CropPlan, patch: int, size: int) -> tuple[T
     g = size // patch
     for _, (y1, y2, x1, x2), m in plan.crops:
         region = image[:, :, patch * y1 : patch * y2, patch * x1 : patch * x2]
-        crops.append(F.interpolate(region, size=(size, size), mode="bilinear", align_corners=False))
+        crops.append(_bilinear_planes(region, size))
         masks.append(F.interpolate(m[None, None].float(), size=(g, g), mode="nearest")[0, 0])
     return torch.cat(crops), torch.stack(masks)
+
+
+def _bilinear_planes(region: Tensor, size: int) -> Tensor:
+    """``(N, C, h, w)`` -> ``(N, C, size, size)`` bilinear (``align_corners=False``), one plane at a time.
+
+    Why the planes are folded into the batch: on CPU, PyTorch picks its bilinear kernel from the
+    thread count. With one intra-op thread and exactly 3 channels it runs the channels-last kernel,
+    otherwise (2+ threads, or 1 channel) the generic NCHW kernel; the two round differently (1-2
+    float32 ulps). The official reference ran with 2 threads, i.e. the generic kernel. A ``(N*C, 1,
+    h, w)`` view always takes the generic kernel, so the crops are bit-identical to the reference
+    whatever ``torch.get_num_threads()`` is (each output value is computed the same way by every
+    thread split). Other devices have their own kernels; no bit-exactness is claimed there.
+    """
+    n, c, h, w = region.shape
+    planes = region.reshape(n * c, 1, h, w)
+    return F.interpolate(planes, size=(size, size), mode="bilinear", align_corners=False).reshape(n, c, size, size)
 
 
 def fuse(local: Tensor, crop_probs: Tensor, plan: CropPlan, num_classes: int, weight: float) -> Tensor:
