@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from tagclip_sets import SETS, TINY_CLIP_PATH, max_abs, rel
@@ -101,6 +102,32 @@ def test_segmentation_arrays(labelled):
         np.testing.assert_array_equal(mask, a["crf_label"])
         pred = cams_to_labels(a["attn_highres"], a["keys"], bg_power=1.0)
         assert np.mean(pred != z["seg.evalcam_pred"]) <= tol["evalcam_pred_frac"]
+
+
+@pytest.mark.parametrize("tagset", SEG_SETS, ids=[s.name for s in SEG_SETS])
+def test_segmentation_stages_from_stored(tagset):
+    """README 6.1, segmentation row: each CLIP-ES step fed the stored output of the step before, at the
+    README's stage tolerances (trans <= 1e-5 rel, boxes exact, refined <= 1e-5 rel, high-res and eval labels exact)."""
+    from tag2mask.localization.affinity import refine_cams, transition_matrix
+    from tag2mask.localization.boxes import cam_box_masks
+    from tag2mask.localization.labels import cams_to_labels
+    from tag2mask.localization.scaling import scale_and_resize
+    from tag2mask.methods.clip_es import preset_for
+
+    s = tagset.index["settings"]["segmentation"]
+    config = preset_for("voc")  # what `label` runs on TagCLIP's VOC tags
+    assert config.box_threshold == s["box_threshold"]
+    for c in _seg_cases(tagset):
+        z = c.arrays
+        T = transition_matrix(torch.from_numpy(z["seg.attn_mean7"]), rounds=config.sinkhorn_rounds).numpy()
+        assert rel(T, z["seg.trans_mat"]) <= 1e-5, c.name
+        np.testing.assert_array_equal(cam_box_masks(z["seg.cam_lowres"], config.box_threshold), z["seg.box_mask"])
+        refined = refine_cams(z["seg.trans_mat"], z["seg.cam_lowres"], z["seg.box_mask"])
+        assert rel(refined, z["seg.refined_lowres"]) <= 1e-5, c.name
+        high = scale_and_resize(z["seg.refined_lowres"], (c.entry["height"], c.entry["width"]))
+        np.testing.assert_array_equal(high, z["seg.attn_highres"])
+        pred = cams_to_labels(z["seg.attn_highres"], z["seg.keys"], bg_power=float(s["eval_bg_power"]))
+        np.testing.assert_array_equal(pred, z["seg.evalcam_pred"])
 
 
 def test_resume_skips_both_jobs(labelled):
