@@ -10,6 +10,12 @@ from tag2mask.localization.scaling import resize_bilinear, resize_bilinear_like_
 
 cv2 = pytest.importorskip("cv2")
 
+# OpenCV 5.1 computes an exact factor-2 downsize as a 2x2 mean instead of the IPP bilinear kernel, which
+# rounds differently in the last bits (checked: 4.14.0.94 and 5.0.0.93 bit-identical, 5.1.0.95 not). The
+# CLIP-ES fixtures were made with the older kernel, and the pipeline only ever upsamples, so the replica keeps
+# the old kernel; on newer builds those cases are held to the rounding bound of either way of averaging.
+_FACTOR2_KERNEL_CHANGED = tuple(int(v) for v in cv2.__version__.split(".")[:2]) >= (5, 1)
+
 # (h, w) -> (H, W): CLIP-ES grids to image sizes, non-integer up/down factors,
 # exact factor 2 both ways, one axis unchanged, tiny sources (>= 2 per axis).
 SIZES = [
@@ -33,10 +39,22 @@ def test_bit_identical_to_cv2(src, dst):
         x = (rng.standard_normal((3, *src)) * scale).astype(np.float32)
         out = resize_bilinear_like_cv2(x, dst)
         assert out.dtype == np.float32 and out.shape == (3, *dst)
-        assert np.array_equal(out, _cv2_resize(x, dst))
+        _assert_matches_cv2(x, out, src, dst)
     # minmax-normalised maps in [0, 1), the pipeline's actual input
     x = rng.random((2, *src)).astype(np.float32) * np.float32(0.9999999)
-    assert np.array_equal(resize_bilinear_like_cv2(x, dst), _cv2_resize(x, dst))
+    _assert_matches_cv2(x, resize_bilinear_like_cv2(x, dst), src, dst)
+
+
+def _assert_matches_cv2(x: np.ndarray, out: np.ndarray, src, dst) -> None:
+    ref = _cv2_resize(x, dst)
+    exact_half = dst[0] * 2 == src[0] and dst[1] * 2 == src[1]
+    if not (exact_half and _FACTOR2_KERNEL_CHANGED):
+        assert np.array_equal(out, ref)
+        return
+    # Both are a rounded mean of the same 2x2 block: within 2 float32 ulps of the block's largest magnitude
+    # (measured worst case: 2.0 over scales 1e-30..1e20).
+    block_max = np.abs(x).reshape(x.shape[0], dst[0], 2, dst[1], 2).max(axis=(2, 4))
+    assert np.all(np.abs(out.astype(np.float64) - ref) <= 2 * np.spacing(block_max))
 
 
 def test_generic_variant_close_to_cv2_without_ipp():

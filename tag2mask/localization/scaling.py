@@ -146,7 +146,9 @@ def resize_bilinear_like_cv2(x: np.ndarray, size_hw: Tuple[int, int], variant: s
       ``fma(x1 - x0, t, x0)`` in float32 with ``t`` the double-precision
       fractional position rounded to float32. Bit-identical to
       ``cv2.resize`` whenever ``cv2.ipp.useIPP()`` is true, for upscaling and
-      downscaling (factor 2 included) of sources of at least 2x2, as tested.
+      downscaling of sources of at least 2x2, as tested; an exact factor-2
+      downsize too up to OpenCV 5.0 (5.1 takes a 2x2 mean there instead,
+      within 2 float32 ulps of this).
     * ``variant="generic"``: OpenCV's own C++ kernel (builds without IPP, e.g. ARM,
       or ``cv2.ipp.setUseIPP(False)``): ``x0 * (1 - t) + x1 * t`` with float32
       coefficients. Not bit-exact: typically 0.1-2% of values differ by 1 float32 ulp
