@@ -4,7 +4,7 @@
 
 Rows: multi-label classification (mAP, official mAP, official overall F1) of ``tag2mask tag`` (default
 and ``--compat``) against the model's plain zero-shot classification (CLS token, same texts, same θ
-rule); mIoU of ``tag2mask label`` without tags (TagCLIP then CLIP-ES) against ``label`` with the
+rule); mIoU of ``tag2mask label --method tagclip`` (no tags: TagCLIP then CLIP-ES) against ``label`` with the
 ground-truth tags and ``segment`` (SCLIP, class names only). Wall time per image on this machine.
 """
 
@@ -39,7 +39,7 @@ def _zero_shot(images: Path, labels: dict, theta: float) -> dict:
     import torch
     from PIL import Image
 
-    from tag2mask.cli.common import shipped_weights_path
+    from tag2mask.cmdline.options import shipped_weights_path
     from tag2mask.clip.loading import load_clip
     from tag2mask.clip.model import CLIP_MEAN, CLIP_STD
     from tag2mask.data.transforms import resize_pil, to_normalized_tensor
@@ -93,7 +93,8 @@ def main() -> None:
               f"({100 * (f['p'] or 0):.1f} / {100 * (f['r'] or 0):.1f}) | {ms:.0f} |")
     seg = []
     d = out / "label_auto"
-    sec = _run("label", str(images), "--classes", "synth", "--refine", "none", "--device", "cpu", "--out", str(d))
+    sec = _run("label", str(images), "--method", "tagclip", "--classes", "synth", "--refine", "none", "--device", "cpu",
+               "--out", str(d))
     seg.append(("label without tags (TagCLIP → CLIP-ES, no refinement)", _miou(d / "masks", gt_masks), sec))
     d = out / "label_gt"
     sec = _run("label", str(images), "--labels", str(root / "labels.json"), "--classes", "synth", "--refine", "none",

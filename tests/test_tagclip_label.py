@@ -1,4 +1,4 @@
-"""``tag2mask label`` without tags: TagCLIP's tags, then CLIP-ES as TagCLIP's vendored copy runs it.
+"""``tag2mask label --method tagclip`` (no tags): TagCLIP's tags, then CLIP-ES as TagCLIP's vendored copy runs it.
 
 Data-driven over every TagCLIP set (``tagclip_sets.py``): the cases with a ``segmentation`` record are
 labelled end to end from their PNGs with no label file, and every ``seg.*`` array is compared with the
@@ -50,11 +50,10 @@ def labelled(request, tmp_path_factory):
         shutil.copy(c.path("image"), img / Path(c.entry["image"]).name)
     out = root / "out"
     preset = tagset.preset_name(modes.pop())
-    args = [str(img), "--classes", preset, "--weights", str(TINY_CLIP_PATH), "--device", "cpu", "--refine", "crf",
+    args = [str(img), "--method", "tagclip", "--classes", preset, "--weights", str(TINY_CLIP_PATH), "--device", "cpu", "--refine", "crf",
             "--save-arrays", "--out", str(out)]
     proc = _label(args)
     assert proc.returncode == 0, proc.stderr
-    assert "predicting tags with TagCLIP" in proc.stderr  # the switch to TagCLIP is announced, not silent
     return tagset, cases, out, args
 
 
@@ -74,7 +73,7 @@ def test_tags_and_manifest(labelled):
         assert records[c.name]["source"]["labels"] == c.entry["segmentation"]["label_ids"]
     run = json.loads((out / "run.json").read_text())
     assert run["tags"]["source"] == "TagCLIP" and run["tags"]["confidence_mask"] == 0.0
-    assert run["settings"]["tags"] == "auto"
+    assert run["settings"]["method"] == "tagclip" and run["settings"]["tags"] == "TagCLIP"
 
 
 def test_segmentation_arrays(labelled):
@@ -157,14 +156,15 @@ def test_clip_es_affinity_differs_without_the_hook():
 
 
 def test_label_synth_images_without_tags(tmp_path):
-    """A synthetic image folder, --classes synth, no tags: masks written, predicted tags recorded."""
+    """A synthetic image folder, --classes synth, --method tagclip: masks written, predicted tags recorded;
+    a folder without --labels is an error with CLIP-ES (no silent switch), --labels an error with tagclip."""
     from tag2mask.cli.main import main
 
     root = tmp_path / "S"
     assert main(["synth", "export", "--out", str(root), "--n", "2", "--val", "1", "--size", "64", "--quiet"]) == 0
     images = root / "JPEGImages"
     out = tmp_path / "out"
-    proc = _label([str(images), "--classes", "synth", "--tags", "auto", "--refine", "none", "--device", "cpu",
+    proc = _label([str(images), "--classes", "synth", "--method", "tagclip", "--refine", "none", "--device", "cpu",
                    "--out", str(out), "--quiet"])
     assert proc.returncode == 0, proc.stderr
     files = sorted(p.stem for p in images.iterdir())
@@ -172,8 +172,13 @@ def test_label_synth_images_without_tags(tmp_path):
     tags = json.loads((out / "tagclip" / "tags.json").read_text())
     recs = [json.loads(line) for line in (out / "manifest.jsonl").read_text().splitlines()]
     assert len(recs) == len(files) and all(r["labels"] and r["labels"] == tags[r["image"]] for r in recs)
-    bad = _label([str(images), "--classes", "synth", "--tags", "auto", "--labels", str(out / "tagclip" / "tags.json"),
-                  "--out", str(tmp_path / "o2")])
-    assert bad.returncode == 2 and "--tags auto predicts the tags" in bad.stderr
-    fma = _label([str(images), "--method", "fma", "--tags", "auto", "--out", str(tmp_path / "o3")])
-    assert fma.returncode == 2 and "--tags does not apply with --method fma" in fma.stderr
+    bad = _label([str(images), "--classes", "synth", "--method", "tagclip", "--labels",
+                  str(out / "tagclip" / "tags.json"), "--out", str(tmp_path / "o2")])
+    assert bad.returncode == 2 and "--method tagclip predicts the tags" in bad.stderr
+    plain = _label([str(images), "--classes", "synth", "--out", str(tmp_path / "o4")])
+    assert plain.returncode == 2 and "--labels is required" in plain.stderr and not (tmp_path / "o4" / "tagclip").exists()
+    split = _label([str(images), "--method", "tagclip", "--split", "val", "--out", str(tmp_path / "o5")])
+    assert split.returncode == 2 and "--split" in split.stderr
+    fma = _label([str(images), "--method", "fma", "--prompts", str(tmp_path), "--refine", "crf",
+                  "--out", str(tmp_path / "o3")])
+    assert fma.returncode == 2 and "--refine" in fma.stderr  # CLIP-ES's options stay errors with fma

@@ -110,7 +110,7 @@ def test_tags_argmax_fallback_and_compat_switch():
 
 
 def test_tagger_refuses_fp16_rounded_weights():
-    from tag2mask.cli.common import shipped_weights_path
+    from tag2mask.cmdline.options import shipped_weights_path
     from tag2mask.clip.loading import load_clip
     from tag2mask.methods.tagclip import TagCLIP
 
@@ -120,15 +120,15 @@ def test_tagger_refuses_fp16_rounded_weights():
 
 
 def test_gt_from_a_label_file_or_official_lines(tmp_path):
-    from tag2mask.methods.tagclip.cli import _gt_tags
+    from tag2mask.methods.tagclip.job import gt_tags
 
     names, files = ["a", "sub/b"], ["a.jpg", "sub/b.png"]
     classes = preset_for("voc").class_names
     js = tmp_path / "gt.json"
     js.write_text('{"a.jpg": ["dog", "person"], "sub/b.png": ["cat"]}')
-    assert _gt_tags(str(js), names, files, "voc", classes) == {"a": [11, 14], "sub/b": [7]}
+    assert gt_tags(str(js), names, files, "voc", classes) == {"a": [11, 14], "sub/b": [7]}
     txt = tmp_path / "gt.txt"
     txt.write_text("a 11 14\nb 7\n")  # official ids are image stems
-    assert _gt_tags(str(txt), names, files, "voc", classes) == {"a": [11, 14], "sub/b": [7]}
+    assert gt_tags(str(txt), names, files, "voc", classes) == {"a": [11, 14], "sub/b": [7]}
     txt.write_text("a 181\n")  # COCO-Stuff: 182-space ids
-    assert _gt_tags(str(txt), names, files, "cocostuff", COCO_STUFF_CLASSES) == {"a": [len(COCO_STUFF_CLASSES) - 1]}
+    assert gt_tags(str(txt), names, files, "cocostuff", COCO_STUFF_CLASSES) == {"a": [len(COCO_STUFF_CLASSES) - 1]}

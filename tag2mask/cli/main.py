@@ -29,7 +29,6 @@ GENERIC: dict[str, str] = {
     "synth": "tag2mask.cli.synth_cmd",
     "train": "tag2mask.cli.train_cmd",
     "convert": "tag2mask.cli.convert_cmd",
-    "tag": "tag2mask.methods.tagclip.cli",  # TagCLIP (issue 29)
 }
 
 

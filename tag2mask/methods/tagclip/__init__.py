@@ -1,7 +1,7 @@
 """TagCLIP (Lin et al., AAAI 2024): training-free multi-label tags from a frozen CLIP, then CLIP-ES masks.
 
-Paper / spec section -> file of this package (spec = the implementation-grade description of the
-official code ``linyq2117/TagCLIP`` @ ``c32b640f``; docs/tagclip.md for users):
+Paper -> files (paper / spec section -> file of this package; spec = the implementation-grade
+description of the official code ``linyq2117/TagCLIP`` @ ``c32b640f``; docs/tagclip.md for users):
 
 ======================================================  ==========================================
 what                                                    where
@@ -15,13 +15,19 @@ class-wise re-identification, fusion, tags (4.7-4.8)    :mod:`.cwr`
 the tagger API (spec 4, whole)                          :mod:`.tagger` (``TagCLIP``, ``TagResult``)
 official mAP / F1 and the corrected mAP (spec 4.9)      :mod:`.metrics`
 tag files (official ``<id> c1 c2`` lines, JSON)         :mod:`.tagfile`
+the tag job's parts (tagger of --weights, per-image     :mod:`.job`
+work, run-level files, ground truth for the metrics)
 classify-then-segment: CLIP-ES on predicted tags with   :mod:`.segment`
 the vendored CLIP-ES's differences (spec 6)
-``tag2mask tag`` (spec 1 step 1, 4.9)                   :mod:`.cli`
+``tag2mask tag`` (spec 1 step 1, 4.9)                   :mod:`.cli` (registry: ``Command("", "tag")``)
+``tag2mask label --method tagclip`` (spec 1, 6)         :mod:`.label_cli` (registry: ``Command("label",
+                                                        "tagclip")``, runs :mod:`.segment` then CLIP-ES's
+                                                        ``label`` job)
 ======================================================  ==========================================
 
 CLIP-ES's parts (GradCAM, attention affinity, boxes, CRF) are reused from
-:mod:`tag2mask.methods.clip_es`, :mod:`tag2mask.localization` and :mod:`tag2mask.methods.pseudo_labels`.
+:mod:`tag2mask.methods.clip_es` (its ``label`` job: :mod:`tag2mask.methods.clip_es.label_job`) and
+:mod:`tag2mask.localization`.
 """
 
 from typing import Any

@@ -21,7 +21,7 @@ from typing import Optional
 from tag2mask.vocab import classes as _classes
 from tag2mask.vocab.templates import MASKCLIP_85, PHOTO
 
-__all__ = ["Quirks", "OFFICIAL_QUIRKS", "TagCLIPConfig", "PRESETS", "preset_for", "config_for_classes", "COCO_STUFF_CLASSES",
+__all__ = ["Quirks", "OFFICIAL_QUIRKS", "TagCLIPConfig", "PRESETS", "PRESET_NAMES", "preset_for", "config_for_classes", "COCO_STUFF_CLASSES",
            "COCO_STUFF_UNUSED_IDS", "coco_stuff_182_to_171"]
 
 #: COCO-Stuff's 171 used classes in label order (raw COCO-Stuff spellings; TagCLIP's ``clip_text.py``
@@ -154,6 +154,10 @@ PRESETS: dict[str, TagCLIPConfig] = {
     "cocostuff": TagCLIPConfig(class_names=COCO_STUFF_CLASSES, background=(), theta=0.1,
                                attn_mean_layers=tuple(range(11))),
 }
+
+
+#: every preset name (``--classes`` of ``tag`` / ``label --method tagclip``; the registry lists them)
+PRESET_NAMES: tuple[str, ...] = (*PRESETS, "synth")
 
 
 def _synth() -> TagCLIPConfig:

@@ -1,9 +1,8 @@
-"""Classify then segment: ``tag2mask label`` without tags (TagCLIP tags, then CLIP-ES), spec sections 1 and 6.
+"""Classify then segment: TagCLIP's tags, then CLIP-ES (``label --method tagclip``), spec sections 1 and 6.
 
-The label command calls :func:`prepare_auto_tags` first (a marked hook in ``tag2mask/cli/label_cmd.py``).
-When tags are to be predicted it runs the TagCLIP job into ``OUT/tagclip/`` (resumable, its own
-manifest), points ``--labels`` at the ``tags.json`` it wrote and returns what CLIP-ES changes in the
-vendored copy of the official repository:
+:func:`predict_tags` runs the TagCLIP job into ``OUT/tagclip/`` (resumable, its own manifest), points
+``--labels`` at the ``tags.json`` it wrote and returns what CLIP-ES changes in the vendored copy of the
+official repository (:mod:`.label_cli` then runs CLIP-ES's ``label`` job with it):
 
 * the attention affinity averages blocks 5-11 (7 maps; CLIP-ES: 5-12) - :func:`affinity_blocks_5_to_11`;
 * the dense CRF has no 0.95 confidence mask (``--confidence 0`` unless given);
@@ -16,24 +15,14 @@ numerics (fp16-rounded weights) to the model ``label`` loads, as the two officia
 from __future__ import annotations
 
 import argparse
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable
 
-__all__ = ["add_label_options", "auto_tags_requested", "AutoTags", "prepare_auto_tags", "affinity_blocks_5_to_11"]
+__all__ = ["TAG_DIR", "PredictedTags", "check_image_folder", "predict_tags", "affinity_blocks_5_to_11"]
 
-#: where the tag job of ``label`` writes, inside ``--out``
+#: where the tag job of ``label --method tagclip`` writes, inside ``--out``
 TAG_DIR = "tagclip"
-
-
-def add_label_options(parser: argparse.ArgumentParser) -> None:
-    """``--tags auto`` of ``tag2mask label``."""
-    parser.add_argument(
-        "--tags", default=None, choices=("auto",),
-        help="auto: predict each image's tags with TagCLIP (tag2mask tag), then run CLIP-ES with the official "
-        "annotation-free settings (affinity of blocks 5-11, no CRF confidence mask). Also chosen, with a notice, "
-        "for a plain image folder given without --labels")
 
 
 def affinity_blocks_5_to_11(maps):
@@ -46,20 +35,9 @@ def affinity_blocks_5_to_11(maps):
     return mean_attention(maps[:-1], last=7)
 
 
-def auto_tags_requested(args: argparse.Namespace) -> bool:
-    """``--tags auto``, or a plain image folder without ``--labels`` (then a notice is printed)."""
-    if getattr(args, "tags", None) == "auto":
-        return True
-    if args.labels is not None or getattr(args, "method", "clip-es") != "clip-es":
-        return False
-    from tag2mask.data.datasets import detect_dataset
-
-    return detect_dataset(args.images) not in ("voc", "coco") and Path(args.images).is_dir()
-
-
 @dataclass
-class AutoTags:
-    """What :func:`prepare_auto_tags` hands back to ``label``.
+class PredictedTags:
+    """What :func:`predict_tags` hands to CLIP-ES's ``label`` job.
 
     affinity_fn: CLIP-ES's affinity replacement; settings: added to the run's settings (resume guard);
     record: added to ``run.json``; exit_code: 1 when the tag job failed on some images.
@@ -71,32 +49,27 @@ class AutoTags:
     exit_code: int = 0
 
 
-def _check(args: argparse.Namespace) -> None:
+def check_image_folder(args: argparse.Namespace) -> None:
+    """The tags are predicted for a folder of images: no ``--labels``, no VOC / COCO root."""
     from tag2mask.data.datasets import detect_dataset
 
-    if args.method != "clip-es":
-        raise ValueError("--tags auto needs --method clip-es (TagCLIP's tags feed CLIP-ES)")
     if args.labels is not None:
-        raise ValueError("--tags auto predicts the tags: do not pass --labels as well")
+        raise ValueError("--method tagclip predicts the tags: do not pass --labels (use --method clip-es with them)")
     if detect_dataset(args.images) in ("voc", "coco"):
-        raise ValueError(f"--tags auto takes an image folder; for a VOC or COCO root pass {Path(args.images) / 'JPEGImages'}")
+        raise ValueError(f"--method tagclip takes an image folder; for a VOC or COCO root pass "
+                         f"{Path(args.images) / 'JPEGImages'}")
     if not Path(args.images).is_dir():
         raise FileNotFoundError(f"image folder not found: {args.images}")
 
 
-def prepare_auto_tags(args: argparse.Namespace) -> Optional[AutoTags]:
-    """Run the TagCLIP job when tags are to be predicted; set ``args.labels`` (and ``args.confidence``)."""
-    from tag2mask.cli.common import given
+def predict_tags(args: argparse.Namespace) -> PredictedTags:
+    """Run the TagCLIP job into ``OUT/tagclip``; set ``args.labels`` (and ``args.confidence``)."""
+    from tag2mask.cmdline.options import given
     from tag2mask.data.datasets import FolderDataset
     from tag2mask.jobs.runner import JobOptions, print_summary, run_items
-    from tag2mask.methods.tagclip.cli import _finalize, _process, _source, load_tagger
+    from tag2mask.methods.tagclip.job import finalize_tags, item_source, load_tagger, tag_item_fn
     from tag2mask.methods.tagclip.presets import config_for_classes
 
-    if not auto_tags_requested(args):
-        return None
-    _check(args)
-    if getattr(args, "tags", None) != "auto" and not args.quiet:
-        print("label: no --labels for an image folder: predicting tags with TagCLIP (--tags auto)", file=sys.stderr)
     preset, config = config_for_classes(args.classes, compat=args.compat)
     items = FolderDataset(args.images)
     if not len(items):
@@ -108,19 +81,18 @@ def prepare_auto_tags(args: argparse.Namespace) -> Optional[AutoTags]:
     result: dict[str, Any] = {}
     options = JobOptions(resume=args.resume, overwrite=args.overwrite, quiet=args.quiet, verbose=args.verbose,
                          limit=args.limit, desc="tag", unit="img")
-    summary = run_items(items, _process(tagger, items, out, False), out, settings, options, keys=items.names,
+    summary = run_items(items, tag_item_fn(tagger, items, out, False), out, settings, options, keys=items.names,
                         run_record={"command": "tag", "settings": settings,
                                     "tagclip": config.to_dict() | {"attn_mean_blocks_used": list(tagger.mean_layers)}},
-                        finalize=lambda d, s: _finalize(d, items, config, preset, None, result),
-                        source_of=lambda i: _source(items, i))
+                        finalize=lambda d, s: finalize_tags(d, items, config, preset, None, result),
+                        source_of=lambda i: item_source(items, i))
     if summary.failed:
         print_summary(summary, out, "tag")
     del tagger  # the label stage loads the model with CLIP-ES's numerics
     args.labels = str(out / "tags.json")
     if args.refine == "crf" and not given(args, "confidence"):
         args.confidence = 0.0  # the vendored CLIP-ES's CRF has no confidence mask (spec 6.5)
-    auto = {"tags": "auto", "affinity": "blocks 5-11 (TagCLIP's CLIP-ES)"}
+    settings = {"tags": "TagCLIP", "affinity": "blocks 5-11 (TagCLIP's CLIP-ES)"}
     record = {"tags": {"source": "TagCLIP", "preset": preset, "tag_dir": TAG_DIR, "tagclip": config.to_dict(),
                        "confidence_mask": args.confidence if args.refine == "crf" else None}}
-    return AutoTags(affinity_blocks_5_to_11, auto, record, 1 if summary.failed else 0)
-
+    return PredictedTags(affinity_blocks_5_to_11, settings, record, 1 if summary.failed else 0)
