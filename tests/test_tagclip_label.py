@@ -111,7 +111,7 @@ def test_segmentation_stages_from_stored(tagset):
     from tag2mask.localization.boxes import cam_box_masks
     from tag2mask.localization.labels import cams_to_labels
     from tag2mask.localization.scaling import scale_and_resize
-    from tag2mask.methods.clip_es import preset_for
+    from tag2mask.methods.clip_es.pipeline import preset_for
 
     s = tagset.index["settings"]["segmentation"]
     config = preset_for("voc")  # what `label` runs on TagCLIP's VOC tags
@@ -139,7 +139,7 @@ def test_resume_skips_both_jobs(labelled):
 def test_clip_es_affinity_differs_without_the_hook():
     """CLIP-ES's own affinity (blocks 5-12) leaves the fixture's 7-map mean: the hook matters."""
     from tag2mask.clip.loading import load_clip
-    from tag2mask.methods.clip_es import ClipES, preset_for
+    from tag2mask.methods.clip_es.pipeline import ClipES, preset_for
     from tag2mask.methods.tagclip.segment import affinity_blocks_5_to_11
 
     model = load_clip(TINY_CLIP_PATH)
