@@ -95,7 +95,8 @@ def main() -> None:
     d = out / "label_auto"
     sec = _run("label", str(images), "--method", "tagclip", "--classes", "synth", "--refine", "none", "--device", "cpu",
                "--out", str(d))
-    seg.append(("label without tags (TagCLIP → CLIP-ES, no refinement)", _miou(d / "masks", gt_masks), sec))
+    seg.append(("label --method tagclip (no tags: TagCLIP → CLIP-ES, no refinement)", _miou(d / "masks", gt_masks),
+                sec))
     d = out / "label_gt"
     sec = _run("label", str(images), "--labels", str(root / "labels.json"), "--classes", "synth", "--refine", "none",
                "--device", "cpu", "--out", str(d))

@@ -26,7 +26,7 @@ _DIGITS = r"(?:\d+|\{[^{}]*\})"  # a number in the key: literal digits or an f-s
 def _sources(set_name: str) -> str:
     """Test modules that name the fixture folder ``set_name`` as a string, or that import a helper
     module of ``tests/`` which does (``fma_data``, ``golden_sets`` ...); the helpers that discover their sets
-from ``index.json`` (``golden_sets``, ``tagclip_sets``) count for the sets they find."""
+    from ``index.json`` (``golden_sets``, ``tagclip_sets``) count for the sets they find."""
     texts = {p.stem: p.read_text() for p in sorted(TESTS.glob("*.py")) if p.name != Path(__file__).name}
     naming = {m for m, t in texts.items() if re.search(rf"['\"/]{re.escape(set_name)}['\"/]", t)}
     if set_name in _golden_set_ids():  # golden_sets discovers the CLIP-ES-format sets from index.json
