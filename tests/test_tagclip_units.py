@@ -132,3 +132,23 @@ def test_gt_from_a_label_file_or_official_lines(tmp_path):
     assert gt_tags(str(txt), names, files, "voc", classes) == {"a": [11, 14], "sub/b": [7]}
     txt.write_text("a 181\n")  # COCO-Stuff: 182-space ids
     assert gt_tags(str(txt), names, files, "cocostuff", COCO_STUFF_CLASSES) == {"a": [len(COCO_STUFF_CLASSES) - 1]}
+
+
+def test_unreadable_tag_files_are_one_line_naming_the_file(tmp_path):
+    """Official tag lines that are not UTF-8, and a damaged per-image record, name their file."""
+    from tag2mask.io.json_files import JSONFileError
+    from tag2mask.methods.tagclip.tagfile import read_tag_lines
+
+    bad = tmp_path / "gt.txt"
+    bad.write_bytes(b"a 1\n\xff\xfe 2\n")
+    with pytest.raises(ValueError, match="gt.txt: not UTF-8"):
+        read_tag_lines(bad)
+    from types import SimpleNamespace
+
+    from tag2mask.methods.tagclip.job import finalize_tags
+
+    (tmp_path / "scores").mkdir()
+    (tmp_path / "scores" / "x.json").write_text('{"image": "x.png", "scores": [' + "[" * 100000 + "]")
+    with pytest.raises(JSONFileError, match="x.json"):
+        finalize_tags(tmp_path, SimpleNamespace(names=["x"]), preset_for("voc"), "voc", None, {})
+    assert not (tmp_path / "tags.json").exists()  # nothing half-written from a damaged run

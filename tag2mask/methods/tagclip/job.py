@@ -57,6 +57,7 @@ def finalize_tags(run_dir: Path, items, config, preset: str, gt_path: Optional[s
     import numpy as np
 
     from tag2mask.io.atomic import atomic_write_text
+    from tag2mask.io.json_files import read_json
     from tag2mask.methods.tagclip.tagfile import gt_matrix, write_tag_lines, write_tags_json
 
     names, files, scores, tags = [], [], [], []
@@ -64,7 +65,7 @@ def finalize_tags(run_dir: Path, items, config, preset: str, gt_path: Optional[s
         path = run_dir / "scores" / f"{name}.json"
         if not path.is_file():
             continue  # failed or not reached (--limit): absent from the run-level files
-        rec = json.loads(path.read_text(encoding="utf-8"))
+        rec = read_json(path)  # a damaged record is one line naming its file
         names.append(name)
         files.append(rec["image"])
         scores.append(rec["scores"])

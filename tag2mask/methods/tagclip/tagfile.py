@@ -29,7 +29,11 @@ def read_tag_lines(path: str | Path, id_map: Optional[Mapping[int, int]] = None)
     not know are an error.
     """
     out: dict[str, list[int]] = {}
-    for lineno, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), start=1):
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path}: not UTF-8 text (expected '<image id> <class id> ...' lines)") from None
+    for lineno, line in enumerate(text.splitlines(), start=1):
         parts = line.split()
         if not parts:
             continue
