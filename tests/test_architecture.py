@@ -218,10 +218,11 @@ def test_registry_agrees_with_the_method_folders():
     from tag2mask.methods.fma.config import PRESETS as FMA
     from tag2mask.methods.maskclip_plus.recipe import SETTING_NAMES
     from tag2mask.methods.ovss.presets import PRESET_NAMES as OVSS
+    from tag2mask.methods.tagclip.presets import PRESET_NAMES as TAGCLIP
     from tag2mask.methods.weclip.model import PRESET_NAMES as WECLIP
 
     own = {"clip-es": tuple(CLIP_ES), "fma": tuple(FMA), "weclip": WECLIP, "clip-zss": CLIP_ZSS,
-           "maskclip+": SETTING_NAMES, **{n: OVSS for n in registry.segment_methods()}}
+           "maskclip+": SETTING_NAMES, "tagclip": TAGCLIP, **{n: OVSS for n in registry.segment_methods()}}
     assert {m.name: m.presets for m in registry.METHODS} == own
     for task, ref in registry.RUN_PREDICTORS.items():
         assert callable(registry.load(ref).from_run), task

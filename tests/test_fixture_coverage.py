@@ -25,11 +25,14 @@ _DIGITS = r"(?:\d+|\{[^{}]*\})"  # a number in the key: literal digits or an f-s
 
 def _sources(set_name: str) -> str:
     """Test modules that name the fixture folder ``set_name`` as a string, or that import a helper
-    module of ``tests/`` which does (``fma_data``, ``golden_sets`` ...)."""
+    module of ``tests/`` which does (``fma_data``, ``golden_sets`` ...); the helpers that discover their sets
+    from ``index.json`` (``golden_sets``, ``tagclip_sets``) count for the sets they find."""
     texts = {p.stem: p.read_text() for p in sorted(TESTS.glob("*.py")) if p.name != Path(__file__).name}
     naming = {m for m, t in texts.items() if re.search(rf"['\"/]{re.escape(set_name)}['\"/]", t)}
     if set_name in _golden_set_ids():  # golden_sets discovers the CLIP-ES-format sets from index.json
         naming.add("golden_sets")
+    if set_name in _tagclip_set_ids():  # tagclip_sets discovers the TagCLIP sets from index.json
+        naming.add("tagclip_sets")
     helpers = {m for m in naming if not m.startswith("test_")}
     users = {m for m, t in texts.items()
              if any(re.search(rf"^(?:from {h} import|import {h}\b)", t, re.M) for h in helpers)}
@@ -40,6 +43,12 @@ def _golden_set_ids() -> list[str]:
     from golden_sets import SET_IDS
 
     return list(SET_IDS)
+
+
+def _tagclip_set_ids() -> list[str]:
+    from tagclip_sets import SETS
+
+    return [s.name for s in SETS]
 
 
 def _fixture_arrays() -> dict[str, list[str]]:

@@ -123,6 +123,7 @@ class ClipES:
         vocab: Optional[Vocabulary] = None,
         config: ClipESConfig = PRESETS["voc"],
         text_cache_dir=None,
+        affinity_fn=None,
     ):
         if not model.is_vit:
             raise ValueError("CLIP-ES needs a ViT image tower (GradCAM and attention affinity act on its tokens)")
@@ -136,6 +137,8 @@ class ClipES:
         self.fg: TextEmbeddings = fg.to(self.device)
         self.bg: Optional[TextEmbeddings] = bg.to(self.device) if bg is not None else None
         self.logit_scale = float(model.logit_scale.detach().exp())
+        # replaces the mean of the last maps, e.g. TagCLIP's vendored copy averages blocks 5-11 only
+        self.affinity_fn = affinity_fn
 
     def _autocast(self):
         dtype = resolve_dtype(self.config.precision)
@@ -181,7 +184,8 @@ class ClipES:
                 text, targets = self.fg.select(label_ids, append=bg)
                 res = run_cam_pipeline(
                     visual, inter.last[b : b + 1], inter.grid, text, targets, self.logit_scale,
-                    [a[b] for a in inter.attentions], settings, autocast_dtype=resolve_dtype(cfg.precision),
+                    [a[b] for a in inter.attentions], settings, affinity_fn=self.affinity_fn,
+                    autocast_dtype=resolve_dtype(cfg.precision),
                 )
                 cams, ref = res.gradcam.cams.float(), res.refined
                 arrays: dict[str, np.ndarray] = {}
