@@ -154,13 +154,23 @@ def _bench_cmd(base: Path, names: dict, out: Path) -> list[str]:
     return cmd
 
 
-@pytest.mark.slow
-def test_kill_then_resume_gives_the_same_table(world, tmp_path):
+@pytest.fixture(scope="module")
+def clean_run(world, tmp_path_factory):
+    """An uninterrupted one-process run of two methods with the synthetic name sets (the reference)."""
     base, names = world
-    env = dict(os.environ, OMP_NUM_THREADS="1", TAG2MASK_CACHE=str(tmp_path / "cache"), PYTHONPATH=str(ROOT))
-    clean, killed = tmp_path / "clean", tmp_path / "killed"
-    done = subprocess.run(_bench_cmd(base, names, clean), env=env, cwd=ROOT, capture_output=True, text=True, timeout=500)
+    tmp = tmp_path_factory.mktemp("clean")
+    env = dict(os.environ, OMP_NUM_THREADS="1", TAG2MASK_CACHE=str(tmp / "cache"), PYTHONPATH=str(ROOT))
+    done = subprocess.run(_bench_cmd(base, names, tmp / "out"), env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=500)
     assert done.returncode == 0, done.stderr
+    return env, tmp / "out"
+
+
+@pytest.mark.slow
+def test_kill_then_resume_gives_the_same_table(world, clean_run, tmp_path):
+    base, names = world
+    env, clean = clean_run
+    killed = tmp_path / "killed"
     proc = subprocess.Popen(_bench_cmd(base, names, killed), env=env, cwd=ROOT, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
@@ -180,3 +190,19 @@ def test_kill_then_resume_gives_the_same_table(world, tmp_path):
     first = next(c for c in b["cells"] if (c["dataset"], c["method"]) == (DATASETS[0], "sclip"))
     assert first["written"] == 0 and first["skipped"] == LIMIT  # a finished cell is not recomputed
     assert sum(c["skipped"] for c in b["cells"]) > LIMIT  # the killed cell kept its finished images
+
+
+@pytest.mark.slow
+def test_torchrun_shards_every_cell_and_gives_the_same_table(world, clean_run, tmp_path):
+    base, names = world
+    env, clean = clean_run
+    out = tmp_path / "two"
+    cmd = _bench_cmd(base, names, out)
+    cmd[1:3] = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "tag2mask"]
+    done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=500)
+    assert done.returncode == 0, done.stderr[-3000:]
+    a, b = (json.loads((d / "results.json").read_text()) for d in (clean, out))
+    assert a["table"] == b["table"]
+    for c in b["cells"]:
+        ranks = [json.loads(line)["rank"] for line in (out / c["cell"] / "manifest.jsonl").read_text().splitlines()]
+        assert sorted(set(ranks)) == [0, 1] and len(ranks) == LIMIT

@@ -58,23 +58,41 @@ def run_bench(cells: Sequence[Cell], models: Any, options: BenchOptions, out: Pa
     ``models`` is a :class:`~tag2mask.bench.methods.ModelVariants`; ``record`` holds run-wide fields
     (versions, weights, warnings) for ``results.json``. Returns one result dict per cell.
     """
-    from tag2mask.bench.methods import build_segmenter, preset_name
     from tag2mask.bench.report import write_reports
-    from tag2mask.jobs.distributed import dist_info
+    from tag2mask.jobs import distributed as D
 
-    results = []
-    for cell in cells:
-        def factory(cell: Cell = cell) -> Any:
-            return build_segmenter(cell.method, options.preset, cell.spec.config, cell.vocab, models)
-
-        score = run_cell(cell, factory, options, models.fingerprint)
-        results.append({
-            "dataset": cell.spec.name, "title": cell.spec.title, "method": cell.method,
-            "preset": preset_name(options.preset, cell.spec.config), "num_classes": cell.num_classes,
-            "class_names": cell.class_names, "names": str(cell.names), "names_source": cell.names_source,
-            "layout": str(cell.dataset.root), "available": len(cell.dataset), "full_val_set": cell.spec.val_images,
-            "cell": cell.out.relative_to(out).as_posix(), **score,
-        })
-    if dist_info().is_main:
-        write_reports(out, cells, results, record, options)
+    # one process group for every cell (each cell's job would otherwise create and destroy its own)
+    created = D.init_distributed()
+    try:
+        results = [_run_one(cell, models, options, out) for cell in cells]
+        error = None
+        if D.dist_info().is_main:
+            try:
+                write_reports(out, cells, results, record, options)
+            except Exception as exc:  # re-raised below; the other ranks must not wait for rank 0 forever
+                error = exc
+        failed = D.all_gather_object(None if error is None else f"{type(error).__name__}: {error}")[0]
+        if error is not None:
+            raise error
+        if failed is not None:
+            raise RuntimeError(f"rank 0 failed to write the reports: {failed}")
+    finally:
+        D.shutdown(created)
     return results
+
+
+def _run_one(cell: Cell, models: Any, options: BenchOptions, out: Path) -> dict[str, Any]:
+    """Run one cell and return its result row (score + where it comes from)."""
+    from tag2mask.bench.methods import build_segmenter, preset_name
+
+    def factory() -> Any:
+        return build_segmenter(cell.method, options.preset, cell.spec.config, cell.vocab, models)
+
+    score = run_cell(cell, factory, options, models.fingerprint)
+    return {
+        "dataset": cell.spec.name, "title": cell.spec.title, "method": cell.method,
+        "preset": preset_name(options.preset, cell.spec.config), "num_classes": cell.num_classes,
+        "class_names": cell.class_names, "names": str(cell.names), "names_source": cell.names_source,
+        "layout": str(cell.dataset.root), "available": len(cell.dataset), "full_val_set": cell.spec.val_images,
+        "cell": cell.out.relative_to(out).as_posix(), **score,
+    }
