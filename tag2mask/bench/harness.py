@@ -20,8 +20,7 @@ IoU over the classes present in the ground truth or the prediction (``gt_or_pred
 from __future__ import annotations
 
 import json
-import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional, Sequence
 
@@ -68,7 +67,6 @@ class Cell:
     names_source: str
     vocab: Any
     out: Path
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def spec(self) -> BenchmarkSpec:
@@ -264,8 +262,3 @@ def run_cell(cell: Cell, factory: Callable[[], Any], options: BenchOptions, fing
 def cell_dir(out: Path, benchmark: str, method: str) -> Path:
     """``OUT/cells/<benchmark>/<method>``."""
     return Path(out) / "cells" / benchmark / method
-
-
-def relative(path: Path, start: Path) -> str:
-    """``path`` relative to ``start`` with forward slashes (links in the reports)."""
-    return Path(os.path.relpath(path, start)).as_posix()
