@@ -62,6 +62,7 @@ def test_help_lists_benchmarks_layouts_and_options(capsys):
         assert needle in text
 
 
+@pytest.mark.slow  # shares one run of every method on VOC21 + ADE with the official name sets
 def test_every_method_on_every_benchmark_gets_one_miou(bench_run):
     rc, out, _ = bench_run
     assert rc == 0
@@ -81,6 +82,7 @@ def test_every_method_on_every_benchmark_gets_one_miou(bench_run):
     assert results["speed"]["images_written"] == LIMIT * len(cells) and results["speed"]["images_per_second"] > 0
 
 
+@pytest.mark.slow  # shares one run of every method on VOC21 + ADE with the official name sets
 def test_scores_equal_a_rescoring_of_the_written_predictions(bench_run):
     _, out, _ = bench_run
     results = json.loads((out / "results.json").read_text())
@@ -95,6 +97,7 @@ def test_scores_equal_a_rescoring_of_the_written_predictions(bench_run):
         assert cm.scores("gt_or_pred")["Mean IoU"] == pytest.approx(c["miou"], abs=1e-12)
 
 
+@pytest.mark.slow  # shares one run of every method on VOC21 + ADE with the official name sets
 def test_markdown_csv_and_html_reports(bench_run):
     _, out, _ = bench_run
     results = json.loads((out / "results.json").read_text())

@@ -10,6 +10,7 @@ import pytest
 from PIL import Image
 
 from tag2mask.bench import datasets as D
+from tag2mask.bench.methods import bench_methods
 from tag2mask.bench.synthetic import write_synthetic_layout
 from tag2mask.vocab.vocabulary import load_vocabulary
 
@@ -52,7 +53,7 @@ def _expected(raw: int, spec: D.BenchmarkSpec) -> int:
 
 @pytest.mark.parametrize("spec", SPECS, ids=IDS)
 def test_official_name_sets_have_the_class_count(spec):
-    for method in (None, "sclip", "naclip", "clearclip", "maskclip"):
+    for method in (None, *bench_methods()):
         path = D.names_file(spec, method)
         vocab = load_vocabulary(str(path), first_line_background=spec.has_background)
         assert len(vocab.names) + int(spec.has_background) == spec.num_classes, (path, len(vocab.names))
