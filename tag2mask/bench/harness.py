@@ -175,7 +175,8 @@ class FinishItem:
 
 def save_overlay_for(path: Path, rgb: np.ndarray, label: np.ndarray, class_names: Sequence[str],
                      has_background: bool) -> None:
-    """Overlay of a ``(H, W)`` label map in benchmark values (255 = ignore, left as the photo)."""
+    """Overlay of a ``(H, W)`` label map in benchmark values (255 = ignore, left as the photo), with a
+    legend strip naming the classes present."""
     from tag2mask.io.visualize import save_overlay
 
     if has_background:
@@ -183,7 +184,7 @@ def save_overlay_for(path: Path, rgb: np.ndarray, label: np.ndarray, class_names
     else:  # the overlay leaves 0 as the photo: shift so the first class is drawn too, keep 255
         shown = np.where(label == 255, 255, label.astype(np.int32) + 1).astype(np.uint8)
         names = list(class_names)
-    save_overlay(path, rgb, shown, names, legend=False)
+    save_overlay(path, rgb, shown, names)
 
 
 def score_cell(cell_dir: Path, keys: Sequence[str], num_classes: int) -> dict[str, Any]:

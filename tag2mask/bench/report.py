@@ -147,9 +147,11 @@ def _html(out: Path, cells: Sequence[Any], results: Sequence[dict[str, Any]], re
                 p = by_cell[(name, m)].out / "overlays" / f"{key}.png" if (name, m) in by_cell else None
                 preds.append(GridCell(p if p is not None and p.is_file() else None, m))
             grid_rows.append(GridRow(f"{title} \u00b7 {key}", [GridCell(gt_path, "ground truth"), *preds]))
-    notes = [markdown_table(results).split("\n\n", 1)[1].replace("\n- ", " \u00b7 ").strip()]
+    notes = [line.lstrip("- ") for line in markdown_table(results).split("\n\n", 1)[1].strip().splitlines()]
+    rate = speed["images_per_second"]
     summary = {"preset": record.get("preset"), "weights": record.get("weights"), "device": record.get("device"),
-               "images/s": speed["images_per_second"], "mIoU rule": results[0]["miou_rule"] if results else None}
+               "images/s": rate if rate is not None else "\u2013 (every image was already done: resumed)",
+               "mIoU rule": results[0]["miou_rule"] if results else None}
     write_report(out, "tag2mask bench: open-vocabulary methods on the benchmarks", warnings=record.get("warnings", ()),
                  notes=notes, summary=summary, table=Table(header, rows, numeric=header[1:]),
                  chart=("mIoU per (method, benchmark)", chart), grid=(["ground truth", *methods], grid_rows),
