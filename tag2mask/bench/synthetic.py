@@ -46,11 +46,17 @@ def _raw_ground_truth(mask: np.ndarray, spec: BenchmarkSpec) -> np.ndarray:
     return out.astype(np.uint8)
 
 
-def _save_png(path: Path, array: np.ndarray) -> None:
+def _save_image(path: Path, array: np.ndarray) -> None:
+    """``(H, W)`` or ``(H, W, 3)`` uint8 -> PNG or JPEG (by suffix), atomically."""
     from PIL import Image
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(array).save(path, format="PNG")
+    from tag2mask.io.atomic import atomic_path
+
+    with atomic_path(path) as tmp:
+        if path.suffix == ".png":
+            Image.fromarray(array).save(tmp, format="PNG")
+        else:
+            Image.fromarray(array).save(tmp, format="JPEG", quality=95)
 
 
 def write_synthetic_layout(data_root: Union[str, os.PathLike], benchmark: Union[str, BenchmarkSpec], n: int = 4,
@@ -60,9 +66,9 @@ def write_synthetic_layout(data_root: Union[str, os.PathLike], benchmark: Union[
 
     Images are ``size`` x ``size`` JPEG (PNG for Cityscapes, as its ``_leftImg8bit.png``); scene ``i``
     uses seed ``seed + i``. Layouts that share a folder (VOC21 / VOC20, PC60 / PC59) share the images.
+    Every file is written atomically.
     """
-    from PIL import Image
-
+    from tag2mask.io.atomic import atomic_write_text
     from tag2mask.synth.export import MARKER_NAME
     from tag2mask.synth.scenes import generate_scene
 
@@ -73,17 +79,12 @@ def write_synthetic_layout(data_root: Union[str, os.PathLike], benchmark: Union[
         scene = generate_scene(seed + i, size=size)
         key = f"frankfurt/frankfurt_{i:06d}_000019" if spec.recursive else f"{2000 + seed + i:06d}"
         keys.append(key)
-        image = root / spec.image_dir / f"{key}{spec.image_suffix}"
-        image.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(scene.image).save(image, format="PNG" if image.suffix == ".png" else "JPEG", quality=95)
-        _save_png(root / spec.gt_dir / f"{key}{spec.gt_suffix}", _raw_ground_truth(scene.mask, spec))
+        _save_image(root / spec.image_dir / f"{key}{spec.image_suffix}", scene.image)
+        _save_image(root / spec.gt_dir / f"{key}{spec.gt_suffix}", _raw_ground_truth(scene.mask, spec))
     if spec.split_file is not None:
-        split = root / spec.split_file
-        split.parent.mkdir(parents=True, exist_ok=True)
-        split.write_text("\n".join(keys) + "\n", encoding="utf-8")
+        atomic_write_text(root / spec.split_file, "\n".join(keys) + "\n")
     names = Path(data_root) / "synthetic-names" / f"cls_{spec.config}.txt"
-    names.parent.mkdir(parents=True, exist_ok=True)
-    names.write_text(synthetic_names(spec), encoding="utf-8")
-    (Path(data_root) / MARKER_NAME).write_text(json.dumps({"generator": "tag2mask synthetic world",
-                                                           "layout": "mmseg benchmark layouts"}) + "\n")
+    atomic_write_text(names, synthetic_names(spec))
+    atomic_write_text(Path(data_root) / MARKER_NAME, json.dumps({"generator": "tag2mask synthetic world",
+                                                                 "layout": "mmseg benchmark layouts"}) + "\n")
     return names
