@@ -152,3 +152,16 @@ def test_synthetic_layouts_read_back_with_their_own_name_set(tmp_path, spec):
             assert 0 in valid
         else:  # ... and ignored where the benchmark has no background class
             assert (gt == 255).mean() > 0.2
+
+
+def test_the_readers_are_a_shared_layer():
+    """The dataset readers import no method and no command (other packages may use them freely)."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tag2mask.bench.datasets, tag2mask.bench.synthetic; "
+            "print(sorted(m for m in sys.modules if m.startswith(('tag2mask.methods', 'tag2mask.cli', 'torch'))))")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "[]"

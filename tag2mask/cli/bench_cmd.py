@@ -95,7 +95,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     import tag2mask
-    from tag2mask.bench.datasets import get_spec, open_benchmarks
+    from tag2mask.bench.datasets import LayoutError, get_spec, open_benchmarks
     from tag2mask.bench.harness import BenchOptions
     from tag2mask.bench.methods import ModelVariants
     from tag2mask.bench.runner import plan_cells, run_bench, select_methods
@@ -108,7 +108,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("--datasets is empty")
     _check(args, datasets)
     methods = select_methods(args.methods)
-    found = open_benchmarks(datasets, args.data, _overrides(args, "data"))  # every layout problem before the model
+    try:  # every layout problem at once, before the model is loaded
+        found = open_benchmarks(datasets, args.data, _overrides(args, "data"))
+    except LayoutError as exc:
+        raise LayoutError(f"{exc}\n(to bench only the layouts you have, name them: --datasets voc21,ade,...)") from None
     out = Path(args.out)
     cells = plan_cells(found, methods, out, _overrides(args, "names"))
     args.device = device_for_rank(args.device)
