@@ -209,3 +209,20 @@ def test_torchrun_shards_every_cell_and_gives_the_same_table(world, clean_run, t
     for c in b["cells"]:
         ranks = [json.loads(line)["rank"] for line in (out / c["cell"] / "manifest.jsonl").read_text().splitlines()]
         assert sorted(set(ranks)) == [0, 1] and len(ranks) == LIMIT
+
+
+def test_a_larger_limit_with_resume_adds_only_the_new_images(tmp_path, monkeypatch):
+    monkeypatch.setenv("TAG2MASK_CACHE", str(tmp_path / "cache"))
+    names = write_synthetic_layout(tmp_path / "data", "voc20", n=3, size=64)
+    argv = ["bench", "--data", str(tmp_path / "data"), "--datasets", "voc20", "--methods", "sclip", "--names-voc20",
+            str(names), "--out", str(tmp_path / "o"), "--quiet", "--device", "cpu", "--preset", "default", "--resume"]
+    assert main(argv + ["--limit", "2"]) == 0
+    assert main(argv + ["--limit", "3"]) == 0
+    cell = json.loads((tmp_path / "o" / "results.json").read_text())["cells"][0]
+    assert (cell["images"], cell["written"], cell["skipped"]) == (3, 1, 2)
+    assert cell["preset"] == "default"
+    settings = json.loads((tmp_path / "o" / cell["cell"] / "settings.json").read_text())
+    assert settings["resolved"]["name"] == "default"
+    # the same folder with other settings is refused (the batch runner's settings guard)
+    other = [("published" if a == "default" else a) for a in argv]
+    assert main(other) == 2
