@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tag2mask.cli.common import shipped_weights_path
+from tag2mask.cmdline.options import shipped_weights_path
 from tag2mask.clip.loading import load_clip
 from tag2mask.clip.model import CLIP_MEAN, CLIP_STD
 from tag2mask.data.transforms import to_normalized_tensor

@@ -29,7 +29,7 @@ from tag2mask.clip.model import CLIP_MEAN, CLIP_STD  # noqa: E402
 from tag2mask.data.transforms import resize_pil, size_to_multiple, to_normalized_tensor  # noqa: E402
 from tag2mask.localization.cam_pipeline import attention_affinity, refine_with_affinity, scale_to_size  # noqa: E402
 from tag2mask.localization.gradcam import softmax_gradcam  # noqa: E402
-from tag2mask.methods.clip_es import ClipES, preset_for  # noqa: E402
+from tag2mask.methods.clip_es.pipeline import ClipES, preset_for  # noqa: E402
 from tag2mask.vocab.vocabulary import get_vocabulary  # noqa: E402
 
 

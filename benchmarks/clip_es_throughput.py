@@ -33,7 +33,7 @@ from tag2mask.clip.model import CLIP, CLIP_MEAN, CLIP_STD, CLIPConfig, TextConfi
 from tag2mask.data.transforms import resize_pil, size_to_multiple, to_normalized_tensor
 from tag2mask.localization.boxes import cam_box_mask
 from tag2mask.localization.scaling import minmax_scale, resize_bilinear_like_cv2
-from tag2mask.methods.clip_es import ClipES, preset_for
+from tag2mask.methods.clip_es.pipeline import ClipES, preset_for
 from tag2mask.vocab.vocabulary import get_vocabulary
 
 LABELS = [14, 11, 8]  # person, dog, chair

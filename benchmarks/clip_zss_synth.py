@@ -62,10 +62,10 @@ def _train(out: Path, data: Path, variant: str, args: argparse.Namespace) -> dic
     from tag2mask.clip.shipped import tiny_clip_path
     from tag2mask.data.segmentation import open_segmentation_data
     from tag2mask.methods.clip_zss.config import CLIP_ZSS_PRESETS, ClipZssConfig
-    from tag2mask.methods.clip_zss.splits import get_split
-    from tag2mask.training.clip_zss_task import ClipZssTask
-    from tag2mask.training.engine import RunOptions, train
-    from tag2mask.training.segmenter_task import segmenter_preset
+    from tag2mask.vocab.zero_shot_splits import get_split
+    from tag2mask.methods.clip_zss.train_task import ClipZssTask
+    from tag2mask.engine.loop import RunOptions, train
+    from tag2mask.methods.registry import segmenter_preset
 
     split = get_split("synth-9-3")
     preset = CLIP_ZSS_PRESETS["synth"]
@@ -97,7 +97,7 @@ def _train(out: Path, data: Path, variant: str, args: argparse.Namespace) -> dic
 def _unseen_breakdown(run: Path, data: Path) -> dict:
     """Where the unseen classes' pixels go: their own class, another unseen class, background, a seen class."""
     from tag2mask.io.palette import read_label_png
-    from tag2mask.methods.clip_zss.splits import get_split
+    from tag2mask.vocab.zero_shot_splits import get_split
 
     split = get_split("synth-9-3")
     unseen = np.array(split.unseen_ids)
@@ -131,8 +131,8 @@ def _maskclip_and_speed(out: Path, data: Path, student_run: Path, reps: int, dev
     from tag2mask.evaluation.miou import ConfusionMatrix, seen_unseen_scores
     from tag2mask.io.palette import read_label_png
     from tag2mask.methods.clip_zss.inference import ZeroShotStudent
-    from tag2mask.methods.clip_zss.splits import get_split
-    from tag2mask.methods.ovss import OpenVocabSegmenter
+    from tag2mask.vocab.zero_shot_splits import get_split
+    from tag2mask.methods.ovss.segmenter import OpenVocabSegmenter
     from tag2mask.vocab.vocabulary import get_vocabulary
 
     split = get_split("synth-9-3")
@@ -187,10 +187,10 @@ def _paper_scale_speed(reps: int, size: int, device: str) -> dict:
     from PIL import Image
 
     from tag2mask.clip.model import CLIP, CLIPConfig, TextConfig, VisionConfig
-    from tag2mask.methods.ovss import OpenVocabSegmenter
+    from tag2mask.methods.ovss.segmenter import OpenVocabSegmenter
     from tag2mask.models import build_segmenter
-    from tag2mask.training.segmenter_eval import predict_logits
-    from tag2mask.training.segmenter_task import segmenter_preset
+    from tag2mask.segmenter.evaluation import predict_logits
+    from tag2mask.methods.registry import segmenter_preset
     from tag2mask.vocab.vocabulary import Vocabulary
 
     torch.manual_seed(0)

@@ -82,8 +82,9 @@ def _fixed_losses(run: Path, data: Path, split: str, seeds: Optional[Path], init
 
     from tag2mask.clip.loading import load_clip
     from tag2mask.clip.model import CLIP_MEAN, CLIP_STD
-    from tag2mask.training.fma_data import open_fma_data
-    from tag2mask.training.fma_task import _LossForward, build_model, load_prompts
+    from tag2mask.methods.fma.data import open_fma_data
+    from tag2mask.methods.fma.train_task import _LossForward
+    from tag2mask.methods.fma.prompt_run import build_model, load_prompts
 
     config, ctx, meta = load_prompts(run)
     model = build_model(config, load_clip(meta["clip"]["weights"]), None if initial else ctx)
@@ -129,9 +130,9 @@ def _classification_maps(run: Path, data: Path, split: str) -> dict[str, float]:
     from tag2mask.clip.loading import load_clip
     from tag2mask.clip.model import CLIP_MEAN, CLIP_STD
     from tag2mask.clip.tokenizer import tokenize
-    from tag2mask.training.clip_eval import image_features
-    from tag2mask.training.fma_data import open_fma_data
-    from tag2mask.training.fma_task import build_model, load_prompts
+    from tag2mask.tiny_clip.evaluation import image_features
+    from tag2mask.methods.fma.data import open_fma_data
+    from tag2mask.methods.fma.prompt_run import build_model, load_prompts
 
     config, ctx, meta = load_prompts(run)
     clip = load_clip(meta["clip"]["weights"])
@@ -209,7 +210,7 @@ def main() -> int:
     label("train", coarse, "--method", "fma", "--prompts", str(cls_run), *slic)
     train("seg", args.seg_iters, seg_run, "--seeds", str(coarse))
 
-    from tag2mask.training.fma_task import load_prompts
+    from tag2mask.methods.fma.prompt_run import load_prompts
 
     num_classes = len(load_prompts(cls_run)[0].class_names) + 1
     # the prompts as initialised (two steps at the warm-up's 1e-5): what training changes

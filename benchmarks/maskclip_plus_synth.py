@@ -76,7 +76,7 @@ def _maskclip_scores(clip, source, num_classes: int) -> dict:
 
 
 def _student_config(kind: str, args, vocab, clip):
-    from tag2mask.methods.maskclip_plus import maskclip_plus_config
+    from tag2mask.methods.maskclip_plus.recipe import maskclip_plus_config
 
     common = dict(max_iters=args.iters, batch_size=args.batch_size, crop_size=args.crop, scale_range=(0.75, 1.25),
                   reference_size=None, test_reference_size=None, teacher=TEACHER,
@@ -93,7 +93,7 @@ def _teacher_on_crops(mcp, config, model, gt_source, n_crops: int, num_classes: 
                       augment=None) -> dict:
     """The teacher's labels on training crops against the ground truth of the same crops."""
     from tag2mask.evaluation.miou import ConfusionMatrix
-    from tag2mask.training.segmenter_task import UNLABELED, SegmentationCrops
+    from tag2mask.segmenter.task import UNLABELED, SegmentationCrops
 
     ctx = type("Ctx", (), {"device": torch.device("cpu")})()
     teacher = mcp.teacher(config, ctx, model)
@@ -126,13 +126,13 @@ def main() -> int:
                     help="only: the teacher's label quality on train as the augmentation is added step by step")
     args = ap.parse_args()
 
-    from tag2mask.cli.common import shipped_weights_path
+    from tag2mask.cmdline.options import shipped_weights_path
     from tag2mask.clip.loading import load_clip
     from tag2mask.data.segmentation import open_segmentation_data, open_unlabeled_images
-    from tag2mask.methods.maskclip_plus import MaskClipPlus
-    from tag2mask.training.engine import RunOptions, train
-    from tag2mask.training.segmenter_eval import evaluate_source
-    from tag2mask.training.segmenter_task import SegmenterTask
+    from tag2mask.methods.maskclip_plus.recipe import MaskClipPlus
+    from tag2mask.engine.loop import RunOptions, train
+    from tag2mask.segmenter.evaluation import evaluate_source
+    from tag2mask.segmenter.task import SegmenterTask
     from tag2mask.vocab.vocabulary import get_vocabulary
 
     out = Path(args.out)
@@ -203,7 +203,7 @@ def _training_seconds(run_dir: Path) -> float:
 def _teacher_ablation(args, clip, vocab, train_gt, num_classes: int, out: Path) -> int:
     """Where the teacher loses quality between whole images and the training crops (train split, ground truth)."""
     from tag2mask.data.seg_augment import SegAugment
-    from tag2mask.methods.maskclip_plus import MaskClipPlus
+    from tag2mask.methods.maskclip_plus.recipe import MaskClipPlus
 
     mcp = MaskClipPlus(clip, text_cache=False)
     config = _student_config("clip-decoder", args, vocab, clip)

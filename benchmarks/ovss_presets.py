@@ -24,11 +24,12 @@ import numpy as np
 import torch
 from PIL import Image
 
-from tag2mask.cli.common import shipped_weights_path
+from tag2mask.cmdline.options import shipped_weights_path
 from tag2mask.clip.loading import load_clip
-from tag2mask.demo import SYNTH_TEMPLATES
+from tag2mask.cli.demo_scenes import SYNTH_TEMPLATES
 from tag2mask.evaluation.miou import ConfusionMatrix
-from tag2mask.methods.ovss import OpenVocabSegmenter, get_preset
+from tag2mask.methods.ovss.presets import get_preset
+from tag2mask.methods.ovss.segmenter import OpenVocabSegmenter
 from tag2mask.synth.splits import SyntheticDataset
 from tag2mask.synth.world import OBJECT_NAMES
 from tag2mask.vocab.vocabulary import get_vocabulary, load_vocabulary

@@ -65,7 +65,7 @@ def _maskclip_plus(device, crop: int):
     """(network, teacher) of a ``maskclip+:voc20`` run over a random ViT-B/16-sized CLIP."""
     from types import SimpleNamespace
 
-    from tag2mask.methods.maskclip_plus import MaskClipPlus, maskclip_plus_config
+    from tag2mask.methods.maskclip_plus.recipe import MaskClipPlus, maskclip_plus_config
 
     mcp = MaskClipPlus(_vit_b16_clip().to(device), text_cache=False)
     # one prompt template: the 85 published ones cost minutes of text encoding at setup (not timed)

@@ -98,17 +98,18 @@ def main() -> int:
 
     # the student sees only the train split's pseudo-masks
     from tag2mask.data.segmentation import SegmentationSource, open_segmentation_data
-    from tag2mask.training.engine import RunOptions, train
-    from tag2mask.training.segmenter_eval import evaluate_source
-    from tag2mask.training.segmenter_task import SegmenterTask, segmenter_preset
+    from tag2mask.engine.loop import RunOptions, train
+    from tag2mask.segmenter.evaluation import evaluate_source
+    from tag2mask.methods.registry import segmenter_preset
+    from tag2mask.segmenter.task import SegmenterTask
 
     pseudo = open_segmentation_data(data / "JPEGImages", None, seeds, num_classes)
     train_pairs = SegmentationSource([it for it in pseudo.items if it.name.startswith("train_")], num_classes,
                                      "synth train with CLIP-ES pseudo-masks")
     gt = {split: open_segmentation_data(data, split, None, num_classes) for split in ("train", "val", "test")}
-    from tag2mask.cli.train_segmenter import _parse_option
+    from tag2mask.cmdline.segmenter_options import parse_model_option
 
-    model_options = dict(_parse_option(o) for o in options)
+    model_options = dict(parse_model_option(o) for o in options)
     config = segmenter_preset(
         None, model=args.model, model_options=model_options, classes=tuple(classes), crop_size=args.crop,
         scale_range=(0.75, 1.5), photometric=False, batch_size=args.batch_size, max_iters=args.iters,

@@ -15,9 +15,9 @@ import time
 
 import torch
 
-from tag2mask.cli.common import shipped_weights_path
+from tag2mask.cmdline.options import shipped_weights_path
 from tag2mask.clip.loading import load_clip
-from tag2mask.demo import evaluate_methods, results_table
+from tag2mask.cli.demo_scenes import evaluate_methods, results_table
 
 METHODS = ("gradcam", "clip-es", "clip-es+pamr", "clip-es+crf", "maskclip", "sclip", "clearclip", "naclip")
 LABELS = {
@@ -39,7 +39,7 @@ def main() -> None:
     ap.add_argument("--weclip-checkpoint", default=None, help="add WeCLIP trained on synth train (tag2mask train weclip --data synth)")
     args = ap.parse_args()
     model = load_clip(args.weights or shipped_weights_path(), device=args.device)
-    from tag2mask.training.clip_trainer import zero_shot_map
+    from tag2mask.tiny_clip.evaluation import zero_shot_map
 
     t0 = time.time()
     zs = zero_shot_map(model, n_val=args.n)  # always on val

@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from tag2mask.methods.weclip.decoder import WeCLIPDecoder, load_official_decoder_state
+from tag2mask.models.weclip_decoder import WeCLIPDecoder, load_official_decoder_state
 
 DATA = Path(__file__).resolve().parent.parent / "tests" / "data" / "weclip"
 

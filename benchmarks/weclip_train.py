@@ -26,8 +26,8 @@ from tag2mask.clip.loading import round_weights_to_fp16
 from tag2mask.clip.model import CLIP, CLIPConfig, TextConfig, VisionConfig
 from tag2mask.methods.weclip.model import WeCLIP, preset
 from tag2mask.runtime import resolve_device, resolve_dtype
-from tag2mask.training.schedule import PolyWarmupAdamW
-from tag2mask.training.weclip_trainer import train_step
+from tag2mask.engine.schedules.poly import PolyWarmupAdamW
+from tag2mask.methods.weclip.train_task import train_step
 
 PAPER = {"sec_per_it": 0.54, "peak_gb": 6.2, "device": "RTX 3090 (paper Table 3)"}
 

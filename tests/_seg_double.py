@@ -83,8 +83,8 @@ def make_dataset(root: Path, n: int = 6, size: tuple[int, int] = (40, 48), ignor
 
 def main(argv: Optional[list[str]] = None) -> int:
     from tag2mask.data.segmentation import open_segmentation_data
-    from tag2mask.training.engine import RunOptions, train
-    from tag2mask.training.segmenter_task import SegmenterTask
+    from tag2mask.engine.loop import RunOptions, train
+    from tag2mask.segmenter.task import SegmenterTask
 
     data, out = (argv or sys.argv[1:])[:2]
     config = segmenter_config()
@@ -95,7 +95,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
 
 def segmenter_config(**overrides):
-    from tag2mask.training.segmenter_task import segmenter_preset
+    from tag2mask.methods.registry import segmenter_preset
 
     base = dict(model="one-conv", classes=CLASSES, crop_size=24, scales=(1.0,), batch_size=4, max_iters=6,
                 optimizer="sgd", lr=0.05, lr_step=1, head_lr_mult=1.0, head_bias_lr_mult=1.0, photometric=False)

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from tag2mask.training.engine import RunOptions, TrainContext, TrainTask, train
-from tag2mask.training.stream import position_loader
+from tag2mask.engine.loop import RunOptions, TrainContext, TrainTask, train
+from tag2mask.engine.data_stream import position_loader
 
 DIM = 6
 

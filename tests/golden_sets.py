@@ -77,7 +77,7 @@ class GoldenSet:
 
     def preset_name(self) -> str:
         """The tag2mask CLIP-ES preset whose vocabulary has exactly this set's prompt names."""
-        from tag2mask.methods.clip_es import PRESETS
+        from tag2mask.methods.clip_es.pipeline import PRESETS
         from tag2mask.vocab.vocabulary import get_vocabulary
 
         for name, config in PRESETS.items():

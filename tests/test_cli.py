@@ -31,8 +31,29 @@ def test_user_errors_are_one_line(tmp_path, capsys):
 
 
 def test_info_reports_the_stored_dtype(capsys):
-    from tag2mask.cli.common import shipped_weights_path
+    from tag2mask.cmdline.options import shipped_weights_path
 
     assert main(["info", "--weights", str(shipped_weights_path())]) == 0
     out = capsys.readouterr().out
     assert "stored dtype: float16" in out and "format:       safetensors" in out
+
+
+def test_help_names_what_classes_and_the_web_api_take(capsys):
+    with pytest.raises(SystemExit):
+        main(["segment", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "synth|voc|coco" in text and "FILE" in text
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    assert "--form-string" in capsys.readouterr().out
+
+
+def test_docs_name_no_file_outside_the_repository():
+    """README and docs/ point only at files of the repository (no shared/specs links)."""
+    import re
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    for page in [root / "README.md", *sorted((root / "docs").glob("*.md"))]:
+        text = page.read_text(encoding="utf-8")
+        assert not re.search(r"(?:\.\./|`)shared/", text), page.name

@@ -45,7 +45,7 @@ _MAKERS: dict[str, object] = {}
 
 def _maker(plain_model, golden: GoldenSet):
     """The :class:`ClipES` of the preset matching ``golden`` (one per set, shared by the tests)."""
-    from tag2mask.methods.clip_es import ClipES, preset_for
+    from tag2mask.methods.clip_es.pipeline import ClipES, preset_for
 
     if golden.name not in _MAKERS:
         _MAKERS[golden.name] = ClipES(plain_model, config=preset_for(golden.preset_name()), text_cache_dir=False)
@@ -81,7 +81,7 @@ def test_sets_found_and_model_is_the_fixture_model():
 
 def test_preset_matches_official_settings(golden: GoldenSet):
     """The preset the method applies has the set's class prompts, background words, threshold, template."""
-    from tag2mask.methods.clip_es import PRESETS
+    from tag2mask.methods.clip_es.pipeline import PRESETS
     from tag2mask.refinement.crf import CLIP_ES_CRF
     from tag2mask.vocab.vocabulary import get_vocabulary
 
@@ -232,14 +232,14 @@ def test_attn_highres_exact(case: GoldenCase):
 
 
 def test_crf_image_exact(case: GoldenCase):
-    from tag2mask.methods.pseudo_labels import clip_es_crf_image
+    from tag2mask.methods.clip_es.label_maps import clip_es_crf_image
 
     assert np.array_equal(clip_es_crf_image(case.rgb()), case.arrays["crf_image"])
 
 
 def test_crf_labels_exact(case: GoldenCase):
     pytest.importorskip("pydensecrf")
-    from tag2mask.methods.pseudo_labels import clip_es_pseudo_label
+    from tag2mask.methods.clip_es.label_maps import clip_es_pseudo_label
 
     z = case.arrays
     label, label_noignore, q = clip_es_pseudo_label(z["attn_highres"], z["keys"], case.rgb(),
@@ -272,7 +272,7 @@ def _compare_scores(ours: dict, ref: dict) -> None:
 
 def test_eval_cam_scores_match_official(golden: GoldenSet):
     from tag2mask.evaluation.cam_eval import evaluate_cams
-    from tag2mask.methods.clip_es import PRESETS
+    from tag2mask.methods.clip_es.pipeline import PRESETS
 
     cases = [GoldenCase(golden, e) for e in golden.images]
     rule = PRESETS[golden.preset_name()].miou_rule
@@ -287,7 +287,7 @@ def test_eval_cam_scores_match_official(golden: GoldenSet):
 
 def test_crf_eval_only_scores_match_official(golden: GoldenSet):
     from tag2mask.evaluation.miou import ConfusionMatrix
-    from tag2mask.methods.clip_es import PRESETS
+    from tag2mask.methods.clip_es.pipeline import PRESETS
 
     cm = ConfusionMatrix(golden.eval_num_classes)
     for entry in golden.images:

@@ -31,7 +31,7 @@ def tiny():
 
 @pytest.fixture(scope="module")
 def voc_maker(tiny):
-    from tag2mask.methods.clip_es import ClipES, preset_for
+    from tag2mask.methods.clip_es.pipeline import ClipES, preset_for
 
     return ClipES(tiny, config=preset_for("voc"), text_cache_dir=False)
 
@@ -145,7 +145,7 @@ def test_load_cam_npz_formats(tmp_path: Path):
 
 
 def test_crf_image_wraps():
-    from tag2mask.methods.pseudo_labels import clip_es_crf_image
+    from tag2mask.methods.clip_es.label_maps import clip_es_crf_image
 
     out = clip_es_crf_image(np.array([[[120, 116, 99]]], np.uint8))[0, 0]  # R, G, B -> BGR (99, 116, 120)
     # 99-104.008=-5.008 -> -5 -> 251; 116-116.669 -> -0.669 -> 0; 120-122.675 -> -2 -> 254
@@ -219,7 +219,7 @@ def test_flip_averages_the_mirrored_view(tiny, voc_maker):
 
     Fails if the flipped view is dropped, not mirrored back, or not averaged.
     """
-    from tag2mask.methods.clip_es import ClipES, preset_for
+    from tag2mask.methods.clip_es.pipeline import ClipES, preset_for
 
     case = CASES[0]
     with Image.open(case.path("image")) as f:
@@ -235,7 +235,7 @@ def test_flip_averages_the_mirrored_view(tiny, voc_maker):
 
 def test_multiscale_and_bf16_run(tiny, voc_maker):
     """Test-time scales average views at the image size; bf16 autocast stays close to fp32."""
-    from tag2mask.methods.clip_es import ClipES, preset_for
+    from tag2mask.methods.clip_es.pipeline import ClipES, preset_for
 
     case = CASES[0]
     with Image.open(case.path("image")) as f:
@@ -252,7 +252,7 @@ def test_multiscale_and_bf16_run(tiny, voc_maker):
 
 
 def test_default_vocabulary_comes_from_the_preset(voc_maker):
-    from tag2mask.methods.clip_es import PRESETS, preset_for
+    from tag2mask.methods.clip_es.pipeline import PRESETS, preset_for
 
     assert voc_maker.vocab.names[14] == "person" and len(voc_maker.vocab.background) == 25
     with pytest.raises(ValueError, match="unknown CLIP-ES preset"):

@@ -12,18 +12,10 @@ import pytest
 import torch
 
 from tag2mask.clip.loading import load_clip
-from tag2mask.training.clip_trainer import (
-    NUM_CONCEPTS,
-    BatchSampler,
-    ScenePool,
-    TrainConfig,
-    attention_affinity_loss,
-    average_precision,
-    concepts_from_caption,
-    main,
-    mean_average_precision,
-    multi_positive_infonce,
-)
+from tag2mask.tiny_clip.config import TrainConfig
+from tag2mask.tiny_clip.data import NUM_CONCEPTS, BatchSampler, ScenePool, concepts_from_caption
+from tag2mask.tiny_clip.evaluation import average_precision, mean_average_precision
+from tag2mask.tiny_clip.trainer import attention_affinity_loss, main, multi_positive_infonce
 
 ASSET = Path(__file__).resolve().parents[1] / "tag2mask" / "assets" / "tiny_clip.safetensors"
 
@@ -60,9 +52,9 @@ def test_smoke_run_writes_log_and_loadable_weights(tmp_path):
 
 def test_resumed_run_equals_uninterrupted_and_folder_is_guarded(tmp_path):
     """The tiny-CLIP trainer runs on the training engine: exact resume, no silent overwrite."""
-    from tag2mask.training.clip_trainer import TinyClipTask, TrainConfig, train
-    from tag2mask.training.engine import RunOptions
-    from tag2mask.training.engine import train as engine_train
+    from tag2mask.tiny_clip.trainer import TinyClipTask, train
+    from tag2mask.engine.loop import RunOptions
+    from tag2mask.engine.loop import train as engine_train
 
     torch.set_num_threads(1)
     straight, part = tmp_path / "straight", tmp_path / "part"
@@ -156,8 +148,8 @@ def test_attention_affinity_loss_is_zero_at_the_target_and_positive_elsewhere():
 
 
 def test_image_features_returns_attention_of_the_requested_blocks():
-    from tag2mask.training.clip_eval import image_features
-    from tag2mask.training.clip_trainer import build_model, model_config
+    from tag2mask.tiny_clip.evaluation import image_features
+    from tag2mask.tiny_clip.trainer import build_model, model_config
 
     model = build_model(model_config(TrainConfig(image_size=32, patch_size=16, vision_width=64, vision_layers=3, embed_dim=16)))
     feats = image_features(model, torch.randn(2, 3, 32, 32), attention_from=1)

@@ -21,7 +21,7 @@ from tag2mask.methods.clip_zss.method import ClassLayout, ClipZss, UnseenNameErr
 from tag2mask.methods.clip_zss.regions import (
     IGNORE, fuse_labels, fuse_seeds, multiscale_kmeans, pseudo_regions, spherical_kmeans, window_seeds,
 )
-from tag2mask.methods.clip_zss.splits import COCO_STUFF_171, PASCAL_CONTEXT_59, SPLITS, get_split
+from tag2mask.vocab.zero_shot_splits import COCO_STUFF_171, PASCAL_CONTEXT_59, SPLITS, get_split
 from tag2mask.methods.clip_zss.synthesizer import region_centroids
 
 

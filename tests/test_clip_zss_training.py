@@ -19,10 +19,11 @@ import torch
 from tag2mask.clip.shipped import tiny_clip_path
 from tag2mask.data.segmentation import open_segmentation_data
 from tag2mask.methods.clip_zss.config import ClipZssConfig
-from tag2mask.methods.clip_zss.splits import get_split
-from tag2mask.training.clip_zss_task import ClipZssTask
-from tag2mask.training.engine import RunOptions, read_run_checkpoint, train
-from tag2mask.training.segmenter_task import segmenter_preset
+from tag2mask.vocab.zero_shot_splits import get_split
+from tag2mask.methods.clip_zss.train_task import ClipZssTask
+from tag2mask.engine.loop import RunOptions, train
+from tag2mask.runs.layout import read_run_checkpoint
+from tag2mask.methods.registry import segmenter_preset
 
 SPLIT = get_split("synth-9-3")
 
@@ -80,7 +81,7 @@ def test_resumed_run_equals_an_uninterrupted_one(tmp_path, synth):
         assert all(torch.equal(a["modules"][part][k], b["modules"][part][k]) for k in a["modules"][part])
     bank_a, bank_b = a["extra"]["bank"]["items"], b["extra"]["bank"]["items"]
     assert bank_a.shape == (3, 128) and torch.equal(bank_a, bank_b)  # 4 iterations x 2 crops, the newest 3
-    from tag2mask.training.logs import read_log
+    from tag2mask.engine.logs import read_log
 
     rows_a = read_log(tmp_path / "straight" / "train_log.csv")
     rows_b = read_log(tmp_path / "part" / "train_log.csv")

@@ -11,7 +11,7 @@ from PIL import Image
 
 from tag2mask.data.datasets import (COCODataset, FolderDataset, Sample, VOCDataset, detect_dataset,
                                     labels_from_xml, open_dataset)
-from tag2mask.data.labels import LabelFileError, names_to_ids, read_labels_file, safe_image_path
+from tag2mask.data.tag_files import LabelFileError, names_to_ids, read_labels_file, safe_image_path
 from tag2mask.io.palette import save_label_png
 
 VOC = ("aeroplane bicycle bird boat bottle bus car cat chair cow diningtable dog horse motorbike "
@@ -168,7 +168,7 @@ def test_registry_and_detect(tmp_path: Path) -> None:
 
 
 def test_json_labels_with_a_duplicate_image_are_refused(tmp_path):
-    from tag2mask.data.labels import LabelFileError, read_labels_file
+    from tag2mask.data.tag_files import LabelFileError, read_labels_file
 
     path = tmp_path / "tags.json"
     path.write_text('{"a.jpg": ["cat"], "b.jpg": ["dog"], "a.jpg": ["dog"]}')
@@ -177,7 +177,7 @@ def test_json_labels_with_a_duplicate_image_are_refused(tmp_path):
 
 
 def test_official_coco_spellings_match_the_voc_style_class_names():
-    from tag2mask.data.labels import names_to_ids, unknown_class_names
+    from tag2mask.data.tag_files import names_to_ids, unknown_class_names
     from tag2mask.vocab.classes import COCO_CLASSES, MASKCLIP_VOC_NAMES, VOC_CLASSES
 
     coco_official = ["motorcycle", "Airplane", "couch", "potted plant", "dining table", "tv", "hair dryer"]

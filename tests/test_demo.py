@@ -7,7 +7,7 @@ import json
 import torch
 import torch.nn.functional as F
 
-from tag2mask.cli.common import shipped_weights_path
+from tag2mask.cmdline.options import shipped_weights_path
 
 
 def test_shipped_weights_classify_generated_scenes():
@@ -47,13 +47,55 @@ def test_demo_command_writes_results(tmp_path, capsys):
     assert "mIoU" in capsys.readouterr().out
 
 
+def test_demo_cells_show_the_flat_mask_beside_the_overlay(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from tag2mask.cli.main import main
+    from tag2mask.io.palette import read_label_png, voc_palette
+
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--n", "1", "--methods", "sclip", "--device", "cpu"]) == 0
+    image = np.asarray(Image.open(out / "images" / "scene_000.png").convert("RGB"))
+    h, w = image.shape[:2]
+    pal = voc_palette(256)
+    for kind, mask in (("ground_truth", None), ("sclip", read_label_png(out / "masks" / "sclip" / "scene_000.png"))):
+        cell = np.asarray(Image.open(out / "overlays" / kind / "scene_000.png").convert("RGB"))
+        assert cell.shape[0] == h and cell.shape[1] > 2 * w
+        flat = cell[:, -w:]
+        if mask is not None:
+            assert np.array_equal(flat, pal[mask])  # the right half is the mask itself, in flat colours
+        assert len(np.unique(flat.reshape(-1, 3), axis=0)) < len(np.unique(image.reshape(-1, 3), axis=0))
+
+
+def test_demo_timing_excludes_the_warm_up(monkeypatch):
+    """Each method runs once untimed before the timed loop: n timed calls, n + 1 calls in all."""
+    import tag2mask.cli.demo_scenes as demo
+
+    calls: list[float] = []
+
+    def fake_predictors(model, vocab, methods, with_crf, weclip_checkpoint=None):
+        import numpy as np
+
+        def predict(image, ids):
+            calls.append(1.0)
+            return np.zeros(image.size[::-1], dtype=np.uint8)
+
+        return {m: predict for m in methods}
+
+    monkeypatch.setattr(demo, "build_predictors", fake_predictors)
+    scores = demo.evaluate_methods(None, 3, ["a", "b"], size=32)
+    assert len(calls) == 2 * (3 + 1)
+    assert all(len(s.per_image) == 3 for s in scores.values())
+
+
 def test_demo_page_is_a_grid_under_a_summary(tmp_path, tiny_clip_path):
     """One row per scene (input, ground truth, each method), a summary table, a chart, the toy-model note."""
     import html
     import re
 
     from tag2mask.cli.main import main
-    from tag2mask.demo import METHOD_INFO
+    from tag2mask.cli.demo_scenes import METHOD_INFO
 
     out = tmp_path / "demo"
     methods = ["clip-es", "sclip"]
@@ -91,7 +133,7 @@ def test_caa_improves_the_shipped_models_gradcam_seeds():
     # (12 test scenes: 39.9 -> 42.7 mIoU with the shipped weights). A broken affinity, Sinkhorn or
     # box mask, or weights whose attention does not group objects, turns this around.
     from tag2mask.clip.loading import load_clip
-    from tag2mask.demo import evaluate_methods
+    from tag2mask.cli.demo_scenes import evaluate_methods
 
     model = load_clip(shipped_weights_path())
     scores = evaluate_methods(model, 12, ["gradcam", "clip-es"], split="test")

@@ -136,3 +136,19 @@ def test_uint8_fast_path_equals_generic(c: int) -> None:
         fast.update(p, g)
         slow.update(p.astype(np.int64), g.astype(np.int64))
         np.testing.assert_array_equal(fast.mat, slow.mat)
+
+
+def test_a_predicted_255_is_not_scored():
+    from tag2mask.evaluation.miou import ConfusionMatrix, unscore_predicted_ignore
+
+    gt = np.array([[1, 1, 255], [0, 2, 2]], dtype=np.uint8)
+    pred = np.array([[1, 255, 255], [0, 255, 2]], dtype=np.uint8)
+    masked, n = unscore_predicted_ignore(pred, gt, 3)
+    assert n == 2  # (0, 2) was ignored by the ground truth already
+    cm = ConfusionMatrix(3)
+    cm.update(pred, masked)
+    assert cm.mat.sum() == 3 and np.trace(cm.mat) == 3
+    same, zero = unscore_predicted_ignore(pred, gt[:, :2], 3)
+    assert zero == 0 and same.shape == (2, 2)
+    with pytest.raises(ValueError, match="outside"):
+        ConfusionMatrix(3).update(pred, gt)  # without it, a 255 on a scored pixel is an error

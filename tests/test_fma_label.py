@@ -13,11 +13,12 @@ import pytest
 import torch
 from PIL import Image
 
-from tag2mask.cli.common import shipped_weights_path
+from tag2mask.cmdline.options import shipped_weights_path
 from tag2mask.cli.main import main
 from tag2mask.io.palette import read_label_png
-from tag2mask.training.engine import RunOptions
-from tag2mask.training.fma_task import FMAData, FMATrainConfig, load_prompts, train_fma
+from tag2mask.engine.loop import RunOptions
+from tag2mask.methods.fma.train_task import FMAData, train_fma
+from tag2mask.methods.fma.prompt_run import FMATrainConfig, load_prompts
 from tag2mask.vocab.vocabulary import get_vocabulary
 
 SIZE = 64
@@ -50,7 +51,7 @@ def _label(world: Path, prompts: Path, out: Path, *extra: str) -> int:
 def _cam_maker(prompts: Path):
     from tag2mask.clip.loading import load_clip
     from tag2mask.methods.fma.inference import FMACams
-    from tag2mask.training.fma_task import build_model
+    from tag2mask.methods.fma.prompt_run import build_model
 
     config, ctx, _ = load_prompts(prompts)
     return config, FMACams(build_model(config, load_clip(shipped_weights_path()), ctx), config.stage.caa)

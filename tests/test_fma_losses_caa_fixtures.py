@@ -14,7 +14,7 @@ from tag2mask.localization.affinity import transition_matrix
 from tag2mask.localization.boxes import cam_box_mask, cam_box_masks
 from tag2mask.methods.fma.config import CAASettings, caa_refine, cam_score
 from tag2mask.methods.fma.losses import REDUCTIONS, cam_activation_loss, multilabel_contrastive_loss
-from tag2mask.training.cosine_schedule import WarmupCosineSchedule, warmup_cosine_lr
+from tag2mask.engine.schedules.cosine import WarmupCosineSchedule, warmup_cosine_lr
 
 # ------------------------------------------------------------------------------ contrastive loss
 

@@ -1,4 +1,4 @@
-"""FMA-WSSS prompt training on the engine (tag2mask.training.fma_task / fma_data) and `train fma`.
+"""FMA-WSSS prompt training on the engine (tag2mask.methods.fma.train_task / fma_data) and `train fma`.
 
 The shipped tiny CLIP on small synthetic scenes: augmentation, the stream, exact resume (bitwise on
 CPU), the exported prompts, the command line and a two-process torchrun.
@@ -16,14 +16,16 @@ import numpy as np
 import pytest
 import torch
 
-from tag2mask.cli.common import shipped_weights_path
+from tag2mask.cmdline.options import shipped_weights_path
 from tag2mask.methods.fma.config import AugmentSettings, preset
-from tag2mask.training.engine import RunFolderError, RunOptions, read_run_checkpoint
-from tag2mask.training.fma_data import (
+from tag2mask.engine.loop import RunOptions
+from tag2mask.runs.layout import RunFolderError, read_run_checkpoint
+from tag2mask.methods.fma.data import (
     FMACrops, color_jitter, jitter_step, open_fma_data, rescale_crop_flip,
 )
-from tag2mask.training.fma_task import FMAData, FMATask, FMATrainConfig, load_prompts, train_fma
-from tag2mask.training.logs import read_log
+from tag2mask.methods.fma.train_task import FMAData, FMATask, train_fma
+from tag2mask.methods.fma.prompt_run import FMATrainConfig, load_prompts
+from tag2mask.engine.logs import read_log
 from tag2mask.vocab.vocabulary import get_vocabulary
 
 REPO = Path(__file__).resolve().parents[1]
@@ -191,7 +193,7 @@ def test_resumed_run_equals_uninterrupted_bitwise(tmp_path, seeds, task):
 def test_learning_rate_is_the_official_schedule(tmp_path):
     config = _config("cls", max_iters=6, warmup_iters=2, base_lr=0.01)
     _train(tmp_path / "run", config, _data())
-    from tag2mask.training.cosine_schedule import warmup_cosine_lr
+    from tag2mask.engine.schedules.cosine import warmup_cosine_lr
 
     lrs = [r["lr"] for r in read_log(tmp_path / "run" / "train_log.csv")]
     assert lrs == pytest.approx([warmup_cosine_lr(t, base_lr=0.01, max_iters=6, warmup_iters=2, warmup_factor=0.01)
@@ -202,7 +204,7 @@ def test_learning_rate_is_the_official_schedule(tmp_path):
 
 
 def test_crops_without_a_seed_class_give_a_zero_cam_loss():
-    from tag2mask.training.fma_task import _cam_losses
+    from tag2mask.methods.fma.train_task import _cam_losses
 
     cams = torch.randn(0, 4, 4, requires_grad=True)
     fg, bg = _cam_losses(cams, torch.zeros(0, 2, dtype=torch.long), torch.zeros(2, 64, 64, dtype=torch.long))
@@ -242,7 +244,9 @@ def test_presets_reproduce_the_official_configs():
     import fma_data as D
 
     for case in D.cases("lr_schedule"):
-        stage = preset("voc", case["name"].split("_")[1])
+        # the official config the case was read from names its data set and stage: configs/<DATASET>/<stage>/cfg.py
+        _, dataset, task = Path(case["config"]).parts[:3]
+        stage = preset(dataset.lower(), task)
         assert (stage.max_iters, stage.warmup_iters, stage.base_lr) == (case["max_iter"], case["warm"]["warm_iters"],
                                                                       case["base_lr"])
         assert stage.warmup_factor == pytest.approx(case["warm"]["start_factor"])
@@ -301,7 +305,7 @@ def test_cli_trains_on_a_synth_export_with_its_train_split(tmp_path, capsys):
 
 
 def test_prompts_files_are_read_safely(tmp_path):
-    from tag2mask.training.fma_task import PROMPTS_FILE
+    from tag2mask.methods.fma.prompt_run import PROMPTS_FILE
 
     bad = tmp_path / PROMPTS_FILE
     bad.write_bytes(b"\x80\x04not safetensors")

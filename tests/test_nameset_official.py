@@ -75,7 +75,7 @@ def test_errors_name_the_file(tmp_path):
 
 def test_segmenter_labels_follow_the_file(tmp_path, tiny_clip_path):
     from tag2mask.clip.loading import load_clip
-    from tag2mask.methods.ovss import OpenVocabSegmenter
+    from tag2mask.methods.ovss.segmenter import OpenVocabSegmenter
 
     seg = OpenVocabSegmenter(load_clip(tiny_clip_path), str(_write(tmp_path, VOC_LIKE)), "sclip", text_cache=False)
     assert seg.class_names == ("background", "aeroplane", "bed", "person", "tv monitor")

@@ -48,7 +48,7 @@ def test_random_models_stay_uncached(plain):
 
 def test_rounded_model_needs_no_copies():
     rounded = load_clip(TINY_CLIP_PATH, round_fp16_weights=True)
-    bound = NUMERICS["weclip"].bind(rounded)
+    bound = NUMERICS["clip_es"].bind(rounded)
     assert not bound.copies_weights and bound.fingerprint == rounded.fingerprint
     assert rounded.fingerprint.endswith(":fp16r")
 
@@ -93,14 +93,15 @@ def test_methods_apply_their_numerics_during_their_passes(plain, monkeypatch):
     """ClipES / WeCLIP run the CLIP inside their numerics (TF32 off, rounded weights) and leave it after."""
     from PIL import Image
 
-    from tag2mask.methods.clip_es import ClipES, preset_for
+    from tag2mask.methods.clip_es.pipeline import ClipES, preset_for
     from tag2mask.methods.weclip.model import WeCLIP, normalize_rgb, preset
 
     seen = []
     original = type(plain.visual).embed
 
     def spy(self, images, *args, **kwargs):
-        seen.append((weights_are_fp16_exact(plain), self.round_pos_embed_fp16, torch.backends.cudnn.allow_tf32))
+        w = self.conv1.weight  # fp16-rounded (CLIP-ES) or fp16 (WeCLIP's fp16 compute) inside the method
+        seen.append((torch.equal(w, w.half().to(w.dtype)), self.round_pos_embed_fp16, torch.backends.cudnn.allow_tf32))
         return original(self, images, *args, **kwargs)
 
     monkeypatch.setattr(type(plain.visual), "embed", spy)
@@ -114,16 +115,49 @@ def test_methods_apply_their_numerics_during_their_passes(plain, monkeypatch):
     assert torch.backends.cudnn.allow_tf32 and not weights_are_fp16_exact(plain)
 
 
-def test_weclip_on_a_plain_clip_equals_a_rounded_clip(plain):
-    """WeCLIP applies compat numerics itself: a plain CLIP gives the same outputs as one rounded at load."""
-    from tag2mask.methods.weclip.model import WeCLIP, preset
+def test_weclip_fp16_compute_inside_and_restored_after(plain):
+    """WeCLIP's numerics run the CLIP in fp16 (Conv/Linear, residual stream) with float32 in_proj and restore it."""
+    from tag2mask.clip.layers import Attention
+    from tag2mask.clip.numerics import fp16_compute_tensors
 
-    rounded = load_clip(TINY_CLIP_PATH, round_fp16_weights=True)
-    torch.manual_seed(0)
-    a = WeCLIP(plain, preset("voc"), text_cache_dir=False).eval()
-    torch.manual_seed(0)
-    b = WeCLIP(rounded, preset("voc"), text_cache_dir=False).eval()
-    x = torch.randn(1, 3, 64, 80, generator=torch.Generator().manual_seed(1))
-    with torch.no_grad():
-        oa, ob = a(x), b(x)
-    assert torch.equal(oa.seg_logits, ob.seg_logits) and torch.equal(a.fg_text, b.fg_text)
+    before = {n: p.detach().clone() for n, p in plain.named_parameters()}
+    bound = NUMERICS["weclip"].bind(plain)
+    attns = [m for m in plain.modules() if isinstance(m, Attention)]
+    with bound:
+        assert plain.fingerprint.endswith(":fp16c")
+        assert all(p.dtype == torch.float16 for p in fp16_compute_tensors(plain))
+        assert all(m.fp16_mixed and m.in_proj_weight.dtype == torch.float32 for m in attns)
+        x = torch.randn(1, 3, 32, 48, generator=torch.Generator().manual_seed(0))
+        inter = plain.visual.forward_intermediates(x, 2, return_attention=True)
+        assert all(t.dtype == torch.float16 for t in inter.tokens)  # the residual stream is fp16
+        assert all(a.dtype == torch.float32 for a in inter.attentions)  # softmax maps are float32
+        assert torch.equal(plain.visual.blocks[0].attn.in_proj_weight, before["visual.transformer.resblocks.0.attn.in_proj_weight"])
+        # on a CPU the image tower emulates its fp16 products, the text tower runs the half kernels
+        assert "forward" in plain.visual.conv1.__dict__ and "forward" in plain.visual.blocks[0].mlp.c_fc.__dict__
+        assert "forward" not in plain.transformer.resblocks[0].mlp.c_fc.__dict__
+        assert plain.visual.blocks[0].attn.fp16_emulated and not plain.transformer.resblocks[0].attn.fp16_emulated
+    assert not any(m.fp16_mixed for m in attns) and not plain.fingerprint.endswith(":fp16c")
+    assert not any("forward" in m.__dict__ for m in plain.modules())
+    for n, p in plain.named_parameters():
+        assert p.dtype == torch.float32 and torch.equal(p, before[n]), n
+
+
+def test_fp16_compute_excludes_weight_rounding():
+    with pytest.raises(ValueError, match="in_proj"):
+        Numerics(round_weights_fp16=True, fp16_compute=True)
+
+
+def test_emulated_fp16_linear_is_one_rounding_of_the_fp16_product():
+    """fp16 operands, float32 arithmetic, one rounding: within one fp16 ulp of torch's half kernel and
+    exactly the float64 product rounded to fp16 wherever that is not a near tie."""
+    from tag2mask.clip.layers import fp16_linear
+
+    g = torch.Generator().manual_seed(0)
+    x, w, b = torch.randn(37, 64, generator=g), torch.randn(48, 64, generator=g), torch.randn(48, generator=g)
+    emulated, native = fp16_linear(x, w, b, emulated=True), fp16_linear(x, w, b, emulated=False)
+    assert emulated.dtype == native.dtype == torch.float16
+    exact = torch.nn.functional.linear(x.half().double(), w.half().double(), b.half().double())
+    ulp = torch.finfo(torch.float16).eps * exact.abs().clamp_min(2 ** -14)
+    assert ((emulated.double() - exact).abs() <= ulp).all()
+    assert ((emulated.double() - native.double()).abs() <= ulp).all()
+    assert (emulated.double() == exact.half().double()).float().mean() > 0.99

@@ -19,10 +19,11 @@ from PIL import Image
 from tag2mask.clip.layers import QuickGELU
 from tag2mask.clip.loading import load_clip
 from tag2mask.clip.model import CLIP, CLIPConfig, TextConfig, VisionConfig
-from tag2mask.methods.ovss import LAST_BLOCKS, OpenVocabSegmenter, get_last_block
+from tag2mask.methods.ovss.last_block import LAST_BLOCKS, get_last_block
+from tag2mask.methods.ovss.segmenter import OpenVocabSegmenter
 from tag2mask.methods.ovss.last_block import NAClipBlock, maskclip_keys, neighbourhood_prior
 from tag2mask.methods.ovss.maskclip_refine import key_smooth, key_smoothing_weights, prompt_denoise
-from tag2mask.methods.ovss.segmenter import maskclip_numerics
+from tag2mask.methods.ovss.numerics import maskclip_numerics
 from tag2mask.vocab.vocabulary import Vocabulary
 
 GRID = (4, 5)

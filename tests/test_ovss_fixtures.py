@@ -23,9 +23,10 @@ from PIL import Image
 
 from tag2mask.clip.loading import load_clip
 from tag2mask.io.palette import read_label_png
-from tag2mask.methods.ovss import OpenVocabSegmenter, attention_weights
+from tag2mask.methods.ovss.last_block import attention_weights
+from tag2mask.methods.ovss.segmenter import OpenVocabSegmenter
 from tag2mask.methods.ovss.last_block import neighbourhood_prior
-from tag2mask.methods.ovss.segmenter import _fp16_rounding_targets
+from tag2mask.methods.ovss.numerics import fp16_rounding_targets
 from tag2mask.vocab.vocabulary import load_vocabulary
 
 DATA = Path(__file__).parent / "data" / "ovss"
@@ -151,7 +152,7 @@ def test_published_presets_round_the_weights_like_the_official_loaders(model, se
     meta = INDEX["methods"][key]
     assert seg.model is not model  # the caller's full-precision model is left alone
     ours, original = dict(seg.model.named_parameters()), dict(model.named_parameters())
-    targets = {id(t) for t in _fp16_rounding_targets(model)}
+    targets = {id(t) for t in fp16_rounding_targets(model)}
     # the README counts the tensors that rounding changes (zero biases and LayerNorms are fp16-exact)
     changed = [n for n, p in original.items() if id(p) in targets and not torch.equal(p, p.half().float())]
     assert len(changed) == meta["fp16_rounded_params"]
@@ -251,7 +252,19 @@ def image_folder(tmp_path_factory) -> Path:
     return folder
 
 
+#: every setting an index.json may record, and the ``tag2mask segment`` flag that sets it (or the
+#: switch it selects: ``model_type`` / ``attn_strategy`` / ``arch`` pick the method and last block)
+_CLI_FLAGS = {"short": "--short-side", "crop": "--crop", "stride": "--stride", "logit_scale": "--logit-scale",
+              "prob_thd": "--prob-threshold", "area_thd": "--area-threshold", "gaussian_std": "--naclip-std",
+              "pamr_steps": "--pamr-steps", "pamr_stride": "--pamr-dilations", "model_type": "--last-block",
+              "attn_strategy": "--method", "arch": "--method", "ignore_residual": "--last-block"}
+
+
 def _cli_args(key: str, name_file: Path, folder: Path, out: Path, weights: Path, with_pamr: bool) -> list[str]:
+    """The command line of fixture method ``key``: every setting its index.json records is passed."""
+    settings = INDEX["methods"][key]["settings"]
+    unmapped = sorted(set(settings) - set(_CLI_FLAGS))
+    assert not unmapped, f"index.json records settings the command line test does not pass: {unmapped}"
     method, options = run_spec(key)
     argv = ["segment", str(folder), "--classes", str(name_file), "--first-line", "background", "--method", method,
             "--preset", "published", "--weights", str(weights), "--out", str(out), "--device", "cpu",
@@ -264,6 +277,11 @@ def _cli_args(key: str, name_file: Path, folder: Path, out: Path, weights: Path,
         argv += ["--area-threshold", repr(float(options["area_threshold"]))]
     if "last_block" in options:
         argv += ["--last-block", options["last_block"]]
+    if "naclip_std" in options:
+        argv += ["--naclip-std", repr(options["naclip_std"])]
+    if with_pamr:
+        pamr = pamr_spec(key)
+        argv += ["--pamr-steps", str(pamr["pamr_steps"]), "--pamr-dilations", ",".join(map(str, pamr["pamr_dilations"]))]
     return argv
 
 
@@ -296,6 +314,9 @@ def test_command_reproduces_official(key, with_pamr, name_file, image_folder, ti
     record = json.loads((out / "run.json").read_text())
     assert record["settings"]["resolved"]["round_fp16_weights"] is True
     assert record["preset"].startswith("published")
+    _, options = run_spec(key)
+    if "naclip_std" in options:  # the recorded window width is what ran
+        assert record["settings"]["resolved"]["naclip_std"] == options["naclip_std"]
 
 
 def test_python_m_tag2mask_segment(name_file, image_folder, tiny_clip_path, tmp_path):
@@ -308,3 +329,21 @@ def test_python_m_tag2mask_segment(name_file, image_folder, tiny_clip_path, tmp_
     proc = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-2000:]
     _check_outputs(key, out, with_pamr=False)
+
+
+def test_naclip_window_and_pamr_flags(name_file, image_folder, tiny_clip_path, tmp_path, monkeypatch, capsys):
+    """--naclip-std / --pamr-steps / --pamr-dilations reach the run; where they do not apply they are errors."""
+    from tag2mask.cli.main import main
+
+    monkeypatch.setenv("TAG2MASK_CACHE", str(tmp_path / "cache"))
+    base = ["segment", str(image_folder), "--classes", str(name_file), "--first-line", "background",
+            "--weights", str(tiny_clip_path), "--device", "cpu", "--quiet", "--short-side", "64", "--mode", "whole"]
+    out = tmp_path / "narrow"
+    assert main(base + ["--method", "naclip", "--naclip-std", "2.5", "--pamr", "--pamr-steps", "3",
+                        "--pamr-dilations", "8,16", "--out", str(out)]) == 0
+    resolved = json.loads((out / "run.json").read_text())["settings"]["resolved"]
+    assert (resolved["naclip_std"], resolved["pamr_steps"], list(resolved["pamr_dilations"])) == (2.5, 3, [8, 16])
+    assert main(base + ["--method", "sclip", "--naclip-std", "2.5", "--out", str(tmp_path / "bad1")]) != 0
+    assert "--naclip-std" in capsys.readouterr().err
+    assert main(base + ["--method", "naclip", "--no-pamr", "--pamr-steps", "3", "--out", str(tmp_path / "bad2")]) != 0
+    assert "--pamr-steps" in capsys.readouterr().err

@@ -12,7 +12,8 @@ from PIL import Image
 
 from tag2mask.cli import segment_cmd
 from tag2mask.clip.loading import load_clip
-from tag2mask.methods.ovss import LAST_BLOCKS, OpenVocabSegmenter
+from tag2mask.methods.ovss.last_block import LAST_BLOCKS
+from tag2mask.methods.ovss.segmenter import OpenVocabSegmenter
 from tag2mask.methods.ovss.presets import DATASET_SETTINGS, DATASETS, OvssPreset, get_preset
 from tag2mask.methods.ovss.windows import centre_padding, window_boxes
 

@@ -203,7 +203,7 @@ def test_gradients_flow_to_the_masks():
 
 def test_label_refiner_pamr_masks_match_the_reference():
     """What ``tag2mask label --refine pamr`` writes: the masks of the reference PAMR."""
-    from tag2mask.methods.pseudo_labels import LabelRefiner
+    from tag2mask.methods.clip_es.label_maps import LabelRefiner
 
     rng = np.random.default_rng(0)
     rgb = np.repeat(np.repeat(rng.integers(0, 255, (12, 16, 3), dtype=np.uint8), 8, 0), 8, 1)

@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from tag2mask.methods.prompt_selection import clip_preprocess, rank_templates, sharpness
+from tag2mask.methods.clip_es.prompt_selection import clip_preprocess, rank_templates, sharpness
 
 TEMPLATES = ("a photo of a {}.", "a clean origami {}.", "art of the {}.")
 
@@ -60,6 +60,26 @@ def test_rank_templates_matches_a_direct_computation(scenes):
             assert got.mean_label_prob == pytest.approx(float(np.mean(np.concatenate(
                 [probs[i, ids] for i, ids in enumerate(labels)]))), rel=1e-5)
     assert len({round(r.sharpness, 9) for r in ranking}) == len(TEMPLATES)  # the templates are told apart
+
+
+def test_rank_templates_encodes_each_image_once(scenes, monkeypatch):
+    """Image features do not depend on the template: N images are encoded N times in all, not N x templates."""
+    from tag2mask.clip import load_clip, tiny_clip_path
+    from tag2mask.vocab.vocabulary import get_vocabulary
+
+    images, labels = scenes
+    model = load_clip(tiny_clip_path())
+    encoded: list[int] = []
+    original = model.encode_image
+
+    def counting(x, *a, **k):
+        encoded.append(int(x.shape[0]))
+        return original(x, *a, **k)
+
+    monkeypatch.setattr(model, "encode_image", counting)
+    ranking = rank_templates(model, images, labels, get_vocabulary("synth"), TEMPLATES, batch_size=2)
+    assert len(ranking) == len(TEMPLATES) > 1
+    assert sum(encoded) == len(images)
 
 
 def test_clip_preprocess_centre_crops_the_short_side():

@@ -66,3 +66,22 @@ def test_readme_real_weights_flow_gives_official_numbers(case):
         assert err <= tol["cam_lowres_end_to_end"][k], (k, err)
         high = np.abs(result.cams[k].astype(np.float32) - case.arrays["attn_highres"][k].astype(np.float32)).max()
         assert high <= tol["attn_highres_end_to_end"][k]
+
+
+def test_readme_folder_api_example_runs_as_written(monkeypatch, tmp_path):
+    """README's `tag2mask.label_folder` / `segment_folder` example: both folders written, nothing failed."""
+    monkeypatch.setenv("TAG2MASK_CACHE", str(tmp_path / "cache"))
+    blocks = re.findall(r"```python\n(.*?)```", README.read_text(encoding="utf-8"), flags=re.S)
+    examples = [b for b in blocks if "label_folder(" in b]
+    assert len(examples) == 1, "README.md should hold exactly one folder-API example"
+    namespace: dict = {}
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        exec(compile(examples[0], str(README), "exec"), namespace)  # noqa: S102 - our own README
+    seeds, masks, work = namespace["seeds"], namespace["masks"], namespace["work"]
+    photos = sorted(p.stem for p in (work / "world" / "JPEGImages").iterdir())
+    assert seeds.exit_code == 0 and seeds.failed == {} and len(seeds.done) == len(photos) > 0
+    assert masks.exit_code == 0 and masks.failed == {} and len(masks.done) == len(photos)
+    assert sorted(p.stem for p in (seeds.out / "masks").glob("*.png")) == photos
+    assert sorted(p.stem for p in (masks.out / "masks").glob("*.png")) == photos
+    assert out.getvalue().split()[0] == str(len(photos))

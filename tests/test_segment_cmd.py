@@ -169,7 +169,7 @@ def test_missing_input_and_missing_default_weights(parser, tmp_path, monkeypatch
     with pytest.raises(FileNotFoundError, match="no such image or folder"):
         segment_cmd.run(args)
     images = _write_images(tmp_path / "in", sizes=((32, 32),))
-    monkeypatch.setattr("tag2mask.cli.common.shipped_weights_path", lambda: tmp_path / "absent.safetensors")
+    monkeypatch.setattr("tag2mask.cmdline.options.shipped_weights_path", lambda: tmp_path / "absent.safetensors")
     args = _args(parser, str(images), "--classes", "cat", "--out", str(tmp_path / "out"))
     with pytest.raises(FileNotFoundError, match="--weights"):
         segment_cmd.run(args)

@@ -12,8 +12,8 @@ import json
 import pytest
 
 from _seg_double import make_dataset
-from tag2mask.training.logs import read_log
-from tag2mask.training.segmenter_task import SEGMENTER_PRESETS
+from tag2mask.engine.logs import read_log
+from tag2mask.methods.fma.recipe import SEGMENTER_RECIPES as SEGMENTER_PRESETS
 
 pytest.importorskip("transformers")
 
@@ -22,7 +22,7 @@ TINY_M2F = ["backbone=tiny-swin", "num_queries=5", "hidden_dim=32", "decoder_lay
 
 def test_fma_preset_trains_mask2former_with_its_recipe_and_stops_at_the_reported_iteration(tmp_path, capsys):
     from tag2mask.cli.main import main
-    from tag2mask.training.engine import read_run_checkpoint
+    from tag2mask.runs.layout import read_run_checkpoint
 
     data = make_dataset(tmp_path / "data", n=4, size=(40, 48))
     out = tmp_path / "run"

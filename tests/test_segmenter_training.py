@@ -1,4 +1,4 @@
-"""Segmenter training on the engine (tag2mask.training.segmenter_task), with a one-convolution test double.
+"""Segmenter training on the engine (tag2mask.segmenter.task), with a one-convolution test double.
 
 The networks themselves are tag2mask.models' (tested there); here: pseudo-label folders, the
 augmentation, ignore=255, the teacher / self-training hooks, exact resume, torchrun, the end-of-run
@@ -20,9 +20,11 @@ import torch
 from _seg_double import CLASSES, OneConv, factory, make_dataset, segmenter_config
 from tag2mask.data.seg_augment import SegAugment
 from tag2mask.data.segmentation import open_segmentation_data
-from tag2mask.training.engine import RunOptions, read_run_checkpoint, train
-from tag2mask.training.logs import read_log
-from tag2mask.training.segmenter_task import UNLABELED, SegmenterTask, fill_unlabeled, segmenter_preset
+from tag2mask.engine.loop import RunOptions, train
+from tag2mask.runs.layout import read_run_checkpoint
+from tag2mask.engine.logs import read_log
+from tag2mask.methods.registry import segmenter_preset
+from tag2mask.segmenter.task import UNLABELED, SegmenterTask, fill_unlabeled
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -186,7 +188,7 @@ def test_lr_schedules_of_the_presets():
     fs = segmenter_preset("weclip-fs", classes=CLASSES)
     task = SegmenterTask(fs, None, model_factory=factory())
     task._optimizer = torch.optim.AdamW([{"params": params, "lr": 2e-3, "initial_lr": 2e-3}], lr=2e-3)
-    from tag2mask.training.schedule import poly_warmup_multiplier
+    from tag2mask.engine.schedules.poly import poly_warmup_multiplier
 
     for t in (0, 49, 50, 29999):  # WeCLIP's rule (fixture-tested in test_weclip_schedule.py)
         assert task.lr_multiplier(t)[0] == poly_warmup_multiplier(t, max_iters=30000, warmup_iters=50, power=1.0)

@@ -119,7 +119,7 @@ def test_random_init_models_are_never_cached(tmp_path):
 def test_matches_official_clip_es_text_features(tmp_path, golden):
     """Every golden set's fg/bg text features (first image's arrays; identical in every image's file)."""
     from tag2mask.clip.loading import load_clip
-    from tag2mask.methods.clip_es import PRESETS
+    from tag2mask.methods.clip_es.pipeline import PRESETS
 
     # The official loader rounds weights to fp16 (see tests/data/clip_es/README.md).
     model = load_clip(TINY_CLIP_PATH, round_fp16_weights=True)

@@ -142,3 +142,13 @@ def test_vocabulary_validation():
     v = Vocabulary.from_names([["car", "automobile"], "bus"], background=["road"])
     assert v.names == ("car", "bus") and hash(v) == hash(Vocabulary.from_names([["car", "automobile"], "bus"], ["road"]))
     assert v.with_background([]).background == ()
+
+
+def test_inline_background_without_semicolon():
+    """`curl -F "classes=a; background: b"` drops what follows ';': the ',' form says the same."""
+    from tag2mask.vocab.vocabulary import parse_class_string
+
+    for text in ("cat, dog|puppy, background: sky, grass", "cat, dog|puppy; background: sky, grass"):
+        v = parse_class_string(text)
+        assert v.names == ("cat", "dog") and v.synonyms[1] == ("dog", "puppy")
+        assert v.background == ("sky", "grass")

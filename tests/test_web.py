@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tag2mask.cli.common import shipped_weights_path
+from tag2mask.cmdline.options import shipped_weights_path
 
 SYNTH_CLASSES = "star, ring, cross, heart; background: grass, water, sky"
 
@@ -409,3 +409,23 @@ def test_full_queue_gets_503(model):
     finally:
         hog.close()
         srv.close()
+
+
+def test_first_page_shows_a_sample_scene(server_url):
+    """`serve` opens on a segmented sample scene, said to be one, not on a bare form."""
+    from tag2mask.web.page import FormState
+
+    with urllib.request.urlopen(server_url + "/", timeout=60) as resp:
+        page = resp.read()
+    assert resp.status == 200 and b"id='sample-note'" in page
+    assert f"<canvas id='overlay-{FormState().method}'".encode() in page and b"download='sample_" in page
+
+
+def test_background_words_without_semicolon(server_url):
+    """What `curl -F "classes=star, ring, background: grass"` sends: the same three labels as with ';'."""
+    png, _ = _scene_png()
+    for classes in ("star, ring, background: grass", "star, ring; background: grass"):
+        status, body, _ = _post(server_url + "/api/segment", {"image": png, "classes": classes, "method": "sclip",
+                                                              "mode": "whole"})
+        assert status == 200
+        assert json.loads(body)["class_names"] == ["background", "star", "ring"]

@@ -181,7 +181,7 @@ def browser(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def web_url(tmp_path_factory):
-    from tag2mask.cli.common import shipped_weights_path
+    from tag2mask.cmdline.options import shipped_weights_path
     from tag2mask.clip.loading import load_clip
     from tag2mask.web.server import make_server
 

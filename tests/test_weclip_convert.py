@@ -54,7 +54,7 @@ def _build_official_pth(path: Path, tiny_clip_path: Path) -> dict[str, np.ndarra
 
 def test_convert_official_weclip_checkpoint(tmp_path, tiny_clip_path):
     from tag2mask.io.palette import read_label_png
-    from tag2mask.methods.weclip.decoder import WeCLIPDecoder, load_official_decoder_state
+    from tag2mask.models.weclip_decoder import WeCLIPDecoder, load_official_decoder_state
     from tag2mask.methods.weclip.inference import WeCLIPSegmenter
 
     official = tmp_path / "WeCLIP_model_iter_30000.pth"
@@ -140,8 +140,8 @@ def _legacy_checkpoint(path: Path, decoder: dict[str, torch.Tensor]) -> dict:
 
 def test_older_pickled_checkpoints_get_a_resave_message_and_a_safe_converter(tmp_path, capsys):
     from tag2mask.jobs.checkpoint import UnsafeCheckpointError, load_checkpoint
-    from tag2mask.training.engine import read_run_checkpoint
-    from tag2mask.training.state import restore_rng_state
+    from tag2mask.runs.layout import read_run_checkpoint
+    from tag2mask.runs.rng_state import restore_rng_state
 
     old_run = tmp_path / "old"
     old_run.mkdir()
@@ -170,3 +170,24 @@ def test_older_pickled_checkpoints_get_a_resave_message_and_a_safe_converter(tmp
     restore_rng_state(ckpt["rng"][0])
     assert (random.random(), float(np.random.rand()), float(torch.rand(1))) == want
     assert json.loads((new_run / "config.json").read_text())["task"] == "weclip"
+
+
+def test_a_failed_convert_leaves_nothing_that_blocks_the_retry(tmp_path, tiny_clip_path, capsys):
+    """The decoder check fails after the CLIP was written: no run folder, no staging folder is left."""
+    official = tmp_path / "WeCLIP_model_iter_30000.pth"
+    _build_official_pth(official, tiny_clip_path)
+    state = torch.load(official, weights_only=True)
+    broken = tmp_path / "broken_iter_30000.pth"
+    decoder_keys = [k for k in state if k.startswith("decoder.") and state[k].ndim >= 1]
+    state[decoder_keys[-1]] = torch.zeros(*[n + 1 for n in state[decoder_keys[-1]].shape])
+    torch.save(state, broken)
+    run = tmp_path / "out" / "run"
+    assert main(["convert", "weclip", str(broken), "--out", str(run)]) == 2
+    assert "does not fit" in capsys.readouterr().err
+    assert not run.exists() and list((tmp_path / "out").iterdir()) == []
+    assert main(["convert", "weclip", str(official), "--out", str(run)]) == 0  # no --overwrite needed
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["run"]
+    assert (run / "clip.safetensors").is_file() and (run / "config.json").is_file()
+    assert main(["convert", "weclip", str(official), "--out", str(run), "--overwrite"]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["run"]
+    assert len(list(run.glob("ckpt_*.pt"))) == 1

@@ -5,8 +5,11 @@ Two comparisons, as the fixture README recommends:
 * **end to end, pure float32** (``compat_numerics=False``): image → CLIP → decoder → GradCAM →
   CAA / RFM → boxes → refined CAMs → PAR → pseudo label, against the ``fp32ref_*`` arrays (the
   official code with its fp16 casts disabled), tight tolerances;
-* **end to end, official numerics** (``compat_numerics=True``): against the stored fp16-weight
-  reference with the loose tolerances of the README;
+* **end to end, official numerics** (``compat_numerics=True``: the CLIP computes in fp16 where the
+  official GPU run does): against the stored reference. Where the fp16 compute brings us closer than
+  any float32 run can get (text features, GradCAM probabilities, CLIP block outputs),
+  the test uses a bound between the two and asserts that plain float32 *fails* it, so the mode has
+  teeth; elsewhere the README's loose rows (see ``_LOOSE_REASON``);
 * **stage-wise** from the stored official intermediates through the model's own stage functions.
 
 Everything is read from the arrays / ``index.json`` (number of images, label ids, shapes), so the
@@ -23,13 +26,12 @@ import pytest
 import torch
 
 from tag2mask.clip.loading import load_clip
-from tag2mask.methods.weclip.decoder import load_official_decoder_state
+from tag2mask.models.weclip_decoder import load_official_decoder_state
 from tag2mask.localization.cam_pipeline import scale_to_size
 from tag2mask.localization.labels import labels_from_scores, with_background
-from tag2mask.methods.weclip.model import WeCLIP, preset
+from tag2mask.methods.weclip.model import WeCLIP, normalize_rgb, preset
 
 DATA = Path(__file__).parent / "data" / "weclip"
-pytestmark = pytest.mark.skipif(not (DATA / "forward.npz").exists(), reason="WeCLIP fixtures missing")
 BRANCHES = ("caa", "rfm")
 
 
@@ -70,7 +72,8 @@ def _box_masks(boxes: np.ndarray, k: int, h: int, w: int) -> np.ndarray:
 
 
 def _model(tiny_clip_path: Path, compat: bool) -> WeCLIP:
-    clip = load_clip(tiny_clip_path, round_fp16_weights=compat)
+    # a plain float32 CLIP: WeCLIP applies its numerics itself (fp16 compute with compat)
+    clip = load_clip(tiny_clip_path)
     model = WeCLIP(clip, preset("voc", compat_numerics=compat), text_cache_dir=False)
     model.decoder.load_state_dict(load_official_decoder_state(_load("decoder_state.npz")))
     return model.eval()  # the fixture was made in eval mode (Dropout2d off)
@@ -146,7 +149,76 @@ def test_branches_differ(fp32_run: dict) -> None:
 
 
 # ----------------------------------------------------------------------------------------------
-# official numerics, against the stored fp16-weight reference (loose, README §4)
+# official numerics, against the stored fp16 reference
+
+#: Bounds between what the fp16 compute reaches and what float32 reaches (measured on the public set,
+#: CPU, 1 thread: fp16 compute / float32): text features 0 / 7.4e-4, GradCAM probabilities
+#: 9.8e-4 / 7.4e-3, CLIP block outputs bit-identical to the fp16 reference in 37 % / 0.002 % of the
+#: values. Pseudo-label agreement does not separate them (99.957 % / 99.933 % CAA, 99.983 % / 99.977 %
+#: RFM): it keeps the README's 98 %.
+TEXT_TOL = 2.5e-4  # one fp16 ulp for |x| in [0.125, 0.25); the features are unit vectors of width 64
+PROBS_TOL = 2.5e-3
+LABEL_AGREEMENT = 0.98
+IDENTICAL_FEATURES = 0.10
+
+#: Why the other compat rows stay at the README's loose (pure float32) tolerances: the official run
+#: executed its fp16 patch-embedding convolution on a CPU whose kernel sums in another order than
+#: ours; for 59 % of the patches that flips one fp16 ulp of conv1's output, and the peaked attention
+#: of the tiny CLIP amplifies those flips through 11 blocks (block outputs up to 2.0e-2 apart, the
+#: float32 run 2.2e-2). Decoder outputs, affinities and CAMs inherit that (measured fp16 compute vs
+#: float32: seg_logits 1.2e-3 / 1.3e-3, affinities 2.2e-3 / 2.5e-3, refined CAMs 1.1e-3 / 5.7e-4).
+_LOOSE_REASON = "fp16 conv1 kernel order of the fixture machine (see above)"
+
+
+def _text_error(model: WeCLIP, fx: dict) -> float:
+    fg = np.abs(model.fg_text.numpy() - fx["fg_text_features"].astype(np.float32)).max()
+    bg = np.abs(model.bg_text.numpy() - fx["bg_text_features"].astype(np.float32)).max()
+    return float(max(fg, bg))
+
+
+def test_compat_text_features(fx: dict, tiny_clip_path: Path) -> None:
+    """Prompt embeddings (VOC names with synonyms + background words) = the official fp16 ones; float32 fails."""
+    compat, plain = _model(tiny_clip_path, compat=True), _model(tiny_clip_path, compat=False)
+    assert compat.fg_text.shape == fx["fg_text_features"].shape and compat.bg_text.shape == fx["bg_text_features"].shape
+    assert _text_error(compat, fx) <= TEXT_TOL
+    assert _text_error(plain, fx) > TEXT_TOL
+
+
+def test_image_rgb_u8_normalises_to_the_input(fx: dict) -> None:
+    """RGB uint8 crops → ImageNet-normalised network input, exactly as the official dataset code."""
+    x = normalize_rgb(fx["image_rgb_u8"], "imagenet")
+    assert x.dtype == torch.float32
+    np.testing.assert_array_equal(x.numpy(), fx["image"])
+
+
+def _feature_agreement(model: WeCLIP, fx: dict) -> float:
+    vis = model.clip.visual
+    with torch.no_grad(), model.numerics:
+        inter = vis.forward_intermediates(torch.from_numpy(fx["image"]), vis.num_blocks - 1)
+    got = torch.stack([t[0] for t in inter.tokens]).float().numpy()  # image 0, CLS included
+    return float((got == fx["img0_clip_feats"].astype(np.float32)).mean())
+
+
+def test_compat_clip_features_follow_the_fp16_reference(fx: dict, tiny_clip_path: Path) -> None:
+    """fp16 compute reproduces many block outputs bit for bit; a float32 CLIP almost none."""
+    assert _feature_agreement(_model(tiny_clip_path, compat=True), fx) >= IDENTICAL_FEATURES
+    assert _feature_agreement(_model(tiny_clip_path, compat=False), fx) < 0.1 * IDENTICAL_FEATURES
+
+
+def _probs_error(run: dict, fx: dict) -> float:
+    return max(float(np.abs(d["probs"].numpy() - fx[f"img{i}_probs"]).max())
+               for b in BRANCHES for i, d in enumerate(run[f"{b}_details"]))
+
+
+def _agreement(run: dict, fx: dict) -> float:
+    return min(float((run[f"{b}_pseudo_label"] == fx[f"{b}_pseudo_label"]).mean()) for b in BRANCHES)
+
+
+def test_compat_probs_tight_and_labels(fx: dict, compat_run: dict, fp32_run: dict) -> None:
+    """GradCAM probabilities: fp16 compute within the tight bound, float32 outside; labels (loose)."""
+    assert _probs_error(compat_run, fx) <= PROBS_TOL
+    assert _probs_error(fp32_run, fx) > PROBS_TOL
+    assert _agreement(compat_run, fx) >= LABEL_AGREEMENT
 
 
 def test_compat_decoder(fx: dict, compat_run: dict) -> None:
@@ -156,15 +228,17 @@ def test_compat_decoder(fx: dict, compat_run: dict) -> None:
 
 @pytest.mark.parametrize("branch", BRANCHES)
 def test_compat_pipeline(fx: dict, compat_run: dict, branch: str) -> None:
+    """Loose rows of the README (reason: ``_LOOSE_REASON``), including the crop-size maps end to end."""
     for i, d in enumerate(compat_run[f"{branch}_details"]):
-        np.testing.assert_allclose(d["probs"].numpy(), fx[f"img{i}_probs"], rtol=0, atol=2e-2)
         np.testing.assert_allclose(d["gradcam"].numpy(), fx[f"img{i}_gradcam"], rtol=0, atol=1e-1)
         np.testing.assert_allclose(d["affinity"].numpy(), fx[f"{branch}_img{i}_affinity"], rtol=0, atol=1e-2)
         np.testing.assert_allclose(d["refined_lowres"].numpy(), fx[f"{branch}_img{i}_refined_lowres"], rtol=0, atol=5e-2)
         if branch == "rfm":
             np.testing.assert_array_equal(d["keep"].numpy().astype(np.uint8), fx[f"rfm_img{i}_keep"])
-    agreement = float((compat_run[f"{branch}_pseudo_label"] == fx[f"{branch}_pseudo_label"]).mean())
-    assert agreement >= 0.98, agreement
+    for i in _detail_images(fx, branch):
+        d = compat_run[f"{branch}_details"][i]
+        np.testing.assert_allclose(d["cams_before_par"].numpy(), fx[f"{branch}_img{i}_cams_before_par"], rtol=0, atol=2e-1)
+        np.testing.assert_allclose(d["cams_after_par"].numpy(), fx[f"{branch}_img{i}_cams_after_par"], rtol=0, atol=2e-1)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -228,3 +302,34 @@ def test_decoder_stage_from_official_features(fx: dict, tiny_clip_path: Path) ->
     out = model.decoder(x)
     np.testing.assert_allclose(out.seg_logits[0].detach().numpy(), fx["seg_logits"][0], rtol=0, atol=2e-3)
     np.testing.assert_allclose(out.affinity[0].detach().numpy(), fx["attn_pred"][0], rtol=0, atol=1e-5)
+
+
+STAGE_PROBS_TOL = 1e-3  # measured from the stored block outputs: fp16 compute 2.4e-4 (1 fp16 ulp), float32 4.0e-3
+
+
+def _feature_images(fx: dict) -> list[int]:
+    return sorted(int(k[3:].split("_")[0]) for k in fx if k.startswith("img") and k.endswith("_clip_feats"))
+
+
+@pytest.mark.parametrize("compat", [True, False])
+def test_gradcam_stage_from_official_block_outputs(fx: dict, tiny_clip_path: Path, compat: bool) -> None:
+    """Stored block-11 output + text features → last block → probabilities and GradCAM.
+
+    With WeCLIP's numerics (fp16 last block, official fp16 GradCAM arithmetic) the probabilities are
+    within ``STAGE_PROBS_TOL``; a float32 last block is not. The maps keep the README's GradCAM row
+    (1e-1; measured 1.8e-3 / 2.1e-3).
+    """
+    from tag2mask.localization.gradcam import softmax_gradcam
+
+    model = _model(tiny_clip_path, compat=compat)
+    images = _feature_images(fx)
+    assert images, "fixture has no CLIP-feature image"
+    for i in images:
+        text, targets = model._text_rows(fx[f"img{i}_keys"].tolist())
+        last = torch.from_numpy(fx[f"img{i}_clip_feats"][-1])[None]  # (1, L, C), the fp16 block-11 output
+        with model.numerics:
+            gc = softmax_gradcam(model.clip.visual, last if compat else last.float(), tuple(fx["seg_logits"].shape[-2:]),
+                                 text, targets, model.logit_scale, fp16_arithmetic=compat)
+        err = float(np.abs(gc.probs.float().numpy() - fx[f"img{i}_probs"]).max())
+        assert (err <= STAGE_PROBS_TOL) == compat, err
+        np.testing.assert_allclose(gc.cams.float().numpy(), fx[f"img{i}_gradcam"], rtol=0, atol=1e-1)

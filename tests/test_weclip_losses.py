@@ -18,7 +18,6 @@ from tag2mask.methods.weclip.losses import (
 )
 
 FIXTURE = Path(__file__).parent / "data" / "weclip" / "aff_loss.npz"
-pytestmark = pytest.mark.skipif(not FIXTURE.exists(), reason="WeCLIP fixtures missing")
 LOSS_TOL = 1e-5  # README §4: fp32 vs float64 <= 5.4e-7
 
 

@@ -45,7 +45,7 @@ def test_label_source_switch(tmp_path: Path):
 
 def test_miou_rules_differ_and_presets_pick_their_papers():
     from tag2mask.evaluation.miou import ConfusionMatrix
-    from tag2mask.methods.clip_es import PRESETS
+    from tag2mask.methods.clip_es.pipeline import PRESETS
 
     cm = ConfusionMatrix(4)
     gt = np.array([[0, 0, 1, 1]], np.uint8)

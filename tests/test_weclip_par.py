@@ -11,7 +11,6 @@ import torch
 from tag2mask.refinement.par import PAR, neighbour_offsets, par_refine
 
 FIXTURE = Path(__file__).parent / "data" / "weclip" / "par.npz"
-pytestmark = pytest.mark.skipif(not FIXTURE.exists(), reason="WeCLIP fixtures missing")
 OUT_TOL = 1e-4  # README §4: fp32 official vs float64 <= 1.2e-5
 
 

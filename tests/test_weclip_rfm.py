@@ -21,7 +21,6 @@ from tag2mask.methods.weclip.rfm import (
 )
 
 DATA = Path(__file__).parent / "data" / "weclip"
-pytestmark = pytest.mark.skipif(not (DATA / "rfm.npz").exists(), reason="WeCLIP fixtures missing")
 MAT_TOL = 1e-6  # trans_out, affinities, transition matrices, refined_lowres (rfm.npz)
 HIGHRES_TOL = 1e-4
 STAGE_TOL = 1e-5  # forward.npz stage-wise: gradcam + affinity -> refined_lowres

@@ -9,11 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from tag2mask.training.schedule import PolyWarmupAdamW, PolyWarmupSchedule, poly_warmup_multiplier
+from tag2mask.engine.schedules.poly import PolyWarmupAdamW, PolyWarmupSchedule, poly_warmup_multiplier
 
 DATA = Path(__file__).parent / "data" / "weclip"
 FIXTURE = DATA / "lr_schedule.npz"
-pytestmark = pytest.mark.skipif(not FIXTURE.exists(), reason="WeCLIP fixtures missing")
 
 
 def _conditions() -> dict:

@@ -17,7 +17,7 @@ import torch
 
 from tag2mask.methods.weclip.data import PositionSampler, WeCLIPTrainSet, augment_crop, open_images
 from tag2mask.methods.weclip.model import WeCLIPConfig, preset
-from tag2mask.training.weclip_trainer import TrainOptions, load_training_checkpoint, train_weclip
+from tag2mask.methods.weclip.train_task import TrainOptions, load_training_checkpoint, train_weclip
 
 
 def _config(**kw) -> WeCLIPConfig:

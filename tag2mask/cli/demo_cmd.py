@@ -6,9 +6,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from tag2mask.cli.common import add_device_option, add_weights_options, record_given_options
+from tag2mask.cmdline.options import add_device_option, add_weights_options, record_given_options
+from tag2mask.methods import registry
 
-DEFAULT_METHODS = ("gradcam", "clip-es", "clip-es+pamr", "clip-es+crf", "maskclip", "sclip", "clearclip", "naclip")
+#: every training-free method of the registry (CLIP-ES with its variants, the open-vocabulary methods)
+DEFAULT_METHODS = registry.demo_methods()
 
 
 def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
@@ -43,8 +45,8 @@ def run(args: argparse.Namespace) -> int:
     import numpy as np
     from tqdm import tqdm
 
-    from tag2mask.cli.common import load_model_from_args
-    from tag2mask.demo import evaluate_methods, results_table, write_results_json
+    from tag2mask.cmdline.options import load_model_from_args
+    from tag2mask.cli.demo_scenes import evaluate_methods, results_table, write_results_json
     from tag2mask.io.palette import save_label_png
     from tag2mask.io.visualize import save_overlay
     from tag2mask.synth.world import OBJECT_NAMES
@@ -74,13 +76,14 @@ def run(args: argparse.Namespace) -> int:
         stem = f"scene_{i:03d}"
         rgb = np.asarray(image)
         image.save(out / "images" / f"{stem}.png")
-        save_overlay(out / "overlays" / "ground_truth" / f"{stem}.png", rgb, gt, names, legend=False)
+        # overlay and flat mask side by side: a blend over coloured shapes alone looks like the input
+        save_overlay(out / "overlays" / "ground_truth" / f"{stem}.png", rgb, gt, names, beside_mask=True)
         scene = {"name": stem, "tags": list(tags), "image": f"images/{stem}.png",
                  "ground_truth": f"overlays/ground_truth/{stem}.png", "overlays": {}}
         for method, pred in outputs.items():
             save_label_png(out / "masks" / method / f"{stem}.png", pred)
             rel = f"overlays/{method}/{stem}.png"
-            save_overlay(out / rel, rgb, pred, names, legend=False)
+            save_overlay(out / rel, rgb, pred, names, beside_mask=True)
             scene["overlays"][method] = rel
         scenes.append(scene)
 
@@ -104,7 +107,7 @@ def run(args: argparse.Namespace) -> int:
 def write_demo_page(out: Path, scenes: list[dict], scores, model, args: argparse.Namespace) -> Path:
     """``out/index.html``: what each method is and how it scored, then one row of overlays per scene."""
     from tag2mask.clip.shipped import TINY_CLIP_NOTE, is_shipped_tiny_clip
-    from tag2mask.demo import METHOD_INFO
+    from tag2mask.cli.demo_scenes import METHOD_INFO
     from tag2mask.io.html_report import GridCell, GridRow, Table, format_percent, write_report
     from tag2mask.io.visualize import legend_entries
     from tag2mask.synth.world import OBJECT_NAMES
@@ -118,7 +121,9 @@ def write_demo_page(out: Path, scenes: list[dict], scores, model, args: argparse
     notes.append(f"Each method segments {n} synthetic scenes with exact ground truth. The CLIP-ES family is told "
                  "each scene's tags (image-level labels); the open-vocabulary methods are told only the "
                  f"{len(OBJECT_NAMES)} class names and must find which are present. mIoU is computed over all "
-                 "scenes at once (background included); the number under each overlay is that scene's mIoU.")
+                 "scenes at once (background included); the number under each overlay is that scene's mIoU. "
+                 "Each cell shows the overlay (left) and the flat mask (right). ms / image excludes a warm-up "
+                 "pass of every method on the first scene.")
     rows = []
     for m, s in scores.items():
         what, told = METHOD_INFO.get(m, ("", ""))

@@ -14,6 +14,7 @@ mIoU rule (--miou-rule): gt_or_pred averages over the classes present in the gro
 prediction (CLIP-ES's evaluation), gt over the classes present in the ground truth (WeCLIP's).
 auto (default) takes the rule of the method that wrote PRED (its run.json), else gt_or_pred.
 Every report states the rule it used.
+A predicted 255 (label --refine crf: "not confident") is not scored; the report counts them.
 """
 
 from __future__ import annotations
@@ -24,75 +25,19 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterable, Iterator, Sequence
 
-from tag2mask.cli.common import given, plain_text, record_given_options, reject_options
+from tag2mask.cmdline.options import given, plain_text, record_given_options, reject_options
+from tag2mask.cmdline.classes import resolve_classes, zero_shot_split as _zero_shot_split
 from tag2mask.evaluation.rules import DEFAULT_MIOU_RULE, MIOU_RULES
-from tag2mask.vocab import classes as _vocab_classes
+from tag2mask.evaluation.tables import format_table, pct as _pct
 from tag2mask.io.atomic import atomic_write_text
 
 if TYPE_CHECKING:  # NumPy and the metric code load with the command, not with ``tag2mask --help``
     import numpy as np
 
-__all__ = ["add_parser", "run", "resolve_classes", "evaluate_label_folder", "evaluate_cam_folder"]
+__all__ = ["add_parser", "run", "evaluate_label_folder", "evaluate_cam_folder"]
 
-VOC_CLASSES = list(_vocab_classes.VOC_CLASSES)
-# CLIP-ES's class_names_coco order and spellings (motorbike, aeroplane, sofa, pottedplant, diningtable,
-# tvmonitor), the names `tag2mask label --classes coco` uses: label k + 1 = COCO_CLASSES[k]
-COCO_CLASSES = list(_vocab_classes.COCO_CLASSES)
-
-
-def resolve_classes(spec: str, num_classes: int | None = None) -> list[str]:
-    """Class names *including background at index 0* for ``voc``, ``coco``, ``synth``, a FILE or an inline list
-    (a zero-shot split name gives its own label order, without a background entry for COCO-Stuff).
-
-    FILE: one class per line; only the first comma-separated name of a line is used (the
-    rest are synonyms); blank lines and ``#`` comments skipped. Background is prepended
-    unless the first name is ``background``. An inline list is read as everywhere else
-    (``"cat, dog|puppy; background: sky"``: display names, background words dropped).
-    ``num_classes`` overrides the count: extra classes are named ``class <k>``; fewer than
-    listed is an error.
-    """
-    path = Path(spec)
-    split = _zero_shot_split(spec)
-    if split is not None:  # a zero-shot split's label order (COCO-Stuff: no background entry)
-        names = list(split.class_names)
-    elif spec.lower() == "voc":
-        names = ["background"] + VOC_CLASSES
-    elif spec.lower() == "coco":
-        names = ["background"] + COCO_CLASSES
-    elif spec.lower() == "synth":
-        from tag2mask.synth.world import OBJECT_NAMES
-
-        names = ["background"] + list(OBJECT_NAMES)
-    elif not path.is_file() and ("," in spec or ";" in spec):
-        from tag2mask.vocab.vocabulary import parse_class_string
-
-        names = ["background"] + list(parse_class_string(spec).names)
-    else:
-        if not path.is_file():
-            raise FileNotFoundError(f"--classes: expected voc, coco, synth, a class file or an inline list "
-                                    f"'cat, dog'; {spec} not found")
-        names = []
-        for line in path.read_text(encoding="utf-8-sig").splitlines():
-            line = line.strip()
-            if line and not line.startswith("#"):
-                names.append(line.split(",")[0].strip())
-        if not names:
-            raise ValueError(f"{path}: no class names found")
-        if names[0].lower() != "background":
-            names = ["background"] + names
-    if num_classes is not None:
-        if num_classes < len(names):
-            raise ValueError(f"--num-classes {num_classes} is smaller than the {len(names)} classes "
-                             f"(background included) of --classes {spec}")
-        names += [f"class {k}" for k in range(len(names), num_classes)]
-    return names
-
-
-def _zero_shot_split(spec: str):
-    """The named zero-shot split ``spec`` (``voc-15-5``, ``synth-9-3`` ...), or ``None``."""
-    from tag2mask.methods.clip_zss.splits import find_split
-
-    return find_split(spec) if "-" in spec and not Path(spec).exists() else None
+#: prediction value that is not scored: the "not confident" pixels of ``label --refine crf``
+PRED_IGNORE = 255
 
 
 def _resolve_unseen(items: Sequence[str], names: Sequence[str]) -> list[int]:
@@ -151,28 +96,35 @@ def evaluate_label_folder(pred_dir: str | Path, gt_dir: str | Path, num_classes:
                           miou_rule: str = DEFAULT_MIOU_RULE) -> dict:
     """Score ``PRED/<stem>.png`` label maps against ``GT/<stem>.png``, streaming (mIoU by ``miou_rule``).
 
+    A predicted 255 (``label --refine crf``: "not confident") is not scored; the count is returned.
+
     Returns:
         ``{"scores": ConfusionMatrix.scores(), "per_image": {stem: mIoU | None},
-        "num_images": n, "gt_values": sorted label values seen in the GT (ignore and 255 excluded)}``.
+        "num_images": n, "gt_values": sorted label values seen in the GT (ignore and 255 excluded),
+        "unscored_pred_pixels": predicted 255 where the GT would score, "pred_pixels": all prediction pixels}``.
     """
     import numpy as np
 
-    from tag2mask.evaluation.miou import ConfusionMatrix
+    from tag2mask.evaluation.miou import ConfusionMatrix, unscore_predicted_ignore
     from tag2mask.io.palette import read_label_png
 
     pairs = _pairs(Path(pred_dir), Path(gt_dir), ".png")
     total = ConfusionMatrix(num_classes, ignore_index)
     per_image: dict[str, float | None] = {}
     gt_values: set[int] = set()
+    unscored = pixels = 0
     for stem, p, g in _progress(pairs, len(pairs), progress, "eval"):
         one = ConfusionMatrix(num_classes, ignore_index)
-        gt = read_label_png(g)
+        gt, pred = read_label_png(g), read_label_png(p)
         gt_values.update(int(v) for v in np.unique(gt) if v not in (ignore_index, 255))
-        one.update(read_label_png(p), gt, name=f"{p} vs {g}")
+        gt, n = unscore_predicted_ignore(pred, gt, num_classes, ignore_index, PRED_IGNORE)
+        unscored += n
+        pixels += int(pred.size)
+        one.update(pred, gt, name=f"{p} vs {g}")
         total.merge(one)
         per_image[stem] = one.scores(miou_rule)["Mean IoU"]
     return {"scores": total.scores(miou_rule), "per_image": per_image, "num_images": len(pairs),
-            "gt_values": sorted(gt_values)}
+            "gt_values": sorted(gt_values), "unscored_pred_pixels": unscored, "pred_pixels": pixels}
 
 
 def evaluate_cam_folder(cam_dir: str | Path, gt_dir: str | Path, num_classes: int,
@@ -203,7 +155,7 @@ def method_miou_rule(pred: str | Path) -> tuple[str, str]:
     Looks for a ``run.json`` in PRED and its two parents (``label`` records ``miou_rule``; a WeCLIP
     ``segment`` run records ``method: weclip``); falls back to :data:`DEFAULT_MIOU_RULE`.
     """
-    from tag2mask.methods.weclip.model import WeCLIPConfig
+    from tag2mask.methods import registry
 
     here = Path(pred).resolve()
     for folder in (here, *list(here.parents)[:2]):
@@ -217,31 +169,14 @@ def method_miou_rule(pred: str | Path) -> tuple[str, str]:
         if not isinstance(data, dict):
             continue
         rule = data.get("miou_rule")
-        if rule is None and data.get("method") == "weclip":
-            rule = WeCLIPConfig.__dataclass_fields__["miou_rule"].default
+        settings = data.get("settings") if isinstance(data.get("settings"), dict) else {}
+        # both forms: a top-level ``method`` and ``settings.method`` (what ``segment --checkpoint`` writes)
+        method = data.get("method") or settings.get("method")
+        if rule is None and isinstance(method, str):  # the method's own rule (registry)
+            rule = registry.miou_rule_of(method)
         if rule in MIOU_RULES:
             return rule, str(record)
     return DEFAULT_MIOU_RULE, "default"
-
-
-def _pct(v: float | None) -> str:
-    return "-" if v is None else f"{100 * v:6.2f}"
-
-
-def format_table(names: Sequence[str], columns: dict[str, dict]) -> str:
-    """Markdown-style table: one row per class + summary rows, one column per setting."""
-    heads = list(columns)
-    width = max(12, *(len(n) for n in names))
-    lines = [f"| {'class':<{width}} | " + " | ".join(f"{h:>7}" for h in heads) + " |",
-             f"|{'-' * (width + 2)}|" + "|".join("-" * 9 for _ in heads) + "|"]
-    for i, n in enumerate(names):
-        vals = [columns[h]["Class IoU"][i] for h in heads]
-        if all(v is None for v in vals):
-            continue  # absent from GT and prediction: excluded, not shown as 0
-        lines.append(f"| {n:<{width}} | " + " | ".join(f"{_pct(v):>7}" for v in vals) + " |")
-    for key, label in (("Mean IoU", "mIoU"), ("Pixel Accuracy", "pixel acc"), ("Mean Accuracy", "mean acc")):
-        lines.append(f"| {label:<{width}} | " + " | ".join(f"{_pct(columns[h][key]):>7}" for h in heads) + " |")
-    return "\n".join(lines)
 
 
 def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -443,6 +378,7 @@ def run(args: argparse.Namespace) -> int:
             report = {"mode": "labels", "num_images": res["num_images"], "class_names": names,
                       "scores": res["scores"], "per_image_miou": res["per_image"]}
             gt_values = res["gt_values"]
+            report.update(unscored_pred_pixels=res["unscored_pred_pixels"], pred_pixels=res["pred_pixels"])
         report.update(miou_rule=rule, miou_rule_description=MIOU_RULES[rule], miou_rule_source=rule_source)
     except (FileNotFoundError, ValueError) as exc:
         print(f"tag2mask eval: error: {exc}", file=sys.stderr)
@@ -452,6 +388,10 @@ def run(args: argparse.Namespace) -> int:
     report["warnings"] = class_list_warnings(args, names, gt_values, run_record) + list(run_record.get("warnings", []))
     note = coverage_note(args.gt, report["num_images"])
     report["notes"] = [note] if note else []
+    if report.get("unscored_pred_pixels"):
+        from tag2mask.evaluation.miou import unscored_note
+
+        report["notes"].append(unscored_note(report["unscored_pred_pixels"], report["pred_pixels"]))
     if args.unseen and _zero_shot_split(args.unseen[0]) is not None and args.ignore_index == 0:
         report["notes"].append(f"{args.unseen[0]}: label 0 (background) is not scored, as in ZegCLIP's protocol")
     for text in report["warnings"]:

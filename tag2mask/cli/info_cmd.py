@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from tag2mask.cli.common import add_weights_options, record_given_options
+from tag2mask.cmdline.options import add_weights_options, record_given_options
 
 
 def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
@@ -22,7 +22,7 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
 
 def run(args: argparse.Namespace) -> int:
     from tag2mask.clip.loading import load_clip
-    from tag2mask.cli.common import check_weights_options
+    from tag2mask.cmdline.options import check_weights_options
     from tag2mask.clip.shipped import SHIPPED_WEIGHTS, TINY_CLIP_NOTE, is_shipped_tiny_clip
 
     check_weights_options(args)

@@ -1,26 +1,25 @@
-"""``tag2mask label``: pseudo-masks for images with image-level labels (CLIP-ES)."""
+"""``tag2mask label``: pseudo-masks for images with image-level labels (CLIP-ES by default).
+
+The options every method shares live here; each ``--method`` (:mod:`tag2mask.methods.registry`,
+``Command("label", NAME, MODULE)``) adds its own options, checks them and runs the job
+(``add_label_options / check_label_options / run_label``).
+"""
 
 from __future__ import annotations
 
 import argparse
-import platform
-from pathlib import Path
 
-from tag2mask.cli.common import (
+from tag2mask.cmdline.options import (
     add_device_option,
     add_overlap_options,
     add_precision_option,
     add_run_options,
     add_weights_options,
     check_overlap_options,
-    check_weights_options,
-    given,
     record_given_options,
-    reject_options,
 )
-from tag2mask.cli.label_fma import ItemsAPI, add_fma_options, check_fma_options, run_fma_label
+from tag2mask.methods import registry
 
-REFINERS = ("crf", "pamr", "none")
 #: default --max-pixels: 1 MP (about 1000x1000). CLIP-ES's attention affinity is quadratic in the
 #: number of 16x16 patches (1 MP = 3,900 tokens -> 61 MB per attention map, 4 MP -> 1 GB), so larger
 #: images would exhaust memory; VOC / COCO images (at most 640x640 = 0.41 MP) are never resized.
@@ -73,22 +72,10 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
         "box threshold and numerics of that setting), a name-set file (one class per line, comma-separated "
         "synonyms), or an inline list 'cat, dog; background: sky, grass' (these use the voc settings) (default: voc)",
     )
-    p.add_argument("--method", default="clip-es", choices=("clip-es", "fma"),
-                   help="clip-es (training-free, default) or fma (FMA-WSSS: learned prompts of --prompts RUN + seeding)")
+    hooks = registry.commands("label")
+    p.add_argument("--method", default="clip-es", choices=registry.label_methods(),
+                   help=" or ".join(f"{c.name} ({c.help})" for _, c in hooks))
     p.add_argument("--out", required=True, help="output folder (masks/, cams/, arrays/, run.json, manifest.jsonl, logs/)")
-    p.add_argument("--refine", default="pamr", choices=REFINERS,
-                   help="post-processing: crf (dense CRF, extra 'crf'), pamr or none (default: pamr)")
-    p.add_argument("--box-threshold", type=float, default=None,
-                   help="CAM box threshold lambda (default: the preset's, 0.4 for voc, 0.7 for coco)")
-    p.add_argument("--bg-power", type=float, default=1.0,
-                   help="with --refine pamr or none: background score (1 - max CAM)^p (default: 1)")
-    p.add_argument("--confidence", type=float, default=0.95, help="with --refine crf: pixels with max probability below this become 255 (default 0.95; 0 disables)")
-    p.add_argument("--template", default=None, help="prompt template with one {} (default: the preset's, 'a clean origami {}.' "
-                   "for voc/coco); tag2mask prompts select ranks candidates on your images")
-    p.add_argument("--scales", type=float, nargs="+", default=[1.0], help="test-time scales averaged (default: 1.0, as the official code)")
-    p.add_argument("--flip", action="store_true", help="also average horizontally flipped views")
-    p.add_argument("--no-compat", dest="compat", action="store_false", help="plain float32 numerics (no fp16 rounding of "
-                   "weights and positional embeddings) and no CRF image quirk; default: the official ones")
     p.add_argument("--save-arrays", action="store_true", help="also save every intermediate array (arrays/<stem>.npz), as in the golden fixtures")
     p.add_argument(
         "--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
@@ -111,216 +98,27 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     add_precision_option(p)
     add_run_options(p)
     add_overlap_options(p, "decode images and refine / write masks")
-    add_fma_options(p)
+    for _, command in hooks:  # each method's own options (errors with the other methods)
+        _label_hook(command.name).add_label_options(p)
     p.set_defaults(func=run)
     record_given_options(p)
     return p
 
 
+def _label_hook(method: str):
+    """The module of ``label --method METHOD`` (``add_label_options / check_label_options / run_label``)."""
+    import importlib
+
+    return importlib.import_module(registry.method_of_command("label", method).module)
+
+
 def check_options(args: argparse.Namespace) -> None:
-    """Options that do not apply to the chosen refinement / input are errors, not silently ignored."""
-    check_fma_options(args)
+    """Options that do not apply to the chosen method / refinement / input are errors, not silently ignored."""
+    for _, command in registry.commands("label"):  # each method checks its own options and rejects the others'
+        _label_hook(command.name).check_label_options(args)
     check_overlap_options(args)
-    if args.method == "fma":
-        return
-    check_weights_options(args)
-    if args.refine != "crf":
-        reject_options(args, ("confidence",), f"with --refine {args.refine} (it masks low-confidence CRF pixels)")
-    else:
-        reject_options(args, ("bg_power",), "with --refine crf (the CRF computes its own background)")
-    if args.labels is not None:
-        reject_options(args, ("split",), "with --labels (the label file lists the images)")
-
-
-#: VOC roots: how many annotations are read up front to tell a wrong --classes from a few bad files
-_XML_SAMPLE = 64
-
-
-def _open_items(args: argparse.Namespace, class_names: list[str]):
-    from tag2mask.data.datasets import COCODataset, FolderDataset, VOCDataset, detect_dataset, xml_object_names
-    from tag2mask.data.labels import read_labels_file
-
-    kind = detect_dataset(args.images)
-    if args.labels is None:
-        if kind == "coco":
-            split = args.split if args.split.endswith(".txt") else f"{args.split}.txt"
-            return COCODataset(args.images, split, class_names)
-        if kind != "voc":
-            raise ValueError(f"{args.images}: not a VOC or COCO root, so --labels is required (JSON or CSV)")
-        dataset = VOCDataset(args.images, split=args.split, class_names=class_names)
-        tags = {}
-        for name in dataset.names[:_XML_SAMPLE]:
-            try:
-                tags[name] = xml_object_names(dataset.root / "Annotations" / f"{name}.xml")
-            except ValueError:
-                continue  # a broken annotation is that item's error record
-        sampled = f" (the first {len(tags)} of {len(dataset)})" if len(dataset) > _XML_SAMPLE else ""
-        _check_vocabulary(args, tags, class_names, f"{dataset.root / 'Annotations'}{sampled}")
-        return dataset
-    image_dir = Path(args.images)
-    if not image_dir.is_dir():
-        raise FileNotFoundError(f"image folder not found: {image_dir}")
-    if kind in ("voc", "coco"):
-        image_dir = image_dir / "JPEGImages" if (image_dir / "JPEGImages").is_dir() else image_dir / "VOC2012" / "JPEGImages"
-    _check_vocabulary(args, read_labels_file(args.labels), class_names, str(args.labels))
-    return FolderDataset(image_dir, args.labels, class_names, strict=False)
-
-
-def _check_vocabulary(args: argparse.Namespace, tags: dict, class_names: list[str], source: str) -> None:
-    """One error up front when the tags are not names of --classes (typically: --classes forgotten).
-
-    With the default --classes any unknown name stops the run; with an explicit --classes only a
-    file where every image has an unknown name does (a few bad entries become per-image errors).
-    """
-    from tag2mask.data.labels import unknown_class_names
-    from tag2mask.synth.export import is_synthetic_export
-
-    unknown = unknown_class_names(tags, class_names)
-    bad_images = {image for images in unknown.values() for image in images}
-    if not unknown or (given(args, "classes") and len(bad_images) < len(tags)):
-        return
-    names = sorted(unknown, key=lambda n: (-len(unknown[n]), n))
-    shown = ", ".join(repr(n) for n in names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
-    if is_synthetic_export(args.images):
-        hint = "pass --classes synth (this is a tag2mask synth export)"
-    else:
-        hint = ("pass --classes with your class list: a name-set file (one class per line), an inline list "
-                "'cat, dog, ...', or voc / coco / synth")
-    which = f"--classes {args.classes}" + ("" if given(args, "classes") else " (the default)")
-    raise ValueError(f"{source}: {len(bad_images)} of {len(tags)} images are tagged with class names that {which} "
-                     f"does not know: {shown}; {hint}")
-
-
-def _item_keys(dataset) -> list[str]:
-    """Item names without building samples (a VOC sample parses its XML; that may fail per item)."""
-    return dataset.names
-
-
-def _describe(dataset, i: int) -> str:
-    """The image file of item ``i`` for messages (its name if the sample cannot be built)."""
-    try:
-        return str(dataset[i].image_path)
-    except Exception:
-        return str(dataset.names[i])
-
-
-def _source(dataset, i: int) -> dict:
-    """Item ``i``'s inputs as they are now: its image file's size and time, and its labels (for --resume)."""
-    from tag2mask.io.manifest import file_state
-
-    sample = dataset[i]
-    return {"image": file_state(sample.image_path), "labels": list(sample.label_ids)}
-
-
-def _settings(args: argparse.Namespace, model) -> dict:
-    keys = ("method", "classes", "refine", "box_threshold", "bg_power", "confidence", "scales", "flip", "compat",
-            "precision", "save_arrays", "max_pixels", "max_pixels_policy")
-    s = {k: getattr(args, k) for k in keys}
-    if args.template is not None:  # recorded only when given, so runs started before the option still resume
-        s["template"] = args.template
-    s["weights"] = model.fingerprint
-    return s
-
-
-#: what the worker processes import once (in the process that forks them), before the first image
-_WORKER_PRELOAD = ("numpy", "PIL.Image", "torch", "tag2mask.cli.label_stages", "tag2mask.methods.pseudo_labels")
 
 
 def run(args: argparse.Namespace) -> int:
-    from tag2mask.cli.common import overlap_settings
-    from tag2mask.jobs.distributed import device_for_rank
-    from tag2mask.jobs.overlap import start_worker_server
-    from tag2mask.runtime import resolve_device
-
     check_options(args)
-    if args.method == "fma":
-        return run_fma_label(args, ItemsAPI(_open_items, _item_keys, _describe, _source))
-    args.device = device_for_rank(args.device)
-    if overlap_settings(args, resolve_device(args.device))[0] > 0:
-        start_worker_server(_WORKER_PRELOAD)  # the workers' imports overlap the model loading below
-    import torch
-
-    import tag2mask
-    from tag2mask.cli.common import load_model_from_args, toy_model_warning
-    from tag2mask.cli.label_stages import ComputeCAMs, FinishMask, LabelSettings, PrepareImage
-    from tag2mask.jobs.overlap import Stages
-    from tag2mask.jobs.runner import JobOptions, print_summary, process_exit_code, run_items
-    from tag2mask.clip.numerics import NUMERICS
-    from tag2mask.methods.clip_es import PRESETS, ClipES, preset_for
-    from tag2mask.methods.pseudo_labels import LabelRefiner
-    from tag2mask.vocab.vocabulary import load_vocabulary
-
-    out = Path(args.out)
-    if args.limit is not None and args.limit < 0:
-        raise ValueError(f"--limit must be >= 0, got {args.limit}")
-    vocab = load_vocabulary(args.classes)
-    # a preset name selects the whole official setting (vocabulary, threshold, numerics); files use voc's
-    preset = args.classes.strip().lower() if args.classes.strip().lower() in PRESETS else "voc"
-    overrides = dict(scales=tuple(args.scales), flip=args.flip, precision=args.precision)
-    if args.box_threshold is not None:
-        overrides["box_threshold"] = args.box_threshold
-    if not args.compat:
-        overrides["numerics"] = NUMERICS["float32"]
-    if args.template is not None:
-        from tag2mask.vocab.templates import get_templates
-
-        overrides["templates"] = get_templates([args.template])
-    config = preset_for(preset, **overrides)
-    items = _open_items(args, list(vocab.names))
-    # rounded at load when the preset's numerics round weights, so ClipES needs no rounded copies
-    model = load_model_from_args(args, official_rounding=config.numerics.round_weights_fp16)
-    warning = toy_model_warning(model, [args.images])
-    cam_maker = ClipES(model, vocab, config)
-    settings = _settings(args, model)
-    if args.refine == "crf":
-        from tag2mask.refinement.crf import _import_densecrf
-
-        _import_densecrf()  # fail at start-up, not in a worker on the first image, when the extra is missing
-    # COCO "file_name" and the manifest's "image" field are relative to the image folder
-    image_root = Path(items.image_dir) if hasattr(items, "image_dir") else Path(items.root) / "JPEGImages"
-    workers, batch_size = overlap_settings(args, model_device(model))
-    settings_for_workers = LabelSettings(
-        class_names=tuple(vocab.names), image_root=str(image_root), out=str(out), max_decode_pixels=args.max_decode_pixels,
-        max_pixels=args.max_pixels, max_pixels_policy=args.max_pixels_policy, save_arrays=args.save_arrays,
-        refine=args.refine, bg_power=args.bg_power, confidence=args.confidence, compat=args.compat)
-    # PAMR runs on the model's device when that is a GPU (as it always did); CRF and argmax are CPU work
-    on_device = LabelRefiner(args.refine, bg_power=args.bg_power, device=model_device(model)) \
-        if args.refine == "pamr" and model_device(model).type != "cpu" else None
-    stages = Stages(PrepareImage(settings_for_workers), ComputeCAMs(cam_maker, args.save_arrays, on_device),
-                    FinishMask(settings_for_workers), workers=workers, batch_size=batch_size,
-                    preload=_WORKER_PRELOAD)
-
-    record = {
-        "tag2mask": tag2mask.__version__,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "command": "label",
-        "settings": settings,
-        "clip_es": config.to_dict(),
-        "miou_rule": config.miou_rule,
-        "classes": list(vocab.names),
-        "weights": getattr(model, "source_path", None),
-        "device": str(model_device(model)),
-        "workers": workers,
-        "batch_size": batch_size,
-        "warnings": [warning] if warning else [],
-    }
-
-    def finalize(run_dir: Path, summary) -> None:
-        if args.coco_json:
-            from tag2mask.jobs.coco_export import write_coco_from_manifest
-
-            record["coco_json"] = write_coco_from_manifest(run_dir, vocab.names, run_dir / "annotations.json")
-
-    options = JobOptions(resume=args.resume, overwrite=args.overwrite, quiet=args.quiet, verbose=args.verbose,
-                         limit=args.limit, desc="label", unit="img")
-    summary = run_items(items, stages, out, settings, options, keys=_item_keys(items),
-                        preflight_errors=getattr(items, "errors", []), describe=lambda i: _describe(items, i),
-                        run_record=record, finalize=finalize, source_of=lambda i: _source(items, i))
-    if not args.quiet or summary.failed:
-        print_summary(summary, out, "label")
-    return process_exit_code(summary)
-
-
-def model_device(model):
-    return next(model.parameters()).device
+    return _label_hook(args.method).run_label(args)

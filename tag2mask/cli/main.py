@@ -1,7 +1,9 @@
 """The ``tag2mask`` command: one entry point, one sub-command module each.
 
 Each module in ``COMMANDS`` exposes ``add_parser(subparsers) -> argparse.ArgumentParser`` and sets
-``func=run`` on it, where ``run(args) -> int`` returns the exit code.
+``func=run`` on it, where ``run(args) -> int`` returns the exit code. ``COMMANDS`` holds the generic
+commands of this package plus the top-level commands the methods bring (:mod:`tag2mask.methods.registry`,
+e.g. CLIP-ES's ``prompts``).
 """
 
 from __future__ import annotations
@@ -12,10 +14,11 @@ import os
 import sys
 from typing import Sequence
 
-from tag2mask import __version__
+from tag2mask.version import __version__
+from tag2mask.methods import registry
 
-# sub-command name -> module implementing it
-COMMANDS: dict[str, str] = {
+#: the generic commands of this package: sub-command name -> module implementing it
+GENERIC: dict[str, str] = {
     "demo": "tag2mask.cli.demo_cmd",
     "info": "tag2mask.cli.info_cmd",
     "label": "tag2mask.cli.label_cmd",
@@ -26,9 +29,21 @@ COMMANDS: dict[str, str] = {
     "bench": "tag2mask.cli.bench_cmd",
     "synth": "tag2mask.cli.synth_cmd",
     "train": "tag2mask.cli.train_cmd",
-    "prompts": "tag2mask.cli.prompts_cmd",
     "convert": "tag2mask.cli.convert_cmd",
 }
+
+
+def commands() -> dict[str, str]:
+    """Every top-level command: the generic ones, then those the methods bring (read from the registry now)."""
+    brought = {command.name: command.module for _, command in registry.commands("")}
+    clash = sorted(set(brought) & set(GENERIC))
+    if clash:
+        raise ValueError(f"a method's command has the name of a generic command: {clash}")
+    return {**GENERIC, **brought}
+
+
+#: the commands of ``tag2mask --help`` (sub-command name -> module)
+COMMANDS: dict[str, str] = commands()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"tag2mask {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for module_name in COMMANDS.values():
+    for module_name in commands().values():
         importlib.import_module(module_name).add_parser(sub)
     return parser
 

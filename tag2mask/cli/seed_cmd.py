@@ -7,12 +7,12 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from tag2mask.cli.common import add_device_option, add_run_options
+from tag2mask.cmdline.options import add_device_option, add_run_options
+from tag2mask.cmdline.proposal_sources import build_source, proposal_kind
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 #: refuse images above this many pixels before decoding (same guard as `tag2mask label`)
 MAX_DECODE_PIXELS = 100_000_000
-SUPERPIXELS = ("slic", "felzenszwalb")
 
 # options that only apply to one kind of proposals: name -> kinds it applies to
 _SPECIFIC = {
@@ -72,15 +72,6 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     add_run_options(p)
     p.set_defaults(func=run)
     return p
-
-
-def proposal_kind(spec: str) -> str:
-    """``sam`` | ``slic`` | ``felzenszwalb`` | ``files`` (a folder)."""
-    if spec in ("sam",) + SUPERPIXELS:
-        return spec
-    if Path(spec).is_dir():
-        return "files"
-    raise ValueError(f"--proposals {spec!r}: not sam, slic, felzenszwalb or an existing folder of <name>.json files")
 
 
 def _check_options(args: argparse.Namespace, kind: str) -> None:
@@ -191,33 +182,10 @@ class _Seeder:
         return ItemOutput(outputs, info)
 
 
-def build_source(args: argparse.Namespace, kind: str, device):
-    """The proposal source for ``kind`` with the command-line settings."""
-    if kind == "files":
-        from tag2mask.proposals.rle_files import RLEFolderProposals
-
-        return RLEFolderProposals(args.proposals)
-    if kind in SUPERPIXELS:
-        from tag2mask.proposals.superpixels import SuperpixelProposals, SuperpixelSettings
-
-        given = {"n_segments": args.n_segments, "compactness": args.compactness, "scale": args.scale,
-                 "min_size": args.min_size, "sigma": args.sigma}
-        return SuperpixelProposals(kind, SuperpixelSettings(**{k: v for k, v in given.items() if v is not None}))
-    from dataclasses import replace
-
-    from tag2mask.proposals.sam import SAM_PRESETS, SamProposals, load_sam
-
-    settings = SAM_PRESETS[args.sam_preset or "fma"]
-    given = {"points_per_side": args.points_per_side, "points_per_batch": args.points_per_batch}
-    settings = replace(settings, **{k: v for k, v in given.items() if v is not None})
-    model = load_sam(args.sam_weights, device=device, allow_download=True if args.allow_download else None)
-    return SamProposals(model, settings, weights=str(args.sam_weights))
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    import tag2mask
+    from tag2mask.version import __version__
     from tag2mask.jobs.runner import JobOptions, print_summary, process_exit_code, run_items
     from tag2mask.runtime import resolve_device
 
@@ -238,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
         "uncovered": args.uncovered, "save_proposals": args.save_proposals, "proposals": source.describe(),
     }
     record = {
-        "tag2mask": tag2mask.__version__, "torch": torch.__version__, "python": platform.python_version(),
+        "tag2mask": __version__, "torch": torch.__version__, "python": platform.python_version(),
         "command": "seed", "settings": settings, "device": str(device),
     }
     options = JobOptions(resume=args.resume, overwrite=args.overwrite, quiet=args.quiet, verbose=args.verbose,

@@ -6,18 +6,21 @@ import argparse
 import platform
 from pathlib import Path
 
-from tag2mask.cli.common import (
+from tag2mask.cmdline.options import (
     add_device_option,
     add_run_options,
     add_weights_options,
     check_weights_options,
     given,
     positive_int,
+    positive_int_list,
     record_given_options,
     reject_options,
 )
+from tag2mask.methods import registry
 
-METHOD_CHOICES = ("maskclip", "sclip", "clearclip", "naclip")
+#: the registry's training-free name -> mask methods
+METHOD_CHOICES = registry.segment_methods()
 # kept in step with tag2mask.methods.ovss (importing it here would load torch for every --help)
 DATASET_CHOICES = ("voc21", "voc20", "context60", "context59", "coco_object", "coco_stuff", "city_scapes", "ade20k")
 LAST_BLOCK_CHOICES = ("clip", "maskclip", "sclip", "clearclip", "naclip", "clip-reduced", "maskclip-reduced",
@@ -65,7 +68,8 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     )
     p.add_argument("input", metavar="IMAGE_OR_FOLDER", help="an image file or a folder of images (not recursive)")
     p.add_argument("--classes", default=None,
-                   help="inline 'cat, dog|puppy; background: sky, grass' or a name-set file (required; with --checkpoint "
+                   help="synth|voc|coco|voc-maskclip, a name-set FILE (e.g. cls_voc21.txt) or inline 'cat, dog|puppy; "
+                        "background: sky, grass' (or ', background:' without ';') (required; with --checkpoint "
                         "the run's classes are used instead, except for a CLIP-ZSS student, which takes any class "
                         "names 'a, b, c': default the classes of its training data, seen and unseen)")
     p.add_argument("--checkpoint", default=None,
@@ -82,6 +86,18 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
                         "proven against the official code), or 'published:DATASET' (plus that benchmark's official "
                         f"config; DATASET one of {', '.join(DATASET_CHOICES)}). Options below override single settings")
     p.add_argument("--out", required=True, help="output folder (masks/, overlays/, logits/, run.json, manifest.jsonl, logs/)")
+    _add_preset_overrides(p)
+    _add_output_options(p)
+    add_weights_options(p)
+    add_device_option(p)
+    add_run_options(p)
+    p.set_defaults(func=run)
+    record_given_options(p)
+    return p
+
+
+def _add_preset_overrides(p: argparse.ArgumentParser) -> None:
+    """Options that override single settings of the preset (None: the preset's)."""
     p.add_argument("--mode", default=None, choices=("whole", "slide"), help="whole image or sliding window (default: preset's, slide)")
     p.add_argument("--short-side", type=int, default=None,
                    help="resize so the short side is this, 0 keeps the size (default: preset's; see the table below)")
@@ -102,6 +118,11 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
                         "--no-compat: the loaded model as it is (default: preset's)")
     p.add_argument("--pamr", action=argparse.BooleanOptionalAction, default=None,
                    help="refine with PAMR, 10 steps, dilations 8 and 16 (default: preset's; on for NACLIP's published)")
+    _add_window_options(p)
+
+
+def _add_output_options(p: argparse.ArgumentParser) -> None:
+    """How name-set files are read, what is written, and the image-size guards."""
     p.add_argument("--first-line", default="auto", choices=("auto", "background", "class"),
                    help="official cls_*.txt name sets only: whether line 1 lists the background words "
                         "(default: auto = when it is 'background' or a list of stuff words such as sky, wall, tree)")
@@ -116,17 +137,23 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     p.add_argument("--max-decode-pixels", type=positive_int, default=MAX_DECODE_PIXELS,
                    help=f"images above this many pixels are refused before decoding (decompression-bomb guard; "
                         f"default {MAX_DECODE_PIXELS:,})")
-    add_weights_options(p)
-    add_device_option(p)
-    add_run_options(p)
-    p.set_defaults(func=run)
-    record_given_options(p)
-    return p
+
+
+def _add_window_options(p: argparse.ArgumentParser) -> None:
+    """NACLIP's window width and PAMR's schedule (settings the official harnesses record)."""
+    p.add_argument("--naclip-std", type=float, default=None,
+                   help="NACLIP's Gaussian window width σ in patches (official gaussian_std; default: preset's, 5); "
+                        "only where the last block is NACLIP's")
+    p.add_argument("--pamr-steps", type=positive_int, default=None, help="PAMR iterations (default: preset's, 10); needs PAMR on")
+    p.add_argument("--pamr-dilations", type=positive_int_list, default=None,
+                   help="PAMR dilations, comma-separated (official pamr_stride; default: preset's, 8,16); needs PAMR on")
 
 
 #: options of the open-vocabulary methods; a trained WeCLIP run (--checkpoint) takes none of them
 _OVSS_OPTIONS = ("classes", "method", "preset", "mode", "short_side", "crop", "stride", "prob_threshold",
-                 "area_threshold", "logit_scale", "templates", "last_block", "compat", "pamr", "first_line")
+                 "area_threshold", "logit_scale", "templates", "last_block", "compat", "pamr", "first_line",
+                 "naclip_std", "pamr_steps", "pamr_dilations")
+
 
 
 def check_options(args: argparse.Namespace) -> None:
@@ -145,12 +172,14 @@ def check_options(args: argparse.Namespace) -> None:
 
 
 def _is_clip_zss_run(checkpoint: str) -> bool:
-    """Whether ``checkpoint`` (file or run folder) is a ``train clip-zss`` run; ``False`` if unreadable."""
+    """Whether ``checkpoint`` (file or run folder) is a run whose predictor takes ``--classes`` (a CLIP-ZSS
+    student); ``False`` if unreadable."""
     try:
         from tag2mask.jobs.checkpoint import resolve_checkpoint
-        from tag2mask.training.engine import read_run_checkpoint
+        from tag2mask.runs.layout import read_run_checkpoint
 
-        return read_run_checkpoint(resolve_checkpoint(checkpoint)).get("task") == "clip-zss"
+        task = read_run_checkpoint(resolve_checkpoint(checkpoint)).get("task")
+        return bool(getattr(registry.run_predictor(task), "takes_classes", False))
     except (OSError, ValueError, KeyError, RuntimeError):
         return False  # the run is reported unreadable where it is loaded
 
@@ -182,11 +211,11 @@ def _output_stems(files: list[Path]) -> dict[Path, str]:
 def _settings(args: argparse.Namespace, vocab, model, segmenter) -> dict:
     """Everything that changes the outputs (the runner's --overwrite guard compares them)."""
     keys = ("method", "preset", "classes", "first_line", "mode", "short_side", "crop", "stride", "prob_threshold",
-            "area_threshold", "logit_scale", "templates", "last_block", "compat", "pamr", "overlay", "save_logits",
-            "max_pixels", "max_pixels_policy")
+            "area_threshold", "logit_scale", "templates", "last_block", "compat", "pamr", "naclip_std", "pamr_steps",
+            "pamr_dilations", "overlay", "save_logits", "max_pixels", "max_pixels_policy")
     s = {k: getattr(args, k) for k in keys}
     # what actually runs once the preset and the options are combined
-    s["resolved"] = segmenter.settings.as_dict()
+    s["resolved"] = segmenter.settings.to_dict()
     # --classes may name a file: record what it resolved to, so an edited file counts as a change
     s["vocabulary"] = {"names": list(vocab.names), "synonyms": [list(x) for x in vocab.synonyms],
                        "background": list(vocab.background), "mode": vocab.mode}
@@ -199,7 +228,8 @@ def _segmenter_options(args: argparse.Namespace) -> dict:
     options = {
         "mode": args.mode, "crop": args.crop, "stride": args.stride, "prob_threshold": args.prob_threshold,
         "area_threshold": args.area_threshold, "logit_scale": args.logit_scale, "templates": args.templates,
-        "compat": args.compat, "pamr": args.pamr, "last_block": args.last_block,
+        "compat": args.compat, "pamr": args.pamr, "last_block": args.last_block, "naclip_std": args.naclip_std,
+        "pamr_steps": args.pamr_steps, "pamr_dilations": args.pamr_dilations,
     }
     options = {k: v for k, v in options.items() if v is not None}
     if args.short_side is not None:
@@ -274,12 +304,11 @@ def _image_records(out: Path, files: list[Path], stems: dict[Path, str]) -> list
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    import tag2mask
-    from tag2mask.cli.common import load_model_from_args, toy_model_warning
+    from tag2mask.version import __version__
+    from tag2mask.cmdline.options import load_model_from_args, toy_model_warning
     from tag2mask.jobs.distributed import device_for_rank
     from tag2mask.clip.loading import round_weights_to_fp16
     from tag2mask.methods.ovss.presets import get_preset
-    from tag2mask.methods.ovss.segmenter import METHODS, OpenVocabSegmenter
     from tag2mask.vocab.vocabulary import load_vocabulary
 
     check_options(args)
@@ -288,7 +317,7 @@ def run(args: argparse.Namespace) -> int:
     # cheap checks first, so a typo fails before the model is loaded
     if args.classes is None:
         raise ValueError("--classes is required (or --checkpoint for a trained WeCLIP run)")
-    if args.method not in METHODS:
+    if args.method not in METHOD_CHOICES:
         raise ValueError(f"unknown method {args.method!r}; choose one of {list(METHOD_CHOICES)}")
     if not str(args.classes).strip():
         raise ValueError("--classes is empty; give e.g. 'cat, dog; background: sky' or a name-set file")
@@ -307,13 +336,18 @@ def run(args: argparse.Namespace) -> int:
         # as the official loaders do; done here on the command's own model, so the segmenter needs no copy
         round_weights_to_fp16(model)
         model.fingerprint = f"{getattr(model, 'fingerprint', 'unknown')}:fp16r"
-    segmenter = OpenVocabSegmenter(model, vocab, args.method, preset=preset, **_segmenter_options(args))
-    if segmenter.mode == "whole":  # a preset may choose the whole-image mode
+    segmenter = registry.load(registry.get(args.method).predictor)(model, vocab, args.method, preset=preset,
+                                                                   **_segmenter_options(args))
+    if segmenter.settings.mode == "whole":  # a preset may choose the whole-image mode
         reject_options(args, ("crop", "stride"), f"with preset {segmenter.settings.name!r}, which runs whole images")
+    if segmenter.settings.last_block != "naclip":
+        reject_options(args, ("naclip_std",), f"with last block {segmenter.settings.last_block!r} (NACLIP's window only)")
+    if not segmenter.settings.pamr:
+        reject_options(args, ("pamr_steps", "pamr_dilations"), "without PAMR (add --pamr)")
     settings = _settings(args, vocab, model, segmenter)
     stems = _output_stems(files)
     record = {
-        "tag2mask": tag2mask.__version__,
+        "tag2mask": __version__,
         "torch": torch.__version__,
         "python": platform.python_version(),
         "command": "segment",
@@ -321,8 +355,8 @@ def run(args: argparse.Namespace) -> int:
         "settings": settings,
         "segmenter": repr(segmenter),
         # what ran, next to what was asked (settings): a preset or the method may change these
-        "window": {"mode": segmenter.mode, "short_side": segmenter.short_side, "crop": segmenter.crop,
-                   "stride": segmenter.stride},
+        "window": {"mode": segmenter.settings.mode, "short_side": segmenter.settings.short_side,
+                   "crop": segmenter.settings.crop, "stride": segmenter.settings.stride},
         "preset": segmenter.settings.name,
         "logit_scale": segmenter.logit_scale,
         "templates": segmenter.templates if isinstance(segmenter.templates, str) else list(segmenter.templates),
@@ -355,50 +389,19 @@ def _run_job(args: argparse.Namespace, files: list[Path], stems: dict[Path, str]
     return process_exit_code(summary)
 
 
-def _plain_class_names(spec: str) -> list[str]:
-    """``--classes`` for a CLIP-ZSS student: class names only (one name per class, no background words)."""
-    from tag2mask.vocab.vocabulary import load_vocabulary
-
-    vocab = load_vocabulary(spec)
-    if vocab.background or any(len(p) > 1 for p in vocab.prompt_names()):
-        raise ValueError("--classes for a CLIP-ZSS student: plain class names 'a, b, c' (no synonyms, no background "
-                         "words: the student has its own background)")
-    return list(vocab.names)
-
-
 class _CheckpointSegmenter:
-    """A trained WeCLIP or `train segmenter` run behind the ``predict(image) -> SegmentationResult`` interface."""
+    """A trained run behind the ``predict(image) -> SegmentationResult`` interface; the run's engine task
+    picks its predictor in :data:`tag2mask.methods.registry.RUN_PREDICTORS`."""
 
     def __init__(self, checkpoint: str, device: str, weights, crf: bool, classes=None) -> None:
-        from tag2mask.training.engine import read_run_checkpoint
+        from tag2mask.runs.layout import read_run_checkpoint
 
         task = read_run_checkpoint(checkpoint)["task"]
-        if classes is not None and task != "clip-zss":
-            raise ValueError("--classes with --checkpoint applies to CLIP-ZSS students (train clip-zss); this run "
-                             "brings its own classes")
-        if task == "clip-zss":
-            from tag2mask.methods.clip_zss.inference import ZeroShotStudent
-
-            if crf:
-                raise ValueError("--crf applies to WeCLIP checkpoints, not to a CLIP-ZSS student")
-            self.inner = ZeroShotStudent(checkpoint, device=device, weights=weights,
-                                         classes=_plain_class_names(classes) if classes is not None else None)
-            self.class_names = self.inner.class_names
-            self.kind, self.has_background = "clip-zss", self.inner.has_background
-        elif task == "segmenter":
-            from tag2mask.training.segmenter_eval import TrainedSegmenter
-
-            if weights is not None or crf:
-                raise ValueError("--weights and --crf apply to WeCLIP checkpoints, not to a `train segmenter` run")
-            self.inner = TrainedSegmenter(checkpoint, device=device)
-            self.class_names = self.inner.class_names
-            self.kind, self.has_background = "segmenter", bool(self.inner.config.background)
-        else:
-            from tag2mask.methods.weclip.inference import WeCLIPSegmenter
-
-            self.inner = WeCLIPSegmenter(checkpoint, device=device, weights=weights, crf=crf)
-            self.class_names = ("background",) + tuple(self.inner.config.classes)
-            self.kind, self.has_background = "weclip", True
+        predictor = registry.run_predictor(task)
+        self.inner = predictor.from_run(checkpoint, device=device, weights=weights, crf=crf, classes=classes)
+        self.kind = task
+        self.class_names = tuple(self.inner.class_names)
+        self.has_background = bool(self.inner.has_background)
         self.device = self.inner.device
 
     def predict(self, image):
@@ -413,8 +416,8 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
     """``segment --checkpoint``: WeCLIP inference over a folder on the same batch runner."""
     import hashlib
 
-    import tag2mask
-    from tag2mask.cli.common import toy_model_warning
+    from tag2mask.version import __version__
+    from tag2mask.cmdline.options import toy_model_warning
     from tag2mask.jobs.distributed import device_for_rank
 
     if args.limit is not None and args.limit < 0:
@@ -426,18 +429,19 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
     out = Path(args.out)
     args.device = device_for_rank(args.device)
     segmenter = _CheckpointSegmenter(str(ckpt), args.device, args.weights, args.crf, args.classes)
-    teacher = segmenter.inner.text_model() if segmenter.kind == "clip-zss" else \
+    # the CLIP whose toy-ness the warning checks: a student's text encoder, else the network's frozen CLIP
+    teacher = segmenter.inner.text_model() if hasattr(segmenter.inner, "text_model") else \
         getattr(getattr(segmenter.inner, "model", None), "clip", None)
     warning = toy_model_warning(teacher, [args.input])
     digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()[:16]
     settings = {"method": segmenter.kind, "checkpoint": digest, "crf": args.crf, "overlay": args.overlay,
                 "save_logits": args.save_logits, "max_pixels": args.max_pixels,
                 "max_pixels_policy": args.max_pixels_policy}
-    if segmenter.kind == "clip-zss":  # the class names are part of what is segmented
+    if getattr(segmenter.inner, "takes_classes", False):  # the class names are part of what is segmented
         settings["classes"] = list(segmenter.class_names)
     stems = _output_stems(files)
-    record = {"tag2mask": tag2mask.__version__, "command": "segment", "input": str(args.input),
-              "settings": settings, "checkpoint": str(ckpt), "class_names": list(segmenter.class_names),
+    record = {"tag2mask": __version__, "command": "segment", "input": str(args.input),
+              "method": segmenter.kind, "settings": settings, "checkpoint": str(ckpt), "class_names": list(segmenter.class_names),
               "device": str(segmenter.device), "long_side": segmenter.inner.long_side,
               "scales": list(segmenter.inner.scales), "flip": segmenter.inner.flip,
               "warnings": [warning] if warning else []}

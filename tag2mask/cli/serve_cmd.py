@@ -3,21 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import textwrap
 import sys
 
-from tag2mask.cli.common import add_device_option, add_weights_options, record_given_options
+from tag2mask.cmdline.options import add_device_option, add_weights_options, record_given_options
 
 
 def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     p = sub.add_parser(
         "serve",
         help="web demo: upload an image and class names, get the segmentation (open-vocabulary methods)",
-        description=(
+        description=textwrap.fill(
             "Start a small web server (standard library, no extra packages). Open http://HOST:PORT/ in a "
             "browser, or POST a multipart form (image, classes, method, mode, compare) to /api/segment for JSON. "
             "Binds to 127.0.0.1 (this machine only) unless --host says otherwise. Requests take class names "
-            "typed inline only (never a file), uploads up to 20 MiB and 16 megapixels; see docs/security.md."
-        ),
+            "typed inline only (never a file), uploads up to 20 MiB and 16 megapixels; see docs/security.md.", 100)
+        + "\n\ncurl (its -F reads ';' as its own syntax: use --form-string, or ', background:' without ';'):\n"
+            "  curl -F image=@photo.jpg --form-string 'classes=cat, dog; background: sky' "
+            "http://127.0.0.1:7860/api/segment",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes the demo to the network)")
@@ -33,7 +37,7 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
 
 
 def run(args: argparse.Namespace) -> int:
-    from tag2mask.cli.common import load_model_from_args
+    from tag2mask.cmdline.options import load_model_from_args
     from tag2mask.web.server import LOOPBACK_NAMES, make_server
 
     model = load_model_from_args(args)

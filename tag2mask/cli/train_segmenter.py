@@ -5,13 +5,22 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from tag2mask.cli.common import add_device_option, add_precision_option
-from tag2mask.cli.run_options import add_run_options
+from tag2mask.cmdline.options import add_device_option, add_precision_option
+from tag2mask.cmdline.run_options import add_run_options
+from tag2mask.cmdline.segmenter_options import (
+    SPLITS,
+    network_options,
+    open_train_val,
+    recipe_overrides,
+    resolve_class_names,
+)
+from tag2mask.methods import registry
 
-__all__ = ["add_segmenter_parser", "run_segmenter"]
+__all__ = ["add_parser", "run_segmenter"]
 
 
 DESCRIPTION = """Train a segmentation network on pseudo-labels or ground-truth masks.
@@ -54,18 +63,24 @@ torchrun, append-only logs; at the end OUT/model.safetensors and, with a validat
 (predicted masks + eval.json, as 'tag2mask eval' writes it). Recipes: docs/segmenter.md.
 """
 
-# default (train split, validation split) per data set kind
-_SPLITS = {"voc": ("train_aug", "val"), "coco": ("train", "val"), "folder": (None, None)}
 
-_MCP_SETTINGS = ("annotation-free", "voc20", "context59", "coco-stuff", "voc20-zs", "voc21-zs", "coco-stuff-zs",
-                 "context60-zs")  # tag2mask.methods.maskclip_plus.SETTINGS (not imported for --help)
-PRESET_CHOICES = ("clip-es", "weclip-fs", "maskclip+", *(f"maskclip+:{n}" for n in _MCP_SETTINGS[1:]), "fma", "fma:coco")
-# options that only a MaskCLIP+ run reads
-_MCP_OPTIONS = ("unseen", "self_train_from", "key_smoothing", "prompt_denoising", "teacher_confidence",
-                "teacher_preset", "templates")
+#: every recipe a method registers (registry order)
+PRESET_CHOICES = registry.segmenter_recipe_names()
 
 
-def add_segmenter_parser(methods: "argparse._SubParsersAction") -> argparse.ArgumentParser:
+def _recipe_setups() -> list:
+    """The modules of the methods whose recipes need their own options and set-up (``recipe_setup``)."""
+    import importlib
+
+    return [importlib.import_module(m.recipe_setup) for m in registry.METHODS if m.recipe_setup]
+
+
+def _setup_of(preset: Optional[str]) -> Optional[str]:
+    """The ``recipe_setup`` module name of the method owning ``preset`` (``None``: plain config recipe)."""
+    return registry.segmenter_recipe_owner(preset).recipe_setup if preset else None
+
+
+def add_parser(methods: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     s = methods.add_parser("segmenter", help="a segmentation network on pseudo-labels or ground truth (CLIP-ES stage 3, "
                                              "WeCLIP fully supervised, any network)",
                            description=DESCRIPTION,
@@ -85,7 +100,9 @@ def add_segmenter_parser(methods: "argparse._SubParsersAction") -> argparse.Argu
                    help="a field of the network's config (JSON value or string), repeatable, e.g. variant=b2")
     s.add_argument("--pretrained", default=None,
                    help="pretrained weights file or folder (the network's 'pretrained': a ResNet for DeepLab, a whole "
-                        "transformers network for segformer / upernet / mask2former)")
+                        "transformers network for segformer / upernet / mask2former). Without it DeepLab starts from a "
+                        "random ResNet and trains its BatchNorm (a warning says so); for a quick CPU try, "
+                        "--model-option variant=tiny builds a small ResNet")
     s.add_argument("--backbone-pretrained", default=None,
                    help="upernet / mask2former: ImageNet backbone folder or hub id (e.g. Swin-L ImageNet-22k for fma)")
     s.add_argument("--weights", default=None,
@@ -108,24 +125,8 @@ def add_segmenter_parser(methods: "argparse._SubParsersAction") -> argparse.Argu
     s.add_argument("--lr", type=float, default=None,
                    help="base learning rate (clip-es 2e-4 ImageNet init; use 2.5e-5 with the COCO-pretrained init)")
     s.add_argument("--optimizer", choices=("sgd", "adamw"), default=None, help="optimiser (default: the preset's)")
-    m = s.add_argument_group("MaskCLIP+ (--preset maskclip+...)")
-    m.add_argument("--unseen", default=None, metavar="NAMES",
-                   help="with maskclip+ (annotation-free): a zero-shot split of your own, 'sheep, sofa' or label "
-                        "values; the other classes are read from the masks")
-    m.add_argument("--self-train-from", type=int, default=None, metavar="ITER",
-                   help="0-based iteration from which the network's own predictions replace the teacher's "
-                        "(zero-shot settings: the official 2000th/4000th/8000th iteration; default off)")
-    m.add_argument("--key-smoothing", type=float, default=None, metavar="T",
-                   help="teacher key smoothing threshold (official ks configs: 1.0; off when not given)")
-    m.add_argument("--prompt-denoising", type=float, default=None, metavar="T",
-                   help="teacher prompt denoising threshold (official pd configs: 0.5; off when not given)")
-    m.add_argument("--teacher-confidence", type=float, default=None, metavar="T",
-                   help="pixels whose best teacher score is below T stay unlabelled (off when not given)")
-    m.add_argument("--teacher-preset", choices=("published", "default"), default=None,
-                   help="the teacher's open-vocabulary preset: published (MaskCLIP's numerics and 85 templates, "
-                        "default) or default (docs/open_vocabulary.md)")
-    m.add_argument("--templates", default=None,
-                   help="teacher prompt templates: a set name (maskclip85, imagenet80) or one template with {}")
+    for setup in _recipe_setups():  # a recipe's own options (MaskCLIP+'s teacher, ...)
+        setup.add_recipe_options(s)
     add_run_options(s, ckpt_every=2000, log_every=20, seed=1)
     s.add_argument("--allow-download", action="store_true", help="let the network fetch pretrained weights from the hub")
     add_device_option(s)
@@ -134,206 +135,79 @@ def add_segmenter_parser(methods: "argparse._SubParsersAction") -> argparse.Argu
     return s
 
 
-def _parse_option(text: str) -> tuple[str, Any]:
-    if "=" not in text:
-        raise ValueError(f"--model-option {text!r}: expected KEY=VALUE")
-    key, value = text.split("=", 1)
-    try:
-        return key.strip(), json.loads(value)
-    except json.JSONDecodeError:
-        return key.strip(), value
-
-
-def resolve_class_names(spec: Optional[str], masks: Optional[str], kind: str, data: Optional[str] = None) -> list[str]:
-    """Foreground class names from ``--classes``, the label run in ``--masks`` or the data set kind
-    (a ``synth export`` folder in ``data``: the synthetic classes)."""
-    from tag2mask.cli.eval_cmd import resolve_classes
-    from tag2mask.data.segmentation import pseudo_label_classes
-    from tag2mask.synth.export import export_splits
-
-    if spec is None:
-        recorded = pseudo_label_classes(masks) if masks else None
-        if recorded:
-            return recorded
-        if kind == "voc" and data is not None and export_splits(data) is not None:
-            spec = "synth"
-        elif kind in ("voc", "coco"):
-            spec = kind
-        else:
-            raise ValueError("--classes is needed (voc, coco, synth, a file or 'a, b, c'): the masks do not name "
-                             "their classes")
-    if spec.lower() in ("voc", "coco", "synth") or Path(spec).is_file():
-        names = resolve_classes(spec)
-        return names[1:] if names and names[0].lower() == "background" else names
-    names = [n.strip() for n in spec.split(",") if n.strip()]
-    if not names:
-        raise ValueError(f"--classes {spec!r}: no class names")
-    return names
-
-
-def _is_maskclip_plus(preset: Optional[str]) -> bool:
-    return preset is not None and preset.split(":")[0] == "maskclip+"
-
-
-def _network_options(args: argparse.Namespace, network: str, teacher_clip: bool = False) -> dict[str, Any]:
-    """``--model-option`` values plus what --pretrained / --backbone-pretrained / --weights fill in."""
-    options = dict(_parse_option(o) for o in args.model_option)
-    if args.pretrained is not None:
-        if network == "clip-decoder":
-            raise ValueError("--pretrained does not apply to clip-decoder (its backbone is the CLIP of --weights)")
-        options["pretrained"] = args.pretrained
-    if args.backbone_pretrained is not None:
-        if network not in ("upernet", "mask2former"):
-            raise ValueError(f"--backbone-pretrained applies to upernet and mask2former, not {network}")
-        options["backbone_pretrained"] = args.backbone_pretrained
-    if args.weights is not None and not teacher_clip:
-        if network != "clip-decoder":
-            raise ValueError(f"--weights (CLIP weights) applies to clip-decoder only, not {network}")
-        options["clip_weights"] = args.weights
-    if network == "clip-decoder" and "clip_weights" not in options and not teacher_clip:
-        from tag2mask.cli.common import shipped_weights_path
-
-        options["clip_weights"] = str(shipped_weights_path())
-    return options
-
-
-def _recipe_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    overrides: dict[str, Any] = {}
-    for key, value in (("max_iters", args.iters), ("batch_size", args.batch_size), ("crop_size", args.crop),
-                       ("lr", args.lr), ("optimizer", args.optimizer)):
-        if value is not None:
-            overrides[key] = value
-    return overrides
+def _reject_other_recipe_options(args: argparse.Namespace) -> None:
+    """A recipe's own options (``RECIPE_OPTIONS`` of its ``recipe_setup``) are errors with any other preset."""
+    chosen = _setup_of(args.preset)
+    for m in registry.METHODS:
+        if not m.recipe_setup or m.recipe_setup == chosen:
+            continue
+        options = registry.load(f"{m.recipe_setup}:RECIPE_OPTIONS")
+        given = [f"--{d.replace('_', '-')}" for d in options if getattr(args, d) is not None]
+        if given:
+            raise ValueError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to --preset {m.name} only")
 
 
 def build_segmenter_config(args: argparse.Namespace, kind: str):
-    """The :class:`SegmenterConfig` of the command line (preset + overrides); not for MaskCLIP+ (see below)."""
-    from tag2mask.training.segmenter_task import segmenter_preset
-
-    given = [f"--{d.replace('_', '-')}" for d in _MCP_OPTIONS if getattr(args, d) is not None]
-    if given:
-        raise ValueError(f"{', '.join(given)} {'applies' if len(given) == 1 else 'apply'} to --preset maskclip+ only")
+    """The :class:`SegmenterConfig` of the command line (preset + overrides) for a recipe that is a config only."""
     model = args.model or (None if args.preset else "deeplab-v2")
     preset_model = None
     if args.preset:
-        from tag2mask.training.segmenter_task import SEGMENTER_PRESETS
-
-        preset_model = SEGMENTER_PRESETS[args.preset]["model"]
+        preset_model = registry.segmenter_recipe(args.preset)["model"]
         if model is not None and model != preset_model:
             raise ValueError(f"--preset {args.preset} trains {preset_model}; drop --model {model} or the preset")
     network = model or preset_model
-    overrides: dict[str, Any] = {"model_options": _network_options(args, network),
+    overrides: dict[str, Any] = {"model_options": network_options(args, network),
                                  "classes": tuple(resolve_class_names(args.classes, args.masks, kind, args.data)),
-                                 "background": not args.no_background, **_recipe_overrides(args)}
+                                 "background": not args.no_background, **recipe_overrides(args)}
     if model is not None:
         overrides["model"] = model
-    return segmenter_preset(args.preset, **overrides)
+    config = registry.segmenter_preset(args.preset, **overrides)
+    _train_norm_of_random_backbone(config, explicit=overrides["model_options"])
+    return config
 
 
-def _maskclip_vocabulary(args: argparse.Namespace, setting: Any):
-    """The classes (and background words) of a MaskCLIP+ run: --classes, else the setting's, else the masks'."""
-    from tag2mask.data.segmentation import pseudo_label_classes
-    from tag2mask.vocab.vocabulary import Vocabulary, load_vocabulary
+def _train_norm_of_random_backbone(config, explicit: dict[str, Any]) -> None:
+    """DeepLab-v2 without ``pretrained``: train its BatchNorm (in place on ``config``) and warn.
 
-    if args.classes is not None:
-        return load_vocabulary(args.classes)
-    if setting.classes is not None:
-        return None  # the setting's own
-    recorded = pseudo_label_classes(args.masks) if args.masks else None
-    if recorded:
-        return Vocabulary.from_names(recorded)
-    raise ValueError("--classes is needed: the teacher prompts with the class names (a file, 'cat, dog; background: "
-                     "sky, grass', voc, synth)")
-
-
-def build_maskclip_plus(args: argparse.Namespace, kind: str):
-    """``(config, MaskClipPlus, setting)`` of a ``--preset maskclip+[:SETTING]`` command line."""
-    from tag2mask.cli.common import shipped_weights_path
-    from tag2mask.clip.loading import load_clip
-    from tag2mask.methods.maskclip_plus import SETTINGS, MaskClipPlus, maskclip_plus_config
-
-    name = args.preset.split(":", 1)[1] if ":" in args.preset else "annotation-free"
-    setting = SETTINGS[name]
-    network = args.model or setting.recipe.get("model", "deeplab-v2")
-    options = _network_options(args, network, teacher_clip=True)
-    weights = args.weights or str(shipped_weights_path())
-    clip = load_clip(weights, allow_download=args.allow_download or None)
-    teacher = {k: v for k, v in (("preset", args.teacher_preset), ("templates", args.templates),
-                                 ("key_smoothing", args.key_smoothing), ("prompt_denoising", args.prompt_denoising),
-                                 ("confidence", args.teacher_confidence)) if v is not None}
-    overrides = _recipe_overrides(args)
-    if args.self_train_from is not None:
-        overrides["self_train_from"] = args.self_train_from
-    if args.model is not None:
-        overrides["model"] = args.model
-    unseen = [u.strip() for u in args.unseen.split(",") if u.strip()] if args.unseen else None
-    config = maskclip_plus_config(
-        name, _maskclip_vocabulary(args, setting), background=False if args.no_background else None, unseen=unseen,
-        clip_weights=weights, clip_fingerprint=getattr(clip, "fingerprint", None), teacher=teacher,
-        model_options=options, **overrides)
-    return config, MaskClipPlus(clip), setting
-
-
-def open_train_val(args: argparse.Namespace, kind: str, num_classes: int, splits: tuple[Optional[str], Optional[str]],
-                   with_masks: bool = True):
-    """``(train source, validation source or None)`` from ``--data/--masks/--train-split/--val-*``.
-
-    ``splits``: the default (train, validation) split names of the data set kind. ``with_masks=False``:
-    the training side is images only (a teacher labels them).
+    Frozen BatchNorm (``norm_eval``, deeplab-pytorch's ``freeze_bn``) keeps the statistics of the
+    ImageNet init; of a random ResNet-101 they are meaningless (first loss ~1e5, NaN by iteration 2).
+    A ``norm_eval`` given with ``--model-option`` is kept as given.
     """
-    from tag2mask.data.datasets import detect_dataset
-    from tag2mask.data.segmentation import open_segmentation_data, open_unlabeled_images
+    from tag2mask.models.deeplab import DeepLabV2Config
 
-    train_split, val_split = splits
-    if args.train_split is not None:
-        if kind == "folder":
-            raise ValueError("--train-split applies to VOC/COCO roots, not to an image folder")
-        train_split = args.train_split
-    if with_masks:
-        train_source = open_segmentation_data(args.data, train_split, args.masks, num_classes)
-    else:
-        train_source = open_unlabeled_images(args.data, train_split)
-
-    val_data = args.val_data or (args.data if kind in ("voc", "coco") else None)
-    if args.val_split is not None:
-        val_split = None if args.val_split.lower() == "none" else args.val_split
-        if val_split is None:
-            val_data = None
-    if args.val_masks is not None and val_data is None:
-        raise ValueError("--val-masks needs --val-data (the images they belong to)")
-    val_source = None
-    if val_data is not None:
-        val_kind = detect_dataset(val_data)
-        val_source = open_segmentation_data(val_data, val_split if val_kind in ("voc", "coco") else None,
-                                            args.val_masks, num_classes)
-    elif args.val_every:
-        raise ValueError("--val-every needs a validation set (--val-data / --val-split)")
-    return train_source, val_source
+    options = config.model_options
+    if config.model != "deeplab-v2" or options.get("pretrained") or "norm_eval" in explicit:
+        return
+    if not options.get("norm_eval", DeepLabV2Config.norm_eval):
+        return
+    options["norm_eval"] = False
+    print("warning: no --pretrained: DeepLab starts from a random ResNet, so its BatchNorm is trained (not frozen "
+          "as with an ImageNet init); pass --pretrained RESNET.pth for the paper's recipe "
+          "(a quick CPU try: --model-option variant=tiny)", file=sys.stderr)
 
 
 def run_segmenter(args: argparse.Namespace) -> int:
-    from tag2mask.cli.run_options import run_options_from_args
+    from tag2mask.cmdline.run_options import run_options_from_args
     from tag2mask.data.datasets import detect_dataset
-    from tag2mask.training.engine import train
-    from tag2mask.training.segmenter_task import SegmenterTask
+    from tag2mask.engine.loop import train
+    from tag2mask.segmenter.task import SegmenterTask
 
     kind = detect_dataset(args.data)
     if kind is None:
         raise FileNotFoundError(f"--data {args.data}: not a VOC/COCO root or an image folder")
     if args.allow_download:
         os.environ["TAG2MASK_ALLOW_DOWNLOAD"] = "1"
+    _reject_other_recipe_options(args)
     factories: dict[str, Any] = {}
     with_masks = True
-    if _is_maskclip_plus(args.preset):
-        config, mcp, setting = build_maskclip_plus(args, kind)
-        factories = {"model_factory": mcp.network, "teacher_factory": mcp.teacher}
-        # images only, unless the setting reads masks (ignore regions, seen classes) or masks are given
-        with_masks = setting.uses_masks or args.masks is not None or args.unseen is not None
+    setup = _setup_of(args.preset)
+    if setup is not None:  # the recipe's method sets the run up (MaskCLIP+: teacher, network, data)
+        config, factories, with_masks = registry.load(setup).prepare_run(args, kind)
     else:
         config = build_segmenter_config(args, kind)
     from tag2mask.synth.export import export_splits
 
-    splits = (export_splits(args.data) if kind == "voc" else None) or _SPLITS[kind]
+    splits = (export_splits(args.data) if kind == "voc" else None) or SPLITS[kind]
     train_source, val_source = open_train_val(args, kind, config.mask_num_classes, splits, with_masks)
     task = SegmenterTask(config, train_source, val_source, val_limit=args.val_limit,
                          evaluate_at_end=not args.no_eval, **factories)
@@ -344,7 +218,7 @@ def run_segmenter(args: argparse.Namespace) -> int:
                   "checkpoint": summary["checkpoints"][-1] if summary["checkpoints"] else None,
                   "train_pairs": len(train_source)}
         if task.final_eval is not None:
-            from tag2mask.cli.eval_cmd import format_table
+            from tag2mask.evaluation.tables import format_table
 
             print(format_table(task.final_eval["class_names"], {"IoU": task.final_eval["scores"]}))
             report["eval"] = {"miou": task.final_eval["scores"]["Mean IoU"],

@@ -7,6 +7,7 @@ load without renaming.
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict
 from typing import Callable, Optional
 
@@ -24,6 +25,19 @@ class LayerNorm(nn.LayerNorm):
             out = F.layer_norm(x.float(), self.normalized_shape, self.weight.float(), self.bias.float(), self.eps)
             return out.to(orig)
         return F.layer_norm(x, self.normalized_shape, self.weight, self.bias, self.eps)
+
+
+def fp16_linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor], emulated: bool) -> torch.Tensor:
+    """``F.linear`` with input, weight and bias cast to float16 and a float16 result (``(..., out)``).
+
+    ``emulated``: the product is formed in float32 from the float16 values and rounded once, which is
+    what a float16 GEMM accumulating in float32 returns (the GPU kernels) and is several times faster
+    than torch's CPU half kernels; otherwise torch's float16 kernel runs.
+    """
+    b = None if bias is None else bias.half()
+    if emulated:
+        return F.linear(x.half().float(), weight.half().float(), None if b is None else b.float()).half()
+    return F.linear(x.half(), weight.half(), b)
 
 
 class QuickGELU(nn.Module):
@@ -45,6 +59,12 @@ def make_activation(name: str) -> nn.Module:
 class Attention(nn.Module):
     """Multi-head self-attention with a fused q/k/v projection (``in_proj``), like ``nn.MultiheadAttention``.
 
+    ``fp16_mixed`` (set by :class:`tag2mask.clip.numerics.BoundNumerics` for WeCLIP's numerics) runs it
+    as WeCLIP's official attention module does on a float16 stream: q, k and v are projected from
+    float32 copies of the input with the float32 ``in_proj`` (three projections, as the official
+    module takes on three separate casts), scores and softmax in float32, and the output projection in
+    float16 (input, weight and bias cast to half).
+
     Unlike ``nn.MultiheadAttention`` it exposes its pieces (:meth:`qkv`, :meth:`project_out`) so that
     methods can rebuild the attention of a block (MaskCLIP, SCLIP, ClearCLIP, NACLIP) from the same
     weights, and it uses ``scaled_dot_product_attention`` whenever attention maps are not requested.
@@ -60,6 +80,8 @@ class Attention(nn.Module):
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
+        self.fp16_mixed = False
+        self.fp16_emulated = False  # fp16 products as float32 arithmetic rounded once (CPUs; see numerics)
         nn.init.xavier_uniform_(self.in_proj_weight)
 
     def qkv(self, x: torch.Tensor, split_heads: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -93,6 +115,8 @@ class Attention(nn.Module):
         Returns the output (B, L, C) and, if ``need_weights``, the softmax attention averaged over
         heads (B, L, L) (rows = queries; CLS at index 0 for vision towers).
         """
+        if self.fp16_mixed:
+            return self._forward_fp16_mixed(x, attn_mask, need_weights)
         q, k, v = self.qkv(x)
         if not need_weights:
             out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
@@ -103,6 +127,25 @@ class Attention(nn.Module):
         probs = scores.softmax(dim=-1)
         out = probs @ v
         return self.project_out(self.merge_heads(out)), probs.mean(dim=1)
+
+
+    def _forward_fp16_mixed(
+        self, x: torch.Tensor, attn_mask: Optional[torch.Tensor], need_weights: bool,
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """WeCLIP's official attention on ``x`` (B, L, C) any float dtype -> ((B, L, C) float16, (B, L, L) float32)."""
+        xf = x.float()
+        w = self.in_proj_weight.float().chunk(3)
+        b = self.in_proj_bias.float().chunk(3)
+        q, k, v = (self._split(F.linear(xf, w[i], b[i])) for i in range(3))
+        # q / sqrt(d) (a division, as the official module) before the score matmul
+        scores = (q / math.sqrt(self.head_dim)) @ k.transpose(-2, -1)
+        if attn_mask is not None:
+            scores = scores + attn_mask.float()
+        probs = scores.softmax(dim=-1)
+        out = self.merge_heads(probs @ v)
+        out = fp16_linear(out, self.out_proj.weight, self.out_proj.bias, self.fp16_emulated)
+        weights = probs.sum(dim=1) / self.heads if need_weights else None
+        return out, weights
 
 
 class ResidualAttentionBlock(nn.Module):

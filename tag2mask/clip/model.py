@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from typing import Any, Optional, Union
 
 import numpy as np
 import torch
 from torch import nn
 
+from tag2mask.config import DictConfig
 from tag2mask.clip.layers import LayerNorm, Transformer
 from tag2mask.clip.resnet import ModifiedResNet
 from tag2mask.clip.vision import VisionTransformer
@@ -46,33 +47,13 @@ class TextConfig:
 
 
 @dataclass
-class CLIPConfig:
+class CLIPConfig(DictConfig):
     embed_dim: int
     vision: VisionConfig
     text: TextConfig
     activation: str = "quick_gelu"
     ln_eps: float = 1e-5
     extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
-        if isinstance(d["vision"]["layers"], tuple):
-            d["vision"]["layers"] = list(d["vision"]["layers"])
-        return d
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "CLIPConfig":
-        v = dict(d["vision"])
-        if isinstance(v["layers"], list):
-            v["layers"] = tuple(v["layers"])
-        return cls(
-            embed_dim=d["embed_dim"],
-            vision=VisionConfig(**v),
-            text=TextConfig(**d["text"]),
-            activation=d.get("activation", "quick_gelu"),
-            ln_eps=d.get("ln_eps", 1e-5),
-            extra=d.get("extra", {}),
-        )
 
     def describe(self) -> str:
         v = self.vision
@@ -136,7 +117,9 @@ class CLIP(nn.Module):
 
     def encode_text(self, tokens: torch.Tensor) -> torch.Tensor:
         """Text embedding at the EOT token (the highest id), not normalised: (N, ctx) long -> (N, D)."""
-        return self.encode_token_embeddings(self.token_embedding(tokens), tokens.argmax(dim=-1))
+        # the embedding table is not converted to fp16 by the official loaders; its rows enter the
+        # tower in the tower's dtype (``.type(self.dtype)`` in OpenAI's code)
+        return self.encode_token_embeddings(self.token_embedding(tokens).to(self.dtype), tokens.argmax(dim=-1))
 
     def encode_token_embeddings(self, embeddings: torch.Tensor, eot_positions: torch.Tensor) -> torch.Tensor:
         """The text tower on already embedded tokens, not normalised: (N, ctx, W), (N,) long -> (N, D).

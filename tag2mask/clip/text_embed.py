@@ -223,11 +223,15 @@ def embed_names(
     chunks = []
     for start in range(0, len(sentences), batch_size):
         tokens = tokenize(sentences[start : start + batch_size]).to(dev)
-        feats = model.encode_text(tokens).float()
-        chunks.append(F.normalize(feats, dim=-1).cpu())
+        feats = model.encode_text(tokens)
+        if feats.dtype != torch.float16:
+            feats = feats.float()
+        # a float16 tower (WeCLIP's official numerics) is normalised and averaged in float16, as the
+        # official zero-shot classifier does; the result is returned as float32 (exact)
+        chunks.append((feats / feats.norm(dim=-1, keepdim=True)).cpu())
     per_sentence = torch.cat(chunks)  # (N*T, D)
     per_name = per_sentence.view(len(names), len(templates), -1).mean(dim=1)
-    out = F.normalize(per_name, dim=-1).contiguous()
+    out = (per_name / per_name.norm(dim=-1, keepdim=True)).float().contiguous()
 
     if path is not None:
         try:

@@ -15,7 +15,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from tag2mask.data.labels import LabelFileError, dedupe, names_to_ids, read_labels_file, safe_image_path
+from tag2mask.data.tag_files import LabelFileError, dedupe, names_to_ids, read_labels_file, safe_image_path
 
 __all__ = [
     "Sample",
@@ -228,7 +228,7 @@ class FolderDataset(_Base):
 
     Args:
         image_dir: the image folder.
-        labels_file: ``.json`` / ``.csv`` (see :mod:`tag2mask.data.labels`); ``None`` lists every
+        labels_file: ``.json`` / ``.csv`` (see :mod:`tag2mask.data.tag_files`); ``None`` lists every
             image in ``image_dir`` (sorted, no labels).
         class_names: valid names (required with a label file).
         gt_dir: optional folder of ``<stem>.png`` GT masks.

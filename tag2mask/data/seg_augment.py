@@ -10,7 +10,7 @@ pixels (mmseg ``PhotoMetricDistortion``: brightness ±32, contrast and saturatio
 ±18/180 of the circle, each with p = 0.5); normalise.
 
 All draws come from the ``numpy.random.Generator`` passed in, so a sample is a function of its
-stream position (:mod:`tag2mask.training.stream`).
+stream position (:mod:`tag2mask.engine.data_stream`).
 """
 
 from __future__ import annotations

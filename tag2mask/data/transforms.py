@@ -33,15 +33,3 @@ def resize_pil(image: Image.Image, height: int, width: int, resample: int = Imag
     if image.size == (width, height):
         return image.copy()
     return image.resize((width, height), resample)
-
-
-def scale_long_side(height: int, width: int, long_side: int) -> tuple[int, int]:
-    """Size with the long side set to ``long_side`` (``int(h * r)``, ``int(w * r)``, as WeCLIP's test code)."""
-    r = long_side / max(height, width)
-    return int(height * r), int(width * r)
-
-
-def scale_short_side(height: int, width: int, short_side: int) -> tuple[int, int]:
-    """Size with the short side set to ``short_side``, aspect kept (rounded to nearest, as mmseg's keep_ratio)."""
-    r = short_side / min(height, width)
-    return int(round(height * r)), int(round(width * r))

@@ -24,7 +24,8 @@ import numpy as np
 
 from tag2mask.evaluation.rules import DEFAULT_MIOU_RULE, MIOU_RULES, check_miou_rule
 
-__all__ = ["ConfusionMatrix", "MIOU_RULES", "DEFAULT_MIOU_RULE", "check_miou_rule", "seen_unseen_scores", "harmonic_iou"]
+__all__ = ["ConfusionMatrix", "MIOU_RULES", "DEFAULT_MIOU_RULE", "check_miou_rule", "seen_unseen_scores", "harmonic_iou",
+           "unscore_predicted_ignore", "unscored_note"]
 
 
 
@@ -131,6 +132,28 @@ class ConfusionMatrix:
             "Frequency Weighted IoU": float((freq[fw] * iou[fw]).sum()) if total > 0 else None,
             "num_pixels": int(total),
         }
+
+
+def unscore_predicted_ignore(pred: np.ndarray, gt: np.ndarray, num_classes: int, ignore_index: int = 255,
+                             value: int = 255) -> tuple[np.ndarray, int]:
+    """``(gt, n)``: ``gt`` ignored where ``pred == value``, and how many scored pixels that took out.
+
+    ``pred``, ``gt``: ``(H, W)`` integer label maps. A prediction of ``value`` (``label --refine crf``'s
+    "not confident") is then neither right nor wrong: :meth:`ConfusionMatrix.update` skips the pixel
+    (its ground truth becomes -1, outside ``[0, C)``). Only pixels the ground truth would have scored
+    are counted. Other sizes, or ``num_classes > value``, are returned unchanged (``update`` names them).
+    """
+    if pred.shape != gt.shape or num_classes > value:
+        return gt, 0
+    hit = (pred == value) & (gt != ignore_index) & (gt >= 0) & (gt < num_classes)
+    n = int(hit.sum())
+    return (np.where(hit, -1, gt.astype(np.int64)), n) if n else (gt, 0)
+
+
+def unscored_note(unscored: int, pixels: int) -> str:
+    """The report's line about predicted ``255`` pixels that were not scored."""
+    return (f"{unscored} of {pixels} predicted pixels ({100 * unscored / max(pixels, 1):.1f} %) are 255 (not confident, "
+            "e.g. label --refine crf) and are not scored: the mIoU is over the confident pixels only")
 
 
 def _nanmean(values: np.ndarray) -> float | None:

@@ -17,7 +17,8 @@ from PIL import Image, ImageDraw, ImageFont
 from tag2mask.io.atomic import atomic_path
 from tag2mask.io.palette import voc_palette
 
-__all__ = ["overlay_image", "cam_heatmap", "save_overlay", "save_cam_heatmap", "jet", "label_colour", "legend_entries"]
+__all__ = ["overlay_image", "overlay_beside_mask", "mask_image", "cam_heatmap", "save_overlay", "save_cam_heatmap",
+           "jet", "label_colour", "legend_entries"]
 
 _PAL = voc_palette(256)
 
@@ -105,10 +106,32 @@ def cam_heatmap(image: np.ndarray, cam: np.ndarray, alpha: float = 0.5) -> Image
     return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8))
 
 
+def mask_image(label: np.ndarray) -> Image.Image:
+    """``(H, W)`` uint8 label map -> RGB image of flat palette colours (0 black, 255 the VOC outline colour)."""
+    return Image.fromarray(_PAL[np.asarray(label).astype(np.uint8)])
+
+
+def overlay_beside_mask(image: np.ndarray, label: np.ndarray, alpha: float = 0.5, gap: int = 4) -> Image.Image:
+    """The overlay (left) and the flat mask (right), ``gap`` white pixels apart: ``(H, 2 W + gap)`` RGB.
+
+    A blend of class colours over a photo of coloured shapes looks like the photo; the flat mask next
+    to it shows the regions themselves.
+    """
+    over = overlay_image(image, label, alpha=alpha, legend=False)
+    w, h = over.size
+    canvas = Image.new("RGB", (2 * w + gap, h), (255, 255, 255))
+    canvas.paste(over, (0, 0))
+    canvas.paste(mask_image(label), (w + gap, 0))
+    return canvas
+
+
 def save_overlay(path: str | Path, image: np.ndarray, label: np.ndarray,
-                 class_names: Sequence[str] | None = None, alpha: float = 0.5, legend: bool = True) -> None:
-    """Write :func:`overlay_image` as a PNG, atomically (``legend=False``: the image size, no legend strip)."""
-    pil = overlay_image(image, label, class_names, alpha, legend=legend)
+                 class_names: Sequence[str] | None = None, alpha: float = 0.5, legend: bool = True,
+                 beside_mask: bool = False) -> None:
+    """Write :func:`overlay_image` as a PNG, atomically (``legend=False``: the image size, no legend strip;
+    ``beside_mask``: :func:`overlay_beside_mask`, no legend)."""
+    pil = overlay_beside_mask(image, label, alpha) if beside_mask else \
+        overlay_image(image, label, class_names, alpha, legend=legend)
     with atomic_path(path) as tmp:
         pil.save(tmp, format="PNG")
 

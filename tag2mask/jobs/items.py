@@ -72,7 +72,7 @@ def error_kind(exc: BaseException, default: str = "internal") -> str:
     if isinstance(exc, ItemError):
         return exc.kind
     from tag2mask.data.images import ImageDecodeError
-    from tag2mask.data.labels import LabelFileError
+    from tag2mask.data.tag_files import LabelFileError
 
     if isinstance(exc, ImageDecodeError):
         return "decode"

@@ -224,135 +224,163 @@ def process_overlapped(job: Any, stages: Stages) -> dict[str, int]:
     (``todo``), loads items, and records every outcome. Returns ``{"peak_in_flight": n}``, the most
     items that were between the first and the last stage at once (for the log).
     """
-    from tag2mask.jobs.items import ItemFailure, _release_cuda_memory, error_kind, item_failure
-
     pool = _Pool(stages, str(job.out_dir))
-    pending = iter(job.shard)
-    exhausted = False
-    preparing: collections.deque[_Ticket] = collections.deque()  # in item order
-    batch: list[_Ticket] = []
-    finishing: dict[Future, _Ticket] = {}
-    suspects: collections.deque[_Ticket] = collections.deque()
-    peak = 0
+    scheduler = _Scheduler(job, stages, pool)
+    try:
+        scheduler.run()
+    except BaseException:
+        pool.close(kill=True)
+        raise
+    pool.close()
+    return {"peak_in_flight": scheduler.peak}
 
-    def in_pool() -> list[_Ticket]:
-        return list(preparing) + list(finishing.values())
 
-    def fail(ticket: _Ticket, failure: ItemFailure) -> None:
-        job.item_failed(ticket.key, failure, time.time() - ticket.started)
-        job.advance()
+class _Scheduler:
+    """The items of one :func:`process_overlapped` call on their way through the pool and the device stage.
 
-    def send(ticket: _Ticket, stage: str, payload: Any) -> None:
+    Items are ``preparing`` (in item order), then in the device ``batch``, then ``finishing``; items
+    whose worker died wait in ``suspects`` and are rerun one at a time.
+    """
+
+    def __init__(self, job: Any, stages: Stages, pool: "_Pool") -> None:
+        self.job, self.stages, self.pool = job, stages, pool
+        self.pending = iter(job.shard)
+        self.exhausted = False
+        self.preparing: collections.deque[_Ticket] = collections.deque()  # in item order
+        self.batch: list[_Ticket] = []
+        self.finishing: dict[Future, _Ticket] = {}
+        self.suspects: collections.deque[_Ticket] = collections.deque()
+        self.peak = 0
+
+    def run(self) -> None:
+        """Feed, collect, compute and wait until every item of the shard is recorded."""
+        while True:
+            # 1. feed the pool: suspects alone, one at a time; otherwise new items up to the capacity
+            self._feed()
+            self.peak = max(self.peak, self._in_flight())
+            # 2. results of the pool, prepared items in item order (batches do not depend on timing)
+            done = {f for f in self.finishing if f.done()} | {t.future for t in self.preparing if t.future.done()}
+            if any(isinstance(f.exception(), BrokenProcessPool) for f in done):
+                self._worker_died()
+                continue
+            for future in [f for f in self.finishing if f in done]:  # this snapshot only: no race with the pool
+                self._collect(self.finishing.pop(future))
+            while self.preparing and self.preparing[0].future in done:
+                self._collect(self.preparing.popleft())
+            # 3. the device stage, when a batch is full or nothing more can join it
+            batch = self.batch
+            if batch and (len(batch) >= self.stages.batch_size or not self.preparing):
+                ready, batch[:] = batch[: self.stages.batch_size], batch[self.stages.batch_size:]
+                self._compute(ready)
+                continue
+            if not self.preparing and not self.finishing and not batch and not self.suspects and self.exhausted:
+                break
+            # 4. wait for the next item in order, or for any item to finish
+            waiting = ([self.preparing[0].future] if self.preparing else []) + list(self.finishing)
+            if waiting:
+                wait(waiting, return_when=FIRST_COMPLETED)
+
+    def _in_flight(self) -> int:
+        return len(self.preparing) + len(self.batch) + len(self.finishing)
+
+    def _feed(self) -> None:
+        from tag2mask.jobs.items import item_failure
+
+        if self.suspects:
+            if not self.preparing and not self.finishing:
+                ticket = self.suspects.popleft()
+                self._send(ticket, ticket.stage, ticket.payload)
+            return
+        job = self.job
+        while not self.exhausted and self._in_flight() < self.stages.capacity:
+            i = next(self.pending, None)
+            if i is None:
+                self.exhausted = True
+                break
+            todo = job.todo(i)
+            if todo is None:
+                continue
+            ticket = _Ticket(i, todo[0], todo[1], time.time())
+            try:
+                item = job.load(i)
+            except Exception as exc:
+                self._fail(ticket, item_failure(exc, job.out_dir))
+                continue
+            self._send(ticket, "prepare", item)
+
+    def _fail(self, ticket: _Ticket, failure: Any) -> None:
+        self.job.item_failed(ticket.key, failure, time.time() - ticket.started)
+        self.job.advance()
+
+    def _send(self, ticket: _Ticket, stage: str, payload: Any) -> None:
         ticket.stage, ticket.payload = stage, payload
-        pool.submit(ticket)
+        self.pool.submit(ticket)
         if stage == "prepare":
-            preparing.append(ticket)
+            self.preparing.append(ticket)
         else:
-            finishing[ticket.future] = ticket
+            self.finishing[ticket.future] = ticket
 
-    def compute(tickets: list[_Ticket]) -> None:
+    def _compute(self, tickets: list[_Ticket]) -> None:
+        from tag2mask.jobs.items import _release_cuda_memory, error_kind, item_failure
+
         try:
-            results = list(stages.compute([t.payload for t in tickets]))
+            results = list(self.stages.compute([t.payload for t in tickets]))
             if len(results) != len(tickets):
                 raise RuntimeError(f"compute returned {len(results)} results for {len(tickets)} items")
         except Exception as exc:
             _release_cuda_memory(error_kind(exc))  # a batch that ran out of GPU memory may fit one by one
             if len(tickets) > 1:  # find the item that fails; the others go on
                 for ticket in tickets:
-                    compute([ticket])
+                    self._compute([ticket])
                 return
-            fail(tickets[0], item_failure(exc, job.out_dir))
+            self._fail(tickets[0], item_failure(exc, self.job.out_dir))
             return
         for ticket, result in zip(tickets, results):
-            send(ticket, "finish", result)
+            self._send(ticket, "finish", result)
 
-    def collect(ticket: _Ticket) -> None:
+    def _collect(self, ticket: _Ticket) -> None:
         """A worker task of ``ticket`` is done (and its worker alive): record it or move it on."""
+        from tag2mask.jobs.items import item_failure
+
         error = ticket.future.exception()
         if error is not None:  # the task could not reach its worker or come back (e.g. pickling)
             ticket.future = None
             try:
                 raise error
             except Exception as exc:
-                fail(ticket, item_failure(exc, job.out_dir))
+                self._fail(ticket, item_failure(exc, self.job.out_dir))
             return
         status, value = ticket.future.result()
         ticket.future = None
         if status == "error":
-            fail(ticket, value)
+            self._fail(ticket, value)
         elif ticket.stage == "prepare":
             ticket.payload = value
-            batch.append(ticket)
+            self.batch.append(ticket)
         else:
-            job.item_done(ticket.key, value, time.time() - ticket.started, ticket.source)
-            job.advance()
+            self.job.item_done(ticket.key, value, time.time() - ticket.started, ticket.source)
+            self.job.advance()
 
-    def worker_died() -> None:
+    def _worker_died(self) -> None:
         """Replace the broken pool; rerun the items it lost one at a time, to find the one that kills workers."""
+        from tag2mask.jobs.items import ItemFailure
+
+        pool = self.pool
         pool.executor.shutdown(wait=True)  # a broken pool settles every future and stops its workers
-        lost = [t for t in in_pool() if t.future.exception() is not None]
+        lost = [t for t in list(self.preparing) + list(self.finishing.values()) if t.future.exception() is not None]
         for ticket in lost:
             if ticket.stage == "prepare":
-                preparing.remove(ticket)
+                self.preparing.remove(ticket)
             else:
-                del finishing[ticket.future]
+                del self.finishing[ticket.future]
             ticket.future = None
         pool.executor = pool.start()
         for ticket in lost:
             if ticket.suspect:  # it ran alone and its worker died
-                fail(ticket, ItemFailure("worker_crashed", f"{job.describe(ticket.index)}: a worker process died "
-                                         "while processing this item (a crash in a library, or killed by the "
-                                         f"system, e.g. out of memory), in its {ticket.stage} stage"))
+                self._fail(ticket, ItemFailure(
+                    "worker_crashed", f"{self.job.describe(ticket.index)}: a worker process died while processing "
+                    "this item (a crash in a library, or killed by the system, e.g. out of memory), in its "
+                    f"{ticket.stage} stage"))
             else:
                 ticket.suspect = True
-                suspects.append(ticket)
-
-    try:
-        while True:
-            # 1. feed the pool: suspects alone, one at a time; otherwise new items up to the capacity
-            if suspects:
-                if not preparing and not finishing:
-                    ticket = suspects.popleft()
-                    send(ticket, ticket.stage, ticket.payload)
-            else:
-                while not exhausted and len(preparing) + len(batch) + len(finishing) < stages.capacity:
-                    i = next(pending, None)
-                    if i is None:
-                        exhausted = True
-                        break
-                    todo = job.todo(i)
-                    if todo is None:
-                        continue
-                    ticket = _Ticket(i, todo[0], todo[1], time.time())
-                    try:
-                        item = job.load(i)
-                    except Exception as exc:
-                        fail(ticket, item_failure(exc, job.out_dir))
-                        continue
-                    send(ticket, "prepare", item)
-            peak = max(peak, len(preparing) + len(batch) + len(finishing))
-            # 2. results of the pool, prepared items in item order (batches do not depend on timing)
-            done = {f for f in finishing if f.done()} | {t.future for t in preparing if t.future.done()}
-            if any(isinstance(f.exception(), BrokenProcessPool) for f in done):
-                worker_died()
-                continue
-            for future in [f for f in finishing if f in done]:  # this snapshot only: no race with the pool
-                collect(finishing.pop(future))
-            while preparing and preparing[0].future in done:
-                collect(preparing.popleft())
-            # 3. the device stage, when a batch is full or nothing more can join it
-            if batch and (len(batch) >= stages.batch_size or not preparing):
-                ready, batch[:] = batch[: stages.batch_size], batch[stages.batch_size:]
-                compute(ready)
-                continue
-            if not preparing and not finishing and not batch and not suspects and exhausted:
-                break
-            # 4. wait for the next item in order, or for any item to finish
-            waiting = ([preparing[0].future] if preparing else []) + list(finishing)
-            if waiting:
-                wait(waiting, return_when=FIRST_COMPLETED)
-    except BaseException:
-        pool.close(kill=True)
-        raise
-    pool.close()
-    return {"peak_in_flight": peak}
+                self.suspects.append(ticket)

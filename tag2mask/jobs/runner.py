@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -45,14 +44,12 @@ from typing import Any, Callable, Iterable, Optional, Sequence, TypeVar, Union
 from tag2mask.io.manifest import (
     MANIFEST_NAME,
     RunManifest,
-    SettingsMismatchError,
     compact_manifest,
     latest_records,
-    settings_diff,
     verify_outputs,
-    write_settings,
 )
 from tag2mask.jobs import distributed as D
+from tag2mask.jobs.job_folder import prepare_job_folder
 from tag2mask.jobs.items import (
     DiskFullError,
     FinishedItem,
@@ -75,7 +72,6 @@ T = TypeVar("T")
 #: how many failures each rank keeps for the printed summary (the manifest has all of them)
 MAX_LISTED_FAILURES = 20
 # temporary files of tag2mask.io.atomic.atomic_path: ".<stem>.<8 random chars>.tmp<suffix>"
-_TMP_NAME = re.compile(r"^\..*\.[A-Za-z0-9_]{8}\.tmp(\.[^./]*)?$")
 
 
 @dataclass
@@ -145,42 +141,6 @@ class JobLog:
 
     def close(self) -> None:
         self._fh.close()
-
-
-def _remove_stale_temp_files(out_dir: Path) -> int:
-    """Delete temporary files left by writers killed mid-write (only our own naming pattern)."""
-    removed = 0
-    for root, _dirs, files in os.walk(out_dir):
-        for name in files:
-            if _TMP_NAME.match(name):
-                try:
-                    os.unlink(os.path.join(root, name))
-                    removed += 1
-                except OSError:
-                    pass
-    return removed
-
-
-def _prepare_folder(out_dir: Path, settings: dict[str, Any], options: JobOptions) -> dict[str, Any]:
-    """Rank 0, before any rank writes: settings guard, crash leftovers, manifest compaction."""
-    diff = settings_diff(out_dir, settings)
-    if diff and not options.overwrite:
-        raise SettingsMismatchError(
-            f"{out_dir} holds results made with different settings ({', '.join(diff)}); "
-            "choose another --out or pass --overwrite"
-        )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    stale = _remove_stale_temp_files(out_dir)
-    compact_manifest(out_dir)  # fold rank files of an interrupted run in, whatever its world size
-    replaced = None
-    if diff:
-        # old records describe outputs of other settings: never resume from them, keep them for reference
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        replaced = out_dir / "logs" / f"manifest.replaced-{stamp}.jsonl"
-        replaced.parent.mkdir(parents=True, exist_ok=True)
-        os.replace(out_dir / MANIFEST_NAME, replaced)
-    write_settings(out_dir, settings)
-    return {"stale_temp_files_removed": stale, "settings_changed": diff, "replaced_manifest": str(replaced) if replaced else None}
 
 
 def _collective(fn: Callable[[], Any], info: D.DistInfo) -> Any:
@@ -408,7 +368,7 @@ def _run(spec: JobSpec, info: D.DistInfo) -> JobSummary:
 
     started = time.time()
     out_dir, options = spec.out_dir, spec.options
-    prep = _collective(lambda: _prepare_folder(out_dir, spec.settings, options), info)
+    prep = _collective(lambda: prepare_job_folder(out_dir, spec.settings, options.overwrite), info)
 
     n = len(spec.items) if options.limit is None else max(0, min(options.limit, len(spec.items)))
     shard = range(info.rank, n, info.world_size)

@@ -65,6 +65,8 @@ class CAMSettings:
             softmax-GradCAM output) or ``clamp_minmax`` (clamp at 0, min-max with +1e-7).
         propagate: propagate the ``score`` maps or the raw ``cam`` maps.
         exact_resize: bit-exact OpenCV bilinear replica (numpy) instead of torch's interpolate.
+        fp16_gradcam: the official float16 GradCAM arithmetic on a float16 last block (WeCLIP's
+            numerics; :func:`~tag2mask.localization.gradcam.softmax_gradcam`).
     """
 
     attention_layers: int = 8
@@ -76,6 +78,7 @@ class CAMSettings:
     score: str = "as_is"
     propagate: str = "score"
     exact_resize: bool = True
+    fp16_gradcam: bool = False
 
     def __post_init__(self) -> None:
         if self.score not in SCORE_MODES:
@@ -193,10 +196,12 @@ def run_cam_pipeline(
     """
     ctx = torch.autocast(last_input.device.type, dtype=autocast_dtype) if autocast_dtype else None
     if ctx is None:
-        gc = softmax_gradcam(visual, last_input, grid, text_features, targets, logit_scale)
+        gc = softmax_gradcam(visual, last_input, grid, text_features, targets, logit_scale,
+                             fp16_arithmetic=settings.fp16_gradcam)
     else:
         with ctx:
-            gc = softmax_gradcam(visual, last_input, grid, text_features, targets, logit_scale)
+            gc = softmax_gradcam(visual, last_input, grid, text_features, targets, logit_scale,
+                                 fp16_arithmetic=settings.fp16_gradcam)
     maps = torch.cat([torch.stack([a.reshape(a.shape[-2:]).float() for a in encoder_attentions]),
                       gc.last_attention[None].float()])
     affinity = affinity_fn(maps) if affinity_fn is not None else attention_affinity(maps, settings)

@@ -104,6 +104,7 @@ def last_block_gradcam(
     create_graph: bool = False,
     vjp_mode: str = "auto",
     need_attention: bool = True,
+    fp16_arithmetic: bool = False,
 ) -> LastBlockGradCAM:
     """GradCAM at the last block's ``ln_1`` output for every (image, target) pair.
 
@@ -121,6 +122,9 @@ def last_block_gradcam(
 
     Channel weights are the mean of the gradient over all h*w patch tokens (tokens hidden by
     ``attn_mask`` included: their gradient is 0 and dilutes the mean, as FMA-WSSS does).
+    ``fp16_arithmetic``: the official GradCAM's arithmetic on float16 arrays (WeCLIP's GPU numerics):
+    the channel weights are rounded to float16, every weight × activation product too, and the channel
+    sum (accumulated in float32, as numpy does along the contiguous channel axis) is rounded once.
     """
     if vjp_mode == "auto":
         vjp_mode = "vmap" if last_input.device.type == "cuda" else "loop"
@@ -149,32 +153,12 @@ def last_block_gradcam(
             empty = act.new_zeros((0, h, w))
             return LastBlockGradCAM(cams=empty, grad_weights=act.new_zeros((0, act.shape[-1])), targets=targets,
                                     activation=act.detach(), attention=attn.detach() if attn is not None else None)
-        if vjp_mode == "vmap":
-            cotangents = torch.zeros((n_pairs,) + tuple(targets.shape), device=targets.device, dtype=targets.dtype)
-            cotangents[torch.arange(n_pairs, device=targets.device), images, columns] = 1
-            (grads,) = torch.autograd.grad(
-                targets, act, grad_outputs=cotangents, is_grads_batched=True, create_graph=create_graph
-            )
-            grads = grads[torch.arange(n_pairs, device=grads.device), images.to(grads.device)]  # (P, L, C)
-        else:
-            grads = torch.stack(
-                [
-                    torch.autograd.grad(
-                        targets[images[p], columns[p]], act,
-                        retain_graph=create_graph or p < n_pairs - 1, create_graph=create_graph,
-                    )[0][images[p]]
-                    for p in range(n_pairs)
-                ]
-            )
+        grads = _pair_gradients(targets, act, images, columns, vjp_mode, create_graph)
     weights = grads[:, 1:].float().mean(dim=1)  # (P, C)
+    if fp16_arithmetic:
+        weights = weights.half().float()
     activation = act.detach()
-    parts, order = [], []
-    for b in torch.unique(pairs[:, 0]).tolist():
-        sel = torch.nonzero(pairs[:, 0] == b).flatten()
-        parts.append(weights[sel.to(weights.device)] @ activation[b, 1:].float().t())  # (K_b, hw)
-        order.append(sel)
-    # assembled out of place so that the graph (create_graph) survives
-    cams = torch.cat(parts)[torch.argsort(torch.cat(order)).to(weights.device)]
+    cams = _weighted_cams(weights, activation, pairs, fp16_arithmetic)
     return LastBlockGradCAM(
         cams=cams.view(n_pairs, h, w),
         grad_weights=weights,
@@ -182,6 +166,46 @@ def last_block_gradcam(
         activation=activation,
         attention=attn.detach() if attn is not None else None,
     )
+
+
+def _pair_gradients(targets: torch.Tensor, act: torch.Tensor, images: torch.Tensor, columns: torch.Tensor,
+                    vjp_mode: str, create_graph: bool) -> torch.Tensor:
+    """``(P, L, C)`` gradient of each pair's target score ``targets[images[p], columns[p]]`` w.r.t. its image's
+    activation ``act`` ``(B, L, C)``: one batched VJP of one-hot cotangents (``vmap``) or one VJP per pair."""
+    n_pairs = images.shape[0]
+    if vjp_mode == "vmap":
+        cotangents = torch.zeros((n_pairs,) + tuple(targets.shape), device=targets.device, dtype=targets.dtype)
+        cotangents[torch.arange(n_pairs, device=targets.device), images, columns] = 1
+        (grads,) = torch.autograd.grad(
+            targets, act, grad_outputs=cotangents, is_grads_batched=True, create_graph=create_graph
+        )
+        return grads[torch.arange(n_pairs, device=grads.device), images.to(grads.device)]  # (P, L, C)
+    return torch.stack(
+        [
+            torch.autograd.grad(
+                targets[images[p], columns[p]], act,
+                retain_graph=create_graph or p < n_pairs - 1, create_graph=create_graph,
+            )[0][images[p]]
+            for p in range(n_pairs)
+        ]
+    )
+
+
+def _weighted_cams(weights: torch.Tensor, activation: torch.Tensor, pairs: torch.Tensor,
+                   fp16_arithmetic: bool) -> torch.Tensor:
+    """``sum_c w_c A_c`` of every pair: weights (P, C), activation (B, L, C), pairs (P, 2) -> (P, hw)."""
+    parts, order = [], []
+    for b in torch.unique(pairs[:, 0]).tolist():
+        sel = torch.nonzero(pairs[:, 0] == b).flatten()
+        w_b = weights[sel.to(weights.device)]
+        if fp16_arithmetic:  # fp16 products, float32 channel sum, one rounding
+            prod = (w_b.half()[:, None, :] * activation[b, 1:].half()[None]).float()  # (K_b, hw, C)
+            parts.append(prod.sum(dim=-1).half().float())
+        else:
+            parts.append(w_b @ activation[b, 1:].float().t())  # (K_b, hw)
+        order.append(sel)
+    # assembled out of place so that the graph (create_graph) survives
+    return torch.cat(parts)[torch.argsort(torch.cat(order)).to(weights.device)]
 
 
 def softmax_gradcam(
@@ -192,6 +216,7 @@ def softmax_gradcam(
     targets: TargetRows,
     logit_scale: float,
     vjp_mode: str = "auto",
+    fp16_arithmetic: bool = False,
 ) -> GradCAMOutput:
     """CLIP-ES's Softmax-GradCAM of ``targets`` for one image (through :func:`last_block_gradcam`).
 
@@ -202,6 +227,10 @@ def softmax_gradcam(
     logits = ``logit_scale`` * cosine; the target of class k is its softmax probability,
     differentiated at the last block's ``ln_1`` output (the residual path bypasses it).
     The CAMs are then ReLU'd and min-max normalised twice (official ``scale_cam_image``).
+    ``fp16_arithmetic`` (WeCLIP's official numerics, a float16 last block): the image embedding is
+    pooled before the projection (``ln_post`` → mean over patch tokens → ``proj``, the official order),
+    normalised, scaled and softmaxed in float16, and the CAM arithmetic is the official float16 one
+    (:func:`last_block_gradcam`).
     """
     k = len(targets)
     if k == 0:
@@ -210,15 +239,23 @@ def softmax_gradcam(
     select = _target_matrix(targets, text.shape[0], last_input.device)
     saved: dict[str, torch.Tensor] = {}
 
+    text16 = text_features.half() / text_features.half().norm(dim=-1, keepdim=True)
+
     def target_fn(out: torch.Tensor) -> torch.Tensor:
-        feats = visual.head(out[:, 1:]).mean(dim=1)
-        feats = F.normalize(feats.float(), dim=-1)
-        probs = (logit_scale * feats @ text.t()).softmax(dim=-1)  # (1, T)
+        if fp16_arithmetic:
+            feats = visual.ln_post(out)[:, 1:].mean(dim=1) @ visual.proj
+            feats = feats / feats.norm(dim=-1, keepdim=True)
+            probs = (logit_scale * feats @ text16.t()).softmax(dim=-1)  # (1, T) float16
+        else:
+            feats = visual.head(out[:, 1:]).mean(dim=1)
+            feats = F.normalize(feats.float(), dim=-1)
+            probs = (logit_scale * feats @ text.t()).softmax(dim=-1)  # (1, T)
         saved["probs"] = probs
         return (probs * select).sum(dim=-1)[None]  # (1, K)
 
     pairs = torch.stack([torch.zeros(k, dtype=torch.long), torch.arange(k)], dim=1)
-    res = last_block_gradcam(visual, last_input, grid, target_fn, pairs, vjp_mode=vjp_mode)
+    res = last_block_gradcam(visual, last_input, grid, target_fn, pairs, vjp_mode=vjp_mode,
+                             fp16_arithmetic=fp16_arithmetic)
     h, w = grid
     cams_raw = torch.relu(res.cams)
     return GradCAMOutput(

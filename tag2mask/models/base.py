@@ -23,8 +23,6 @@ used by CLIP-ES: the target is downsampled to the logits with PIL-style nearest 
 
 from __future__ import annotations
 
-import dataclasses
-import typing
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Optional, Sequence, Union
 
@@ -34,11 +32,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from tag2mask.clip.model import CLIP_MEAN, CLIP_STD, IMAGENET_MEAN, IMAGENET_STD
+from tag2mask.config import config_to_dict
 
 if TYPE_CHECKING:  # PIL is imported lazily at run time
     import PIL.Image
 from tag2mask.inference import multiscale_flip_logits, slide_logits
-from tag2mask.models.text_head import TextEmbeddingClassifier, TextHeadConfig
+from tag2mask.models.text_head import TextEmbeddingClassifier
 
 __all__ = [
     "IGNORE_INDEX",
@@ -48,8 +47,6 @@ __all__ = [
     "CAFFE_NORMALIZATION",
     "segmentation_cross_entropy",
     "Segmenter",
-    "config_from_dict",
-    "config_to_dict",
 ]
 
 IGNORE_INDEX = 255
@@ -128,46 +125,6 @@ def segmentation_cross_entropy(
     denominator = target.numel() if average_over_ignored else int(valid.sum())
     # masked_fill keeps the ignored pixels out even if their logits were inf/nan
     return per_pixel.masked_fill(~valid, 0.0).sum() / max(denominator, 1)
-
-
-# ------------------------------------------------------------------------------------------------
-# configs
-
-
-def _field_types(cls: type) -> dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-def config_from_dict(cls: type, values: dict[str, Any]) -> Any:
-    """Build the dataclass ``cls`` from keyword values: unknown keys are errors, JSON lists become
-    tuples where the field is a tuple, a ``text_head`` dict becomes a :class:`TextHeadConfig`."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(values) - names)
-    if unknown:
-        raise ValueError(f"unknown option(s) {unknown} for {cls.__name__}; valid: {sorted(names)}")
-    hints = _field_types(cls)
-    out = {}
-    for key, value in values.items():
-        hint = str(hints.get(key, ""))
-        if key == "text_head" and isinstance(value, dict):
-            value = TextHeadConfig(**value)
-        elif isinstance(value, list) and "tuple" in hint.lower():
-            value = tuple(value)
-        out[key] = value
-    return cls(**out)
-
-
-def config_to_dict(config: Any) -> dict[str, Any]:
-    """JSON-friendly dict of a model config dataclass (tuples become lists, nested dataclasses dicts)."""
-    return json_ready(dataclasses.asdict(config))
-
-
-def json_ready(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [json_ready(v) for v in value]
-    return value
 
 
 # ------------------------------------------------------------------------------------------------

@@ -49,7 +49,7 @@ def _entry(name: str) -> SegmenterEntry:
 
 def segmenter_config(name: str, *, tiny: bool = False, **cfg: Any) -> Any:
     """The config dataclass of ``name`` with ``cfg`` applied (``tiny=True``: the test-sized preset)."""
-    from tag2mask.models.base import config_from_dict
+    from tag2mask.config import config_from_dict
 
     entry = _entry(name)
     if tiny:

@@ -4,7 +4,7 @@ Thin wrapper over ``pydensecrf`` (optional extra ``crf``: ``pip install 'tag2mas
 imported lazily so the rest of tag2mask works without it. The parameter sets of the papers are
 named here (:data:`CLIP_ES_CRF`, :data:`WECLIP_CRF`); what a method feeds the CRF (CLIP-ES's
 wrapped BGR image and float16 probability map) lives with the method
-(:mod:`tag2mask.methods.pseudo_labels`).
+(:mod:`tag2mask.methods.clip_es.label_maps`).
 """
 
 from __future__ import annotations
@@ -80,7 +80,7 @@ def dense_crf(probs: np.ndarray, image: np.ndarray, params: CRFParams = CLIP_ES_
     Args:
         probs: ``(C, H, W)`` per-class probabilities (float16/float32).
         image: ``(H, W, 3)`` uint8 image for the bilateral kernel, passed as is
-            (CLIP-ES: :func:`tag2mask.methods.pseudo_labels.clip_es_crf_image`).
+            (CLIP-ES: :func:`tag2mask.methods.clip_es.label_maps.clip_es_crf_image`).
         params: kernel parameters (:data:`CLIP_ES_CRF`, :data:`WECLIP_CRF`, ...).
         unary_fp16: evaluate the unary in float16 as CLIP-ES does.
 

@@ -273,33 +273,9 @@ def generate_scene(
 
     if min_pixels is None:
         min_pixels = max(4, round(40 * (size / 224) ** 2))
-    objs: list[_Placed] = []
-    for _attempt in range(100):  # the top object is nearly always kept; retries are for tiny images
-        objs = _place_objects(rng, size, int(rng.integers(min_objects, max_objects + 1)), scale)
-        while objs:
-            inst = _paint_instances(objs, size)
-            void = void_band(inst)
-            visible, interior, full = _visibility(objs, inst, void)
-            keep = (visible >= min_visible * np.maximum(full, 1)) & (interior >= min_pixels)
-            if keep.all():
-                break
-            # Dropping an object only uncovers the ones behind it, so re-painting converges quickly.
-            objs = [o for o, k in zip(objs, keep) if k]
-        if objs:
-            break
-    if not objs:
-        raise RuntimeError(f"seed {seed}: no object survived placement at size {size}; lower min_pixels")
-
-    img = render_stuff(stuff, rng, size)
-    img = _draw_distractors(rng, img, int(rng.integers(0, distractors + 1)))
-    for o in objs:
-        x0, y0, x1, y1 = o.box
-        col = _object_colour_field(rng, o)
-        for c in range(3):
-            patch = img[y0:y1, x0:x1, c]
-            patch += (col[..., c] - patch) * o.alpha
-    img += _noise_crop(rng, size) * np.float32(rng.uniform(*noise_std))
-    image = np.clip(img + 0.5, 0, 255).astype(np.uint8)
+    objs, inst, void, visible, full = _place_visible_objects(rng, seed, size, min_objects, max_objects, scale,
+                                                             min_visible, min_pixels)
+    image = _render_image(rng, stuff, objs, size, distractors, noise_std)
 
     lut = np.array([0] + [o.cls.class_id for o in objs], dtype=np.uint8)
     mask = lut[inst]
@@ -320,3 +296,45 @@ def generate_scene(
         image=image, mask=mask, labels=labels, label_names=[OBJECT_CLASSES[c - 1].name for c in labels],
         stuff=stuff, caption=caption, objects=instances, seed=int(seed),
     )
+
+
+def _place_visible_objects(rng: np.random.Generator, seed: int, size: int, min_objects: int, max_objects: int,
+                           scale: tuple[float, float], min_visible: float, min_pixels: int):
+    """Objects placed and painted so that each stays visible enough (see :func:`generate_scene`).
+
+    Returns ``(objects, inst, void, visible, full)``: ``inst`` ``(size, size)`` instance index map (0 =
+    none, k = ``objects[k-1]``), ``void`` its boundary band, per object the visible and interior-visible
+    pixel counts of :func:`_visibility` and its full area.
+    """
+    objs: list[_Placed] = []
+    for _attempt in range(100):  # the top object is nearly always kept; retries are for tiny images
+        objs = _place_objects(rng, size, int(rng.integers(min_objects, max_objects + 1)), scale)
+        while objs:
+            inst = _paint_instances(objs, size)
+            void = void_band(inst)
+            visible, interior, full = _visibility(objs, inst, void)
+            keep = (visible >= min_visible * np.maximum(full, 1)) & (interior >= min_pixels)
+            if keep.all():
+                break
+            # Dropping an object only uncovers the ones behind it, so re-painting converges quickly.
+            objs = [o for o, k in zip(objs, keep) if k]
+        if objs:
+            break
+    if not objs:
+        raise RuntimeError(f"seed {seed}: no object survived placement at size {size}; lower min_pixels")
+    return objs, inst, void, visible, full
+
+
+def _render_image(rng: np.random.Generator, stuff: str, objs: list[_Placed], size: int, distractors: int,
+                  noise_std: tuple[float, float]) -> np.ndarray:
+    """``(size, size, 3)`` uint8: the stuff texture, distractors, the objects' colour fields, noise."""
+    img = render_stuff(stuff, rng, size)
+    img = _draw_distractors(rng, img, int(rng.integers(0, distractors + 1)))
+    for o in objs:
+        x0, y0, x1, y1 = o.box
+        col = _object_colour_field(rng, o)
+        for c in range(3):
+            patch = img[y0:y1, x0:x1, c]
+            patch += (col[..., c] - patch) * o.alpha
+    img += _noise_crop(rng, size) * np.float32(rng.uniform(*noise_std))
+    return np.clip(img + 0.5, 0, 255).astype(np.uint8)

@@ -35,6 +35,10 @@ separated by ``,``, with ``|`` separating synonyms of one class::
 
     "cat, person|people|human; background: sky, grass, wall"
 
+Without ``;`` (which ``curl -F`` and some shells read as their own syntax) the same list is
+``"cat, person|people|human, background: sky, grass, wall"``: every word after ``background:`` is a
+background word.
+
 ``mode`` controls how synonyms become prompts: ``"max"`` embeds each synonym separately and takes
 the max score; ``"joined"`` writes them into one prompt joined by ``','`` (CLIP-ES's
 sentence-level fusion, e.g. ``'person with clothes,people,human'``).
@@ -341,7 +345,14 @@ def parse_class_string(text: str, mode: str = "max") -> Vocabulary:
         if bg is not None:
             background.extend(_split_words(bg, ","))
             continue
-        for entry in _split_words(section, ","):
+        entries = _split_words(section, ",")
+        for i, entry in enumerate(entries):
+            bg = _background_section(entry)
+            if bg is not None:
+                # "cat, dog, background: sky, grass": the same lists without ';' (which curl -F and
+                # some shells treat as their own syntax); every word after the marker is background
+                background.extend(w for w in [_clean(bg), *entries[i + 1:]] if w)
+                break
             syns = _split_words(entry, "|")
             if not syns:
                 raise ValueError(f"empty class entry {entry!r} in class string {text!r}")

@@ -137,7 +137,8 @@ def _form(state: FormState, methods: Sequence[str]) -> str:
         " all methods side by side</label>"
         "<button type='submit' id='submit'>Segment</button>"
         "<p class='muted'>Classes: comma-separated; synonyms of one class with <code>|</code>; background words "
-        "after <code>; background:</code> (e.g. <code>cat, person|people; background: sky, grass</code>). "
+        "after <code>; background:</code> or <code>, background:</code> (e.g. <code>cat, person|people; background: sky, "
+        "grass</code>). "
         "Names only: the server never reads files.</p></form>"
     )
 
@@ -191,8 +192,11 @@ def _results(image: Image.Image, results: Sequence, processed_size: Optional[tup
 
 def render_page(state: FormState, methods: Sequence[str], model: str, note: Optional[str] = None,
                 error: Optional[str] = None, image: Optional[Image.Image] = None, results: Sequence = (),
-                processed_size: Optional[tuple[int, int]] = None, stem: str = "image") -> bytes:
-    """The whole page as UTF-8 bytes: the form, a note, an error, and the results when there are some."""
+                processed_size: Optional[tuple[int, int]] = None, stem: str = "image", sample: bool = False) -> bytes:
+    """The whole page as UTF-8 bytes: the form, a note, an error, and the results when there are some.
+
+    ``sample``: the results are the built-in sample scene's (the page as first opened), and it says so.
+    """
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
         "<meta name='viewport' content='width=device-width, initial-scale=1'><title>tag2mask</title>"
@@ -204,6 +208,9 @@ def render_page(state: FormState, methods: Sequence[str], model: str, note: Opti
     if error:
         parts.append(f"<p class='err' id='error' role='alert'>{html.escape(error)}</p>")
     if image is not None and results:
+        if sample:
+            parts.append("<p class='muted' id='sample-note'>Sample: a synthetic scene segmented with the classes "
+                         "above. Choose an image and press Segment to segment your own.</p>")
         parts.append(_results(image, results, processed_size, stem))
     parts.append(f"<p class='muted'>Model: {html.escape(model)}.</p></body></html>")
     return "".join(parts).encode("utf-8")

@@ -183,6 +183,12 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _page(self, status: int, state: Optional[FormState] = None, error: Optional[str] = None, **results: Any) -> None:
         service = self.server.service
+        if status == HTTPStatus.OK and state is None and error is None and not results:
+            # the page as first opened: a sample scene with the default classes, so the controls have
+            # something to show before the first upload
+            form = FormState()
+            image, sample = service.sample(form.classes, form.method)
+            results = {"image": image, "results": sample, "stem": "sample", "sample": True}
         body = render_page(state or FormState(), METHODS, service.describe_model(),
                            note=TOY_MODEL_NOTE if service.toy_model else None, error=error, **results)
         self._send(status, body, "text/html; charset=utf-8")

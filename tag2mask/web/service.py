@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from tag2mask.data.images import fit_max_pixels, to_rgb
+from tag2mask.methods import registry
 from tag2mask.vocab.vocabulary import PRESETS, Vocabulary, get_vocabulary, parse_class_string
 
 __all__ = [
@@ -28,7 +29,8 @@ __all__ = [
     "RequestError", "MethodResult", "SegmentService", "parse_classes", "decode_upload", "is_shipped_tiny_clip",
 ]
 
-METHODS = ("naclip", "sclip", "clearclip", "maskclip")
+#: the open-vocabulary methods the registry offers to the web demo, the default first
+METHODS = registry.serve_methods()
 #: uploads with more pixels are refused before decoding (decompression bombs)
 MAX_IMAGE_PIXELS = 16_000_000
 #: larger images are segmented at this many pixels (aspect kept) and their mask scaled back (nearest):
@@ -173,6 +175,7 @@ class SegmentService:
         self.toy_model = is_shipped_tiny_clip(model)
         self._cache: "OrderedDict[tuple[Vocabulary, str, str], Any]" = OrderedDict()
         self._lock = threading.Lock()
+        self._sample: Optional[tuple[Image.Image, list[MethodResult]]] = None
 
     def describe_model(self) -> str:
         """What the page says about the model: architecture only, never a server path."""
@@ -181,20 +184,32 @@ class SegmentService:
         return f"tiny CLIP shipped with tag2mask ({arch})" if self.toy_model else f"CLIP {arch}"
 
     def _segmenter(self, vocab: Vocabulary, method: str, mode: str) -> Any:
-        from tag2mask.methods.ovss.segmenter import OpenVocabSegmenter
-
         key = (vocab, method, mode)
         if key in self._cache:
             self._cache.move_to_end(key)
             return self._cache[key]
         try:
-            seg = OpenVocabSegmenter(self.model, vocab, method, mode=mode, short_side=self.short_side)
+            seg = registry.load(registry.get(method).predictor)(self.model, vocab, method, mode=mode,
+                                                                   short_side=self.short_side)
         except ValueError as e:  # e.g. more labels than an 8-bit map holds
             raise RequestError(f"bad class list: {e}") from e
         self._cache[key] = seg
         while len(self._cache) > self.cache_size:  # memory stays bounded: forget the least recently used
             self._cache.popitem(last=False)
         return seg
+
+    def sample(self, classes: str, method: str) -> tuple[Image.Image, list[MethodResult]]:
+        """A synthetic scene segmented with ``classes`` by ``method``: what the page shows before any upload.
+
+        Computed on the first call and kept (one scene, a few hundred KB), so opening the page stays fast.
+        """
+        if self._sample is None:
+            from tag2mask.synth.scenes import generate_scene
+
+            image = Image.fromarray(generate_scene(seed=0).image)
+            results, _ = self.segment(image, parse_classes(classes), [method])
+            self._sample = (image, results)
+        return self._sample
 
     def segment(self, image: Image.Image, vocab: Vocabulary, methods: Sequence[str], mode: str = "whole"
                 ) -> tuple[list[MethodResult], Optional[tuple[int, int]]]:

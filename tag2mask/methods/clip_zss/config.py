@@ -12,15 +12,16 @@ code. Everything else is listed in :data:`ASSUMED` with the reason for the defau
 
 from __future__ import annotations
 
-import json
-from dataclasses import asdict, dataclass, fields
-from typing import Any, Optional
+from dataclasses import dataclass
+from typing import Optional
+
+from tag2mask.config import DictConfig
 
 __all__ = ["ClipZssConfig", "ASSUMED", "FROM_ZEGCLIP_CODE", "CLIP_ZSS_PRESETS", "PRESET_OF_SPLIT"]
 
 
 @dataclass
-class ClipZssConfig:
+class ClipZssConfig(DictConfig):
     """The CLIP-ZSS part of a run's recipe (the student's data / optimiser part is a ``SegmenterConfig``).
 
     Classes: ``unseen`` names classes of the data set whose pixels are ignored in training and whose
@@ -84,16 +85,6 @@ class ClipZssConfig:
         if not -1.0 <= self.fusion_threshold <= 1.0:
             raise ValueError(f"fusion_threshold is a cosine similarity in [-1, 1], got {self.fusion_threshold}")
 
-    def to_dict(self) -> dict[str, Any]:
-        return json.loads(json.dumps(asdict(self)))
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ClipZssConfig":
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown clip-zss options {unknown}; valid: {sorted(names)}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 #: field -> why its default was chosen (none of these is stated in what we could read of the paper)
@@ -131,7 +122,7 @@ FROM_ZEGCLIP_CODE: dict[str, str] = {
 }
 
 
-# The student's recipe is a SegmenterConfig (tag2mask.training.segmenter_task). The paper's student
+# The student's recipe is a SegmenterConfig (tag2mask.segmenter.task). The paper's student
 # optimiser is not known to us: the benchmark presets use mmseg's SegFormer recipe (AdamW 6e-5,
 # weight decay 0.01, head x10, linear warm-up 1500 iterations, poly power 1) on ZegCLIP's protocol
 # (512 crops of images scaled to 2048x512 x U(0.5, 2), photometric jitter, batch 16, VOC 20k / COCO-Stuff

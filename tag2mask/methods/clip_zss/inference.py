@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from tag2mask.methods.clip_zss.config import ClipZssConfig
 from tag2mask.methods.clip_zss.method import ClassLayout, embed_class_names
 
-__all__ = ["text_vocabulary", "evaluate_zero_shot", "ZeroShotStudent", "read_zss_checkpoint"]
+__all__ = ["text_vocabulary", "evaluate_zero_shot", "ZeroShotStudent", "read_zss_checkpoint", "plain_class_names"]
 
 
 @contextlib.contextmanager
@@ -49,7 +49,7 @@ def evaluate_zero_shot(model: nn.Module, source: Any, seg_config: Any, layout: C
     """
     from tag2mask.data.segmentation import IGNORE
     from tag2mask.evaluation.miou import seen_unseen_scores
-    from tag2mask.training.segmenter_eval import score_predictions
+    from tag2mask.segmenter.evaluation import score_predictions
 
     names = layout.class_names
     rank = ctx.rank if ctx is not None else 0
@@ -79,7 +79,7 @@ def evaluate_zero_shot(model: nn.Module, source: Any, seg_config: Any, layout: C
 
 def read_zss_checkpoint(path: Union[str, Path]) -> dict[str, Any]:
     """The newest complete checkpoint of a ``train clip-zss`` run (``weights_only`` loading)."""
-    from tag2mask.training.engine import read_run_checkpoint
+    from tag2mask.runs.layout import read_run_checkpoint
 
     return read_run_checkpoint(path, task="clip-zss")
 
@@ -96,12 +96,24 @@ class ZeroShotStudent:
         prompts: optional ``{name: prompt words}``.
     """
 
+    takes_classes = True  # any class names: the student classifies against their text embeddings
+
+    @classmethod
+    def from_run(cls, checkpoint: Union[str, Path], device: Union[str, torch.device] = "auto",
+                 weights: Optional[str] = None, crf: bool = False, classes: Optional[str] = None) -> "ZeroShotStudent":
+        """The predictor of ``segment --checkpoint`` (see :data:`tag2mask.methods.registry.RUN_PREDICTORS`);
+        ``classes``: the ``--classes`` text (plain names ``a, b, c``)."""
+        if crf:
+            raise ValueError("--crf applies to WeCLIP checkpoints, not to a CLIP-ZSS student")
+        return cls(checkpoint, device=device, weights=weights,
+                   classes=plain_class_names(classes) if classes is not None else None)
+
     def __init__(self, checkpoint: Union[str, Path], device: Union[str, torch.device] = "auto",
                  weights: Optional[str] = None, classes: Optional[Sequence[str]] = None,
                  prompts: Optional[dict[str, str]] = None) -> None:
         from tag2mask.models import build_segmenter
         from tag2mask.runtime import resolve_device
-        from tag2mask.training.segmenter_task import SegmenterConfig
+        from tag2mask.segmenter.task import SegmenterConfig
 
         ckpt = read_zss_checkpoint(checkpoint)
         self.checkpoint = ckpt["path"]
@@ -168,8 +180,19 @@ class ZeroShotStudent:
     # -- prediction ---------------------------------------------------------------------------
     @torch.no_grad()
     def predict(self, image: Any) -> tuple[np.ndarray, np.ndarray]:
-        from tag2mask.training.segmenter_eval import predict_logits
+        from tag2mask.segmenter.evaluation import predict_logits
 
         rgb = np.asarray(image.convert("RGB") if hasattr(image, "convert") else image, dtype=np.uint8)
         probs = predict_logits(self.model, rgb, self.seg_config).softmax(dim=0).cpu().numpy()
         return probs.argmax(axis=0).astype(np.uint8), probs.astype(np.float32)
+
+
+def plain_class_names(spec: str) -> list[str]:
+    """``--classes`` for a CLIP-ZSS student: class names only (one name per class, no background words)."""
+    from tag2mask.vocab.vocabulary import load_vocabulary
+
+    vocab = load_vocabulary(spec)
+    if vocab.background or any(len(p) > 1 for p in vocab.prompt_names()):
+        raise ValueError("--classes for a CLIP-ZSS student: plain class names 'a, b, c' (no synonyms, no background "
+                         "words: the student has its own background)")
+    return list(vocab.names)

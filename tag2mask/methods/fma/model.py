@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 from torch import nn
@@ -217,21 +217,8 @@ class FMAClip(nn.Module):
                  require_positive, need_cams, text_features) -> FMAOutput:
         visual = self.clip.visual
         fg_labels = fg_labels.to(images.device)
-        if fg_labels.shape != (images.shape[0], self.n_fg):
-            raise ValueError(f"fg_labels must be (B, {self.n_fg}), got {tuple(fg_labels.shape)}")
-        pairs = positive_pairs(fg_labels)
-        missing = set(range(images.shape[0])) - set(pairs[:, 0].tolist())
-        if missing and require_positive:
-            raise ValueError(f"images {sorted(missing)} of the batch have no positive class")
-        ps = visual.patch_size
-        grid = (images.shape[-2] // ps, images.shape[-1] // ps)
-        layout, attn_mask, pos_embed = None, None, None
-        if padding_mask is not None:
-            layout = padding_layout(padding_mask.to(images.device), ps)
-            attn_mask = key_padding_attn_mask(layout.key_padding, images.dtype)
-            pos_embed = placed_pos_embed(visual, layout, grid)
-        else:
-            pos_embed = visual.interpolate_pos_embed(*grid, mode="bilinear", round_fp16=False)
+        pairs = self._positive_pairs(images, fg_labels, require_positive)
+        grid, layout, attn_mask, pos_embed = self._token_layout(images, padding_mask)
 
         first = max(0, visual.num_blocks - self.attention_layers)
         with torch.no_grad():
@@ -266,26 +253,8 @@ class FMAClip(nn.Module):
         if not need_cams:
             pairs = pairs[:0]
         mode = vjp_mode if vjp_mode != "auto" else ("vmap" if images.device.type == "cuda" else "loop")
-        # sequential VJPs (CPU) run on one image at a time: a VJP through the whole batch would spend
-        # most of its work on the other images' (zero) gradients; batched VJPs (GPU) take the batch
-        b = images.shape[0]
-        groups = [(0, b)] if mode == "vmap" else [(i, i + 1) for i in range(b)]
-        results = []
-        for lo, hi in groups:
-            sel = (pairs[:, 0] >= lo) & (pairs[:, 0] < hi)
-            local = pairs[sel] - torch.tensor([lo, 0], dtype=pairs.dtype, device=pairs.device)
-            results.append(last_block_gradcam(
-                visual, inter.last[lo:hi], grid, make_target_fn(lo, hi), local,
-                attn_mask=None if attn_mask is None else attn_mask[lo:hi], create_graph=create_graph,
-                # the explicit attention path also when only the second-order graph needs it: torch's
-                # fused attention kernels have no double backward
-                vjp_mode=mode, need_attention=need_attention or create_graph,
-            ))
-        res = LastBlockGradCAM(
-            cams=torch.cat([r.cams for r in results]), grad_weights=torch.cat([r.grad_weights for r in results]),
-            targets=torch.cat([r.targets for r in results]), activation=torch.cat([r.activation for r in results]),
-            attention=torch.cat([r.attention for r in results]) if results[0].attention is not None else None,
-        )
+        res = _grouped_gradcam(visual, inter.last, grid, make_target_fn, pairs, attn_mask, create_graph,
+                               need_attention, mode)
         attention = None
         if need_attention:
             maps = [a.float() for a in inter.attentions] + [res.attention.float()]
@@ -304,3 +273,57 @@ class FMAClip(nn.Module):
             key_padding=None if layout is None else layout.key_padding,
             grid=grid,
         )
+
+    def _positive_pairs(self, images: torch.Tensor, fg_labels: torch.Tensor, require_positive: bool) -> torch.Tensor:
+        """``(P, 2)`` int64 (image, class) pairs of the positive labels; checks the labels' shape."""
+        if fg_labels.shape != (images.shape[0], self.n_fg):
+            raise ValueError(f"fg_labels must be (B, {self.n_fg}), got {tuple(fg_labels.shape)}")
+        pairs = positive_pairs(fg_labels)
+        missing = set(range(images.shape[0])) - set(pairs[:, 0].tolist())
+        if missing and require_positive:
+            raise ValueError(f"images {sorted(missing)} of the batch have no positive class")
+        return pairs
+
+    def _token_layout(self, images: torch.Tensor, padding_mask: Optional[torch.Tensor]):
+        """The token ``grid`` (h, w), and with a padding mask its layout, attention mask and placed positional
+        embedding (else ``None, None`` and the embedding interpolated to the grid)."""
+        visual = self.clip.visual
+        ps = visual.patch_size
+        grid = (images.shape[-2] // ps, images.shape[-1] // ps)
+        layout, attn_mask, pos_embed = None, None, None
+        if padding_mask is not None:
+            layout = padding_layout(padding_mask.to(images.device), ps)
+            attn_mask = key_padding_attn_mask(layout.key_padding, images.dtype)
+            pos_embed = placed_pos_embed(visual, layout, grid)
+        else:
+            pos_embed = visual.interpolate_pos_embed(*grid, mode="bilinear", round_fp16=False)
+        return grid, layout, attn_mask, pos_embed
+
+
+def _grouped_gradcam(visual: Any, last: torch.Tensor, grid: tuple[int, int], make_target_fn: Any,
+                     pairs: torch.Tensor, attn_mask: Optional[torch.Tensor], create_graph: bool,
+                     need_attention: bool, mode: str) -> LastBlockGradCAM:
+    """Last-block GradCAM of the ``(P, 2)`` ``pairs`` of ``last`` ``(B, L, C)``: the batch taken whole
+    (``mode="vmap"``) or image by image (``"loop"``).
+
+    Sequential VJPs (CPU) run on one image at a time: a VJP through the whole batch would spend most of its
+    work on the other images' (zero) gradients; batched VJPs (GPU) take the batch.
+    """
+    b = last.shape[0]
+    groups = [(0, b)] if mode == "vmap" else [(i, i + 1) for i in range(b)]
+    results = []
+    for lo, hi in groups:
+        sel = (pairs[:, 0] >= lo) & (pairs[:, 0] < hi)
+        local = pairs[sel] - torch.tensor([lo, 0], dtype=pairs.dtype, device=pairs.device)
+        results.append(last_block_gradcam(
+            visual, last[lo:hi], grid, make_target_fn(lo, hi), local,
+            attn_mask=None if attn_mask is None else attn_mask[lo:hi], create_graph=create_graph,
+            # the explicit attention path also when only the second-order graph needs it: torch's
+            # fused attention kernels have no double backward
+            vjp_mode=mode, need_attention=need_attention or create_graph,
+        ))
+    return LastBlockGradCAM(
+        cams=torch.cat([r.cams for r in results]), grad_weights=torch.cat([r.grad_weights for r in results]),
+        targets=torch.cat([r.targets for r in results]), activation=torch.cat([r.activation for r in results]),
+        attention=torch.cat([r.attention for r in results]) if results[0].attention is not None else None,
+    )

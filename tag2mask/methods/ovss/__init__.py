@@ -1,19 +1,13 @@
 """Training-free open-vocabulary segmentation: MaskCLIP, SCLIP, ClearCLIP and NACLIP.
 
-The methods differ only in how the last block of CLIP's ViT is run (:mod:`.last_block`) and in
-MaskCLIP's optional refinements (:mod:`.maskclip_refine`); :class:`OpenVocabSegmenter` is the
-shared pipeline (resize, whole/sliding inference, text matching, background handling, PAMR), and
-:mod:`.presets` holds its settings: ``default`` and ``published`` (the official harness of each
-method, proven against golden data from the official code).
+The methods differ only in how the last block of CLIP's ViT is run, so they share one folder.
+Paper -> files:
+- MaskCLIP (ECCV 2022: value embeddings of the last block; key smoothing and prompt
+  denoising): :mod:`.last_block` (``maskclip``) and :mod:`.maskclip_refine`.
+- SCLIP (correlative self-attention), ClearCLIP (query-query attention without residual / FFN),
+  NACLIP (key-key attention + Gaussian neighbourhood, no residual / FFN): :mod:`.last_block`.
+- The shared pipeline (resize, whole / sliding inference, text matching, background, PAMR):
+  :mod:`.segmenter` with :mod:`.windows`; settings ``default`` / ``published`` (each method's
+  official harness): :mod:`.presets`. Commands: ``tag2mask segment``, ``serve``, ``demo``.
+Docs: docs/open_vocabulary.md.
 """
-
-from tag2mask.methods.ovss.last_block import LAST_BLOCKS, attention_weights, get_last_block
-from tag2mask.methods.ovss.maskclip_refine import key_smooth, prompt_denoise
-from tag2mask.methods.ovss.presets import DATASETS, PRESET_NAMES, OvssPreset, get_preset
-from tag2mask.methods.ovss.segmenter import METHODS, PUBLISHED_SETTINGS, OpenVocabSegmenter, SegmentationResult
-
-__all__ = [
-    "LAST_BLOCKS", "attention_weights", "get_last_block", "key_smooth", "prompt_denoise", "DATASETS",
-    "PRESET_NAMES", "OvssPreset", "get_preset", "METHODS", "PUBLISHED_SETTINGS", "OpenVocabSegmenter",
-    "SegmentationResult",
-]

@@ -116,13 +116,6 @@ def _qq_attention(block: ResidualAttentionBlock, a: torch.Tensor, grid: tuple[in
     return _attention_output(block, _self_similarity_attention(q, v))
 
 
-def _full(attend: Callable) -> LastBlockFn:
-    def block_fn(block: ResidualAttentionBlock, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
-        return _ffn(block, x + attend(block, block.ln_1(x), grid))
-
-    return block_fn
-
-
 def _reduced(attend: Callable) -> LastBlockFn:
     def block_fn(block: ResidualAttentionBlock, x: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
         return attend(block, block.ln_1(x), grid)

@@ -33,6 +33,8 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional, Union
 
+from tag2mask.config import DictConfig
+
 __all__ = [
     "OvssPreset", "PRESET_NAMES", "NUMERICS", "DATASETS", "DATASET_SETTINGS", "get_preset", "published_settings",
 ]
@@ -45,7 +47,7 @@ NUMERICS = ("harness", "maskclip", "model")
 
 
 @dataclass(frozen=True)
-class OvssPreset:
+class OvssPreset(DictConfig):
     """Every setting that changes a training-free segmenter's output.
 
     Attributes:
@@ -144,11 +146,6 @@ class OvssPreset:
             new = dataclasses.replace(new, name=f"{self.name}+custom")
         return new
 
-    def as_dict(self) -> dict[str, object]:
-        """JSON-friendly dict of every field (run records, docs)."""
-        out = dataclasses.asdict(self)
-        out["pamr_dilations"] = list(self.pamr_dilations)
-        return out
 
 
 def _default(method: str) -> OvssPreset:
@@ -242,4 +239,4 @@ def get_preset(method: str, name: Union[str, OvssPreset] = "default") -> OvssPre
 
 def published_settings() -> dict[str, dict[str, object]]:
     """method -> the fields of its ``published`` preset (for docs and ``--help``)."""
-    return {m: get_preset(m, "published").as_dict() for m in _METHODS}
+    return {m: get_preset(m, "published").to_dict() for m in _METHODS}

@@ -20,29 +20,27 @@ every setting comes from an :class:`~tag2mask.methods.ovss.presets.OvssPreset` (
 
 from __future__ import annotations
 
-import contextlib
-import copy
+import dataclasses
 from dataclasses import dataclass
-from typing import Any, Iterator, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from torch import nn
 
-from tag2mask.clip.layers import Attention, ResidualAttentionBlock, set_numerics
-from tag2mask.clip.model import CLIP, CLIP_MEAN, CLIP_STD
+from tag2mask.clip.model import CLIP
 from tag2mask.clip.text_embed import CacheDir, embed_vocabulary
 from tag2mask.clip.vision import VisionTransformer
 from tag2mask.inference import slide_logits
 from tag2mask.methods.ovss.last_block import get_last_block, maskclip_keys
 from tag2mask.methods.ovss.maskclip_refine import key_smooth, prompt_denoise
+from tag2mask.methods.ovss.numerics import fp16_rounded, input_mean_std, maskclip_numerics
 from tag2mask.methods.ovss.presets import OvssPreset, get_preset, published_settings
 from tag2mask.methods.ovss.windows import centre_padding, resize_like_mmcv, window_boxes
 from tag2mask.vocab.vocabulary import Vocabulary, load_vocabulary
 
-__all__ = ["METHODS", "PUBLISHED_SETTINGS", "SegmentationResult", "OpenVocabSegmenter", "maskclip_numerics"]
+__all__ = ["METHODS", "PUBLISHED_SETTINGS", "SegmentationResult", "OpenVocabSegmenter", "resolve_settings"]
 
 METHODS = ("maskclip", "sclip", "clearclip", "naclip", "clip")
 
@@ -51,19 +49,10 @@ PUBLISHED_SETTINGS: dict[str, dict[str, object]] = published_settings()
 
 _BACKGROUND_NAME = "background"
 
-# mean / std in 0-255 units: the SCLIP-family SegDataPreProcessor and MaskCLIP's mmseg config
-_HARNESS_MEAN, _HARNESS_STD = (122.771, 116.746, 104.094), (68.501, 66.632, 70.323)
-_MMSEG_IMAGENET_MEAN, _MMSEG_IMAGENET_STD = (123.675, 116.28, 103.53), (58.395, 57.12, 57.375)
+#: fields of OvssPreset that a segmenter exposes as attributes too (``seg.mode``, ``seg.crop`` ...)
+_SETTING_NAMES = frozenset(f.name for f in dataclasses.fields(OvssPreset))
+
 _HARNESS_POS_OFFSET = 0.1  # interpolate_pos_encoding: scale_factor = (n + 0.1) / 14
-
-
-class _Unset:
-    def __repr__(self) -> str:
-        return "<from preset>"
-
-
-#: keyword default meaning "take this setting from the preset"
-FROM_PRESET: Any = _Unset()
 
 
 @dataclass
@@ -100,57 +89,25 @@ class SegmentationResult:
         return [int(v) for v in np.unique(self.label)]
 
 
-@contextlib.contextmanager
-def maskclip_numerics(visual: nn.Module) -> Iterator[None]:
-    """Temporarily give a ViT image tower MaskCLIP's official numerics; restored on exit.
-
-    The official model runs CLIP weights as an mmseg ViT with LayerNorm eps 1e-6 (CLIP: 1e-5),
-    exact erf GELU (CLIP: QuickGELU) and bicubic positional interpolation. ResNets are unchanged.
-    """
-    if not isinstance(visual, VisionTransformer):
-        yield
-        return
-    eps = [(m, m.eps) for m in visual.modules() if isinstance(m, nn.LayerNorm)]
-    acts = [(b, b.mlp.gelu) for b in visual.modules() if isinstance(b, ResidualAttentionBlock)]
-    interpolation = visual.pos_interpolation
-    try:
-        set_numerics(visual, ln_eps=1e-6, activation="gelu")
-        visual.pos_interpolation = "bicubic"
-        yield
-    finally:
-        for m, e in eps:
-            m.eps = e
-        for b, act in acts:
-            b.mlp.gelu = act
-        visual.pos_interpolation = interpolation
-
-
-def _fp16_rounding_targets(model: CLIP) -> Iterator[torch.Tensor]:
-    """The tensors the official OpenAI / open_clip loaders round to fp16 (87 for a ViT CLIP)."""
-    for m in model.modules():
-        if isinstance(m, (nn.Conv2d, nn.Linear)):
-            yield from (p for p in (m.weight, m.bias) if p is not None)
-        elif isinstance(m, Attention):
-            yield from (m.in_proj_weight, m.in_proj_bias)
-    yield model.text_projection
-    if isinstance(model.visual, VisionTransformer):
-        yield model.visual.proj
-
-
-def _is_fp16_rounded(model: CLIP) -> bool:
-    return all(torch.equal(p, p.half().to(p.dtype)) for p in _fp16_rounding_targets(model))
-
-
-def _fp16_rounded(model: CLIP) -> CLIP:
-    """``model`` if its weights are already fp16-rounded, else a rounded copy (the caller's model is kept)."""
-    if _is_fp16_rounded(model):
-        return model
-    from tag2mask.clip.loading import round_weights_to_fp16
-
-    rounded = copy.deepcopy(model)
-    round_weights_to_fp16(rounded)
-    rounded.fingerprint = f"{getattr(model, 'fingerprint', 'unknown')}:fp16r"
-    return rounded
+def resolve_settings(method: str, preset: Union[str, OvssPreset] = "default",
+                     templates: Union[str, Sequence[str], None] = None, compat: Optional[bool] = None,
+                     overrides: Optional[dict[str, Any]] = None) -> OvssPreset:
+    """The settings a segmenter runs with: ``preset`` of ``method`` with ``overrides`` (any
+    :class:`~tag2mask.methods.ovss.presets.OvssPreset` field; an unknown one is an error naming the
+    field), custom ``templates`` and ``compat`` (``True``: the method's official numerics, ``False``:
+    the model's, ``None``: the preset's) applied. Unknown methods and last blocks fail here."""
+    if method not in METHODS:
+        raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+    overrides = dict(overrides or {})
+    if templates is not None:
+        overrides["templates"] = templates if isinstance(templates, str) else "custom"
+    if compat is not None:
+        overrides["numerics"] = ("maskclip" if method == "maskclip" else "harness") if compat else "model"
+        if compat and method == "maskclip":
+            overrides.setdefault("logit_scale", None)  # MaskCLIP's raw cosine logits unless one is given
+    settings = get_preset(method, preset).replace(**overrides)
+    get_last_block(settings.last_block)  # unknown names fail here, before any work
+    return settings
 
 
 class OpenVocabSegmenter:
@@ -162,25 +119,17 @@ class OpenVocabSegmenter:
             (``"cat, dog; background: sky, grass"``, a name-set file, or an official ``cls_*.txt``).
         method: ``maskclip`` | ``sclip`` | ``clearclip`` | ``naclip`` | ``clip`` (unchanged last block).
         preset: ``default``, ``published``, ``published:<dataset>`` or an
-            :class:`~tag2mask.methods.ovss.presets.OvssPreset`; every keyword below left at its
-            default takes the preset's value (``self.settings`` holds the resolved preset).
+            :class:`~tag2mask.methods.ovss.presets.OvssPreset`; ``overrides`` replace single fields.
         templates: template set name or list (preset: ``maskclip85`` for MaskCLIP, else ``imagenet80``).
         compat: ``True``: the method's official numerics (MaskCLIP: its mmseg ViT with LayerNorm eps
             1e-6, erf GELU, ImageNet mean/std, bicubic positional interpolation, bottom/right zero
             padding, raw cosine logits; others: the SCLIP-family harness numerics, which every
             preset already uses). ``False``: the loaded model as it is (CLIP mean/std, the model's
             own positional interpolation). ``None``: the preset's.
-        mode: ``whole`` (one pass) or ``slide`` (windows of ``crop`` every ``stride`` pixels, logits averaged).
-        short_side, max_long_side: input rescaling (``short_side=None`` keeps the image size).
-        logit_scale: softmax temperature over prompts (``None``: 1 with MaskCLIP numerics, else the
-            preset's 40 / 50).
-        prob_threshold: pixels whose best class probability is below it become background.
-        area_threshold: SCLIP's rule: foreground classes covering at most this fraction of the
-            foreground argmax area are zeroed before the argmax (``None`` = off).
-        pamr: refine the upsampled logits with PAMR (``pamr_steps`` iterations, ``pamr_dilations``).
-        last_block: a last-block variant other than the method's (e.g. ``clip-reduced``, the value
-            ClearCLIP's shipped config runs), see :data:`~tag2mask.methods.ovss.last_block.LAST_BLOCKS`.
-        naclip_std: NACLIP's Gaussian σ in patches.
+        **overrides: any field of :class:`~tag2mask.methods.ovss.presets.OvssPreset`, declared there once
+            (``mode``, ``short_side``, ``crop``, ``stride``, ``logit_scale``, ``prob_threshold``,
+            ``area_threshold``, ``pamr``, ``last_block``, ``naclip_std`` ...): replaces the preset's value
+            (``self.settings`` holds the result; an unknown name is a ``TypeError`` naming it).
         prompt_denoising, key_smoothing: MaskCLIP PD / KS thresholds (0 = off, the official default);
             ``ks_paper_form`` switches KS to the paper's cosine affinity.
         crop_batch: windows per forward pass in slide mode.
@@ -197,44 +146,16 @@ class OpenVocabSegmenter:
         preset: Union[str, OvssPreset] = "default",
         templates: Union[str, Sequence[str], None] = None,
         compat: Optional[bool] = None,
-        mode: str = FROM_PRESET,
-        short_side: Optional[int] = FROM_PRESET,
-        max_long_side: int = FROM_PRESET,
-        crop: int = FROM_PRESET,
-        stride: int = FROM_PRESET,
-        logit_scale: Optional[float] = FROM_PRESET,
-        prob_threshold: float = FROM_PRESET,
-        area_threshold: Optional[float] = FROM_PRESET,
-        pamr: bool = FROM_PRESET,
-        pamr_steps: int = FROM_PRESET,
-        pamr_dilations: Sequence[int] = FROM_PRESET,
-        last_block: str = FROM_PRESET,
-        naclip_std: float = FROM_PRESET,
         prompt_denoising: float = 0.0,
         key_smoothing: float = 0.0,
         ks_paper_form: bool = False,
         crop_batch: int = 8,
         device: Union[str, torch.device, None] = None,
         text_cache: CacheDir = None,
+        **overrides: Any,
     ):
         method = method.strip().lower()
-        if method not in METHODS:
-            raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
-        overrides = {
-            k: v for k, v in dict(
-                mode=mode, short_side=short_side, max_long_side=max_long_side, crop=crop, stride=stride,
-                logit_scale=logit_scale, prob_threshold=prob_threshold, area_threshold=area_threshold, pamr=pamr,
-                pamr_steps=pamr_steps, pamr_dilations=pamr_dilations, last_block=last_block, naclip_std=naclip_std,
-            ).items() if v is not FROM_PRESET
-        }
-        if templates is not None:
-            overrides["templates"] = templates if isinstance(templates, str) else "custom"
-        if compat is not None:
-            overrides["numerics"] = ("maskclip" if method == "maskclip" else "harness") if compat else "model"
-            if compat and method == "maskclip":
-                overrides.setdefault("logit_scale", None)  # MaskCLIP's raw cosine logits unless one is given
-        settings = get_preset(method, preset).replace(**overrides)
-        get_last_block(settings.last_block)  # unknown names fail here, before any work
+        settings = resolve_settings(method, preset, templates, compat, overrides)
         if crop_batch <= 0:
             raise ValueError(f"crop_batch must be positive, got {crop_batch}")
         self.is_vit = isinstance(model.visual, VisionTransformer)
@@ -248,24 +169,16 @@ class OpenVocabSegmenter:
         self.method = method
         self.compat = settings.numerics != "model"
         self.maskclip_compat = settings.numerics == "maskclip"
-        self.mode = settings.mode
-        self.short_side, self.max_long_side = settings.short_side, settings.max_long_side
-        self.crop, self.stride, self.crop_batch = settings.crop, settings.stride, crop_batch
-        self.prob_threshold, self.area_threshold = settings.prob_threshold, settings.area_threshold
+        self.crop_batch = crop_batch
         self.prompt_denoising, self.key_smoothing, self.ks_paper_form = prompt_denoising, key_smoothing, ks_paper_form
         self.logit_scale = settings.effective_logit_scale
 
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
         if settings.round_fp16_weights:
-            model = _fp16_rounded(model)
+            model = fp16_rounded(model)
         self.model = model.to(self.device).eval()
         self.visual = self.model.visual
-        if settings.numerics == "harness":
-            mean, std = _HARNESS_MEAN, _HARNESS_STD
-        elif settings.numerics == "maskclip":
-            mean, std = _MMSEG_IMAGENET_MEAN, _MMSEG_IMAGENET_STD
-        else:
-            mean, std = tuple(255.0 * m for m in CLIP_MEAN), tuple(255.0 * s for s in CLIP_STD)
+        mean, std = input_mean_std(settings.numerics)
         self._mean = torch.tensor(mean, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self._std = torch.tensor(std, dtype=torch.float32, device=self.device).view(1, 3, 1, 1)
         self._last_block = get_last_block(settings.last_block, **(
@@ -279,6 +192,14 @@ class OpenVocabSegmenter:
 
             self._pamr = PAMR(settings.pamr_steps, dilations=settings.pamr_dilations).to(self.device)
 
+    def __getattr__(self, name: str) -> Any:
+        """The settings read as attributes (``seg.mode`` is ``seg.settings.mode``): declared once, in
+        :class:`~tag2mask.methods.ovss.presets.OvssPreset`. Only called for names not found otherwise."""
+        settings = self.__dict__.get("settings")
+        if settings is not None and name in _SETTING_NAMES:
+            return getattr(settings, name)
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+
     # ----------------------------------------------------------------------------------------------
     # text side
 
@@ -286,7 +207,7 @@ class OpenVocabSegmenter:
         """Prompt embeddings ``(S, D)`` and the output label of every prompt ``(S,)``, background rows first."""
         fg, bg = embed_vocabulary(self.model, self.vocab, self.templates, cache, device=self.device)
         # label 0 is background when background words exist or low-confidence pixels need a home
-        self.has_background = bg is not None or self.prob_threshold > 0
+        self.has_background = bg is not None or self.settings.prob_threshold > 0
         offset = 1 if self.has_background else 0
         feats, labels = [], []
         if bg is not None:  # the official name sets put the background on line 0: same prompt order
@@ -319,8 +240,8 @@ class OpenVocabSegmenter:
     def _preprocess(self, image: Image.Image) -> torch.Tensor:
         """PIL image -> resized (OpenCV-exact keep-ratio resize, on the device), normalised ``(1, 3, h, w)`` float32."""
         rgb = torch.from_numpy(self._rgb(image)).to(self.device)
-        if self.short_side is not None:
-            rgb = resize_like_mmcv(rgb, self.short_side, self.max_long_side)
+        if self.settings.short_side is not None:
+            rgb = resize_like_mmcv(rgb, self.settings.short_side, self.settings.max_long_side)
         return self._normalise_uint8(rgb)
 
     def _forward_dense(self, images: torch.Tensor, block_fn) -> tuple[torch.Tensor, tuple[int, int]]:
@@ -424,7 +345,7 @@ class OpenVocabSegmenter:
     def _prompt_logits(self, x: torch.Tensor, out_hw: tuple[int, int], arrays: Optional[dict]) -> torch.Tensor:
         """Prompt logits ``(1, S, H, W)`` of a preprocessed input ``(1, 3, h, w)`` at the image size."""
         _, _, h, w = x.shape
-        if self.mode == "whole":  # no window padding: the official whole-image paths feed the input as is
+        if self.settings.mode == "whole":  # no window padding: the official whole-image paths feed the input as is
             boxes = [(0, 0, h, w)]
             padded = self._pad_to_one_patch(x)
             feats, logits = self._dense(padded)
@@ -434,8 +355,9 @@ class OpenVocabSegmenter:
             elif self.settings.whole_upsample == "input":
                 logits = F.interpolate(logits, size=(h, w), mode="bilinear", align_corners=False)
         else:
-            boxes = window_boxes(h, w, self.crop, self.stride)
-            logits = slide_logits(lambda crops: self._window_logits(crops, arrays), x, self.crop, self.stride,
+            boxes = window_boxes(h, w, self.settings.crop, self.settings.stride)
+            logits = slide_logits(lambda crops: self._window_logits(crops, arrays), x, self.settings.crop,
+                                  self.settings.stride,
                                   self.crop_batch)
         if arrays is not None:
             arrays["win_boxes"] = np.asarray(boxes, dtype=np.int64).reshape(-1, 4)
@@ -465,15 +387,15 @@ class OpenVocabSegmenter:
         index = self.prompt_label.view(-1, 1, 1).expand_as(probs)
         class_prob = probs.new_zeros((n_out, *probs.shape[1:])).scatter_reduce(0, index, probs, "amax")
         class_logit = scaled.new_full((n_out, *scaled.shape[1:]), float("-inf")).scatter_reduce(0, index, scaled, "amax")
-        if self.area_threshold is not None:
+        if self.settings.area_threshold is not None:
             first = 1 if self.has_background else 0  # the background class is never suppressed
             pred = class_prob.argmax(dim=0)
             area = torch.bincount(pred.flatten(), minlength=n_out)[first:].to(class_prob.dtype)
-            keep = (area > self.area_threshold * area.sum()).to(class_prob.dtype)
+            keep = (area > self.settings.area_threshold * area.sum()).to(class_prob.dtype)
             class_prob = torch.cat([class_prob[:first], class_prob[first:] * keep.view(-1, 1, 1)])
         label = class_prob.argmax(dim=0)
-        if self.prob_threshold > 0:
-            label = torch.where(class_prob.amax(dim=0) < self.prob_threshold, torch.zeros_like(label), label)
+        if self.settings.prob_threshold > 0:
+            label = torch.where(class_prob.amax(dim=0) < self.settings.prob_threshold, torch.zeros_like(label), label)
         if self.settings.renormalise_probs:
             class_prob = class_prob / class_prob.sum(dim=0, keepdim=True)
         return label, class_logit, class_prob
@@ -519,7 +441,7 @@ class OpenVocabSegmenter:
 
     def __repr__(self) -> str:
         return (
-            f"OpenVocabSegmenter(method={self.method!r}, preset={self.settings.name!r}, mode={self.mode!r}, "
+            f"OpenVocabSegmenter(method={self.method!r}, preset={self.settings.name!r}, mode={self.settings.mode!r}, "
             f"last_block={self.settings.last_block!r}, numerics={self.settings.numerics!r}, "
             f"classes={len(self.vocab)}, background={self.has_background}, logit_scale={self.logit_scale})"
         )

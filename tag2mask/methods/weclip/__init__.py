@@ -1,65 +1,15 @@
-"""WeCLIP (CVPR 2024): frozen CLIP backbone + light decoder trained on online pseudo labels.
+"""WeCLIP (Zhang et al., "Frozen CLIP: A Strong Backbone for Weakly Supervised Semantic Segmentation", CVPR 2024).
 
-Components: :mod:`.decoder` (11-layer feature fusion + transformer decoder + affinity head),
-:mod:`.losses` (balanced CE, affinity label and loss), :mod:`.rfm` (refinement module of the
-CAM affinity). PAR lives in :mod:`tag2mask.refinement.par`, the lr schedule in
-:mod:`tag2mask.training.schedule`.
+Paper -> files:
+- Frozen CLIP backbone + decoder (the decoder network is shared with the segmenter networks:
+  :mod:`tag2mask.models.weclip_decoder`); the model with its online pseudo-labels (CLIP-ES-style
+  CAMs from the shared :mod:`tag2mask.localization.cam_pipeline`): :mod:`.model`.
+- Refinement module (RFM) of the CAM affinity: :mod:`.rfm`; PAR: :mod:`tag2mask.refinement.par`.
+- Losses (bg/fg-balanced CE, affinity loss): :mod:`.losses`.
+- Training on the engine (poly warm-up AdamW): :mod:`.train_task` with its data in :mod:`.data`;
+  command ``tag2mask train weclip`` (:mod:`.cli`).
+- Test time (multi-scale + flip, optional CRF): :mod:`.inference`; official checkpoints:
+  :mod:`.convert` (``tag2mask convert weclip``).
+- The fully supervised setting: the segmenter recipe ``weclip-fs`` in :mod:`.recipe`.
+Docs: docs/weclip.md.
 """
-
-from tag2mask.methods.weclip.decoder import (
-    WeCLIPDecoder,
-    WeCLIPDecoderOutput,
-    count_trainable_parameters,
-    load_official_decoder_state,
-    to_official_decoder_state,
-)
-from tag2mask.methods.weclip.losses import (
-    AFF_LOSS_WEIGHT,
-    SEG_LOSS_WEIGHT,
-    WeCLIPLoss,
-    affinity_loss,
-    balanced_ce_loss,
-    balanced_ce_terms,
-    cams_to_affinity_label,
-    radius_window_mask,
-    weclip_total_loss,
-)
-from tag2mask.methods.weclip.rfm import (
-    BOX_THRESHOLD,
-    CAA_LAYERS,
-    RFM_LAYERS,
-    RefinedCams,
-    caa_affinity,
-    refine_image_cams,
-    refine_with_affinity,
-    rfm_affinity,
-    rfm_keep_from_mass,
-    rfm_keep_mask,
-)
-
-__all__ = [
-    "WeCLIPDecoder",
-    "WeCLIPDecoderOutput",
-    "count_trainable_parameters",
-    "load_official_decoder_state",
-    "to_official_decoder_state",
-    "AFF_LOSS_WEIGHT",
-    "SEG_LOSS_WEIGHT",
-    "WeCLIPLoss",
-    "affinity_loss",
-    "balanced_ce_loss",
-    "balanced_ce_terms",
-    "cams_to_affinity_label",
-    "radius_window_mask",
-    "weclip_total_loss",
-    "BOX_THRESHOLD",
-    "CAA_LAYERS",
-    "RFM_LAYERS",
-    "RefinedCams",
-    "caa_affinity",
-    "refine_image_cams",
-    "refine_with_affinity",
-    "rfm_affinity",
-    "rfm_keep_from_mass",
-    "rfm_keep_mask",
-]

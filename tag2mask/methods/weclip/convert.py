@@ -17,13 +17,16 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any, Optional, Sequence, Union
 
 import torch
 
-from tag2mask.methods.weclip.decoder import WeCLIPDecoder, load_official_decoder_state
+from tag2mask.models.weclip_decoder import WeCLIPDecoder, load_official_decoder_state
 from tag2mask.methods.weclip.model import WeCLIPConfig, build_clip_for, preset
 
 __all__ = ["read_official_checkpoint", "split_official_state", "convert_official_weclip"]
@@ -101,10 +104,7 @@ def convert_official_weclip(
         classes: foreground prompt names for other label sets.
         overwrite: replace the checkpoint of an existing converted run folder.
     """
-    from safetensors.torch import save_file
-
-    from tag2mask.jobs.checkpoint import RECORD, honour_umask, save_checkpoint
-    from tag2mask.training.engine import CHECKPOINT_FORMAT, RunFolderError
+    from tag2mask.runs.layout import RunFolderError
 
     path, out = Path(path), Path(out_dir)
     if out.is_dir() and any(out.iterdir()) and not overwrite:
@@ -113,16 +113,29 @@ def convert_official_weclip(
     clip_state, decoder_state = split_official_state(state, str(path))
     config = _config_for(decoder_state, preset_name, classes, str(path))
 
-    out.mkdir(parents=True, exist_ok=True)
-    if overwrite:
-        for p in out.glob("ckpt_*.pt"):
-            p.unlink()
-        (out / RECORD).unlink(missing_ok=True)
-    clip_path = out / "clip.safetensors"
-    tmp = out / ".clip.tmp.safetensors"
-    save_file({k: v.detach().contiguous() for k, v in clip_state.items()}, str(tmp),
+    # why: the run is written into a hidden sibling folder and moved into place only when complete, so a
+    # failed conversion (bad decoder, full disk, Ctrl-C) leaves nothing that blocks its retry
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.converting-", dir=out.parent))
+    try:
+        name = _write_converted_run(staging, path, clip_state, decoder_state, config)
+        _publish_run(staging, out, overwrite)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    return out / name
+
+
+def _write_converted_run(folder: Path, path: Path, clip_state: dict, decoder_state: dict,
+                         config: WeCLIPConfig) -> str:
+    """Write ``clip.safetensors``, the checkpoint and ``config.json`` of a converted run into ``folder``."""
+    from safetensors.torch import save_file
+
+    from tag2mask.jobs.checkpoint import honour_umask, save_checkpoint
+    from tag2mask.runs.layout import CHECKPOINT_FORMAT
+
+    clip_path = folder / "clip.safetensors"
+    save_file({k: v.detach().contiguous() for k, v in clip_state.items()}, str(clip_path),
               metadata={"source": path.name, "format": "pt"})
-    tmp.replace(clip_path)
     honour_umask(clip_path)
     clip = build_clip_for(config, clip_path, "cpu")  # validates the CLIP weights
     decoder = WeCLIPDecoder(in_channels=clip.visual.width, num_classes=config.num_classes,
@@ -142,8 +155,30 @@ def convert_official_weclip(
         "config_json": json.dumps(config.to_dict()), "options_json": "{}", "meta_json": json.dumps(meta),
         "modules": {"decoder": decoder_state}, "optimizer": {}, "scaler": {}, "rng": [], "extra": {},
     }
-    saved = save_checkpoint(out, iteration, payload, name=f"ckpt_{iteration:07d}.pt")
-    (out / "config.json").write_text(json.dumps({"task": "weclip", "config": config.to_dict(), "meta": meta},
-                                                indent=2))
-    honour_umask(out / "config.json")
-    return saved
+    saved = save_checkpoint(folder, iteration, payload, name=f"ckpt_{iteration:07d}.pt")
+    (folder / "config.json").write_text(json.dumps({"task": "weclip", "config": config.to_dict(), "meta": meta},
+                                                   indent=2))
+    honour_umask(folder / "config.json")
+    return saved.name
+
+
+def _publish_run(staging: Path, out: Path, overwrite: bool) -> None:
+    """Move the complete run in ``staging`` to ``out``: one rename, or file by file into an existing ``out``."""
+    from tag2mask.jobs.checkpoint import RECORD
+    from tag2mask.runs.layout import RunFolderError
+
+    mask = os.umask(0)
+    os.umask(mask)
+    os.chmod(staging, 0o777 & ~mask)  # mkdtemp makes it 0700; the run folder is shared like any output
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    if not out.exists():
+        staging.rename(out)
+        return
+    if not overwrite:
+        raise RunFolderError(f"{out} already exists and is not empty; choose another --out or pass --overwrite")
+    for p in out.glob("ckpt_*.pt"):
+        p.unlink()
+    (out / RECORD).unlink(missing_ok=True)
+    for p in sorted(staging.iterdir()):
+        os.replace(p, out / p.name)

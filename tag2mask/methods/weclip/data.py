@@ -14,7 +14,7 @@ synthetic scene labels).
 
 Determinism: sample ``pos`` of the training stream (``pos = iteration · global_batch + slot``) is
 image ``perm_epoch[pos mod N]`` augmented with ``np.random.default_rng([seed, pos])``
-(:mod:`tag2mask.training.stream`). Nothing depends on worker processes, world size or earlier
+(:mod:`tag2mask.engine.data_stream`). Nothing depends on worker processes, world size or earlier
 samples, so a resumed or multi-process run sees exactly the batches of an uninterrupted one.
 """
 
@@ -28,7 +28,7 @@ import torch
 from PIL import Image
 
 from tag2mask.methods.weclip.model import normalize_rgb
-from tag2mask.training.stream import EpochOrder, PositionSampler
+from tag2mask.engine.data_stream import EpochOrder, PositionSampler
 
 __all__ = [
     "ImageSource",

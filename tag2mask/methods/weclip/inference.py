@@ -56,7 +56,7 @@ def load_checkpoint(path: Union[str, Path]) -> tuple[dict[str, torch.Tensor], We
     (frozen, and usually far larger than the 6 M decoder parameters). A relative ``weights`` path
     (a converted official checkpoint keeps its CLIP next to it) is relative to the checkpoint's folder.
     """
-    from tag2mask.training.engine import read_run_checkpoint
+    from tag2mask.runs.layout import read_run_checkpoint
 
     ckpt = read_run_checkpoint(path, task="weclip")
     ref = dict(ckpt["meta"].get("clip", {}))
@@ -78,6 +78,23 @@ class WeCLIPSegmenter:
         precision: ``fp32`` | ``bf16`` | ``fp16`` autocast.
         scales, flip, long_side: override the config's test-time settings.
     """
+
+    takes_classes = False  # the run brings its own classes
+    has_background = True
+
+    @classmethod
+    def from_run(cls, checkpoint: Union[str, Path], device: Union[str, torch.device] = "auto",
+                 weights: Optional[str] = None, crf: bool = False, classes: Optional[str] = None) -> "WeCLIPSegmenter":
+        """The predictor of ``segment --checkpoint`` (see :data:`tag2mask.methods.registry.RUN_PREDICTORS`)."""
+        if classes is not None:
+            raise ValueError("--classes with --checkpoint applies to CLIP-ZSS students (train clip-zss); this run "
+                             "brings its own classes")
+        return cls(checkpoint, device=device, weights=weights, crf=crf)
+
+    @property
+    def class_names(self) -> tuple[str, ...]:
+        """Label value -> name of :meth:`predict`'s output (0 = background)."""
+        return ("background",) + tuple(self.config.classes)
 
     def __init__(
         self,

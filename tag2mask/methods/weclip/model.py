@@ -17,15 +17,17 @@ One training step, as the official ``WeCLIP.forward`` composes it:
 Steps 3's GradCAM → affinity → boxes → propagation → scaling is the shared CAM pipeline
 (:mod:`tag2mask.localization.cam_pipeline`) that CLIP-ES uses too; RFM only supplies the affinity.
 
-Numerics: ``compat_numerics=True`` reproduces the released code (CLIP Conv/Linear weights rounded to
-fp16 by the loader, fp16-rounded positional embeddings, fp16 attention out-projection in the
-decoder, TF32 off); ``False`` is a pure float32 model (what the ``fp32ref_*`` fixture arrays hold).
+Numerics: ``compat_numerics=True`` reproduces the released code's GPU run: the CLIP computes in fp16
+where it does (Conv/Linear layers, residual stream, attention out-projections; q/k/v projection and
+softmax in float32 with the unrounded ``in_proj``), fp16-rounded positional embeddings, fp16
+attention out-projection in the decoder, TF32 off; ``False`` is a pure float32 model (what the
+``fp32ref_*`` fixture arrays hold).
 :class:`WeCLIP` applies them to the CLIP it is given (:mod:`tag2mask.clip.numerics`).
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import dataclass, replace
 from typing import Any, NamedTuple, Optional, Sequence
 
 import numpy as np
@@ -34,17 +36,19 @@ from torch import Tensor, nn
 
 from tag2mask.clip.model import CLIP, CLIP_MEAN, CLIP_STD
 from tag2mask.clip.numerics import NUMERICS, Numerics
+from tag2mask.config import DictConfig
 from tag2mask.clip.text_embed import CacheDir, TextEmbeddings, embed_vocabulary
 from tag2mask.evaluation.miou import check_miou_rule
 from tag2mask.localization.cam_pipeline import CAMSettings, run_cam_pipeline, scale_to_size
 from tag2mask.localization.labels import labels_from_scores, with_background
-from tag2mask.methods.weclip.decoder import WeCLIPDecoder
+from tag2mask.models.weclip_decoder import WeCLIPDecoder
 from tag2mask.methods.weclip.rfm import rfm_affinity, rfm_keep_mask
 from tag2mask.refinement.par import PAR
 from tag2mask.vocab.templates import CLIP_ES as CLIP_ES_TEMPLATES
 from tag2mask.vocab.vocabulary import Vocabulary, get_vocabulary
 
 __all__ = [
+    "split_names",
     "IMAGENET_MEAN_255",
     "IMAGENET_STD_255",
     "WeCLIPConfig",
@@ -69,7 +73,7 @@ IMAGENET_STD_255 = (58.395, 57.12, 57.375)
 
 
 @dataclass(frozen=True)
-class WeCLIPConfig:
+class WeCLIPConfig(DictConfig):
     """Everything that defines a WeCLIP model and its training recipe (saved in every checkpoint).
 
     Vocabulary: ``classes`` are the foreground prompt names (CLIP-ES style, synonyms written into one
@@ -150,7 +154,7 @@ class WeCLIPConfig:
     def cam_settings(self) -> CAMSettings:
         """The shared CAM pipeline's settings (the CAA branch; RFM replaces only the affinity)."""
         return CAMSettings(attention_layers=self.caa_layers, box_threshold=self.box_threshold,
-                           exact_resize=self.exact_cv2_resize)
+                           exact_resize=self.exact_cv2_resize, fp16_gradcam=self.compat_numerics)
 
     @property
     def num_classes(self) -> int:
@@ -161,18 +165,6 @@ class WeCLIPConfig:
         """The prompt vocabulary (one literal prompt per class, commas kept)."""
         return Vocabulary.from_names(list(self.classes), self.background)
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-friendly dict (tuples become lists)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "WeCLIPConfig":
-        """Inverse of :meth:`to_dict`; unknown keys are rejected so typos do not pass silently."""
-        names = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - names)
-        if unknown:
-            raise ValueError(f"unknown WeCLIP config keys: {unknown}")
-        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
 
 
 def _voc() -> WeCLIPConfig:
@@ -208,6 +200,19 @@ def preset(name: str, **overrides: Any) -> WeCLIPConfig:
     if key not in _PRESETS:
         raise ValueError(f"unknown WeCLIP preset {name!r}; choose from {list(_PRESETS)}")
     return replace(_PRESETS[key](), **overrides)
+
+
+def split_names(text: str) -> tuple[str, ...]:
+    """``--classes`` / ``--background`` of ``train weclip`` and ``convert weclip``: a preset name (its prompt
+    names), a file (one name per line, ``#`` comments) or ``'a, b, c'``."""
+    from pathlib import Path
+
+    if text.strip().lower() in PRESET_NAMES:  # "--classes voc": the preset's prompt names
+        return preset(text).classes
+    path = Path(text)
+    if path.is_file():
+        return tuple(ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#"))
+    return tuple(n.strip() for n in text.split(",") if n.strip())
 
 
 def normalize_rgb(rgb: np.ndarray, normalization: str = "imagenet") -> Tensor:
@@ -254,10 +259,11 @@ class WeCLIP(nn.Module):
     """Frozen CLIP ViT + trainable :class:`WeCLIPDecoder` + online pseudo labels.
 
     Args:
-        clip: a loaded CLIP ViT (frozen here). ``config.numerics`` are applied to it on every call
-            (:mod:`tag2mask.clip.numerics`): a CLIP loaded with ``round_fp16_weights=True`` (as
-            :func:`build_clip_for` does) is used as is, otherwise rounded copies of its weights are
-            swapped in while WeCLIP runs, so code sharing the CLIP is not affected.
+        clip: a loaded float32 CLIP ViT (frozen here). ``config.numerics`` are applied to it on every
+            call (:mod:`tag2mask.clip.numerics`): with ``compat_numerics`` fp16 copies of its
+            Conv/Linear weights are swapped in while WeCLIP runs, so code sharing the CLIP is not
+            affected. (A CLIP loaded with ``round_fp16_weights=True`` also has its attention
+            ``in_proj`` rounded, which the official WeCLIP does not do: load it plain.)
         config: :class:`WeCLIPConfig`.
         text_cache_dir: cache folder for the prompt embeddings (``False`` disables the cache).
     """
@@ -414,8 +420,8 @@ class WeCLIP(nn.Module):
 
 
 def build_clip_for(config: WeCLIPConfig, weights: Any, device: Any = "cpu") -> CLIP:
-    """Load CLIP ``weights`` for ``config`` (frozen, eval); with ``compat_numerics`` the weights are
-    rounded at load time, so :class:`WeCLIP` needs no rounded copies."""
+    """Load CLIP ``weights`` for ``config`` (frozen, eval), in float32: WeCLIP's numerics convert
+    what the official loader converts themselves and keep the attention ``in_proj`` as loaded."""
     from tag2mask.clip.loading import load_clip
 
     return load_clip(weights, device=device, round_fp16_weights=config.numerics.round_weights_fp16)

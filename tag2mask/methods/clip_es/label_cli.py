@@ -1,0 +1,187 @@
+"""``tag2mask label`` with CLIP-ES (the default ``--method``): CAMs -> refined pseudo-masks, per image.
+
+Registered in :mod:`tag2mask.methods.registry` as ``Command("label", "clip-es", ...)``: ``label`` adds
+:func:`add_label_options`, calls :func:`check_label_options` and runs :func:`run_label`. The job runs as
+overlapped stages (:mod:`.label_stages`): decode, CAMs on the device (:class:`~.pipeline.ClipES`), then
+refinement (:mod:`.label_maps`) and the writes in CPU workers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+from pathlib import Path
+from typing import Any
+
+from tag2mask.cmdline.items import describe, item_keys, open_items, source
+from tag2mask.cmdline.options import check_weights_options, reject_options
+
+__all__ = ["REFINERS", "CLIP_ES_ONLY", "add_label_options", "check_label_options", "run_label"]
+
+REFINERS = ("crf", "pamr", "none")
+#: options only CLIP-ES reads (the other label methods reject them)
+CLIP_ES_ONLY = ("refine", "box_threshold", "bg_power", "confidence", "template", "scales", "flip", "compat")
+
+
+def add_label_options(p: argparse.ArgumentParser) -> None:
+    """CLIP-ES's options of ``label``."""
+    g = p.add_argument_group("CLIP-ES (--method clip-es, the default)")
+    g.add_argument("--refine", default="pamr", choices=REFINERS,
+                   help="post-processing: crf (dense CRF, extra 'crf'), pamr or none (default: pamr)")
+    g.add_argument("--box-threshold", type=float, default=None,
+                   help="CAM box threshold lambda (default: the preset's, 0.4 for voc, 0.7 for coco)")
+    g.add_argument("--bg-power", type=float, default=1.0,
+                   help="with --refine pamr or none: background score (1 - max CAM)^p (default: 1)")
+    g.add_argument("--confidence", type=float, default=0.95, help="with --refine crf: pixels with max probability below this become 255 (default 0.95; 0 disables)")
+    g.add_argument("--template", default=None, help="prompt template with one {} (default: the preset's, 'a clean origami {}.' "
+                   "for voc/coco); tag2mask prompts select ranks candidates on your images")
+    g.add_argument("--scales", type=float, nargs="+", default=[1.0], help="test-time scales averaged (default: 1.0, as the official code)")
+    g.add_argument("--flip", action="store_true", help="also average horizontally flipped views")
+    g.add_argument("--no-compat", dest="compat", action="store_false", help="plain float32 numerics (no fp16 rounding of "
+                   "weights and positional embeddings) and no CRF image quirk; default: the official ones")
+
+
+def check_label_options(args: argparse.Namespace) -> None:
+    """CLIP-ES's checks (the other methods' hooks reject CLIP-ES's options when they run)."""
+    if args.method != "clip-es":
+        return
+    check_weights_options(args)
+    if args.refine != "crf":
+        reject_options(args, ("confidence",), f"with --refine {args.refine} (it masks low-confidence CRF pixels)")
+    else:
+        reject_options(args, ("bg_power",), "with --refine crf (the CRF computes its own background)")
+    if args.labels is not None:
+        reject_options(args, ("split",), "with --labels (the label file lists the images)")
+
+
+def _settings(args: argparse.Namespace, model) -> dict:
+    keys = ("method", "classes", "refine", "box_threshold", "bg_power", "confidence", "scales", "flip", "compat",
+            "precision", "save_arrays", "max_pixels", "max_pixels_policy")
+    s = {k: getattr(args, k) for k in keys}
+    if args.template is not None:  # recorded only when given, so runs started before the option still resume
+        s["template"] = args.template
+    s["weights"] = model.fingerprint
+    return s
+
+
+#: what the worker processes import once (in the process that forks them), before the first image
+_WORKER_PRELOAD = ("numpy", "PIL.Image", "torch", "tag2mask.methods.clip_es.label_stages", "tag2mask.methods.clip_es.label_maps")
+
+
+def run_label(args: argparse.Namespace) -> int:
+    """``tag2mask label`` with CLIP-ES (options already checked by :func:`check_label_options`)."""
+    from tag2mask.cmdline.options import overlap_settings
+    from tag2mask.jobs.distributed import device_for_rank
+    from tag2mask.jobs.overlap import start_worker_server
+    from tag2mask.runtime import resolve_device
+
+    args.device = device_for_rank(args.device)
+    if overlap_settings(args, resolve_device(args.device))[0] > 0:
+        start_worker_server(_WORKER_PRELOAD)  # the workers' imports overlap the model loading below
+    import torch
+
+    from tag2mask.cmdline.options import load_model_from_args, toy_model_warning
+    from tag2mask.methods.clip_es.pipeline import ClipES
+    from tag2mask.version import __version__
+    from tag2mask.vocab.vocabulary import load_vocabulary
+
+    out = Path(args.out)
+    if args.limit is not None and args.limit < 0:
+        raise ValueError(f"--limit must be >= 0, got {args.limit}")
+    vocab = load_vocabulary(args.classes)
+    config = _clip_es_config(args)
+    items = open_items(args, list(vocab.names))
+    # rounded at load when the preset's numerics round weights, so ClipES needs no rounded copies
+    model = load_model_from_args(args, official_rounding=config.numerics.round_weights_fp16)
+    warning = toy_model_warning(model, [args.images])
+    cam_maker = ClipES(model, vocab, config)
+    settings = _settings(args, model)
+    if args.refine == "crf":
+        from tag2mask.refinement.crf import _import_densecrf
+
+        _import_densecrf()  # fail at start-up, not in a worker on the first image, when the extra is missing
+    stages = _label_stages(args, items, vocab, model, cam_maker)
+
+    record = {
+        "tag2mask": __version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "command": "label",
+        "settings": settings,
+        "clip_es": config.to_dict(),
+        "miou_rule": config.miou_rule,
+        "classes": list(vocab.names),
+        "weights": getattr(model, "source_path", None),
+        "device": str(model_device(model)),
+        "workers": stages.workers,
+        "batch_size": stages.batch_size,
+        "warnings": [warning] if warning else [],
+    }
+    return _run_label_job(args, items, stages, out, settings, record, vocab)
+
+
+def _clip_es_config(args: argparse.Namespace) -> Any:
+    """The CLIP-ES config of ``args``: a preset name in ``--classes`` selects the whole official setting
+    (vocabulary, threshold, numerics); class files use voc's; the options override it."""
+    from tag2mask.clip.numerics import NUMERICS
+    from tag2mask.methods.clip_es.pipeline import PRESETS, preset_for
+
+    preset = args.classes.strip().lower() if args.classes.strip().lower() in PRESETS else "voc"
+    overrides = dict(scales=tuple(args.scales), flip=args.flip, precision=args.precision)
+    if args.box_threshold is not None:
+        overrides["box_threshold"] = args.box_threshold
+    if not args.compat:
+        overrides["numerics"] = NUMERICS["float32"]
+    if args.template is not None:
+        from tag2mask.vocab.templates import get_templates
+
+        overrides["templates"] = get_templates([args.template])
+    return preset_for(preset, **overrides)
+
+
+def _label_stages(args: argparse.Namespace, items: Any, vocab: Any, model: Any, cam_maker: Any) -> Any:
+    """The three stages of ``label`` (prepare an image, CAMs on the model's device, finish the mask)."""
+    from tag2mask.cmdline.options import overlap_settings
+    from tag2mask.methods.clip_es.label_stages import ComputeCAMs, FinishMask, LabelSettings, PrepareImage
+    from tag2mask.jobs.overlap import Stages
+    from tag2mask.methods.clip_es.label_maps import LabelRefiner
+
+    # COCO "file_name" and the manifest's "image" field are relative to the image folder
+    image_root = Path(items.image_dir) if hasattr(items, "image_dir") else Path(items.root) / "JPEGImages"
+    workers, batch_size = overlap_settings(args, model_device(model))
+    settings_for_workers = LabelSettings(
+        class_names=tuple(vocab.names), image_root=str(image_root), out=str(Path(args.out)),
+        max_decode_pixels=args.max_decode_pixels, max_pixels=args.max_pixels,
+        max_pixels_policy=args.max_pixels_policy, save_arrays=args.save_arrays, refine=args.refine,
+        bg_power=args.bg_power, confidence=args.confidence, compat=args.compat)
+    # PAMR runs on the model's device when that is a GPU (as it always did); CRF and argmax are CPU work
+    on_device = LabelRefiner(args.refine, bg_power=args.bg_power, device=model_device(model)) \
+        if args.refine == "pamr" and model_device(model).type != "cpu" else None
+    return Stages(PrepareImage(settings_for_workers), ComputeCAMs(cam_maker, args.save_arrays, on_device),
+                  FinishMask(settings_for_workers), workers=workers, batch_size=batch_size,
+                  preload=_WORKER_PRELOAD)
+
+
+def _run_label_job(args: argparse.Namespace, items: Any, stages: Any, out: Path, settings: dict, record: dict,
+                   vocab: Any) -> int:
+    """Run the items through ``stages`` into ``out`` (resumable), print the summary; the exit code."""
+    from tag2mask.jobs.runner import JobOptions, print_summary, process_exit_code, run_items
+
+    def finalize(run_dir: Path, summary) -> None:
+        if args.coco_json:
+            from tag2mask.jobs.coco_export import write_coco_from_manifest
+
+            record["coco_json"] = write_coco_from_manifest(run_dir, vocab.names, run_dir / "annotations.json")
+
+    options = JobOptions(resume=args.resume, overwrite=args.overwrite, quiet=args.quiet, verbose=args.verbose,
+                         limit=args.limit, desc="label", unit="img")
+    summary = run_items(items, stages, out, settings, options, keys=item_keys(items),
+                        preflight_errors=getattr(items, "errors", []), describe=lambda i: describe(items, i),
+                        run_record=record, finalize=finalize, source_of=lambda i: source(items, i))
+    if not args.quiet or summary.failed:
+        print_summary(summary, out, "label")
+    return process_exit_code(summary)
+
+
+def model_device(model):
+    return next(model.parameters()).device

@@ -1,0 +1,251 @@
+"""Every method tag2mask offers, in one table: the CLI's method lists and dispatch come from here.
+
+A method is its folder (``tag2mask/methods/<paper>/``) plus one :class:`Method` entry in
+:data:`METHODS`. The entry names its kind, its presets, the factories the generic commands call
+(``segment``, ``label``, ``serve``, ``demo``, ``eval``, ``segment --checkpoint``), the sub-commands it
+brings (``train weclip``, ``label --method fma``, ``prompts``, ...) and its segmenter recipes
+(``train segmenter --preset NAME``). See docs/architecture.md, "Adding a method".
+
+This module is plain data and imports nothing heavy: ``tag2mask --help`` reads it without torch.
+Code is referenced as ``"module:attribute"`` strings and imported only when used (:func:`load`).
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass
+from typing import Any, Optional
+
+__all__ = [
+    "KINDS", "Command", "Method", "METHODS", "RUN_PREDICTORS", "load", "get", "names", "commands", "method_of_command",
+    "segment_methods", "label_methods", "serve_methods", "demo_methods", "segmenter_recipe_names",
+    "segmenter_recipe", "segmenter_recipe_owner", "segmenter_preset", "run_predictor", "miou_rule_of",
+    "zero_shot_split",
+]
+
+#: what a method turns into masks: image-level tags -> CAMs / pseudo-masks, free-form class names -> masks
+#: (training-free), or a trained run (a checkpoint that predicts from the image alone)
+KINDS = ("tags->cams", "names->masks", "trained-run")
+
+
+@dataclass(frozen=True)
+class Command:
+    """A CLI sub-command a method brings.
+
+    ``parent``: ``""`` for a top-level command (``tag2mask NAME``), else the command it extends:
+    ``"train"`` / ``"convert"`` (a sub-command ``tag2mask PARENT NAME``) or ``"label"`` (a value of
+    ``label --method``). ``module`` exposes ``add_parser(subparsers) -> ArgumentParser`` (sub-commands)
+    or the ``label`` hooks ``add_label_options / check_label_options / run_label`` (see :mod:`tag2mask.cli.label_cmd`).
+    """
+
+    parent: str
+    name: str
+    module: str
+    help: str = ""
+
+
+@dataclass(frozen=True)
+class Method:
+    """One method. ``name`` is how the CLI spells it; ``folder`` the package holding the paper.
+
+    ``demo_names``: the names ``tag2mask demo`` accepts for it (CLIP-ES: also ``gradcam``,
+    ``clip-es+pamr``, ``clip-es+crf``); ``presets``: its named settings; ``predictor``: ``"module:factory"`` of a training-free predictor (``names->masks``:
+    ``factory(model, vocab, method, **settings)``); ``demo``: ``"module:factory"`` called as
+    ``factory(model, vocab, names, options)`` returning ``{name: predict(image, tag_ids) -> (H, W) uint8}``; ``run_tasks``: the engine task
+    names of its runs, predicted by :data:`RUN_PREDICTORS`; ``segmenter_recipes``: the names it
+    registers for ``train segmenter --preset`` and ``recipes``: ``"module:DICT"`` holding them;
+    ``recipe_setup``: ``"module"`` with ``add_recipe_options(parser)`` / ``prepare_run(args, kind)`` when
+    a recipe needs more than a config (MaskCLIP+'s teacher); ``miou_rule``: ``"module:attr"`` of the
+    mIoU rule ``eval`` applies to its outputs; ``serve``: its place in the web demo's list (1 = the default; 0 = not offered).
+    """
+
+    name: str
+    kind: str
+    folder: str
+    paper: str
+    demo_names: tuple[str, ...] = ()
+    presets: tuple[str, ...] = ()
+    predictor: Optional[str] = None
+    demo: Optional[str] = None
+    run_tasks: tuple[str, ...] = ()
+    commands: tuple[Command, ...] = ()
+    segmenter_recipes: tuple[str, ...] = ()
+    recipes: Optional[str] = None
+    recipe_setup: Optional[str] = None
+    miou_rule: Optional[str] = None
+    serve: int = 0
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"method {self.name!r}: kind must be one of {KINDS}, got {self.kind!r}")
+
+
+_OVSS = "tag2mask.methods.ovss"
+_OVSS_PRESETS = ("default", "published")
+_OVSS_PREDICTOR = "tag2mask.methods.ovss.segmenter:OpenVocabSegmenter"
+_OVSS_DEMO = "tag2mask.methods.ovss.demo:demo_predictors"
+
+
+def _ovss(name: str, paper: str, serve: int) -> Method:
+    return Method(name, "names->masks", _OVSS, paper, presets=_OVSS_PRESETS, predictor=_OVSS_PREDICTOR,
+                  demo=_OVSS_DEMO, demo_names=(name,), serve=serve)
+
+
+#: the methods, in the order the CLI lists them
+METHODS: tuple[Method, ...] = (
+    Method("clip-es", "tags->cams", "tag2mask.methods.clip_es", "CLIP-ES (Lin et al., CVPR 2023)",
+           demo_names=("gradcam", "clip-es", "clip-es+pamr", "clip-es+crf"), presets=("voc", "coco", "synth"),
+           demo="tag2mask.methods.clip_es.demo:demo_predictors",
+           commands=(Command("label", "clip-es", "tag2mask.methods.clip_es.label_cli", "training-free, default"),
+                     Command("", "prompts", "tag2mask.methods.clip_es.prompts_cli")),
+           segmenter_recipes=("clip-es",), recipes="tag2mask.methods.clip_es.recipe:SEGMENTER_RECIPES"),
+    Method("fma", "tags->cams", "tag2mask.methods.fma", "FMA-WSSS (Yang & Gong, WACV 2024)",
+           presets=("voc", "coco", "synth"),
+           commands=(Command("train", "fma", "tag2mask.methods.fma.cli"),
+                     Command("label", "fma", "tag2mask.methods.fma.label_cli",
+                             "FMA-WSSS: learned prompts of --prompts RUN + seeding")),
+           segmenter_recipes=("fma", "fma:coco"), recipes="tag2mask.methods.fma.recipe:SEGMENTER_RECIPES"),
+    _ovss("maskclip", "MaskCLIP (Zhou, Loy & Dai, ECCV 2022)", 4),
+    _ovss("sclip", "SCLIP (Wang, Mei & Yuille, ECCV 2024)", 2),
+    _ovss("clearclip", "ClearCLIP (Lan et al., ECCV 2024)", 3),
+    _ovss("naclip", "NACLIP (Hajimiri, Ben Ayed & Dolz, WACV 2025)", 1),
+    Method("maskclip+", "trained-run", "tag2mask.methods.maskclip_plus", "MaskCLIP+ (Zhou, Loy & Dai, ECCV 2022)",
+           presets=("annotation-free", "voc20", "context59", "coco-stuff", "voc20-zs", "voc21-zs", "coco-stuff-zs",
+                    "context60-zs"),
+           segmenter_recipes=("maskclip+", "maskclip+:voc20", "maskclip+:context59", "maskclip+:coco-stuff",
+                              "maskclip+:voc20-zs", "maskclip+:voc21-zs", "maskclip+:coco-stuff-zs",
+                              "maskclip+:context60-zs"),
+           recipes="tag2mask.methods.maskclip_plus.recipe:SEGMENTER_RECIPES",
+           recipe_setup="tag2mask.methods.maskclip_plus.cli"),
+    Method("weclip", "trained-run", "tag2mask.methods.weclip", "WeCLIP (Zhang et al., CVPR 2024)",
+           presets=("voc", "coco", "synth"), demo="tag2mask.methods.weclip.demo:demo_predictors", demo_names=("weclip",),
+           run_tasks=("weclip",),
+           commands=(Command("train", "weclip", "tag2mask.methods.weclip.cli"),
+                     Command("convert", "weclip", "tag2mask.methods.weclip.convert_cli")),
+           segmenter_recipes=("weclip-fs",), recipes="tag2mask.methods.weclip.recipe:SEGMENTER_RECIPES",
+           miou_rule="tag2mask.methods.weclip.model:WeCLIPConfig.miou_rule"),
+    Method("clip-zss", "trained-run", "tag2mask.methods.clip_zss", "CLIP-ZSS (Chen et al., 2024)",
+           presets=("voc", "coco-stuff", "context", "synth"), run_tasks=("clip-zss",),
+           commands=(Command("train", "clip-zss", "tag2mask.methods.clip_zss.cli"),)),
+)
+
+#: engine task name of a run folder -> ``"module:Class"`` of its predictor, called as
+#: ``Class.from_run(checkpoint, device=..., weights=..., crf=..., classes=...)``; ``segmenter`` runs are the
+#: generic :mod:`tag2mask.segmenter` (any recipe), the others belong to the method listing the task
+RUN_PREDICTORS: dict[str, str] = {
+    "segmenter": "tag2mask.segmenter.predictor:TrainedSegmenter",
+    "weclip": "tag2mask.methods.weclip.inference:WeCLIPSegmenter",
+    "clip-zss": "tag2mask.methods.clip_zss.inference:ZeroShotStudent",
+}
+
+
+def load(ref: str) -> Any:
+    """Import ``"package.module:attr.sub"`` and return the attribute (``"package.module"``: the module)."""
+    module, _, attr = ref.partition(":")
+    obj: Any = importlib.import_module(module)
+    for part in attr.split(".") if attr else ():
+        obj = getattr(obj, part)
+    return obj
+
+
+def get(name: str) -> Method:
+    """The method called ``name`` (or one of its demo names); ``KeyError`` naming the valid ones."""
+    for m in METHODS:
+        if name == m.name or name in m.demo_names:
+            return m
+    raise KeyError(f"unknown method {name!r}; choose one of {', '.join(names())}")
+
+
+def names(kind: Optional[str] = None) -> tuple[str, ...]:
+    """Method names, optionally of one kind."""
+    return tuple(m.name for m in METHODS if kind is None or m.kind == kind)
+
+
+def commands(parent: str) -> tuple[tuple[Method, Command], ...]:
+    """``(method, command)`` for every command the methods bring under ``parent`` (``""``: top level)."""
+    return tuple((m, c) for m in METHODS for c in m.commands if c.parent == parent)
+
+
+def method_of_command(parent: str, name: str) -> Command:
+    """The command ``name`` under ``parent``; ``KeyError`` naming the valid ones."""
+    found = {c.name: c for _, c in commands(parent)}
+    if name not in found:
+        raise KeyError(f"unknown {parent or 'command'} {name!r}; choose one of {', '.join(found)}")
+    return found[name]
+
+
+def segment_methods() -> tuple[str, ...]:
+    """``segment --method`` choices: the training-free name -> mask methods."""
+    return names("names->masks")
+
+
+def label_methods() -> tuple[str, ...]:
+    """``label --method`` choices: every method bringing a ``label`` hook (CLIP-ES, the default, first)."""
+    return tuple(c.name for _, c in commands("label"))
+
+
+def serve_methods() -> tuple[str, ...]:
+    """The methods of the web demo (``tag2mask serve``), the default first."""
+    return tuple(m.name for m in sorted((m for m in METHODS if m.serve), key=lambda m: m.serve))
+
+
+def demo_methods() -> tuple[str, ...]:
+    """Every name ``tag2mask demo --methods`` accepts, in registry order: the training-free methods (a
+    trained run's demo predictor needs its checkpoint, given through :func:`tag2mask.cli.demo_scenes.evaluate_methods`)."""
+    return tuple(n for m in METHODS if m.demo is not None and m.kind != "trained-run" for n in m.demo_names)
+
+
+def segmenter_recipe_names() -> tuple[str, ...]:
+    """Every ``train segmenter --preset`` name, in registry order."""
+    return tuple(r for m in METHODS for r in m.segmenter_recipes)
+
+
+def segmenter_recipe_owner(name: str) -> Method:
+    """The method that registers the segmenter recipe ``name``."""
+    for m in METHODS:
+        if name in m.segmenter_recipes:
+            return m
+    raise KeyError(f"unknown segmenter preset {name!r}; choose from {sorted(segmenter_recipe_names())}")
+
+
+def segmenter_recipe(name: str) -> dict[str, Any]:
+    """The recipe dict of ``name`` (``maskclip+:SETTING`` -> the ``maskclip+`` base; the method adds the rest)."""
+    owner = segmenter_recipe_owner(name)
+    table = load(owner.recipes)
+    return table[name] if name in table else table[name.split(":", 1)[0]]
+
+
+def segmenter_preset(name: Optional[str], **overrides: Any):
+    """The one preset lookup of ``train segmenter``: a :class:`~tag2mask.segmenter.task.SegmenterConfig`
+    from the recipe ``name`` (``None``: the dataclass defaults) with ``overrides`` applied."""
+    from tag2mask.segmenter.task import segmenter_config
+
+    if name is not None:
+        try:
+            recipe = segmenter_recipe(name)
+        except KeyError as exc:
+            raise ValueError(exc.args[0]) from None
+    else:
+        recipe = None
+    return segmenter_config(recipe, **overrides)
+
+
+def run_predictor(task: str) -> Any:
+    """The predictor class of runs of the engine task ``task`` (``ValueError`` for an unknown task)."""
+    if task not in RUN_PREDICTORS:
+        raise ValueError(f"a run of task {task!r}: no method segments with it (known: {', '.join(RUN_PREDICTORS)})")
+    return load(RUN_PREDICTORS[task])
+
+
+def miou_rule_of(method: str) -> Optional[str]:
+    """The mIoU rule recorded by ``method``'s evaluation (``None``: the default rule)."""
+    try:
+        ref = get(method).miou_rule
+    except KeyError:
+        return None
+    return load(ref) if ref else None
+
+
+def zero_shot_split(spec: str) -> Any:
+    """The named seen / unseen split ``spec`` (``voc-15-5``, ``synth-9-3``, ...) of CLIP-ZSS, or ``None``."""
+    return load("tag2mask.vocab.zero_shot_splits:find_split")(spec)
