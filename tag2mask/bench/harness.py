@@ -28,7 +28,7 @@ import numpy as np
 
 from tag2mask.bench.datasets import BenchmarkDataset, BenchmarkItem, BenchmarkSpec, read_ground_truth
 
-__all__ = ["BenchOptions", "Cell", "run_cell", "score_cell", "MIOU_RULE"]
+__all__ = ["BenchOptions", "MethodPlan", "Cell", "run_cell", "score_cell", "MIOU_RULE"]
 
 #: mmseg's IoUMetric: nanmean over the classes whose union is not empty
 MIOU_RULE = "gt_or_pred"
@@ -50,6 +50,25 @@ class BenchOptions:
     batch_size: int = 1
 
 
+@dataclass(frozen=True)
+class MethodPlan:
+    """How one method runs on one benchmark, decided by the caller (the harness knows no method).
+
+    Attributes:
+        method: the method's name.
+        preset: the preset name it runs with there (e.g. ``published:voc21``), ``None`` when skipped.
+        settings: every setting that preset resolves to (recorded in the cell's settings guard and
+            ``results.json``), ``None`` when the method cannot list them before it is built.
+        skip: why the method cannot run in the bench (e.g. it needs inputs the bench cannot give),
+            ``None`` when it runs. A skipped cell writes nothing and is reported with this reason.
+    """
+
+    method: str
+    preset: Optional[str]
+    settings: Optional[dict[str, Any]] = None
+    skip: Optional[str] = None
+
+
 @dataclass
 class Cell:
     """One (benchmark, method) pair: the data, the name set, and where its job writes.
@@ -59,6 +78,7 @@ class Cell:
         method: method name; ``names``: the name-set file; ``names_source``: ``official`` or ``replaced``.
         vocab: the name set read with the benchmark's background rule.
         out: ``OUT/cells/<benchmark>/<method>``.
+        plan: the method's preset, settings or reason to skip on this benchmark.
     """
 
     dataset: BenchmarkDataset
@@ -67,6 +87,7 @@ class Cell:
     names_source: str
     vocab: Any
     out: Path
+    plan: MethodPlan
 
     @property
     def spec(self) -> BenchmarkSpec:
@@ -213,13 +234,10 @@ def score_cell(cell_dir: Path, keys: Sequence[str], num_classes: int) -> dict[st
 
 def _cell_settings(cell: Cell, options: BenchOptions, fingerprint: Optional[str]) -> dict[str, Any]:
     """Everything that changes a cell's outputs (the settings guard compares them; ``--limit`` does not)."""
-    from tag2mask.bench.methods import preset_name, resolved_settings
-
     vocab = cell.vocab
     return {
         "benchmark": cell.spec.name, "layout": str(cell.dataset.root), "method": cell.method,
-        "preset": preset_name(options.preset, cell.spec.config),
-        "resolved": resolved_settings(cell.method, options.preset, cell.spec.config),
+        "preset": cell.plan.preset, "resolved": cell.plan.settings,
         "vocabulary": {"names": list(vocab.names), "synonyms": [list(x) for x in vocab.synonyms],
                        "background": list(vocab.background)},
         "num_classes": cell.num_classes, "weights": fingerprint, "overlays": options.overlays,

@@ -3,7 +3,8 @@
 The table has the papers' shape: one row per method, one column per benchmark in the papers' order
 (VOC21, PC60, Object, VOC20, PC59, Stuff, City, ADE) and their average, mIoU in percent. A cell whose
 run scored fewer images than the full validation set (``--limit``, a partial layout) or had failed
-images is marked, and the notes under the table say by how much.
+images is marked, and the notes under the table say by how much. A method the bench cannot run
+(``status`` ``skipped``: it needs inputs the bench does not have) shows "–" and its reason in the notes.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from tag2mask.io.atomic import atomic_write_text
 
 __all__ = ["write_reports", "paper_table", "markdown_table"]
 
-_CSV_FIELDS = ("dataset", "method", "preset", "miou", "pixel_accuracy", "mean_accuracy", "images", "failed",
+_CSV_FIELDS = ("dataset", "method", "status", "skip_reason", "preset", "miou", "pixel_accuracy", "mean_accuracy", "images", "failed",
                "full_val_set", "num_classes", "names_source", "written", "skipped", "seconds")
 
 
@@ -45,10 +46,29 @@ def paper_table(results: Sequence[dict[str, Any]]) -> dict[str, Any]:
 def _marks(results: Sequence[dict[str, Any]]) -> dict[tuple[str, str], str]:
     """``*``: fewer images than the full validation set; ``†``: some images failed."""
     marks = {}
-    for r in results:
+    for r in _ran(results):
         m = ("*" if r["images"] + r["failed"] < r["full_val_set"] else "") + ("\u2020" if r["failed"] else "")
         marks[(r["method"], r["dataset"])] = m
     return marks
+
+
+def _ran(results: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The cells that ran (not skipped)."""
+    return [r for r in results if r.get("status") != "skipped"]
+
+
+def _skip_notes(results: Sequence[dict[str, Any]]) -> list[str]:
+    """One note per (method, reason) of the skipped cells, naming the benchmarks."""
+    grouped: dict[tuple[str, str], list[str]] = {}
+    for r in results:
+        if r.get("status") == "skipped":
+            grouped.setdefault((r["method"], r["skip_reason"]), []).append(r["title"])
+    return [f"- skipped: {method} on {', '.join(titles)}: {reason}" for (method, reason), titles in grouped.items()]
+
+
+def _miou_rule(results: Sequence[dict[str, Any]]) -> Optional[str]:
+    ran = _ran(results)
+    return ran[0]["miou_rule"] if ran else None
 
 
 def _fmt(value: Optional[float]) -> str:
@@ -67,7 +87,7 @@ def markdown_table(results: Sequence[dict[str, Any]]) -> str:
     notes = ["", "mIoU (%), mmseg's protocol (mean over the classes present in the ground truth or the prediction; "
              "ground truth 255 ignored). Images scored per benchmark:"]
     seen = set()
-    for r in results:
+    for r in _ran(results):
         if r["dataset"] in seen:
             continue
         seen.add(r["dataset"])
@@ -77,6 +97,7 @@ def markdown_table(results: Sequence[dict[str, Any]]) -> str:
     failed = [r for r in results if r["failed"]]
     for r in failed:
         notes.append(f"- \u2020 {r['method']} on {r['title']}: {r['failed']} image(s) failed, see {r['cell']}/manifest.jsonl")
+    notes += _skip_notes(results)
     return "\n".join(lines + notes) + "\n"
 
 
@@ -110,7 +131,7 @@ def _ground_truth_overlays(out: Path, cells: Sequence[Any], results: Sequence[di
     shown: dict[str, list[tuple[str, Path]]] = {}
     for cell, r in zip(cells, results):
         name = cell.spec.name
-        if name in shown:
+        if name in shown or r.get("status") == "skipped":
             continue
         shown[name] = []
         for item in cell.dataset.items[: min(count, r["images"] + r["failed"])]:
@@ -136,7 +157,7 @@ def _html(out: Path, cells: Sequence[Any], results: Sequence[dict[str, Any]], re
     header = ["method", *table["titles"], f"Avg ({len(table['datasets'])})"]
     rows = [[m, *[_fmt(row.get(d)) + marks.get((m, d), "") for d in table["datasets"]], _fmt(row["avg"])]
             for m, row in table["rows"].items()]
-    chart = [(f"{r['method']} \u00b7 {r['title']}", _pct(r["miou"])) for r in results]
+    chart = [(f"{r['method']} \u00b7 {r['title']}", _pct(r["miou"])) for r in _ran(results)]
     by_cell = {(c.spec.name, c.method): c for c in cells}
     grid_rows = []
     for name, shown in _ground_truth_overlays(out, cells, results, overlays).items():
@@ -151,7 +172,7 @@ def _html(out: Path, cells: Sequence[Any], results: Sequence[dict[str, Any]], re
     rate = speed["images_per_second"]
     summary = {"preset": record.get("preset"), "weights": record.get("weights"), "device": record.get("device"),
                "images/s": rate if rate is not None else "\u2013 (every image was already done: resumed)",
-               "mIoU rule": results[0]["miou_rule"] if results else None}
+               "mIoU rule": _miou_rule(results)}
     write_report(out, "tag2mask bench: open-vocabulary methods on the benchmarks", warnings=record.get("warnings", ()),
                  notes=notes, summary=summary, table=Table(header, rows, numeric=header[1:]),
                  chart=("mIoU per (method, benchmark)", chart), grid=(["ground truth", *methods], grid_rows),
@@ -164,7 +185,7 @@ def write_reports(out: Path, cells: Sequence[Any], results: Sequence[dict[str, A
     out = Path(out)
     speed = _speed(results, record.get("device"))
     table = paper_table(results)
-    payload = {**record, "limit": options.limit, "miou_rule": results[0]["miou_rule"] if results else None,
+    payload = {**record, "limit": options.limit, "miou_rule": _miou_rule(results),
                "datasets": table["datasets"], "methods": list(table["rows"]), "table": table["rows"],
                "speed": speed, "cells": list(results)}
     atomic_write_text(out / "results.json", json.dumps(payload, indent=1, ensure_ascii=False, default=str))

@@ -6,7 +6,7 @@ import argparse
 import platform
 from pathlib import Path
 
-from tag2mask.cli.common import (
+from tag2mask.cmdline.options import (
     add_device_option,
     add_overlap_options,
     add_run_options,
@@ -14,6 +14,7 @@ from tag2mask.cli.common import (
     check_overlap_options,
     record_given_options,
 )
+from tag2mask.methods import registry
 
 # kept in step with tag2mask.bench.datasets.BENCHMARK_NAMES (importing it here would load NumPy for every --help)
 BENCHMARK_CHOICES = ("voc21", "pc60", "object", "voc20", "pc59", "stuff", "city", "ade")
@@ -58,7 +59,10 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
                        help=f"score {name} with this name set instead of the official cls_*.txt (its own class count)")
     p.add_argument("--datasets", default=",".join(BENCHMARK_CHOICES),
                    help=f"comma-separated benchmarks (default: all 8: {','.join(BENCHMARK_CHOICES)})")
-    p.add_argument("--methods", default="all", help="'all' (default: every open-vocabulary method) or m1,m2")
+    p.add_argument("--methods", default="all",
+                   help="'all' (default: every training-free names->masks method of the registry: "
+                        f"{', '.join(registry.bench_methods())}) or m1,m2; a method whose predictor needs inputs the "
+                        "bench does not have (e.g. a DINO and regions) is reported as skipped, with the reason")
     p.add_argument("--preset", default="published", choices=("published", "default"),
                    help="published (default): each method's official settings for each benchmark (published:DATASET); "
                         "default: tag2mask's default preset everywhere")
@@ -78,7 +82,7 @@ def _overrides(args: argparse.Namespace, kind: str) -> dict[str, str]:
 
 
 def _check(args: argparse.Namespace, datasets: list[str]) -> None:
-    from tag2mask.cli.common import check_weights_options, reject_options
+    from tag2mask.cmdline.options import check_weights_options, reject_options
 
     check_weights_options(args)
     check_overlap_options(args)
@@ -94,12 +98,12 @@ def _check(args: argparse.Namespace, datasets: list[str]) -> None:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    import tag2mask
+    from tag2mask.version import __version__
     from tag2mask.bench.datasets import LayoutError, get_spec, open_benchmarks
     from tag2mask.bench.harness import BenchOptions
-    from tag2mask.bench.methods import ModelVariants
-    from tag2mask.bench.runner import plan_cells, run_bench, select_methods
-    from tag2mask.cli.common import load_model_from_args, overlap_settings, toy_model_warning
+    from tag2mask.bench.runner import plan_cells, run_bench
+    from tag2mask.cli.bench_methods import RegistryMethods, select_methods
+    from tag2mask.cmdline.options import load_model_from_args, overlap_settings, toy_model_warning
     from tag2mask.jobs.distributed import device_for_rank
     from tag2mask.jobs.runner import JobSummary, process_exit_code
 
@@ -113,19 +117,20 @@ def run(args: argparse.Namespace) -> int:
     except LayoutError as exc:
         raise LayoutError(f"{exc}\n(to bench only the layouts you have, name them: --datasets voc21,ade,...)") from None
     out = Path(args.out)
-    cells = plan_cells(found, methods, out, _overrides(args, "names"))
+    source = RegistryMethods(args.preset)
+    cells = plan_cells(found, methods, source, out, _overrides(args, "names"))
     args.device = device_for_rank(args.device)
-    model = load_model_from_args(args)
+    model = source.model = load_model_from_args(args)
     warning = toy_model_warning(model, [str(ds.root) for ds in found])
     workers, batch = overlap_settings(args, next(model.parameters()).device)
     options = BenchOptions(preset=args.preset, limit=args.limit, overlays=args.overlays, resume=args.resume,
                            overwrite=args.overwrite, quiet=args.quiet, verbose=args.verbose, workers=workers,
                            batch_size=batch)
-    record = {"tag2mask": tag2mask.__version__, "torch": torch.__version__, "python": platform.python_version(),
+    record = {"tag2mask": __version__, "torch": torch.__version__, "python": platform.python_version(),
               "command": "bench", "preset": args.preset, "weights": args.weights or "shipped tiny CLIP",
               "weights_fingerprint": getattr(model, "fingerprint", None), "device": str(next(model.parameters()).device),
               "workers": workers, "batch_size": batch, "warnings": [warning] if warning else []}
-    results = run_bench(cells, ModelVariants(model), options, out, record)
+    results = run_bench(cells, source, options, out, record)
     if not args.quiet:
         from tag2mask.bench.report import markdown_table
         from tag2mask.jobs.distributed import dist_info

@@ -18,7 +18,7 @@ from typing import Any, Optional
 
 __all__ = [
     "KINDS", "Command", "Method", "METHODS", "RUN_PREDICTORS", "load", "get", "names", "commands", "method_of_command",
-    "segment_methods", "label_methods", "serve_methods", "demo_methods", "segmenter_recipe_names",
+    "segment_methods", "bench_methods", "label_methods", "serve_methods", "demo_methods", "segmenter_recipe_names",
     "segmenter_recipe", "segmenter_recipe_owner", "segmenter_preset", "run_predictor", "miou_rule_of",
     "zero_shot_split",
 ]
@@ -57,6 +57,13 @@ class Method:
     ``recipe_setup``: ``"module"`` with ``add_recipe_options(parser)`` / ``prepare_run(args, kind)`` when
     a recipe needs more than a config (MaskCLIP+'s teacher); ``miou_rule``: ``"module:attr"`` of the
     mIoU rule ``eval`` applies to its outputs; ``serve``: its place in the web demo's list (1 = the default; 0 = not offered).
+
+    ``needs`` (``names->masks``): the inputs its predictor factory requires beyond the model, the name set
+    and a preset, e.g. ``("dino", "regions")``; ``tag2mask bench`` cannot give them, so it reports such a
+    method as skipped with this list (``tests/test_bench_methods.py`` checks that every required
+    parameter of the factory is listed here). ``preset_settings``: ``"module:function"`` called as
+    ``function(method, preset) -> dict`` with every setting a preset name (``published:voc21``, ...)
+    resolves to, without building anything (``tag2mask bench`` records it in each cell's settings guard).
     """
 
     name: str
@@ -74,6 +81,8 @@ class Method:
     recipe_setup: Optional[str] = None
     miou_rule: Optional[str] = None
     serve: int = 0
+    needs: tuple[str, ...] = ()
+    preset_settings: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -84,11 +93,12 @@ _OVSS = "tag2mask.methods.ovss"
 _OVSS_PRESETS = ("default", "published")
 _OVSS_PREDICTOR = "tag2mask.methods.ovss.segmenter:OpenVocabSegmenter"
 _OVSS_DEMO = "tag2mask.methods.ovss.demo:demo_predictors"
+_OVSS_SETTINGS = "tag2mask.methods.ovss.presets:preset_settings"
 
 
 def _ovss(name: str, paper: str, serve: int) -> Method:
     return Method(name, "names->masks", _OVSS, paper, presets=_OVSS_PRESETS, predictor=_OVSS_PREDICTOR,
-                  demo=_OVSS_DEMO, demo_names=(name,), serve=serve)
+                  demo=_OVSS_DEMO, demo_names=(name,), serve=serve, preset_settings=_OVSS_SETTINGS)
 
 
 #: the methods, in the order the CLI lists them
@@ -176,6 +186,12 @@ def method_of_command(parent: str, name: str) -> Command:
 
 def segment_methods() -> tuple[str, ...]:
     """``segment --method`` choices: the training-free name -> mask methods."""
+    return names("names->masks")
+
+
+def bench_methods() -> tuple[str, ...]:
+    """``bench --methods all``: every training-free name -> mask method (those with ``needs`` are reported
+    as skipped by the bench, not left out)."""
     return names("names->masks")
 
 
