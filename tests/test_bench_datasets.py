@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 
 from tag2mask.bench import datasets as D
-from tag2mask.bench.methods import bench_methods
+from tag2mask.methods.registry import bench_methods
 from tag2mask.bench.synthetic import write_synthetic_layout
 from tag2mask.vocab.vocabulary import load_vocabulary
 
