@@ -153,8 +153,8 @@ CASES = [
     Case("absolute_path", "/etc/hostname", "labels", ("/etc/hostname", "absolute path"), item="/etc/hostname"),
     Case("windows_drive", "C:\\Windows\\win.ini", "labels", ("absolute path",), item="C:\\Windows\\win.ini"),
     Case("symlink_outside", "link.png", "labels", ("link.png", "resolves outside"), item="link.png"),
-    Case("nul_in_name", "a\x00b.png", "labels", ("invalid image name",), item="a\x00b.png"),
-    Case("empty_name", "", "labels", ("invalid image name",), item=""),
+    Case("nul_in_name", "a\x00b.png", "labels", ("invalid name",), item="a\x00b.png"),
+    Case("empty_name", "", "labels", ("invalid name",), item=""),
     # --- two entries with one output name -------------------------------------------------------
     Case("duplicate_stem_first", "twin.png", "ok", data=_png(lambda: Image.fromarray(_rgb(16, 16))), shape=(16, 16)),
     Case("duplicate_stem_second", "twin.jpg", "duplicate", ("twin.jpg", "same output name 'twin'", "twin.png"),

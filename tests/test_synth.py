@@ -189,5 +189,6 @@ def test_cli_synth_export(tmp_path: Path, capsys: pytest.CaptureFixture[str]) ->
     # bare ``synth`` prints help and fails
     args = parser.parse_args(["synth"])
     assert args.func(args) == 2
-    bad = parser.parse_args(["synth", "export", "--out", str(out), "--n", "-1", "--quiet"])
-    assert bad.func(bad) == 2
+    with pytest.raises(SystemExit) as info:  # refused by the option's type, while parsing
+        parser.parse_args(["synth", "export", "--out", str(out), "--n", "-1", "--quiet"])
+    assert info.value.code == 2

@@ -304,7 +304,7 @@ def test_unknown_paths_and_methods(running):
     status, headers, body = _raw(running.port, b"GET /etc/passwd HTTP/1.1\r\nHost: localhost\r\n\r\n")
     assert status == 404 and headers["content-type"].startswith("text/html") and b"root:" not in body
     status, headers, body = _raw(running.port, b"DELETE /api/segment HTTP/1.1\r\nHost: localhost\r\n\r\n")
-    assert status == 501 and json.loads(body)["error"]
+    assert status == 405 and headers["allow"] == "POST" and json.loads(body)["error"]
     status, headers, body = _raw(running.port, b"NONSENSE\r\n\r\n")
     assert status == 400 and json.loads(body)["error"]
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from tag2mask.cmdline.options import add_device_option, add_weights_options, record_given_options
 from tag2mask.methods import registry
+from tag2mask.cmdline import option_types as ot
 
 #: every training-free method of the registry (CLIP-ES with its variants, the open-vocabulary methods)
 DEFAULT_METHODS = registry.demo_methods()
@@ -25,8 +26,8 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
         ),
     )
     p.add_argument("--out", default="tag2mask-demo", help="output folder (default: tag2mask-demo)")
-    p.add_argument("--n", type=int, default=8, help="number of scenes (default: 8)")
-    p.add_argument("--size", type=int, default=224, help="scene size in pixels (default: 224)")
+    p.add_argument("--n", type=ot.positive_int(1_000_000), default=8, help="number of scenes (default: 8)")
+    p.add_argument("--size", type=ot.int_in(16, ot.MAX_SIDE), default=224, help="scene size in pixels (default: 224)")
     p.add_argument(
         "--methods",
         nargs="+",

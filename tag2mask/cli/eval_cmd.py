@@ -30,6 +30,8 @@ from tag2mask.cmdline.classes import resolve_classes, zero_shot_split as _zero_s
 from tag2mask.evaluation.rules import DEFAULT_MIOU_RULE, MIOU_RULES
 from tag2mask.evaluation.tables import format_table, pct as _pct
 from tag2mask.io.atomic import atomic_write_text
+from tag2mask.io.json_files import read_json
+from tag2mask.cmdline import option_types as ot
 
 if TYPE_CHECKING:  # NumPy and the metric code load with the command, not with ``tag2mask --help``
     import numpy as np
@@ -163,7 +165,7 @@ def method_miou_rule(pred: str | Path) -> tuple[str, str]:
         if not record.is_file():
             continue
         try:
-            data = json.loads(record.read_text())
+            data = read_json(record)
         except (OSError, ValueError):
             continue
         if not isinstance(data, dict):
@@ -190,18 +192,18 @@ def add_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
                    help="voc, coco, synth, a zero-shot split name (voc-15-5, coco-stuff-156-15, context-49-10, "
                         "synth-9-3: its label order), a class file (one class per line, first comma-separated name used; "
                         "a first line 'background' is allowed) or an inline list 'cat, dog' (default: voc)")
-    p.add_argument("--num-classes", type=int, default=None,
+    p.add_argument("--num-classes", type=ot.int_in(2, 255), default=None,
                    help="number of classes incl. background, when more than --classes names (default: from --classes)")
     p.add_argument("--cams", action="store_true", help="evaluate CAMs (CLIP-ES seed protocol)")
-    p.add_argument("--bg-powers", type=float, nargs="+", default=[1, 2],
+    p.add_argument("--bg-powers", type=ot.finite_float(0, 100, lo_open=True), nargs="+", default=[1, 2],
                    help="with --cams: background score (1 - max CAM)^p, one column per p (default: 1 2)")
-    p.add_argument("--thresholds", type=float, nargs="+", default=None,
+    p.add_argument("--thresholds", type=ot.finite_float(0, 1), nargs="+", default=None,
                    help="with --cams: constant background thresholds, instead of --bg-powers")
     p.add_argument("--unseen", nargs="+", default=None, help="unseen classes (names or label values) or a zero-shot "
                    "split (voc-15-5, coco-stuff-156-15, context-49-10, synth-9-3) for seen/unseen mIoU and hIoU; a split "
                    "whose protocol ignores the background (voc-15-5, context-49-10) also scores without label 0 unless "
                    "--ignore-index is given")
-    p.add_argument("--ignore-index", type=int, default=255, help="ground-truth value that is not scored (default: 255)")
+    p.add_argument("--ignore-index", type=ot.non_negative_int(255, note="a label PNG value"), default=255, help="ground-truth value that is not scored (default: 255)")
     p.add_argument("--miou-rule", default="auto", choices=("auto", *MIOU_RULES),
                    help="which classes the mIoU averages: gt_or_pred (classes in GT or prediction, CLIP-ES), gt "
                    "(classes in GT, WeCLIP), auto = the rule of the method that wrote PRED (its run.json), "
@@ -235,7 +237,7 @@ def prediction_run_record(pred_dir: str | Path) -> dict:
     """``run.json`` of the run that wrote the predictions (``PRED`` or its parent), or ``{}``."""
     for folder in (Path(pred_dir), Path(pred_dir).parent):
         try:
-            record = json.loads((folder / "run.json").read_text(encoding="utf-8"))
+            record = read_json(folder / "run.json")
         except (OSError, ValueError):
             continue
         if isinstance(record, dict):

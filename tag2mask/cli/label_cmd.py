@@ -18,6 +18,7 @@ from tag2mask.cmdline.options import (
     check_overlap_options,
     record_given_options,
 )
+from tag2mask.cmdline import option_types as ot
 from tag2mask.methods import registry
 
 #: default --max-pixels: 1 MP (about 1000x1000). CLIP-ES's attention affinity is quadratic in the
@@ -26,16 +27,6 @@ from tag2mask.methods import registry
 DEFAULT_MAX_PIXELS = 1_000_000
 #: default --max-decode-pixels: the decoder's own decompression-bomb limit (tag2mask.data.images)
 MAX_DECODE_PIXELS = 100_000_000
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(float(text))  # accept 4e6 as well as 4000000
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
 
 
 def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
@@ -78,7 +69,7 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="output folder (masks/, cams/, arrays/, run.json, manifest.jsonl, logs/)")
     p.add_argument("--save-arrays", action="store_true", help="also save every intermediate array (arrays/<stem>.npz), as in the golden fixtures")
     p.add_argument(
-        "--max-pixels", type=_positive_int, default=DEFAULT_MAX_PIXELS,
+        "--max-pixels", type=ot.positive_int(ot.MAX_PIXELS), default=DEFAULT_MAX_PIXELS,
         help=f"largest image (width*height) processed at full size (default {DEFAULT_MAX_PIXELS:,}; CLIP-ES memory "
         "grows with the square of the pixel count). Larger images are downscaled to fit, keeping the aspect "
         "ratio, and their mask is scaled back (nearest) to the original size; see --max-pixels-policy",
@@ -89,7 +80,7 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
         "(default: downscale)",
     )
     p.add_argument(
-        "--max-decode-pixels", type=_positive_int, default=MAX_DECODE_PIXELS,
+        "--max-decode-pixels", type=ot.positive_int(ot.MAX_PIXELS), default=MAX_DECODE_PIXELS,
         help=f"images above this many pixels are refused before decoding (decompression-bomb guard; default {MAX_DECODE_PIXELS:,})",
     )
     p.add_argument("--coco-json", action="store_true", help="also write OUT/annotations.json (COCO RLE, merged over ranks) at the end")

@@ -47,7 +47,9 @@ COMMANDS: dict[str, str] = commands()
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    from tag2mask.cmdline.option_types import OneLineParser
+
+    parser = OneLineParser(
         prog="tag2mask",
         description="Turn a frozen CLIP into a semantic segmenter without pixel labels.",
     )
@@ -66,6 +68,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     try:
         return int(args.func(args) or 0)
+    except KeyboardInterrupt:
+        if os.environ.get("TAG2MASK_DEBUG"):
+            raise
+        from tag2mask.cli.interrupt import interrupted_message
+
+        print(interrupted_message(args), file=sys.stderr)
+        return 130
     except (ValueError, OSError, ImportError, KeyError) as e:
         # user-facing problems (bad weights, bad labels, missing extras): one clear line, no traceback
         if os.environ.get("TAG2MASK_DEBUG"):

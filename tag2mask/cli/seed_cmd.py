@@ -9,6 +9,7 @@ from typing import Any
 
 from tag2mask.cmdline.options import add_device_option, add_run_options
 from tag2mask.cmdline.proposal_sources import build_source, proposal_kind
+from tag2mask.cmdline import option_types as ot
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff")
 #: refuse images above this many pixels before decoding (same guard as `tag2mask label`)
@@ -50,7 +51,7 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     p.add_argument("--images", required=True, help="image folder; the image of cams/<name>.npz is <name>.jpg/.png/...")
     p.add_argument("--proposals", required=True, help="sam | slic | felzenszwalb | a folder of <name>.json COCO-RLE files")
     p.add_argument("--out", required=True, help="output folder")
-    p.add_argument("--alpha", type=float, default=0.6, help="background score (1 - max class score)^alpha (default 0.6: FMA-WSSS VOC coarse seeds; 0.7 fine)")
+    p.add_argument("--alpha", type=ot.finite_float(0, 100, lo_open=True), default=0.6, help="background score (1 - max class score)^alpha (default 0.6: FMA-WSSS VOC coarse seeds; 0.7 fine)")
     p.add_argument("--uncovered", default="background", choices=("background", "ignore"),
                    help="label of pixels no proposal covers: background (default, as FMA-WSSS) or ignore (255)")
     p.add_argument("--save-proposals", action="store_true", help="also write the computed proposals to OUT/proposals/<name>.json (reusable as --proposals DIR)")
@@ -58,15 +59,15 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     g.add_argument("--sam-weights", default=None, help="a Hugging Face SamModel folder, or a hub id (facebook/sam-vit-huge) found in the local HF cache")
     g.add_argument("--allow-download", action="store_true", help="allow downloading --sam-weights from the Hugging Face hub")
     g.add_argument("--sam-preset", default=None, choices=("fma", "sam"), help="generator settings: fma (FMA-WSSS's level-aware generator, default) or sam (stock SAM automatic masks)")
-    g.add_argument("--points-per-side", type=int, default=None, help="point grid per side (default: the preset's, 32)")
-    g.add_argument("--points-per-batch", type=int, default=None, help="points per SAM decoder call (default: the preset's, 64; more is faster on a GPU, uses more memory)")
+    g.add_argument("--points-per-side", type=ot.positive_int(1024), default=None, help="point grid per side (default: the preset's, 32)")
+    g.add_argument("--points-per-batch", type=ot.positive_int(ot.MAX_BATCH), default=None, help="points per SAM decoder call (default: the preset's, 64; more is faster on a GPU, uses more memory)")
     g = p.add_argument_group("superpixels (--proposals slic | felzenszwalb)")
-    g.add_argument("--n-segments", type=int, default=None, help="slic: approximate number of superpixels (default: built-in 100)")
-    g.add_argument("--compactness", type=float, default=None, help="slic: colour vs space trade-off (default: built-in 10)")
-    g.add_argument("--scale", type=float, default=None, help="felzenszwalb: larger means larger segments (default: built-in 100)")
-    g.add_argument("--min-size", type=int, default=None, help="felzenszwalb: minimum segment size in pixels (default: built-in 50)")
-    g.add_argument("--sigma", type=float, default=None, help="Gaussian smoothing before segmenting (default: built-in 0.8)")
-    p.add_argument("--max-decode-pixels", type=int, default=MAX_DECODE_PIXELS,
+    g.add_argument("--n-segments", type=ot.positive_int(1_000_000), default=None, help="slic: approximate number of superpixels (default: built-in 100)")
+    g.add_argument("--compactness", type=ot.finite_float(0, 10_000, lo_open=True), default=None, help="slic: colour vs space trade-off (default: built-in 10)")
+    g.add_argument("--scale", type=ot.finite_float(0, 100_000, lo_open=True), default=None, help="felzenszwalb: larger means larger segments (default: built-in 100)")
+    g.add_argument("--min-size", type=ot.non_negative_int(10_000_000), default=None, help="felzenszwalb: minimum segment size in pixels (default: built-in 50)")
+    g.add_argument("--sigma", type=ot.finite_float(0, 100), default=None, help="Gaussian smoothing before segmenting (default: built-in 0.8)")
+    p.add_argument("--max-decode-pixels", type=ot.positive_int(ot.MAX_PIXELS), default=MAX_DECODE_PIXELS,
                    help=f"images above this many pixels are refused before decoding (default {MAX_DECODE_PIXELS:,})")
     add_device_option(p)
     add_run_options(p)
@@ -120,7 +121,12 @@ def read_cam_file(path: Path):
 
     from tag2mask.jobs.runner import ItemError
 
+    from tag2mask.io.budget import npz_headers
+
     try:
+        heads = npz_headers(path)  # sizes and ratios from the headers, before any array is inflated
+        if "cams" in heads and len(heads["cams"][0]) != 3:
+            raise ItemError("cams", f"{path}: 'cams' must be (K, h, w), got shape {heads['cams'][0]}")
         with np.load(path, allow_pickle=False) as z:
             if "keys" not in z.files or "cams" not in z.files:
                 raise ItemError("cams", f"{path}: needs arrays 'keys' (K,) and 'cams' (K, h, w); found {sorted(z.files)}")

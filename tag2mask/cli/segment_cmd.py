@@ -12,12 +12,11 @@ from tag2mask.cmdline.options import (
     add_weights_options,
     check_weights_options,
     given,
-    positive_int,
-    positive_int_list,
     record_given_options,
     reject_options,
 )
 from tag2mask.methods import registry
+from tag2mask.cmdline import option_types as ot
 
 #: the registry's training-free name -> mask methods
 METHOD_CHOICES = registry.segment_methods()
@@ -99,15 +98,15 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
 def _add_preset_overrides(p: argparse.ArgumentParser) -> None:
     """Options that override single settings of the preset (None: the preset's)."""
     p.add_argument("--mode", default=None, choices=("whole", "slide"), help="whole image or sliding window (default: preset's, slide)")
-    p.add_argument("--short-side", type=int, default=None,
+    p.add_argument("--short-side", type=ot.non_negative_int(ot.MAX_SIDE, note="0 keeps the size"), default=None,
                    help="resize so the short side is this, 0 keeps the size (default: preset's; see the table below)")
-    p.add_argument("--crop", type=int, default=None, help="sliding-window crop (default: preset's)")
-    p.add_argument("--stride", type=int, default=None, help="sliding-window stride (default: preset's)")
-    p.add_argument("--prob-threshold", type=float, default=None,
+    p.add_argument("--crop", type=ot.positive_int(ot.MAX_SIDE), default=None, help="sliding-window crop (default: preset's)")
+    p.add_argument("--stride", type=ot.positive_int(ot.MAX_SIDE), default=None, help="sliding-window stride (default: preset's)")
+    p.add_argument("--prob-threshold", type=ot.finite_float(0, 1), default=None,
                    help="pixels whose best class probability is below this become background (default: preset's, 0)")
-    p.add_argument("--area-threshold", type=float, default=None,
+    p.add_argument("--area-threshold", type=ot.finite_float(0, 1), default=None,
                    help="SCLIP's rule: zero the classes covering at most this fraction of the foreground (default: preset's, off)")
-    p.add_argument("--logit-scale", type=float, default=None, help="softmax temperature (default: preset's)")
+    p.add_argument("--logit-scale", type=ot.finite_float(0, 10_000, lo_open=True), default=None, help="softmax temperature (default: preset's)")
     p.add_argument("--templates", default=None,
                    help="prompt templates: imagenet80, maskclip85, photo, or one template with '{}' (default: preset's)")
     p.add_argument("--last-block", default=None, choices=LAST_BLOCK_CHOICES,
@@ -128,24 +127,24 @@ def _add_output_options(p: argparse.ArgumentParser) -> None:
                         "(default: auto = when it is 'background' or a list of stuff words such as sky, wall, tree)")
     p.add_argument("--overlay", action="store_true", help="also write OUT/overlays/<stem>.png with a legend")
     p.add_argument("--save-logits", action="store_true", help="also write OUT/logits/<stem>.npz (per-class logits and probabilities, float32)")
-    p.add_argument("--max-pixels", type=positive_int, default=DEFAULT_MAX_PIXELS,
+    p.add_argument("--max-pixels", type=ot.positive_int(ot.MAX_PIXELS), default=DEFAULT_MAX_PIXELS,
                    help=f"largest image (width*height) segmented at full size (default {DEFAULT_MAX_PIXELS:,}); larger ones "
                         "are downscaled to fit (aspect kept) and their mask scaled back (nearest) to the original size; "
                         "logits stay at the processed size (manifest: processed_size)")
     p.add_argument("--max-pixels-policy", default="downscale", choices=("downscale", "refuse"),
                    help="an image above --max-pixels: downscale (default) or refuse it (an error record)")
-    p.add_argument("--max-decode-pixels", type=positive_int, default=MAX_DECODE_PIXELS,
+    p.add_argument("--max-decode-pixels", type=ot.positive_int(ot.MAX_PIXELS), default=MAX_DECODE_PIXELS,
                    help=f"images above this many pixels are refused before decoding (decompression-bomb guard; "
                         f"default {MAX_DECODE_PIXELS:,})")
 
 
 def _add_window_options(p: argparse.ArgumentParser) -> None:
     """NACLIP's window width and PAMR's schedule (settings the official harnesses record)."""
-    p.add_argument("--naclip-std", type=float, default=None,
+    p.add_argument("--naclip-std", type=ot.finite_float(0, 1000, lo_open=True), default=None,
                    help="NACLIP's Gaussian window width σ in patches (official gaussian_std; default: preset's, 5); "
                         "only where the last block is NACLIP's")
-    p.add_argument("--pamr-steps", type=positive_int, default=None, help="PAMR iterations (default: preset's, 10); needs PAMR on")
-    p.add_argument("--pamr-dilations", type=positive_int_list, default=None,
+    p.add_argument("--pamr-steps", type=ot.positive_int(10_000), default=None, help="PAMR iterations (default: preset's, 10); needs PAMR on")
+    p.add_argument("--pamr-dilations", type=ot.list_of(ot.positive_int(ot.MAX_SIDE)), default=None,
                    help="PAMR dilations, comma-separated (official pamr_stride; default: preset's, 8,16); needs PAMR on")
 
 
@@ -281,6 +280,7 @@ class _Segmenter:
 def _image_records(out: Path, files: list[Path], stems: dict[Path, str]) -> list[dict]:
     """run.json's per-image list (input order), rebuilt from the merged manifest."""
     from tag2mask.io.manifest import MANIFEST_NAME, latest_records
+    from tag2mask.io.paths import path_inside
 
     records = latest_records([out / MANIFEST_NAME])
     images = []
@@ -292,8 +292,8 @@ def _image_records(out: Path, files: list[Path], stems: dict[Path, str]) -> list
         if rec.get("status") == "ok":
             outputs = {}
             for rel in rec.get("outputs", []):
-                p = Path(rel)
-                outputs[_OUTPUT_KINDS.get(p.parent.name, p.parent.name)] = str(p if p.is_absolute() else out / p)
+                p = path_inside(out, rel, out / MANIFEST_NAME)
+                outputs[_OUTPUT_KINDS.get(p.parent.name, p.parent.name)] = str(out / p.relative_to(out.resolve()))
             entry.update(outputs=outputs, present=rec.get("present"), seconds=rec.get("seconds"))
         else:
             entry.update(error=rec.get("error"), error_kind=rec.get("error_kind"))

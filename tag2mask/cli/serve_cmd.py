@@ -7,6 +7,7 @@ import textwrap
 import sys
 
 from tag2mask.cmdline.options import add_device_option, add_weights_options, record_given_options
+from tag2mask.cmdline import option_types as ot
 
 
 def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
@@ -25,7 +26,7 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     )
     p.add_argument("--host", default="127.0.0.1",
                    help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 exposes the demo to the network)")
-    p.add_argument("--port", type=int, default=7860, help="port (default 7860; 0 picks a free one)")
+    p.add_argument("--port", type=ot.int_in(0, 65535, note="0 picks a free port"), default=7860, help="port (default 7860; 0 picks a free one)")
     p.add_argument("--allow-host", action="append", default=[], metavar="NAME",
                    help="also accept requests whose Host header is NAME (e.g. the machine's DNS name when binding "
                         "0.0.0.0); the bound address and localhost are always accepted. Repeatable")

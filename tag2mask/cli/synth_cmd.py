@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from tag2mask.cmdline import option_types as ot
 import sys
 
 
@@ -23,11 +24,11 @@ def add_parser(subparsers: "argparse._SubParsersAction[argparse.ArgumentParser]"
         "ImageSets/Segmentation, labels.json, captions.jsonl, classes.txt, README.txt).",
     )
     exp.add_argument("--out", required=True, help="output directory (created if missing)")
-    exp.add_argument("--n", type=int, required=True, help="number of train images")
-    exp.add_argument("--val", type=int, default=0, help="number of val images (default 0)")
-    exp.add_argument("--test", type=int, default=0, help="number of test images (default 0)")
-    exp.add_argument("--size", type=int, default=224, help="image side in pixels (default 224)")
-    exp.add_argument("--seed", type=int, default=0, help="base seed; splits stay disjoint for any seed (default 0)")
+    exp.add_argument("--n", type=ot.positive_int(1_000_000), required=True, help="number of train images")
+    exp.add_argument("--val", type=ot.non_negative_int(1_000_000), default=0, help="number of val images (default 0)")
+    exp.add_argument("--test", type=ot.non_negative_int(1_000_000), default=0, help="number of test images (default 0)")
+    exp.add_argument("--size", type=ot.int_in(16, ot.MAX_SIDE), default=224, help="image side in pixels (default 224)")
+    exp.add_argument("--seed", type=ot.non_negative_int(2**32 - 1), default=0, help="base seed; splits stay disjoint for any seed (default 0)")
     exp.add_argument("--no-void", action="store_true", help="do not write the 1-px 255 outline into masks")
     exp.add_argument("--quiet", action="store_true", help="no progress bar")
     exp.set_defaults(func=run)

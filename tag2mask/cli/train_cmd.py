@@ -13,6 +13,7 @@ import importlib
 import sys
 from typing import Optional, Sequence
 
+from tag2mask.cmdline import option_types as ot
 from tag2mask.methods import registry
 
 __all__ = ["GENERIC", "add_parser", "main"]
@@ -43,7 +44,7 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Stand-alone entry (``python -m tag2mask.cli.train_cmd weclip ...``)."""
-    parser = argparse.ArgumentParser(prog="tag2mask")
+    parser = ot.OneLineParser(prog="tag2mask")
     sub = parser.add_subparsers(dest="command")
     add_parser(sub)
     args = parser.parse_args(["train", *(sys.argv[1:] if argv is None else argv)])

@@ -18,6 +18,7 @@ from tag2mask.cmdline.segmenter_options import (
     recipe_overrides,
     resolve_class_names,
 )
+from tag2mask.cmdline import option_types as ot
 from tag2mask.methods import registry
 
 __all__ = ["add_parser", "run_segmenter"]
@@ -116,13 +117,13 @@ def add_parser(methods: "argparse._SubParsersAction") -> argparse.ArgumentParser
     s.add_argument("--val-data", default=None, help="validation data (default: the training data set for VOC/COCO roots)")
     s.add_argument("--val-split", default=None, help="validation split (default val; 'none' disables)")
     s.add_argument("--val-masks", default=None, help="ground-truth masks of --val-data when it is an image folder")
-    s.add_argument("--val-every", type=int, default=0, help="validate every N iterations (default 0: only at the end)")
-    s.add_argument("--val-limit", type=int, default=None, help="validate on at most N images during training")
+    s.add_argument("--val-every", type=ot.non_negative_int(ot.MAX_ITERS, note="0: only at the end"), default=0, help="validate every N iterations (default 0: only at the end)")
+    s.add_argument("--val-limit", type=ot.positive_int(ot.MAX_COUNT), default=None, help="validate on at most N images during training")
     s.add_argument("--no-eval", action="store_true", help="no evaluation of the validation set at the end")
-    s.add_argument("--iters", type=int, default=None, help="total iterations (clip-es 20000, weclip-fs 30000)")
-    s.add_argument("--batch-size", type=int, default=None, help="global batch, split over processes")
-    s.add_argument("--crop", type=int, default=None, help="square training crop")
-    s.add_argument("--lr", type=float, default=None,
+    s.add_argument("--iters", type=ot.positive_int(ot.MAX_ITERS), default=None, help="total iterations (clip-es 20000, weclip-fs 30000)")
+    s.add_argument("--batch-size", type=ot.positive_int(ot.MAX_BATCH), default=None, help="global batch, split over processes")
+    s.add_argument("--crop", type=ot.positive_int(ot.MAX_SIDE), default=None, help="square training crop")
+    s.add_argument("--lr", type=ot.finite_float(0, 10, lo_open=True), default=None,
                    help="base learning rate (clip-es 2e-4 ImageNet init; use 2.5e-5 with the COCO-pretrained init)")
     s.add_argument("--optimizer", choices=("sgd", "adamw"), default=None, help="optimiser (default: the preset's)")
     for setup in _recipe_setups():  # a recipe's own options (MaskCLIP+'s teacher, ...)

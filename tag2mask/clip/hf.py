@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 from typing import Any, Optional
@@ -10,6 +9,7 @@ from typing import Any, Optional
 import torch
 
 from tag2mask.clip.model import CLIPConfig, TextConfig, VisionConfig
+from tag2mask.io.torch_files import safe_torch_load
 
 _LAYER = re.compile(r"^(vision|text)_model\.encoder\.layers\.(\d+)\.(.+)$")
 
@@ -145,8 +145,9 @@ def read_hf_folder(folder: Path) -> tuple[dict[str, torch.Tensor], Optional[CLIP
     cfg = None
     cfg_path = folder / "config.json"
     if cfg_path.exists():
-        with open(cfg_path) as f:
-            cfg = config_from_hf(json.load(f))
+        from tag2mask.io.json_files import read_json
+
+        cfg = config_from_hf(read_json(cfg_path))
     st = sorted(folder.glob("*.safetensors"))
     if st:
         from safetensors.torch import load_file
@@ -159,6 +160,6 @@ def read_hf_folder(folder: Path) -> tuple[dict[str, torch.Tensor], Optional[CLIP
     if bins:
         sd = {}
         for p in bins:
-            sd.update(torch.load(p, map_location="cpu", weights_only=True))
+            sd.update(safe_torch_load(p, "Hugging Face weight file"))
         return sd, cfg
     raise FileNotFoundError(f"{folder}: no model.safetensors or pytorch_model.bin in this Hugging Face folder")

@@ -29,6 +29,9 @@ from tag2mask.clip.hf import convert_hf_state_dict, is_hf_state_dict, read_hf_fo
 from tag2mask.clip.layers import Attention
 from tag2mask.clip.model import CLIP, CLIPConfig, config_from_state_dict, strip_non_parameters
 from tag2mask.clip.torchscript_archive import read_torchscript_state_dict
+from tag2mask.io.budget import BudgetError, check_tensor_storage
+from tag2mask.io.torch_files import UnreadableFileError, UnsafeFileError, clean_message, safe_torch_load
+from tag2mask.io.json_files import loads_named
 
 _OPENAI_BASE = "https://openaipublic.azureedge.net/clip/models"
 # name -> (sha256, file name); the sha256 is also the URL folder, as OpenAI publishes them
@@ -141,24 +144,31 @@ def read_state_dict(path: PathLike) -> tuple[dict[str, torch.Tensor], Optional[C
                 meta = f.metadata() or {}
                 sd = {k: f.get_tensor(k) for k in f.keys()}
             if "tag2mask_config" in meta:
-                config = CLIPConfig.from_dict(json.loads(meta["tag2mask_config"]))
+                config = CLIPConfig.from_dict(loads_named(meta["tag2mask_config"], f"{path} (tag2mask_config)"))
             fmt = "safetensors"
         elif _is_torchscript(path):
             # never torch.jit.load a user's file: it runs the archive's code (see torchscript_archive)
             sd = read_torchscript_state_dict(path)
             fmt = "openai-torchscript"
         else:
-            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+            obj = safe_torch_load(path, "CLIP checkpoint")
             sd = _unwrap_checkpoint(obj, path)
             fmt = "state-dict"
     except WeightsError:
         raise
     except FileNotFoundError as e:
         raise WeightsNotFoundError(str(e)) from e
-    except Exception as e:  # truncated zip, pickle refusing objects, corrupt safetensors header ...
-        raise WeightsError(f"{path}: not a readable CLIP checkpoint ({type(e).__name__}: {e})") from e
+    except (UnsafeFileError, UnreadableFileError) as e:
+        raise WeightsError(str(e)) from None
+    except Exception as e:  # truncated zip, corrupt safetensors header ...
+        detail = clean_message(str(e))
+        raise WeightsError(f"{path}: not a readable CLIP checkpoint ({type(e).__name__}{': ' + detail if detail else ''})") from None
     if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
         raise WeightsError(f"{path}: does not contain a state dict of tensors")
+    try:
+        check_tensor_storage(sd, path)  # stride-0 views: refused before anything copies them
+    except BudgetError as e:
+        raise WeightsError(str(e)) from None
     sd = strip_non_parameters(sd)  # before the layout check, so that a ``module.``-prefixed HF dict is recognised
     if is_hf_state_dict(sd):
         try:
@@ -212,8 +222,11 @@ def build_from_state_dict(
         config = config or config_from_state_dict(sd, activation=activation)
     except KeyError as e:
         raise WeightsError(f"{source}: not a CLIP state dict ({e.args[0]})") from e
-    model = CLIP(config)
-    expected = set(model.state_dict())
+    # checked on the meta device first (no memory): a config or key set asking for a huge model is
+    # refused unless the state dict really holds tensors of those shapes (bounded by the file's size)
+    with torch.device("meta"):
+        shapes = {k: v.shape for k, v in CLIP(config).state_dict().items()}
+    expected = set(shapes)
     missing = sorted(expected - set(sd))
     unexpected = sorted(set(sd) - expected)
     if missing or unexpected:
@@ -222,9 +235,10 @@ def build_from_state_dict(
             f"missing keys: {missing[:8]}{' ...' if len(missing) > 8 else ''}; "
             f"unexpected keys: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}"
         )
-    bad = [k for k, v in model.state_dict().items() if v.shape != sd[k].shape]
+    bad = [k for k, shape in shapes.items() if shape != sd[k].shape]
     if bad:
         raise WeightsError(f"{source}: shape mismatch for {bad[:8]}")
+    model = CLIP(config)
     model.load_state_dict({k: v.float() if v.is_floating_point() else v for k, v in sd.items()})
     return model
 

@@ -30,6 +30,8 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from tag2mask.io.budget import BudgetError, check_zip_member
+
 __all__ = ["TorchScriptArchiveError", "ArchiveObject", "read_torchscript_state_dict"]
 
 # ``torch.<Name>Storage`` globals in the persistent ids -> the element type of the storage
@@ -47,6 +49,9 @@ _STORAGE_DTYPES: dict[str, torch.dtype] = {
 }
 _MAX_DEPTH = 64  # a module tree deeper than this is not a CLIP (and guards against recursion tricks)
 _MAX_COMPRESSION_RATIO = 100  # storages are stored uncompressed by torch; refuse zip bombs
+#: the module tree of a CLIP archive is tens of kilobytes; its source files are too
+_MAX_PICKLE_BYTES = 64 << 20
+_MAX_CODE_BYTES = 16 << 20
 _CLASS_LINE = re.compile(r"^class\s+(\w+)\s*\(")
 _LIST_LINE = re.compile(r"^\s+(__parameters__|__buffers__)\s*=\s*\[(.*)\]\s*$")
 
@@ -165,9 +170,17 @@ class _Archive:
 
     def _read_optional(self, name: str) -> Optional[bytes]:
         try:
+            self.check_member(self.prefix + name, _MAX_CODE_BYTES)
             return self.zf.read(self.prefix + name)
         except KeyError:
             return None
+
+    def check_member(self, name: str, max_bytes: int) -> None:
+        """Size and compression ratio of a non-storage member, before it is read (KeyError if absent)."""
+        try:
+            check_zip_member(self.zf.getinfo(name), self.zf.filename or "archive", max_bytes)
+        except BudgetError as exc:
+            raise TorchScriptArchiveError(str(exc)) from None
 
     def storage(self, key: str, dtype: torch.dtype, numel: int) -> torch.Tensor:
         if key in self._storages:
@@ -201,6 +214,7 @@ class _Archive:
                 continue
             module = entry[len(code):-len(".py")].replace("/", ".")
             current: Optional[str] = None
+            self.check_member(entry, _MAX_CODE_BYTES)
             for line in self.zf.read(entry).decode("utf-8", "replace").splitlines():
                 m = _CLASS_LINE.match(line)
                 if m:
@@ -262,6 +276,7 @@ def read_torchscript_state_dict(path: str | Path) -> dict[str, torch.Tensor]:
         prefix = _find_prefix(zf)
         archive = _Archive(zf, prefix)
         try:
+            archive.check_member(prefix + "data.pkl", _MAX_PICKLE_BYTES)
             root = _ArchiveUnpickler(zf.read(prefix + "data.pkl"), archive).load()
         except TorchScriptArchiveError:
             raise

@@ -59,7 +59,9 @@ def resolve_classes(spec: str, num_classes: int | None = None) -> list[str]:
             raise ValueError(f"--num-classes {num_classes} is smaller than the {len(names)} classes "
                              f"(background included) of --classes {spec}")
         names += [f"class {k}" for k in range(len(names), num_classes)]
-    return names
+    from tag2mask.vocab.vocabulary import check_class_names
+
+    return list(check_class_names(names, "--classes" if not path.is_file() else str(path)))
 
 
 def zero_shot_split(spec: str):

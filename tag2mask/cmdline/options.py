@@ -9,6 +9,7 @@ import sys
 from typing import Iterable, Optional
 
 from tag2mask.runtime import DEVICE_CHOICES
+from tag2mask.cmdline import option_types as ot
 
 
 def plain_text(doc: str) -> str:
@@ -20,32 +21,11 @@ def plain_text(doc: str) -> str:
     return re.sub(r"::(\s*)$", r":\1", text, flags=re.M)
 
 
-def positive_int(text: str) -> int:
-    """argparse type: a whole number >= 1 (``4e6`` accepted as well as ``4000000``)."""
-    try:
-        value = int(float(text))
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
-    return value
-
-
-def positive_int_list(text: str) -> tuple[int, ...]:
-    """argparse type: ``"8,16"`` -> ``(8, 16)`` (positive integers)."""
-    try:
-        values = tuple(int(v) for v in text.split(",") if v.strip())
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
-    if not values or min(values) <= 0:
-        raise argparse.ArgumentTypeError(f"expected positive integers, got {text!r}")
-    return values
-
-
 def add_device_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--device",
         default="auto",
+        type=ot.device,
         help=f"where to run: {'|'.join(DEVICE_CHOICES)} or cuda:N (default: auto = CUDA when available)",
     )
 
@@ -140,7 +120,7 @@ def add_run_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--overwrite", action="store_true", help="allow re-running into OUT with different settings")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     parser.add_argument("--verbose", action="store_true", help="print one line per item (the JSON log in OUT/logs/ always has them)")
-    parser.add_argument("--limit", type=int, default=None, help="process at most this many items (for a quick look)")
+    parser.add_argument("--limit", type=ot.positive_int(ot.MAX_COUNT), default=None, help="process at most this many items (for a quick look)")
 
 
 def add_overlap_options(parser: argparse.ArgumentParser, cpu_work: str) -> None:
@@ -148,36 +128,18 @@ def add_overlap_options(parser: argparse.ArgumentParser, cpu_work: str) -> None:
     from tag2mask.jobs.overlap import MIN_CPUS_FOR_CPU_MODEL, default_workers
 
     parser.add_argument(
-        "--workers", type=_workers, default="auto",
+        "--workers", type=ot.auto_or(ot.non_negative_int(ot.MAX_WORKERS, note="0: in this process")), default="auto",
         help=f"CPU worker processes that {cpu_work} while this process runs the model, so that neither waits "
         f"for the other; 0 = one item after the other in this process (default: auto = the usable CPUs, shared "
         f"by the torchrun ranks of a node, minus one, at most 16: {default_workers('cuda')} here with a GPU, "
         f"{default_workers('cpu')} with the model on the CPU, where fewer than {MIN_CPUS_FOR_CPU_MODEL} CPUs give 0)",
     )
     parser.add_argument(
-        "--batch-size", type=_batch_size, default="auto",
+        "--batch-size", type=ot.auto_or(ot.positive_int(ot.MAX_BATCH)), default="auto",
         help="images per model pass with --workers > 0 (default: auto = 1 on a CPU, where batching does not pay "
         "and keeps the outputs bit for bit those of --workers 0; 8 on a GPU, where the outputs then differ in the "
         "last float bits of the CAMs)",
     )
-
-
-def _workers(text: str) -> "int | str":
-    return "auto" if text == "auto" else _non_negative_int(text)
-
-
-def _batch_size(text: str) -> "int | str":
-    return "auto" if text == "auto" else positive_int(text)
-
-
-def _non_negative_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected 'auto' or a whole number >= 0, got {text!r}")
-    return value
 
 
 def check_overlap_options(args: argparse.Namespace) -> None:

@@ -7,6 +7,7 @@ One place, so ``train weclip|segmenter|clip-zss|fma`` resume, overwrite, stop an
 from __future__ import annotations
 
 import argparse
+from tag2mask.cmdline import option_types as ot
 import os
 import shlex
 import sys
@@ -23,18 +24,18 @@ def add_run_options(parser: argparse.ArgumentParser, *, out_help: str = "run fol
     """Add --out, --ckpt-every, --log-every, --keep-last, --resume, --overwrite, --stop-at, --seed,
     --workers, --tensorboard and --quiet with this sub-command's defaults."""
     parser.add_argument("--out", required=True, help=out_help)
-    parser.add_argument("--ckpt-every", type=int, default=ckpt_every, help="checkpoint every N iterations")
-    parser.add_argument("--log-every", type=int, default=log_every, help="log mean losses every N iterations")
-    parser.add_argument("--keep-last", type=int, default=None, help="keep only the newest N checkpoints (default: all)")
+    parser.add_argument("--ckpt-every", type=ot.positive_int(ot.MAX_ITERS), default=ckpt_every, help="checkpoint every N iterations")
+    parser.add_argument("--log-every", type=ot.positive_int(ot.MAX_ITERS), default=log_every, help="log mean losses every N iterations")
+    parser.add_argument("--keep-last", type=ot.positive_int(ot.MAX_ITERS), default=None, help="keep only the newest N checkpoints (default: all)")
     parser.add_argument("--resume", nargs="?", const="auto", default=None,
                         help="continue the run in OUT from its newest complete checkpoint (or from the given "
                              "checkpoint file / run folder); the recipe stored in the checkpoint is used")
     parser.add_argument("--overwrite", action="store_true",
                         help="start again in an existing OUT (deletes its checkpoints and logs)")
-    parser.add_argument("--stop-at", type=int, default=None,
+    parser.add_argument("--stop-at", type=ot.positive_int(ot.MAX_ITERS), default=None,
                         help="leave after this iteration (the schedule still targets --iters)")
-    parser.add_argument("--seed", type=int, default=seed, help=seed_help)
-    parser.add_argument("--workers", type=int, default=0, help="data loader worker processes")
+    parser.add_argument("--seed", type=ot.non_negative_int(2**32 - 1), default=seed, help=seed_help)
+    parser.add_argument("--workers", type=ot.non_negative_int(ot.MAX_WORKERS, note="0: in this process"), default=0, help="data loader worker processes")
     tb_help = "TensorBoard logs (auto: if installed)" if tensorboard == "auto" else "TensorBoard logs"
     parser.add_argument("--tensorboard", choices=("auto", "on", "off"), default=tensorboard, help=tb_help)
     parser.add_argument("--quiet", action="store_true", help="no progress bar")

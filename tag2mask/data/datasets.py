@@ -250,7 +250,9 @@ class FolderDataset(_Base):
         self._names = []
         if labels_file is None:
             for p in sorted(self.image_dir.rglob("*")):
-                if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES:
+                # every entry named like an image is an item, even a folder, a FIFO or a broken link:
+                # it then fails to decode and is reported in the manifest instead of silently skipped
+                if p.suffix.lower() in IMAGE_SUFFIXES:
                     self._add(p.relative_to(self.image_dir).with_suffix("").as_posix(), p, [])
             return
         if not self.class_names:
@@ -258,7 +260,7 @@ class FolderDataset(_Base):
         for entry, names in read_labels_file(labels_file).items():
             where = f"{labels_file}: entry {entry!r}"
             try:
-                path = safe_image_path(self.image_dir, entry, where)
+                path = safe_image_path(self.image_dir, entry, str(labels_file))
                 ids = names_to_ids(names, self.class_names, where)
             except LabelFileError as exc:
                 if strict:

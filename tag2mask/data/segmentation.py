@@ -22,7 +22,6 @@ anything else is an error naming the file.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence, Union
@@ -30,6 +29,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 
 from tag2mask.data.datasets import IMAGE_SUFFIXES, detect_dataset
+from tag2mask.io.json_files import read_json
 
 __all__ = ["SegItem", "SegmentationSource", "UnlabeledImages", "open_segmentation_data", "open_unlabeled_images",
            "pseudo_label_classes", "IGNORE"]
@@ -166,9 +166,10 @@ def pseudo_label_classes(masks: Union[str, Path]) -> Optional[list[str]]:
     for run_json in (masks / "run.json", masks.parent / "run.json"):
         if run_json.is_file():
             try:
-                classes = json.loads(run_json.read_text(encoding="utf-8")).get("classes")
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise ValueError(f"{run_json}: unreadable run record ({exc})") from None
+                record = read_json(run_json)
+            except ValueError as exc:
+                raise ValueError(f"unreadable run record: {exc}") from None
+            classes = record.get("classes") if isinstance(record, dict) else None
             if isinstance(classes, list) and all(isinstance(c, str) for c in classes):
                 return classes
     return None

@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import csv
 import io
-import json
-from pathlib import Path, PurePosixPath, PureWindowsPath
+from pathlib import Path, PurePosixPath
 from typing import Iterable, Mapping, Sequence
 
 __all__ = [
@@ -58,10 +57,12 @@ def _read_json(path: Path) -> dict[str, list[str]]:
             seen[key] = value
         return seen
 
+    from tag2mask.io.json_files import JSONFileError, loads_named
+
     try:
-        data = json.loads(_read_utf8(path), object_pairs_hook=no_duplicate_keys)
-    except json.JSONDecodeError as exc:
-        raise LabelFileError(f"{path}: invalid JSON ({exc})") from exc
+        data = loads_named(_read_utf8(path), path, object_pairs_hook=no_duplicate_keys)
+    except JSONFileError as exc:
+        raise LabelFileError(str(exc)) from None
     if not isinstance(data, dict):
         raise LabelFileError(f"{path}: expected a JSON object {{\"image\": [\"class\", ...]}}, got {type(data).__name__}")
     out: dict[str, list[str]] = {}
@@ -186,17 +187,9 @@ def safe_image_path(image_dir: str | Path, name: str, where: str = "") -> Path:
         LabelFileError: absolute path, drive letter, ``..`` component, or a path (or
             symlink) resolving outside ``image_dir``.
     """
-    prefix = f"{where}: " if where else ""
-    if not name or "\x00" in name:
-        raise LabelFileError(f"{prefix}invalid image name {name!r}")
-    win = PureWindowsPath(name)
-    posix = PurePosixPath(name.replace("\\", "/"))
-    if posix.is_absolute() or win.is_absolute() or win.drive or name.startswith(("/", "\\")):
-        raise LabelFileError(f"{prefix}image name {name!r} is an absolute path; names must be relative to {image_dir}")
-    if ".." in posix.parts:
+    from tag2mask.io.paths import path_inside
+
+    if ".." in PurePosixPath(name.replace("\\", "/")).parts:
+        prefix = f"{where}: " if where else ""
         raise LabelFileError(f"{prefix}image name {name!r} points outside the image folder {image_dir} ('..')")
-    root = Path(image_dir).resolve()
-    full = (root / Path(*posix.parts)).resolve()
-    if full != root and root not in full.parents:
-        raise LabelFileError(f"{prefix}image name {name!r} resolves outside the image folder {image_dir}")
-    return full
+    return path_inside(image_dir, name, where, error=LabelFileError, must_be_relative=True)

@@ -268,6 +268,10 @@ def train(task: TrainTask, options: RunOptions) -> dict[str, Any]:
     """Run (or resume) ``task`` as ``options`` say; returns a summary (last row, val scores, checkpoints)."""
     from tag2mask.jobs.distributed import dist_info, init_distributed, shutdown
 
+    if options.stop_at is not None and not 1 <= options.stop_at <= task.max_iters:
+        # a stop point past the end would be silently the end: say so instead
+        raise ValueError(f"--stop-at {options.stop_at} is outside the run's 1..{task.max_iters} iterations "
+                         "(--iters); leave it out to train to the end")
     info = dist_info()
     device = _resolve_device(options.device, info.local_rank, info.world_size)
     backend = "nccl" if device.type == "cuda" else "gloo"

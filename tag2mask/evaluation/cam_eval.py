@@ -87,7 +87,10 @@ def load_cam_npz(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"CAM file not found: {path}")
+    from tag2mask.io.budget import npz_headers
+
     try:
+        npz_headers(path)  # sizes and ratios from the headers, before any array is inflated
         with np.load(path, allow_pickle=False) as z:
             files = set(z.files)
             cam_key = "cams" if "cams" in files else "attn_highres" if "attn_highres" in files else None

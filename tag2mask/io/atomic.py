@@ -34,11 +34,24 @@ def _fsync_file(path: Path) -> None:
 _TEMP_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789_"
 
 
+def _short_stem(path: Path, limit: int = 255) -> str:
+    """The destination's stem, cut so that the temporary name fits in ``limit`` bytes.
+
+    A valid 240-byte image name would otherwise give a temporary name longer than the common
+    255-byte file-name limit (``.<stem>.<8 chars>.tmp<suffix>`` adds 15 bytes and the suffix).
+    """
+    room = limit - len(f"..12345678.tmp{path.suffix}".encode("utf-8", "surrogateescape"))
+    stem = path.stem.encode("utf-8", "surrogateescape")
+    if len(stem) <= room:
+        return path.stem
+    return stem[:max(room, 1)].decode("utf-8", "ignore") or "t"
+
+
 def _create_temp(path: Path) -> Path:
     """An empty new file ``.<stem>.<8 random chars>.tmp<suffix>`` next to ``path``, mode 0o666 & ~umask."""
     for _ in range(100):
         token = "".join(secrets.choice(_TEMP_ALPHABET) for _ in range(8))
-        tmp = path.parent / f".{path.stem}.{token}.tmp{path.suffix}"
+        tmp = path.parent / f".{_short_stem(path)}.{token}.tmp{path.suffix}"
         try:
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0), 0o666)
         except FileExistsError:

@@ -44,6 +44,7 @@ __all__ = [
     "iter_records",
     "latest_records",
     "rank_manifest_paths",
+    "recorded_items",
     "file_sha256",
     "file_state",
     "verify_outputs",
@@ -144,7 +145,7 @@ def iter_records(path: Path) -> Iterator[dict[str, Any]]:
                 continue
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):  # cut by a crash, or not JSON we can read
                 continue
             if isinstance(rec, dict) and isinstance(rec.get("item"), str):
                 yield rec
@@ -169,6 +170,12 @@ def rank_manifest_paths(run_dir: Path) -> list[Path]:
             if m:
                 found.append((int(m.group(1)), p))
     return [p for _, p in sorted(found)]
+
+
+def recorded_items(run_dir: Path) -> int:
+    """How many items the manifests of ``run_dir`` record (0 for a new or empty folder)."""
+    run_dir = Path(run_dir)
+    return len(latest_records([run_dir / MANIFEST_NAME, *rank_manifest_paths(run_dir)])) if run_dir.is_dir() else 0
 
 
 def compact_manifest(run_dir: Path) -> dict[str, int]:
@@ -205,21 +212,27 @@ def compact_manifest(run_dir: Path) -> dict[str, int]:
     return counts
 
 
-def verify_outputs(run_dir: Path, rec: dict[str, Any], check_hash: bool = True) -> Optional[str]:
+def verify_outputs(run_dir: Path, rec: dict[str, Any], check_hash: bool = True,
+                   source: str = MANIFEST_NAME) -> Optional[str]:
     """``None`` if every output of an ``ok`` record is present and intact, else the reason.
 
-    Paths are relative to ``run_dir`` (absolute ones, from older manifests, are used as is).
-    When the record lists ``bytes`` / ``sha256`` they must match; older records without them
-    only need non-empty files.
+    Paths are relative to ``run_dir``; every one must resolve inside it
+    (:func:`tag2mask.io.paths.path_inside`). When the record lists ``bytes`` / ``sha256`` they must
+    match; older records without them only need non-empty files.
+
+    Raises:
+        UnsafePathError: an output path that resolves outside ``run_dir`` (a tampered manifest).
     """
+    from tag2mask.io.paths import path_inside
+
     outputs = rec.get("outputs") or []
     sizes = rec.get("bytes")
     hashes = rec.get("sha256")
     if not outputs:
         return "record lists no outputs"
+    where = Path(run_dir) / source  # the record's file, named in the error
     for i, rel in enumerate(outputs):
-        p = Path(rel)
-        p = p if p.is_absolute() else Path(run_dir) / p
+        p = path_inside(run_dir, rel, where)
         if not p.is_file():
             return f"{rel}: missing"
         size = p.stat().st_size
@@ -234,12 +247,14 @@ def verify_outputs(run_dir: Path, rec: dict[str, Any], check_hash: bool = True) 
 
 def settings_diff(run_dir: Path, settings: dict[str, Any]) -> list[str]:
     """Names of settings that differ from ``<run>/settings.json`` (empty if none or no file)."""
+    from tag2mask.io.json_files import read_json
+
     path = Path(run_dir) / "settings.json"
     if not path.exists():
         return []
     try:
-        old = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        old = read_json(path)
+    except ValueError as exc:
         raise SettingsMismatchError(f"{path}: unreadable settings file ({exc}); delete it or pass --overwrite") from exc
     # compare through JSON so that tuples/lists and other round-trip changes do not count
     new = json.loads(json.dumps(settings, default=str))

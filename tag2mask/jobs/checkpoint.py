@@ -19,13 +19,13 @@ import contextlib
 import errno
 import io
 import os
-import pickle
 import re
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from tag2mask.io.atomic import atomic_write_bytes
 from tag2mask.io.manifest import RunManifest, iter_records, verify_outputs
+from tag2mask.io.paths import path_inside
 
 __all__ = [
     "RECORD", "DiskFullError", "UnsafeCheckpointError", "save_checkpoint", "latest_checkpoint",
@@ -50,7 +50,7 @@ class DiskFullError(OSError):
         return str(self.args[1])
 
 
-class UnsafeCheckpointError(ValueError):
+class UnsafeCheckpointError(ValueError):  # noqa: N818 (public name)
     """A checkpoint that cannot be read without unpickling Python objects (never done)."""
 
 
@@ -89,6 +89,7 @@ def save_checkpoint(folder: Union[str, Path], step: int, state: Any, name: Optio
 
     Raises:
         DiskFullError: no space left for the file or its record (the previous checkpoints are intact).
+        UnsafePathError: ``checkpoints.jsonl`` names a file outside ``folder`` (nothing is deleted).
     """
     import hashlib
 
@@ -116,24 +117,45 @@ def save_checkpoint(folder: Union[str, Path], step: int, state: Any, name: Optio
         raise
     if keep_last is not None and keep_last > 0:
         names: list[str] = []
-        for rec in iter_records(folder / RECORD):
+        for rec in _checked_records(folder):
             if rec["item"] in names:
                 names.remove(rec["item"])
             names.append(rec["item"])
         for old in names[:-keep_last]:
-            if old != path.name:
+            # the record may have been edited (a run folder can come from someone else): only
+            # files inside the folder are ever deleted
+            victim = path_inside(folder, old, folder / RECORD)
+            if victim != path.resolve() and victim.is_file():
                 with contextlib.suppress(FileNotFoundError):
-                    (folder / old).unlink()
+                    victim.unlink()
     return path
 
 
-def latest_checkpoint(folder: Union[str, Path]) -> Optional[tuple[Path, int]]:
-    """The newest recorded checkpoint that verifies (size and SHA-256): ``(path, step)``, or None."""
-    folder = Path(folder)
+def _checked_records(folder: Path) -> list[dict[str, Any]]:
+    """The records of ``<folder>/checkpoints.jsonl``, every named file checked to lie inside ``folder``.
+
+    Checked all at once, before anything is loaded or deleted, so a tampered record stops a resume
+    at its start with an error naming the record file and the entry.
+    """
     records = list(iter_records(folder / RECORD))
+    for rec in records:
+        path_inside(folder, rec["item"], folder / RECORD)
+        for rel in rec.get("outputs") or []:
+            path_inside(folder, rel, folder / RECORD)
+    return records
+
+
+def latest_checkpoint(folder: Union[str, Path]) -> Optional[tuple[Path, int]]:
+    """The newest recorded checkpoint that verifies (size and SHA-256): ``(path, step)``, or None.
+
+    Raises:
+        UnsafePathError: a record names a file outside ``folder``.
+    """
+    folder = Path(folder)
+    records = _checked_records(folder)
     for rec in sorted(records, key=lambda r: (r.get("step", -1), r.get("time", 0)), reverse=True):
-        if rec.get("status") == "ok" and verify_outputs(folder, rec) is None:
-            return folder / rec["outputs"][0], int(rec.get("step", -1))
+        if rec.get("status") == "ok" and verify_outputs(folder, rec, source=RECORD) is None:
+            return path_inside(folder, rec["outputs"][0], folder / RECORD), int(rec.get("step", -1))
     return None
 
 
@@ -168,20 +190,15 @@ def load_checkpoint(path: Union[str, Path], map_location: Any = "cpu") -> Any:
     """
     import torch
 
+    from tag2mask.io.torch_files import UnsafeFileError, safe_torch_load
+
     p = resolve_checkpoint(path)
     try:
-        return torch.load(p, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
-        raise UnsafeCheckpointError(
-            f"{p}: this checkpoint stores Python objects, which tag2mask does not unpickle (unpickling a "
-            "file can run code). If it is a checkpoint of an older tag2mask, re-save it in the safe format "
-            f"with: tag2mask convert checkpoint {p} --out NEW_RUN (this reads only tensors, numbers and "
-            "NumPy arrays, nothing executable)"
-        ) from None
-    except (RuntimeError, EOFError, OSError) as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise
-        raise ValueError(f"{p}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+        return safe_torch_load(p, "checkpoint", map_location=map_location,
+                               hint="if it is a checkpoint of an older tag2mask, re-save it in the safe format "
+                                    f"with: tag2mask convert checkpoint {p} --out NEW_RUN")
+    except UnsafeFileError as exc:
+        raise UnsafeCheckpointError(str(exc)) from None
 
 
 def load_latest_checkpoint(folder: Union[str, Path], map_location: Any = "cpu") -> Optional[tuple[Any, int]]:

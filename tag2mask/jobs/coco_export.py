@@ -20,6 +20,7 @@ from tag2mask.io.atomic import atomic_path
 from tag2mask.io.coco_rle import encode, mask_area, mask_bbox
 from tag2mask.io.manifest import MANIFEST_NAME, iter_records
 from tag2mask.io.palette import read_label_png
+from tag2mask.io.paths import path_inside
 
 __all__ = ["write_coco_from_manifest"]
 
@@ -52,7 +53,7 @@ def write_coco_from_manifest(run_dir: str | Path, class_names: Sequence[str], pa
                 mask_rel = next((p for p in rec.get("outputs", []) if p.startswith(mask_prefix)), None)
                 if mask_rel is None:
                     continue
-                mask_path = run_dir / mask_rel
+                mask_path = path_inside(run_dir, mask_rel, run_dir / MANIFEST_NAME)
                 label = read_label_png(mask_path)
                 n_images += 1
                 h, w = label.shape

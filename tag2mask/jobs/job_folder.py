@@ -11,7 +11,14 @@ import time
 from pathlib import Path
 from typing import Any
 
-from tag2mask.io.manifest import MANIFEST_NAME, SettingsMismatchError, compact_manifest, settings_diff, write_settings
+from tag2mask.io.manifest import (
+    MANIFEST_NAME,
+    SettingsMismatchError,
+    compact_manifest,
+    recorded_items,
+    settings_diff,
+    write_settings,
+)
 
 __all__ = ["prepare_job_folder", "remove_stale_temp_files"]
 
@@ -33,14 +40,21 @@ def remove_stale_temp_files(out_dir: Path) -> int:
     return removed
 
 
-def prepare_job_folder(out_dir: Path, settings: dict[str, Any], overwrite: bool) -> dict[str, Any]:
-    """Rank 0, before any rank writes: settings guard, crash leftovers, manifest compaction."""
+def prepare_job_folder(out_dir: Path, settings: dict[str, Any], overwrite: bool, resume: bool) -> dict[str, Any]:
+    """Rank 0, before any rank writes: rerun and settings guards, crash leftovers, manifest compaction."""
     diff = settings_diff(out_dir, settings)
     if diff and not overwrite:
         raise SettingsMismatchError(
             f"{out_dir} holds results made with different settings ({', '.join(diff)}); "
             "choose another --out or pass --overwrite"
         )
+    if not resume and not overwrite:
+        earlier = recorded_items(out_dir)
+        if earlier:
+            # never recompute over finished outputs silently: a hand-corrected mask would be lost
+            raise SettingsMismatchError(
+                f"{out_dir} already holds the results of an earlier run ({earlier} item(s) in its manifest); "
+                "continue it with --resume, pass --overwrite to redo every item, or choose another --out")
     out_dir.mkdir(parents=True, exist_ok=True)
     stale = remove_stale_temp_files(out_dir)
     compact_manifest(out_dir)  # fold rank files of an interrupted run in, whatever its world size

@@ -120,9 +120,38 @@ class Stages:
 _WORKER: dict[str, Any] = {}
 
 
-def _init_worker(prepare: Callable, finish: Callable, out_dir: str, threads: int) -> None:
+def _parent_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie -- killed, not yet reaped -- counts as dead)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rsplit(b")", 1)[1].split()[0] != b"Z"
+    except (OSError, IndexError):
+        return True  # no /proc (macOS): the signal-0 test above is all there is
+
+
+def _watch_parent(pid: int, interval: float = 0.5) -> None:
+    """Exit this worker as soon as the job's process is gone (``kill -9`` of the job leaves no orphans)."""
+    import threading
+
+    def watch() -> None:
+        while _parent_alive(pid):
+            time.sleep(interval)
+        os._exit(1)  # nothing to clean up: outputs are written atomically, the job records nothing more
+
+    threading.Thread(target=watch, name="tag2mask-parent-watchdog", daemon=True).start()
+
+
+def _init_worker(prepare: Callable, finish: Callable, out_dir: str, threads: int, parent_pid: int) -> None:
     import signal
 
+    # the worker's parent is the fork server, not the job: watch the job itself
+    _watch_parent(parent_pid)
     # Ctrl-C reaches the whole process group: the job's process stops the workers (no traceback per worker)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     for var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
@@ -196,7 +225,7 @@ class _Pool:
     def start(self) -> ProcessPoolExecutor:
         return ProcessPoolExecutor(max_workers=self.stages.workers, mp_context=self.ctx, initializer=_init_worker,
                                    initargs=(self.stages.prepare, self.stages.finish, self.out_dir,
-                                             self.stages.worker_threads))
+                                             self.stages.worker_threads, os.getpid()))
 
     def submit(self, ticket: _Ticket) -> None:
         try:

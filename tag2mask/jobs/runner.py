@@ -16,6 +16,8 @@ does the rest:
   a cut manifest line (ignored);
 * **disk full** -- ``ENOSPC`` / ``EDQUOT`` stops the job at once with :class:`DiskFullError` (one
   line naming the file and how to resume), instead of failing every remaining item;
+* **rerun guard** -- a folder whose manifest already records items is refused unless ``resume``
+  (continue: finished items are kept) or ``overwrite`` (redo every item);
 * **settings guard** -- a folder written with other settings is refused unless ``overwrite``;
 * **bad items** -- an exception in ``process_fn`` becomes an ``error`` record with a kind and a
   message naming the item; the job goes on; the exit code is 1 when any item failed;
@@ -368,7 +370,7 @@ def _run(spec: JobSpec, info: D.DistInfo) -> JobSummary:
 
     started = time.time()
     out_dir, options = spec.out_dir, spec.options
-    prep = _collective(lambda: prepare_job_folder(out_dir, spec.settings, options.overwrite), info)
+    prep = _collective(lambda: prepare_job_folder(out_dir, spec.settings, options.overwrite, options.resume), info)
 
     n = len(spec.items) if options.limit is None else max(0, min(options.limit, len(spec.items)))
     shard = range(info.rank, n, info.world_size)

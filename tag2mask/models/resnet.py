@@ -35,10 +35,10 @@ import re
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-import torch
 from torch import Tensor, nn
 
 from tag2mask.clip.loading import WeightsError, WeightsNotFoundError
+from tag2mask.io.torch_files import UnreadableFileError, UnsafeFileError, clean_message, safe_torch_load
 
 __all__ = [
     "RESNET_DEPTHS",
@@ -178,12 +178,15 @@ _STRIP_PREFIXES = ("module.", "backbone.", "base.", "resnet.")
 
 def _weights_in_folder(folder: Path) -> Path:
     """The weight file of a ``transformers`` ResNet folder (checked to be a bottleneck ResNet, v1.5)."""
-    import json
 
     config_file = folder / "config.json"
     if not config_file.is_file():
         raise WeightsError(f"{folder}: a folder without config.json; pass a weight file or a transformers ResNet folder")
-    config = json.loads(config_file.read_text())
+    from tag2mask.io.json_files import read_json
+
+    config = read_json(config_file)
+    if not isinstance(config, dict):
+        raise WeightsError(f"{config_file}: not a JSON object")
     if config.get("model_type") != "resnet" or config.get("layer_type", "bottleneck") != "bottleneck":
         raise WeightsError(f"{folder}: not a transformers bottleneck ResNet (model_type {config.get('model_type')!r})")
     if config.get("downsample_in_bottleneck") or config.get("downsample_in_first_stage"):
@@ -211,9 +214,12 @@ def read_checkpoint(path: Union[str, Path]) -> dict[str, Tensor]:
 
             obj = load_file(str(p))
         else:
-            obj = torch.load(str(p), map_location="cpu", weights_only=True)
-    except Exception as e:  # pickle refusing objects, truncated zip, bad safetensors header
-        raise WeightsError(f"{p}: not a readable weight file ({type(e).__name__}: {e})") from e
+            obj = safe_torch_load(p, "weight file")
+    except (UnsafeFileError, UnreadableFileError) as e:
+        raise WeightsError(str(e)) from None
+    except Exception as e:  # bad safetensors header
+        detail = clean_message(str(e))
+        raise WeightsError(f"{p}: not a readable weight file ({type(e).__name__}{': ' + detail if detail else ''})") from None
     if isinstance(obj, dict):
         for key in ("state_dict", "model", "model_state_dict"):
             if isinstance(obj.get(key), dict):

@@ -23,6 +23,7 @@ import torch
 
 from tag2mask.clip.loading import WeightsError, WeightsNotFoundError
 from tag2mask.io.atomic import atomic_path
+from tag2mask.io.json_files import loads_named
 from tag2mask.models.base import Segmenter
 
 __all__ = ["FORMAT_VERSION", "METADATA_KEY", "save_segmenter", "read_segmenter_header", "load_segmenter"]
@@ -76,9 +77,11 @@ def read_segmenter_header(path: Union[str, Path]) -> tuple[dict[str, Any], dict[
     if METADATA_KEY not in meta:
         raise WeightsError(f"{p}: a safetensors file, but not a tag2mask segmenter (no {METADATA_KEY!r} metadata)")
     try:
-        header = json.loads(meta.pop(METADATA_KEY))
-    except json.JSONDecodeError as e:
-        raise WeightsError(f"{p}: corrupt segmenter metadata ({e})") from e
+        header = loads_named(meta.pop(METADATA_KEY), f"{p} (segmenter metadata)")
+    except ValueError as e:
+        raise WeightsError(str(e)) from None
+    if not isinstance(header, dict):
+        raise WeightsError(f"{p}: corrupt segmenter metadata (not a JSON object)")
     if header.get("format") != FORMAT_VERSION:
         raise WeightsError(f"{p}: segmenter format {header.get('format')!r}, this tag2mask reads {FORMAT_VERSION}")
     return header, meta

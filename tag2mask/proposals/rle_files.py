@@ -24,6 +24,9 @@ from tag2mask.io import coco_rle
 from tag2mask.io.atomic import atomic_path
 from tag2mask.proposals.base import MaskProposals, ProposalError
 
+#: largest mask decoded from an RLE proposal (the default --max-decode-pixels of the image decoder)
+MAX_RLE_PIXELS = 100_000_000
+
 __all__ = ["read_proposals_json", "write_proposals_json", "RLEFolderProposals"]
 
 
@@ -49,12 +52,13 @@ def read_proposals_json(path: Union[str, Path], image_size: tuple[int, int] | No
     that differs from the image, a negative area or level.
     """
     path = Path(path)
+    from tag2mask.io.json_files import read_json
+
     try:
-        with open(path, "r", encoding="utf-8") as f:
-            data = json.load(f)
+        data = read_json(path)
     except FileNotFoundError:
         raise
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (OSError, ValueError) as e:
         raise _fail(path, f"not a readable JSON file ({type(e).__name__}: {e})") from e
     anns = _annotations(data, path)
     masks, levels, areas, scores = [], [], [], []
@@ -80,7 +84,15 @@ def read_proposals_json(path: Union[str, Path], image_size: tuple[int, int] | No
             rle_size = tuple(int(v) for v in seg["size"])
             if len(rle_size) != 2 or min(rle_size) < 1:
                 raise ValueError(f"bad size {seg['size']!r}")
+            # the size is checked before decoding: a few bytes of RLE can describe gigapixels
+            expected = size if size is not None else rle_size
+            if rle_size != expected:
+                raise _fail(path, f"{where} is {rle_size[0]}x{rle_size[1]} but the image is {expected[0]}x{expected[1]}")
+            if rle_size[0] * rle_size[1] > MAX_RLE_PIXELS:
+                raise _fail(path, f"{where} is {rle_size[0]}x{rle_size[1]}, more than {MAX_RLE_PIXELS:,} pixels")
             mask = coco_rle.decode(seg).astype(bool)
+        except ProposalError:
+            raise
         except (ValueError, TypeError, KeyError) as e:
             raise _fail(path, f"{where}: invalid RLE ({e})") from e
         if size is None:

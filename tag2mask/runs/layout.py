@@ -7,12 +7,12 @@ writing anything, whether a run may start there and from which checkpoint.
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 from typing import Any, Optional, Union
 
 from tag2mask.jobs.checkpoint import RECORD, latest_checkpoint, load_checkpoint, resolve_checkpoint
+from tag2mask.io.json_files import loads_named
 
 __all__ = ["CHECKPOINT_FORMAT", "ENGINE_FILES", "RunFolderError", "prepare_run_folder", "clear_run",
            "read_run_checkpoint"]
@@ -82,8 +82,10 @@ def read_run_checkpoint(path: Union[str, Path], task: Optional[str] = None) -> d
         raise ValueError(f"{where}: not a tag2mask training checkpoint (format {CHECKPOINT_FORMAT})")
     if task is not None and ckpt.get("task") != task:
         raise ValueError(f"{where}: a {ckpt.get('task')!r} checkpoint, expected {task!r}")
+    if not isinstance(ckpt.get("modules"), dict) or not ckpt["modules"]:
+        raise ValueError(f"{where}: a training checkpoint without model weights (no 'modules' entry)")
     out = dict(ckpt)
     for key in ("config", "options", "meta"):
-        out[key] = json.loads(ckpt.get(f"{key}_json") or "{}")
+        out[key] = loads_named(ckpt.get(f"{key}_json") or "{}", f"{where} ({key}_json)")
     out["path"] = str(where)
     return out

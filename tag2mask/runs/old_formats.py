@@ -12,13 +12,11 @@ folder, resumable bit for bit.
 from __future__ import annotations
 
 import json
-import pickle
 from pathlib import Path
 from typing import Any, Union
 
-import torch
-
 from tag2mask.jobs.checkpoint import RECORD, UnsafeCheckpointError, honour_umask, save_checkpoint
+from tag2mask.io.torch_files import UnsafeFileError, safe_torch_load
 from tag2mask.runs.layout import CHECKPOINT_FORMAT, RunFolderError
 from tag2mask.runs.rng_state import rng_state_as_tensors
 
@@ -44,16 +42,9 @@ def read_legacy_checkpoint(path: Union[str, Path]) -> dict[str, Any]:
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
-        with torch.serialization.safe_globals(_numpy_array_globals()):
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        lines = [ln for ln in str(exc).splitlines() if "global" in ln or "got <" in ln]
-        first = (lines[0].strip() if lines else type(exc).__name__)[:200]
-        raise UnsafeCheckpointError(
-            f"{path}: refused: the file holds Python objects other than tensors, numbers and NumPy arrays, "
-            f"so it is not a tag2mask checkpoint and is not unpickled ({first})") from None
-    except (RuntimeError, EOFError) as exc:
-        raise ValueError(f"{path}: not a readable checkpoint ({type(exc).__name__}: {exc})") from None
+        ckpt = safe_torch_load(path, "tag2mask checkpoint", extra_globals=_numpy_array_globals())
+    except UnsafeFileError as exc:
+        raise UnsafeCheckpointError(str(exc)) from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != LEGACY_WECLIP_FORMAT:
         raise ValueError(f"{path}: not a checkpoint of an older tag2mask (format {LEGACY_WECLIP_FORMAT})")
     return ckpt

@@ -98,8 +98,10 @@ class Vocabulary:
                 raise ValueError("class names must be non-empty strings")
             if not syns or any(not s or not s.strip() for s in syns):
                 raise ValueError(f"class {name!r} needs at least one non-empty prompt synonym")
-        _reject_duplicates(self.names, "class name")
-        _reject_duplicates(self.background, "background word")
+        check_class_names(self.names)
+        check_class_names(self.background, what="background word")
+        for syns in self.synonyms:
+            check_class_names(syns, what="prompt synonym")
         clash = {n.lower() for n in self.names} & {b.lower() for b in self.background}
         if clash and not self.allow_background_overlap:
             raise ValueError(f"words listed both as class and as background: {sorted(clash)}")
@@ -168,6 +170,28 @@ class Vocabulary:
         else:
             shown = [_clean(n) for n in display_names]
         return cls(tuple(shown), tuple(groups), tuple(_clean(b) for b in background), mode, allow_background_overlap)
+
+
+def check_class_names(names: Sequence[str], where: str = "", what: str = "class name") -> tuple[str, ...]:
+    """Refuse empty names, names with control characters (a NUL byte ...) and duplicates (any case).
+
+    Returns:
+        the names as given.
+
+    Raises:
+        ValueError: naming ``where`` (a file or an option) and the offending name.
+    """
+    prefix = f"{where}: " if where else ""
+    for n in names:
+        if not isinstance(n, str) or not n.strip():
+            raise ValueError(f"{prefix}{what}s must be non-empty text")
+        if any(ord(c) < 32 or ord(c) == 127 for c in n):
+            raise ValueError(f"{prefix}{what} {n!r} contains a control character (a NUL byte, a tab ...)")
+    try:
+        _reject_duplicates(names, what)
+    except ValueError as exc:
+        raise ValueError(f"{prefix}{exc}") from None
+    return tuple(names)
 
 
 def _reject_duplicates(words: Sequence[str], what: str) -> None:
@@ -396,5 +420,5 @@ def load_vocabulary(spec: str, mode: str = "max", first_line_background: bool | 
 
 __all__ = [
     "Vocabulary", "PROMPT_MODES", "PRESETS", "BACKGROUND_WORDS", "get_vocabulary", "is_official_nameset",
-    "parse_nameset_file", "parse_class_string", "load_vocabulary",
+    "parse_nameset_file", "parse_class_string", "load_vocabulary", "check_class_names",
 ]

@@ -35,8 +35,6 @@ import time
 import traceback
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from email.parser import BytesParser
-from email.policy import HTTP
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from typing import Any, Iterable, Optional
@@ -44,6 +42,7 @@ from urllib.parse import urlsplit
 
 from tag2mask.io.palette import encode_label_png
 from tag2mask.web.connections import HeaderGate, PrefixedSocket, SocketWriter, quick_answer
+from tag2mask.web.multipart import parse_multipart
 from tag2mask.web.page import FormState, render_page
 from tag2mask.web.service import (
     METHODS,
@@ -54,7 +53,7 @@ from tag2mask.web.service import (
     parse_classes,
 )
 
-__all__ = ["ServerLimits", "SegmentServer", "make_server", "parse_multipart", "RequestError", "METHODS"]
+__all__ = ["ServerLimits", "SegmentServer", "make_server", "parse_multipart", "RequestError", "METHODS", "ServerBindError"]
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -75,31 +74,6 @@ class ServerLimits:
     max_pending: int = 64  # complete heads waiting for a worker; beyond that: 503
     backlog: int = 128  # the listen queue of the socket
     drain_bytes: int = 64 * 1024 * 1024  # an unread body is read and dropped up to this much, so the client sees the answer
-
-
-def parse_multipart(content_type: str, body: bytes) -> dict[str, Any]:
-    """Form fields of a ``multipart/form-data`` body: text fields as str, files as bytes.
-
-    A file field's name is also given as ``<field>.filename``.
-    """
-    if not content_type.startswith("multipart/form-data"):
-        raise RequestError("expected a multipart/form-data form (fields 'image', 'classes', 'method')")
-    msg = BytesParser(policy=HTTP).parsebytes(b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body)
-    if not msg.is_multipart():
-        raise RequestError("the form could not be parsed (multipart boundary missing)")
-    fields: dict[str, Any] = {}
-    for part in msg.iter_parts():
-        name = part.get_param("name", header="content-disposition")
-        if not name:
-            continue
-        payload = part.get_payload(decode=True) or b""
-        filename = part.get_filename()
-        if filename is not None:
-            fields[name] = payload
-            fields[f"{name}.filename"] = filename
-        else:
-            fields[name] = payload.decode("utf-8", "replace")
-    return fields
 
 
 def _host_name(value: str) -> str:
@@ -170,6 +144,8 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.send_header("X-Content-Type-Options", "nosniff")
         self.send_header("Cache-Control", "no-store")
+        if getattr(self, "_allow", None):
+            self.send_header("Allow", self._allow)
         if content_type.startswith("text/html"):
             # the page's own inline script and data: images only; no framing by other sites
             self.send_header("Content-Security-Policy", "default-src 'none'; img-src data:; style-src 'unsafe-inline'; "
@@ -203,11 +179,25 @@ class _Handler(BaseHTTPRequestHandler):
         """http.server's own errors (bad request line, unsupported method) in our formats."""
         self.close_connection = True
         text = message or HTTPStatus(code).phrase
+        if code == HTTPStatus.NOT_IMPLEMENTED and getattr(self, "command", None):
+            # a method we do not serve (PUT, DELETE, OPTIONS ...): 405 with the methods we do
+            self._method_not_allowed()
+            return
         try:
             if getattr(self, "command", None) and getattr(self, "path", None) is not None:
                 self._error(code, text)
             else:
                 self._json(code, {"error": text})
+        except OSError:
+            pass
+
+    def _method_not_allowed(self) -> None:
+        path = getattr(self, "path", "/").split("?", 1)[0]
+        self._allow = "POST" if path.startswith("/api/") else "GET, HEAD, POST"
+        self._unread = self.server.limits.drain_bytes
+        try:
+            self._json(HTTPStatus.METHOD_NOT_ALLOWED,
+                       {"error": f"method {str(self.command)[:20]!r} is not allowed here; allowed: {self._allow}"})
         except OSError:
             pass
 
@@ -227,9 +217,13 @@ class _Handler(BaseHTTPRequestHandler):
             return None
         origin = self.headers.get("Origin")
         if origin is not None:
-            parts = urlsplit(origin) if origin != "null" else None
+            try:
+                parts = urlsplit(origin) if origin != "null" else None
+                port = (parts.port or {"http": 80, "https": 443}.get(parts.scheme)) if parts is not None else None
+            except ValueError:  # "http://[::1", "http://h:99999": malformed, so not our own page
+                return f"malformed Origin {origin[:80]!r} refused (CSRF guard)"
             if parts is None or not parts.hostname or not self._host_allowed(parts.hostname.lower()) or (
-                    (parts.port or {"http": 80, "https": 443}.get(parts.scheme)) != self.server.server_port):
+                    port != self.server.server_port):
                 return f"cross-site request from {origin[:80]!r} refused (CSRF guard)"
         site = self.headers.get("Sec-Fetch-Site")
         if site is not None and site not in ("same-origin", "none"):
@@ -288,6 +282,8 @@ class _Handler(BaseHTTPRequestHandler):
         refused = self._check_origin()
         if refused:
             self._error(HTTPStatus.FORBIDDEN, refused)
+        elif self.path.split("?", 1)[0] == "/api/segment":
+            self._method_not_allowed()  # the API takes POST only
         elif self.path.split("?", 1)[0] in ("/", "/index.html"):
             self._page(HTTPStatus.OK)
         else:
@@ -340,6 +336,18 @@ class _Handler(BaseHTTPRequestHandler):
                 "toy_model": toy, "note": TOY_MODEL_NOTE if toy else None}
 
 
+class ServerBindError(OSError):
+    """The server cannot listen on the address asked for (port in use, unknown host, no permission)."""
+
+    def __init__(self, address: tuple[str, int], cause: OSError) -> None:
+        why = cause.strerror or str(cause) or type(cause).__name__
+        super().__init__(cause.errno or 0, f"cannot listen on {address[0]}:{address[1]}: {why} (choose another "
+                                           "--port, or check --host)")
+
+    def __str__(self) -> str:  # one line, without the "[Errno 98]" prefix
+        return str(self.args[1])
+
+
 class SegmentServer(HTTPServer):
     """An HTTP server: request heads gathered by one selector thread, then a bounded worker pool.
 
@@ -354,7 +362,12 @@ class SegmentServer(HTTPServer):
         self.limits = limits or ServerLimits()
         self.request_queue_size = self.limits.backlog
         self.service = service
-        super().__init__(address, _Handler)
+        self.gate: Optional[HeaderGate] = None  # server_close may run before it exists (a failed bind)
+        self.pool: Optional[ThreadPoolExecutor] = None
+        try:
+            super().__init__(address, _Handler)
+        except OSError as exc:  # busy port, unknown host, no permission: one line, not a traceback
+            raise ServerBindError(address, exc) from None
         bound = _host_name(address[0]) if address[0] else "0.0.0.0"
         self.any_address = bound in ("0.0.0.0", "::", "")
         self.allowed_hosts = {*LOOPBACK_NAMES, bound, *(h.strip().lower() for h in allowed_hosts if h.strip())}
@@ -408,8 +421,10 @@ class SegmentServer(HTTPServer):
 
     def server_close(self) -> None:
         super().server_close()
-        self.gate.stop()
-        self.pool.shutdown(wait=False, cancel_futures=True)
+        if self.gate is not None:
+            self.gate.stop()
+        if self.pool is not None:
+            self.pool.shutdown(wait=False, cancel_futures=True)
 
 
 def make_server(model: Any, host: str = "127.0.0.1", port: int = 7860, description: Optional[str] = None, *,

@@ -13,6 +13,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
+from tag2mask.cmdline import option_types as ot
 from tag2mask.cmdline.items import describe, item_keys, open_items, source
 from tag2mask.cmdline.options import check_weights_options, reject_options
 
@@ -28,14 +29,14 @@ def add_label_options(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("CLIP-ES (--method clip-es, the default)")
     g.add_argument("--refine", default="pamr", choices=REFINERS,
                    help="post-processing: crf (dense CRF, extra 'crf'), pamr or none (default: pamr)")
-    g.add_argument("--box-threshold", type=float, default=None,
+    g.add_argument("--box-threshold", type=ot.finite_float(0, 1), default=None,
                    help="CAM box threshold lambda (default: the preset's, 0.4 for voc, 0.7 for coco)")
-    g.add_argument("--bg-power", type=float, default=1.0,
+    g.add_argument("--bg-power", type=ot.finite_float(0, 100, lo_open=True), default=1.0,
                    help="with --refine pamr or none: background score (1 - max CAM)^p (default: 1)")
-    g.add_argument("--confidence", type=float, default=0.95, help="with --refine crf: pixels with max probability below this become 255 (default 0.95; 0 disables)")
+    g.add_argument("--confidence", type=ot.finite_float(0, 1, note="0 disables"), default=0.95, help="with --refine crf: pixels with max probability below this become 255 (default 0.95; 0 disables)")
     g.add_argument("--template", default=None, help="prompt template with one {} (default: the preset's, 'a clean origami {}.' "
                    "for voc/coco); tag2mask prompts select ranks candidates on your images")
-    g.add_argument("--scales", type=float, nargs="+", default=[1.0], help="test-time scales averaged (default: 1.0, as the official code)")
+    g.add_argument("--scales", type=ot.finite_float(0, 8, lo_open=True), nargs="+", default=[1.0], help="test-time scales averaged (default: 1.0, as the official code)")
     g.add_argument("--flip", action="store_true", help="also average horizontally flipped views")
     g.add_argument("--no-compat", dest="compat", action="store_false", help="plain float32 numerics (no fp16 rounding of "
                    "weights and positional embeddings) and no CRF image quirk; default: the official ones")

@@ -8,6 +8,7 @@ import math
 from pathlib import Path
 
 from tag2mask.cmdline.options import add_device_option, add_weights_options
+from tag2mask.cmdline import option_types as ot
 
 #: built-in candidates: the two CLIP-ES templates named in the paper/code, then OpenAI's 80 ImageNet ones
 BUILTIN = "builtin"
@@ -39,8 +40,8 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     p.add_argument("--split", default="train", help="split of a VOC/COCO root (default: train)")
     p.add_argument("--classes", default="voc", help="voc, coco, synth, a name-set file or an inline list (default: voc)")
     p.add_argument("--templates", default=BUILTIN, help="candidate templates: builtin, a set name or a file (default: builtin)")
-    p.add_argument("--limit", type=int, default=None, help="use at most this many images (default: all)")
-    p.add_argument("--top", type=int, default=10, help="rows printed (default 10; the JSON has all)")
+    p.add_argument("--limit", type=ot.positive_int(ot.MAX_COUNT), default=None, help="use at most this many images (default: all)")
+    p.add_argument("--top", type=ot.positive_int(1_000_000), default=10, help="rows printed (default 10; the JSON has all)")
     p.add_argument("--out", default=None, help="write the full ranking as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     add_weights_options(p)

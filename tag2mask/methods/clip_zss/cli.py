@@ -10,6 +10,7 @@ from typing import Any
 
 from tag2mask.cmdline.options import add_device_option, add_precision_option
 from tag2mask.cmdline.run_options import add_run_options
+from tag2mask.cmdline import option_types as ot
 
 __all__ = ["add_clip_zss_parser", "run_clip_zss", "build_clip_zss_configs"]
 
@@ -77,13 +78,13 @@ def add_parser(methods: "argparse._SubParsersAction") -> argparse.ArgumentParser
     z.add_argument("--val-data", default=None, help="validation data (default: the training data set for VOC/COCO roots)")
     z.add_argument("--val-split", default=None, help="validation split (default val; 'none' disables)")
     z.add_argument("--val-masks", default=None, help="ground-truth masks of --val-data when it is an image folder")
-    z.add_argument("--val-every", type=int, default=0, help="score seen/unseen every N iterations (default 0: at the end)")
-    z.add_argument("--val-limit", type=int, default=None, help="validate on at most N images during training")
+    z.add_argument("--val-every", type=ot.non_negative_int(ot.MAX_ITERS, note="0: only at the end"), default=0, help="score seen/unseen every N iterations (default 0: at the end)")
+    z.add_argument("--val-limit", type=ot.positive_int(ot.MAX_COUNT), default=None, help="validate on at most N images during training")
     z.add_argument("--no-eval", action="store_true", help="no evaluation of the validation set at the end")
-    z.add_argument("--iters", type=int, default=None, help="total iterations (voc 20000, coco-stuff 80000, synth 600)")
-    z.add_argument("--batch-size", type=int, default=None, help="global batch, split over processes")
-    z.add_argument("--crop", type=int, default=None, help="square training crop")
-    z.add_argument("--lr", type=float, default=None, help="base learning rate of the student backbone")
+    z.add_argument("--iters", type=ot.positive_int(ot.MAX_ITERS), default=None, help="total iterations (voc 20000, coco-stuff 80000, synth 600)")
+    z.add_argument("--batch-size", type=ot.positive_int(ot.MAX_BATCH), default=None, help="global batch, split over processes")
+    z.add_argument("--crop", type=ot.positive_int(ot.MAX_SIDE), default=None, help="square training crop")
+    z.add_argument("--lr", type=ot.finite_float(0, 10, lo_open=True), default=None, help="base learning rate of the student backbone")
     z.add_argument("--optimizer", choices=("sgd", "adamw"), default=None, help="optimiser (default: the preset's)")
     add_run_options(z, ckpt_every=2000, log_every=20, seed=1)
     z.add_argument("--allow-download", action="store_true", help="let the student fetch pretrained weights from the hub")

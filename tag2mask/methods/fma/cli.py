@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 from tag2mask.cmdline.options import add_device_option, add_weights_options, check_weights_options, reject_options
 from tag2mask.cmdline.run_options import add_run_options
+from tag2mask.cmdline import option_types as ot
 
 __all__ = ["add_fma_parser", "run_fma"]
 
@@ -65,18 +66,18 @@ def add_parser(methods: "argparse._SubParsersAction") -> argparse.ArgumentParser
     f.add_argument("--label-source", choices=("gt_mask", "dataset"), default=None,
                    help="image-level labels from the ground-truth masks (the official seg_cls_labels; default for "
                         "voc/coco) or from the annotations / label file (default for synth and folders)")
-    f.add_argument("--iters", type=int, default=None, help="iterations (VOC cls 1800, seg 17000; COCO 20500, 75000)")
-    f.add_argument("--warmup-iters", type=int, default=None, help="flat warm-up iterations (VOC 500, COCO 1000)")
-    f.add_argument("--batch-size", type=int, default=None, help="images per optimiser step, split over processes (16)")
-    f.add_argument("--grad-accumulation", type=int, default=None,
+    f.add_argument("--iters", type=ot.positive_int(ot.MAX_ITERS), default=None, help="iterations (VOC cls 1800, seg 17000; COCO 20500, 75000)")
+    f.add_argument("--warmup-iters", type=ot.non_negative_int(ot.MAX_ITERS), default=None, help="flat warm-up iterations (VOC 500, COCO 1000)")
+    f.add_argument("--batch-size", type=ot.positive_int(ot.MAX_BATCH), default=None, help="images per optimiser step, split over processes (16)")
+    f.add_argument("--grad-accumulation", type=ot.positive_int(1024), default=None,
                    help="sub-batches per step (official COCO: 4 cls, 8 seg; default: the preset's)")
-    f.add_argument("--lr", type=float, default=None, help="base learning rate after the warm-up (1e-3)")
+    f.add_argument("--lr", type=ot.finite_float(0, 10, lo_open=True), default=None, help="base learning rate after the warm-up (1e-3)")
     f.add_argument("--ctx-seed", default=None, help="seed of the initial context, an integer or a string hashed "
                                                     "with sha1 as the official toolkit ('真' cls, '机' seg)")
     add_run_options(f, out_help="run folder: checkpoints, config.json, train_log.csv, prompts.safetensors",
                     ckpt_every=500, log_every=10, seed=0, seed_help="random seed of the data stream (official: 0)")
-    f.add_argument("--synth-n", type=int, default=200, help="--data synth: number of training scenes")
-    f.add_argument("--synth-size", type=int, default=224, help="--data synth: scene size in pixels")
+    f.add_argument("--synth-n", type=ot.positive_int(1_000_000), default=200, help="--data synth: number of training scenes")
+    f.add_argument("--synth-size", type=ot.int_in(16, ot.MAX_SIDE), default=224, help="--data synth: scene size in pixels")
     f.add_argument("--precision", choices=("auto", "fp32", "bf16", "fp16"), default="auto",
                    help="autocast precision (default auto: fp16 with a gradient scaler on CUDA, as the official "
                         "training; fp32 on CPU)")

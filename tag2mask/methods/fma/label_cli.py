@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+from tag2mask.cmdline import option_types as ot
 from tag2mask.cmdline.items import describe, item_keys, open_items, source
 from tag2mask.cmdline.options import reject_options
 
@@ -45,19 +46,19 @@ def add_label_options(p: argparse.ArgumentParser) -> None:
     g.add_argument("--proposals", default=None,
                    help="sam | slic | felzenszwalb | a folder of <name>.json COCO-RLE masks | none (plain CAM labels); "
                         "default none. FMA-WSSS's seeds use sam")
-    g.add_argument("--alpha", type=float, default=None,
+    g.add_argument("--alpha", type=ot.finite_float(0, 100, lo_open=True), default=None,
                    help="background score (1 - max)^alpha (default: the run's stage, VOC 0.6 cls / 0.7 seg)")
     g.add_argument("--save-proposals", action="store_true", help="also write computed proposals to OUT/proposals/<name>.json")
     g.add_argument("--sam-weights", default=None, help="--proposals sam: a Hugging Face SamModel folder or hub id")
     g.add_argument("--sam-preset", default=None, choices=("fma", "sam"),
                    help="--proposals sam: fma (FMA-WSSS's level-aware generator, default) or sam (stock)")
-    g.add_argument("--points-per-side", type=int, default=None, help="--proposals sam: point grid per side (32)")
-    g.add_argument("--points-per-batch", type=int, default=None, help="--proposals sam: points per decoder call (64)")
-    g.add_argument("--n-segments", type=int, default=None, help="--proposals slic: about this many superpixels (100)")
-    g.add_argument("--compactness", type=float, default=None, help="--proposals slic: colour vs space (10)")
-    g.add_argument("--scale", type=float, default=None, help="--proposals felzenszwalb: segment scale (100)")
-    g.add_argument("--min-size", type=int, default=None, help="--proposals felzenszwalb: minimum segment size (50)")
-    g.add_argument("--sigma", type=float, default=None, help="--proposals slic/felzenszwalb: smoothing (0.8)")
+    g.add_argument("--points-per-side", type=ot.positive_int(1024), default=None, help="--proposals sam: point grid per side (32)")
+    g.add_argument("--points-per-batch", type=ot.positive_int(ot.MAX_BATCH), default=None, help="--proposals sam: points per decoder call (64)")
+    g.add_argument("--n-segments", type=ot.positive_int(1_000_000), default=None, help="--proposals slic: about this many superpixels (100)")
+    g.add_argument("--compactness", type=ot.finite_float(0, 10_000, lo_open=True), default=None, help="--proposals slic: colour vs space (10)")
+    g.add_argument("--scale", type=ot.finite_float(0, 100_000, lo_open=True), default=None, help="--proposals felzenszwalb: segment scale (100)")
+    g.add_argument("--min-size", type=ot.non_negative_int(10_000_000), default=None, help="--proposals felzenszwalb: minimum segment size (50)")
+    g.add_argument("--sigma", type=ot.finite_float(0, 100), default=None, help="--proposals slic/felzenszwalb: smoothing (0.8)")
 
 
 def check_label_options(args: argparse.Namespace) -> None:

@@ -123,7 +123,13 @@ def load_prompts(source: str | Path) -> tuple[FMATrainConfig, torch.Tensor, dict
             raise ValueError(f"{file}: not a tag2mask FMA prompts file ({type(exc).__name__}: {exc})") from None
         if metadata.get("format") != "tag2mask-fma-prompts-1":
             raise ValueError(f"{file}: not a tag2mask FMA prompts file (metadata format {metadata.get('format')!r})")
-        return FMATrainConfig.from_dict(json.loads(metadata["config"])), ctx, json.loads(metadata.get("meta", "{}"))
+        from tag2mask.io.json_files import loads_named
+
+        where = f"{file} (prompt metadata)"
+        config = loads_named(metadata.get("config", "null"), where)
+        if not isinstance(config, dict):
+            raise ValueError(f"{where}: no training configuration")
+        return FMATrainConfig.from_dict(config), ctx, loads_named(metadata.get("meta", "{}"), where)
     if not path.exists():
         raise FileNotFoundError(f"--prompts {path}: no such run folder or prompts file")
     ckpt = read_run_checkpoint(path, task=TASK_NAME)

@@ -79,8 +79,11 @@ class PromptLearner(nn.Module):
         super().__init__()
         if name_position not in NAME_POSITIONS:
             raise ValueError(f"name_position must be one of {NAME_POSITIONS}, got {name_position!r}")
-        if n_ctx < 1:
-            raise ValueError(f"n_ctx must be >= 1, got {n_ctx}")
+        if not 1 <= n_ctx <= model.context_length - 3:
+            # checked before the placeholder text is built: a recipe asking for 10^8 context tokens
+            # would otherwise allocate gigabytes before the tokenizer refuses it
+            raise ValueError(f"n_ctx must be 1..{model.context_length - 3} (the prompt must fit CLIP's "
+                             f"{model.context_length} tokens with a name), got {n_ctx}")
         names = [str(n).replace("_", " ").strip() for n in class_names]
         if not names:
             raise ValueError("PromptLearner needs at least one class name")

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from tag2mask.cmdline import option_types as ot
 from tag2mask.cmdline.segmenter_options import network_options, recipe_overrides
 
 __all__ = ["RECIPE_OPTIONS", "add_recipe_options", "prepare_run", "build_maskclip_plus"]
@@ -25,14 +26,14 @@ def add_recipe_options(parser: argparse.ArgumentParser) -> None:
     m.add_argument("--unseen", default=None, metavar="NAMES",
                    help="with maskclip+ (annotation-free): a zero-shot split of your own, 'sheep, sofa' or label "
                         "values; the other classes are read from the masks")
-    m.add_argument("--self-train-from", type=int, default=None, metavar="ITER",
+    m.add_argument("--self-train-from", type=ot.non_negative_int(ot.MAX_ITERS), default=None, metavar="ITER",
                    help="0-based iteration from which the network's own predictions replace the teacher's "
                         "(zero-shot settings: the official 2000th/4000th/8000th iteration; default off)")
-    m.add_argument("--key-smoothing", type=float, default=None, metavar="T",
+    m.add_argument("--key-smoothing", type=ot.finite_float(0, 1000), default=None, metavar="T",
                    help="teacher key smoothing threshold (official ks configs: 1.0; off when not given)")
-    m.add_argument("--prompt-denoising", type=float, default=None, metavar="T",
+    m.add_argument("--prompt-denoising", type=ot.finite_float(0, 1000), default=None, metavar="T",
                    help="teacher prompt denoising threshold (official pd configs: 0.5; off when not given)")
-    m.add_argument("--teacher-confidence", type=float, default=None, metavar="T",
+    m.add_argument("--teacher-confidence", type=ot.finite_float(0, 1), default=None, metavar="T",
                    help="pixels whose best teacher score is below T stay unlabelled (off when not given)")
     m.add_argument("--teacher-preset", choices=("published", "default"), default=None,
                    help="the teacher's open-vocabulary preset: published (MaskCLIP's numerics and 85 templates, "

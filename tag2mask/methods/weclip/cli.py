@@ -31,6 +31,7 @@ from tag2mask.cmdline.options import (
     reject_options,
 )
 from tag2mask.cmdline.run_options import add_run_options, resume_command
+from tag2mask.cmdline import option_types as ot
 
 __all__ = ["add_parser", "run"]
 
@@ -57,23 +58,23 @@ def add_parser(methods: "argparse._SubParsersAction") -> argparse.ArgumentParser
     w.add_argument("--labels", default=None, help="JSON/CSV image-level labels for an image folder")
     w.add_argument("--train-split", default=None, help="training split (VOC train_aug, COCO train, synth train)")
     w.add_argument("--val-split", default=None, help="validation split with GT masks; 'none' disables (VOC default: train)")
-    w.add_argument("--val-limit", type=int, default=None, help="validate on at most this many images")
+    w.add_argument("--val-limit", type=ot.positive_int(ot.MAX_COUNT), default=None, help="validate on at most this many images")
     add_run_options(w, out_help="run folder: checkpoints, config.json, train_log.csv, val_log.csv", ckpt_every=1000,
                     log_every=10, seed=1, seed_help="random seed (official: 1)", tensorboard="auto")
-    w.add_argument("--iters", type=int, default=None, help="total iterations (VOC 30000, COCO 80000)")
-    w.add_argument("--batch-size", type=int, default=None, help="global batch, split over processes (default: the preset's, 4)")
-    w.add_argument("--crop", type=int, default=None, help="square crop size, multiple of 16 (default: the preset's, 320; synth 128)")
-    w.add_argument("--lr", type=float, default=None, help="effective decoder learning rate (default: the preset's, 2e-3 = official 2e-4 x 10)")
-    w.add_argument("--rfm-start", type=int, default=None,
+    w.add_argument("--iters", type=ot.positive_int(ot.MAX_ITERS), default=None, help="total iterations (VOC 30000, COCO 80000)")
+    w.add_argument("--batch-size", type=ot.positive_int(ot.MAX_BATCH), default=None, help="global batch, split over processes (default: the preset's, 4)")
+    w.add_argument("--crop", type=ot.positive_int(ot.MAX_SIDE), default=None, help="square crop size, multiple of 16 (default: the preset's, 320; synth 128)")
+    w.add_argument("--lr", type=ot.finite_float(0, 10, lo_open=True), default=None, help="effective decoder learning rate (default: the preset's, 2e-3 = official 2e-4 x 10)")
+    w.add_argument("--rfm-start", type=ot.non_negative_int(ot.MAX_ITERS), default=None,
                    help="0-based iteration from which RFM is used (VOC 9144 = released code's effective switch; "
                         "15000 = its nominal one; COCO 40000)")
     w.add_argument("--normalization", choices=("imagenet", "clip"), default=None,
                    help="input normalisation (official: imagenet)")
     w.add_argument("--no-compat", action="store_true",
                    help="pure float32 numerics (no fp16 rounding of CLIP weights / positional embeddings / decoder out-proj)")
-    w.add_argument("--val-every", type=int, default=2000, help="validate every N iterations (0 = never)")
-    w.add_argument("--synth-n", type=int, default=64, help="synthetic images per split")
-    w.add_argument("--synth-size", type=int, default=160, help="synthetic image size")
+    w.add_argument("--val-every", type=ot.non_negative_int(ot.MAX_ITERS, note="0: only at the end"), default=2000, help="validate every N iterations (0 = never)")
+    w.add_argument("--synth-n", type=ot.positive_int(1_000_000), default=64, help="synthetic images per split")
+    w.add_argument("--synth-size", type=ot.int_in(16, ot.MAX_SIDE), default=160, help="synthetic image size")
     add_weights_options(w)
     add_device_option(w)
     add_precision_option(w)

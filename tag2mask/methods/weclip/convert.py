@@ -43,10 +43,10 @@ def read_official_checkpoint(path: Union[str, Path]) -> dict[str, torch.Tensor]:
         raise FileNotFoundError(f"official WeCLIP checkpoint not found: {path}")
     try:
         obj = load_checkpoint(path)
-    except UnsafeCheckpointError:
-        raise UnsafeCheckpointError(
-            f"{path}: refused: it holds Python objects besides tensors (official WeCLIP checkpoints are plain "
-            "state dicts); nothing in it was executed") from None
+    except UnsafeCheckpointError as exc:
+        why = str(exc).split("; tag2mask never unpickles")[0]
+        raise UnsafeCheckpointError(f"{why}; official WeCLIP checkpoints are plain state dicts; nothing in it was "
+                                    "executed") from None
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):
             if isinstance(obj.get(key), dict):

@@ -56,14 +56,21 @@ def load_checkpoint(path: Union[str, Path]) -> tuple[dict[str, torch.Tensor], We
     (frozen, and usually far larger than the 6 M decoder parameters). A relative ``weights`` path
     (a converted official checkpoint keeps its CLIP next to it) is relative to the checkpoint's folder.
     """
+    from tag2mask.io.paths import path_inside
     from tag2mask.runs.layout import read_run_checkpoint
 
     ckpt = read_run_checkpoint(path, task="weclip")
     ref = dict(ckpt["meta"].get("clip", {}))
     weights = ref.get("weights")
     if weights and not Path(weights).is_absolute():
-        ref["weights"] = str(Path(ckpt["path"]).parent / weights)
-    return ckpt["modules"]["decoder"], WeCLIPConfig.from_dict(ckpt["config"]), ref
+        # relative: a converted run keeps its CLIP inside the run folder, and nowhere else
+        folder = Path(ckpt["path"]).parent
+        ref["weights"] = str(path_inside(folder, weights, ckpt["path"]))
+    try:
+        config = WeCLIPConfig.from_dict(ckpt["config"])
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"{ckpt['path']}: {exc}") from None
+    return ckpt["modules"]["decoder"], config, ref
 
 
 class WeCLIPSegmenter:

@@ -165,6 +165,24 @@ class WeCLIPConfig(DictConfig):
         """The prompt vocabulary (one literal prompt per class, commas kept)."""
         return Vocabulary.from_names(list(self.classes), self.background)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "WeCLIPConfig":
+        """The one config mechanism, after the decoder-size bound (a recipe read from a file may not ask
+        for a decoder of gigabytes)."""
+        _check_decoder_size(d)
+        return super().from_dict(d)
+
+
+#: documented maxima of a recipe's decoder (the official one is 256 wide, 3 deep, 8 heads): a run
+#: recipe read from a file may not ask for a decoder of gigabytes
+MAX_DECODER = {"embed_dim": 4096, "decoder_depth": 64, "decoder_heads": 64}
+
+
+def _check_decoder_size(d: dict[str, Any]) -> None:
+    for key, top in MAX_DECODER.items():
+        value = d.get(key, 1)
+        if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= top:
+            raise ValueError(f"WeCLIP recipe: {key} must be a whole number 1..{top}, got {value!r}")
 
 
 def _voc() -> WeCLIPConfig:
@@ -209,10 +227,14 @@ def split_names(text: str) -> tuple[str, ...]:
 
     if text.strip().lower() in PRESET_NAMES:  # "--classes voc": the preset's prompt names
         return preset(text).classes
+    from tag2mask.vocab.vocabulary import check_class_names
+
     path = Path(text)
     if path.is_file():
-        return tuple(ln.strip() for ln in path.read_text().splitlines() if ln.strip() and not ln.startswith("#"))
-    return tuple(n.strip() for n in text.split(",") if n.strip())
+        names = tuple(ln.strip() for ln in path.read_text(encoding="utf-8").splitlines()
+                      if ln.strip() and not ln.startswith("#"))
+        return check_class_names(names, str(path))
+    return check_class_names(tuple(n.strip() for n in text.split(",") if n.strip()), "--classes")
 
 
 def normalize_rgb(rgb: np.ndarray, normalization: str = "imagenet") -> Tensor:
