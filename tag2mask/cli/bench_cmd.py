@@ -14,6 +14,7 @@ from tag2mask.cmdline.options import (
     check_overlap_options,
     record_given_options,
 )
+from tag2mask.cmdline.option_types import non_negative_int
 from tag2mask.methods import registry
 
 # kept in step with tag2mask.bench.datasets.BENCHMARK_NAMES (importing it here would load NumPy for every --help)
@@ -67,7 +68,8 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
                    help="published (default): each method's official settings for each benchmark (published:DATASET); "
                         "default: tag2mask's default preset everywhere")
     p.add_argument("--out", required=True, help="output folder (results.*, index.html, cells/, overlays/)")
-    p.add_argument("--overlays", type=int, default=3, help="overlays of the first N images of each benchmark (default 3)")
+    p.add_argument("--overlays", type=non_negative_int(note="0 writes no overlays"), default=3,
+                   help="overlays of the first N images of each benchmark (default 3; 0: none)")
     add_weights_options(p)
     add_device_option(p)
     add_run_options(p)
@@ -86,10 +88,6 @@ def _check(args: argparse.Namespace, datasets: list[str]) -> None:
 
     check_weights_options(args)
     check_overlap_options(args)
-    if args.limit is not None and args.limit < 0:
-        raise ValueError(f"--limit must be >= 0, got {args.limit}")
-    if args.overlays < 0:
-        raise ValueError(f"--overlays must be >= 0, got {args.overlays}")
     unused = [n for n in BENCHMARK_CHOICES if n not in datasets]
     reject_options(args, [f"{kind}_{n}" for n in unused for kind in ("data", "names")],
                    f"to benchmarks not in --datasets ({','.join(datasets)})")
