@@ -22,7 +22,8 @@ PACKAGE = Path(__file__).resolve().parents[1] / "tag2mask"
 
 #: the layers every method builds on (docs/architecture.md, "Layers")
 SHARED = ("clip", "vocab", "data", "io", "jobs", "localization", "refinement", "evaluation", "proposals", "models",
-          "synth", "runs", "engine", "segmenter", "inference", "cmdline", "tiny_clip", "runtime", "config", "version")
+          "synth", "runs", "engine", "segmenter", "inference", "cmdline", "tiny_clip", "runtime", "config", "version",
+          "bench")
 MAX_FUNCTION_LINES, MAX_FILE_LINES = 80, 500
 SIZE_NOTE = "# size:"
 
@@ -202,7 +203,7 @@ def test_registry_agrees_with_the_method_folders():
             hooks = {"label": ("add_label_options", "check_label_options", "run_label"),
                      "segment": registry.SEGMENT_HOOKS}.get(command.parent, ("add_parser",))
             assert all(callable(getattr(module, h, None)) for h in hooks), f"{command.module}: {hooks}"
-        for ref in (m.predictor, m.demo, m.miou_rule):
+        for ref in (m.predictor, m.demo, m.miou_rule, m.preset_settings):
             if ref is not None:
                 assert registry.load(ref) is not None
         if m.recipes is not None:

@@ -26,6 +26,7 @@ GENERIC: dict[str, str] = {
     "seed": "tag2mask.cli.seed_cmd",
     "serve": "tag2mask.cli.serve_cmd",
     "eval": "tag2mask.cli.eval_cmd",
+    "bench": "tag2mask.cli.bench_cmd",
     "synth": "tag2mask.cli.synth_cmd",
     "train": "tag2mask.cli.train_cmd",
     "convert": "tag2mask.cli.convert_cmd",

@@ -19,8 +19,6 @@ from tag2mask.cli import segment_methods
 from tag2mask.methods import registry
 from tag2mask.cmdline import option_types as ot
 
-#: the registry's training-free name -> mask methods
-METHOD_CHOICES = registry.segment_methods()
 # kept in step with tag2mask.methods.ovss (importing it here would load torch for every --help)
 DATASET_CHOICES = ("voc21", "voc20", "context60", "context59", "coco_object", "coco_stuff", "city_scapes", "ade20k")
 LAST_BLOCK_CHOICES = ("clip", "maskclip", "sclip", "clearclip", "naclip", "clip-reduced", "maskclip-reduced",
@@ -45,7 +43,7 @@ MAX_DECODE_PIXELS = 100_000_000
 def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     p = sub.add_parser(
         "segment",
-        help="segment images into free-form class names (training-free: " + ", ".join(METHOD_CHOICES) + ")",
+        help="segment images into free-form class names (training-free: " + ", ".join(registry.segment_methods()) + ")",
         description=(
             "Write a palette PNG label map per image (0 = background when background words or a probability "
             "threshold are given, then the classes in order), optionally an overlay with a legend and the "
@@ -81,7 +79,7 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
                         "apply; --weights then names the CLIP of a clip-zss run, whose text encoder embeds --classes "
                         "(default: the run's own; no image tower is loaded)")
     p.add_argument("--crf", action="store_true", help="with --checkpoint only: dense CRF with WeCLIP's parameters (extra 'crf')")
-    p.add_argument("--method", default="naclip", choices=METHOD_CHOICES, help="method (default: naclip; which to pick: docs/open_vocabulary.md)")
+    p.add_argument("--method", default="naclip", choices=registry.segment_methods(), help="method (default: naclip; which to pick: docs/open_vocabulary.md)")
     p.add_argument("--preset", default="default",
                    help="settings preset (default: default): 'default', 'published' (the method's official harness, "
                         "proven against the official code), or 'published:DATASET' (plus that benchmark's official "
@@ -321,8 +319,8 @@ def run(args: argparse.Namespace) -> int:
     # cheap checks first, so a typo fails before the model is loaded
     if args.classes is None:
         raise ValueError("--classes is required (or --checkpoint for a trained WeCLIP run)")
-    if args.method not in METHOD_CHOICES:
-        raise ValueError(f"unknown method {args.method!r}; choose one of {list(METHOD_CHOICES)}")
+    if args.method not in registry.segment_methods():
+        raise ValueError(f"unknown method {args.method!r}; choose one of {list(registry.segment_methods())}")
     if not str(args.classes).strip():
         raise ValueError("--classes is empty; give e.g. 'cat, dog; background: sky' or a name-set file")
     if args.limit is not None and args.limit < 0:

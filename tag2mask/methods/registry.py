@@ -17,8 +17,9 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 __all__ = [
-    "KINDS", "SEGMENT_HOOKS", "Command", "Method", "METHODS", "RUN_PREDICTORS", "load", "get", "names", "commands", "method_of_command",
-    "segment_methods", "label_methods", "serve_methods", "demo_methods", "segmenter_recipe_names",
+    "KINDS", "SEGMENT_HOOKS", "Command", "Method", "METHODS", "RUN_PREDICTORS", "load", "get", "names", "commands",
+    "method_of_command", "segment_methods", "bench_methods", "label_methods", "serve_methods", "demo_methods",
+    "segmenter_recipe_names",
     "segmenter_recipe", "segmenter_recipe_owner", "segmenter_preset", "run_predictor", "miou_rule_of",
     "zero_shot_split",
 ]
@@ -59,6 +60,13 @@ class Method:
     ``recipe_setup``: ``"module"`` with ``add_recipe_options(parser)`` / ``prepare_run(args, kind)`` when
     a recipe needs more than a config (MaskCLIP+'s teacher); ``miou_rule``: ``"module:attr"`` of the
     mIoU rule ``eval`` applies to its outputs; ``serve``: its place in the web demo's list (1 = the default; 0 = not offered).
+
+    ``needs`` (``names->masks``): the inputs its predictor factory requires beyond the model, the name set
+    and a preset, e.g. ``("dino", "regions")``; ``tag2mask bench`` cannot give them, so it reports such a
+    method as skipped with this list (``tests/test_bench_methods.py`` checks that every required
+    parameter of the factory is listed here). ``preset_settings``: ``"module:function"`` called as
+    ``function(method, preset) -> dict`` with every setting a preset name (``published:voc21``, ...)
+    resolves to, without building anything (``tag2mask bench`` records it in each cell's settings guard).
     """
 
     name: str
@@ -76,6 +84,8 @@ class Method:
     recipe_setup: Optional[str] = None
     miou_rule: Optional[str] = None
     serve: int = 0
+    needs: tuple[str, ...] = ()
+    preset_settings: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -90,11 +100,13 @@ _OVSS = "tag2mask.methods.ovss"
 _OVSS_PRESETS = ("default", "published")
 _OVSS_PREDICTOR = "tag2mask.methods.ovss.segmenter:OpenVocabSegmenter"
 _OVSS_DEMO = "tag2mask.methods.ovss.demo:demo_predictors"
+_OVSS_SETTINGS = "tag2mask.methods.ovss.presets:preset_settings"
+_OVSS2_SETTINGS = "tag2mask.methods.ovss2.presets:preset_settings"
 
 
 def _ovss(name: str, paper: str, serve: int) -> Method:
     return Method(name, "names->masks", _OVSS, paper, presets=_OVSS_PRESETS, predictor=_OVSS_PREDICTOR,
-                  demo=_OVSS_DEMO, demo_names=(name,), serve=serve)
+                  demo=_OVSS_DEMO, demo_names=(name,), serve=serve, preset_settings=_OVSS_SETTINGS)
 
 
 #: the methods, in the order the CLI lists them
@@ -117,13 +129,16 @@ METHODS: tuple[Method, ...] = (
     _ovss("naclip", "NACLIP (Hajimiri, Ben Ayed & Dolz, WACV 2025)", 1),
     Method("scclip", "names->masks", "tag2mask.methods.ovss2", "SC-CLIP (IEEE TIP 2025)",
            presets=_OVSS_PRESETS, predictor="tag2mask.methods.ovss2.segmenter:NewerOvssSegmenter",
+           preset_settings=_OVSS2_SETTINGS,
            commands=(Command("segment", "scclip", "tag2mask.methods.ovss2.segment_cli"),)),
     Method("pearl", "names->masks", "tag2mask.methods.ovss2", "PEARL (CVPR 2026)",
            presets=_OVSS_PRESETS, predictor="tag2mask.methods.ovss2.segmenter:NewerOvssSegmenter",
+           preset_settings=_OVSS2_SETTINGS,
            demo="tag2mask.methods.ovss2.demo:demo_predictors", demo_names=("pearl",), serve=5,
            commands=(Command("segment", "pearl", "tag2mask.methods.ovss2.segment_cli"),)),
     Method("corrclip", "names->masks", "tag2mask.methods.corrclip", "CorrCLIP (ICCV 2025)",
            presets=_OVSS_PRESETS, predictor="tag2mask.methods.corrclip.segmenter:corrclip_predictor",
+           preset_settings=_OVSS2_SETTINGS, needs=("a DINO ViT (segment --dino)", "region masks (segment --regions)"),
            commands=(Command("segment", "corrclip", "tag2mask.methods.corrclip.segment_cli"),)),
     Method("maskclip+", "trained-run", "tag2mask.methods.maskclip_plus", "MaskCLIP+ (Zhou, Loy & Dai, ECCV 2022)",
            presets=("annotation-free", "voc20", "context59", "coco-stuff", "voc20-zs", "voc21-zs", "coco-stuff-zs",
@@ -197,6 +212,12 @@ def method_of_command(parent: str, name: str) -> Command:
 
 def segment_methods() -> tuple[str, ...]:
     """``segment --method`` choices: the training-free name -> mask methods."""
+    return names("names->masks")
+
+
+def bench_methods() -> tuple[str, ...]:
+    """``bench --methods all``: every training-free name -> mask method (those with ``needs`` are reported
+    as skipped by the bench, not left out)."""
     return names("names->masks")
 
 

@@ -36,7 +36,7 @@ from typing import Optional, Union
 from tag2mask.config import DictConfig
 
 __all__ = [
-    "OvssPreset", "PRESET_NAMES", "NUMERICS", "DATASETS", "DATASET_SETTINGS", "get_preset", "published_settings",
+    "OvssPreset", "PRESET_NAMES", "NUMERICS", "DATASETS", "DATASET_SETTINGS", "get_preset", "preset_settings", "published_settings",
 ]
 
 PRESET_NAMES = ("default", "published")
@@ -240,3 +240,9 @@ def get_preset(method: str, name: Union[str, OvssPreset] = "default") -> OvssPre
 def published_settings() -> dict[str, dict[str, object]]:
     """method -> the fields of its ``published`` preset (for docs and ``--help``)."""
     return {m: get_preset(m, "published").to_dict() for m in _METHODS}
+
+
+def preset_settings(method: str, name: str) -> dict[str, object]:
+    """Every setting of ``method``'s preset ``name`` as plain data (the registry's ``preset_settings``:
+    what ``tag2mask bench`` records in a cell's settings guard before the segmenter is built)."""
+    return get_preset(method, name).to_dict()

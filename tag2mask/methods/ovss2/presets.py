@@ -28,7 +28,7 @@ from typing import Union
 from tag2mask.methods.ovss.presets import DATASETS, PRESET_NAMES, OvssPreset
 from tag2mask.methods.ovss2.scclip import TOKEN_MAPS
 
-__all__ = ["METHODS", "Ovss2Preset", "DATASET_SETTINGS", "get_preset", "published_settings"]
+__all__ = ["METHODS", "Ovss2Preset", "DATASET_SETTINGS", "get_preset", "published_settings", "preset_settings"]
 
 METHODS = ("scclip", "pearl", "corrclip")
 
@@ -133,3 +133,8 @@ def get_preset(method: str, name: Union[str, OvssPreset] = "default") -> Ovss2Pr
 def published_settings() -> dict[str, dict[str, object]]:
     """method -> the fields of its ``published`` preset (docs, ``--help``)."""
     return {m: get_preset(m, "published").to_dict() for m in METHODS}
+
+
+def preset_settings(method: str, name: str) -> dict[str, object]:
+    """Every setting of ``method``'s preset ``name`` as plain data (the registry's ``preset_settings``)."""
+    return get_preset(method, name).to_dict()
