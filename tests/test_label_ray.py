@@ -1,7 +1,8 @@
 """``tag2mask label --engine ray``: Ray Data actors write what the local engine writes, byte for byte, and a
 Ray run killed mid-way continues with ``--resume`` to the same outputs (our manifest is the record of truth).
 
-Ray is an optional extra (``tag2mask[ray]``): these tests need it installed. One local Ray cluster
+Ray is an optional extra (``tag2mask[ray]``, not in ``test``: the two tests take 60-110 s on 2 loaded cores,
+over the suite's budget for one optional package): they run where it is installed. One local Ray cluster
 (``ray start --head``) serves the module, so the CLI runs join it with ``--address`` instead of paying
 Ray's start-up on every run.
 """
@@ -116,6 +117,7 @@ def local_run(tmp_path_factory, tiny_clip_path):
     return images, tmp / "local"
 
 
+@pytest.mark.slow
 def test_two_ray_workers_write_what_the_local_engine_writes(local_run, ray_address, tiny_clip_path, tmp_path):
     images, local = local_run
     out = tmp_path / "ray"
@@ -130,6 +132,7 @@ def test_two_ray_workers_write_what_the_local_engine_writes(local_run, ray_addre
     assert engine["engine"] == "ray" and engine["ray_workers"] == 2 and engine["ray_threads_per_worker"] == 1
 
 
+@pytest.mark.slow
 def test_killed_ray_run_resumes_to_the_same_outputs(local_run, ray_address, tiny_clip_path, tmp_path):
     images, local = local_run
     out = tmp_path / "ray"
