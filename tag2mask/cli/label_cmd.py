@@ -108,12 +108,12 @@ def _label_hook(method: str):
 
 def check_options(args: argparse.Namespace) -> None:
     """Options that do not apply to the chosen method / refinement / input are errors, not silently ignored."""
-    for _, command in registry.commands("label"):  # each method checks its own options and rejects the others'
-        _label_hook(command.name).check_label_options(args)
-    check_overlap_options(args)
     check_engine_options(args)
     if args.engine == "ray" and args.method != "clip-es":
         raise ValueError(f"--engine ray runs label --method clip-es only for now, not {args.method}")
+    for _, command in registry.commands("label"):  # each method checks its own options and rejects the others'
+        _label_hook(command.name).check_label_options(args)
+    check_overlap_options(args)
 
 
 def run(args: argparse.Namespace) -> int:

@@ -154,11 +154,11 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
     g.add_argument("--engine", default="local", choices=("local", "ray"),
                    help="local: this process (and its --workers, or torchrun ranks); ray: Ray Data actors, each "
                    "keeping its own model loaded, on this machine or a Ray cluster (--address; extra 'ray'). "
-                   "With ray, --workers is the number of actors (default auto: one per GPU share with "
-                   "--num-gpus-per-worker, else the CPUs / 2) and each gets CPUs / actors threads (default: local)")
+                   "With ray, --workers is the number of actors (auto: one per GPU share with --num-gpus-per-worker, "
+                   "else the CPUs / 2) and each gets CPUs / actors threads (default: local)")
     g.add_argument("--address", default=None,
                    help="with --engine ray: the Ray cluster to join (e.g. HEAD:6379, or 'auto'); default: start one here")
-    g.add_argument("--num-gpus-per-worker", type=ot.finite_float(0, 64), default=None,
+    g.add_argument("--num-gpus-per-worker", type=ot.finite_float(0, 64), default=0.0,
                    help="with --engine ray: GPUs each actor reserves (a fraction shares a GPU; default 0)")
 
 
@@ -181,7 +181,7 @@ def ray_engine_from_args(args: argparse.Namespace, builder: str, input_path) -> 
     import_ray()  # a missing extra is one line at start-up, before the model loads
     return RayEngine(builder, args, input_path, address=args.address,
                      workers=None if args.workers == "auto" else int(args.workers),
-                     num_gpus_per_worker=float(args.num_gpus_per_worker or 0.0))
+                     num_gpus_per_worker=float(args.num_gpus_per_worker))
 
 
 def overlap_settings(args: argparse.Namespace, device) -> tuple[int, int]:
