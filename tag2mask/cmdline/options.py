@@ -148,9 +148,13 @@ def check_overlap_options(args: argparse.Namespace) -> None:
         reject_options(args, ("batch_size",), "with --workers 0 (items run one at a time in this process)")
 
 
-def add_engine_options(parser: argparse.ArgumentParser) -> None:
-    """``--engine`` (local processes or Ray Data actors) and the Ray engine's own options."""
+def add_engine_options(parser: argparse.ArgumentParser, workers: bool = False) -> None:
+    """``--engine`` (local processes or Ray Data actors) and the Ray engine's own options; ``workers``: also
+    ``--workers`` (the Ray actors), for a command without local worker processes."""
     g = parser.add_argument_group("engine (docs/batch_jobs.md: torchrun vs Ray)")
+    if workers:
+        g.add_argument("--workers", type=ot.auto_or(ot.positive_int(ot.MAX_WORKERS)), default="auto",
+                       help="with --engine ray: Ray actors, each with its own model (default: auto)")
     g.add_argument("--engine", default="local", choices=("local", "ray"),
                    help="local: this process (and its --workers, or torchrun ranks); ray: Ray Data actors, each "
                    "keeping its own model loaded, on this machine or a Ray cluster (--address; extra 'ray'). "
@@ -165,7 +169,8 @@ def add_engine_options(parser: argparse.ArgumentParser) -> None:
 def check_engine_options(args: argparse.Namespace) -> None:
     """Ray's options need ``--engine ray``; the Ray engine has no local batches and is not run under torchrun."""
     if args.engine != "ray":
-        reject_options(args, ("address", "num_gpus_per_worker"), "with --engine local (they configure the Ray engine)")
+        ray_only = ("address", "num_gpus_per_worker") + (() if hasattr(args, "batch_size") else ("workers",))
+        reject_options(args, ray_only, "with --engine local (they configure the Ray engine)")
         return
     reject_options(args, ("batch_size",), "with --engine ray (each actor runs one image at a time)")
     if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:

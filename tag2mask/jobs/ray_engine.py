@@ -144,6 +144,11 @@ class RayEngine:
         else:
             ray.init(address=self.address, log_to_driver=False, configure_logging=False)
         self.stats["ray_start_seconds"] = round(time.time() - t0, 3)
+        import logging
+
+        # the runner's bar and log already report progress; Ray Data's own would interleave on stderr
+        ray.data.DataContext.get_current().enable_progress_bars = False
+        logging.getLogger("ray.data").setLevel(logging.WARNING)
         cpus = float(ray.cluster_resources().get("CPU", 1))
         gpus = float(ray.cluster_resources().get("GPU", 0))
         if self.workers is not None:
