@@ -69,8 +69,8 @@ def main() -> None:
         rows = [("local, --workers 0", _run(images, labels, tmp / "local", ["--workers", "0"], env), None)]
         for w in a.workers:
             r = _run(images, labels, tmp / f"ray{w}", ["--engine", "ray", "--workers", str(w)], env)
-            rows.append((f"ray, {w} actors x {r['run']['workers']['ray_threads_per_worker']} threads", r,
-                         r["run"]["workers"]["ray_start_seconds"]))
+            rows.append((f"ray, {w} actors x {r['run']['engine']['ray_threads_per_worker']} threads", r,
+                         r["run"]["engine"]["ray_start_seconds"]))
     load = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
     print(f"{a.images} images 96x96, tiny CLIP, --refine none, {cpus} CPUs, {platform.processor() or platform.machine()}, "
           f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, load: {load}\n")

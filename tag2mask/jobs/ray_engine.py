@@ -180,6 +180,7 @@ class RayEngine:
                 todo[i] = t
         if not todo:
             return {"engine": "ray"}
+        listed = len(job.failures)  # failures listed so far (label-file problems, duplicates), in item order
         ray = import_ray()
         cpus, workers = self._start(ray)
         threads = actor_threads(cpus, workers)
@@ -191,6 +192,7 @@ class RayEngine:
                 _ItemActor, fn_constructor_args=(self.builder, self.build_args, threads, str(job.out_dir)),
                 batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers),
                 num_cpus=max(READ_CPUS, ACTOR_CPU_SHARE * cpus / workers), num_gpus=self.num_gpus_per_worker)
+            first: list[tuple[int, str, str]] = []  # the failures of the lowest item indices (a bounded heap)
             for row in ds.iter_rows():
                 index = int(row["index"])
                 key, source = todo[index]
@@ -198,8 +200,23 @@ class RayEngine:
                 if "done" in result:
                     job.item_done(key, FinishedItem(**result["done"]), result["seconds"], source)
                 else:
-                    job.item_failed(key, ItemFailure(**result["failure"]), result["seconds"])
+                    failure = ItemFailure(**result["failure"])
+                    job.item_failed(key, failure, result["seconds"])
+                    _keep_first(first, (-index, key, failure.message))
                 job.advance()
         finally:
             ray.shutdown()
+        # items finish in any order; the summary lists the first failures in item order, as the local engine does
+        job.failures[listed:] = [(k, m) for _, k, m in sorted(first, reverse=True)][:max(0, len(job.failures) - listed)]
         return dict(self.stats)
+
+
+def _keep_first(heap: list[tuple[int, str, str]], entry: tuple[int, str, str]) -> None:
+    """Keep the runner's number of listed failures, those of the lowest indices (``entry[0]`` is ``-index``)."""
+    import heapq
+
+    from tag2mask.jobs.runner import MAX_LISTED_FAILURES
+
+    heapq.heappush(heap, entry)
+    if len(heap) > MAX_LISTED_FAILURES:
+        heapq.heappop(heap)

@@ -101,8 +101,8 @@ def run_clip_es_label(args: argparse.Namespace, affinity_fn: Optional[Callable] 
         "warnings": [warning] if warning else [],
         **(extra_record or {}),
     }
-    if engine is not None:  # what ran: actors, threads per actor and Ray's start-up time
-        record["workers"] = engine.stats
+    if engine is not None:  # what ran: actors, threads per actor and Ray's start-up time (each actor: serial stages)
+        record["engine"] = engine.stats
     return _run_label_job(args, items, stages, out, settings, record, vocab, engine)
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -29,7 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 #: manifest fields that differ between any two runs (when, how long, which process)
 VOLATILE = ("time", "seconds", "rank", "traceback")
 #: run.json fields that say how and when it ran, not what it wrote
-RUN_VOLATILE = ("seconds", "images_per_second", "per_rank", "workers", "batch_size")
+RUN_VOLATILE = ("seconds", "images_per_second", "per_rank", "workers", "batch_size", "engine")
 
 
 def _corpus(root: Path, n: int = 8) -> Path:
@@ -55,10 +56,15 @@ def _corpus(root: Path, n: int = 8) -> Path:
     return images
 
 
+#: the test cluster's own token (Ray's default, ~/.ray/auth_token, is rewritten by any other local cluster)
+RAY_TOKEN = secrets.token_hex(32)
+
+
 def _env(tmp_path: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", TAG2MASK_CACHE=str(tmp_path / "cache"),
-               PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0")
+               PYTHONPATH=str(ROOT), RAY_USAGE_STATS_ENABLED="0", RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=RAY_TOKEN)
+    env.pop("RAY_AUTH_TOKEN_PATH", None)
     return env
 
 
@@ -128,7 +134,7 @@ def test_two_ray_workers_write_what_the_local_engine_writes(local_run, ray_addre
     _assert_same(local, out)
     kinds = {r["item"]: r.get("error_kind") for r in _manifest(out) if r["status"] == "error"}
     assert kinds == {"broken": "decode", "gone": "decode", "none": "labels"}
-    engine = json.loads((out / "run.json").read_text())["workers"]
+    engine = json.loads((out / "run.json").read_text())["engine"]
     assert engine["engine"] == "ray" and engine["ray_workers"] == 2 and engine["ray_threads_per_worker"] == 1
 
 
@@ -155,3 +161,26 @@ def test_killed_ray_run_resumes_to_the_same_outputs(local_run, ray_address, tiny
     summary = json.loads((out / "run.json").read_text())
     assert summary["skipped"] >= 1  # what the killed run recorded as ok was not redone
     assert not list(out.rglob("*.tmp*")) and not rank_file.exists()
+
+
+@pytest.mark.slow
+def test_segment_with_ray_writes_what_the_local_engine_writes(local_run, ray_address, tiny_clip_path, tmp_path):
+    images = local_run[0]
+    outs = {}
+    for engine in ("local", "ray"):
+        outs[engine] = tmp_path / engine
+        extra = ["--engine", "ray", "--workers", "2", "--address", ray_address] if engine == "ray" else []
+        cmd = [sys.executable, "-m", "tag2mask", "segment", str(images), "--classes", "cat, dog; background: sky",
+               "--weights", str(tiny_clip_path), "--device", "cpu", "--out", str(outs[engine]), "--overlay",
+               "--save-logits", "--quiet", *extra]
+        proc = subprocess.run(cmd, env=_env(tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1, proc.stderr  # broken.png fails
+    files = {e: {p.relative_to(o).as_posix(): p.read_bytes() for sub in ("masks", "overlays", "logits")
+                 for p in sorted((o / sub).rglob("*")) if p.is_file()} for e, o in outs.items()}
+    assert files["local"] and files["local"] == files["ray"]
+    assert _manifest(outs["local"]) == _manifest(outs["ray"])
+    local, ray_report = _report(outs["local"]), _report(outs["ray"])
+    for report in (local, ray_report):  # per-image timings
+        for entry in report.pop("images"):
+            entry.pop("seconds", None)
+    assert local == ray_report
