@@ -184,3 +184,22 @@ def test_segment_with_ray_writes_what_the_local_engine_writes(local_run, ray_add
         for entry in report.pop("images"):
             entry.pop("seconds", None)
     assert local == ray_report
+
+
+@pytest.mark.slow
+def test_synthetic_world_voc_root_with_two_ray_workers(ray_address, tiny_clip_path, tmp_path):
+    """The synthetic world exported as a VOC root (labels from its Annotations), --classes synth."""
+    env = _env(tmp_path)
+    subprocess.run([sys.executable, "-m", "tag2mask", "synth", "export", "--out", str(tmp_path / "world"), "--n", "6",
+                    "--size", "64", "--quiet"], env=env, cwd=ROOT, check=True, capture_output=True, timeout=120)
+    outs = {}
+    for engine in ("local", "ray"):
+        outs[engine] = tmp_path / engine
+        extra = ["--engine", "ray", "--workers", "2", "--address", ray_address] if engine == "ray" else []
+        cmd = [sys.executable, "-m", "tag2mask", "label", str(tmp_path / "world"), "--split", "train", "--classes",
+               "synth", "--weights", str(tiny_clip_path), "--device", "cpu", "--out", str(outs[engine]),
+               "--save-arrays", "--quiet", *extra]
+        proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+    assert len(_files(outs["local"])) == 3 * 6
+    _assert_same(outs["local"], outs["ray"])
