@@ -147,8 +147,8 @@ class RayEngine:
         import logging
 
         # the runner's bar and log already report progress; Ray Data's own would interleave on stderr
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
         ray.data.DataContext.get_current().enable_progress_bars = False
-        logging.getLogger("ray.data").setLevel(logging.WARNING)
         cpus = float(ray.cluster_resources().get("CPU", 1))
         gpus = float(ray.cluster_resources().get("GPU", 0))
         if self.workers is not None:
