@@ -52,3 +52,12 @@ def test_the_core_never_imports_ray(job):
             "print('ray' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def test_segment_workers_need_the_ray_engine(tmp_path, capsys):
+    from tag2mask.cli.main import main
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    assert main(["segment", str(tmp_path / "a.png"), "--classes", "cat, dog", "--out", str(tmp_path / "o"),
+                 "--workers", "2"]) == 2
+    assert "--workers does not apply with --engine local" in capsys.readouterr().err
