@@ -79,9 +79,9 @@ def run_clip_es_label(args: argparse.Namespace, affinity_fn: Optional[Callable] 
     cam_maker = ClipES(model, vocab, config, affinity_fn=affinity_fn)
     settings = _settings(args, model) | (extra_settings or {})
     if args.refine == "crf":
-        from tag2mask.refinement.crf import _import_densecrf
+        from tag2mask.refinement.crf import import_densecrf
 
-        _import_densecrf()  # fail at start-up, not in a worker on the first image, when the extra is missing
+        import_densecrf()  # fail at start-up, not in a worker on the first image, when the extra is missing
     stages = _label_stages(args, items, vocab, model, cam_maker)
 
     record = {
