@@ -204,7 +204,7 @@ def test_registry_agrees_with_the_method_folders():
             hooks = {"label": ("add_label_options", "check_label_options", "run_label"),
                      "segment": registry.SEGMENT_HOOKS}.get(command.parent, ("add_parser",))
             assert all(callable(getattr(module, h, None)) for h in hooks), f"{command.module}: {hooks}"
-        for ref in (m.predictor, m.demo, m.miou_rule, m.preset_settings):
+        for ref in (m.predictor, m.demo, m.miou_rule, m.preset_settings, m.supports):
             if ref is not None:
                 assert registry.load(ref) is not None
         if m.recipes is not None:
