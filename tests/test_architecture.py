@@ -6,7 +6,8 @@
 4. every method name the CLI accepts is in ``tag2mask.methods.registry`` (and the registry's lists agree
    with the method folders);
 6. no function over 80 lines and no file over 500 lines in ``tag2mask/`` unless a comment in the first
-   lines of the file says why (a ``# size:`` comment).
+   lines of the file says why (a ``# size:`` comment);
+7. no private name (``_x``) is imported from another tag2mask module: what two modules share is public.
 """
 
 from __future__ import annotations
@@ -203,7 +204,7 @@ def test_registry_agrees_with_the_method_folders():
             hooks = {"label": ("add_label_options", "check_label_options", "run_label"),
                      "segment": registry.SEGMENT_HOOKS}.get(command.parent, ("add_parser",))
             assert all(callable(getattr(module, h, None)) for h in hooks), f"{command.module}: {hooks}"
-        for ref in (m.predictor, m.demo, m.miou_rule, m.preset_settings):
+        for ref in (m.predictor, m.demo, m.miou_rule, m.preset_settings, m.supports):
             if ref is not None:
                 assert registry.load(ref) is not None
         if m.recipes is not None:
@@ -259,3 +260,15 @@ def _size_problems() -> list[str]:
 def test_no_long_functions_or_files():
     problems = _size_problems()
     assert not problems, "\n".join(problems)
+
+
+def test_no_private_name_is_imported_from_another_module():
+    offenders = []
+    for module, path in MODULES.items():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("tag2mask"):
+                for alias in node.names:
+                    private = alias.name.startswith("_") and not alias.name.startswith("__")
+                    if private and f"{node.module}.{alias.name}" not in MODULES:  # a private module is fine
+                        offenders.append(f"{module}: from {node.module} import {alias.name}")
+    assert not offenders, "private names shared between modules (make them public where they live):\n" + "\n".join(offenders)

@@ -26,6 +26,9 @@ class MethodSource(Protocol):
     def plan(self, method: str, config: str) -> MethodPlan:
         """How ``method`` runs on the benchmark whose official config is ``config`` (e.g. ``voc21``)."""
 
+    def unsupported(self, plan: MethodPlan) -> Optional[str]:
+        """Why the loaded model cannot run ``plan.method`` (the cell is then skipped with it), or ``None``."""
+
     def build(self, plan: MethodPlan, vocab: Any) -> Any:
         """A predictor for ``plan``: ``predict(PIL image)`` -> result with ``.label`` ``(H, W)`` uint8 in
         the benchmark's values (with a background class 0 is background and the classes are 1..K, otherwise
@@ -97,8 +100,9 @@ def _run_one(cell: Cell, source: MethodSource, options: BenchOptions, out: Path)
         "names_source": cell.names_source, "layout": str(cell.dataset.root), "available": len(cell.dataset),
         "full_val_set": cell.spec.val_images, "cell": cell.out.relative_to(out).as_posix(),
     }
-    if cell.plan.skip is not None:
-        return {**row, "status": "skipped", "skip_reason": cell.plan.skip, **SKIPPED_SCORE}
+    skip = cell.plan.skip if cell.plan.skip is not None else source.unsupported(cell.plan)
+    if skip is not None:
+        return {**row, "status": "skipped", "skip_reason": skip, **SKIPPED_SCORE}
     score = run_cell(cell, lambda: source.build(cell.plan, cell.vocab), options, source.fingerprint)
     return {**row, "status": "ran", **score}
 

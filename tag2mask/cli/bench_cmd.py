@@ -59,10 +59,10 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
         p.add_argument(f"--names-{name}", default=None, metavar="FILE",
                        help=f"score {name} with this name set instead of the official cls_*.txt (its own class count)")
     p.add_argument("--datasets", default=",".join(BENCHMARK_CHOICES),
-                   help=f"comma-separated benchmarks (default: all 8: {','.join(BENCHMARK_CHOICES)})")
+                   help=f"comma-separated benchmarks (when not given, all 8: {','.join(BENCHMARK_CHOICES)})")
     p.add_argument("--methods", default="all",
-                   help="'all' (default: every training-free names->masks method of the registry: "
-                        f"{', '.join(registry.bench_methods())}) or m1,m2; a method whose predictor needs inputs the "
+                   help="m1,m2 or all (default: all = every training-free names->masks method of the registry: "
+                        f"{', '.join(registry.bench_methods())}); a method whose predictor needs inputs the "
                         "bench does not have (e.g. a DINO and regions) is reported as skipped, with the reason")
     p.add_argument("--preset", default="published", choices=("published", "default"),
                    help="published (default): each method's official settings for each benchmark (published:DATASET); "

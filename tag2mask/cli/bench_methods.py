@@ -68,6 +68,11 @@ class RegistryMethods:
         settings = registry.load(entry.preset_settings)(method, name) if entry.preset_settings else None
         return MethodPlan(method, name, settings)
 
+    def unsupported(self, plan: MethodPlan) -> Optional[str]:
+        """The registry's ``supports`` check of ``plan.method`` on :attr:`model` (``None``: it can run)."""
+        check = registry.get(plan.method).supports
+        return registry.load(check)(self.model) if check and self.model is not None else None
+
     def build(self, plan: MethodPlan, vocab: Any) -> Any:
         """The registered predictor of ``plan.method`` with ``plan.preset`` on :attr:`model`."""
         if plan.skip is not None or plan.preset is None:

@@ -27,7 +27,7 @@ class DiskFullError(OSError):
 _DISK_FULL = (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC))
 
 
-def _disk_full_error(where: str, written: int) -> DiskFullError:
+def disk_full_error(where: str, written: int) -> DiskFullError:
     err = DiskFullError(
         f"no space left on the device while writing {where}; the job stopped ({written} new items written, "
         f"finished items are kept). Free some space, then run the same command again with --resume"
@@ -37,14 +37,14 @@ def _disk_full_error(where: str, written: int) -> DiskFullError:
     return err
 
 
-def _disk_full(exc: BaseException, out_dir: Path, written: int) -> Optional[DiskFullError]:
+def as_disk_full_error(exc: BaseException, out_dir: Path, written: int) -> Optional[DiskFullError]:
     """A :class:`DiskFullError` for ``exc`` (or something it was raised from) if it is ENOSPC/EDQUOT."""
     seen = 0
     while exc is not None and seen < 8:
         if isinstance(exc, DiskFullError):
             return exc
         if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
-            err = _disk_full_error(exc.filename or exc.filename2 or f"the run folder {out_dir}", written)
+            err = disk_full_error(exc.filename or exc.filename2 or f"the run folder {out_dir}", written)
             err.errno = exc.errno
             return err
         exc, seen = exc.__cause__ or exc.__context__, seen + 1
@@ -85,7 +85,7 @@ def error_kind(exc: BaseException, default: str = "internal") -> str:
     return default
 
 
-def _error_message(exc: BaseException) -> str:
+def error_message(exc: BaseException) -> str:
     # our own errors already name the file and the problem; others get their type for context
     if isinstance(exc, ItemError) or error_kind(exc) in ("decode", "labels"):
         return str(exc)
@@ -137,16 +137,16 @@ class ItemFailure:
 
 def item_failure(exc: BaseException, out_dir: Path, default_kind: str = "internal") -> ItemFailure:
     """Describe ``exc`` raised while processing an item (call inside the ``except`` block)."""
-    full = _disk_full(exc, out_dir, 0)
+    full = as_disk_full_error(exc, out_dir, 0)
     if full is not None:
         where = getattr(full, "_where", None) or f"the run folder {out_dir}"
         return ItemFailure("disk_full", str(full), disk_full=where)
     kind = error_kind(exc, default=default_kind)
     trace = traceback.format_exc(limit=8) if kind == "internal" else None
-    return ItemFailure(kind, _error_message(exc), trace)
+    return ItemFailure(kind, error_message(exc), trace)
 
 
-def _release_cuda_memory(kind: str) -> None:
+def release_cuda_memory(kind: str) -> None:
     """After a CUDA out-of-memory error, give cached blocks back so the next item can run."""
     if kind != "out_of_memory":
         return

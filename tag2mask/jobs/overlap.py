@@ -350,14 +350,14 @@ class _Scheduler:
             self.finishing[ticket.future] = ticket
 
     def _compute(self, tickets: list[_Ticket]) -> None:
-        from tag2mask.jobs.items import _release_cuda_memory, error_kind, item_failure
+        from tag2mask.jobs.items import release_cuda_memory, error_kind, item_failure
 
         try:
             results = list(self.stages.compute([t.payload for t in tickets]))
             if len(results) != len(tickets):
                 raise RuntimeError(f"compute returned {len(results)} results for {len(tickets)} items")
         except Exception as exc:
-            _release_cuda_memory(error_kind(exc))  # a batch that ran out of GPU memory may fit one by one
+            release_cuda_memory(error_kind(exc))  # a batch that ran out of GPU memory may fit one by one
             if len(tickets) > 1:  # find the item that fails; the others go on
                 for ticket in tickets:
                     self._compute([ticket])

@@ -88,15 +88,14 @@ class _ItemActor:
         self.items, self.process = _load(builder)(build_args)
 
     def _one(self, index: int, data: Optional[bytes]) -> dict[str, Any]:
-        from tag2mask.jobs.items import ItemError, error_kind, finished_item, item_failure
-        from tag2mask.jobs.runner import _error_message
+        from tag2mask.jobs.items import ItemError, error_kind, error_message, finished_item, item_failure
 
         t0 = time.time()
         try:
             try:
                 item = self.items[index]
             except Exception as exc:  # a lazily built item that cannot load, as in the local engine
-                raise ItemError(error_kind(exc, default="load"), _error_message(exc)) from exc
+                raise ItemError(error_kind(exc, default="load"), error_message(exc)) from exc
             done = finished_item(self.process(item, data), self.out_dir)
         except Exception as exc:  # one bad item never stops the job; it is reported in the manifest
             return {"failure": item_failure(exc, self.out_dir).__dict__, "seconds": time.time() - t0}

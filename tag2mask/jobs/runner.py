@@ -58,10 +58,10 @@ from tag2mask.jobs.items import (
     ItemError,
     ItemFailure,
     ItemOutput,
-    _disk_full,
-    _disk_full_error,
-    _error_message,
-    _release_cuda_memory,
+    as_disk_full_error,
+    disk_full_error,
+    error_message,
+    release_cuda_memory,
     error_kind,
     finished_item,
     item_failure,
@@ -316,7 +316,7 @@ class _Job:
         try:
             return self.spec.items[i]
         except Exception as exc:
-            raise ItemError(error_kind(exc, default="load"), _error_message(exc)) from exc
+            raise ItemError(error_kind(exc, default="load"), error_message(exc)) from exc
 
     def fail(self, key: str, kind: str, message: str, **extra: Any) -> None:
         self.failed += 1
@@ -328,11 +328,11 @@ class _Job:
     def item_failed(self, key: str, failure: ItemFailure, seconds: float) -> None:
         """Record a failed item, or stop the job when the disk is full (every later item would fail too)."""
         if failure.disk_full is not None:
-            err = _disk_full_error(failure.disk_full, self.written)
+            err = disk_full_error(failure.disk_full, self.written)
             raise err
         extra = {"traceback": failure.traceback} if failure.traceback else {}
         self.fail(key, failure.kind, failure.message, seconds=round(seconds, 3), **extra)
-        _release_cuda_memory(failure.kind)
+        release_cuda_memory(failure.kind)
 
     def item_done(self, key: str, done: FinishedItem, seconds: float, source: Any) -> None:
         extra = {"source": source} if source is not None else {}
@@ -401,7 +401,7 @@ def _run(spec: JobSpec, info: D.DistInfo) -> JobSummary:
     except DiskFullError:
         raise
     except OSError as exc:  # the manifest or the log could not be written either
-        full = _disk_full(exc, out_dir, job.written)
+        full = as_disk_full_error(exc, out_dir, job.written)
         if full is None:
             raise
         raise full from exc

@@ -67,6 +67,8 @@ class Method:
     parameter of the factory is listed here). ``preset_settings``: ``"module:function"`` called as
     ``function(method, preset) -> dict`` with every setting a preset name (``published:voc21``, ...)
     resolves to, without building anything (``tag2mask bench`` records it in each cell's settings guard).
+    ``supports``: ``"module:function"`` called as ``function(model)``: why the loaded CLIP cannot run the
+    method (e.g. too few blocks), or ``None`` when it can (``bench`` skips the method with that reason).
     """
 
     name: str
@@ -86,6 +88,7 @@ class Method:
     serve: int = 0
     needs: tuple[str, ...] = ()
     preset_settings: Optional[str] = None
+    supports: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -129,7 +132,7 @@ METHODS: tuple[Method, ...] = (
     _ovss("naclip", "NACLIP (Hajimiri, Ben Ayed & Dolz, WACV 2025)", 1),
     Method("scclip", "names->masks", "tag2mask.methods.ovss2", "SC-CLIP (IEEE TIP 2025)",
            presets=_OVSS_PRESETS, predictor="tag2mask.methods.ovss2.segmenter:NewerOvssSegmenter",
-           preset_settings=_OVSS2_SETTINGS,
+           preset_settings=_OVSS2_SETTINGS, supports="tag2mask.methods.ovss2.scclip:unsupported_reason",
            commands=(Command("segment", "scclip", "tag2mask.methods.ovss2.segment_cli"),)),
     Method("pearl", "names->masks", "tag2mask.methods.ovss2", "PEARL (CVPR 2026)",
            presets=_OVSS_PRESETS, predictor="tag2mask.methods.ovss2.segmenter:NewerOvssSegmenter",

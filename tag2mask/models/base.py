@@ -76,7 +76,7 @@ CLIP_NORMALIZATION = Normalization(CLIP_MEAN, CLIP_STD)
 CAFFE_NORMALIZATION = Normalization((122.675 / 255, 116.669 / 255, 104.008 / 255), (1 / 255, 1 / 255, 1 / 255))
 
 
-def _check_target(target: Tensor, num_classes: int, ignore_index: int) -> None:
+def check_target(target: Tensor, num_classes: int, ignore_index: int) -> None:
     if target.dtype != torch.long:
         raise TypeError(f"target must be int64 (B, H, W), got {target.dtype}")
     bad = (target != ignore_index) & ((target < 0) | (target >= num_classes))
@@ -114,7 +114,7 @@ def segmentation_cross_entropy(
     """
     if logits.ndim != 4 or target.ndim != 3 or logits.shape[0] != target.shape[0]:
         raise ValueError(f"expected logits (B, C, h, w) and target (B, H, W), got {tuple(logits.shape)} and {tuple(target.shape)}")
-    _check_target(target, logits.shape[1], ignore_index)
+    check_target(target, logits.shape[1], ignore_index)
     if at_logit_resolution:
         if tuple(target.shape[-2:]) != tuple(logits.shape[-2:]):
             target = _nearest_like_pil(target, logits.shape[-2:])

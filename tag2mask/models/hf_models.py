@@ -211,7 +211,7 @@ class UperNetConfig:
         return cls(**{"backbone": "tiny-convnext", "channels": 16, **overrides})
 
 
-def _load_backbone_weights(hf_backbone: nn.Module, source: str, allow_download: Optional[bool]) -> None:
+def load_backbone_weights(hf_backbone: nn.Module, source: str, allow_download: Optional[bool]) -> None:
     """Copy an ImageNet backbone (``AutoBackbone`` from ``source``) into ``hf_backbone`` strictly."""
     tf = require_transformers()
     from transformers.models.auto.modeling_auto import MODEL_FOR_BACKBONE_MAPPING
@@ -277,7 +277,7 @@ class UperNet(HFSegmenter):
             hf_cfg.num_labels = num_classes
             self.hf = tf.UperNetForSemanticSegmentation(hf_cfg)
             if config.backbone_pretrained and config.hf_config is None:
-                _load_backbone_weights(self.hf.backbone, config.backbone_pretrained, allow_download)
+                load_backbone_weights(self.hf.backbone, config.backbone_pretrained, allow_download)
         freeze_unused_backbone_parameters(self.hf.backbone)
         self.classifier = _take_classifier(self.hf.decode_head, num_classes, config.text_head, text_embeddings)
         aux = self.hf.auxiliary_head

@@ -24,12 +24,12 @@ from typing import Any, Optional
 import torch
 from torch import Tensor
 
-from tag2mask.models.base import IMAGENET_NORMALIZATION, _check_target
+from tag2mask.models.base import IMAGENET_NORMALIZATION, check_target
 from tag2mask.models.hf_loading import from_pretrained, require_transformers
 from tag2mask.models.hf_models import (
     BACKBONE_VARIANTS,
     HFSegmenter,
-    _load_backbone_weights,
+    load_backbone_weights,
     backbone_config_for,
     freeze_unused_backbone_parameters,
 )
@@ -116,7 +116,7 @@ class Mask2Former(HFSegmenter):
             hf_cfg.num_labels = num_classes
             self.hf = tf.Mask2FormerForUniversalSegmentation(hf_cfg)
             if config.backbone_pretrained and config.hf_config is None:
-                _load_backbone_weights(self.hf.model.pixel_level_module.encoder, config.backbone_pretrained, allow_download)
+                load_backbone_weights(self.hf.model.pixel_level_module.encoder, config.backbone_pretrained, allow_download)
         freeze_unused_backbone_parameters(self.hf.model.pixel_level_module.encoder)
 
     def head_modules(self) -> list[Any]:
@@ -138,7 +138,7 @@ class Mask2Former(HFSegmenter):
         """Mask2Former's matching loss from a semantic target ``(B, H, W)`` (255 = ignore)."""
         if target.ndim != 3 or target.shape[0] != images.shape[0]:
             raise ValueError(f"expected target (B, H, W) for {images.shape[0]} images, got {tuple(target.shape)}")
-        _check_target(target, self.num_classes, self.ignore_index)
+        check_target(target, self.num_classes, self.ignore_index)
         masks, classes = semantic_targets(target, self.ignore_index)
         out = self.hf(pixel_values=images, mask_labels=masks, class_labels=classes)
         return {"loss": out.loss, "mask2former": out.loss.detach()}

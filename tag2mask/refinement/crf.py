@@ -18,7 +18,7 @@ __all__ = ["CRFParams", "CLIP_ES_CRF", "WECLIP_CRF", "unary_from_probs", "dense_
 _INSTALL_HINT = "pydensecrf is required for dense CRF refinement: pip install 'tag2mask[crf]'"
 
 
-def _import_densecrf():
+def import_densecrf():
     try:
         import pydensecrf.densecrf as dcrf  # type: ignore[import-not-found]
     except ImportError as exc:  # pragma: no cover - depends on the environment
@@ -90,7 +90,7 @@ def dense_crf(probs: np.ndarray, image: np.ndarray, params: CRFParams = CLIP_ES_
     Raises:
         ImportError: pydensecrf is not installed.
     """
-    dcrf = _import_densecrf()
+    dcrf = import_densecrf()
     p = np.asarray(probs)
     if p.ndim != 3:
         raise ValueError(f"expected (C, H, W) probabilities, got shape {p.shape}")

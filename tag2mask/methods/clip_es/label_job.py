@@ -14,7 +14,7 @@ import platform
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from tag2mask.cmdline.items import describe, item_keys, open_items, source
+from tag2mask.cmdline.items import open_items, run_item_job
 from tag2mask.cmdline.options import check_weights_options, reject_options
 
 __all__ = ["check_clip_es_options", "run_clip_es_label", "model_device"]
@@ -80,9 +80,9 @@ def run_clip_es_label(args: argparse.Namespace, affinity_fn: Optional[Callable] 
     warning = toy_model_warning(model, [args.images])
     settings = _settings(args, model) | (extra_settings or {})
     if args.refine == "crf":
-        from tag2mask.refinement.crf import _import_densecrf
+        from tag2mask.refinement.crf import import_densecrf
 
-        _import_densecrf()  # fail at start-up, not in a worker on the first image, when the extra is missing
+        import_densecrf()  # fail at start-up, not in a worker on the first image, when the extra is missing
     stages = _label_stages(args, items, vocab, model, cam_maker, serial=ray)
 
     record = {
@@ -182,7 +182,6 @@ def _label_stages(args: argparse.Namespace, items: Any, vocab: Any, model: Any, 
 def _run_label_job(args: argparse.Namespace, items: Any, stages: Any, out: Path, settings: dict, record: dict,
                    vocab: Any, engine: Any = None) -> int:
     """Run the items through ``stages`` into ``out`` (resumable), print the summary; the exit code."""
-    from tag2mask.jobs.runner import JobOptions, print_summary, process_exit_code, run_items
 
     def finalize(run_dir: Path, summary) -> None:
         if args.coco_json:
@@ -190,14 +189,7 @@ def _run_label_job(args: argparse.Namespace, items: Any, stages: Any, out: Path,
 
             record["coco_json"] = write_coco_from_manifest(run_dir, vocab.names, run_dir / "annotations.json")
 
-    options = JobOptions(resume=args.resume, overwrite=args.overwrite, quiet=args.quiet, verbose=args.verbose,
-                         limit=args.limit, desc="label", unit="img")
-    summary = run_items(items, stages, out, settings, options, keys=item_keys(items),
-                        preflight_errors=getattr(items, "errors", []), describe=lambda i: describe(items, i),
-                        run_record=record, finalize=finalize, source_of=lambda i: source(items, i), engine=engine)
-    if not args.quiet or summary.failed:
-        print_summary(summary, out, "label")
-    return process_exit_code(summary)
+    return run_item_job(args, items, stages, out, settings, record, finalize, "label", engine=engine)
 
 
 def model_device(model):

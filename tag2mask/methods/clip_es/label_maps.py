@@ -122,9 +122,9 @@ class LabelRefiner:
         self.compat = compat
         self.device = torch.device(device)
         if mode == "crf":
-            from tag2mask.refinement.crf import _import_densecrf
+            from tag2mask.refinement.crf import import_densecrf
 
-            _import_densecrf()  # fail at start-up, not on the first image, when the extra is missing
+            import_densecrf()  # fail at start-up, not on the first image, when the extra is missing
         self._pamr = None
         if mode == "pamr":
             from tag2mask.refinement.pamr import PAMR

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from tag2mask.cmdline import option_types as ot
-from tag2mask.cmdline.items import describe, item_keys, open_items, source
+from tag2mask.cmdline.items import open_items, run_item_job
 from tag2mask.cmdline.options import reject_options
 
 __all__ = ["add_label_options", "check_label_options", "FMA_ONLY", "run_label", "ComputeFMA", "FinishFMA",
@@ -261,7 +261,6 @@ def run_label(args: argparse.Namespace) -> int:
     from tag2mask.cmdline.proposal_sources import build_source
     from tag2mask.version import __version__
     from tag2mask.evaluation.miou import DEFAULT_MIOU_RULE
-    from tag2mask.jobs.runner import JobOptions, print_summary, process_exit_code, run_items
     from tag2mask.methods.fma.inference import FMACams
     from tag2mask.methods.fma.prompt_run import load_prompts
 
@@ -305,14 +304,7 @@ def run_label(args: argparse.Namespace) -> int:
 
     stages = _fma_stages(args, items, class_names, alpha, kind, ComputeFMA(cams, args.save_arrays, sam),
                          workers, batch_size)
-    options = JobOptions(resume=args.resume, overwrite=args.overwrite, quiet=args.quiet, verbose=args.verbose,
-                         limit=args.limit, desc="label fma", unit="img")
-    summary = run_items(items, stages, out, settings, options, keys=item_keys(items),
-                        preflight_errors=getattr(items, "errors", []), describe=lambda i: describe(items, i),
-                        run_record=record, finalize=finalize, source_of=lambda i: source(items, i))
-    if not args.quiet or summary.failed:
-        print_summary(summary, out, "label")
-    return process_exit_code(summary)
+    return run_item_job(args, items, stages, out, settings, record, finalize, "label fma")
 
 
 def _open_items(args: argparse.Namespace, class_names: list[str]) -> Any:

@@ -23,7 +23,7 @@ otherwise.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -128,6 +128,18 @@ def check_depth(num_blocks: int, config: SCClipConfig = SCClipConfig()) -> None:
         raise ValueError(f"SC-CLIP uses the outputs of blocks {config.post_adjust_idx + 1}, "
                          f"{config.pre_adjust_idx + 1} and {config.multi_start_idx + 1}..{config.multi_end_idx}: it "
                          f"needs a ViT with at least {needed} blocks, this one has {num_blocks}")
+
+
+def unsupported_reason(model: Any) -> Optional[str]:
+    """Why ``model`` cannot run SC-CLIP (the registry's ``supports`` check), or ``None`` when it can."""
+    blocks = getattr(getattr(model, "visual", None), "num_blocks", None)
+    if blocks is None:
+        return "SC-CLIP needs a ViT CLIP (this model's image tower has no transformer blocks)"
+    try:
+        check_depth(blocks)
+    except ValueError as exc:
+        return str(exc)
+    return None
 
 
 def _tokens_to_map(tokens: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

@@ -19,33 +19,16 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Optional
 
 from tag2mask.vocab import classes as _classes
+from tag2mask.vocab.zero_shot_splits import COCO_STUFF_171
 from tag2mask.vocab.templates import MASKCLIP_85, PHOTO
 
 __all__ = ["Quirks", "OFFICIAL_QUIRKS", "TagCLIPConfig", "PRESETS", "PRESET_NAMES", "preset_for", "config_for_classes", "COCO_STUFF_CLASSES",
            "COCO_STUFF_UNUSED_IDS", "coco_stuff_182_to_171"]
 
-#: COCO-Stuff's 171 used classes in label order (raw COCO-Stuff spellings; TagCLIP's ``clip_text.py``
-#: dictionary without ``unlabeled`` and the 11 unused ids).
-COCO_STUFF_CLASSES: tuple[str, ...] = (
-    "person", "bicycle", "car", "motorcycle", "airplane", "bus", "train", "truck", "boat", "traffic light",
-    "fire hydrant", "stop sign", "parking meter", "bench", "bird", "cat", "dog", "horse", "sheep", "cow",
-    "elephant", "bear", "zebra", "giraffe", "backpack", "umbrella", "handbag", "tie", "suitcase", "frisbee",
-    "skis", "snowboard", "sports ball", "kite", "baseball bat", "baseball glove", "skateboard", "surfboard",
-    "tennis racket", "bottle", "wine glass", "cup", "fork", "knife", "spoon", "bowl", "banana", "apple",
-    "sandwich", "orange", "broccoli", "carrot", "hot dog", "pizza", "donut", "cake", "chair", "couch",
-    "pottedplant", "bed", "diningtable", "toilet", "tv", "laptop", "mouse", "remote", "keyboard",
-    "cell phone", "microwave", "oven", "toaster", "sink", "refrigerator", "book", "clock", "vase", "scissors",
-    "teddy bear", "hair drier", "toothbrush", "banner", "blanket", "branch", "bridge", "building-other",
-    "bush", "cabinet", "cage", "cardboard", "carpet", "ceiling-other", "ceiling-tile", "cloth", "clothes",
-    "clouds", "counter", "cupboard", "curtain", "desk-stuff", "dirt", "door-stuff", "fence", "floor-marble",
-    "floor-other", "floor-stone", "floor-tile", "floor-wood", "flower", "fog", "food-other", "fruit",
-    "furniture-other", "grass", "gravel", "ground-other", "hill", "house", "leaves", "light", "mat", "metal",
-    "mirror-stuff", "moss", "mountain", "mud", "napkin", "net", "paper", "pavement", "pillow", "plant-other",
-    "plastic", "platform", "playingfield", "railing", "railroad", "river", "road", "rock", "roof", "rug",
-    "salad", "sand", "sea", "shelf", "sky-other", "skyscraper", "snow", "solid-other", "stairs", "stone",
-    "straw", "structural-other", "table", "tent", "textile-other", "towel", "tree", "vegetable", "wall-brick",
-    "wall-concrete", "wall-other", "wall-panel", "wall-stone", "wall-tile", "wall-wood", "water-other",
-    "waterdrops", "window-blind", "window-other", "wood",
+#: COCO-Stuff's 171 used classes in label order as TagCLIP's ``clip_text.py`` dictionary spells them (without
+#: ``unlabeled`` and the 11 unused ids): the shared list with two names written without their space
+COCO_STUFF_CLASSES: tuple[str, ...] = tuple(
+    {"potted plant": "pottedplant", "dining table": "diningtable"}.get(name, name) for name in COCO_STUFF_171
 )
 
 #: 0-based ids of the 182-entry COCO-Stuff space (label - 1) that no annotation uses.
