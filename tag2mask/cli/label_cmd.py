@@ -11,10 +11,12 @@ import argparse
 
 from tag2mask.cmdline.options import (
     add_device_option,
+    add_engine_options,
     add_overlap_options,
     add_precision_option,
     add_run_options,
     add_weights_options,
+    check_engine_options,
     check_overlap_options,
     record_given_options,
 )
@@ -89,6 +91,7 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     add_precision_option(p)
     add_run_options(p)
     add_overlap_options(p, "decode images and refine / write masks")
+    add_engine_options(p)
     for _, command in hooks:  # each method's own options (errors with the other methods)
         _label_hook(command.name).add_label_options(p)
     p.set_defaults(func=run)
@@ -105,6 +108,9 @@ def _label_hook(method: str):
 
 def check_options(args: argparse.Namespace) -> None:
     """Options that do not apply to the chosen method / refinement / input are errors, not silently ignored."""
+    check_engine_options(args)
+    if args.engine == "ray" and args.method != "clip-es":
+        raise ValueError(f"--engine ray runs label --method clip-es only for now, not {args.method}")
     for _, command in registry.commands("label"):  # each method checks its own options and rejects the others'
         _label_hook(command.name).check_label_options(args)
     check_overlap_options(args)

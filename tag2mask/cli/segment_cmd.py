@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import platform
 from pathlib import Path
+from typing import Optional
 
 from tag2mask.cmdline.options import (
     add_device_option,
+    add_engine_options,
     add_run_options,
     add_weights_options,
+    check_engine_options,
     check_weights_options,
     given,
     record_given_options,
@@ -90,6 +93,7 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     add_weights_options(p)
     add_device_option(p)
     add_run_options(p)
+    add_engine_options(p, workers=True)
     p.set_defaults(func=run)
     record_given_options(p)
     return p
@@ -159,6 +163,9 @@ _OVSS_OPTIONS = ("classes", "method", "preset", "mode", "short_side", "crop", "s
 def check_options(args: argparse.Namespace) -> None:
     """Options that do not apply to what was asked are errors, not silently ignored."""
     check_weights_options(args)
+    check_engine_options(args)
+    if args.engine == "ray":
+        reject_options(args, ("checkpoint",), "with --engine ray (it runs the open-vocabulary methods)")
     if args.checkpoint:
         # a CLIP-ZSS student takes any class names; every other run brings its own classes
         skip = ("classes",) if given(args, "classes") and _is_clip_zss_run(args.checkpoint) else ()
@@ -238,17 +245,14 @@ def _segmenter_options(args: argparse.Namespace) -> dict:
     return options
 
 
-#: output folder -> the kind name used in run.json's per-image "outputs"
-_OUTPUT_KINDS = {"masks": "mask", "overlays": "overlay", "logits": "logits"}
-
-
 class _Segmenter:
     """``process_fn`` of the runner: one image path -> mask (+ overlay, + logits), written atomically."""
 
     def __init__(self, segmenter, args: argparse.Namespace, out: Path, stems: dict[Path, str]) -> None:
         self.segmenter, self.args, self.out, self.stems = segmenter, args, out, stems
 
-    def __call__(self, path: Path):
+    def __call__(self, path: Path, data: Optional[bytes] = None):
+        """``data``: the file's bytes when already read (the Ray engine); decoded by the same rules."""
         import numpy as np
         from PIL import Image
 
@@ -257,7 +261,7 @@ class _Segmenter:
 
         args = self.args
         # ImageDecodeError (unreadable, truncated, a folder, a broken link, a bomb) -> a "decode" error record
-        image = load_image(path, max_pixels=getattr(args, "max_decode_pixels", MAX_DECODE_PIXELS))
+        image = load_image(path, max_pixels=getattr(args, "max_decode_pixels", MAX_DECODE_PIXELS), data=data)
         width, height = image.size
         info = {"input": str(path), "size": [height, width]}
         max_pixels = getattr(args, "max_pixels", DEFAULT_MAX_PIXELS)
@@ -281,37 +285,12 @@ class _Segmenter:
         return ItemOutput(list(written.values()), info)
 
 
-def _image_records(out: Path, files: list[Path], stems: dict[Path, str]) -> list[dict]:
-    """run.json's per-image list (input order), rebuilt from the merged manifest."""
-    from tag2mask.io.manifest import MANIFEST_NAME, latest_records
-    from tag2mask.io.paths import path_inside
-
-    records = latest_records([out / MANIFEST_NAME])
-    images = []
-    for f in files:
-        rec = records.get(stems[f])
-        if rec is None:  # not reached (--limit) or not in this run
-            continue
-        entry: dict = {"input": str(f), "status": rec.get("status")}
-        if rec.get("status") == "ok":
-            outputs = {}
-            for rel in rec.get("outputs", []):
-                p = path_inside(out, rel, out / MANIFEST_NAME)
-                outputs[_OUTPUT_KINDS.get(p.parent.name, p.parent.name)] = str(out / p.relative_to(out.resolve()))
-            entry.update(outputs=outputs, present=rec.get("present"), seconds=rec.get("seconds"))
-        else:
-            entry.update(error=rec.get("error"), error_kind=rec.get("error_kind"))
-        images.append(entry)
-    return images
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
     from tag2mask.version import __version__
-    from tag2mask.cmdline.options import load_model_from_args, toy_model_warning
+    from tag2mask.cmdline.options import toy_model_warning
     from tag2mask.jobs.distributed import device_for_rank
-    from tag2mask.clip.loading import round_weights_to_fp16
 
     check_options(args)
     if args.checkpoint:
@@ -332,15 +311,15 @@ def run(args: argparse.Namespace) -> int:
     vocab = hooks.segment_vocabulary(args.classes, first_line)
     files = list_images(Path(args.input))
     out = Path(args.out)
+    engine = None
+    if args.engine == "ray":
+        from tag2mask.cmdline.options import ray_engine_from_args
 
+        engine = ray_engine_from_args(args, "tag2mask.cli.segment_cmd:build_ray_worker", lambda path: path)
     args.device = device_for_rank(args.device)
-    model = load_model_from_args(args)
+    # with Ray the driver loads the model for its fingerprint (the settings guard); each actor builds its own
+    model, segmenter = _build(args, preset, vocab)
     warnings = [w for w in [toy_model_warning(model, [args.input])] + hooks.segment_warnings(model, preset) if w]
-    if preset.round_fp16_weights:
-        # as the official loaders do; done here on the command's own model, so the segmenter needs no copy
-        round_weights_to_fp16(model)
-        model.fingerprint = f"{getattr(model, 'fingerprint', 'unknown')}:fp16r"
-    segmenter = hooks.build_segmenter(model, vocab, args, preset, _segmenter_options(args))
     if segmenter.settings.mode == "whole":  # a preset may choose the whole-image mode
         reject_options(args, ("crop", "stride"), f"with preset {segmenter.settings.name!r}, which runs whole images")
     if segmenter.settings.last_block != "naclip":
@@ -370,23 +349,52 @@ def run(args: argparse.Namespace) -> int:
         "device": str(segmenter.device),
         "warnings": warnings,
     }
-    return _run_job(args, files, stems, out, segmenter, settings, record)
+    if engine is not None:  # what ran: actors, threads per actor and Ray's start-up time
+        record["engine"] = engine.stats
+    return _run_job(args, files, stems, out, segmenter, settings, record, engine)
+
+
+def _build(args: argparse.Namespace, preset, vocab) -> tuple:
+    """``(model, segmenter)`` of checked ``args`` (the driver's, and each Ray actor's own)."""
+    from tag2mask.clip.loading import round_weights_to_fp16
+    from tag2mask.cmdline.options import load_model_from_args
+
+    model = load_model_from_args(args)
+    if preset.round_fp16_weights:
+        # as the official loaders do; done here on the command's own model, so the segmenter needs no copy
+        round_weights_to_fp16(model)
+        model.fingerprint = f"{getattr(model, 'fingerprint', 'unknown')}:fp16r"
+    hooks = segment_methods.hooks_of(args.method)
+    return model, hooks.build_segmenter(model, vocab, args, preset, _segmenter_options(args))
+
+
+def build_ray_worker(args: argparse.Namespace) -> tuple:
+    """In a Ray actor: ``(files, process)`` from the command's checked ``args``, the model loaded here;
+    ``process(path, data)`` segments one image from its bytes and writes its outputs atomically."""
+    hooks = segment_methods.hooks_of(args.method)
+    preset = hooks.segment_preset(args.method, args.preset)
+    first_line = {"auto": None, "background": True, "class": False}[args.first_line]
+    files = list_images(Path(args.input))
+    _, segmenter = _build(args, preset, hooks.segment_vocabulary(args.classes, first_line))
+    return files, _Segmenter(segmenter, args, Path(args.out), _output_stems(files))
 
 
 def _run_job(args: argparse.Namespace, files: list[Path], stems: dict[Path, str], out: Path, segmenter,
-             settings: dict, record: dict) -> int:
+             settings: dict, record: dict, engine=None) -> int:
     """Run ``segmenter`` over ``files`` on the batch runner (manifest, resume, torchrun); exit code."""
     from tag2mask.io.manifest import file_state
     from tag2mask.jobs.runner import JobOptions, print_summary, process_exit_code, run_items
 
     def finalize(run_dir: Path, summary) -> None:
-        record["images"] = _image_records(run_dir, files, stems)
+        from tag2mask.cli.segment_records import image_records
+
+        record["images"] = image_records(run_dir, files, stems)
 
     options = JobOptions(resume=args.resume, overwrite=args.overwrite, quiet=args.quiet, verbose=args.verbose,
                          limit=args.limit, desc="segment", unit="img")
     summary = run_items(files, _Segmenter(segmenter, args, out, stems), out, settings, options,
                         keys=[stems[f] for f in files], describe=lambda i: str(files[i]),
-                        run_record=record, finalize=finalize, source_of=lambda i: file_state(files[i]))
+                        run_record=record, finalize=finalize, source_of=lambda i: file_state(files[i]), engine=engine)
     if not args.quiet or summary.failed:
         print_summary(summary, out, "segment")
     return process_exit_code(summary)

@@ -94,16 +94,17 @@ def source(dataset, i: int) -> dict:
 
 
 def run_item_job(args: argparse.Namespace, items, stages, out: Path, settings: dict, record: dict,
-                 finalize, desc: str) -> int:
+                 finalize, desc: str, engine=None) -> int:
     """Run a labelling job over ``items`` (an opened item reader) with the batch runner: resume, overwrite,
-    per-item failures, the run record; prints the summary and returns the command's exit code."""
+    per-item failures, the run record; prints the summary and returns the command's exit code.
+    ``engine``: where the items run (:class:`tag2mask.jobs.ray_engine.RayEngine`; default this process)."""
     from tag2mask.jobs.runner import JobOptions, print_summary, process_exit_code, run_items
 
     options = JobOptions(resume=args.resume, overwrite=args.overwrite, quiet=args.quiet, verbose=args.verbose,
                          limit=args.limit, desc=desc, unit="img")
     summary = run_items(items, stages, out, settings, options, keys=item_keys(items),
                         preflight_errors=getattr(items, "errors", []), describe=lambda i: describe(items, i),
-                        run_record=record, finalize=finalize, source_of=lambda i: source(items, i))
+                        run_record=record, finalize=finalize, source_of=lambda i: source(items, i), engine=engine)
     if not args.quiet or summary.failed:
         print_summary(summary, out, "label")
     return process_exit_code(summary)

@@ -148,6 +148,47 @@ def check_overlap_options(args: argparse.Namespace) -> None:
         reject_options(args, ("batch_size",), "with --workers 0 (items run one at a time in this process)")
 
 
+def add_engine_options(parser: argparse.ArgumentParser, workers: bool = False) -> None:
+    """``--engine`` (local processes or Ray Data actors) and the Ray engine's own options; ``workers``: also
+    ``--workers`` (the Ray actors), for a command without local worker processes."""
+    g = parser.add_argument_group("engine (docs/batch_jobs.md: torchrun vs Ray)")
+    if workers:
+        g.add_argument("--workers", type=ot.auto_or(ot.positive_int(ot.MAX_WORKERS)), default="auto",
+                       help="with --engine ray: Ray actors, each with its own model (default: auto)")
+    g.add_argument("--engine", default="local", choices=("local", "ray"),
+                   help="local: this process (and its --workers, or torchrun ranks); ray: Ray Data actors, each "
+                   "keeping its own model loaded, on this machine or a Ray cluster (--address; extra 'ray'). "
+                   "With ray, --workers is the number of actors (auto: one per GPU share with --num-gpus-per-worker, "
+                   "else the CPUs / 2) and each gets CPUs / actors threads (default: local)")
+    g.add_argument("--address", default=None,
+                   help="with --engine ray: the Ray cluster to join (e.g. HEAD:6379, or 'auto'); default: start one here")
+    g.add_argument("--num-gpus-per-worker", type=ot.finite_float(0, 64), default=0.0,
+                   help="with --engine ray: GPUs each actor reserves (a fraction shares a GPU; default 0)")
+
+
+def check_engine_options(args: argparse.Namespace) -> None:
+    """Ray's options need ``--engine ray``; the Ray engine has no local batches and is not run under torchrun."""
+    if args.engine != "ray":
+        ray_only = ("address", "num_gpus_per_worker") + (() if hasattr(args, "batch_size") else ("workers",))
+        reject_options(args, ray_only, "with --engine local (they configure the Ray engine)")
+        return
+    reject_options(args, ("batch_size",), "with --engine ray (each actor runs one image at a time)")
+    if int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+        raise ValueError("--engine ray does not run under torchrun: Ray starts its own workers (use one or the other)")
+    if args.workers == 0:
+        raise ValueError("--workers 0 does not apply with --engine ray (it is the number of Ray actors, at least 1)")
+
+
+def ray_engine_from_args(args: argparse.Namespace, builder: str, input_path) -> "object":
+    """The :class:`~tag2mask.jobs.ray_engine.RayEngine` of checked ``args`` (``builder(args)`` runs in each actor)."""
+    from tag2mask.jobs.ray_engine import RayEngine, import_ray
+
+    import_ray()  # a missing extra is one line at start-up, before the model loads
+    return RayEngine(builder, args, input_path, address=args.address,
+                     workers=None if args.workers == "auto" else int(args.workers),
+                     num_gpus_per_worker=float(args.num_gpus_per_worker))
+
+
 def overlap_settings(args: argparse.Namespace, device) -> tuple[int, int]:
     """``(workers, batch_size)`` that run, with ``auto`` resolved for this machine and ``device``."""
     from tag2mask.jobs.overlap import default_workers

@@ -33,6 +33,7 @@ Policy (documented in ``docs/evaluation.md``):
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import warnings
@@ -86,7 +87,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> Image.Image:
+def load_image(path: str | Path, max_pixels: int | None = MAX_PIXELS, data: bytes | None = None) -> Image.Image:
     """Decode ``path`` to an RGB PIL image with EXIF orientation applied.
 
     Args:
@@ -94,6 +95,8 @@ def load_image(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> Image.I
         max_pixels: refuse images with more pixels (width * height) than this before
             decoding them; ``None`` disables our check (Pillow's own hard limit of
             ``2 * Image.MAX_IMAGE_PIXELS`` still applies).
+        data: the file's bytes, already read (e.g. by Ray Data): decoded by the same rules, and
+            ``path`` only names the file in messages.
 
     Returns:
         ``PIL.Image.Image`` in mode ``RGB`` (``(W, H)`` size after EXIF rotation).
@@ -102,17 +105,18 @@ def load_image(path: str | Path, max_pixels: int | None = MAX_PIXELS) -> Image.I
         ImageDecodeError: missing, empty, truncated, non-image, or too large.
     """
     path = Path(path)
-    if not path.is_file():
-        if path.is_symlink() and not path.exists():
-            raise ImageDecodeError(path, f"file not found (a broken symbolic link to {os.readlink(path)})")
-        raise ImageDecodeError(path, "file not found" if not path.exists() else "not a regular file (a folder?)")
-    if path.stat().st_size == 0:
+    if data is None:
+        if not path.is_file():
+            if path.is_symlink() and not path.exists():
+                raise ImageDecodeError(path, f"file not found (a broken symbolic link to {os.readlink(path)})")
+            raise ImageDecodeError(path, "file not found" if not path.exists() else "not a regular file (a folder?)")
+    if (len(data) if data is not None else path.stat().st_size) == 0:
         raise ImageDecodeError(path, "file is empty (0 bytes)")
     try:
         with warnings.catch_warnings():
             # we enforce our own limit below; Pillow's warning would only add noise
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-            with Image.open(path) as img:
+            with Image.open(path if data is None else io.BytesIO(data)) as img:
                 w, h = img.size
                 if max_pixels is not None and w * h > max_pixels:
                     raise ImageDecodeError(

@@ -193,6 +193,8 @@ class JobSpec:
         source_of: ``index -> JSON-able description of the item's inputs`` as they are now (e.g.
             :func:`tag2mask.io.manifest.file_state` of its image, plus its labels); recorded with
             each finished item, and ``--resume`` redoes an item whose inputs no longer match.
+        engine: runs the items elsewhere (:class:`tag2mask.jobs.ray_engine.RayEngine`, ``--engine ray``):
+            ``engine.run(job) -> stats``; this process still decides what to do and records every outcome.
     """
 
     items: Sequence[Any]
@@ -207,6 +209,7 @@ class JobSpec:
     run_record: dict[str, Any] = field(default_factory=dict)
     finalize: Optional[Callable[[Path, JobSummary], None]] = None
     source_of: Optional[Callable[[int], Any]] = None
+    engine: Optional[Any] = None
 
     def __post_init__(self) -> None:
         self.out_dir = Path(self.out_dir)
@@ -227,6 +230,7 @@ def run_items(
     run_record: Optional[dict[str, Any]] = None,
     finalize: Optional[Callable[[Path, JobSummary], None]] = None,
     source_of: Optional[Callable[[int], Any]] = None,
+    engine: Optional[Any] = None,
 ) -> JobSummary:
     """Process ``items`` into ``out_dir`` with resume, sharding, manifest and logs.
 
@@ -241,7 +245,7 @@ def run_items(
     return run_job(JobSpec(items, process_fn, Path(out_dir), settings, options, keys=keys, key_fn=key_fn,
                            preflight_errors=list(preflight_errors), describe=describe,
                            run_record=run_record if run_record is not None else {}, finalize=finalize,
-                           source_of=source_of))
+                           source_of=source_of, engine=engine))
 
 
 def run_job(spec: JobSpec) -> JobSummary:
@@ -388,7 +392,9 @@ def _run(spec: JobSpec, info: D.DistInfo) -> JobSummary:
         if info.is_main:
             for entry, message in spec.preflight_errors:
                 job.fail(entry, "labels", message)
-        if overlapped:
+        if spec.engine is not None:
+            stats = spec.engine.run(job)
+        elif overlapped:
             stats = process_overlapped(job, spec.process)
         else:
             _process_serially(job, spec.process)

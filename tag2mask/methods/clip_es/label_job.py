@@ -57,32 +57,33 @@ def run_clip_es_label(args: argparse.Namespace, affinity_fn: Optional[Callable] 
     from tag2mask.jobs.overlap import start_worker_server
     from tag2mask.runtime import resolve_device
 
+    ray = getattr(args, "engine", "local") == "ray"
     args.device = device_for_rank(args.device)
-    if overlap_settings(args, resolve_device(args.device))[0] > 0:
+    if not ray and overlap_settings(args, resolve_device(args.device))[0] > 0:
         start_worker_server(_WORKER_PRELOAD)  # the workers' imports overlap the model loading below
     import torch
 
-    from tag2mask.cmdline.options import load_model_from_args, toy_model_warning
-    from tag2mask.methods.clip_es.pipeline import ClipES
+    from tag2mask.cmdline.options import toy_model_warning
     from tag2mask.version import __version__
-    from tag2mask.vocab.vocabulary import load_vocabulary
 
     out = Path(args.out)
     if args.limit is not None and args.limit < 0:
         raise ValueError(f"--limit must be >= 0, got {args.limit}")
-    vocab = load_vocabulary(args.classes)
-    config = _clip_es_config(args)
-    items = open_items(args, list(vocab.names))
-    # rounded at load when the preset's numerics round weights, so ClipES needs no rounded copies
-    model = load_model_from_args(args, official_rounding=config.numerics.round_weights_fp16)
+    engine = None
+    if ray:
+        from tag2mask.cmdline.options import ray_engine_from_args
+
+        engine = ray_engine_from_args(args, "tag2mask.methods.clip_es.label_job:build_ray_worker",
+                                      lambda sample: sample.image_path)
+    # with Ray the driver loads the model for its fingerprint (the settings guard); each actor builds its own
+    vocab, config, items, model, cam_maker = _build(args, affinity_fn)
     warning = toy_model_warning(model, [args.images])
-    cam_maker = ClipES(model, vocab, config, affinity_fn=affinity_fn)
     settings = _settings(args, model) | (extra_settings or {})
     if args.refine == "crf":
         from tag2mask.refinement.crf import import_densecrf
 
         import_densecrf()  # fail at start-up, not in a worker on the first image, when the extra is missing
-    stages = _label_stages(args, items, vocab, model, cam_maker)
+    stages = _label_stages(args, items, vocab, model, cam_maker, serial=ray)
 
     record = {
         "tag2mask": __version__,
@@ -100,7 +101,38 @@ def run_clip_es_label(args: argparse.Namespace, affinity_fn: Optional[Callable] 
         "warnings": [warning] if warning else [],
         **(extra_record or {}),
     }
-    return _run_label_job(args, items, stages, out, settings, record, vocab)
+    if engine is not None:  # what ran: actors, threads per actor and Ray's start-up time (each actor: serial stages)
+        record["engine"] = engine.stats
+    return _run_label_job(args, items, stages, out, settings, record, vocab, engine)
+
+
+def _build(args: argparse.Namespace, affinity_fn: Optional[Callable] = None) -> tuple:
+    """``(vocab, config, items, model, cam_maker)`` of checked ``args`` (the driver's and each Ray actor's)."""
+    from tag2mask.cmdline.options import load_model_from_args
+    from tag2mask.methods.clip_es.pipeline import ClipES
+    from tag2mask.vocab.vocabulary import load_vocabulary
+
+    vocab = load_vocabulary(args.classes)
+    config = _clip_es_config(args)
+    items = open_items(args, list(vocab.names))
+    # rounded at load when the preset's numerics round weights, so ClipES needs no rounded copies
+    model = load_model_from_args(args, official_rounding=config.numerics.round_weights_fp16)
+    return vocab, config, items, model, ClipES(model, vocab, config, affinity_fn=affinity_fn)
+
+
+def build_ray_worker(args: argparse.Namespace) -> tuple[Any, Callable[[Any, Optional[bytes]], Any]]:
+    """In a Ray actor: ``(items, process)`` built from the command's checked ``args``, the model loaded here.
+
+    ``process(sample, data)`` runs the three stages of one image serially (``data``: its bytes as Ray Data
+    read them, decoded by our decoder), exactly as the local serial job does.
+    """
+    vocab, _, items, model, cam_maker = _build(args)
+    stages = _label_stages(args, items, vocab, model, cam_maker, serial=True)
+
+    def process(sample: Any, data: Optional[bytes]) -> Any:
+        return stages.finish(stages.compute([stages.prepare(sample, data)])[0])
+
+    return items, process
 
 
 def _clip_es_config(args: argparse.Namespace) -> Any:
@@ -122,8 +154,10 @@ def _clip_es_config(args: argparse.Namespace) -> Any:
     return preset_for(preset, **overrides)
 
 
-def _label_stages(args: argparse.Namespace, items: Any, vocab: Any, model: Any, cam_maker: Any) -> Any:
-    """The three stages of ``label`` (prepare an image, CAMs on the model's device, finish the mask)."""
+def _label_stages(args: argparse.Namespace, items: Any, vocab: Any, model: Any, cam_maker: Any,
+                  serial: bool = False) -> Any:
+    """The three stages of ``label`` (prepare an image, CAMs on the model's device, finish the mask);
+    ``serial``: no worker processes (a Ray actor runs them one image at a time)."""
     from tag2mask.cmdline.options import overlap_settings
     from tag2mask.methods.clip_es.label_stages import ComputeCAMs, FinishMask, LabelSettings, PrepareImage
     from tag2mask.jobs.overlap import Stages
@@ -131,7 +165,7 @@ def _label_stages(args: argparse.Namespace, items: Any, vocab: Any, model: Any, 
 
     # COCO "file_name" and the manifest's "image" field are relative to the image folder
     image_root = Path(items.image_dir) if hasattr(items, "image_dir") else Path(items.root) / "JPEGImages"
-    workers, batch_size = overlap_settings(args, model_device(model))
+    workers, batch_size = (0, 1) if serial else overlap_settings(args, model_device(model))
     settings_for_workers = LabelSettings(
         class_names=tuple(vocab.names), image_root=str(image_root), out=str(Path(args.out)),
         max_decode_pixels=args.max_decode_pixels, max_pixels=args.max_pixels,
@@ -146,7 +180,7 @@ def _label_stages(args: argparse.Namespace, items: Any, vocab: Any, model: Any, 
 
 
 def _run_label_job(args: argparse.Namespace, items: Any, stages: Any, out: Path, settings: dict, record: dict,
-                   vocab: Any) -> int:
+                   vocab: Any, engine: Any = None) -> int:
     """Run the items through ``stages`` into ``out`` (resumable), print the summary; the exit code."""
 
     def finalize(run_dir: Path, summary) -> None:
@@ -155,7 +189,7 @@ def _run_label_job(args: argparse.Namespace, items: Any, stages: Any, out: Path,
 
             record["coco_json"] = write_coco_from_manifest(run_dir, vocab.names, run_dir / "annotations.json")
 
-    return run_item_job(args, items, stages, out, settings, record, finalize, "label")
+    return run_item_job(args, items, stages, out, settings, record, finalize, "label", engine=engine)
 
 
 def model_device(model):

@@ -71,7 +71,8 @@ class PrepareImage:
     def __init__(self, settings: LabelSettings) -> None:
         self.settings = settings
 
-    def __call__(self, sample) -> PreparedImage:
+    def __call__(self, sample, data: Optional[bytes] = None) -> PreparedImage:
+        """``data``: the image file's bytes when already read (the Ray engine); decoded by the same rules."""
         from PIL import Image
 
         from tag2mask.data.images import fit_max_pixels, load_image
@@ -80,7 +81,7 @@ class PrepareImage:
         s = self.settings
         if not sample.label_ids:
             raise ItemError("labels", f"{sample.image_path}: empty label list; every image needs at least one class name")
-        image = load_image(sample.image_path, max_pixels=s.max_decode_pixels)
+        image = load_image(sample.image_path, max_pixels=s.max_decode_pixels, data=data)
         width, height = image.size
         info: dict[str, Any] = {"labels": [s.class_names[k] for k in sample.label_ids], "size": [height, width]}
         try:
