@@ -78,6 +78,9 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
                         "segmenter and clip-zss runs: their own test settings); the open-vocabulary options do not "
                         "apply; --weights then names the CLIP of a clip-zss run, whose text encoder embeds --classes "
                         "(default: the run's own; no image tower is loaded)")
+    p.add_argument("--onnx", default=None, metavar="MODEL.onnx",
+                   help="segment with a graph of 'tag2mask export --onnx' in onnxruntime (extra 'onnx'; its sidecar "
+                        "MODEL.onnx.json brings classes and pre-processing; no torch model is built)")
     p.add_argument("--crf", action="store_true", help="with --checkpoint only: dense CRF with WeCLIP's parameters (extra 'crf')")
     p.add_argument("--method", default="naclip", choices=registry.segment_methods(), help="method (default: naclip; which to pick: docs/open_vocabulary.md)")
     p.add_argument("--preset", default="default",
@@ -155,11 +158,13 @@ _OVSS_OPTIONS = ("classes", "method", "preset", "mode", "short_side", "crop", "s
                  "naclip_std", "pamr_steps", "pamr_dilations") + segment_methods.option_dests()
 
 
-
 def check_options(args: argparse.Namespace) -> None:
     """Options that do not apply to what was asked are errors, not silently ignored."""
     check_weights_options(args)
-    if args.checkpoint:
+    if args.onnx:
+        reject_options(args, _OVSS_OPTIONS + ("checkpoint", "crf", "weights", "allow_download", "device"),
+                       "with --onnx (the exported graph brings its classes and test settings; it runs on the CPU)")
+    elif args.checkpoint:
         # a CLIP-ZSS student takes any class names; every other run brings its own classes
         skip = ("classes",) if given(args, "classes") and _is_clip_zss_run(args.checkpoint) else ()
         reject_options(args, tuple(o for o in _OVSS_OPTIONS if o not in skip) + ("allow_download",),
@@ -314,7 +319,7 @@ def run(args: argparse.Namespace) -> int:
     from tag2mask.clip.loading import round_weights_to_fp16
 
     check_options(args)
-    if args.checkpoint:
+    if args.checkpoint or args.onnx:
         return _run_checkpoint(args)
     # cheap checks first, so a typo fails before the model is loaded
     if args.classes is None:
@@ -396,13 +401,14 @@ class _CheckpointSegmenter:
     """A trained run behind the ``predict(image) -> SegmentationResult`` interface; the run's engine task
     picks its predictor in :data:`tag2mask.methods.registry.RUN_PREDICTORS`."""
 
-    def __init__(self, checkpoint: str, device: str, weights, crf: bool, classes=None) -> None:
+    def __init__(self, checkpoint: str, device: str, weights, crf: bool, classes=None, inner=None) -> None:
         from tag2mask.runs.layout import read_run_checkpoint
 
-        task = read_run_checkpoint(checkpoint)["task"]
-        predictor = registry.run_predictor(task)
-        self.inner = predictor.from_run(checkpoint, device=device, weights=weights, crf=crf, classes=classes)
-        self.kind = task
+        if inner is None:  # an exported graph (--onnx) comes as ``inner``, with its kind
+            task = read_run_checkpoint(checkpoint)["task"]
+            inner = registry.run_predictor(task).from_run(checkpoint, device=device, weights=weights, crf=crf,
+                                                          classes=classes)
+        self.inner, self.kind = inner, getattr(inner, "kind", None) or task
         self.class_names = tuple(self.inner.class_names)
         self.has_background = bool(self.inner.has_background)
         self.device = self.inner.device
@@ -416,7 +422,7 @@ class _CheckpointSegmenter:
 
 
 def _run_checkpoint(args: argparse.Namespace) -> int:
-    """``segment --checkpoint``: WeCLIP inference over a folder on the same batch runner."""
+    """``segment --checkpoint`` / ``--onnx``: a trained run or an exported graph over a folder on the batch runner."""
     import hashlib
 
     from tag2mask.version import __version__
@@ -426,12 +432,17 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 0:
         raise ValueError(f"--limit must be >= 0, got {args.limit}")
     from tag2mask.jobs.checkpoint import resolve_checkpoint
-
-    ckpt = resolve_checkpoint(args.checkpoint)  # a run folder: its newest complete checkpoint
     files = list_images(Path(args.input))
     out = Path(args.out)
-    args.device = device_for_rank(args.device)
-    segmenter = _CheckpointSegmenter(str(ckpt), args.device, args.weights, args.crf, args.classes)
+    if args.onnx:
+        from tag2mask.export.onnx_runtime import OnnxSegmenter
+
+        ckpt = Path(args.onnx)
+        segmenter = _CheckpointSegmenter(str(ckpt), "cpu", None, False, inner=OnnxSegmenter(ckpt))
+    else:
+        ckpt = resolve_checkpoint(args.checkpoint)  # a run folder: its newest complete checkpoint
+        args.device = device_for_rank(args.device)
+        segmenter = _CheckpointSegmenter(str(ckpt), args.device, args.weights, args.crf, args.classes)
     # the CLIP whose toy-ness the warning checks: a student's text encoder, else the network's frozen CLIP
     teacher = segmenter.inner.text_model() if hasattr(segmenter.inner, "text_model") else \
         getattr(getattr(segmenter.inner, "model", None), "clip", None)
