@@ -18,7 +18,8 @@ DESCRIPTION = """Export a trained run (train segmenter, train weclip, train clip
 --onnx OUT.onnx writes the network as an ONNX graph (normalised image (1, 3, H, W) -> logits (1, C, H, W) at
 the input size, the run's test scales and flip inside) and OUT.onnx.json (classes, palette, mean/std,
 input size, test resize, opset). The same run and options give byte-identical files. The export is then
-checked: onnxruntime against torch on one input, the largest difference printed.
+checked: onnxruntime against torch on one input (two sizes with --dynamic), the largest difference
+printed; a --dynamic graph that does not follow another size is removed with an error.
 --hub DIR writes a hub-style folder: model.safetensors, config.json and a model card (README.md).
 
 examples:
@@ -51,25 +52,10 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     return p
 
 
-def _check(spec, out, sidecar) -> float:
-    """Largest |onnxruntime - torch| logit difference on one fixed pseudo-random input of the graph's size."""
-    import numpy as np
-    import onnxruntime as ort
-    import torch
-
-    h, w = sidecar["input"]["example_size"]
-    x = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 3, h, w)).astype(np.float32))
-    with torch.no_grad():
-        ref = spec.module(x).numpy()
-    session = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
-    got = session.run(["logits"], {"image": x.numpy()})[0]
-    return float(np.abs(got - ref).max())
-
-
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from tag2mask.export.onnx_graph import export_onnx, require_onnx, sidecar_path
+    from tag2mask.export.onnx_graph import check_graph, export_onnx, require_onnx, sidecar_path
     from tag2mask.jobs.checkpoint import resolve_checkpoint
     from tag2mask.methods import registry
     from tag2mask.runs.layout import read_run_checkpoint
@@ -91,11 +77,14 @@ def run(args: argparse.Namespace) -> int:
         report.update(onnx=str(out), sidecar=str(sidecar_path(out)), kind=task, classes=sidecar["classes"],
                       input=sidecar["input"], notes=sidecar["notes"])
         if not args.no_check:
-            report["max_abs_diff_onnxruntime_vs_torch"] = _check(spec, out, sidecar)
+            h, w = sidecar["input"]["example_size"]
+            sizes = [(h, w), (h + 16, w + 32)] if args.dynamic else [(h, w)]
+            report["max_abs_diff_onnxruntime_vs_torch"] = check_graph(spec, out, sizes)
     if args.hub:
-        from tag2mask.export.hub import write_hub_folder
+        from tag2mask.runs.hub import write_hub_folder
 
-        report["hub"] = str(write_hub_folder(ckpt, Path(args.hub), task, overwrite=args.overwrite,
-                                             weights=args.weights))
+        if args.weights or args.classes:
+            raise ValueError("--weights and --classes apply to --onnx (a hub folder keeps the run's own references)")
+        report["hub"] = str(write_hub_folder(args.run, Path(args.hub), overwrite=args.overwrite))
     print(json.dumps(report))
     return 0

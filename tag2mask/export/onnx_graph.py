@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SIDECAR_FORMAT", "DEFAULT_OPSET", "ExportSpec", "TtaLogits", "export_onnx", "sidecar_path",
+__all__ = ["SIDECAR_FORMAT", "DEFAULT_OPSET", "ExportSpec", "TtaLogits", "check_graph", "export_onnx", "sidecar_path",
            "require_onnx"]
 
 SIDECAR_FORMAT = "tag2mask-onnx-v1"
@@ -113,12 +113,41 @@ def _sidecar(spec: ExportSpec, size: tuple[int, int], dynamic: bool, opset: int,
     }
 
 
+def check_graph(spec: ExportSpec, out: Path, sizes: Sequence[tuple[int, int]]) -> dict[str, float]:
+    """Largest ``|onnxruntime - torch|`` logit difference at each ``(H, W)`` on a fixed pseudo-random input.
+
+    Raises:
+        ValueError: onnxruntime fails or gives another shape (e.g. a ``--dynamic`` graph whose network fixed a
+            size while tracing); the message names the size.
+    """
+    import numpy as np
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 4  # a failing size is reported below, in one line
+    session = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+    diffs = {}
+    for h, w in sizes:
+        x = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 3, h, w)).astype(np.float32))
+        with torch.no_grad():
+            ref = spec.module(x).numpy()
+        try:
+            got = session.run(["logits"], {"image": x.numpy()})[0]
+        except Exception as exc:  # onnxruntime raises its own exception types
+            raise ValueError(f"the exported graph fails at {h} x {w} in onnxruntime ({str(exc)[:200]})") from None
+        if got.shape != ref.shape:
+            raise ValueError(f"the exported graph gives {got.shape} at {h} x {w}, torch {ref.shape}")
+        diffs[f"{h}x{w}"] = float(np.abs(got - ref).max())
+    return diffs
+
+
 def export_onnx(spec: ExportSpec, out: Path, size: Optional[tuple[int, int]] = None, dynamic: bool = False,
                 opset: int = DEFAULT_OPSET) -> dict[str, Any]:
     """Write ``out`` (the ONNX graph) and ``out.json`` (the sidecar), both atomically; returns the sidecar.
 
     ``size``: the graph's ``(H, W)`` (default ``spec.size``); with ``dynamic`` H and W are symbolic and
-    ``size`` is only the example the exporter traces. Same weights, same options -> the same bytes.
+    ``size`` is only the example the exporter traces (the graph is then run at another size, and removed
+    with a ``ValueError`` when it does not follow). Same weights, same options -> the same bytes.
     """
     from tag2mask.io.atomic import atomic_path, atomic_write_text
     from tag2mask.io.palette import voc_palette
@@ -135,9 +164,15 @@ def export_onnx(spec: ExportSpec, out: Path, size: Optional[tuple[int, int]] = N
     module = spec.module.eval()
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's deprecation / tracer notes say nothing about this file
-        with atomic_path(out) as tmp:
+        with atomic_path(out) as tmp:  # an error below leaves an existing OUT (and its sidecar) as they were
             torch.onnx.export(module, (example,), str(tmp), input_names=["image"], output_names=["logits"],
                               opset_version=opset, dynamo=False, dynamic_axes=axes, do_constant_folding=True)
+            if dynamic:  # a network may fix a size while tracing (e.g. position embeddings resized in Python)
+                try:
+                    check_graph(spec, tmp, [(h + 16, w + 32)])
+                except ValueError as exc:
+                    raise ValueError(f"the {spec.kind} network does not export with --dynamic: {exc}; export at a "
+                                     "fixed --size H W instead") from None
     honour_umask(out)
     palette = voc_palette(len(spec.class_names))[: len(spec.class_names)].tolist()
     sidecar = _sidecar(spec, (h, w), dynamic, opset, palette)

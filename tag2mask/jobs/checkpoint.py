@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
+import json
 import os
 import re
 from pathlib import Path
@@ -159,8 +160,25 @@ def latest_checkpoint(folder: Union[str, Path]) -> Optional[tuple[Path, int]]:
     return None
 
 
+#: ``format`` of the ``config.json`` of a hub-style run folder (:mod:`tag2mask.runs.hub`)
+HUB_FORMAT = "tag2mask-hub-v1"
+
+
+def is_hub_folder(path: Union[str, Path]) -> bool:
+    """Whether ``path`` is a hub-style run folder: ``model.safetensors`` + a ``config.json`` of :data:`HUB_FORMAT`
+    (read as JSON only; a run folder of the engine has a ``config.json`` too, of another shape)."""
+    p = Path(path)
+    if not (p / "model.safetensors").is_file() or not (p / "config.json").is_file():
+        return False
+    try:
+        return json.loads((p / "config.json").read_text(encoding="utf-8")).get("format") == HUB_FORMAT
+    except (ValueError, AttributeError, OSError):
+        return False
+
+
 def resolve_checkpoint(path: Union[str, Path]) -> Path:
-    """A checkpoint file, or the newest verified checkpoint of a run folder.
+    """A checkpoint file, or the newest verified checkpoint of a run folder (a hub-style folder: its
+    ``model.safetensors``).
 
     Raises:
         FileNotFoundError: no such file, or a folder without a complete checkpoint.
@@ -168,6 +186,8 @@ def resolve_checkpoint(path: Union[str, Path]) -> Path:
     p = Path(path)
     if p.is_dir():
         found = latest_checkpoint(p)
+        if found is None and is_hub_folder(p):
+            return p / "model.safetensors"
         if found is None:
             hint = (f"; it holds a latest.pt of an older tag2mask: re-save it with 'tag2mask convert checkpoint "
                     f"{p / 'latest.pt'} --out NEW_RUN'") if (p / "latest.pt").is_file() else ""
