@@ -15,7 +15,7 @@ from torch import nn
 
 from tag2mask.clip.layers import LayerNorm, Transformer
 from tag2mask.clip.loading import (
-    PathLike, WeightsError, _fingerprint, read_state_dict, resolve_weights_path,
+    PathLike, WeightsError, file_fingerprint, read_state_dict, resolve_weights_path,
 )
 from tag2mask.clip.model import CLIP, CLIPConfig, config_from_state_dict
 
@@ -64,6 +64,6 @@ def load_clip_text(source: PathLike, device: Union[str, torch.device] = "cpu",
         tower.load_state_dict(text_sd)
     except RuntimeError as e:
         raise WeightsError(f"{path}: the text encoder's weights do not fit ({e})") from e
-    tower.fingerprint = _fingerprint(path)
+    tower.fingerprint = file_fingerprint(path)
     tower.source_path = str(path)
     return tower.requires_grad_(False).to(device).eval()

@@ -146,8 +146,10 @@ def export_onnx(spec: ExportSpec, out: Path, size: Optional[tuple[int, int]] = N
     """Write ``out`` (the ONNX graph) and ``out.json`` (the sidecar), both atomically; returns the sidecar.
 
     ``size``: the graph's ``(H, W)`` (default ``spec.size``); with ``dynamic`` H and W are symbolic and
-    ``size`` is only the example the exporter traces (the graph is then run at another size, and removed
-    with a ``ValueError`` when it does not follow). Same weights, same options -> the same bytes.
+    ``size`` is only the example the exporter traces. Before ``out`` is put in place, onnxruntime runs the
+    graph against torch (at ``size``, and at ``size + (16, 32)`` with ``dynamic``); a graph that fails or
+    gives another shape is not written (``ValueError``), an existing ``out`` is left as it was. The
+    differences go into the sidecar's ``check``. Same weights, same options -> the same bytes.
     """
     from tag2mask.io.atomic import atomic_path, atomic_write_text
     from tag2mask.io.palette import voc_palette
@@ -165,17 +167,26 @@ def export_onnx(spec: ExportSpec, out: Path, size: Optional[tuple[int, int]] = N
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the exporter's deprecation / tracer notes say nothing about this file
         with atomic_path(out) as tmp:  # an error below leaves an existing OUT (and its sidecar) as they were
-            torch.onnx.export(module, (example,), str(tmp), input_names=["image"], output_names=["logits"],
-                              opset_version=opset, dynamo=False, dynamic_axes=axes, do_constant_folding=True)
-            if dynamic:  # a network may fix a size while tracing (e.g. position embeddings resized in Python)
-                try:
-                    check_graph(spec, tmp, [(h + 16, w + 32)])
-                except ValueError as exc:
-                    raise ValueError(f"the {spec.kind} network does not export with --dynamic: {exc}; export at a "
-                                     "fixed --size H W instead") from None
+            try:
+                torch.onnx.export(module, (example,), str(tmp), input_names=["image"], output_names=["logits"],
+                                  opset_version=opset, dynamo=False, dynamic_axes=axes, do_constant_folding=True)
+            except Exception as exc:  # the exporter's own error types; their messages dump the whole graph
+                first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+                raise ValueError(f"the {spec.kind} network {spec.source.get('network', '')} does not export to ONNX "
+                                 f"at {h} x {w}{' (dynamic)' if dynamic else ''}: {first}") from None
+            # the same check for every graph: onnxruntime must run what was written (some operators export
+            # but have no onnxruntime kernel, e.g. Mask2Former's GridSample)
+            sizes = [(h, w), (h + 16, w + 32)] if dynamic else [(h, w)]
+            try:
+                diffs = check_graph(spec, tmp, sizes)
+            except ValueError as exc:
+                hint = "; export at a fixed --size H W instead" if dynamic else ""
+                raise ValueError(f"the {spec.kind} network {spec.source.get('network', '')} does not run in "
+                                 f"onnxruntime as exported: {exc}{hint}") from None
     honour_umask(out)
     palette = voc_palette(len(spec.class_names))[: len(spec.class_names)].tolist()
     sidecar = _sidecar(spec, (h, w), dynamic, opset, palette)
+    sidecar["check"] = {"max_abs_logit_diff_onnxruntime_vs_torch": diffs, "input": "standard normal, seed 0"}
     atomic_write_text(sidecar_path(out), json.dumps(sidecar, indent=1) + "\n")
     honour_umask(sidecar_path(out))
     return sidecar

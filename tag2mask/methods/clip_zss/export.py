@@ -35,4 +35,5 @@ def export_spec(checkpoint: Union[str, Path], weights: Optional[str] = None,
         reference_size=tuple(config.test_reference_size) if config.test_reference_size else None,
         scales=tuple(config.test_scales), flip=bool(config.test_flip),
         notes=note + ["the text head holds the embeddings of these classes; export again for other classes"],
-        source={"checkpoint": str(checkpoint), "clip_fingerprint": student.clip_fingerprint})
+        source={"checkpoint": str(checkpoint), "network": type(student.model).__name__,
+                "clip_fingerprint": student.clip_fingerprint})

@@ -67,4 +67,5 @@ def export_spec(checkpoint: Union[str, Path], weights: Optional[str] = None,
         has_background=True, mean=tuple(float(v) for v in mean), std=tuple(float(v) for v in std),
         size=(side, side), long_side=side, scales=tuple(seg.scales), flip=bool(seg.flip),
         notes=["no dense CRF (segment --checkpoint --crf): not a graph operation"],
-        source={"checkpoint": str(checkpoint), "clip_fingerprint": getattr(seg.model.clip, "fingerprint", None)})
+        source={"checkpoint": str(checkpoint), "network": "WeCLIP (CLIP image tower + decoder)",
+                "clip_fingerprint": getattr(seg.model.clip, "fingerprint", None)})
