@@ -16,7 +16,7 @@ import numpy as np
 
 from tag2mask.export.onnx_graph import SIDECAR_FORMAT, require_onnx, sidecar_path
 
-__all__ = ["bilinear_resize", "read_sidecar", "OnnxSegmenter"]
+__all__ = ["bilinear_resize", "read_sidecar", "work_size", "OnnxSegmenter"]
 
 
 def _axis_weights(n_in: int, n_out: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -54,6 +54,22 @@ def read_sidecar(onnx_path: Union[str, Path]) -> dict[str, Any]:
     return meta
 
 
+def work_size(meta: dict[str, Any], h: int, w: int) -> tuple[int, int]:
+    """The ``(H, W)`` a graph runs an ``h x w`` image at: its fixed size, else the run's test resize (the
+    rounding of :func:`tag2mask.segmenter.evaluation.predict_logits`), else the image's own size."""
+    fixed = meta["input"]["size"]
+    if fixed:
+        return int(fixed[0]), int(fixed[1])
+    long_side, box = meta["resize"]["long_side"], meta["resize"]["reference_size"]
+    if long_side:
+        r = long_side / max(h, w)
+        return max(1, int(h * r)), max(1, int(w * r))
+    if box:
+        r = min(box[0] / max(h, w), box[1] / min(h, w))
+        return max(1, int(h * r + 0.5)), max(1, int(w * r + 0.5))
+    return h, w
+
+
 class OnnxSegmenter:
     """An exported graph behind ``predict(image) -> (label (H, W) uint8, probs (C, H, W) float32)``
     (the interface of the trained-run predictors, so ``segment`` writes the same outputs)."""
@@ -82,25 +98,11 @@ class OnnxSegmenter:
         self._mean = np.asarray(norm["mean"], dtype=np.float32)[:, None, None]
         self._std = np.asarray(norm["std"], dtype=np.float32)[:, None, None]
 
-    def _work_size(self, h: int, w: int) -> tuple[int, int]:
-        """The size the graph runs at: the fixed size, else the run's test resize (``predict_logits``'s rounding)."""
-        fixed = self.meta["input"]["size"]
-        if fixed:
-            return int(fixed[0]), int(fixed[1])
-        long_side, box = self.long_side, self.meta["resize"]["reference_size"]
-        if long_side:
-            r = long_side / max(h, w)
-            return max(1, int(h * r)), max(1, int(w * r))
-        if box:
-            r = min(box[0] / max(h, w), box[1] / min(h, w))
-            return max(1, int(h * r + 0.5)), max(1, int(w * r + 0.5))
-        return h, w
-
     def logits(self, rgb: np.ndarray) -> np.ndarray:
         """``(H, W, 3)`` uint8 -> ``(C, H, W)`` float32 logits at the image size."""
         h, w = rgb.shape[:2]
         x = (np.moveaxis(np.asarray(rgb, dtype=np.float32), -1, 0) / np.float32(255.0) - self._mean) / self._std
-        x = bilinear_resize(x.astype(np.float32), self._work_size(h, w))
+        x = bilinear_resize(x.astype(np.float32), work_size(self.meta, h, w))
         out = self.session.run(["logits"], {"image": np.ascontiguousarray(x[None])})[0][0]
         return bilinear_resize(out.astype(np.float32), (h, w))
 

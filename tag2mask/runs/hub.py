@@ -15,7 +15,7 @@ from typing import Any, Optional, Union
 
 from tag2mask.jobs.checkpoint import HUB_FORMAT, is_hub_folder
 
-__all__ = ["HUB_FORMAT", "is_hub_folder", "write_hub_folder", "read_hub_checkpoint", "model_card"]
+__all__ = ["HUB_FORMAT", "is_hub_folder", "write_hub_folder", "read_hub_checkpoint", "run_classes", "model_card"]
 
 _WEIGHTS, _CONFIG, _CARD = "model.safetensors", "config.json", "README.md"
 
@@ -41,17 +41,25 @@ def _eval_report(run: Path) -> Optional[dict[str, Any]]:
     return None
 
 
+def run_classes(ckpt: dict[str, Any]) -> list[str]:
+    """The class names a run records: its label names (``meta.class_names``), else its config's classes (a
+    WeCLIP run: the foreground classes, label 0 being background)."""
+    config = ckpt["config"]
+    seg = config.get("segmenter", config)
+    return [str(c) for c in (ckpt["meta"].get("class_names") or seg.get("classes") or config.get("classes") or [])]
+
+
 def model_card(ckpt: dict[str, Any], report: Optional[dict[str, Any]]) -> str:
     """The model card (Markdown): method, data, classes, metrics of ``eval.json``, the command that made it."""
     config, meta, options = ckpt["config"], ckpt["meta"], ckpt["options"]
     seg = config.get("segmenter", config)  # a CLIP-ZSS run nests its segmenter config
-    classes = meta.get("class_names") or seg.get("classes") or config.get("classes") or []
+    classes = run_classes(ckpt)
     lines = ["---", "library_name: tag2mask", "tags: [semantic-segmentation, tag2mask]", "---", "",
              f"# tag2mask run: {ckpt['task']}", "",
              f"- method (engine task): `{ckpt['task']}`; network: `{seg.get('model', meta.get('network', {}).get('name', 'see config.json'))}`",
              f"- trained for {ckpt.get('iteration', '?')} iterations; checkpoint format `{ckpt.get('format')}`",
              f"- data: `{config.get('data') or seg.get('data') or options.get('data') or 'not recorded in the run'}`",
-             f"- classes ({len(classes)}): {', '.join(map(str, classes))}", ""]
+             f"- classes as the run records them ({len(classes)}): {', '.join(map(str, classes))}", ""]
     lines += ["## Metrics", ""]
     if report and isinstance(report.get("scores"), dict):
         scores = report["scores"]
