@@ -80,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
 
         if args.weights or args.classes:
             raise ValueError("--weights and --classes apply to --onnx (a hub folder keeps the run's own references)")
-        report["hub"] = str(write_hub_folder(args.run, Path(args.hub), overwrite=args.overwrite))
+        run_dir = Path(args.run) if Path(args.run).is_dir() else ckpt.parent
+        report["hub"] = str(write_hub_folder(read_run_checkpoint(ckpt), Path(args.hub), run_dir, args.overwrite))
     print(json.dumps(report))
     return 0

@@ -77,30 +77,28 @@ def model_card(ckpt: dict[str, Any], report: Optional[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
-def write_hub_folder(checkpoint: Union[str, Path], out: Path, overwrite: bool = False) -> Path:
-    """Write the hub-style folder of a run (folder or checkpoint file) to ``out``; returns ``out``.
+def write_hub_folder(ckpt: dict[str, Any], out: Path, run_dir: Optional[Path] = None, overwrite: bool = False) -> Path:
+    """Write the hub-style folder of a run checkpoint ``ckpt`` (as
+    :func:`tag2mask.runs.layout.read_run_checkpoint` returns it) to ``out``; returns ``out``. ``run_dir``: the
+    run folder whose ``eval.json`` the model card quotes.
 
     Each file is written atomically; an existing ``out`` holding any of the three files needs ``overwrite``.
     """
     from safetensors.torch import save_file
 
     from tag2mask.io.atomic import atomic_path, atomic_write_text
-    from tag2mask.jobs.checkpoint import honour_umask, resolve_checkpoint
-    from tag2mask.runs.layout import read_run_checkpoint
+    from tag2mask.jobs.checkpoint import honour_umask
 
-    where = resolve_checkpoint(checkpoint)
-    ckpt = read_run_checkpoint(where)
     existing = [n for n in (_WEIGHTS, _CONFIG, _CARD) if (out / n).exists()]
     if existing and not overwrite:
         raise ValueError(f"{out} already holds {', '.join(existing)}; pass --overwrite to replace them")
-    run_dir = Path(checkpoint) if Path(checkpoint).is_dir() else where.parent
     config = {"format": HUB_FORMAT, "task": ckpt["task"], "iteration": ckpt.get("iteration"),
               "checkpoint_format": ckpt.get("format"), "config": ckpt["config"], "options": ckpt["options"],
               "meta": ckpt["meta"], "modules": sorted(ckpt["modules"])}
     with atomic_path(out / _WEIGHTS) as tmp:
         save_file(_flatten(ckpt["modules"]), str(tmp), metadata={"format": HUB_FORMAT, "task": ckpt["task"]})
     atomic_write_text(out / _CONFIG, json.dumps(config, indent=1, sort_keys=True) + "\n")
-    atomic_write_text(out / _CARD, model_card(ckpt, _eval_report(run_dir)))
+    atomic_write_text(out / _CARD, model_card(ckpt, _eval_report(run_dir) if run_dir is not None else None))
     for name in (_WEIGHTS, _CONFIG, _CARD):
         honour_umask(out / name)
     return out
