@@ -184,3 +184,53 @@ def test_hub_card_reports_eval_json_metrics(tmp_path):
     assert main(["export", str(run), "--hub", str(tmp_path / "hub")]) == 0
     card = (tmp_path / "hub" / "README.md").read_text()
     assert "| Mean IoU | 0.4321 |" in card and "3 images" in card
+
+
+@pytest.fixture(scope="module")
+def zss_run(tmp_path_factory) -> tuple[Path, Path]:
+    """A CLIP-ZSS student (tiny SegFormer, shipped tiny CLIP) trained for two iterations on a synthetic set."""
+    from tag2mask.clip.shipped import tiny_clip_path
+    from tag2mask.data.segmentation import open_segmentation_data
+    from tag2mask.engine.loop import RunOptions, train
+    from tag2mask.methods.clip_zss.config import ClipZssConfig
+    from tag2mask.methods.clip_zss.train_task import ClipZssTask
+    from tag2mask.methods.registry import segmenter_preset
+    from tag2mask.synth.export import export_voc
+    from tag2mask.vocab.zero_shot_splits import get_split
+
+    root = tmp_path_factory.mktemp("zss")
+    export_voc(root / "data", {"train": 4, "val": 2}, size=64)
+    split = get_split("synth-9-3")
+    seg = segmenter_preset(None, model="segformer", model_options={"variant": "tiny"}, classes=split.foreground,
+                           crop_size=64, batch_size=2, max_iters=2, optimizer="adamw", lr=1e-3, lr_step=1,
+                           test_mode="whole", test_flip=True)
+    zss = ClipZssConfig(split=split.name, unseen=split.unseen, background="class", glm_bank_size=3, synth_heads=4,
+                        max_regions=3)
+    source = open_segmentation_data(root / "data", "train", None, seg.num_classes)
+    task = ClipZssTask(seg, zss, source, None, clip_weights=str(tiny_clip_path()), evaluate_at_end=False)
+    train(task, RunOptions(out_dir=str(root / "run"), device="cpu", seed=3, ckpt_every=2, progress=False))
+    return root / "run", root / "data" / "JPEGImages"
+
+
+@pytest.mark.parametrize("classes", [None, "bolt, star, ring"], ids=["own-classes", "new-classes"])
+def test_clip_zss_student_exports_with_its_text_head(zss_run, classes, tmp_path):
+    """The graph holds the text head of one class list; onnxruntime predicts what the torch student predicts."""
+    from tag2mask.data.images import load_image_array
+    from tag2mask.export.onnx_runtime import OnnxSegmenter
+    from tag2mask.methods.clip_zss.inference import ZeroShotStudent
+
+    run, images = zss_run
+    extra = ["--classes", classes] if classes else []
+    assert main(["export", str(run), "--onnx", str(tmp_path / "z.onnx"), "--dynamic", *extra]) == 0
+    onnx_seg = OnnxSegmenter(tmp_path / "z.onnx")
+    student = ZeroShotStudent.from_run(run, device="cpu", classes=classes)
+    assert onnx_seg.class_names == student.class_names
+    if classes:
+        assert onnx_seg.class_names[-3:] == tuple(c.strip() for c in classes.split(","))
+    files = sorted(images.iterdir())[:2]
+    assert files
+    for f in files:
+        rgb = load_image_array(f, max_pixels=None)
+        _, want = student.predict(rgb)
+        _, got = onnx_seg.predict(rgb)
+        _assert_parity(got, want)
