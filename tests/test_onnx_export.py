@@ -234,3 +234,47 @@ def test_clip_zss_student_exports_with_its_text_head(zss_run, classes, tmp_path)
         _, want = student.predict(rgb)
         _, got = onnx_seg.predict(rgb)
         _assert_parity(got, want)
+
+
+def _network_table() -> dict[str, tuple[str, str]]:
+    """``docs/export.md``'s table: network -> (fixed size, --dynamic), each ``yes`` or ``no``."""
+    rows = {}
+    for line in (Path(__file__).parents[1] / "docs" / "export.md").read_text().splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) >= 3 and cells[0].startswith("`") and cells[1].split()[0] in ("yes", "no"):
+            rows[cells[0].strip("`")] = (cells[1].split()[0], cells[2].split()[0])
+    return rows
+
+
+def test_every_network_exports_as_docs_export_md_says(tmp_path):
+    """Each :mod:`tag2mask.models` network, built tiny: exported at a fixed size and with --dynamic, the
+    outcome is the one docs/export.md states; a refusal is a ValueError naming the network."""
+    import torch
+
+    from tag2mask.clip.model import CLIP, CLIPConfig, TextConfig, VisionConfig
+    from tag2mask.export.onnx_graph import ExportSpec, TtaLogits, export_onnx
+    from tag2mask.models import SEGMENTERS, build_segmenter
+
+    table = _network_table()
+    assert set(table) == set(SEGMENTERS)
+    for name in sorted(SEGMENTERS):
+        torch.manual_seed(0)
+        kw = {}
+        if name == "clip-decoder":  # the one network that needs a CLIP: a tiny random one
+            vision = VisionConfig(width=32, layers=2, heads=2, image_size=32, patch_size=16)
+            kw["clip_model"] = CLIP(CLIPConfig(embed_dim=16, vision=vision, text=TextConfig(width=16, layers=1,
+                                                                                           heads=1))).eval()
+        model = build_segmenter(name, 3, tiny=True, **kw).eval()
+        spec = ExportSpec(module=TtaLogits(model, (1.0,), True), kind="segmenter", class_names=("a", "b", "c"),
+                          has_background=False, mean=(0.5,) * 3, std=(0.25,) * 3, size=(192, 192),
+                          source={"network": name})
+        for column, dynamic in ((0, False), (1, True)):
+            try:
+                meta = export_onnx(spec, tmp_path / f"{name}_{dynamic}.onnx", dynamic=dynamic)
+                diffs = meta["check"]["max_abs_logit_diff_onnxruntime_vs_torch"]
+                assert len(diffs) == (2 if dynamic else 1) and max(diffs.values()) < LOGIT_ATOL
+                outcome = "yes"
+            except ValueError as exc:
+                assert name in str(exc)
+                outcome = "no"
+            assert outcome == table[name][column], f"{name} (dynamic={dynamic}): {outcome}, docs/export.md says otherwise"

@@ -125,7 +125,10 @@ def check_graph(spec: ExportSpec, out: Path, sizes: Sequence[tuple[int, int]]) -
 
     options = ort.SessionOptions()
     options.log_severity_level = 4  # a failing size is reported below, in one line
-    session = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+    try:
+        session = ort.InferenceSession(str(out), options, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # e.g. an operator without an onnxruntime kernel
+        raise ValueError(f"onnxruntime cannot load the graph ({str(exc)[:200]})") from None
     diffs = {}
     for h, w in sizes:
         x = torch.from_numpy(np.random.default_rng(0).standard_normal((1, 3, h, w)).astype(np.float32))
