@@ -8,7 +8,7 @@ bilinear (``align_corners=False``) back to the image size; softmax; argmax. No t
 
 from __future__ import annotations
 
-import json
+import os
 from pathlib import Path
 from typing import Any, Optional, Union
 
@@ -85,6 +85,9 @@ class OnnxSegmenter:
             raise FileNotFoundError(f"{self.path}: no such ONNX file")
         self.meta = read_sidecar(self.path)
         options = ort.SessionOptions()
+        if threads is None and os.environ.get("OMP_NUM_THREADS", "").isdigit():
+            # onnxruntime does not read OMP_NUM_THREADS; honour it as torch does (a loaded machine, several workers)
+            threads = int(os.environ["OMP_NUM_THREADS"]) or None
         if threads:
             options.intra_op_num_threads = options.inter_op_num_threads = int(threads)
         self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
