@@ -3,8 +3,9 @@
 Each network is built with random weights (same compute as trained ones), wrapped as ``tag2mask export``
 wraps a run (``TtaLogits``: scale 1, no flip, logits bilinear to the input size), exported with
 :func:`tag2mask.export.onnx_graph.export_onnx` (which checks onnxruntime against torch first) and timed on
-one fixed ``(1, 3, S, S)`` input: the median of ``--n`` forwards after one warm-up, each engine with the
-same number of threads (``--threads``, default 1). The load average is printed with the table.
+one fixed ``(1, 3, S, S)`` input: the median of ``--n`` forwards after one warm-up, the two engines
+alternating (a shared machine's load changes hit both alike), each with the same number of threads
+(``--threads``, default 1). The load average is printed with the table.
 
     python benchmarks/onnx_speed.py                       # deeplab-v2 (ResNet-101) and segformer-b0 at 512
     python benchmarks/onnx_speed.py --models deeplab-v2-tiny --size 256 --n 5
@@ -28,14 +29,18 @@ NETWORKS = {  # name -> (tag2mask.models name, options)
 }
 
 
-def _median_seconds(fn, n: int) -> float:
-    fn()  # warm-up
-    times = []
+def _median_seconds(fns, n: int) -> list[float]:
+    """Median seconds of each function over ``n`` rounds after one warm-up; the functions alternate within a
+    round, so a change of the machine's load hits them alike."""
+    for fn in fns:
+        fn()  # warm-up
+    times: list[list[float]] = [[] for _ in fns]
     for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+        for fn, acc in zip(fns, times):
+            t = time.perf_counter()
+            fn()
+            acc.append(time.perf_counter() - t)
+    return [statistics.median(acc) for acc in times]
 
 
 def measure(name: str, size: int, n: int, threads: int, folder: Path) -> dict:
@@ -61,8 +66,7 @@ def measure(name: str, size: int, n: int, threads: int, folder: Path) -> dict:
     session = ort.InferenceSession(str(folder / f"{name}.onnx"), options_, providers=["CPUExecutionProvider"])
     xt = torch.from_numpy(x)
     with torch.no_grad():
-        torch_s = _median_seconds(lambda: spec.module(xt), n)
-    ort_s = _median_seconds(lambda: session.run(["logits"], {"image": x}), n)
+        torch_s, ort_s = _median_seconds([lambda: spec.module(xt), lambda: session.run(["logits"], {"image": x})], n)
     diff = max(meta["check"]["max_abs_logit_diff_onnxruntime_vs_torch"].values())
     with torch.no_grad():
         scale = float(spec.module(torch.from_numpy(
