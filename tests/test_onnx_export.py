@@ -278,3 +278,30 @@ def test_every_network_exports_as_docs_export_md_says(tmp_path):
                 assert name in str(exc)
                 outcome = "no"
             assert outcome == table[name][column], f"{name} (dynamic={dynamic}): {outcome}, docs/export.md says otherwise"
+
+
+def test_hf_names_read_the_local_cache_and_say_what_is_missing(tmp_path, monkeypatch, capsys):
+    """``hf://USER/REPO[@REV]`` resolves to a hub-style folder in the local Hugging Face cache (no download);
+    a repository missing from the cache is one line naming it and the command that fetches it."""
+    pytest.importorskip("huggingface_hub")
+    case = RUNS[0]
+    cache = tmp_path / "cache"
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    import huggingface_hub.constants as hub_constants
+
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = cache / "models--someone--tiny-run"
+    assert main(["export", str(ROOT / case["run"]), "--hub", str(repo / "snapshots" / commit)]) == 0
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    out = tmp_path / "seg"
+    args = ["segment", str(ROOT / case["images"]), "--checkpoint", "hf://someone/tiny-run", "--out", str(out),
+            "--quiet", "--device", "cpu", *_weights(case)]
+    assert main(args) == 0
+    assert sorted(p.stem for p in (out / "masks").iterdir()) == sorted(s for s, _, _ in _images(case))
+    capsys.readouterr()
+    assert main(["export", "hf://someone/other-run@v1", "--onnx", str(tmp_path / "m.onnx")]) == 2
+    err = capsys.readouterr().err
+    assert "hf://someone/other-run@v1" in err and "hf download someone/other-run --revision v1" in err

@@ -176,6 +176,28 @@ def is_hub_folder(path: Union[str, Path]) -> bool:
         return False
 
 
+def hf_snapshot(spec: str) -> Path:
+    """``hf://user/repo[@revision]`` -> its folder in the local Hugging Face cache (optional extra ``hub``).
+
+    Offline only: nothing is downloaded; a repository missing from the cache is a ``FileNotFoundError``
+    that names it and the command that fetches it.
+    """
+    repo, _, revision = spec[len("hf://"):].partition("@")
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise ValueError(f"{spec}: expected hf://USER/REPO or hf://USER/REPO@REVISION")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ImportError(f"{spec}: hf:// names need the optional extra 'hub': pip install 'tag2mask[hub]'") from None
+    try:
+        return Path(snapshot_download(repo, revision=revision or None, local_files_only=True))
+    except Exception as exc:  # huggingface_hub's own errors: not cached, no such revision
+        fetch = f"hf download {repo}" + (f" --revision {revision}" if revision else "")
+        raise FileNotFoundError(
+            f"{spec}: not in the local Hugging Face cache (tag2mask does not download runs; {type(exc).__name__}); "
+            f"fetch it with '{fetch}' (huggingface_hub's CLI), then run this again") from None
+
+
 def resolve_checkpoint(path: Union[str, Path]) -> Path:
     """A checkpoint file, or the newest verified checkpoint of a run folder (a hub-style folder: its
     ``model.safetensors``).
@@ -183,7 +205,7 @@ def resolve_checkpoint(path: Union[str, Path]) -> Path:
     Raises:
         FileNotFoundError: no such file, or a folder without a complete checkpoint.
     """
-    p = Path(path)
+    p = hf_snapshot(path) if isinstance(path, str) and path.startswith("hf://") else Path(path)
     if p.is_dir():
         found = latest_checkpoint(p)
         if found is None and is_hub_folder(p):
