@@ -24,7 +24,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "tag2mask"
 #: the layers every method builds on (docs/architecture.md, "Layers")
 SHARED = ("clip", "vocab", "data", "io", "jobs", "localization", "refinement", "evaluation", "proposals", "models",
           "synth", "runs", "engine", "segmenter", "inference", "cmdline", "tiny_clip", "runtime", "config", "version",
-          "bench")
+          "bench", "export")
 MAX_FUNCTION_LINES, MAX_FILE_LINES = 80, 500
 SIZE_NOTE = "# size:"
 

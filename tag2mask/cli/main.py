@@ -30,6 +30,7 @@ GENERIC: dict[str, str] = {
     "synth": "tag2mask.cli.synth_cmd",
     "train": "tag2mask.cli.train_cmd",
     "convert": "tag2mask.cli.convert_cmd",
+    "export": "tag2mask.cli.export_cmd",
 }
 
 

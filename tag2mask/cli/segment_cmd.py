@@ -19,6 +19,7 @@ from tag2mask.cmdline.options import (
     reject_options,
 )
 from tag2mask.cli import segment_methods
+from tag2mask.cli.segment_records import write_outputs
 from tag2mask.methods import registry
 from tag2mask.cmdline import option_types as ot
 
@@ -81,6 +82,9 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
                         "segmenter and clip-zss runs: their own test settings); the open-vocabulary options do not "
                         "apply; --weights then names the CLIP of a clip-zss run, whose text encoder embeds --classes "
                         "(default: the run's own; no image tower is loaded)")
+    p.add_argument("--onnx", default=None, metavar="MODEL.onnx",
+                   help="segment with a graph of 'tag2mask export --onnx' in onnxruntime (extra 'onnx'; its sidecar "
+                        "MODEL.onnx.json brings classes and pre-processing; no torch model is built)")
     p.add_argument("--crf", action="store_true", help="with --checkpoint only: dense CRF with WeCLIP's parameters (extra 'crf')")
     p.add_argument("--method", default="naclip", choices=registry.segment_methods(), help="method (default: naclip; which to pick: docs/open_vocabulary.md)")
     p.add_argument("--preset", default="default",
@@ -159,14 +163,16 @@ _OVSS_OPTIONS = ("classes", "method", "preset", "mode", "short_side", "crop", "s
                  "naclip_std", "pamr_steps", "pamr_dilations") + segment_methods.option_dests()
 
 
-
 def check_options(args: argparse.Namespace) -> None:
     """Options that do not apply to what was asked are errors, not silently ignored."""
     check_weights_options(args)
     check_engine_options(args)
     if args.engine == "ray":
-        reject_options(args, ("checkpoint",), "with --engine ray (it runs the open-vocabulary methods)")
-    if args.checkpoint:
+        reject_options(args, ("checkpoint", "onnx"), "with --engine ray (it runs the open-vocabulary methods)")
+    if args.onnx:
+        reject_options(args, _OVSS_OPTIONS + ("checkpoint", "crf", "weights", "allow_download", "device"),
+                       "with --onnx (the exported graph brings its classes and test settings; it runs on the CPU)")
+    elif args.checkpoint:
         # a CLIP-ZSS student takes any class names; every other run brings its own classes
         skip = ("classes",) if given(args, "classes") and _is_clip_zss_run(args.checkpoint) else ()
         reject_options(args, tuple(o for o in _OVSS_OPTIONS if o not in skip) + ("allow_download",),
@@ -280,7 +286,7 @@ class _Segmenter:
             # the mask (and overlay) align with the original image; the logits stay at the processed size
             res.label = np.asarray(Image.fromarray(res.label).resize((width, height), Image.NEAREST))
             rgb = None
-        written = _write_outputs(self.out, self.stems[path], rgb, res, args, original=path)
+        written = write_outputs(self.out, self.stems[path], rgb, res, args, original=path)
         info["present"] = [res.class_names[v] for v in res.present()]
         return ItemOutput(list(written.values()), info)
 
@@ -293,7 +299,7 @@ def run(args: argparse.Namespace) -> int:
     from tag2mask.jobs.distributed import device_for_rank
 
     check_options(args)
-    if args.checkpoint:
+    if args.checkpoint or args.onnx:
         return _run_checkpoint(args)
     # cheap checks first, so a typo fails before the model is loaded
     if args.classes is None:
@@ -404,13 +410,14 @@ class _CheckpointSegmenter:
     """A trained run behind the ``predict(image) -> SegmentationResult`` interface; the run's engine task
     picks its predictor in :data:`tag2mask.methods.registry.RUN_PREDICTORS`."""
 
-    def __init__(self, checkpoint: str, device: str, weights, crf: bool, classes=None) -> None:
+    def __init__(self, checkpoint: str, device: str, weights, crf: bool, classes=None, inner=None) -> None:
         from tag2mask.runs.layout import read_run_checkpoint
 
-        task = read_run_checkpoint(checkpoint)["task"]
-        predictor = registry.run_predictor(task)
-        self.inner = predictor.from_run(checkpoint, device=device, weights=weights, crf=crf, classes=classes)
-        self.kind = task
+        if inner is None:  # an exported graph (--onnx) comes as ``inner``, with its kind
+            task = read_run_checkpoint(checkpoint)["task"]
+            inner = registry.run_predictor(task).from_run(checkpoint, device=device, weights=weights, crf=crf,
+                                                          classes=classes)
+        self.inner, self.kind = inner, getattr(inner, "kind", None) or task
         self.class_names = tuple(self.inner.class_names)
         self.has_background = bool(self.inner.has_background)
         self.device = self.inner.device
@@ -424,7 +431,7 @@ class _CheckpointSegmenter:
 
 
 def _run_checkpoint(args: argparse.Namespace) -> int:
-    """``segment --checkpoint``: WeCLIP inference over a folder on the same batch runner."""
+    """``segment --checkpoint`` / ``--onnx``: a trained run or an exported graph over a folder on the batch runner."""
     import hashlib
 
     from tag2mask.version import __version__
@@ -434,12 +441,17 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
     if args.limit is not None and args.limit < 0:
         raise ValueError(f"--limit must be >= 0, got {args.limit}")
     from tag2mask.jobs.checkpoint import resolve_checkpoint
-
-    ckpt = resolve_checkpoint(args.checkpoint)  # a run folder: its newest complete checkpoint
     files = list_images(Path(args.input))
     out = Path(args.out)
-    args.device = device_for_rank(args.device)
-    segmenter = _CheckpointSegmenter(str(ckpt), args.device, args.weights, args.crf, args.classes)
+    if args.onnx:
+        from tag2mask.export.onnx_runtime import OnnxSegmenter
+
+        ckpt = Path(args.onnx)
+        segmenter = _CheckpointSegmenter(str(ckpt), "cpu", None, False, inner=OnnxSegmenter(ckpt))
+    else:
+        ckpt = resolve_checkpoint(args.checkpoint)  # a run folder: its newest complete checkpoint
+        args.device = device_for_rank(args.device)
+        segmenter = _CheckpointSegmenter(str(ckpt), args.device, args.weights, args.crf, args.classes)
     # the CLIP whose toy-ness the warning checks: a student's text encoder, else the network's frozen CLIP
     teacher = segmenter.inner.text_model() if hasattr(segmenter.inner, "text_model") else \
         getattr(getattr(segmenter.inner, "model", None), "clip", None)
@@ -457,40 +469,3 @@ def _run_checkpoint(args: argparse.Namespace) -> int:
               "scales": list(segmenter.inner.scales), "flip": segmenter.inner.flip,
               "warnings": [warning] if warning else []}
     return _run_job(args, files, stems, out, segmenter, settings, record)
-
-
-def _write_outputs(out: Path, stem: str, rgb, res, args: argparse.Namespace, original=None) -> dict[str, str]:
-    """Mask PNG (+ overlay PNG, + logits npz) for one result; returns the written paths by kind.
-
-    ``rgb`` is the image the mask aligns with; ``None`` means "decode ``original`` again" (a downscaled
-    image's overlay is drawn on the full-size photo, read only when an overlay is asked for).
-    """
-    import numpy as np
-
-    from tag2mask.io.atomic import atomic_path
-    from tag2mask.io.palette import save_label_png
-
-    written = {"mask": str(out / "masks" / f"{stem}.png")}
-    save_label_png(written["mask"], res.label)
-    if args.overlay:
-        from tag2mask.io.visualize import save_overlay
-
-        # the overlay helper leaves label 0 as the photo and names label k by names[k - 1]; shift
-        # background-free maps by one so their first class is drawn too
-        if res.has_background:
-            label, names = res.label, list(res.class_names[1:])
-        else:
-            label, names = res.label.astype(np.uint16) + 1, list(res.class_names)
-        if rgb is None:
-            from tag2mask.data.images import load_image_array
-
-            rgb = load_image_array(original, max_pixels=None)
-        written["overlay"] = str(out / "overlays" / f"{stem}.png")
-        save_overlay(written["overlay"], rgb, label.astype(np.uint8), names)
-    if args.save_logits:
-        written["logits"] = str(out / "logits" / f"{stem}.npz")
-        with atomic_path(written["logits"]) as tmp:
-            with open(tmp, "wb") as f:
-                extra = {} if res.probs is None else {"probs": res.probs}
-                np.savez_compressed(f, logits=res.logits, class_names=np.array(res.class_names), **extra)
-    return written

@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import io
+import json
 import os
 import re
 from pathlib import Path
@@ -159,15 +160,56 @@ def latest_checkpoint(folder: Union[str, Path]) -> Optional[tuple[Path, int]]:
     return None
 
 
+#: ``format`` of the ``config.json`` of a hub-style run folder (:mod:`tag2mask.runs.hub`)
+HUB_FORMAT = "tag2mask-hub-v1"
+
+
+def is_hub_folder(path: Union[str, Path]) -> bool:
+    """Whether ``path`` is a hub-style run folder: ``model.safetensors`` + a ``config.json`` of :data:`HUB_FORMAT`
+    (read as JSON only; a run folder of the engine has a ``config.json`` too, of another shape)."""
+    p = Path(path)
+    if not (p / "model.safetensors").is_file() or not (p / "config.json").is_file():
+        return False
+    try:
+        return json.loads((p / "config.json").read_text(encoding="utf-8")).get("format") == HUB_FORMAT
+    except (ValueError, AttributeError, OSError):
+        return False
+
+
+def hf_snapshot(spec: str) -> Path:
+    """``hf://user/repo[@revision]`` -> its folder in the local Hugging Face cache (optional extra ``hub``).
+
+    Offline only: nothing is downloaded; a repository missing from the cache is a ``FileNotFoundError``
+    that names it and the command that fetches it.
+    """
+    repo, _, revision = spec[len("hf://"):].partition("@")
+    if repo.count("/") != 1 or not all(repo.split("/")):
+        raise ValueError(f"{spec}: expected hf://USER/REPO or hf://USER/REPO@REVISION")
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError:
+        raise ImportError(f"{spec}: hf:// names need the optional extra 'hub': pip install 'tag2mask[hub]'") from None
+    try:
+        return Path(snapshot_download(repo, revision=revision or None, local_files_only=True))
+    except Exception as exc:  # huggingface_hub's own errors: not cached, no such revision
+        fetch = f"hf download {repo}" + (f" --revision {revision}" if revision else "")
+        raise FileNotFoundError(
+            f"{spec}: not in the local Hugging Face cache (tag2mask does not download runs; {type(exc).__name__}); "
+            f"fetch it with '{fetch}' (huggingface_hub's CLI), then run this again") from None
+
+
 def resolve_checkpoint(path: Union[str, Path]) -> Path:
-    """A checkpoint file, or the newest verified checkpoint of a run folder.
+    """A checkpoint file, or the newest verified checkpoint of a run folder (a hub-style folder: its
+    ``model.safetensors``).
 
     Raises:
         FileNotFoundError: no such file, or a folder without a complete checkpoint.
     """
-    p = Path(path)
+    p = hf_snapshot(path) if isinstance(path, str) and path.startswith("hf://") else Path(path)
     if p.is_dir():
         found = latest_checkpoint(p)
+        if found is None and is_hub_folder(p):
+            return p / "model.safetensors"
         if found is None:
             hint = (f"; it holds a latest.pt of an older tag2mask: re-save it with 'tag2mask convert checkpoint "
                     f"{p / 'latest.pt'} --out NEW_RUN'") if (p / "latest.pt").is_file() else ""

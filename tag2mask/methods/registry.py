@@ -17,10 +17,10 @@ from dataclasses import dataclass
 from typing import Any, Optional
 
 __all__ = [
-    "KINDS", "SEGMENT_HOOKS", "Command", "Method", "METHODS", "RUN_PREDICTORS", "load", "get", "names", "commands",
+    "KINDS", "SEGMENT_HOOKS", "Command", "Method", "METHODS", "RUN_PREDICTORS", "RUN_EXPORTERS", "load", "get", "names", "commands",
     "method_of_command", "segment_methods", "bench_methods", "label_methods", "serve_methods", "demo_methods",
     "segmenter_recipe_names",
-    "segmenter_recipe", "segmenter_recipe_owner", "segmenter_preset", "run_predictor", "miou_rule_of",
+    "segmenter_recipe", "segmenter_recipe_owner", "segmenter_preset", "run_predictor", "run_exporter", "miou_rule_of",
     "zero_shot_split",
 ]
 
@@ -177,6 +177,14 @@ RUN_PREDICTORS: dict[str, str] = {
     "clip-zss": "tag2mask.methods.clip_zss.inference:ZeroShotStudent",
 }
 
+#: engine task name of a run folder -> ``"module:function"`` of its export hook (``tag2mask export``), called as
+#: ``function(checkpoint, weights=..., classes=...)`` -> :class:`tag2mask.export.onnx_graph.ExportSpec`
+RUN_EXPORTERS: dict[str, str] = {
+    "segmenter": "tag2mask.segmenter.export:export_spec",
+    "weclip": "tag2mask.methods.weclip.export:export_spec",
+    "clip-zss": "tag2mask.methods.clip_zss.export:export_spec",
+}
+
 
 def load(ref: str) -> Any:
     """Import ``"package.module:attr.sub"`` and return the attribute (``"package.module"``: the module)."""
@@ -280,6 +288,13 @@ def run_predictor(task: str) -> Any:
     if task not in RUN_PREDICTORS:
         raise ValueError(f"a run of task {task!r}: no method segments with it (known: {', '.join(RUN_PREDICTORS)})")
     return load(RUN_PREDICTORS[task])
+
+
+def run_exporter(task: str) -> Any:
+    """The export hook of runs of the engine task ``task`` (``ValueError`` for a task that does not export)."""
+    if task not in RUN_EXPORTERS:
+        raise ValueError(f"a run of task {task!r} cannot be exported (exportable: {', '.join(RUN_EXPORTERS)})")
+    return load(RUN_EXPORTERS[task])
 
 
 def miou_rule_of(method: str) -> Optional[str]:

@@ -11,7 +11,7 @@ import shutil
 from pathlib import Path
 from typing import Any, Optional, Union
 
-from tag2mask.jobs.checkpoint import RECORD, latest_checkpoint, load_checkpoint, resolve_checkpoint
+from tag2mask.jobs.checkpoint import RECORD, is_hub_folder, latest_checkpoint, load_checkpoint, resolve_checkpoint
 from tag2mask.io.json_files import loads_named
 
 __all__ = ["CHECKPOINT_FORMAT", "ENGINE_FILES", "RunFolderError", "prepare_run_folder", "clear_run",
@@ -76,8 +76,15 @@ def read_run_checkpoint(path: Union[str, Path], task: Optional[str] = None) -> d
 
     The JSON fields come back parsed: ``config``, ``options``, ``meta``.
     """
-    ckpt = load_checkpoint(path)
     where = resolve_checkpoint(path)
+    if where.name == "model.safetensors" and is_hub_folder(where.parent):
+        from tag2mask.runs.hub import read_hub_checkpoint
+
+        ckpt = read_hub_checkpoint(where.parent)  # JSON fields parsed already
+        if task is not None and ckpt["task"] != task:
+            raise ValueError(f"{where}: a {ckpt['task']!r} run, expected {task!r}")
+        return ckpt
+    ckpt = load_checkpoint(where)
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ValueError(f"{where}: not a tag2mask training checkpoint (format {CHECKPOINT_FORMAT})")
     if task is not None and ckpt.get("task") != task:

@@ -5,7 +5,7 @@ test time. A reimplementation from the paper's equations: no official code exist
 Paper -> files: read :mod:`.method` first (the training pipeline in one place), then its parts: :mod:`.teacher`
 (frozen CLIP), :mod:`.glm` (global learning module), :mod:`.regions` (PLM pseudo-labels),
 :mod:`.synthesizer` (PLM pseudo class weights), :mod:`.losses` (ZegCLIP's NEL loss),
-:mod:`.inference` (the student alone), :mod:`tag2mask.vocab.zero_shot_splits` (seen / unseen protocols, shared with ``eval``), :mod:`.config`
+:mod:`.inference` (the student alone), :mod:`.export` (the student + text head of one class list as ONNX), :mod:`tag2mask.vocab.zero_shot_splits` (seen / unseen protocols, shared with ``eval``), :mod:`.config`
 (every value the paper leaves open, marked as assumed). Training runs on the engine:
 :mod:`tag2mask.methods.clip_zss.train_task`; command: ``tag2mask train clip-zss`` (:mod:`.cli`); docs/clip_zss.md.
 """

@@ -9,7 +9,7 @@ Paper -> files:
 - Training on the engine (poly warm-up AdamW): :mod:`.train_task` with its data in :mod:`.data`;
   command ``tag2mask train weclip`` (:mod:`.cli`).
 - Test time (multi-scale + flip, optional CRF): :mod:`.inference`; official checkpoints:
-  :mod:`.convert` (``tag2mask convert weclip``).
+  :mod:`.convert` (``tag2mask convert weclip``); ONNX export (CLIP tower + decoder, fixed size): :mod:`.export`.
 - The fully supervised setting: the segmenter recipe ``weclip-fs`` in :mod:`.recipe`.
 Docs: docs/weclip.md.
 """
