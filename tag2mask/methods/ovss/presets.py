@@ -36,7 +36,7 @@ from typing import Optional, Union
 from tag2mask.config import DictConfig
 
 __all__ = [
-    "OvssPreset", "PRESET_NAMES", "NUMERICS", "DATASETS", "DATASET_SETTINGS", "get_preset", "preset_settings", "published_settings",
+    "lookup_preset", "OvssPreset", "PRESET_NAMES", "NUMERICS", "DATASETS", "DATASET_SETTINGS", "get_preset", "preset_settings", "published_settings",
 ]
 
 PRESET_NAMES = ("default", "published")
@@ -224,17 +224,23 @@ def get_preset(method: str, name: Union[str, OvssPreset] = "default") -> OvssPre
         if name.method != method:
             raise ValueError(f"preset {name.name!r} is for method {name.method!r}, not {method!r}")
         return name
+    return lookup_preset(_PRESETS, DATASET_SETTINGS, method, name)
+
+
+def lookup_preset(presets: dict, dataset_settings: dict, method: str, name: str) -> OvssPreset:
+    """``default``, ``published`` or ``published:<dataset>`` of ``method`` from a method family's tables:
+    ``presets`` maps ``(method, base name)`` to a preset, ``dataset_settings`` ``method -> dataset -> changes``
+    (what the official config of that benchmark sets)."""
     key = str(name).strip().lower()
     base, _, dataset = key.partition(":")
     if base not in PRESET_NAMES or (dataset and base != "published"):
         raise ValueError(f"unknown preset {name!r}; choose default, published or published:<dataset>")
-    preset = _PRESETS[(method, base)]
+    preset = presets[(method, base)]
     if not dataset:
         return preset
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r} in preset {name!r}; choose one of {list(DATASETS)}")
-    changes = DATASET_SETTINGS.get(method, {}).get(dataset, {})
-    return dataclasses.replace(preset, name=key, **changes)
+    return dataclasses.replace(preset, name=key, **dataset_settings.get(method, {}).get(dataset, {}))
 
 
 def published_settings() -> dict[str, dict[str, object]]:

@@ -25,7 +25,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Union
 
-from tag2mask.methods.ovss.presets import DATASETS, PRESET_NAMES, OvssPreset
+from tag2mask.methods.ovss.presets import PRESET_NAMES, OvssPreset, lookup_preset
 from tag2mask.methods.ovss2.scclip import TOKEN_MAPS
 
 __all__ = ["METHODS", "Ovss2Preset", "DATASET_SETTINGS", "get_preset", "published_settings", "preset_settings"]
@@ -118,16 +118,7 @@ def get_preset(method: str, name: Union[str, OvssPreset] = "default") -> Ovss2Pr
         if name.method != method or not isinstance(name, Ovss2Preset):
             raise ValueError(f"preset {name.name!r} is not an Ovss2Preset of method {method!r}")
         return name
-    key = str(name).strip().lower()
-    base, _, dataset = key.partition(":")
-    if base not in PRESET_NAMES or (dataset and base != "published"):
-        raise ValueError(f"unknown preset {name!r}; choose default, published or published:<dataset>")
-    preset = _PRESETS[(method, base)]
-    if not dataset:
-        return preset
-    if dataset not in DATASETS:
-        raise ValueError(f"unknown dataset {dataset!r} in preset {name!r}; choose one of {list(DATASETS)}")
-    return dataclasses.replace(preset, name=key, **DATASET_SETTINGS[method].get(dataset, {}))
+    return lookup_preset(_PRESETS, DATASET_SETTINGS, method, name)
 
 
 def published_settings() -> dict[str, dict[str, object]]:
