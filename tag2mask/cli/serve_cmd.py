@@ -19,7 +19,10 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
             "Start a small web server (standard library, no extra packages). Open http://HOST:PORT/ in a "
             "browser, or POST a multipart form (image, classes, method, mode, compare) to /api/segment for JSON. "
             "Binds to 127.0.0.1 (this machine only) unless --host says otherwise. Requests take class names "
-            "typed inline only (never a file), uploads up to 20 MiB and 16 megapixels; see docs/security.md.", 100)
+            "typed inline only (never a file), uploads up to 20 MiB and 16 megapixels; see docs/security.md. "
+            "The methods offered are those the loaded CLIP can run (SC-CLIP: 11+ blocks) and whose inputs are given "
+            "at start-up (CorrCLIP: --regions, --dino); the others are listed, with the reason, on the page and at "
+            "GET /api/methods.", 100)
         + "\n\ncurl (its -F reads ';' as its own syntax: use --form-string, or ', background:' without ';'):\n"
             "  curl -F image=@photo.jpg --form-string 'classes=cat, dog; background: sky' "
             "http://127.0.0.1:7860/api/segment",
