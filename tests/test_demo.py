@@ -74,7 +74,7 @@ def test_demo_timing_excludes_the_warm_up(monkeypatch):
 
     calls: list[float] = []
 
-    def fake_predictors(model, vocab, methods, with_crf, weclip_checkpoint=None):
+    def fake_predictors(model, vocab, methods, with_crf, weclip_checkpoint=None, inputs=None):
         import numpy as np
 
         def predict(image, ids):

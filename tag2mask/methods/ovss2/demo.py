@@ -1,5 +1,7 @@
-"""PEARL on the synthetic scenes of ``tag2mask demo`` (SC-CLIP's fixed block indices need 11+ blocks,
-more than the shipped tiny CLIP's 6, so it has no demo predictor)."""
+"""SC-CLIP and PEARL on the synthetic scenes of ``tag2mask demo``.
+
+SC-CLIP's fixed block indices need 11+ blocks, more than the shipped tiny CLIP's 6: ``demo`` and ``serve``
+offer it only when the registry's ``supports`` check passes for the loaded CLIP, and say why otherwise."""
 
 from __future__ import annotations
 
