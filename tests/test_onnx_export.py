@@ -332,14 +332,15 @@ def _other_sizes(h: int, w: int) -> list[tuple[int, int]]:
 def test_dynamic_graph_matches_torch_at_other_sizes(case, tmp_path):
     """Every run exports with --dynamic (WeCLIP too: its CLIP tower resizes the position embeddings from the
     symbolic patch grid) and onnxruntime gives the exported module's logits at sizes other than the traced one."""
-    from tag2mask.methods.registry import RUN_EXPORTERS
+    from tag2mask.jobs.checkpoint import resolve_checkpoint
+    from tag2mask.methods.registry import run_exporter
     from tag2mask.runs.layout import read_run_checkpoint
 
     meta = _export(case, tmp_path / "dyn.onnx", "--dynamic")
     assert meta["input"]["size"] is None and len(meta["check"]["max_abs_logit_diff_onnxruntime_vs_torch"]) == 2
-    task = read_run_checkpoint(ROOT / case["run"])["task"]
+    ckpt = resolve_checkpoint(str(ROOT / case["run"]))
     weights = _weights(case)[1] if _weights(case) else None
-    spec = RUN_EXPORTERS[task](ROOT / case["run"], weights=weights)
+    spec = run_exporter(read_run_checkpoint(ckpt)["task"])(ckpt, weights=weights)
     diffs = _ort_vs_torch(tmp_path / "dyn.onnx", spec.module, _other_sizes(*meta["input"]["example_size"]))
     assert max(diffs.values()) < LOGIT_ATOL, diffs
 
