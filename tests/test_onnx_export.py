@@ -338,6 +338,8 @@ def test_dynamic_graph_matches_torch_at_other_sizes(case, tmp_path):
 
     meta = _export(case, tmp_path / "dyn.onnx", "--dynamic")
     assert meta["input"]["size"] is None and len(meta["check"]["max_abs_logit_diff_onnxruntime_vs_torch"]) == 2
+    _export(case, tmp_path / "again.onnx", "--dynamic")
+    assert (tmp_path / "dyn.onnx").read_bytes() == (tmp_path / "again.onnx").read_bytes()  # deterministic too
     ckpt = resolve_checkpoint(str(ROOT / case["run"]))
     weights = _weights(case)[1] if _weights(case) else None
     spec = run_exporter(read_run_checkpoint(ckpt)["task"])(ckpt, weights=weights)
