@@ -13,11 +13,12 @@ exports of one network differed) and exports in seconds instead of tens of secon
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -144,6 +145,22 @@ def check_graph(spec: ExportSpec, out: Path, sizes: Sequence[tuple[int, int]]) -
     return diffs
 
 
+@contextlib.contextmanager
+def _export_contexts(module: nn.Module, dynamic: bool) -> Iterator[None]:
+    """Enter each submodule's ``onnx_export_context(dynamic)`` while the exporter traces (Mask2Former's dtype fix).
+
+    A network whose eager code traces into a graph that onnxruntime cannot run (or that is wrong at other sizes)
+    provides such a context manager: it changes the module only inside it (the torch reference of
+    :func:`check_graph` runs outside, unchanged), or raises ``ValueError`` for options it cannot honour.
+    """
+    with contextlib.ExitStack() as stack:
+        for sub in module.modules():
+            hook = getattr(sub, "onnx_export_context", None)
+            if callable(hook):
+                stack.enter_context(hook(dynamic))
+        yield
+
+
 def export_onnx(spec: ExportSpec, out: Path, size: Optional[tuple[int, int]] = None, dynamic: bool = False,
                 opset: int = DEFAULT_OPSET) -> dict[str, Any]:
     """Write ``out`` (the ONNX graph) and ``out.json`` (the sidecar), both atomically; returns the sidecar.
@@ -171,8 +188,9 @@ def export_onnx(spec: ExportSpec, out: Path, size: Optional[tuple[int, int]] = N
         warnings.simplefilter("ignore")  # the exporter's deprecation / tracer notes say nothing about this file
         with atomic_path(out) as tmp:  # an error below leaves an existing OUT (and its sidecar) as they were
             try:
-                torch.onnx.export(module, (example,), str(tmp), input_names=["image"], output_names=["logits"],
-                                  opset_version=opset, dynamo=False, dynamic_axes=axes, do_constant_folding=True)
+                with _export_contexts(module, dynamic):
+                    torch.onnx.export(module, (example,), str(tmp), input_names=["image"], output_names=["logits"],
+                                      opset_version=opset, dynamo=False, dynamic_axes=axes, do_constant_folding=True)
             except Exception as exc:  # the exporter's own error types; their messages dump the whole graph
                 first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
                 raise ValueError(f"the {spec.kind} network {spec.source.get('network', '')} does not export to ONNX "
