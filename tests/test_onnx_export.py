@@ -406,3 +406,30 @@ def test_mask2former_exports_at_a_fixed_size(tmp_path):
     with pytest.raises(ValueError, match="mask2former.*fixed size only"):
         export_onnx(spec, tmp_path / "d.onnx", dynamic=True)
     assert not (tmp_path / "d.onnx").exists()
+
+
+def test_a_dynamic_graph_that_froze_a_size_is_refused(tmp_path):
+    """A network that reads its input width as a Python number traces that number into the graph as a
+    constant: the ``--dynamic`` graph runs at another size but computes something else. The export's
+    check refuses it (values, not only shapes) and writes nothing; the fixed-size export is fine."""
+    import torch
+
+    from tag2mask.export.onnx_graph import MAX_RELATIVE_DIFF, ExportSpec, export_onnx
+
+    class FrozenWidth(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 2, 1)
+
+        def forward(self, x):
+            return self.conv(x) * (float(x.shape[-1]) / 64.0)  # float(): a constant in the traced graph
+
+    torch.manual_seed(0)
+    spec = ExportSpec(module=FrozenWidth().eval(), kind="segmenter", class_names=("a", "b"), has_background=False,
+                      mean=(0.5,) * 3, std=(0.25,) * 3, size=(64, 64), source={"network": "frozen-width"})
+    meta = export_onnx(spec, tmp_path / "fixed.onnx")
+    assert max(meta["check"]["max_abs_logit_diff_onnxruntime_vs_torch"].values()) < LOGIT_ATOL
+    with pytest.raises(ValueError, match="computes something else") as info:
+        export_onnx(spec, tmp_path / "dyn.onnx", dynamic=True)
+    assert f"> {MAX_RELATIVE_DIFF:g}" in str(info.value) and "frozen-width" in str(info.value)
+    assert not (tmp_path / "dyn.onnx").exists() and not (tmp_path / "dyn.onnx.json").exists()

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SIDECAR_FORMAT", "DEFAULT_OPSET", "ExportSpec", "TtaLogits", "check_graph", "export_onnx", "sidecar_path",
+__all__ = ["SIDECAR_FORMAT", "DEFAULT_OPSET", "ExportSpec", "TtaLogits", "MAX_RELATIVE_DIFF", "check_graph", "export_onnx", "sidecar_path",
            "require_onnx"]
 
 SIDECAR_FORMAT = "tag2mask-onnx-v1"
@@ -114,12 +114,19 @@ def _sidecar(spec: ExportSpec, size: tuple[int, int], dynamic: bool, opset: int,
     }
 
 
+#: a graph whose logits differ from torch's by more than this fraction of torch's largest |logit| is refused:
+#: the float32 kernels of the two runtimes agree to ~1e-6 relative; a traced size frozen into a ``--dynamic``
+#: graph (one network measured 4e-3 off at another size) or a mis-exported operator shows up far above it
+MAX_RELATIVE_DIFF = 2e-3
+
+
 def check_graph(spec: ExportSpec, out: Path, sizes: Sequence[tuple[int, int]]) -> dict[str, float]:
     """Largest ``|onnxruntime - torch|`` logit difference at each ``(H, W)`` on a fixed pseudo-random input.
 
     Raises:
-        ValueError: onnxruntime fails or gives another shape (e.g. a ``--dynamic`` graph whose network fixed a
-            size while tracing); the message names the size.
+        ValueError: onnxruntime fails, gives another shape, or differs from torch by more than
+            :data:`MAX_RELATIVE_DIFF` of torch's largest |logit| (e.g. a ``--dynamic`` graph whose network fixed
+            a size while tracing); the message names the size.
     """
     import numpy as np
     import onnxruntime as ort
@@ -141,7 +148,12 @@ def check_graph(spec: ExportSpec, out: Path, sizes: Sequence[tuple[int, int]]) -
             raise ValueError(f"the exported graph fails at {h} x {w} in onnxruntime ({str(exc)[:200]})") from None
         if got.shape != ref.shape:
             raise ValueError(f"the exported graph gives {got.shape} at {h} x {w}, torch {ref.shape}")
-        diffs[f"{h}x{w}"] = float(np.abs(got - ref).max())
+        diff = float(np.abs(got - ref).max())
+        scale = max(float(np.abs(ref).max()), 1e-6)
+        if diff > MAX_RELATIVE_DIFF * scale:
+            raise ValueError(f"the exported graph differs from torch at {h} x {w} by {diff:.3g} (relative "
+                             f"{diff / scale:.3g} > {MAX_RELATIVE_DIFF:g}): it runs but computes something else")
+        diffs[f"{h}x{w}"] = diff
     return diffs
 
 
@@ -168,7 +180,7 @@ def export_onnx(spec: ExportSpec, out: Path, size: Optional[tuple[int, int]] = N
     ``size``: the graph's ``(H, W)`` (default ``spec.size``); with ``dynamic`` H and W are symbolic and
     ``size`` is only the example the exporter traces. Before ``out`` is put in place, onnxruntime runs the
     graph against torch (at ``size``, and at ``size + (16, 32)`` with ``dynamic``); a graph that fails or
-    gives another shape is not written (``ValueError``), an existing ``out`` is left as it was. The
+    gives another shape or other numbers (:data:`MAX_RELATIVE_DIFF`) is not written (``ValueError``), an existing ``out`` is left as it was. The
     differences go into the sidecar's ``check``. Same weights, same options -> the same bytes.
     """
     from tag2mask.io.atomic import atomic_path, atomic_write_text
