@@ -109,8 +109,10 @@ def _label_hook(method: str):
 def check_options(args: argparse.Namespace) -> None:
     """Options that do not apply to the chosen method / refinement / input are errors, not silently ignored."""
     check_engine_options(args)
-    if args.engine == "ray" and args.method != "clip-es":
-        raise ValueError(f"--engine ray runs label --method clip-es only for now, not {args.method}")
+    if args.engine == "ray" and not getattr(_label_hook(args.method), "RAY_ENGINE", False):
+        ray_methods = [c.name for _, c in registry.commands("label") if getattr(_label_hook(c.name), "RAY_ENGINE", False)]
+        raise ValueError(f"--engine ray does not run label --method {args.method}; it runs --method "
+                         f"{', '.join(ray_methods)}")
     for _, command in registry.commands("label"):  # each method checks its own options and rejects the others'
         _label_hook(command.name).check_label_options(args)
     check_overlap_options(args)

@@ -34,8 +34,9 @@ def tag_item_fn(tagger, items, out: Path, save_arrays: bool):
 
     names = tagger.class_names
 
-    def process(sample) -> ItemOutput:
-        res = tagger(load_image(sample.image_path), keep_arrays=save_arrays)
+    def process(sample, data: Optional[bytes] = None) -> ItemOutput:
+        """``data``: the image file's bytes when already read (the Ray engine); decoded by the same rules."""
+        res = tagger(load_image(sample.image_path, data=data), keep_arrays=save_arrays)
         rel = Path(sample.image_path).relative_to(items.image_dir).as_posix()
         rec = {"image": rel, "scores": [float(s) for s in res.scores], "tags": res.tags,
                "tag_names": [names[c] for c in res.tags], "info": res.info}
