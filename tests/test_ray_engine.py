@@ -305,3 +305,30 @@ def test_segment_checkpoint_with_ray_writes_what_the_local_engine_writes(case, r
                                      "--save-logits", "--overlay", "--device", "cpu", *weights], tmp_path, ray_address)
     _assert_same_tree(local, ray_out)
     assert sorted(p.stem for p in (ray_out / "masks").iterdir()) == sorted(p.stem for p in (RUNS_V0 / case["images"]).iterdir())
+
+
+@pytest.mark.slow
+def test_uri_input_writes_what_the_local_folder_writes(local_run, ray_address, tiny_clip_path, tmp_path):
+    """``segment file:///...`` (listed and read through pyarrow.fs, decoded by our decoder) with the local engine
+    and with 2 Ray actors writes what the local folder does: same files, same records but the input's name."""
+    images = local_run[0]
+    uri = images.resolve().as_uri()
+    outs = {}
+    for name, source, extra in (("folder", str(images), []), ("uri", uri, []),
+                                ("uri_ray", uri, ["--engine", "ray", "--workers", "2", "--address", ray_address])):
+        outs[name] = tmp_path / name
+        cmd = [sys.executable, "-m", "tag2mask", "segment", source, "--classes", "cat, dog; background: sky",
+               "--weights", str(tiny_clip_path), "--device", "cpu", "--out", str(outs[name]), "--overlay",
+               "--save-logits", "--max-pixels", "4000", "--quiet", *extra]
+        proc = subprocess.run(cmd, env=_env(tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1, proc.stderr  # broken.png fails
+    want = _tree(outs["folder"])
+    assert "overlays/big.png" in want  # a downscaled image's overlay: drawn on the full-size decoded bytes
+    records = json.loads(json.dumps(_records(outs["folder"])).replace(json.dumps(str(outs["folder"]))[1:-1], "OUT"))
+    for name in ("uri", "uri_ray"):
+        got = _tree(outs[name])
+        assert sorted(got) == sorted(want) and [k for k in want if want[k] != got[k]] == []
+        named = json.dumps(_records(outs[name])).replace(uri, str(images.resolve()))
+        assert json.loads(named) == records
+    kinds = {r["item"]: r.get("error_kind") for r in _manifest(outs["uri_ray"]) if r["status"] == "error"}
+    assert kinds == {"broken": "decode"}

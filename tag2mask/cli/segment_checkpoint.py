@@ -75,7 +75,7 @@ def build_ray_worker(args: argparse.Namespace) -> tuple:
     file the driver resolved), the run's predictor built here; ``process(path, data)`` as the local engine's."""
     from tag2mask.cli.segment_job import ImageSegmenter, list_images, output_stems
 
-    files = list_images(Path(args.input))
+    files = list_images(args.input)
     segmenter = CheckpointSegmenter(args.checkpoint, args.device, args.weights, args.crf, args.classes)
     return files, ImageSegmenter(segmenter, args, Path(args.out), output_stems(files))
 
@@ -92,7 +92,7 @@ def run_checkpoint(args: argparse.Namespace) -> int:
 
     if args.limit is not None and args.limit < 0:
         raise ValueError(f"--limit must be >= 0, got {args.limit}")
-    files = list_images(Path(args.input))
+    files = list_images(args.input)
     out = Path(args.out)
     engine = None
     if args.onnx:

@@ -241,7 +241,7 @@ def run(args: argparse.Namespace) -> int:
     preset = hooks.segment_preset(args.method, args.preset)  # a bad preset name fails before the model is loaded
     first_line = {"auto": None, "background": True, "class": False}[args.first_line]
     vocab = hooks.segment_vocabulary(args.classes, first_line)
-    files = list_images(Path(args.input))
+    files = list_images(args.input)
     out = Path(args.out)
     engine = None
     if args.engine == "ray":
@@ -306,6 +306,6 @@ def build_ray_worker(args: argparse.Namespace) -> tuple:
     hooks = segment_methods.hooks_of(args.method)
     preset = hooks.segment_preset(args.method, args.preset)
     first_line = {"auto": None, "background": True, "class": False}[args.first_line]
-    files = list_images(Path(args.input))
+    files = list_images(args.input)
     _, segmenter = _build(args, preset, hooks.segment_vocabulary(args.classes, first_line))
     return files, ImageSegmenter(segmenter, args, Path(args.out), output_stems(files))

@@ -21,12 +21,22 @@ DEFAULT_MAX_PIXELS = 4_000_000
 MAX_DECODE_PIXELS = 100_000_000
 
 
-def list_images(path: Path) -> list[Path]:
+def list_images(path: "str | Path") -> list:
     """The image files to process: ``path`` itself, or the image-suffixed entries of a folder, sorted.
 
     Entries that only look like images (a broken symlink, a folder named ``x.jpg``) are listed too:
-    the job reports them as bad items, as ``label`` does, instead of skipping them silently.
+    the job reports them as bad items, as ``label`` does, instead of skipping them silently. A URI
+    (``s3://bucket/prefix``, ``file:///...``) lists its objects the same way, as
+    :class:`~tag2mask.jobs.uri_inputs.RemoteFile` items.
     """
+    from tag2mask.jobs.uri_inputs import is_uri, list_uri
+
+    if is_uri(path):
+        files = list_uri(str(path), IMAGE_SUFFIXES)
+        if not files:
+            raise FileNotFoundError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) under this prefix")
+        return files
+    path = Path(path)
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
         if not files:
@@ -37,7 +47,7 @@ def list_images(path: Path) -> list[Path]:
     return [path]
 
 
-def output_stems(files: list[Path]) -> dict[Path, str]:
+def output_stems(files: list) -> dict:
     """File stems, disambiguated when two inputs share one (``a.jpg`` and ``a.png`` -> ``a_jpg``, ``a_png``)."""
     counts: dict[str, int] = {}
     for f in files:
@@ -51,17 +61,23 @@ class ImageSegmenter:
     def __init__(self, segmenter, args: argparse.Namespace, out: Path, stems: dict[Path, str]) -> None:
         self.segmenter, self.args, self.out, self.stems = segmenter, args, out, stems
 
-    def __call__(self, path: Path, data: Optional[bytes] = None):
-        """``data``: the file's bytes when already read (the Ray engine); decoded by the same rules."""
+    def __call__(self, path, data: Optional[bytes] = None):
+        """``path``: a local path or a :class:`~tag2mask.jobs.uri_inputs.RemoteFile`; ``data``: the file's
+        bytes when already read (the Ray engine), decoded by the same rules."""
         import numpy as np
         from PIL import Image
 
         from tag2mask.data.images import fit_max_pixels, load_image
         from tag2mask.jobs.runner import ItemError, ItemOutput
 
+        from tag2mask.jobs.uri_inputs import RemoteFile, read_uri
+
         args = self.args
+        if data is None and isinstance(path, RemoteFile):
+            data = read_uri(path.uri)  # an OSError is this item's error record
         # ImageDecodeError (unreadable, truncated, a folder, a broken link, a bomb) -> a "decode" error record
-        image = load_image(path, max_pixels=getattr(args, "max_decode_pixels", MAX_DECODE_PIXELS), data=data)
+        image = load_image(str(path), max_pixels=getattr(args, "max_decode_pixels", MAX_DECODE_PIXELS), data=data)
+        full = image
         width, height = image.size
         info = {"input": str(path), "size": [height, width]}
         max_pixels = getattr(args, "max_pixels", DEFAULT_MAX_PIXELS)
@@ -79,17 +95,18 @@ class ImageSegmenter:
         if (w, h) != (width, height):
             # the mask (and overlay) align with the original image; the logits stay at the processed size
             res.label = np.asarray(Image.fromarray(res.label).resize((width, height), Image.NEAREST))
-            rgb = None
+            # the overlay's full-size photo: the decoded bytes in hand, else decoded again from the file if needed
+            rgb = np.asarray(full, dtype=np.uint8) if data is not None and args.overlay else None
         written = write_outputs(self.out, self.stems[path], rgb, res, args, original=path)
         info["present"] = [res.class_names[v] for v in res.present()]
         return ItemOutput(list(written.values()), info)
 
 
-def run_segment_job(args: argparse.Namespace, files: list[Path], stems: dict[Path, str], out: Path, segmenter,
-             settings: dict, record: dict, engine=None) -> int:
+def run_segment_job(args: argparse.Namespace, files: list, stems: dict, out: Path, segmenter,
+                    settings: dict, record: dict, engine=None) -> int:
     """Run ``segmenter`` over ``files`` on the batch runner (manifest, resume, torchrun); exit code."""
-    from tag2mask.io.manifest import file_state
     from tag2mask.jobs.runner import JobOptions, print_summary, process_exit_code, run_items
+    from tag2mask.jobs.uri_inputs import input_state
 
     def finalize(run_dir: Path, summary) -> None:
         from tag2mask.cli.segment_records import image_records
@@ -100,7 +117,7 @@ def run_segment_job(args: argparse.Namespace, files: list[Path], stems: dict[Pat
                          limit=args.limit, desc="segment", unit="img")
     summary = run_items(files, ImageSegmenter(segmenter, args, out, stems), out, settings, options,
                         keys=[stems[f] for f in files], describe=lambda i: str(files[i]),
-                        run_record=record, finalize=finalize, source_of=lambda i: file_state(files[i]), engine=engine)
+                        run_record=record, finalize=finalize, source_of=lambda i: input_state(files[i]), engine=engine)
     if not args.quiet or summary.failed:
         print_summary(summary, out, "segment")
     return process_exit_code(summary)
