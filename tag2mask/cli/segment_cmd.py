@@ -71,7 +71,9 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("input", metavar="IMAGE_OR_FOLDER", help="an image file or a folder of images (not recursive)")
+    p.add_argument("input", metavar="IMAGE_OR_FOLDER",
+                   help="an image file or a folder of images (not recursive), or a URI of one or of a prefix: "
+                        "s3://bucket/prefix, gs://..., file:///... (read through pyarrow.fs; docs/batch_jobs.md)")
     p.add_argument("--classes", default=None,
                    help="synth|voc|coco|voc-maskclip, a name-set FILE (e.g. cls_voc21.txt) or inline 'cat, dog|puppy; "
                         "background: sky, grass' (or ', background:' without ';') (required; with --checkpoint "

@@ -27,9 +27,9 @@ def list_images(path: "str | Path") -> list:
     Entries that only look like images (a broken symlink, a folder named ``x.jpg``) are listed too:
     the job reports them as bad items, as ``label`` does, instead of skipping them silently. A URI
     (``s3://bucket/prefix``, ``file:///...``) lists its objects the same way, as
-    :class:`~tag2mask.jobs.uri_inputs.RemoteFile` items.
+    :class:`~tag2mask.io.uri_inputs.RemoteFile` items.
     """
-    from tag2mask.jobs.uri_inputs import is_uri, list_uri
+    from tag2mask.io.uri_inputs import is_uri, list_uri
 
     if is_uri(path):
         files = list_uri(str(path), IMAGE_SUFFIXES)
@@ -62,7 +62,7 @@ class ImageSegmenter:
         self.segmenter, self.args, self.out, self.stems = segmenter, args, out, stems
 
     def __call__(self, path, data: Optional[bytes] = None):
-        """``path``: a local path or a :class:`~tag2mask.jobs.uri_inputs.RemoteFile`; ``data``: the file's
+        """``path``: a local path or a :class:`~tag2mask.io.uri_inputs.RemoteFile`; ``data``: the file's
         bytes when already read (the Ray engine), decoded by the same rules."""
         import numpy as np
         from PIL import Image
@@ -70,7 +70,7 @@ class ImageSegmenter:
         from tag2mask.data.images import fit_max_pixels, load_image
         from tag2mask.jobs.runner import ItemError, ItemOutput
 
-        from tag2mask.jobs.uri_inputs import RemoteFile, read_uri
+        from tag2mask.io.uri_inputs import RemoteFile, read_uri
 
         args = self.args
         if data is None and isinstance(path, RemoteFile):
@@ -106,7 +106,7 @@ def run_segment_job(args: argparse.Namespace, files: list, stems: dict, out: Pat
                     settings: dict, record: dict, engine=None) -> int:
     """Run ``segmenter`` over ``files`` on the batch runner (manifest, resume, torchrun); exit code."""
     from tag2mask.jobs.runner import JobOptions, print_summary, process_exit_code, run_items
-    from tag2mask.jobs.uri_inputs import input_state
+    from tag2mask.io.uri_inputs import input_state
 
     def finalize(run_dir: Path, summary) -> None:
         from tag2mask.cli.segment_records import image_records

@@ -65,7 +65,7 @@ def _load(ref: str) -> Callable[..., Any]:
 def _read_bytes(row: dict[str, Any]) -> dict[str, Any]:
     """Ray Data stage: the image's bytes (``readable`` False when it cannot be read: the actor's decoder
     then reports the problem exactly as the local engine does)."""
-    from tag2mask.jobs.uri_inputs import is_uri, read_uri
+    from tag2mask.io.uri_inputs import is_uri, read_uri
 
     path = row["path"]
     data, readable = b"", False
