@@ -48,6 +48,7 @@ def test_allow_download_maps_onto_local_files_only(case, tmp_path, monkeypatch, 
     assert main(["export", str(ROOT / case["run"]), "--hub", str(folder)]) == 0
     fake = _Hub(folder)
     monkeypatch.setattr(hub, "snapshot_download", fake)
+    monkeypatch.delenv("TAG2MASK_ALLOW_DOWNLOAD", raising=False)
     name = "hf://someone/tiny-run@v1"
     seg = ["segment", str(ROOT / case["images"]), "--checkpoint", name, "--quiet", "--device", "cpu", *_weights(case)]
     capsys.readouterr()
@@ -73,6 +74,10 @@ def test_allow_download_maps_onto_local_files_only(case, tmp_path, monkeypatch, 
     assert fake.calls[-1]["local_files_only"] is False
     assert main(["export", name, "--hub", str(tmp_path / "again2")]) == 0
     assert fake.calls[-1]["local_files_only"] is True
+    # the environment's TAG2MASK_ALLOW_DOWNLOAD=1 stands for the flag, as it does for CLIP weights
+    monkeypatch.setenv("TAG2MASK_ALLOW_DOWNLOAD", "1")
+    assert main(["export", name, "--hub", str(tmp_path / "again3")]) == 0
+    assert fake.calls[-1]["local_files_only"] is False
     task = json.loads((folder / "config.json").read_text())["task"]
     assert json.loads((tmp_path / "again" / "config.json").read_text())["task"] == task
 

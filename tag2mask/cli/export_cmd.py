@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
     if args.allow_download and not is_hf_name(args.run):
         raise ValueError("--allow-download applies to hf://USER/REPO run names (a local run is read as it is)")
     report: dict = {"run": str(args.run)}
-    ckpt = resolve_checkpoint(args.run, args.allow_download)
+    ckpt = resolve_checkpoint(args.run, True if args.allow_download else None)
     task = read_run_checkpoint(ckpt)["task"]
     if args.onnx:
         out = Path(args.onnx)

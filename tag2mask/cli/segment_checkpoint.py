@@ -23,7 +23,8 @@ def check_checkpoint_options(args: argparse.Namespace, ovss_options: tuple[str, 
     """With ``--checkpoint``: no open-vocabulary option (a CLIP-ZSS student takes ``--classes``), and
     ``--allow-download`` only for an ``hf://`` run name (it fetches the run, never CLIP weights)."""
     # a CLIP-ZSS student takes any class names; every other run brings its own classes
-    skip = ("classes",) if given(args, "classes") and is_clip_zss_run(args.checkpoint, args.allow_download) else ()
+    allow = True if args.allow_download else None  # None: TAG2MASK_ALLOW_DOWNLOAD decides
+    skip = ("classes",) if given(args, "classes") and is_clip_zss_run(args.checkpoint, allow) else ()
     reject_options(args, tuple(o for o in ovss_options if o not in skip),
                    "with --checkpoint (a trained run brings its own test settings; only a CLIP-ZSS "
                    "student takes --classes)")
@@ -31,7 +32,7 @@ def check_checkpoint_options(args: argparse.Namespace, ovss_options: tuple[str, 
         reject_options(args, ("allow_download",), "with a local --checkpoint (it fetches hf://USER/REPO run names)")
 
 
-def is_clip_zss_run(checkpoint: str, allow_download: bool = False) -> bool:
+def is_clip_zss_run(checkpoint: str, allow_download: "bool | None" = None) -> bool:
     """Whether ``checkpoint`` (file, run folder or ``hf://`` name) is a run whose predictor takes ``--classes``
     (a CLIP-ZSS student); ``False`` if unreadable."""
     try:
@@ -101,7 +102,8 @@ def run_checkpoint(args: argparse.Namespace) -> int:
         ckpt = Path(args.onnx)
         segmenter = CheckpointSegmenter(str(ckpt), "cpu", None, False, inner=OnnxSegmenter(ckpt))
     else:
-        ckpt = resolve_checkpoint(args.checkpoint, args.allow_download)  # a run folder: its newest checkpoint
+        # a run folder: its newest checkpoint; an hf:// name: fetched with --allow-download / TAG2MASK_ALLOW_DOWNLOAD
+        ckpt = resolve_checkpoint(args.checkpoint, True if args.allow_download else None)
         args.device = device_for_rank(args.device)
         if args.engine == "ray":
             from tag2mask.cmdline.options import ray_engine_from_args

@@ -181,13 +181,17 @@ def is_hf_name(path: Union[str, Path]) -> bool:
     return isinstance(path, str) and path.startswith("hf://")
 
 
-def hf_snapshot(spec: str, allow_download: bool = False) -> Path:
+def hf_snapshot(spec: str, allow_download: Optional[bool] = None) -> Path:
     """``hf://user/repo[@revision]`` -> its snapshot folder (optional extra ``hub``).
 
     By default offline: the local Hugging Face cache only (``local_files_only=True``), and a repository missing
     from it is a ``FileNotFoundError`` that names it and the command that fetches it. ``allow_download``
-    (``--allow-download``): huggingface_hub fetches what the cache lacks (``local_files_only=False``).
+    (``--allow-download``; ``None``: ``TAG2MASK_ALLOW_DOWNLOAD``, as for CLIP weights): huggingface_hub fetches
+    what the cache lacks (``local_files_only=False``).
     """
+    from tag2mask.clip.loading import downloads_allowed
+
+    allow_download = downloads_allowed(allow_download)
     repo, _, revision = spec[len("hf://"):].partition("@")
     if repo.count("/") != 1 or not all(repo.split("/")):
         raise ValueError(f"{spec}: expected hf://USER/REPO or hf://USER/REPO@REVISION")
@@ -206,7 +210,7 @@ def hf_snapshot(spec: str, allow_download: bool = False) -> Path:
             f"it, or fetch it with '{fetch}' (huggingface_hub's CLI), then run this again") from None
 
 
-def resolve_checkpoint(path: Union[str, Path], allow_download: bool = False) -> Path:
+def resolve_checkpoint(path: Union[str, Path], allow_download: Optional[bool] = None) -> Path:
     """A checkpoint file, or the newest verified checkpoint of a run folder (a hub-style folder: its
     ``model.safetensors``); ``hf://user/repo[@revision]`` through :func:`hf_snapshot` (``allow_download``).
 
