@@ -70,13 +70,10 @@ class ImageSegmenter:
         from tag2mask.data.images import fit_max_pixels, load_image
         from tag2mask.jobs.runner import ItemError, ItemOutput
 
-        from tag2mask.io.uri_inputs import RemoteFile, read_uri
-
         args = self.args
-        if data is None and isinstance(path, RemoteFile):
-            data = read_uri(path.uri)  # an OSError is this item's error record
-        # ImageDecodeError (unreadable, truncated, a folder, a broken link, a bomb) -> a "decode" error record
-        image = load_image(str(path), max_pixels=getattr(args, "max_decode_pixels", MAX_DECODE_PIXELS), data=data)
+        # ImageDecodeError (unreadable, truncated, a folder, a broken link, a bomb; an object that cannot be
+        # read) -> a "decode" error record
+        image = load_image(path, max_pixels=getattr(args, "max_decode_pixels", MAX_DECODE_PIXELS), data=data)
         full = image
         width, height = image.size
         info = {"input": str(path), "size": [height, width]}

@@ -87,11 +87,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | Path, max_pixels: int | None = MAX_PIXELS, data: bytes | None = None) -> Image.Image:
+def load_image(path: "str | Path | RemoteFile", max_pixels: int | None = MAX_PIXELS, data: bytes | None = None) -> Image.Image:
     """Decode ``path`` to an RGB PIL image with EXIF orientation applied.
 
     Args:
-        path: image file.
+        path: image file; a :class:`~tag2mask.io.uri_inputs.RemoteFile` (an object store's) is read through
+            ``pyarrow.fs`` when ``data`` is not given (an unreadable one: ``ImageDecodeError``).
         max_pixels: refuse images with more pixels (width * height) than this before
             decoding them; ``None`` disables our check (Pillow's own hard limit of
             ``2 * Image.MAX_IMAGE_PIXELS`` still applies).
@@ -104,6 +105,17 @@ def load_image(path: str | Path, max_pixels: int | None = MAX_PIXELS, data: byte
     Raises:
         ImageDecodeError: missing, empty, truncated, non-image, or too large.
     """
+    from tag2mask.io.uri_inputs import RemoteFile, read_uri
+
+    if isinstance(path, RemoteFile):  # an object store's file: its bytes through pyarrow.fs
+        if data is None:
+            try:
+                data = read_uri(path.uri)
+            except FileNotFoundError:
+                raise ImageDecodeError(path.uri, "file not found") from None
+            except (OSError, ValueError) as exc:
+                raise ImageDecodeError(path.uri, f"cannot be read ({exc})") from None
+        path = path.uri
     # with the bytes in hand ``path`` only names them in messages: kept as given (a URI stays whole)
     name, path = (path if data is not None else Path(path)), Path(path)
     if data is None:

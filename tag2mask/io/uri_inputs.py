@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any, Iterable, Optional
 
-__all__ = ["RemoteFile", "is_uri", "list_uri", "read_uri", "input_state"]
+__all__ = ["RemoteFile", "is_uri", "list_uri", "read_uri", "input_state", "relative_input"]
 
 _SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 
@@ -69,9 +69,10 @@ def _filesystem(uri: str) -> tuple[Any, str]:
         return pafs.PyFileSystem(pafs.FSSpecHandler(inner)), path
 
 
-def list_uri(uri: str, suffixes: Iterable[str]) -> list[RemoteFile]:
-    """The files directly under ``uri`` (a prefix / folder; not recursive) whose suffix is in ``suffixes``,
-    sorted by key; or ``uri`` itself when it names one file. Each is named ``uri/<relative key>``.
+def list_uri(uri: str, suffixes: Optional[Iterable[str]], recursive: bool = False) -> list[RemoteFile]:
+    """The files under ``uri`` (a prefix / folder; directly under it unless ``recursive``) whose suffix is in
+    ``suffixes`` (``None``: every file), sorted by key; or ``uri`` itself when it names one file. Each is
+    named ``uri/<relative key>``.
 
     Raises:
         FileNotFoundError: nothing at ``uri``.
@@ -84,11 +85,12 @@ def list_uri(uri: str, suffixes: Iterable[str]) -> list[RemoteFile]:
         raise FileNotFoundError(f"{uri}: no such object or prefix")
     if info.type == pafs.FileType.File:
         return [RemoteFile(uri, info.size, info.mtime_ns)]
-    wanted = {s.lower() for s in suffixes}
+    wanted = None if suffixes is None else {s.lower() for s in suffixes}
     base, root = uri.rstrip("/"), root.rstrip("/")
     found = []
-    for entry in fs.get_file_info(pafs.FileSelector(root, recursive=False)):
-        if entry.type == pafs.FileType.Directory or PurePosixPath(entry.path).suffix.lower() not in wanted:
+    for entry in fs.get_file_info(pafs.FileSelector(root, recursive=recursive)):
+        if entry.type == pafs.FileType.Directory or (
+                wanted is not None and PurePosixPath(entry.path).suffix.lower() not in wanted):
             continue
         rel = entry.path[len(root):].lstrip("/")
         found.append(RemoteFile(f"{base}/{rel}", entry.size, entry.mtime_ns))
@@ -110,3 +112,18 @@ def input_state(item: Any) -> Optional[dict[str, Any]]:
     from tag2mask.io.manifest import file_state
 
     return file_state(item)
+
+
+def relative_input(item: Any, root: Any) -> str:
+    """``item``'s name relative to its folder ``root`` (POSIX), as the manifest's ``image`` field records it;
+    the item's full name when it lies elsewhere. ``item``/``root``: a :class:`RemoteFile` and its URI prefix, or
+    local paths."""
+    from pathlib import Path
+
+    if isinstance(item, RemoteFile):
+        prefix = str(root).rstrip("/") + "/"
+        return item.uri[len(prefix):] if item.uri.startswith(prefix) else item.uri
+    try:
+        return Path(item).resolve().relative_to(Path(root).resolve()).as_posix()
+    except ValueError:
+        return str(item)

@@ -167,7 +167,8 @@ def _label_stages(args: argparse.Namespace, items: Any, vocab: Any, model: Any, 
     from tag2mask.methods.clip_es.label_maps import LabelRefiner
 
     # COCO "file_name" and the manifest's "image" field are relative to the image folder
-    image_root = Path(items.image_dir) if hasattr(items, "image_dir") else Path(items.root) / "JPEGImages"
+    # (a URI prefix stays a string: Path would fold its '//')
+    image_root = items.image_dir if hasattr(items, "image_dir") else Path(items.root) / "JPEGImages"
     workers, batch_size = (0, 1) if serial else overlap_settings(args, model_device(model))
     settings_for_workers = LabelSettings(
         class_names=tuple(vocab.names), image_root=str(image_root), out=str(Path(args.out)),

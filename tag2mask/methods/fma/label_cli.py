@@ -375,7 +375,8 @@ def _fma_stages(args: argparse.Namespace, items: Any, class_names: list[str], al
     from tag2mask.methods.clip_es.label_stages import LabelSettings, PrepareImage
 
     out = Path(args.out)
-    image_root = Path(items.image_dir) if hasattr(items, "image_dir") else Path(items.root) / "JPEGImages"
+    # (a URI prefix stays a string: Path would fold its '//')
+    image_root = items.image_dir if hasattr(items, "image_dir") else Path(items.root) / "JPEGImages"
     prepare = PrepareImage(LabelSettings(
         class_names=tuple(class_names), image_root=str(image_root), out=str(out), max_decode_pixels=args.max_decode_pixels,
         max_pixels=args.max_pixels, max_pixels_policy=args.max_pixels_policy, save_arrays=args.save_arrays,

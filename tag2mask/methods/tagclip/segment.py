@@ -54,8 +54,12 @@ def check_image_folder(args: argparse.Namespace) -> None:
     """The tags are predicted for a folder of images: no ``--labels``, no VOC / COCO root."""
     from tag2mask.data.datasets import detect_dataset
 
+    from tag2mask.io.uri_inputs import is_uri
+
     if args.labels is not None:
         raise ValueError("--method tagclip predicts the tags: do not pass --labels (use --method clip-es with them)")
+    if is_uri(args.images):  # an object store's prefix: listed when the job starts
+        return
     if detect_dataset(args.images) in ("voc", "coco"):
         raise ValueError(f"--method tagclip takes an image folder; for a VOC or COCO root pass "
                          f"{Path(args.images) / 'JPEGImages'}")
@@ -66,13 +70,13 @@ def check_image_folder(args: argparse.Namespace) -> None:
 def predict_tags(args: argparse.Namespace) -> PredictedTags:
     """Run the TagCLIP job into ``OUT/tagclip``; set ``args.labels`` (and ``args.confidence``)."""
     from tag2mask.cmdline.options import given
-    from tag2mask.data.datasets import FolderDataset
+    from tag2mask.data.datasets import open_image_folder
     from tag2mask.jobs.runner import JobOptions, print_summary, run_items
     from tag2mask.methods.tagclip.job import finalize_tags, item_source, load_tagger, tag_item_fn
     from tag2mask.methods.tagclip.presets import config_for_classes
 
     preset, config = config_for_classes(args.classes, compat=args.compat)
-    items = FolderDataset(args.images)
+    items = open_image_folder(args.images)
     if not len(items):
         raise FileNotFoundError(f"{args.images}: no image files in this folder")
     out = Path(args.out) / TAG_DIR
@@ -111,11 +115,11 @@ def predict_tags(args: argparse.Namespace) -> PredictedTags:
 def build_ray_tagger(args: argparse.Namespace) -> tuple:
     """In a Ray actor: ``(items, process)`` of the tag job of :func:`predict_tags` (``args``: a copy of the
     command's checked arguments taken before the job), the tagger loaded here."""
-    from tag2mask.data.datasets import FolderDataset
+    from tag2mask.data.datasets import open_image_folder
     from tag2mask.methods.tagclip.job import load_tagger, tag_item_fn
     from tag2mask.methods.tagclip.presets import config_for_classes
 
     _, config = config_for_classes(args.classes, compat=args.compat)
-    items = FolderDataset(args.images)
+    items = open_image_folder(args.images)
     _, tagger = load_tagger(args, config)
     return items, tag_item_fn(tagger, items, Path(args.out) / TAG_DIR, False)
