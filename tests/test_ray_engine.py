@@ -1,11 +1,11 @@
-"""``tag2mask label --engine ray``: Ray Data actors write what the local engine writes, byte for byte, and a
-Ray run killed mid-way continues with ``--resume`` to the same outputs (our manifest is the record of truth).
+"""``tag2mask label|segment --engine ray``: Ray Data actors write what the local engine writes, byte for byte
+(``label`` with CLIP-ES, FMA and TagCLIP, ``segment`` with the open-vocabulary methods and trained runs), a
+Ray run killed mid-way continues with ``--resume`` to the same outputs (our manifest is the record of truth),
+and inputs named by a ``file://`` URI (read through pyarrow.fs) give the local folder's outputs.
 
-Ray is an optional extra (``tag2mask[ray]``, not in ``test``: the two tests take 60-110 s on 2 loaded cores,
-over the suite's budget for one optional package): they run where it is installed. One local Ray cluster
-(``ray start --head``) serves the module, so the CLI runs join it with ``--address`` instead of paying
-Ray's start-up on every run.
-"""
+Ray is an optional extra (``tag2mask[ray]``, also in ``test``); the module is skipped where it is not
+installed. One local Ray cluster (``ray start --head``) serves the module, so the CLI runs join it with
+``--address`` instead of paying Ray's start-up on every run."""
 
 from __future__ import annotations
 
@@ -332,3 +332,22 @@ def test_uri_input_writes_what_the_local_folder_writes(local_run, ray_address, t
         assert json.loads(named) == records
     kinds = {r["item"]: r.get("error_kind") for r in _manifest(outs["uri_ray"]) if r["status"] == "error"}
     assert kinds == {"broken": "decode"}
+
+
+@pytest.mark.slow
+def test_label_from_a_uri_with_ray_writes_what_the_local_folder_writes(local_run, ray_address, tiny_clip_path, tmp_path):
+    """``label file:///... --labels`` on 2 Ray actors (keys listed and read through pyarrow.fs): the local
+    folder's files, byte for byte, and its records but the inputs' names (nested keys, bad items included)."""
+    images, local = local_run
+    uri = images.resolve().as_uri()
+    out = tmp_path / "ray"
+    cmd = _cmd(tiny_clip_path, images, out, "--engine", "ray", "--workers", "2", "--address", ray_address)
+    cmd[cmd.index(str(images))] = uri
+    proc = subprocess.run(cmd, env=_env(tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    fa, fb = _files(local), _files(out)
+    assert "masks/sub/im3.png" in fa and sorted(fa) == sorted(fb) and [k for k in fa if fa[k] != fb[k]] == []
+    named = json.loads(json.dumps(_manifest(out)).replace(uri, str(images.resolve())))
+    assert named == _manifest(local)
+    kinds = {r["item"]: r.get("error_kind") for r in _manifest(out) if r["status"] == "error"}
+    assert kinds == {"broken": "decode", "gone": "decode", "none": "labels"}
