@@ -199,6 +199,25 @@ def test_atomic_writes_honour_the_umask(tmp_path, umask):
     assert _mode(tmp_path / "sub" / "b.png") == 0o666 & ~umask
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o002])
+def test_safetensors_writes_honour_the_umask(tmp_path, umask):
+    """safetensors' ``save_file`` replaces its file with one of mode 0600 whatever the umask: weights written
+    through ``atomic_path`` (segmenter weights, the tiny CLIP, hub folders) still get the umask's mode."""
+    import torch
+    from safetensors.torch import save_file
+
+    from tag2mask.io.atomic import atomic_path, current_umask
+
+    old = os.umask(umask)
+    try:
+        assert current_umask() == umask
+        with atomic_path(tmp_path / "w.safetensors") as tmp:
+            save_file({"a": torch.zeros(2)}, str(tmp))
+    finally:
+        os.umask(old)
+    assert _mode(tmp_path / "w.safetensors") == 0o666 & ~umask
+
+
 def test_segment_outputs_honour_the_umask(tiny_clip_path, tmp_path):
     images = tmp_path / "in"
     _image(images / "x.png", 16, 16, seed=0)

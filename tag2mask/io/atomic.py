@@ -20,7 +20,7 @@ import secrets
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["atomic_path", "atomic_write_bytes", "atomic_write_text", "current_umask"]
 
 
 def _fsync_file(path: Path) -> None:
@@ -45,6 +45,18 @@ def _short_stem(path: Path, limit: int = 255) -> str:
     if len(stem) <= room:
         return path.stem
     return stem[:max(room, 1)].decode("utf-8", "ignore") or "t"
+
+
+def current_umask() -> int:
+    """The process umask, read without changing it where the OS allows (``/proc/self/status`` on Linux);
+    elsewhere by setting and restoring it."""
+    with contextlib.suppress(OSError, ValueError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _create_temp(path: Path) -> Path:
@@ -77,6 +89,9 @@ def atomic_path(path: str | Path) -> Iterator[Path]:
         if not tmp.exists():
             raise FileNotFoundError(f"{path}: the writer did not create the temporary file {tmp}")
         _fsync_file(tmp)
+        # writers that replace the file themselves (safetensors' save_file writes 0600 whatever the umask) would
+        # otherwise decide the final mode: outputs are shared like any open()ed file
+        os.chmod(tmp, 0o666 & ~current_umask())
         os.replace(tmp, path)
     except BaseException as exc:
         with contextlib.suppress(OSError):

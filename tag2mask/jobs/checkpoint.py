@@ -66,10 +66,10 @@ def honour_umask(path: Union[str, Path]) -> None:
     Temporary files are created 0600; checkpoints and logs are meant to be shared like any other
     output, so the final file gets the usual permissions.
     """
-    mask = os.umask(0)
-    os.umask(mask)
+    from tag2mask.io.atomic import current_umask
+
     with contextlib.suppress(OSError):
-        os.chmod(path, 0o666 & ~mask)
+        os.chmod(path, 0o666 & ~current_umask())
 
 
 def save_checkpoint(folder: Union[str, Path], step: int, state: Any, name: Optional[str] = None,
