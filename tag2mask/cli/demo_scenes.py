@@ -104,8 +104,13 @@ def evaluate_methods(
     on_image: Optional[Callable[[int, Image.Image, np.ndarray, dict[str, np.ndarray], list[str]], None]] = None,
     progress: Optional[Callable[[Iterable], Iterable]] = None,
     weclip_checkpoint: Optional[str] = None,
+    extra_predictors: Optional[dict[str, Callable[[Image.Image, list[int]], np.ndarray]]] = None,
 ) -> dict[str, MethodScore]:
     """Score ``methods`` on ``n_images`` synthetic scenes of ``split``; labels come from the scenes.
+
+    ``extra_predictors``: more ``name -> predict(image, label_ids)`` (a ``(H, W)`` uint8 label map, 0
+    background, class id + 1), scored after ``methods`` on the same scenes (e.g. methods that need
+    inputs the demo factories do not have, such as CorrCLIP's DINO and regions).
 
     ``on_image(i, image, gt, outputs, tags)`` sees each scene: its (H, W) uint8 ground truth, the
     (H, W) uint8 label map of every method and the scene's tag names. Each method runs once on the
@@ -114,6 +119,7 @@ def evaluate_methods(
     vocab = get_vocabulary("synth")
     num_classes = len(OBJECT_NAMES) + 1
     predictors = build_predictors(model, vocab, methods, with_crf, weclip_checkpoint)
+    predictors.update(extra_predictors or {})
     scores = {m: MethodScore(m, ConfusionMatrix(num_classes)) for m in predictors}
     data = SyntheticDataset(split, n_images, size)
     if n_images:
