@@ -140,7 +140,8 @@ def _extra_predictors(model, vocab, args: argparse.Namespace) -> dict:
     from tag2mask.methods.ovss2.demo import demo_predictors
     from tag2mask.models.dino import load_dino
 
-    preds = demo_predictors(model, vocab, ["scclip"], {"templates": SYNTH_TEMPLATES}) if "scclip" in args.methods else {}
+    wanted = ["scclip"] if "scclip" in args.methods else []
+    preds = demo_predictors(model, vocab, wanted, {"templates": SYNTH_TEMPLATES})
     dino = load_dino(args.dino)
     for regions in args.regions:
         if regions == "sam" and not args.sam_weights:

@@ -106,8 +106,8 @@ def test_extra_predictors_are_scored_on_the_same_scenes(monkeypatch):
         seen.append(np.asarray(image).tobytes())
         return truth[seen[-1]].astype(np.uint8)
 
-    scores = demo.evaluate_methods(None, 3, [], size=32, split="val",
-                                   extra_predictors={"oracle": oracle, "zeros": lambda im, ids: np.zeros((32, 32), np.uint8)})
+    zeros = lambda image, ids: np.zeros((32, 32), np.uint8)  # noqa: E731
+    scores = demo.evaluate_methods(None, 3, [], size=32, split="val", extra_predictors={"oracle": oracle, "zeros": zeros})
     assert list(scores) == ["oracle", "zeros"]
     assert len(seen) == 3 + 1 and set(seen) == set(truth)
     assert scores["oracle"].miou == 1.0 and scores["zeros"].miou < 1.0
