@@ -89,9 +89,9 @@ def _init_student(args: argparse.Namespace) -> DinoViT:
 
 def train_dino(args: argparse.Namespace) -> None:
     """Distil the CLIP's patch-token similarities into the DINO stand-in's last-block ``q + k``."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    from tag2mask.io.atomic import atomic_path, atomic_write_text
+    from tag2mask.io.atomic import atomic_write_bytes, atomic_write_text
     from tag2mask.tiny_clip.evaluation import image_features
 
     torch.manual_seed(args.seed)
@@ -124,10 +124,9 @@ def train_dino(args: argparse.Namespace) -> None:
             log.append({"step": step, "loss": round(loss.item(), 6), "lr": lr, "s": round(time.time() - t0, 1)})
             print(json.dumps(log[-1]), flush=True)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous() for k, v in student.state_dict().items()}
-    with atomic_path(out) as tmp:
-        save_file(state, str(tmp), metadata={"what": "DINO-layout ViT distilled from a tiny CLIP; not DINO"})
+    # bytes, then an atomic write: safetensors' save_file would recreate the file with mode 0600 whatever the umask
+    atomic_write_bytes(out, save(state, metadata={"what": "DINO-layout ViT distilled from a tiny CLIP; not DINO"}))
     settings = {k: v for k, v in vars(args).items() if k != "func"}
     atomic_write_text(out.with_suffix(".json"), json.dumps({"settings": settings, "log": log}, indent=2))
     print(f"wrote {out} ({time.time() - t0:.0f} s)")
@@ -195,7 +194,7 @@ def main() -> None:
     t.add_argument("--width", type=int, default=64, help="a multiple of 64: heads = width // 64, DINO's rule, "
                    "which load_dino applies to a file that does not record its heads")
     t.add_argument("--depth", type=int, default=4)
-    t.add_argument("--steps", type=int, default=300)
+    t.add_argument("--steps", type=int, default=600)
     t.add_argument("--batch-size", type=int, default=32)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--warmup", type=int, default=20)
