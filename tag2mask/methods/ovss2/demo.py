@@ -1,5 +1,6 @@
 """PEARL on the synthetic scenes of ``tag2mask demo`` (SC-CLIP's fixed block indices need 11+ blocks,
-more than the shipped tiny CLIP's 6, so it has no demo predictor)."""
+more than the shipped tiny CLIP's 6, so the registry lists no demo for it; ``benchmarks/ovss2_synth.py``
+builds ``scclip`` with the same factory on a 12-block tiny CLIP)."""
 
 from __future__ import annotations
 
