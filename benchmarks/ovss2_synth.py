@@ -141,7 +141,7 @@ def _extra_predictors(model, vocab, args: argparse.Namespace) -> dict:
 
     wanted = ["scclip"] if "scclip" in args.methods else []
     preds = demo_predictors(model, vocab, wanted, {"templates": SYNTH_TEMPLATES})
-    dino = load_dino(args.dino)
+    dino = load_dino(args.dino) if args.regions else None
     for regions in args.regions:
         if regions == "sam" and not args.sam_weights:
             print("corrclip (sam): skipped, no --sam-weights (the project has no trained tiny SAM)")
@@ -203,7 +203,8 @@ def main() -> None:
     t.set_defaults(func=train_dino)
     e = sub.add_parser("evaluate", help="mIoU and s/image of all seven methods")
     e.add_argument("--clip", required=True)
-    e.add_argument("--dino", required=True, help="the stand-in from train-dino (or any load_dino source)")
+    e.add_argument("--dino", default=None, help="the stand-in from train-dino (or any load_dino source); "
+                   "needed with --regions")
     e.add_argument("--n", type=int, default=60)
     e.add_argument("--split", default="val", choices=["train", "val", "test"])
     e.add_argument("--size", type=int, default=224)
@@ -214,6 +215,8 @@ def main() -> None:
     e.add_argument("--json", default=None, help="also write the numbers here")
     e.set_defaults(func=evaluate)
     args = ap.parse_args()
+    if args.func is evaluate and args.regions and not args.dino:
+        ap.error("CorrCLIP (--regions) needs --dino; give --regions with no value to leave CorrCLIP out")
     if args.func is train_dino and (args.width % 64 or args.width < 64):
         ap.error("--width must be a multiple of 64 (heads = width // 64)")
     args.func(args)
