@@ -26,6 +26,7 @@ NETWORKS = {  # name -> (tag2mask.models name, options)
     "deeplab-v2-tiny": ("deeplab-v2", {"variant": "tiny"}),
     "deeplab-v3plus": ("deeplab-v3plus", {"variant": "resnet101"}),
     "segformer-b0": ("segformer", {"variant": "b0"}),
+    "mask2former-swin-tiny": ("mask2former", {"backbone": "swin-tiny"}),  # fixed size only (docs/export.md)
 }
 
 

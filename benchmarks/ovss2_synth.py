@@ -18,7 +18,7 @@ be as good at grouping patches as the CLIP it copies; no self-supervised DINO ob
 ``evaluate`` scores every method on the same synth scenes (default: 60 val scenes at 224 px, the
 scenes of docs/tiny_clip.md's CPU-model tables) through :func:`tag2mask.cli.demo_scenes.evaluate_methods`,
 one warm-up scene per method, and prints mIoU and s/image side by side with the machine, threads and
-load. CorrCLIP runs once per region source (``slic``, ``felzenszwalb``, and ``sam`` only with
+load; SC-CLIP and CorrCLIP run through the same demo factories as ``tag2mask demo``. CorrCLIP runs once per region source (``slic``, ``felzenszwalb``, and ``sam`` only with
 ``--sam-weights``: there is no trained tiny SAM in the project, and a random one's regions would
 measure nothing). Its s/image includes making the region map.
 """
@@ -132,39 +132,32 @@ def train_dino(args: argparse.Namespace) -> None:
     print(f"wrote {out} ({time.time() - t0:.0f} s)")
 
 
-def _extra_predictors(model, vocab, args: argparse.Namespace) -> dict:
-    """``name -> predict(image, ids)`` for SC-CLIP and CorrCLIP (one per region source)."""
-    from tag2mask.cli.demo_scenes import SYNTH_TEMPLATES
-    from tag2mask.methods.corrclip.segmenter import CorrClipSegmenter, region_source
-    from tag2mask.methods.ovss2.demo import demo_predictors
-    from tag2mask.models.dino import load_dino
-
-    wanted = ["scclip"] if "scclip" in args.methods else []
-    preds = demo_predictors(model, vocab, wanted, {"templates": SYNTH_TEMPLATES})
-    dino = load_dino(args.dino) if args.regions else None
-    for regions in args.regions:
-        if regions == "sam" and not args.sam_weights:
-            print("corrclip (sam): skipped, no --sam-weights (the project has no trained tiny SAM)")
-            continue
-        seg = CorrClipSegmenter(model, vocab, dino, regions=region_source(regions, "cpu", args.sam_weights),
-                                templates=SYNTH_TEMPLATES, short_side=None, mode="whole")
-        preds[f"corrclip ({regions})"] = lambda image, ids, seg=seg: seg.predict(image).label
-    return preds
-
-
 def evaluate(args: argparse.Namespace) -> None:
-    """mIoU and s/image of every method on the same synth scenes, with the machine's threads and load."""
+    """mIoU and s/image of every method on the same synth scenes, with the machine's threads and load.
+
+    CorrCLIP gets its DINO and region source the way ``tag2mask demo --dino --regions`` hands them over
+    (the registry's ``inputs``); one pass of :func:`evaluate_methods` per region source, the other methods
+    in the first pass (every pass regenerates the same scenes, so all rows score the same images)."""
     from tag2mask.cli.demo_scenes import evaluate_methods
+    from tag2mask.methods.corrclip.segmenter import region_source
+    from tag2mask.models.dino import load_dino
     from tag2mask.tiny_clip.evaluation import zero_shot_map
-    from tag2mask.vocab.vocabulary import get_vocabulary
 
     model = load_clip(args.clip).eval()
     load_start = os.getloadavg()
     t0 = time.time()
     zs = zero_shot_map(model, n_val=200)
-    extra = _extra_predictors(model, get_vocabulary("synth"), args)
-    scores = evaluate_methods(model, args.n, [m for m in args.methods if m in OVSS], size=args.size,
-                              split=args.split, extra_predictors=extra)
+    dino = load_dino(args.dino) if args.regions else None
+    passes = [(r, {"dino": dino, "regions": region_source(r, "cpu", args.sam_weights)}) for r in args.regions
+              if r != "sam" or args.sam_weights]
+    if "sam" in args.regions and not args.sam_weights:
+        print("corrclip (sam): skipped, no --sam-weights (the project has no trained tiny SAM)")
+    scores = {}
+    for i, (regions, inputs) in enumerate(passes or [(None, None)]):
+        methods = (list(args.methods) if i == 0 else []) + (["corrclip"] if regions else [])
+        got = evaluate_methods(model, args.n, methods, size=args.size, split=args.split,
+                               inputs={"corrclip": inputs} if regions else None)
+        scores.update({(f"corrclip ({regions})" if k == "corrclip" else k): v for k, v in got.items()})
     print(f"synth {args.split}, {args.n} scenes at {args.size} px, CLIP {args.clip} ({model.visual.num_blocks} "
           f"blocks), DINO stand-in {args.dino}; {platform.processor() or platform.machine()}, "
           f"{os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} thread(s); "

@@ -11,14 +11,14 @@ same format can be dropped in.
 from __future__ import annotations
 
 import json
-from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-DATA_DIR = Path(__file__).parent / "data"
-TINY_CLIP_PATH = DATA_DIR / "tiny_clip" / "tiny_clip_vit16_openai.pt"
+from fixture_sets import DATA_DIR, TINY_CLIP_PATH, FixtureCase, FixtureSet, find_sets
+
+__all__ = ["DATA_DIR", "TINY_CLIP_PATH", "GoldenSet", "GoldenCase", "golden_sets", "SETS", "CASES", "SET_IDS",
+           "CASE_IDS"]
 
 
 def _first(index: dict[str, Any], prefix: str) -> list[str]:
@@ -29,16 +29,8 @@ def _first(index: dict[str, Any], prefix: str) -> list[str]:
     return list(index[keys[0]])
 
 
-class GoldenSet:
-    """One fixture set: its folder and parsed ``index.json``."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.index: dict[str, Any] = json.loads((root / "index.json").read_text())
-
-    @property
-    def name(self) -> str:
-        return self.root.name
+class GoldenSet(FixtureSet):
+    """One CLIP-ES fixture set."""
 
     @property
     def settings(self) -> dict[str, Any]:
@@ -86,33 +78,9 @@ class GoldenSet:
                 return name
         raise LookupError(f"{self.root}: no CLIP-ES preset has these {len(self.prompt_names)} class prompts")
 
-    def __repr__(self) -> str:
-        return f"GoldenSet({self.name!r})"
 
-
-class GoldenCase:
+class GoldenCase(FixtureCase):
     """One image of a set: its ``index.json`` entry and (lazily) its ``.npz`` arrays."""
-
-    def __init__(self, golden: GoldenSet, entry: dict[str, Any]) -> None:
-        self.set = golden
-        self.entry = entry
-
-    @property
-    def name(self) -> str:
-        return self.entry["name"]
-
-    @property
-    def id(self) -> str:
-        return f"{self.set.name}/{self.name}"
-
-    def path(self, key: str) -> Path:
-        """Absolute path of a file named in the entry (``'image'``, ``'gt'``, ``'arrays'`` ...)."""
-        return self.set.root / self.entry[key]
-
-    @cached_property
-    def arrays(self) -> dict[str, np.ndarray]:
-        with np.load(self.path("arrays")) as z:
-            return {k: z[k] for k in z.files}
 
     def rgb(self) -> np.ndarray:
         """The image as the CRF reads it: 3 channels (grey images replicated), uint8."""
@@ -127,21 +95,10 @@ class GoldenCase:
         with Image.open(self.path("gt")) as f:
             return np.asarray(f)
 
-    def __repr__(self) -> str:
-        return f"GoldenCase({self.id!r})"
-
 
 def golden_sets() -> list[GoldenSet]:
     """Every CLIP-ES golden set under ``tests/data`` (sorted by folder name)."""
-    out = []
-    for index in sorted(DATA_DIR.glob("*/index.json")):
-        try:
-            meta = json.loads(index.read_text())
-        except ValueError:
-            continue
-        if "CLIP-ES" in str(meta.get("official_repo", "")) and meta.get("images"):
-            out.append(GoldenSet(index.parent))
-    return out
+    return [GoldenSet(root) for root in find_sets("CLIP-ES", "images")]
 
 
 SETS = golden_sets()

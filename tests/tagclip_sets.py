@@ -7,25 +7,19 @@ A set is any ``tests/data/<folder>/index.json`` whose ``official_repo`` names Ta
 
 from __future__ import annotations
 
-import json
 from functools import cached_property
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-DATA_DIR = Path(__file__).parent / "data"
-TINY_CLIP_PATH = DATA_DIR / "tiny_clip" / "tiny_clip_vit16_openai.pt"
+from fixture_sets import DATA_DIR, TINY_CLIP_PATH, FixtureCase, FixtureSet, find_sets
+
+__all__ = ["DATA_DIR", "TINY_CLIP_PATH", "TagSet", "TagCase", "tag_sets", "SETS", "CASES", "CASE_IDS", "MODES",
+           "MODE_IDS", "max_abs", "rel", "fragile_entries"]
 
 
-class TagSet:
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        self.index: dict[str, Any] = json.loads((root / "index.json").read_text())
-
-    @property
-    def name(self) -> str:
-        return self.root.name
+class TagSet(FixtureSet):
+    """One TagCLIP fixture set."""
 
     @property
     def modes(self) -> dict[str, Any]:
@@ -54,18 +48,8 @@ class TagSet:
         return [TagCase(self, c) for c in self.index["cases"] if c["mode"] == mode]
 
 
-class TagCase:
-    def __init__(self, tagset: TagSet, entry: dict[str, Any]) -> None:
-        self.set = tagset
-        self.entry = entry
-
-    @property
-    def name(self) -> str:
-        return self.entry["name"]
-
-    @property
-    def id(self) -> str:
-        return f"{self.set.name}/{self.name}"
+class TagCase(FixtureCase):
+    """One case of a set: its ``index.json`` entry and (lazily) its ``.npz`` arrays."""
 
     @property
     def mode(self) -> dict[str, Any]:
@@ -79,31 +63,13 @@ class TagCase:
     def tol(self) -> dict[str, Any]:
         return self.entry["suggested_tolerance"]
 
-    def path(self, key: str) -> Path:
-        return self.set.root / self.entry[key]
-
-    @cached_property
-    def arrays(self) -> dict[str, np.ndarray]:
-        with np.load(self.path("arrays")) as z:
-            return {k: z[k] for k in z.files}
-
     def cls_arrays(self) -> dict[str, np.ndarray]:
         return {k[4:]: v for k, v in self.arrays.items() if k.startswith("cls.")}
 
-    def __repr__(self) -> str:
-        return f"TagCase({self.id!r})"
-
 
 def tag_sets() -> list[TagSet]:
-    out = []
-    for index in sorted(DATA_DIR.glob("*/index.json")):
-        try:
-            meta = json.loads(index.read_text())
-        except ValueError:
-            continue
-        if "TagCLIP" in str(meta.get("official_repo", "")) and meta.get("cases"):
-            out.append(TagSet(index.parent))
-    return out
+    """Every TagCLIP golden set under ``tests/data`` (sorted by folder name)."""
+    return [TagSet(root) for root in find_sets("TagCLIP", "cases")]
 
 
 SETS = tag_sets()

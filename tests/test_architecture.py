@@ -172,7 +172,6 @@ def test_every_method_name_the_cli_accepts_is_in_the_registry():
     from tag2mask.cli.main import build_parser
     from tag2mask.cli.train_cmd import GENERIC
     from tag2mask.methods import registry
-    from tag2mask.web.service import METHODS as SERVE_METHODS
 
     known = {n for m in registry.METHODS for n in (m.name, *m.demo_names)}
     commands = _subparsers(build_parser())
@@ -180,9 +179,10 @@ def test_every_method_name_the_cli_accepts_is_in_the_registry():
     label = _choices(commands["label"], "--method")
     train = set(_subparsers(commands["train"])) - set(GENERIC)
     demo = tuple(DEFAULT_METHODS)
+    serve = registry.serve_methods()  # each server offers those of them its model runs (SegmentService.methods)
     recipes = _choices(_subparsers(commands["train"])["segmenter"], "--preset")
     for where, names in (("segment --method", segment), ("label --method", label), ("train", train),
-                         ("serve", SERVE_METHODS), ("demo --methods", demo)):
+                         ("serve", serve), ("demo --methods", demo)):
         assert names and set(names) <= known, f"{where}: {sorted(set(names) - known)} not in the registry"
     assert set(segment) == set(registry.segment_methods()) and set(label) == set(registry.label_methods())
     assert train == {c.name for _, c in registry.commands("train")}
@@ -207,6 +207,10 @@ def test_registry_agrees_with_the_method_folders():
         for ref in (m.predictor, m.demo, m.miou_rule, m.preset_settings, m.supports):
             if ref is not None:
                 assert registry.load(ref) is not None
+        if m.inputs is not None:
+            module = importlib.import_module(m.inputs)
+            assert all(callable(getattr(module, h, None)) for h in registry.INPUT_HOOKS), f"{m.inputs}: hooks"
+            assert m.needs, f"{m.name}: inputs without needs (the reason shown when they are not given)"
         if m.recipes is not None:
             table = registry.load(m.recipes)
             assert all(registry.segmenter_recipe(r) is not None for r in m.segmenter_recipes)

@@ -305,3 +305,131 @@ def test_hf_names_read_the_local_cache_and_say_what_is_missing(tmp_path, monkeyp
     assert main(["export", "hf://someone/other-run@v1", "--onnx", str(tmp_path / "m.onnx")]) == 2
     err = capsys.readouterr().err
     assert "hf://someone/other-run@v1" in err and "hf download someone/other-run --revision v1" in err
+
+
+def _ort_vs_torch(path: Path, module, sizes) -> dict[tuple[int, int], float]:
+    """Largest ``|onnxruntime - torch|`` logit difference at each ``(H, W)`` on a standard-normal input."""
+    import torch
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    diffs = {}
+    for h, w in sizes:
+        x = np.random.default_rng(h * 1000 + w).standard_normal((1, 3, h, w)).astype(np.float32)
+        with torch.no_grad():
+            want = module(torch.from_numpy(x)).numpy()
+        got = session.run(["logits"], {"image": x})[0]
+        assert got.shape == want.shape == (1, want.shape[1], h, w)
+        diffs[(h, w)] = float(np.abs(got - want).max())
+    return diffs
+
+
+def _other_sizes(h: int, w: int) -> list[tuple[int, int]]:
+    """The traced size, one 16 / 32 larger, and a non-square one that is no multiple of the patch size."""
+    return [(h, w), (h + 16, w + 32), (h + 37, w - 21)]
+
+
+@pytest.mark.parametrize("case", RUNS, ids=IDS)
+def test_dynamic_graph_matches_torch_at_other_sizes(case, tmp_path):
+    """Every run exports with --dynamic (WeCLIP too: its CLIP tower resizes the position embeddings from the
+    symbolic patch grid) and onnxruntime gives the exported module's logits at sizes other than the traced one."""
+    from tag2mask.jobs.checkpoint import resolve_checkpoint
+    from tag2mask.methods.registry import run_exporter
+    from tag2mask.runs.layout import read_run_checkpoint
+
+    meta = _export(case, tmp_path / "dyn.onnx", "--dynamic")
+    assert meta["input"]["size"] is None and len(meta["check"]["max_abs_logit_diff_onnxruntime_vs_torch"]) == 2
+    _export(case, tmp_path / "again.onnx", "--dynamic")
+    assert (tmp_path / "dyn.onnx").read_bytes() == (tmp_path / "again.onnx").read_bytes()  # deterministic too
+    ckpt = resolve_checkpoint(str(ROOT / case["run"]))
+    weights = _weights(case)[1] if _weights(case) else None
+    spec = run_exporter(read_run_checkpoint(ckpt)["task"])(ckpt, weights=weights)
+    diffs = _ort_vs_torch(tmp_path / "dyn.onnx", spec.module, _other_sizes(*meta["input"]["example_size"]))
+    assert max(diffs.values()) < LOGIT_ATOL, diffs
+
+
+def test_clip_tower_exports_dynamic_when_traced_at_its_pretraining_grid(tmp_path):
+    """A CLIP image tower traced at the size of its own position-embedding grid (where eager mode skips the
+    resize) still gives a graph that resizes the table at other sizes; eager outputs are unchanged."""
+    import torch
+
+    from tag2mask.clip.model import CLIP, CLIPConfig, TextConfig, VisionConfig
+    from tag2mask.export.onnx_graph import ExportSpec, TtaLogits, export_onnx
+    from tag2mask.models import build_segmenter
+
+    torch.manual_seed(0)
+    vision = VisionConfig(width=32, layers=2, heads=2, image_size=64, patch_size=16)
+    clip = CLIP(CLIPConfig(embed_dim=16, vision=vision, text=TextConfig(width=16, layers=1, heads=1))).eval()
+    model = build_segmenter("clip-decoder", 3, tiny=True, clip_model=clip).eval()
+    spec = ExportSpec(module=TtaLogits(model, (1.0,), False), kind="segmenter", class_names=("a", "b", "c"),
+                      has_background=False, mean=(0.5,) * 3, std=(0.25,) * 3, size=(64, 64),
+                      source={"network": "clip-decoder"})
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        before = spec.module(x)
+    export_onnx(spec, tmp_path / "c.onnx", dynamic=True)
+    with torch.no_grad():
+        assert torch.equal(spec.module(x), before)
+    diffs = _ort_vs_torch(tmp_path / "c.onnx", spec.module, _other_sizes(64, 64))
+    assert max(diffs.values()) < LOGIT_ATOL, diffs
+
+
+def test_mask2former_exports_at_a_fixed_size(tmp_path):
+    """Mask2Former (tiny, random) runs in onnxruntime at its fixed size: the export casts the deformable
+    encoder's reference points to float32 while tracing, so every GridSample node samples a float32 grid;
+    the model is restored after (same eager outputs), the bytes are deterministic, --dynamic is refused."""
+    import onnx
+    import torch
+
+    from tag2mask.export.onnx_graph import ExportSpec, TtaLogits, export_onnx
+    from tag2mask.models import build_segmenter
+
+    pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    model = build_segmenter("mask2former", 3, tiny=True).eval()
+    spec = ExportSpec(module=TtaLogits(model, (1.0,), True), kind="segmenter", class_names=("a", "b", "c"),
+                      has_background=False, mean=(0.5,) * 3, std=(0.25,) * 3, size=(96, 128),
+                      source={"network": "mask2former"})
+    x = torch.randn(1, 3, 96, 128)
+    with torch.no_grad():
+        before = spec.module(x)
+    export_onnx(spec, tmp_path / "a.onnx")
+    export_onnx(spec, tmp_path / "b.onnx")
+    assert (tmp_path / "a.onnx").read_bytes() == (tmp_path / "b.onnx").read_bytes()
+    with torch.no_grad():
+        assert torch.equal(spec.module(x), before)
+    graph = onnx.shape_inference.infer_shapes(onnx.load(str(tmp_path / "a.onnx"))).graph
+    types = {v.name: v.type.tensor_type.elem_type for v in graph.value_info}
+    grids = [n.input[1] for n in graph.node if n.op_type == "GridSample"]
+    assert grids and all(types[g] == onnx.TensorProto.FLOAT for g in grids)
+    diffs = _ort_vs_torch(tmp_path / "a.onnx", spec.module, [(96, 128)])
+    assert max(diffs.values()) < LOGIT_ATOL, diffs
+    with pytest.raises(ValueError, match="mask2former.*fixed size only"):
+        export_onnx(spec, tmp_path / "d.onnx", dynamic=True)
+    assert not (tmp_path / "d.onnx").exists()
+
+
+def test_a_dynamic_graph_that_froze_a_size_is_refused(tmp_path):
+    """A network that reads its input width as a Python number traces that number into the graph as a
+    constant: the ``--dynamic`` graph runs at another size but computes something else. The export's
+    check refuses it (values, not only shapes) and writes nothing; the fixed-size export is fine."""
+    import torch
+
+    from tag2mask.export.onnx_graph import MAX_RELATIVE_DIFF, ExportSpec, export_onnx
+
+    class FrozenWidth(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv = torch.nn.Conv2d(3, 2, 1)
+
+        def forward(self, x):
+            return self.conv(x) * (float(x.shape[-1]) / 64.0)  # float(): a constant in the traced graph
+
+    torch.manual_seed(0)
+    spec = ExportSpec(module=FrozenWidth().eval(), kind="segmenter", class_names=("a", "b"), has_background=False,
+                      mean=(0.5,) * 3, std=(0.25,) * 3, size=(64, 64), source={"network": "frozen-width"})
+    meta = export_onnx(spec, tmp_path / "fixed.onnx")
+    assert max(meta["check"]["max_abs_logit_diff_onnxruntime_vs_torch"].values()) < LOGIT_ATOL
+    with pytest.raises(ValueError, match="computes something else") as info:
+        export_onnx(spec, tmp_path / "dyn.onnx", dynamic=True)
+    assert f"> {MAX_RELATIVE_DIFF:g}" in str(info.value) and "frozen-width" in str(info.value)
+    assert not (tmp_path / "dyn.onnx").exists() and not (tmp_path / "dyn.onnx.json").exists()

@@ -13,7 +13,6 @@ here names a case, a size or a class count: another set of this format can be dr
 from __future__ import annotations
 
 import json
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,8 @@ from tag2mask.methods.ovss2 import NewerOvssSegmenter
 from tag2mask.methods.ovss2.pearl import tlp_text_matrix
 from tag2mask.models.dino import dino_to_hf, hf_to_dino, load_dino
 from tag2mask.vocab.vocabulary import load_vocabulary
+
+from fixture_sets import assert_close, assert_labels, load_npz
 
 DATA = Path(__file__).parent / "data" / "ovss2"
 INDEX = json.loads((DATA / "index.json").read_text())
@@ -61,16 +62,12 @@ def _names(key: str) -> list[str]:
     return INDEX["names_corrclip"] if INDEX["methods"][key]["repo"] == "corrclip" else INDEX["names"]
 
 
-@lru_cache(maxsize=None)
 def arrays_of(image: str) -> dict[str, np.ndarray]:
-    with np.load(DATA / f"{image}.npz") as z:
-        return {k: z[k] for k in z.files}
+    return load_npz(DATA / f"{image}.npz")
 
 
-@lru_cache(maxsize=None)
 def text_arrays() -> dict[str, np.ndarray]:
-    with np.load(DATA / "text.npz") as z:
-        return {k: z[k] for k in z.files}
+    return load_npz(DATA / "text.npz")
 
 
 @pytest.fixture(scope="module")
@@ -130,18 +127,6 @@ def segmenters(tiny_clip_path, name_files, dino_files):
     return get
 
 
-def _assert_close(name: str, ours: np.ndarray, ref: np.ndarray, tol: float) -> None:
-    assert ours.shape == ref.shape, f"{name}: shape {ours.shape} != {ref.shape}"
-    err = float(np.abs(ours.astype(np.float64) - ref.astype(np.float64)).max())
-    assert err <= tol, f"{name}: max |diff| {err:.3g} > tolerance {tol:.3g}"
-
-
-def _assert_labels(name: str, ours: np.ndarray, ref: np.ndarray, allowed: int) -> None:
-    assert ours.shape == ref.shape and ours.dtype == ref.dtype, f"{name}: {ours.shape} {ours.dtype}"
-    wrong = int((ours != ref).sum())
-    assert wrong <= allowed, f"{name}: {wrong} pixels differ (allowed {allowed})"
-
-
 def test_the_set_has_cases_of_every_method():
     assert {INDEX["methods"][k]["repo"] for k in METHOD_KEYS} == {"scclip", "pearl", "corrclip"}
     assert all(any(INDEX["cases"][c]["method"] == k for c in CASE_KEYS) for k in METHOD_KEYS)
@@ -153,9 +138,9 @@ def test_text_embeddings(segmenters, key):
     ours_words = list(seg.vocab.background) + [w for syns in seg.vocab.synonyms for w in syns]
     assert ours_words == [" ".join(w.split()) for w in INDEX["methods"][key]["query_words"]]
     assert seg.prompt_label.tolist() == INDEX["methods"][key]["query_idx"]
-    _assert_close("text", seg.text.numpy(), text_arrays()[f"{key}.text"], INDEX["tolerances"][key]["text"])
+    assert_close("text", seg.text.numpy(), text_arrays()[f"{key}.text"], INDEX["tolerances"][key]["text"])
     if f"{key}.tlp_S" in text_arrays():  # PEARL's text matrix (TLP uses its diagonal)
-        _assert_close("tlp_S", tlp_text_matrix(seg.text).numpy(), text_arrays()[f"{key}.tlp_S"], 1e-6)
+        assert_close("tlp_S", tlp_text_matrix(seg.text).numpy(), text_arrays()[f"{key}.tlp_S"], 1e-6)
 
 
 def test_the_dino_is_the_sets_own(dino_files):
@@ -185,9 +170,9 @@ def test_corrclip_with_a_transformers_dino_folder(segmenters, case_key):
     case = INDEX["cases"][case_key]
     key, ref = case["method"], arrays_of(case["image"])
     res = _predict(segmenters(key, "hf"), case, ref)
-    _assert_close("win_dino_feats", res.arrays["win_dino_feats"], ref[f"{key}.win_dino_feats"],
+    assert_close("win_dino_feats", res.arrays["win_dino_feats"], ref[f"{key}.win_dino_feats"],
                   INDEX["tolerances"][key]["win_dino_feats"])
-    _assert_labels("label", res.label, ref[f"{key}.label"], case["label_max_mismatch"])
+    assert_labels("label", res.label, ref[f"{key}.label"], case["label_max_mismatch"])
 
 
 @pytest.mark.parametrize("case_key", CASE_KEYS)
@@ -210,10 +195,10 @@ def test_arrays_match_official(segmenters, case_key):
         if name in EXACT:
             np.testing.assert_array_equal(ours[name], ref[f"{key}.{name}"], err_msg=name)
         elif name in LABELS:
-            _assert_labels(name, ours[name], ref[f"{key}.{name}"], case["label_max_mismatch"])
+            assert_labels(name, ours[name], ref[f"{key}.{name}"], case["label_max_mismatch"])
         else:
             assert name in tol, f"fixture array {key}.{name} has no tolerance"
-            _assert_close(name, ours[name], ref[f"{key}.{name}"], tol[name])
+            assert_close(name, ours[name], ref[f"{key}.{name}"], tol[name])
     counts = np.bincount(res.label.ravel(), minlength=len(case["label_counts"]))
     assert np.abs(counts - np.asarray(case["label_counts"])).sum() <= 2 * case["label_max_mismatch"]
     for window in case.get("dbscan", []):  # CorrCLIP: DBSCAN label of every region but the smallest id
@@ -310,9 +295,9 @@ def test_command_reproduces_official(key, name_files, image_folder, region_folde
             continue
         ref = arrays_of(case["image"])
         label = read_label_png(out / "masks" / f"{case['image']}.png")
-        _assert_labels("label", label, ref[f"{key}.label"], case["label_max_mismatch"])
+        assert_labels("label", label, ref[f"{key}.label"], case["label_max_mismatch"])
         with np.load(out / "logits" / f"{case['image']}.npz") as z:
-            _assert_close("probs", z["probs"], ref[f"{key}.probs"], INDEX["tolerances"][key]["probs"])
+            assert_close("probs", z["probs"], ref[f"{key}.probs"], INDEX["tolerances"][key]["probs"])
     record = json.loads((out / "run.json").read_text())
     assert record["settings"]["resolved"]["round_fp16_weights"] is True
     assert record["settings"]["resolved"]["method"] == run_spec(key)[0]

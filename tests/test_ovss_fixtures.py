@@ -13,7 +13,6 @@ import json
 import os
 import subprocess
 import sys
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +27,8 @@ from tag2mask.methods.ovss.segmenter import OpenVocabSegmenter
 from tag2mask.methods.ovss.last_block import neighbourhood_prior
 from tag2mask.methods.ovss.numerics import fp16_rounding_targets
 from tag2mask.vocab.vocabulary import load_vocabulary
+
+from fixture_sets import assert_close, assert_labels, load_npz
 
 DATA = Path(__file__).parent / "data" / "ovss"
 INDEX = json.loads((DATA / "index.json").read_text())
@@ -76,16 +77,12 @@ def pamr_spec(key: str) -> dict | None:
     return {"pamr": True, "pamr_steps": settings["pamr_steps"], "pamr_dilations": tuple(settings["pamr_stride"])}
 
 
-@lru_cache(maxsize=None)
 def arrays_of(image: str) -> dict[str, np.ndarray]:
-    with np.load(DATA / f"{image}.npz") as z:
-        return {k: z[k] for k in z.files}
+    return load_npz(DATA / f"{image}.npz")
 
 
-@lru_cache(maxsize=None)
 def text_arrays() -> dict[str, np.ndarray]:
-    with np.load(DATA / "text.npz") as z:
-        return {k: z[k] for k in z.files}
+    return load_npz(DATA / "text.npz")
 
 
 @pytest.fixture(scope="module")
@@ -119,18 +116,6 @@ def segmenters(model, name_file):
     return get
 
 
-def _assert_close(name: str, ours: np.ndarray, ref: np.ndarray, tol: float) -> None:
-    assert ours.shape == ref.shape, f"{name}: shape {ours.shape} != {ref.shape}"
-    err = float(np.abs(ours.astype(np.float64) - ref.astype(np.float64)).max())
-    assert err <= tol, f"{name}: max |diff| {err:.3g} > tolerance {tol:.3g}"
-
-
-def _assert_labels(name: str, ours: np.ndarray, ref: np.ndarray, allowed: int) -> None:
-    assert ours.shape == ref.shape and ours.dtype == ref.dtype, f"{name}: {ours.shape} {ours.dtype}"
-    wrong = int((ours != ref).sum())
-    assert wrong <= allowed, f"{name}: {wrong} pixels differ (allowed {allowed})"
-
-
 # --------------------------------------------------------------------------------------------------
 # Python API
 
@@ -143,7 +128,7 @@ def test_text_embeddings(segmenters, key):
     ours_words = list(seg.vocab.background) + [w for syns in seg.vocab.synonyms for w in syns]
     assert ours_words == [" ".join(w.split()) for w in words]
     assert seg.prompt_label.tolist() == INDEX["methods"][key]["query_idx"]
-    _assert_close("text", seg.text.numpy(), text_arrays()[f"{key}.text"], INDEX["tolerances"][key]["text"])
+    assert_close("text", seg.text.numpy(), text_arrays()[f"{key}.text"], INDEX["tolerances"][key]["text"])
 
 
 @pytest.mark.parametrize("key", METHOD_KEYS)
@@ -184,10 +169,10 @@ def test_arrays_match_official(segmenters, case_key):
         if name == "win_boxes":
             np.testing.assert_array_equal(ours[name], ref[f"{key}.{name}"])
         elif name == "label":
-            _assert_labels(name, ours[name], ref[f"{key}.{name}"], case["label_max_mismatch"])
+            assert_labels(name, ours[name], ref[f"{key}.{name}"], case["label_max_mismatch"])
         else:
             assert name in tol, f"fixture array {key}.{name} has no tolerance"
-            _assert_close(name, ours[name], ref[f"{key}.{name}"], tol[name])
+            assert_close(name, ours[name], ref[f"{key}.{name}"], tol[name])
     np.testing.assert_array_equal(res.label, ours["label"])
     np.testing.assert_array_equal(res.probs, ours["probs"])
 
@@ -197,10 +182,10 @@ def test_pamr_matches_official(segmenters, case_key):
     case = INDEX["cases"][case_key]
     key, ref = case["method"], arrays_of(case["image"])
     res = segmenters(key, with_pamr=True).predict(Image.fromarray(ref["image"]), keep_arrays=True)
-    _assert_close("logits", res.arrays["logits"], ref[f"{key}.logits"], INDEX["tolerances"][key]["logits"])
-    _assert_close("logits_pamr", res.arrays["logits_pamr"], ref[f"{key}.logits_pamr"],
+    assert_close("logits", res.arrays["logits"], ref[f"{key}.logits"], INDEX["tolerances"][key]["logits"])
+    assert_close("logits_pamr", res.arrays["logits_pamr"], ref[f"{key}.logits_pamr"],
                   INDEX["tolerances"][key]["logits_pamr"])
-    _assert_labels("label_pamr", res.label, ref[f"{key}.label_pamr"], case["label_pamr_max_mismatch"])
+    assert_labels("label_pamr", res.label, ref[f"{key}.label_pamr"], case["label_pamr_max_mismatch"])
 
 
 def test_naclip_published_preset_has_pamr_on(model, name_file):
@@ -226,7 +211,7 @@ def test_last_block_attention(segmenters, case_key):
     a = torch.from_numpy(ref[f"{key}.win0_lastblock_ln1"])[None]
     assert a.shape[1] == 1 + grid[0] * grid[1]
     weights = attention_weights(seg.settings.last_block, block, a, grid, std=seg.settings.naclip_std)
-    _assert_close("attention", weights[0].numpy(), ref[f"{key}.win0_lastblock_attn"],
+    assert_close("attention", weights[0].numpy(), ref[f"{key}.win0_lastblock_attn"],
                   INDEX["tolerances"][key]["win0_lastblock_attn"])
 
 
@@ -237,7 +222,7 @@ def test_naclip_neighbourhood_prior(name):
     grid = ((window.shape[0] + 1) // 2, (window.shape[1] + 1) // 2)
     std = float(INDEX["methods"][key]["settings"]["gaussian_std"])
     prior = neighbourhood_prior(grid, std).numpy()
-    _assert_close(name, prior, text_arrays()[name], 1e-6)
+    assert_close(name, prior, text_arrays()[name], 1e-6)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -293,11 +278,11 @@ def _check_outputs(key: str, out: Path, with_pamr: bool) -> None:
         ref = arrays_of(case["image"])
         label = read_label_png(out / "masks" / f"{case['image']}.png")
         if with_pamr:
-            _assert_labels("label_pamr", label, ref[f"{key}.label_pamr"], case["label_pamr_max_mismatch"])
+            assert_labels("label_pamr", label, ref[f"{key}.label_pamr"], case["label_pamr_max_mismatch"])
             continue
-        _assert_labels("label", label, ref[f"{key}.label"], case["label_max_mismatch"])
+        assert_labels("label", label, ref[f"{key}.label"], case["label_max_mismatch"])
         with np.load(out / "logits" / f"{case['image']}.npz") as z:
-            _assert_close("probs", z["probs"], ref[f"{key}.probs"], INDEX["tolerances"][key]["probs"])
+            assert_close("probs", z["probs"], ref[f"{key}.probs"], INDEX["tolerances"][key]["probs"])
 
 
 COMMAND_RUNS = [(key, False) for key in METHOD_KEYS] + [(key, True) for key in METHOD_KEYS if pamr_spec(key)]

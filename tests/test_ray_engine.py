@@ -1,11 +1,11 @@
-"""``tag2mask label --engine ray``: Ray Data actors write what the local engine writes, byte for byte, and a
-Ray run killed mid-way continues with ``--resume`` to the same outputs (our manifest is the record of truth).
+"""``tag2mask label|segment --engine ray``: Ray Data actors write what the local engine writes, byte for byte
+(``label`` with CLIP-ES, FMA and TagCLIP, ``segment`` with the open-vocabulary methods and trained runs), a
+Ray run killed mid-way continues with ``--resume`` to the same outputs (our manifest is the record of truth),
+and inputs named by a ``file://`` URI (read through pyarrow.fs) give the local folder's outputs.
 
-Ray is an optional extra (``tag2mask[ray]``, not in ``test``: the two tests take 60-110 s on 2 loaded cores,
-over the suite's budget for one optional package): they run where it is installed. One local Ray cluster
-(``ray start --head``) serves the module, so the CLI runs join it with ``--address`` instead of paying
-Ray's start-up on every run.
-"""
+Ray is an optional extra (``tag2mask[ray]``, also in ``test``); the module is skipped where it is not
+installed. One local Ray cluster (``ray start --head``) serves the module, so the CLI runs join it with
+``--address`` instead of paying Ray's start-up on every run."""
 
 from __future__ import annotations
 
@@ -203,3 +203,151 @@ def test_synthetic_world_voc_root_with_two_ray_workers(ray_address, tiny_clip_pa
         assert proc.returncode == 0, proc.stderr
     assert len(_files(outs["local"])) == 3 * 6
     _assert_same(outs["local"], outs["ray"])
+
+
+# --- every label / segment path on Ray: fma, tagclip, segment --checkpoint (one world, one cluster) --------
+
+RUNS_V0 = Path(__file__).parent / "data" / "runs_v0"
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> Path:
+    """A small synthetic world exported as a VOC root."""
+    root = tmp_path_factory.mktemp("world") / "world"
+    subprocess.run([sys.executable, "-m", "tag2mask", "synth", "export", "--out", str(root), "--n", "4", "--size", "64",
+                    "--quiet"], env=_env(root.parent), cwd=ROOT, check=True, capture_output=True, timeout=120)
+    return root
+
+
+def _tree(out: Path) -> dict[str, bytes]:
+    """Every output file of a run folder but its records (run.json, manifests) and logs."""
+    return {p.relative_to(out).as_posix(): p.read_bytes() for p in sorted(out.rglob("*"))
+            if p.is_file() and p.name not in ("run.json", "manifest.jsonl") and "logs" not in p.relative_to(out).parts}
+
+
+def _records(out: Path) -> dict[str, object]:
+    """Every manifest and run.json of a run folder (also a nested job's), without what says how / when it ran;
+    the output folder's own path reads OUT."""
+    found: dict[str, object] = {}
+    for p in sorted(out.rglob("manifest.jsonl")):
+        found[p.relative_to(out).as_posix()] = _manifest(p.parent)
+    for p in sorted(out.rglob("run.json")):
+        report = _report(p.parent)
+        for entry in report.get("images", []):  # segment's per-image timings
+            entry.pop("seconds", None)
+        found[p.relative_to(out).as_posix()] = report
+    return json.loads(json.dumps(found).replace(json.dumps(str(out))[1:-1], "OUT"))
+
+
+def _local_and_ray(cmd: list[str], tmp_path: Path, ray_address: str, code: int = 0) -> tuple[Path, Path]:
+    """Run ``cmd + --out DIR`` with the local engine and with 2 Ray actors; both must exit with ``code``."""
+    outs = []
+    for engine in ("local", "ray"):
+        out = tmp_path / engine
+        extra = ["--engine", "ray", "--workers", "2", "--address", ray_address] if engine == "ray" else []
+        proc = subprocess.run([sys.executable, "-m", "tag2mask", *cmd, "--out", str(out), "--quiet", *extra],
+                              env=_env(tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == code, proc.stderr
+        outs.append(out)
+    return outs[0], outs[1]
+
+
+def _assert_same_tree(local: Path, ray_out: Path) -> None:
+    a, b = _tree(local), _tree(ray_out)
+    assert a and sorted(a) == sorted(b)
+    assert [k for k in a if a[k] != b[k]] == []
+    assert _records(local) == _records(ray_out)
+    engine = json.loads((ray_out / "run.json").read_text())["engine"]
+    assert engine["engine"] == "ray" and engine["ray_workers"] == 2
+
+
+@pytest.mark.slow
+def test_fma_label_with_ray_writes_what_the_local_engine_writes(world, ray_address, tiny_clip_path, tmp_path):
+    from tag2mask.engine.loop import RunOptions
+    from tag2mask.methods.fma.prompt_run import FMATrainConfig
+    from tag2mask.methods.fma.train_task import FMAData, train_fma
+    from tag2mask.vocab.vocabulary import get_vocabulary
+
+    v = get_vocabulary("synth")  # a two-iteration prompts run on the world's classes
+    config = FMATrainConfig.build("synth", "cls", v.names, [",".join(s) for s in v.synonyms], v.background,
+                                  max_iters=2, warmup_iters=1, batch_size=2, augment_long_side=(64, 72),
+                                  augment_short_side_min=64, augment_crop=64)
+    prompts = tmp_path / "prompts"
+    train_fma(config, FMAData("synth", "train", synth_n=2, synth_size=64, weights=str(tiny_clip_path)),
+              RunOptions(out_dir=str(prompts), device="cpu", progress=False))
+    local, ray_out = _local_and_ray(["label", str(world), "--split", "train", "--method", "fma", "--prompts",
+                                     str(prompts), "--proposals", "slic", "--save-proposals", "--save-arrays",
+                                     "--device", "cpu"], tmp_path, ray_address)
+    _assert_same_tree(local, ray_out)
+    assert any(k.startswith("proposals/") for k in _tree(ray_out))  # the finish stage built SLIC in the actor
+
+
+@pytest.mark.slow
+def test_tagclip_label_with_ray_writes_what_the_local_engine_writes(world, ray_address, tiny_clip_path, tmp_path):
+    """Both jobs of ``--method tagclip`` (the tags, then CLIP-ES with TagCLIP's affinity) run on Ray."""
+    local, ray_out = _local_and_ray(["label", str(world / "JPEGImages"), "--method", "tagclip", "--classes", "synth",
+                                     "--weights", str(tiny_clip_path), "--refine", "pamr", "--save-arrays",
+                                     "--device", "cpu"], tmp_path, ray_address)
+    _assert_same_tree(local, ray_out)
+    assert any(k.startswith("tagclip/scores/") for k in _tree(ray_out))
+    tag_engine = json.loads((ray_out / "tagclip" / "run.json").read_text())["engine"]
+    assert tag_engine["engine"] == "ray" and tag_engine["ray_workers"] == 2
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", json.loads((RUNS_V0 / "index.json").read_text())["runs"], ids=lambda c: c["run"])
+def test_segment_checkpoint_with_ray_writes_what_the_local_engine_writes(case, ray_address, tmp_path):
+    """``segment --checkpoint RUN`` of the trained runs of ``tests/data/runs_v0`` (its ``index.json``)."""
+    from tag2mask.clip.shipped import SHIPPED_WEIGHTS
+
+    weights = ["--weights", str(SHIPPED_WEIGHTS)] if case["clip_weights"] == "shipped" else []
+    local, ray_out = _local_and_ray(["segment", str(RUNS_V0 / case["images"]), "--checkpoint", str(RUNS_V0 / case["run"]),
+                                     "--save-logits", "--overlay", "--device", "cpu", *weights], tmp_path, ray_address)
+    _assert_same_tree(local, ray_out)
+    assert sorted(p.stem for p in (ray_out / "masks").iterdir()) == sorted(p.stem for p in (RUNS_V0 / case["images"]).iterdir())
+
+
+@pytest.mark.slow
+def test_uri_input_writes_what_the_local_folder_writes(local_run, ray_address, tiny_clip_path, tmp_path):
+    """``segment file:///...`` (listed and read through pyarrow.fs, decoded by our decoder) with the local engine
+    and with 2 Ray actors writes what the local folder does: same files, same records but the input's name."""
+    images = local_run[0]
+    uri = images.resolve().as_uri()
+    outs = {}
+    for name, source, extra in (("folder", str(images), []), ("uri", uri, []),
+                                ("uri_ray", uri, ["--engine", "ray", "--workers", "2", "--address", ray_address])):
+        outs[name] = tmp_path / name
+        cmd = [sys.executable, "-m", "tag2mask", "segment", source, "--classes", "cat, dog; background: sky",
+               "--weights", str(tiny_clip_path), "--device", "cpu", "--out", str(outs[name]), "--overlay",
+               "--save-logits", "--max-pixels", "4000", "--quiet", *extra]
+        proc = subprocess.run(cmd, env=_env(tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 1, proc.stderr  # broken.png fails
+    want = _tree(outs["folder"])
+    assert "overlays/big.png" in want  # a downscaled image's overlay: drawn on the full-size decoded bytes
+    records = json.loads(json.dumps(_records(outs["folder"])).replace(json.dumps(str(outs["folder"]))[1:-1], "OUT"))
+    for name in ("uri", "uri_ray"):
+        got = _tree(outs[name])
+        assert sorted(got) == sorted(want) and [k for k in want if want[k] != got[k]] == []
+        named = json.dumps(_records(outs[name])).replace(uri, str(images.resolve()))
+        assert json.loads(named) == records
+    kinds = {r["item"]: r.get("error_kind") for r in _manifest(outs["uri_ray"]) if r["status"] == "error"}
+    assert kinds == {"broken": "decode"}
+
+
+@pytest.mark.slow
+def test_label_from_a_uri_with_ray_writes_what_the_local_folder_writes(local_run, ray_address, tiny_clip_path, tmp_path):
+    """``label file:///... --labels`` on 2 Ray actors (keys listed and read through pyarrow.fs): the local
+    folder's files, byte for byte, and its records but the inputs' names (nested keys, bad items included)."""
+    images, local = local_run
+    uri = images.resolve().as_uri()
+    out = tmp_path / "ray"
+    cmd = _cmd(tiny_clip_path, images, out, "--engine", "ray", "--workers", "2", "--address", ray_address)
+    cmd[cmd.index(str(images))] = uri
+    proc = subprocess.run(cmd, env=_env(tmp_path), cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stderr
+    fa, fb = _files(local), _files(out)
+    assert "masks/sub/im3.png" in fa and sorted(fa) == sorted(fb) and [k for k in fa if fa[k] != fb[k]] == []
+    named = json.loads(json.dumps(_manifest(out)).replace(uri, str(images.resolve())))
+    assert named == _manifest(local)
+    kinds = {r["item"]: r.get("error_kind") for r in _manifest(out) if r["status"] == "error"}
+    assert kinds == {"broken": "decode", "gone": "decode", "none": "labels"}

@@ -177,4 +177,4 @@ def test_missing_input_and_missing_default_weights(parser, tmp_path, monkeypatch
 
 def test_output_stems_are_disambiguated(tmp_path):
     files = [tmp_path / "a.jpg", tmp_path / "a.png", tmp_path / "b.png"]
-    assert segment_cmd._output_stems(files) == {files[0]: "a_jpg", files[1]: "a_png", files[2]: "b"}
+    assert segment_cmd.output_stems(files) == {files[0]: "a_jpg", files[1]: "a_png", files[2]: "b"}

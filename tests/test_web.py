@@ -170,19 +170,18 @@ def test_page_and_json_api(server_url, model):
     assert b"download='image_naclip_mask.png'" in body and b"BytesIO" not in body
 
 
-def test_compare_runs_every_method(server_url):
-    from tag2mask.web.service import METHODS
-
+def test_compare_runs_every_method(server_url, running):
+    methods = running.server.service.methods  # the methods offered for this model
     png, gt = _scene_png()
     status, body, _ = _post(server_url + "/api/segment", {"image": png, "classes": "star, ring; background: grass",
                                                           "compare": "1"})
     assert status == 200
     payload = json.loads(body)
-    assert [r["method"] for r in payload["results"]] == list(METHODS)
+    assert [r["method"] for r in payload["results"]] == list(methods)
     for r in payload["results"]:
         assert _labels(r["label_png"])[0].shape == gt.shape
     status, page, _ = _post(server_url + "/segment", {"image": png, "classes": "star; background: grass", "compare": "on"})
-    assert status == 200 and all(f"id='overlay-{m}'".encode() in page for m in METHODS)
+    assert status == 200 and all(f"id='overlay-{m}'".encode() in page for m in methods)
 
 
 @pytest.mark.parametrize("size", [(1, 300), (300, 1), (2, 20000)], ids=["1x300", "300x1", "2x20000"])

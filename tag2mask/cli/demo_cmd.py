@@ -10,7 +10,8 @@ from tag2mask.cmdline.options import add_device_option, add_weights_options, rec
 from tag2mask.methods import registry
 from tag2mask.cmdline import option_types as ot
 
-#: every training-free method of the registry (CLIP-ES with its variants, the open-vocabulary methods)
+#: every name ``--methods`` accepts (CLIP-ES with its variants, the open-vocabulary methods); ``all``, the
+#: default, runs those the loaded CLIP and the given options can run (the others are named with the reason)
 DEFAULT_METHODS = registry.demo_methods()
 
 
@@ -31,12 +32,14 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     p.add_argument(
         "--methods",
         nargs="+",
-        default=list(DEFAULT_METHODS),
-        help=f"methods to run (default: {' '.join(DEFAULT_METHODS)}); clip-es+crf needs the 'crf' extra "
-        "and is skipped with a note when it is missing",
+        default=["all"],
+        help=f"methods to run: all (the default) or some of {' '.join(DEFAULT_METHODS)}. 'all' skips, with "
+        "the reason, a method the CLIP cannot run (scclip needs 11+ blocks) or whose inputs are not given "
+        "(corrclip: --dino and --regions) and clip-es+crf without the 'crf' extra; naming such a method is an error",
     )
     add_weights_options(p)
     add_device_option(p)
+    registry.add_input_options(p)  # the inputs some methods need (CorrCLIP: --dino, --regions)
     p.set_defaults(func=run)
     record_given_options(p)
     return p
@@ -54,10 +57,14 @@ def run(args: argparse.Namespace) -> int:
 
     if args.n < 1:
         raise ValueError("--n must be at least 1")
-    methods = list(dict.fromkeys(args.methods))
+    everything = "all" in args.methods
+    if everything and len(args.methods) > 1:
+        raise ValueError("--methods all runs every method; give it alone or name the methods")
+    methods = list(DEFAULT_METHODS) if everything else list(dict.fromkeys(args.methods))
     unknown = [m for m in methods if m not in DEFAULT_METHODS]
     if unknown:
-        raise ValueError(f"unknown demo method(s) {unknown}; choose from {list(DEFAULT_METHODS)}")
+        raise ValueError(f"unknown demo method(s) {unknown}; choose from {['all', *DEFAULT_METHODS]}")
+    registry.check_input_options(args, "demo")  # before the model loads: a misuse fails fast
     with_crf = "clip-es+crf" in methods
     if with_crf:
         import importlib.util
@@ -67,9 +74,11 @@ def run(args: argparse.Namespace) -> int:
             methods.remove("clip-es+crf")
             with_crf = False
 
+    model = load_model_from_args(args)
+    inputs = registry.method_inputs(methods, model, args)
+    methods = runnable_methods(methods, model, inputs, skip=everything)
     out = Path(args.out)
     (out / "images").mkdir(parents=True, exist_ok=True)
-    model = load_model_from_args(args)
     scenes: list[dict] = []
     names = list(OBJECT_NAMES)  # overlays colour label k with the palette; the page's legend names them
 
@@ -94,6 +103,7 @@ def run(args: argparse.Namespace) -> int:
         methods,
         size=args.size,
         with_crf=with_crf,
+        inputs=inputs,
         on_image=on_image,
         progress=lambda it: tqdm(it, desc="demo", unit="scene", file=sys.stderr),
     )
@@ -103,6 +113,17 @@ def run(args: argparse.Namespace) -> int:
     print(results_table(scores, args.n))
     print(f"wrote {out / 'index.html'} and {out / 'results.json'}")
     return 0
+
+
+def runnable_methods(methods: list[str], model, inputs: dict, skip: bool) -> list[str]:
+    """``methods`` the model and ``inputs`` can run (registry ``supports`` / ``needs``): with ``skip``
+    (``--methods all``) the others are left out with one line each on stderr, else they are an error."""
+    runnable, why_not = registry.offered(methods, model, inputs)
+    if why_not and not skip:
+        raise ValueError("; ".join(f"{m} cannot run here: {why}" for m, why in why_not.items()))
+    for method, why in why_not.items():
+        print(f"demo: skipping {method}: {why}", file=sys.stderr)
+    return list(runnable)
 
 
 def write_demo_page(out: Path, scenes: list[dict], scores, model, args: argparse.Namespace) -> Path:

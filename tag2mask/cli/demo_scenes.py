@@ -43,8 +43,12 @@ METHOD_INFO: dict[str, tuple[str, str]] = {
                   TOLD_NAMES),
     "naclip": ("NACLIP: last block with key-key attention plus a Gaussian neighbourhood prior, without "
                "residual and feed-forward", TOLD_NAMES),
+    "scclip": ("SC-CLIP (TIP'25): anomaly tokens smoothed, features re-aggregated by mid-block similarity, "
+               "multi-level fusion through the last block", TOLD_NAMES),
     "pearl": ("PEARL (CVPR'26): Procrustes-aligned last-block attention, then text-aware Laplacian "
               "propagation of the logits", TOLD_NAMES),
+    "corrclip": ("CorrCLIP (ICCV'25): last-block attention scoped to class-agnostic regions and guided by DINO "
+                 "features, then map correction per region", TOLD_NAMES),
     "weclip": ("WeCLIP (CVPR'24): a decoder trained on frozen-CLIP pseudo-labels; predicts from the image "
                "alone", "nothing (trained on tags)"),
 }
@@ -74,16 +78,19 @@ def build_predictors(
     methods: Sequence[str],
     with_crf: bool,
     weclip_checkpoint: Optional[str] = None,
+    inputs: Optional[dict[str, dict]] = None,
 ) -> dict[str, Callable[[Image.Image, list[int]], np.ndarray]]:
     """name -> predict(image, label_ids) giving a (H, W) uint8 label map (0 bg, class id + 1).
 
     Each name is dispatched to its method's demo factory in :mod:`tag2mask.methods.registry`.
     ``weclip`` needs ``weclip_checkpoint`` (a run trained with ``tag2mask train weclip --data synth``
-    on the same CLIP weights); it predicts from the image alone.
+    on the same CLIP weights); it predicts from the image alone. ``inputs``: the methods' extra inputs
+    (:func:`tag2mask.methods.registry.method_inputs`, e.g. CorrCLIP's DINO and regions).
     """
     from tag2mask.methods import registry
 
-    options = {"with_crf": with_crf, "weclip_checkpoint": weclip_checkpoint, "templates": SYNTH_TEMPLATES}
+    options = {"with_crf": with_crf, "weclip_checkpoint": weclip_checkpoint, "templates": SYNTH_TEMPLATES,
+               "inputs": dict(inputs or {})}
     groups: dict[str, list[str]] = {}
     for name in methods:
         groups.setdefault(registry.get(name).name, []).append(name)
@@ -104,22 +111,18 @@ def evaluate_methods(
     on_image: Optional[Callable[[int, Image.Image, np.ndarray, dict[str, np.ndarray], list[str]], None]] = None,
     progress: Optional[Callable[[Iterable], Iterable]] = None,
     weclip_checkpoint: Optional[str] = None,
-    extra_predictors: Optional[dict[str, Callable[[Image.Image, list[int]], np.ndarray]]] = None,
+    inputs: Optional[dict[str, dict]] = None,
 ) -> dict[str, MethodScore]:
     """Score ``methods`` on ``n_images`` synthetic scenes of ``split``; labels come from the scenes.
 
-    ``extra_predictors``: more ``name -> predict(image, label_ids)`` (a ``(H, W)`` uint8 label map, 0
-    background, class id + 1), scored after ``methods`` on the same scenes (e.g. methods that need
-    inputs the demo factories do not have, such as CorrCLIP's DINO and regions).
-
     ``on_image(i, image, gt, outputs, tags)`` sees each scene: its (H, W) uint8 ground truth, the
     (H, W) uint8 label map of every method and the scene's tag names. Each method runs once on the
-    first scene before the timed loop (warm-up), so ``seconds`` holds no one-time costs.
+    first scene before the timed loop (warm-up), so ``seconds`` holds no one-time costs. ``inputs``: as
+    :func:`build_predictors`.
     """
     vocab = get_vocabulary("synth")
     num_classes = len(OBJECT_NAMES) + 1
-    predictors = build_predictors(model, vocab, methods, with_crf, weclip_checkpoint)
-    predictors.update(extra_predictors or {})
+    predictors = build_predictors(model, vocab, methods, with_crf, weclip_checkpoint, inputs=inputs)
     scores = {m: MethodScore(m, ConfusionMatrix(num_classes)) for m in predictors}
     data = SyntheticDataset(split, n_images, size)
     if n_images:

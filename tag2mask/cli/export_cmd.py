@@ -34,7 +34,8 @@ See docs/export.md.
 def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
     p = sub.add_parser("export", help="export a trained run as ONNX (+ sidecar) or as a hub-style folder",
                        description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("run", metavar="RUN", help="a run folder or checkpoint file of train segmenter | weclip | clip-zss")
+    p.add_argument("run", metavar="RUN", help="a run folder or checkpoint file of train segmenter | weclip | clip-zss, "
+                                              "or hf://USER/REPO[@REV] (a hub-style folder; extra 'hub')")
     p.add_argument("--onnx", default=None, metavar="OUT.onnx", help="write the ONNX graph here (extra 'onnx')")
     p.add_argument("--size", nargs=2, type=ot.positive_int(ot.MAX_SIDE), default=None, metavar=("H", "W"),
                    help="the graph's input size (default: the run's training crop; WeCLIP: its test long side); "
@@ -46,6 +47,9 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
                                                    "(default: the recorded path)")
     p.add_argument("--classes", default=None, help="CLIP-ZSS runs: plain class names 'a, b, c' for the text head "
                                                    "(default: the classes of its training data)")
+    p.add_argument("--allow-download", action="store_true",
+                   help="RUN hf://USER/REPO[@REV] only: fetch it when the local Hugging Face cache lacks it "
+                        "(default: the cache only)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.set_defaults(func=run)
     return p
@@ -55,7 +59,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from tag2mask.export.onnx_graph import export_onnx, require_onnx, sidecar_path
-    from tag2mask.jobs.checkpoint import resolve_checkpoint
+    from tag2mask.jobs.checkpoint import is_hf_name, resolve_checkpoint
     from tag2mask.methods import registry
     from tag2mask.runs.layout import read_run_checkpoint
 
@@ -63,8 +67,10 @@ def run(args: argparse.Namespace) -> int:
         raise ValueError("nothing to do: give --onnx OUT.onnx and/or --hub DIR")
     if not args.onnx and (args.size or args.dynamic or args.opset != 18):
         raise ValueError("--size, --dynamic and --opset apply to --onnx")
+    if args.allow_download and not is_hf_name(args.run):
+        raise ValueError("--allow-download applies to hf://USER/REPO run names (a local run is read as it is)")
     report: dict = {"run": str(args.run)}
-    ckpt = resolve_checkpoint(args.run)
+    ckpt = resolve_checkpoint(args.run, True if args.allow_download else None)
     task = read_run_checkpoint(ckpt)["task"]
     if args.onnx:
         out = Path(args.onnx)

@@ -54,7 +54,8 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("images", help="a folder of images, a VOC root (JPEGImages + Annotations) or a COCO root "
-                   "(JPEGImages + SegmentationClass + split files)")
+                   "(JPEGImages + SegmentationClass + split files); a folder may be a URI with --labels: "
+                   "s3://bucket/prefix, gs://..., file:///... (read through pyarrow.fs; docs/batch_jobs.md)")
     p.add_argument("--labels", default=None, help="JSON or CSV label file (omit for a VOC or COCO root)")
     p.add_argument("--split", default="train", help="split of a VOC root (ImageSets/Segmentation/SPLIT.txt) or a COCO "
                    "root (SPLIT.txt or a path: '<image id> <class id> ...' lines, ids 0-based) (default: train)")
@@ -109,8 +110,10 @@ def _label_hook(method: str):
 def check_options(args: argparse.Namespace) -> None:
     """Options that do not apply to the chosen method / refinement / input are errors, not silently ignored."""
     check_engine_options(args)
-    if args.engine == "ray" and args.method != "clip-es":
-        raise ValueError(f"--engine ray runs label --method clip-es only for now, not {args.method}")
+    if args.engine == "ray" and not getattr(_label_hook(args.method), "RAY_ENGINE", False):
+        ray_methods = [c.name for _, c in registry.commands("label") if getattr(_label_hook(c.name), "RAY_ENGINE", False)]
+        raise ValueError(f"--engine ray does not run label --method {args.method}; it runs --method "
+                         f"{', '.join(ray_methods)}")
     for _, command in registry.commands("label"):  # each method checks its own options and rejects the others'
         _label_hook(command.name).check_label_options(args)
     check_overlap_options(args)

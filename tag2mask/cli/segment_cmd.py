@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import platform
 from pathlib import Path
-from typing import Optional
 
 from tag2mask.cmdline.options import (
     add_device_option,
@@ -14,14 +13,22 @@ from tag2mask.cmdline.options import (
     add_weights_options,
     check_engine_options,
     check_weights_options,
-    given,
     record_given_options,
     reject_options,
 )
 from tag2mask.cli import segment_methods
-from tag2mask.cli.segment_records import write_outputs
+from tag2mask.cli.segment_job import (  # noqa: F401  (IMAGE_SUFFIXES, list_images: segment's public names)
+    DEFAULT_MAX_PIXELS,
+    IMAGE_SUFFIXES,
+    MAX_DECODE_PIXELS,
+    ImageSegmenter,
+    list_images,
+    output_stems,
+    run_segment_job,
+)
 from tag2mask.methods import registry
 from tag2mask.cmdline import option_types as ot
+from tag2mask.jobs.checkpoint import is_hf_name
 
 # kept in step with tag2mask.methods.ovss (importing it here would load torch for every --help)
 DATASET_CHOICES = ("voc21", "voc20", "context60", "context59", "coco_object", "coco_stuff", "city_scapes", "ade20k")
@@ -37,11 +44,6 @@ PRESET_TABLE = """presets (--preset; options given explicitly override single se
 {rows}
   default and published: probability threshold 0, no area threshold; published:DATASET adds that
   benchmark's official config (e.g. sclip published:voc21: logit scale 65, prob/area thresholds 0.1)."""
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-#: default --max-pixels: 4 MP. The working resolution is bounded anyway (--short-side); what grows with
-#: the image is the full-size logits (prompts x H x W float32, several copies): 95 MP took 13 GB
-DEFAULT_MAX_PIXELS = 4_000_000
-MAX_DECODE_PIXELS = 100_000_000
 
 
 def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
@@ -69,7 +71,9 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("input", metavar="IMAGE_OR_FOLDER", help="an image file or a folder of images (not recursive)")
+    p.add_argument("input", metavar="IMAGE_OR_FOLDER",
+                   help="an image file or a folder of images (not recursive), or a URI of one or of a prefix: "
+                        "s3://bucket/prefix, gs://..., file:///... (read through pyarrow.fs; docs/batch_jobs.md)")
     p.add_argument("--classes", default=None,
                    help="synth|voc|coco|voc-maskclip, a name-set FILE (e.g. cls_voc21.txt) or inline 'cat, dog|puppy; "
                         "background: sky, grass' (or ', background:' without ';') (required; with --checkpoint "
@@ -165,60 +169,22 @@ _OVSS_OPTIONS = ("classes", "method", "preset", "mode", "short_side", "crop", "s
 
 def check_options(args: argparse.Namespace) -> None:
     """Options that do not apply to what was asked are errors, not silently ignored."""
-    check_weights_options(args)
+    from tag2mask.cli.segment_checkpoint import check_checkpoint_options
+
+    if not (args.checkpoint and is_hf_name(args.checkpoint)):  # --allow-download then fetches the hf:// run
+        check_weights_options(args)
     check_engine_options(args)
     if args.engine == "ray":
-        reject_options(args, ("checkpoint", "onnx"), "with --engine ray (it runs the open-vocabulary methods)")
+        reject_options(args, ("onnx",), "with --engine ray (an exported graph runs in onnxruntime on this machine)")
     if args.onnx:
         reject_options(args, _OVSS_OPTIONS + ("checkpoint", "crf", "weights", "allow_download", "device"),
                        "with --onnx (the exported graph brings its classes and test settings; it runs on the CPU)")
     elif args.checkpoint:
-        # a CLIP-ZSS student takes any class names; every other run brings its own classes
-        skip = ("classes",) if given(args, "classes") and _is_clip_zss_run(args.checkpoint) else ()
-        reject_options(args, tuple(o for o in _OVSS_OPTIONS if o not in skip) + ("allow_download",),
-                       "with --checkpoint (a trained run brings its own test settings; only a CLIP-ZSS "
-                       "student takes --classes)")
+        check_checkpoint_options(args, _OVSS_OPTIONS)
     else:
         reject_options(args, ("crf",), "without --checkpoint (the open-vocabulary methods use --pamr)")
         if args.mode == "whole":
             reject_options(args, ("crop", "stride"), "with --mode whole (no sliding window)")
-
-
-def _is_clip_zss_run(checkpoint: str) -> bool:
-    """Whether ``checkpoint`` (file or run folder) is a run whose predictor takes ``--classes`` (a CLIP-ZSS
-    student); ``False`` if unreadable."""
-    try:
-        from tag2mask.jobs.checkpoint import resolve_checkpoint
-        from tag2mask.runs.layout import read_run_checkpoint
-
-        task = read_run_checkpoint(resolve_checkpoint(checkpoint)).get("task")
-        return bool(getattr(registry.run_predictor(task), "takes_classes", False))
-    except (OSError, ValueError, KeyError, RuntimeError):
-        return False  # the run is reported unreadable where it is loaded
-
-
-def list_images(path: Path) -> list[Path]:
-    """The image files to process: ``path`` itself, or the image-suffixed entries of a folder, sorted.
-
-    Entries that only look like images (a broken symlink, a folder named ``x.jpg``) are listed too:
-    the job reports them as bad items, as ``label`` does, instead of skipping them silently.
-    """
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
-        if not files:
-            raise FileNotFoundError(f"{path}: no image files ({', '.join(IMAGE_SUFFIXES)}) in this folder")
-        return files
-    if not path.exists():
-        raise FileNotFoundError(f"{path}: no such image or folder")
-    return [path]
-
-
-def _output_stems(files: list[Path]) -> dict[Path, str]:
-    """File stems, disambiguated when two inputs share one (``a.jpg`` and ``a.png`` -> ``a_jpg``, ``a_png``)."""
-    counts: dict[str, int] = {}
-    for f in files:
-        counts[f.stem] = counts.get(f.stem, 0) + 1
-    return {f: (f.stem if counts[f.stem] == 1 else f.name.replace(".", "_")) for f in files}
 
 
 def _settings(args: argparse.Namespace, vocab, model, segmenter) -> dict:
@@ -251,46 +217,6 @@ def _segmenter_options(args: argparse.Namespace) -> dict:
     return options
 
 
-class _Segmenter:
-    """``process_fn`` of the runner: one image path -> mask (+ overlay, + logits), written atomically."""
-
-    def __init__(self, segmenter, args: argparse.Namespace, out: Path, stems: dict[Path, str]) -> None:
-        self.segmenter, self.args, self.out, self.stems = segmenter, args, out, stems
-
-    def __call__(self, path: Path, data: Optional[bytes] = None):
-        """``data``: the file's bytes when already read (the Ray engine); decoded by the same rules."""
-        import numpy as np
-        from PIL import Image
-
-        from tag2mask.data.images import fit_max_pixels, load_image
-        from tag2mask.jobs.runner import ItemError, ItemOutput
-
-        args = self.args
-        # ImageDecodeError (unreadable, truncated, a folder, a broken link, a bomb) -> a "decode" error record
-        image = load_image(path, max_pixels=getattr(args, "max_decode_pixels", MAX_DECODE_PIXELS), data=data)
-        width, height = image.size
-        info = {"input": str(path), "size": [height, width]}
-        max_pixels = getattr(args, "max_pixels", DEFAULT_MAX_PIXELS)
-        w, h = fit_max_pixels(width, height, max_pixels)
-        if (w, h) != (width, height):
-            if getattr(args, "max_pixels_policy", "downscale") == "refuse":
-                raise ItemError("too_large", f"{path}: image is {width}x{height} = {width * height:,} pixels, more than "
-                                f"--max-pixels {max_pixels:,}; raise --max-pixels or use --max-pixels-policy downscale")
-            image = image.resize((w, h), Image.BICUBIC, reducing_gap=3.0)
-            info["processed_size"] = [h, w]
-        # region maps of a folder are keyed by the file stem (CorrCLIP)
-        wants_key = getattr(self.segmenter, "wants_key", False)
-        res = self.segmenter.predict(image, key=path.stem) if wants_key else self.segmenter.predict(image)
-        rgb = np.asarray(image, dtype=np.uint8)
-        if (w, h) != (width, height):
-            # the mask (and overlay) align with the original image; the logits stay at the processed size
-            res.label = np.asarray(Image.fromarray(res.label).resize((width, height), Image.NEAREST))
-            rgb = None
-        written = write_outputs(self.out, self.stems[path], rgb, res, args, original=path)
-        info["present"] = [res.class_names[v] for v in res.present()]
-        return ItemOutput(list(written.values()), info)
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -300,7 +226,9 @@ def run(args: argparse.Namespace) -> int:
 
     check_options(args)
     if args.checkpoint or args.onnx:
-        return _run_checkpoint(args)
+        from tag2mask.cli.segment_checkpoint import run_checkpoint
+
+        return run_checkpoint(args)
     # cheap checks first, so a typo fails before the model is loaded
     if args.classes is None:
         raise ValueError("--classes is required (or --checkpoint for a trained WeCLIP run)")
@@ -315,7 +243,7 @@ def run(args: argparse.Namespace) -> int:
     preset = hooks.segment_preset(args.method, args.preset)  # a bad preset name fails before the model is loaded
     first_line = {"auto": None, "background": True, "class": False}[args.first_line]
     vocab = hooks.segment_vocabulary(args.classes, first_line)
-    files = list_images(Path(args.input))
+    files = list_images(args.input)
     out = Path(args.out)
     engine = None
     if args.engine == "ray":
@@ -333,7 +261,7 @@ def run(args: argparse.Namespace) -> int:
     if not segmenter.settings.pamr:
         reject_options(args, ("pamr_steps", "pamr_dilations"), "without PAMR (add --pamr)")
     settings = _settings(args, vocab, model, segmenter)
-    stems = _output_stems(files)
+    stems = output_stems(files)
     record = {
         "tag2mask": __version__,
         "torch": torch.__version__,
@@ -357,7 +285,7 @@ def run(args: argparse.Namespace) -> int:
     }
     if engine is not None:  # what ran: actors, threads per actor and Ray's start-up time
         record["engine"] = engine.stats
-    return _run_job(args, files, stems, out, segmenter, settings, record, engine)
+    return run_segment_job(args, files, stems, out, segmenter, settings, record, engine)
 
 
 def _build(args: argparse.Namespace, preset, vocab) -> tuple:
@@ -380,92 +308,6 @@ def build_ray_worker(args: argparse.Namespace) -> tuple:
     hooks = segment_methods.hooks_of(args.method)
     preset = hooks.segment_preset(args.method, args.preset)
     first_line = {"auto": None, "background": True, "class": False}[args.first_line]
-    files = list_images(Path(args.input))
+    files = list_images(args.input)
     _, segmenter = _build(args, preset, hooks.segment_vocabulary(args.classes, first_line))
-    return files, _Segmenter(segmenter, args, Path(args.out), _output_stems(files))
-
-
-def _run_job(args: argparse.Namespace, files: list[Path], stems: dict[Path, str], out: Path, segmenter,
-             settings: dict, record: dict, engine=None) -> int:
-    """Run ``segmenter`` over ``files`` on the batch runner (manifest, resume, torchrun); exit code."""
-    from tag2mask.io.manifest import file_state
-    from tag2mask.jobs.runner import JobOptions, print_summary, process_exit_code, run_items
-
-    def finalize(run_dir: Path, summary) -> None:
-        from tag2mask.cli.segment_records import image_records
-
-        record["images"] = image_records(run_dir, files, stems)
-
-    options = JobOptions(resume=args.resume, overwrite=args.overwrite, quiet=args.quiet, verbose=args.verbose,
-                         limit=args.limit, desc="segment", unit="img")
-    summary = run_items(files, _Segmenter(segmenter, args, out, stems), out, settings, options,
-                        keys=[stems[f] for f in files], describe=lambda i: str(files[i]),
-                        run_record=record, finalize=finalize, source_of=lambda i: file_state(files[i]), engine=engine)
-    if not args.quiet or summary.failed:
-        print_summary(summary, out, "segment")
-    return process_exit_code(summary)
-
-
-class _CheckpointSegmenter:
-    """A trained run behind the ``predict(image) -> SegmentationResult`` interface; the run's engine task
-    picks its predictor in :data:`tag2mask.methods.registry.RUN_PREDICTORS`."""
-
-    def __init__(self, checkpoint: str, device: str, weights, crf: bool, classes=None, inner=None) -> None:
-        from tag2mask.runs.layout import read_run_checkpoint
-
-        if inner is None:  # an exported graph (--onnx) comes as ``inner``, with its kind
-            task = read_run_checkpoint(checkpoint)["task"]
-            inner = registry.run_predictor(task).from_run(checkpoint, device=device, weights=weights, crf=crf,
-                                                          classes=classes)
-        self.inner, self.kind = inner, getattr(inner, "kind", None) or task
-        self.class_names = tuple(self.inner.class_names)
-        self.has_background = bool(self.inner.has_background)
-        self.device = self.inner.device
-
-    def predict(self, image):
-        from tag2mask.methods.ovss.segmenter import SegmentationResult
-
-        label, probs = self.inner.predict(image)
-        return SegmentationResult(label=label, logits=probs, class_names=self.class_names,
-                                  has_background=self.has_background)
-
-
-def _run_checkpoint(args: argparse.Namespace) -> int:
-    """``segment --checkpoint`` / ``--onnx``: a trained run or an exported graph over a folder on the batch runner."""
-    import hashlib
-
-    from tag2mask.version import __version__
-    from tag2mask.cmdline.options import toy_model_warning
-    from tag2mask.jobs.distributed import device_for_rank
-
-    if args.limit is not None and args.limit < 0:
-        raise ValueError(f"--limit must be >= 0, got {args.limit}")
-    from tag2mask.jobs.checkpoint import resolve_checkpoint
-    files = list_images(Path(args.input))
-    out = Path(args.out)
-    if args.onnx:
-        from tag2mask.export.onnx_runtime import OnnxSegmenter
-
-        ckpt = Path(args.onnx)
-        segmenter = _CheckpointSegmenter(str(ckpt), "cpu", None, False, inner=OnnxSegmenter(ckpt))
-    else:
-        ckpt = resolve_checkpoint(args.checkpoint)  # a run folder: its newest complete checkpoint
-        args.device = device_for_rank(args.device)
-        segmenter = _CheckpointSegmenter(str(ckpt), args.device, args.weights, args.crf, args.classes)
-    # the CLIP whose toy-ness the warning checks: a student's text encoder, else the network's frozen CLIP
-    teacher = segmenter.inner.text_model() if hasattr(segmenter.inner, "text_model") else \
-        getattr(getattr(segmenter.inner, "model", None), "clip", None)
-    warning = toy_model_warning(teacher, [args.input])
-    digest = hashlib.sha256(ckpt.read_bytes()).hexdigest()[:16]
-    settings = {"method": segmenter.kind, "checkpoint": digest, "crf": args.crf, "overlay": args.overlay,
-                "save_logits": args.save_logits, "max_pixels": args.max_pixels,
-                "max_pixels_policy": args.max_pixels_policy}
-    if getattr(segmenter.inner, "takes_classes", False):  # the class names are part of what is segmented
-        settings["classes"] = list(segmenter.class_names)
-    stems = _output_stems(files)
-    record = {"tag2mask": __version__, "command": "segment", "input": str(args.input),
-              "method": segmenter.kind, "settings": settings, "checkpoint": str(ckpt), "class_names": list(segmenter.class_names),
-              "device": str(segmenter.device), "long_side": segmenter.inner.long_side,
-              "scales": list(segmenter.inner.scales), "flip": segmenter.inner.flip,
-              "warnings": [warning] if warning else []}
-    return _run_job(args, files, stems, out, segmenter, settings, record)
+    return files, ImageSegmenter(segmenter, args, Path(args.out), output_stems(files))

@@ -106,7 +106,10 @@ class VisionTransformer(nn.Module):
         round_fp16 = self.round_pos_embed_fp16 if round_fp16 is None else round_fp16
         pos = self.positional_embedding
         g = self.pretrain_grid
-        if (h, w) == (g, g):
+        # While an ONNX export traces, h and w are 0-dim tensors of the (maybe symbolic) input size: the
+        # shortcut would freeze the traced size into the graph, so the table is always resized then. A
+        # same-size resize is the identity (source coordinates fall on the grid), so the values do not change.
+        if (h, w) == (g, g) and not torch.jit.is_tracing():
             table = pos
         else:
             patch = pos[1:].float().reshape(1, g, g, -1).permute(0, 3, 1, 2)

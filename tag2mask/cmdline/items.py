@@ -1,7 +1,8 @@
 """The item reader of ``label``, ``label --method fma`` and ``prompts select``: images with image-level tags.
 
 A data set is a VOC root (tags from ``Annotations/*.xml``), a COCO root (split files with class ids)
-or an image folder with a JSON / CSV tag file (``--labels``); ``--classes`` names the vocabulary.
+or an image folder with a JSON / CSV tag file (``--labels``); the folder may be a URI (``s3://bucket/prefix``,
+``file:///...``; :class:`tag2mask.data.datasets.UriFolderDataset`). ``--classes`` names the vocabulary.
 """
 
 from __future__ import annotations
@@ -20,7 +21,16 @@ _XML_SAMPLE = 64
 def open_items(args: argparse.Namespace, class_names: list[str]):
     from tag2mask.data.datasets import COCODataset, FolderDataset, VOCDataset, detect_dataset, xml_object_names
     from tag2mask.data.tag_files import read_labels_file
+    from tag2mask.io.uri_inputs import is_uri
 
+    if is_uri(args.images):  # an object store's prefix: a folder of images with a local label file
+        from tag2mask.data.datasets import UriFolderDataset
+
+        if args.labels is None:
+            raise ValueError(f"{args.images}: a URI input needs --labels (JSON or CSV; VOC and COCO roots are "
+                             "read from local folders)")
+        check_vocabulary(args, read_labels_file(args.labels), class_names, str(args.labels))
+        return UriFolderDataset(args.images, args.labels, class_names, strict=False)
     kind = detect_dataset(args.images)
     if args.labels is None:
         if kind == "coco":
@@ -87,10 +97,10 @@ def describe(dataset, i: int) -> str:
 
 def source(dataset, i: int) -> dict:
     """Item ``i``'s inputs as they are now: its image file's size and time, and its labels (for --resume)."""
-    from tag2mask.io.manifest import file_state
+    from tag2mask.io.uri_inputs import input_state
 
     sample = dataset[i]
-    return {"image": file_state(sample.image_path), "labels": list(sample.label_ids)}
+    return {"image": input_state(sample.image_path), "labels": list(sample.label_ids)}
 
 
 def run_item_job(args: argparse.Namespace, items, stages, out: Path, settings: dict, record: dict,

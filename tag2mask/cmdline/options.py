@@ -6,7 +6,7 @@ import argparse
 import functools
 import os
 import sys
-from typing import Iterable, Optional
+from typing import Any, Iterable, Optional
 
 from tag2mask.runtime import DEVICE_CHOICES
 from tag2mask.cmdline import option_types as ot
@@ -179,12 +179,13 @@ def check_engine_options(args: argparse.Namespace) -> None:
         raise ValueError("--workers 0 does not apply with --engine ray (it is the number of Ray actors, at least 1)")
 
 
-def ray_engine_from_args(args: argparse.Namespace, builder: str, input_path) -> "object":
-    """The :class:`~tag2mask.jobs.ray_engine.RayEngine` of checked ``args`` (``builder(args)`` runs in each actor)."""
+def ray_engine_from_args(args: argparse.Namespace, builder: str, input_path, build_args: Any = None) -> "object":
+    """The :class:`~tag2mask.jobs.ray_engine.RayEngine` of checked ``args``: ``builder(build_args)`` runs in each
+    actor (default ``build_args``: ``args``; it must pickle: plain data, module-level functions)."""
     from tag2mask.jobs.ray_engine import RayEngine, import_ray
 
     import_ray()  # a missing extra is one line at start-up, before the model loads
-    return RayEngine(builder, args, input_path, address=args.address,
+    return RayEngine(builder, args if build_args is None else build_args, input_path, address=args.address,
                      workers=None if args.workers == "auto" else int(args.workers),
                      num_gpus_per_worker=float(args.num_gpus_per_worker))
 

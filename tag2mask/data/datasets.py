@@ -22,6 +22,8 @@ __all__ = [
     "VOCDataset",
     "COCODataset",
     "FolderDataset",
+    "UriFolderDataset",
+    "open_image_folder",
     "DATASETS",
     "open_dataset",
     "detect_dataset",
@@ -280,6 +282,55 @@ class FolderDataset(_Base):
         if self.gt_dir is not None and (self.gt_dir / f"{name}.png").is_file():
             gt = self.gt_dir / f"{name}.png"
         return Sample(name, self._paths[i], list(self._ids[i]), gt)
+
+
+class UriFolderDataset(FolderDataset):
+    """:class:`FolderDataset` of a URI prefix (``s3://bucket/prefix``, ``gs://...``, ``file:///...``): the
+    same items, names and label rules, listed (recursively) and read through ``pyarrow.fs``
+    (:mod:`tag2mask.io.uri_inputs`). ``image_dir`` is the URI (a string); each sample's ``image_path`` a
+    :class:`~tag2mask.io.uri_inputs.RemoteFile`. A label-file entry missing from the listing stays an item
+    whose read fails (a ``decode`` error record, as a missing local file)."""
+
+    def __init__(self, uri: str, labels_file: str | Path | None = None, class_names: Sequence[str] = (),
+                 strict: bool = True) -> None:
+        from tag2mask.io.uri_inputs import RemoteFile, list_uri
+
+        self.image_dir = uri.rstrip("/")
+        self.class_names = list(class_names)
+        self.gt_dir = None
+        self.errors: list[tuple[str, str]] = []
+        self._paths, self._ids, self._names = [], [], []
+        start = len(self.image_dir) + 1
+        listed = {f.uri[start:]: f for f in list_uri(uri, None if labels_file else IMAGE_SUFFIXES, recursive=True)}
+        if labels_file is None:
+            for rel, f in listed.items():  # sorted by key, as rglob lists a local folder
+                self._add(PurePosixPath(rel).with_suffix("").as_posix(), f, [])
+            return
+        if not self.class_names:
+            raise ValueError("UriFolderDataset with a labels file needs class_names")
+        for entry, names in read_labels_file(labels_file).items():
+            rel = entry.replace("\\", "/")
+            try:
+                if rel.startswith("/") or ".." in PurePosixPath(rel).parts or rel[1:2] == ":":
+                    raise LabelFileError(f"{labels_file}: entry {entry!r}: image name points outside {self.image_dir}")
+                ids = names_to_ids(names, self.class_names, f"{labels_file}: entry {entry!r}")
+            except LabelFileError as exc:
+                if strict:
+                    raise
+                self.errors.append((entry, str(exc)))
+                continue
+            item = listed.get(rel, RemoteFile(f"{self.image_dir}/{rel}"))
+            self._add(PurePosixPath(rel).with_suffix("").as_posix(), item, ids)
+
+
+def open_image_folder(image_dir: str | Path, labels_file: str | Path | None = None, class_names: Sequence[str] = (),
+                      strict: bool = True) -> FolderDataset:
+    """A :class:`FolderDataset`, or a :class:`UriFolderDataset` when ``image_dir`` is a URI (``s3://``, ...)."""
+    from tag2mask.io.uri_inputs import is_uri
+
+    if is_uri(str(image_dir)):
+        return UriFolderDataset(str(image_dir), labels_file, class_names, strict=strict)
+    return FolderDataset(image_dir, labels_file, class_names, strict=strict)
 
 
 DATASETS: dict[str, Callable[..., _Base]] = {

@@ -87,11 +87,12 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
-def load_image(path: str | Path, max_pixels: int | None = MAX_PIXELS, data: bytes | None = None) -> Image.Image:
+def load_image(path: "str | Path | RemoteFile", max_pixels: int | None = MAX_PIXELS, data: bytes | None = None) -> Image.Image:
     """Decode ``path`` to an RGB PIL image with EXIF orientation applied.
 
     Args:
-        path: image file.
+        path: image file; a :class:`~tag2mask.io.uri_inputs.RemoteFile` (an object store's) is read through
+            ``pyarrow.fs`` when ``data`` is not given (an unreadable one: ``ImageDecodeError``).
         max_pixels: refuse images with more pixels (width * height) than this before
             decoding them; ``None`` disables our check (Pillow's own hard limit of
             ``2 * Image.MAX_IMAGE_PIXELS`` still applies).
@@ -104,14 +105,26 @@ def load_image(path: str | Path, max_pixels: int | None = MAX_PIXELS, data: byte
     Raises:
         ImageDecodeError: missing, empty, truncated, non-image, or too large.
     """
-    path = Path(path)
+    from tag2mask.io.uri_inputs import RemoteFile, read_uri
+
+    if isinstance(path, RemoteFile):  # an object store's file: its bytes through pyarrow.fs
+        if data is None:
+            try:
+                data = read_uri(path.uri)
+            except FileNotFoundError:
+                raise ImageDecodeError(path.uri, "file not found") from None
+            except (OSError, ValueError) as exc:
+                raise ImageDecodeError(path.uri, f"cannot be read ({exc})") from None
+        path = path.uri
+    # with the bytes in hand ``path`` only names them in messages: kept as given (a URI stays whole)
+    name, path = (path if data is not None else Path(path)), Path(path)
     if data is None:
         if not path.is_file():
             if path.is_symlink() and not path.exists():
-                raise ImageDecodeError(path, f"file not found (a broken symbolic link to {os.readlink(path)})")
-            raise ImageDecodeError(path, "file not found" if not path.exists() else "not a regular file (a folder?)")
+                raise ImageDecodeError(name, f"file not found (a broken symbolic link to {os.readlink(path)})")
+            raise ImageDecodeError(name, "file not found" if not path.exists() else "not a regular file (a folder?)")
     if (len(data) if data is not None else path.stat().st_size) == 0:
-        raise ImageDecodeError(path, "file is empty (0 bytes)")
+        raise ImageDecodeError(name, "file is empty (0 bytes)")
     try:
         with warnings.catch_warnings():
             # we enforce our own limit below; Pillow's warning would only add noise
@@ -120,7 +133,7 @@ def load_image(path: str | Path, max_pixels: int | None = MAX_PIXELS, data: byte
                 w, h = img.size
                 if max_pixels is not None and w * h > max_pixels:
                     raise ImageDecodeError(
-                        path, f"image is {w}x{h} = {w * h} pixels, more than max_pixels={max_pixels} "
+                        name, f"image is {w}x{h} = {w * h} pixels, more than max_pixels={max_pixels} "
                         "(possible decompression bomb; raise max_pixels if the image is genuine)")
                 img.seek(0)
                 img.load()
@@ -131,12 +144,12 @@ def load_image(path: str | Path, max_pixels: int | None = MAX_PIXELS, data: byte
     except ImageDecodeError:
         raise
     except Image.DecompressionBombError as exc:
-        raise ImageDecodeError(path, f"image too large ({exc})") from exc
+        raise ImageDecodeError(name, f"image too large ({exc})") from exc
     except UnidentifiedImageError as exc:
-        raise ImageDecodeError(path, "not a recognised image format (is it really an image?)") from exc
+        raise ImageDecodeError(name, "not a recognised image format (is it really an image?)") from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         # Pillow reports truncated / corrupt data as OSError ("image file is truncated") or SyntaxError
-        raise ImageDecodeError(path, f"corrupt or truncated image data ({exc})") from exc
+        raise ImageDecodeError(name, f"corrupt or truncated image data ({exc})") from exc
     return rgb
 
 

@@ -266,7 +266,7 @@ def _resolve_device(name: str, local_rank: int, world: int) -> torch.device:
 
 def train(task: TrainTask, options: RunOptions) -> dict[str, Any]:
     """Run (or resume) ``task`` as ``options`` say; returns a summary (last row, val scores, checkpoints)."""
-    from tag2mask.jobs.distributed import dist_info, init_distributed, shutdown
+    from tag2mask.jobs.distributed import barrier, dist_info, init_distributed, shutdown
 
     if options.stop_at is not None and not 1 <= options.stop_at <= task.max_iters:
         # a stop point past the end would be silently the end: say so instead
@@ -277,7 +277,11 @@ def train(task: TrainTask, options: RunOptions) -> dict[str, Any]:
     backend = "nccl" if device.type == "cuda" else "gloo"
     created = init_distributed(info, backend=backend)
     try:
-        return _run(task, options, info.rank, info.world_size, device, backend)
+        summary = _run(task, options, info.rank, info.world_size, device, backend)
+        # every rank leaves its last collective before any rank tears gloo down: destroying the group while
+        # a peer is still inside one aborted that peer ("terminate called without an active exception")
+        barrier()
+        return summary
     finally:
         shutdown(created)
 

@@ -13,17 +13,18 @@ exports of one network differed) and exports in seconds instead of tens of secon
 
 from __future__ import annotations
 
+import contextlib
 import json
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Iterator, Optional, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-__all__ = ["SIDECAR_FORMAT", "DEFAULT_OPSET", "ExportSpec", "TtaLogits", "check_graph", "export_onnx", "sidecar_path",
+__all__ = ["SIDECAR_FORMAT", "DEFAULT_OPSET", "ExportSpec", "TtaLogits", "MAX_RELATIVE_DIFF", "check_graph", "export_onnx", "sidecar_path",
            "require_onnx"]
 
 SIDECAR_FORMAT = "tag2mask-onnx-v1"
@@ -113,12 +114,19 @@ def _sidecar(spec: ExportSpec, size: tuple[int, int], dynamic: bool, opset: int,
     }
 
 
+#: a graph whose logits differ from torch's by more than this fraction of torch's largest |logit| is refused:
+#: the float32 kernels of the two runtimes agree to ~1e-6 relative; a traced size frozen into a ``--dynamic``
+#: graph (one network measured 4e-3 off at another size) or a mis-exported operator shows up far above it
+MAX_RELATIVE_DIFF = 2e-3
+
+
 def check_graph(spec: ExportSpec, out: Path, sizes: Sequence[tuple[int, int]]) -> dict[str, float]:
     """Largest ``|onnxruntime - torch|`` logit difference at each ``(H, W)`` on a fixed pseudo-random input.
 
     Raises:
-        ValueError: onnxruntime fails or gives another shape (e.g. a ``--dynamic`` graph whose network fixed a
-            size while tracing); the message names the size.
+        ValueError: onnxruntime fails, gives another shape, or differs from torch by more than
+            :data:`MAX_RELATIVE_DIFF` of torch's largest |logit| (e.g. a ``--dynamic`` graph whose network fixed
+            a size while tracing); the message names the size.
     """
     import numpy as np
     import onnxruntime as ort
@@ -140,8 +148,29 @@ def check_graph(spec: ExportSpec, out: Path, sizes: Sequence[tuple[int, int]]) -
             raise ValueError(f"the exported graph fails at {h} x {w} in onnxruntime ({str(exc)[:200]})") from None
         if got.shape != ref.shape:
             raise ValueError(f"the exported graph gives {got.shape} at {h} x {w}, torch {ref.shape}")
-        diffs[f"{h}x{w}"] = float(np.abs(got - ref).max())
+        diff = float(np.abs(got - ref).max())
+        scale = max(float(np.abs(ref).max()), 1e-6)
+        if diff > MAX_RELATIVE_DIFF * scale:
+            raise ValueError(f"the exported graph differs from torch at {h} x {w} by {diff:.3g} (relative "
+                             f"{diff / scale:.3g} > {MAX_RELATIVE_DIFF:g}): it runs but computes something else")
+        diffs[f"{h}x{w}"] = diff
     return diffs
+
+
+@contextlib.contextmanager
+def _export_contexts(module: nn.Module, dynamic: bool) -> Iterator[None]:
+    """Enter each submodule's ``onnx_export_context(dynamic)`` while the exporter traces (Mask2Former's dtype fix).
+
+    A network whose eager code traces into a graph that onnxruntime cannot run (or that is wrong at other sizes)
+    provides such a context manager: it changes the module only inside it (the torch reference of
+    :func:`check_graph` runs outside, unchanged), or raises ``ValueError`` for options it cannot honour.
+    """
+    with contextlib.ExitStack() as stack:
+        for sub in module.modules():
+            hook = getattr(sub, "onnx_export_context", None)
+            if callable(hook):
+                stack.enter_context(hook(dynamic))
+        yield
 
 
 def export_onnx(spec: ExportSpec, out: Path, size: Optional[tuple[int, int]] = None, dynamic: bool = False,
@@ -151,7 +180,7 @@ def export_onnx(spec: ExportSpec, out: Path, size: Optional[tuple[int, int]] = N
     ``size``: the graph's ``(H, W)`` (default ``spec.size``); with ``dynamic`` H and W are symbolic and
     ``size`` is only the example the exporter traces. Before ``out`` is put in place, onnxruntime runs the
     graph against torch (at ``size``, and at ``size + (16, 32)`` with ``dynamic``); a graph that fails or
-    gives another shape is not written (``ValueError``), an existing ``out`` is left as it was. The
+    gives another shape or other numbers (:data:`MAX_RELATIVE_DIFF`) is not written (``ValueError``), an existing ``out`` is left as it was. The
     differences go into the sidecar's ``check``. Same weights, same options -> the same bytes.
     """
     from tag2mask.io.atomic import atomic_path, atomic_write_text
@@ -171,8 +200,9 @@ def export_onnx(spec: ExportSpec, out: Path, size: Optional[tuple[int, int]] = N
         warnings.simplefilter("ignore")  # the exporter's deprecation / tracer notes say nothing about this file
         with atomic_path(out) as tmp:  # an error below leaves an existing OUT (and its sidecar) as they were
             try:
-                torch.onnx.export(module, (example,), str(tmp), input_names=["image"], output_names=["logits"],
-                                  opset_version=opset, dynamo=False, dynamic_axes=axes, do_constant_folding=True)
+                with _export_contexts(module, dynamic):
+                    torch.onnx.export(module, (example,), str(tmp), input_names=["image"], output_names=["logits"],
+                                      opset_version=opset, dynamo=False, dynamic_axes=axes, do_constant_folding=True)
             except Exception as exc:  # the exporter's own error types; their messages dump the whole graph
                 first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
                 raise ValueError(f"the {spec.kind} network {spec.source.get('network', '')} does not export to ONNX "

@@ -176,12 +176,22 @@ def is_hub_folder(path: Union[str, Path]) -> bool:
         return False
 
 
-def hf_snapshot(spec: str) -> Path:
-    """``hf://user/repo[@revision]`` -> its folder in the local Hugging Face cache (optional extra ``hub``).
+def is_hf_name(path: Union[str, Path]) -> bool:
+    """Whether ``path`` is an ``hf://user/repo[@revision]`` run name (a string: a ``Path`` never is)."""
+    return isinstance(path, str) and path.startswith("hf://")
 
-    Offline only: nothing is downloaded; a repository missing from the cache is a ``FileNotFoundError``
-    that names it and the command that fetches it.
+
+def hf_snapshot(spec: str, allow_download: Optional[bool] = None) -> Path:
+    """``hf://user/repo[@revision]`` -> its snapshot folder (optional extra ``hub``).
+
+    By default offline: the local Hugging Face cache only (``local_files_only=True``), and a repository missing
+    from it is a ``FileNotFoundError`` that names it and the command that fetches it. ``allow_download``
+    (``--allow-download``; ``None``: ``TAG2MASK_ALLOW_DOWNLOAD``, as for CLIP weights): huggingface_hub fetches
+    what the cache lacks (``local_files_only=False``).
     """
+    from tag2mask.clip.loading import downloads_allowed
+
+    allow_download = downloads_allowed(allow_download)
     repo, _, revision = spec[len("hf://"):].partition("@")
     if repo.count("/") != 1 or not all(repo.split("/")):
         raise ValueError(f"{spec}: expected hf://USER/REPO or hf://USER/REPO@REVISION")
@@ -190,22 +200,24 @@ def hf_snapshot(spec: str) -> Path:
     except ImportError:
         raise ImportError(f"{spec}: hf:// names need the optional extra 'hub': pip install 'tag2mask[hub]'") from None
     try:
-        return Path(snapshot_download(repo, revision=revision or None, local_files_only=True))
-    except Exception as exc:  # huggingface_hub's own errors: not cached, no such revision
+        return Path(snapshot_download(repo, revision=revision or None, local_files_only=not allow_download))
+    except Exception as exc:  # huggingface_hub's own errors: not cached, no such revision, no network
+        if allow_download:
+            raise FileNotFoundError(f"{spec}: could not be downloaded ({type(exc).__name__}: {exc})") from None
         fetch = f"hf download {repo}" + (f" --revision {revision}" if revision else "")
         raise FileNotFoundError(
-            f"{spec}: not in the local Hugging Face cache (tag2mask does not download runs; {type(exc).__name__}); "
-            f"fetch it with '{fetch}' (huggingface_hub's CLI), then run this again") from None
+            f"{spec}: not in the local Hugging Face cache ({type(exc).__name__}); pass --allow-download to fetch "
+            f"it, or fetch it with '{fetch}' (huggingface_hub's CLI), then run this again") from None
 
 
-def resolve_checkpoint(path: Union[str, Path]) -> Path:
+def resolve_checkpoint(path: Union[str, Path], allow_download: Optional[bool] = None) -> Path:
     """A checkpoint file, or the newest verified checkpoint of a run folder (a hub-style folder: its
-    ``model.safetensors``).
+    ``model.safetensors``); ``hf://user/repo[@revision]`` through :func:`hf_snapshot` (``allow_download``).
 
     Raises:
         FileNotFoundError: no such file, or a folder without a complete checkpoint.
     """
-    p = hf_snapshot(path) if isinstance(path, str) and path.startswith("hf://") else Path(path)
+    p = hf_snapshot(path, allow_download) if is_hf_name(path) else Path(path)
     if p.is_dir():
         found = latest_checkpoint(p)
         if found is None and is_hub_folder(p):

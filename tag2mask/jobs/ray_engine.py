@@ -65,13 +65,18 @@ def _load(ref: str) -> Callable[..., Any]:
 def _read_bytes(row: dict[str, Any]) -> dict[str, Any]:
     """Ray Data stage: the image's bytes (``readable`` False when it cannot be read: the actor's decoder
     then reports the problem exactly as the local engine does)."""
+    from tag2mask.io.uri_inputs import is_uri, read_uri
+
     path = row["path"]
     data, readable = b"", False
     if path:
         try:
-            with open(path, "rb") as f:
-                data, readable = f.read(), True
-        except OSError:
+            if is_uri(path):  # an object store's key (s3://, gs://, file://): through pyarrow.fs, as Ray Data reads
+                data, readable = read_uri(path), True
+            else:
+                with open(path, "rb") as f:
+                    data, readable = f.read(), True
+        except (OSError, ValueError, ImportError):
             pass
     return {"index": row["index"], "data": data, "readable": readable}
 

@@ -14,11 +14,12 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Mapping, Optional, Sequence
 
 __all__ = [
     "KINDS", "SEGMENT_HOOKS", "Command", "Method", "METHODS", "RUN_PREDICTORS", "RUN_EXPORTERS", "load", "get", "names", "commands",
     "method_of_command", "segment_methods", "bench_methods", "label_methods", "serve_methods", "demo_methods",
+    "INPUT_HOOKS", "add_input_options", "check_input_options", "method_inputs", "unavailable_reason", "offered",
     "segmenter_recipe_names",
     "segmenter_recipe", "segmenter_recipe_owner", "segmenter_preset", "run_predictor", "run_exporter", "miou_rule_of",
     "zero_shot_split",
@@ -54,7 +55,8 @@ class Method:
     ``demo_names``: the names ``tag2mask demo`` accepts for it (CLIP-ES: also ``gradcam``,
     ``clip-es+pamr``, ``clip-es+crf``); ``presets``: its named settings; ``predictor``: ``"module:factory"`` of a training-free predictor (``names->masks``:
     ``factory(model, vocab, method, **settings)``); ``demo``: ``"module:factory"`` called as
-    ``factory(model, vocab, names, options)`` returning ``{name: predict(image, tag_ids) -> (H, W) uint8}``; ``run_tasks``: the engine task
+    ``factory(model, vocab, names, options)`` returning ``{name: predict(image, tag_ids) -> (H, W) uint8}``
+    (``options["inputs"]``: what :func:`method_inputs` built, by method name); ``run_tasks``: the engine task
     names of its runs, predicted by :data:`RUN_PREDICTORS`; ``segmenter_recipes``: the names it
     registers for ``train segmenter --preset`` and ``recipes``: ``"module:DICT"`` holding them;
     ``recipe_setup``: ``"module"`` with ``add_recipe_options(parser)`` / ``prepare_run(args, kind)`` when
@@ -68,7 +70,11 @@ class Method:
     ``function(method, preset) -> dict`` with every setting a preset name (``published:voc21``, ...)
     resolves to, without building anything (``tag2mask bench`` records it in each cell's settings guard).
     ``supports``: ``"module:function"`` called as ``function(model)``: why the loaded CLIP cannot run the
-    method (e.g. too few blocks), or ``None`` when it can (``bench`` skips the method with that reason).
+    method (e.g. too few blocks), or ``None`` when it can (``bench`` skips the method with that reason;
+    ``serve`` and ``demo`` do not offer it and say why). ``inputs``: ``"module"`` with the hooks of
+    :data:`INPUT_HOOKS` through which ``serve`` and ``demo`` take what ``needs`` lists (their own options,
+    checked before the model loads, then turned into the predictor factory's keyword arguments); without
+    them the method is listed as unavailable, the reason built from ``needs``.
     """
 
     name: str
@@ -89,6 +95,7 @@ class Method:
     needs: tuple[str, ...] = ()
     preset_settings: Optional[str] = None
     supports: Optional[str] = None
+    inputs: Optional[str] = None
 
     def __post_init__(self) -> None:
         if self.kind not in KINDS:
@@ -98,6 +105,12 @@ class Method:
 #: what a ``Command("segment", ...)`` module defines (see :mod:`tag2mask.cli.segment_methods`)
 SEGMENT_HOOKS = ("add_segment_options", "check_segment_options", "segment_preset", "segment_vocabulary",
                  "build_segmenter", "segment_settings", "segment_warnings")
+
+#: what a method's ``inputs`` module defines: ``add_app_options(parser)`` (its options of ``serve`` and
+#: ``demo``), ``check_app_options(args, command)`` (cheap checks before the model loads; ``ValueError``)
+#: and ``app_inputs(args, model) -> dict | None`` (the predictor factory's and demo hook's extra keyword
+#: arguments, built once: weights loaded; ``None`` when the options do not configure the method)
+INPUT_HOOKS = ("add_app_options", "check_app_options", "app_inputs")
 
 _OVSS = "tag2mask.methods.ovss"
 _OVSS_PRESETS = ("default", "published")
@@ -133,6 +146,7 @@ METHODS: tuple[Method, ...] = (
     Method("scclip", "names->masks", "tag2mask.methods.ovss2", "SC-CLIP (IEEE TIP 2025)",
            presets=_OVSS_PRESETS, predictor="tag2mask.methods.ovss2.segmenter:NewerOvssSegmenter",
            preset_settings=_OVSS2_SETTINGS, supports="tag2mask.methods.ovss2.scclip:unsupported_reason",
+           demo="tag2mask.methods.ovss2.demo:demo_predictors", demo_names=("scclip",), serve=6,
            commands=(Command("segment", "scclip", "tag2mask.methods.ovss2.segment_cli"),)),
     Method("pearl", "names->masks", "tag2mask.methods.ovss2", "PEARL (CVPR 2026)",
            presets=_OVSS_PRESETS, predictor="tag2mask.methods.ovss2.segmenter:NewerOvssSegmenter",
@@ -141,7 +155,9 @@ METHODS: tuple[Method, ...] = (
            commands=(Command("segment", "pearl", "tag2mask.methods.ovss2.segment_cli"),)),
     Method("corrclip", "names->masks", "tag2mask.methods.corrclip", "CorrCLIP (ICCV 2025)",
            presets=_OVSS_PRESETS, predictor="tag2mask.methods.corrclip.segmenter:corrclip_predictor",
-           preset_settings=_OVSS2_SETTINGS, needs=("a DINO ViT (segment --dino)", "region masks (segment --regions)"),
+           preset_settings=_OVSS2_SETTINGS, needs=("a DINO ViT (--dino)", "region masks (--regions)"),
+           inputs="tag2mask.methods.corrclip.app", demo="tag2mask.methods.corrclip.app:demo_predictors",
+           demo_names=("corrclip",), serve=7,
            commands=(Command("segment", "corrclip", "tag2mask.methods.corrclip.segment_cli"),)),
     Method("maskclip+", "trained-run", "tag2mask.methods.maskclip_plus", "MaskCLIP+ (Zhou, Loy & Dai, ECCV 2022)",
            presets=("annotation-free", "voc20", "context59", "coco-stuff", "voc20-zs", "voc21-zs", "coco-stuff-zs",
@@ -246,6 +262,51 @@ def demo_methods() -> tuple[str, ...]:
     """Every name ``tag2mask demo --methods`` accepts, in registry order: the training-free methods (a
     trained run's demo predictor needs its checkpoint, given through :func:`tag2mask.cli.demo_scenes.evaluate_methods`)."""
     return tuple(n for m in METHODS if m.demo is not None and m.kind != "trained-run" for n in m.demo_names)
+
+
+def _input_modules() -> tuple[str, ...]:
+    return tuple(dict.fromkeys(m.inputs for m in METHODS if m.inputs))
+
+
+def add_input_options(parser: Any) -> None:
+    """Add every method's ``serve`` / ``demo`` options (:data:`INPUT_HOOKS`) to ``parser``."""
+    for module in _input_modules():
+        load(module).add_app_options(parser)
+
+
+def check_input_options(args: Any, command: str) -> None:
+    """The methods' cheap checks of their ``serve`` / ``demo`` options (``ValueError``), before any model loads."""
+    for module in _input_modules():
+        load(module).check_app_options(args, command)
+
+
+def method_inputs(method_names: Sequence[str], model: Any, args: Any) -> dict[str, dict[str, Any]]:
+    """``method -> keyword arguments`` its ``inputs`` module builds from ``args`` (weights loaded once), for each
+    method among ``method_names`` (demo names allowed) that has one, runs on ``model`` and is configured."""
+    found: dict[str, dict[str, Any]] = {}
+    for m in dict.fromkeys(get(n) for n in method_names):
+        if m.inputs and not (m.supports and load(m.supports)(model)):
+            built = load(m.inputs).app_inputs(args, model)
+            if built is not None:
+                found[m.name] = dict(built)
+    return found
+
+
+def unavailable_reason(name: str, model: Any, inputs: Mapping[str, Any]) -> Optional[str]:
+    """Why the method ``name`` cannot run with ``model`` and ``inputs`` (:func:`method_inputs`), or ``None``:
+    its ``supports`` check, else the ``needs`` that no input provides."""
+    m = get(name)
+    reason = load(m.supports)(model) if m.supports else None
+    if reason is None and m.needs and m.name not in inputs:
+        reason = f"it needs {' and '.join(m.needs)}"
+    return reason
+
+
+def offered(method_names: Sequence[str], model: Any, inputs: Mapping[str, Any]
+            ) -> tuple[tuple[str, ...], dict[str, str]]:
+    """``(the names that can run, {name: why not} for the others)``, in the order of ``method_names``."""
+    reasons = {n: unavailable_reason(n, model, inputs) for n in method_names}
+    return tuple(n for n, r in reasons.items() if r is None), {n: r for n, r in reasons.items() if r is not None}
 
 
 def segmenter_recipe_names() -> tuple[str, ...]:

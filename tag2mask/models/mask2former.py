@@ -18,8 +18,9 @@ every mask (the published behaviour FMA-WSSS trained with). No text head (it cla
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 from torch import Tensor
@@ -133,6 +134,36 @@ class Mask2Former(HFSegmenter):
         """``(B, 3, H, W)`` -> ``(B, C, H/4, W/4)`` log semantic scores (argmax = the semantic prediction)."""
         out = self.hf(pixel_values=images)
         return self.semantic_scores(out.class_queries_logits, out.masks_queries_logits).clamp_min(_MIN_SCORE).log()
+
+    @contextlib.contextmanager
+    def onnx_export_context(self, dynamic: bool) -> Iterator[None]:
+        """Entered by :func:`tag2mask.export.onnx_graph.export_onnx` while it traces; restores the model after.
+
+        ``dynamic`` (symbolic height and width) is refused: the traced graph holds the traced size in the
+        deformable encoder's reference points and sampling-offset normaliser (``torch.linspace`` /
+        ``torch.tensor`` of the feature sizes become constants) and, with a Swin backbone, in its per-size
+        padding and window choices (Python ``if``s), so at another size it fails or is silently wrong.
+
+        The TorchScript-based exporter writes ``torch.linspace(..., dtype=float32)`` with traced end points (the
+        deformable encoder's ``get_reference_points``) as a float64 tensor, so the sampling grid of every
+        ``GridSample`` node becomes float64 next to a float32 feature map, a type pair onnxruntime's CPU kernel
+        does not have (``NOT_IMPLEMENTED``). Casting the reference points ``(B, L, levels, 2)`` to the dtype
+        torch gives them (a no-op in eager mode) keeps the graph float32 throughout.
+        """
+        if dynamic:
+            raise ValueError("Mask2Former exports at a fixed size only (its deformable encoder's reference points "
+                             "are traced as constants of the traced size): export with --size H W")
+        encoder = self.hf.model.pixel_level_module.decoder.encoder
+        original = type(encoder).get_reference_points
+
+        def reference_points(spatial_shapes_list: Any, valid_ratios: Tensor, device: Any) -> Tensor:
+            return original(spatial_shapes_list, valid_ratios, device).to(valid_ratios.dtype)
+
+        encoder.get_reference_points = reference_points  # this instance only; other models are untouched
+        try:
+            yield
+        finally:
+            del encoder.get_reference_points  # the class's own method is visible again
 
     def training_loss(self, images: Tensor, target: Tensor) -> dict[str, Tensor]:
         """Mask2Former's matching loss from a semantic target ``(B, H, W)`` (255 = ignore)."""

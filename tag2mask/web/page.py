@@ -14,7 +14,7 @@ import html
 import io
 import json
 from dataclasses import dataclass
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 from PIL import Image
 
@@ -190,12 +190,21 @@ def _results(image: Image.Image, results: Sequence, processed_size: Optional[tup
     )
 
 
+def _unavailable(unavailable: Mapping[str, str]) -> str:
+    """One line per method the server does not offer, with the reason (e.g. too shallow a CLIP)."""
+    e = lambda s: html.escape(s, quote=True)  # noqa: E731
+    items = "".join(f"<li data-method='{e(m)}'><b>{e(m)}</b>: {e(why)}</li>" for m, why in unavailable.items())
+    return f"<div class='muted' id='unavailable'>Not offered by this server:<ul>{items}</ul></div>"
+
+
 def render_page(state: FormState, methods: Sequence[str], model: str, note: Optional[str] = None,
                 error: Optional[str] = None, image: Optional[Image.Image] = None, results: Sequence = (),
-                processed_size: Optional[tuple[int, int]] = None, stem: str = "image", sample: bool = False) -> bytes:
+                processed_size: Optional[tuple[int, int]] = None, stem: str = "image", sample: bool = False,
+                unavailable: Optional[Mapping[str, str]] = None) -> bytes:
     """The whole page as UTF-8 bytes: the form, a note, an error, and the results when there are some.
 
     ``sample``: the results are the built-in sample scene's (the page as first opened), and it says so.
+    ``unavailable``: ``{method: why it is not offered}``, listed under the form.
     """
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>"
@@ -205,6 +214,8 @@ def render_page(state: FormState, methods: Sequence[str], model: str, note: Opti
     if note:
         parts.append(f"<p class='note' id='toy-note'>{html.escape(note)}</p>")
     parts.append(_form(state, methods))
+    if unavailable:
+        parts.append(_unavailable(unavailable))
     if error:
         parts.append(f"<p class='err' id='error' role='alert'>{html.escape(error)}</p>")
     if image is not None and results:

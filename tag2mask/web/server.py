@@ -7,9 +7,11 @@ the same form with JSON::
     {"label_png": "<base64 VOC-palette PNG, pixel value = index into class_names>",
      "class_names": ["background", "cat", ...], "present": ["cat"], "size": [H, W], "method": "naclip",
      "mode": "whole", "processed_size": [h, w] or null, "results": [{"method", "label_png", "present", "seconds"}, ...],
-     "toy_model": false, "note": null}
+     "toy_model": false, "note": null, "unavailable": {"scclip": "SC-CLIP ... needs a ViT with at least 11 blocks ..."}}
 
-``results`` has one entry per method (all of them with ``compare=1``). Errors are
+``results`` has one entry per method (all of them with ``compare=1``). ``GET /api/methods`` lists the methods
+this server offers for its model (``{"methods": [...], "default": ..., "unavailable": {method: reason},
+"toy_model": ...}``); the page names the unavailable ones with their reason. Errors are
 ``{"error": "..."}`` with a 4xx/5xx status (an HTML page with the message for ``/segment``).
 
 Limits and defences (docs/security.md): uploads up to ``max_upload_bytes`` with an exact
@@ -37,7 +39,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, HTTPServer
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Mapping, Optional
 from urllib.parse import urlsplit
 
 from tag2mask.io.palette import encode_label_png
@@ -45,7 +47,6 @@ from tag2mask.web.connections import HeaderGate, PrefixedSocket, SocketWriter, q
 from tag2mask.web.multipart import parse_multipart
 from tag2mask.web.page import FormState, render_page
 from tag2mask.web.service import (
-    METHODS,
     TOY_MODEL_NOTE,
     RequestError,
     SegmentService,
@@ -53,7 +54,7 @@ from tag2mask.web.service import (
     parse_classes,
 )
 
-__all__ = ["ServerLimits", "SegmentServer", "make_server", "parse_multipart", "RequestError", "METHODS", "ServerBindError"]
+__all__ = ["ServerLimits", "SegmentServer", "make_server", "parse_multipart", "RequestError", "ServerBindError"]
 
 MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 LOOPBACK_NAMES = ("localhost", "127.0.0.1", "::1")
@@ -162,11 +163,12 @@ class _Handler(BaseHTTPRequestHandler):
         if status == HTTPStatus.OK and state is None and error is None and not results:
             # the page as first opened: a sample scene with the default classes, so the controls have
             # something to show before the first upload
-            form = FormState()
+            form = FormState(method=service.methods[0])
             image, sample = service.sample(form.classes, form.method)
             results = {"image": image, "results": sample, "stem": "sample", "sample": True}
-        body = render_page(state or FormState(), METHODS, service.describe_model(),
-                           note=TOY_MODEL_NOTE if service.toy_model else None, error=error, **results)
+        body = render_page(state or FormState(method=service.methods[0]), service.methods, service.describe_model(),
+                           note=TOY_MODEL_NOTE if service.toy_model else None, error=error,
+                           unavailable=service.unavailable, **results)
         self._send(status, body, "text/html; charset=utf-8")
 
     def _error(self, status: int, message: str, state: Optional[FormState] = None) -> None:
@@ -193,7 +195,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _method_not_allowed(self) -> None:
         path = getattr(self, "path", "/").split("?", 1)[0]
-        self._allow = "POST" if path.startswith("/api/") else "GET, HEAD, POST"
+        self._allow = "GET, HEAD" if path == "/api/methods" else "POST" if path.startswith("/api/") else "GET, HEAD, POST"
         self._unread = self.server.limits.drain_bytes
         try:
             self._json(HTTPStatus.METHOD_NOT_ALLOWED,
@@ -284,6 +286,8 @@ class _Handler(BaseHTTPRequestHandler):
             self._error(HTTPStatus.FORBIDDEN, refused)
         elif self.path.split("?", 1)[0] == "/api/segment":
             self._method_not_allowed()  # the API takes POST only
+        elif self.path.split("?", 1)[0] == "/api/methods":
+            self._json(HTTPStatus.OK, self.server.service.method_list())
         elif self.path.split("?", 1)[0] in ("/", "/index.html"):
             self._page(HTTPStatus.OK)
         else:
@@ -298,6 +302,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._unread = self.server.limits.drain_bytes
             self._error(HTTPStatus.FORBIDDEN, refused)
             return
+        if path == "/api/methods":
+            self._method_not_allowed()  # a list to GET
+            return
         if path not in ("/segment", "/api/segment"):
             self._unread = self.server.limits.drain_bytes
             self._error(HTTPStatus.NOT_FOUND, f"nothing to post to at {path[:80]!r}; use /segment or /api/segment")
@@ -305,12 +312,13 @@ class _Handler(BaseHTTPRequestHandler):
         state = FormState()
         try:
             fields = parse_multipart(self.headers.get("Content-Type", ""), self._read_body())
-            state = FormState(classes=str(fields.get("classes", "")), method=str(fields.get("method", "naclip")),
+            state = FormState(classes=str(fields.get("classes", "")),
+                              method=str(fields.get("method", self.server.service.methods[0])),
                               mode=str(fields.get("mode", "whole")),
                               compare=str(fields.get("compare", "")).lower() in ("1", "on", "true", "yes"))
             image = decode_upload(fields.get("image") or b"")
             vocab = parse_classes(state.classes)
-            methods = list(METHODS) if state.compare else [state.method]
+            methods = list(self.server.service.methods) if state.compare else [state.method]
             results, processed = self.server.service.segment(image, vocab, methods, state.mode)
         except RequestError as e:
             self._error(e.status, str(e), state)
@@ -333,7 +341,8 @@ class _Handler(BaseHTTPRequestHandler):
         return {"label_png": encoded[0]["label_png"], "class_names": list(results[0].class_names),
                 "present": encoded[0]["present"], "size": [image.height, image.width], "method": results[0].method,
                 "mode": state.mode, "processed_size": list(processed) if processed else None, "results": encoded,
-                "toy_model": toy, "note": TOY_MODEL_NOTE if toy else None}
+                "toy_model": toy, "note": TOY_MODEL_NOTE if toy else None,
+                "unavailable": dict(self.server.service.unavailable)}
 
 
 class ServerBindError(OSError):
@@ -429,10 +438,12 @@ class SegmentServer(HTTPServer):
 
 def make_server(model: Any, host: str = "127.0.0.1", port: int = 7860, description: Optional[str] = None, *,
                 limits: Optional[ServerLimits] = None, allowed_hosts: Iterable[str] = (),
-                short_side: int = 448) -> SegmentServer:
+                short_side: int = 448, inputs: Optional[Mapping[str, Mapping[str, Any]]] = None) -> SegmentServer:
     """A ready (not yet serving) server; ``port=0`` picks a free port (``server.server_address``).
 
-    ``description`` is accepted for compatibility and ignored: the page describes the model by its
-    architecture, never by a server path.
+    ``inputs``: the methods' start-up inputs (:class:`~tag2mask.web.service.SegmentService`); the methods
+    offered are ``server.service.methods``. ``description`` is accepted for compatibility and ignored: the
+    page describes the model by its architecture, never by a server path.
     """
-    return SegmentServer((host, port), SegmentService(model, short_side=short_side), limits, allowed_hosts)
+    return SegmentServer((host, port), SegmentService(model, short_side=short_side, inputs=inputs), limits,
+                         allowed_hosts)

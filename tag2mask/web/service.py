@@ -15,7 +15,7 @@ import warnings
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
@@ -25,12 +25,10 @@ from tag2mask.methods import registry
 from tag2mask.vocab.vocabulary import PRESETS, Vocabulary, get_vocabulary, parse_class_string
 
 __all__ = [
-    "METHODS", "MAX_IMAGE_PIXELS", "MAX_WORK_PIXELS", "MAX_CLASS_CHARS", "MAX_PROMPTS", "TOY_MODEL_NOTE",
+    "MAX_IMAGE_PIXELS", "MAX_WORK_PIXELS", "MAX_CLASS_CHARS", "MAX_PROMPTS", "TOY_MODEL_NOTE",
     "RequestError", "MethodResult", "SegmentService", "parse_classes", "decode_upload", "is_shipped_tiny_clip",
 ]
 
-#: the open-vocabulary methods the registry offers to the web demo, the default first
-METHODS = registry.serve_methods()
 #: uploads with more pixels are refused before decoding (decompression bombs)
 MAX_IMAGE_PIXELS = 16_000_000
 #: larger images are segmented at this many pixels (aspect kept) and their mask scaled back (nearest):
@@ -159,16 +157,28 @@ class MethodResult:
 class SegmentService:
     """The model and a small cache of segmenters; one computation at a time (a lock), so memory stays flat.
 
+    Which methods it offers is decided per model: every method of the registry's web list
+    (:func:`~tag2mask.methods.registry.serve_methods`) whose ``supports`` check passes for ``model`` and
+    whose ``needs`` are met by ``inputs``; the others are in ``unavailable`` with the reason.
+
     Args:
         model: a loaded CLIP.
         short_side: the segmenters' working short side (448, as ``tag2mask segment``).
         max_work_pixels: images above this are segmented downscaled, the mask scaled back.
         cache_size: how many (vocabulary, method, mode) segmenters are kept.
+        inputs: ``method -> extra keyword arguments of its predictor factory`` built at start-up
+            (:func:`~tag2mask.methods.registry.method_inputs`: e.g. CorrCLIP's DINO and region source).
     """
 
     def __init__(self, model: Any, short_side: int = 448, max_work_pixels: int = MAX_WORK_PIXELS,
-                 cache_size: int = 16) -> None:
+                 cache_size: int = 16, inputs: Optional[Mapping[str, Mapping[str, Any]]] = None) -> None:
         self.model = model
+        self.inputs = {k: dict(v) for k, v in (inputs or {}).items()}
+        #: the methods offered, the default first, and ``{method: why it is not offered}``
+        self.methods, self.unavailable = registry.offered(registry.serve_methods(), model, self.inputs)
+        if not self.methods:
+            raise ValueError("no method of the web demo runs with this model: "
+                             + "; ".join(f"{m}: {why}" for m, why in self.unavailable.items()))
         self.short_side = short_side
         self.max_work_pixels = max_work_pixels
         self.cache_size = cache_size
@@ -183,6 +193,11 @@ class SegmentService:
         arch = config.describe() if config is not None and hasattr(config, "describe") else "CLIP"
         return f"tiny CLIP shipped with tag2mask ({arch})" if self.toy_model else f"CLIP {arch}"
 
+    def method_list(self) -> dict[str, Any]:
+        """What ``GET /api/methods`` answers: the methods offered (the default first) and why the others are not."""
+        return {"methods": list(self.methods), "default": self.methods[0], "unavailable": dict(self.unavailable),
+                "toy_model": self.toy_model}
+
     def _segmenter(self, vocab: Vocabulary, method: str, mode: str) -> Any:
         key = (vocab, method, mode)
         if key in self._cache:
@@ -190,7 +205,8 @@ class SegmentService:
             return self._cache[key]
         try:
             seg = registry.load(registry.get(method).predictor)(self.model, vocab, method, mode=mode,
-                                                                   short_side=self.short_side)
+                                                                   short_side=self.short_side,
+                                                                   **self.inputs.get(method, {}))
         except ValueError as e:  # e.g. more labels than an 8-bit map holds
             raise RequestError(f"bad class list: {e}") from e
         self._cache[key] = seg
@@ -214,9 +230,11 @@ class SegmentService:
     def segment(self, image: Image.Image, vocab: Vocabulary, methods: Sequence[str], mode: str = "whole"
                 ) -> tuple[list[MethodResult], Optional[tuple[int, int]]]:
         """Run each of ``methods`` -> (results at the image's size, the processed ``(h, w)`` if downscaled)."""
-        bad = [m for m in methods if m not in METHODS]
+        bad = [m for m in methods if m not in self.methods]
+        if bad and bad[0] in self.unavailable:
+            raise RequestError(f"method {bad[0]!r} is not offered by this server: {self.unavailable[bad[0]]}")
         if bad or not methods:
-            raise RequestError(f"unknown method {bad[0] if bad else ''!r}; choose one of {', '.join(METHODS)}")
+            raise RequestError(f"unknown method {bad[0] if bad else ''!r}; choose one of {', '.join(self.methods)}")
         if mode not in ("whole", "slide"):
             raise RequestError(f"unknown mode {mode!r}; choose whole or slide")
         width, height = image.size

@@ -12,7 +12,10 @@ import argparse
 from tag2mask.cmdline import option_types as ot
 from tag2mask.methods.clip_es.label_job import check_clip_es_options, run_clip_es_label
 
-__all__ = ["REFINERS", "CLIP_ES_ONLY", "add_label_options", "check_label_options", "run_label"]
+__all__ = ["REFINERS", "CLIP_ES_ONLY", "add_label_options", "check_label_options", "run_label", "RAY_ENGINE"]
+
+#: ``label --method clip-es --engine ray`` runs (:func:`tag2mask.methods.clip_es.label_job.build_ray_worker`)
+RAY_ENGINE = True
 
 REFINERS = ("crf", "pamr", "none")
 #: options only CLIP-ES reads (the other label methods reject them)

@@ -73,8 +73,9 @@ def run_clip_es_label(args: argparse.Namespace, affinity_fn: Optional[Callable] 
     if ray:
         from tag2mask.cmdline.options import ray_engine_from_args
 
+        # the affinity replacement travels by reference (a module-level function, e.g. TagCLIP's)
         engine = ray_engine_from_args(args, "tag2mask.methods.clip_es.label_job:build_ray_worker",
-                                      lambda sample: sample.image_path)
+                                      lambda sample: sample.image_path, build_args=(args, affinity_fn))
     # with Ray the driver loads the model for its fingerprint (the settings guard); each actor builds its own
     vocab, config, items, model, cam_maker = _build(args, affinity_fn)
     warning = toy_model_warning(model, [args.images])
@@ -120,13 +121,15 @@ def _build(args: argparse.Namespace, affinity_fn: Optional[Callable] = None) -> 
     return vocab, config, items, model, ClipES(model, vocab, config, affinity_fn=affinity_fn)
 
 
-def build_ray_worker(args: argparse.Namespace) -> tuple[Any, Callable[[Any, Optional[bytes]], Any]]:
-    """In a Ray actor: ``(items, process)`` built from the command's checked ``args``, the model loaded here.
+def build_ray_worker(build: tuple[argparse.Namespace, Optional[Callable]]) -> tuple[Any, Callable[[Any, Optional[bytes]], Any]]:
+    """In a Ray actor: ``(items, process)`` built from the command's checked ``args`` and ``affinity_fn``
+    (``build``; see :func:`run_clip_es_label`), the model loaded here.
 
     ``process(sample, data)`` runs the three stages of one image serially (``data``: its bytes as Ray Data
     read them, decoded by our decoder), exactly as the local serial job does.
     """
-    vocab, _, items, model, cam_maker = _build(args)
+    args, affinity_fn = build
+    vocab, _, items, model, cam_maker = _build(args, affinity_fn)
     stages = _label_stages(args, items, vocab, model, cam_maker, serial=True)
 
     def process(sample: Any, data: Optional[bytes]) -> Any:
@@ -164,7 +167,8 @@ def _label_stages(args: argparse.Namespace, items: Any, vocab: Any, model: Any, 
     from tag2mask.methods.clip_es.label_maps import LabelRefiner
 
     # COCO "file_name" and the manifest's "image" field are relative to the image folder
-    image_root = Path(items.image_dir) if hasattr(items, "image_dir") else Path(items.root) / "JPEGImages"
+    # (a URI prefix stays a string: Path would fold its '//')
+    image_root = items.image_dir if hasattr(items, "image_dir") else Path(items.root) / "JPEGImages"
     workers, batch_size = (0, 1) if serial else overlap_settings(args, model_device(model))
     settings_for_workers = LabelSettings(
         class_names=tuple(vocab.names), image_root=str(image_root), out=str(Path(args.out)),

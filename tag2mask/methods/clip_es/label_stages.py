@@ -76,6 +76,7 @@ class PrepareImage:
         from PIL import Image
 
         from tag2mask.data.images import fit_max_pixels, load_image
+        from tag2mask.io.uri_inputs import relative_input
         from tag2mask.jobs.items import ItemError
 
         s = self.settings
@@ -84,10 +85,7 @@ class PrepareImage:
         image = load_image(sample.image_path, max_pixels=s.max_decode_pixels, data=data)
         width, height = image.size
         info: dict[str, Any] = {"labels": [s.class_names[k] for k in sample.label_ids], "size": [height, width]}
-        try:
-            info["image"] = Path(sample.image_path).resolve().relative_to(Path(s.image_root).resolve()).as_posix()
-        except ValueError:
-            info["image"] = str(sample.image_path)
+        info["image"] = relative_input(sample.image_path, s.image_root)  # a URI prefix's key, too
         w, h = fit_max_pixels(width, height, s.max_pixels)
         if (w, h) != (width, height):
             if s.max_pixels_policy == "refuse":

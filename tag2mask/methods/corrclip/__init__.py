@@ -6,7 +6,8 @@ Paper -> files:
   :mod:`.regions`; the DINO ViT: :mod:`tag2mask.models.dino`.
 - the official ``"; "`` name-set files: :mod:`.names`; the pipeline and the registry's predictor
   factory: :mod:`.segmenter` (:class:`CorrClipSegmenter`, ``corrclip_predictor``); ``segment --method
-  corrclip`` options: :mod:`.segment_cli`. Presets live with SC-CLIP's and PEARL's in
+  corrclip`` options: :mod:`.segment_cli` (defined in :mod:`.options`, shared with ``serve`` / ``demo``:
+  :mod:`.app`). Presets live with SC-CLIP's and PEARL's in
   :mod:`tag2mask.methods.ovss2.presets`. Docs: docs/open_vocabulary.md.
 """
 

@@ -9,16 +9,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from tag2mask.cmdline import option_types as ot
 from tag2mask.cmdline.options import reject_options
+from tag2mask.methods.corrclip.options import DEFAULT_DINO, OPTION_DESTS, add_corrclip_options, check_region_options
 
 __all__ = ["METHODS", "OPTION_DESTS", "PRESET_ROWS", "METACLIP_HINT", "add_segment_options", "check_segment_options",
            "segment_preset", "segment_vocabulary", "build_segmenter", "segment_settings", "segment_warnings"]
 
 METHODS = ("corrclip",)
-_OWN = ("dino", "dino_heads", "regions", "sam_weights")
-#: what this module adds to ``segment`` (a trained run, --checkpoint, takes none of them)
-OPTION_DESTS = _OWN
+# OPTION_DESTS (imported): what this module adds to ``segment`` (a trained run, --checkpoint, takes none of them)
 #: options of the methods/ovss pipeline that CorrCLIP does not take (it has its own last block)
 _OLDER_ONLY = ("last_block", "compat", "pamr", "naclip_std", "pamr_steps", "pamr_dilations")
 
@@ -30,31 +28,21 @@ METACLIP_HINT = ("CorrCLIP's published numbers use MetaCLIP ViT-B-16-quickgelu w
 
 
 def add_segment_options(p: argparse.ArgumentParser) -> None:
-    """CorrCLIP's options (refused for the other methods)."""
-    p.add_argument("--dino", default=None,
-                   help="corrclip: DINO weights: Meta's dino_vitb8_pretrain.pth, a Hugging Face facebook/dino-vitb8 "
-                        "folder, or the name dino_vitb8 (weights cache; downloaded only with --allow-download)")
-    p.add_argument("--dino-heads", type=ot.positive_int(1024), default=None,
-                   help="corrclip: attention heads of a non-standard DINO file (default: width / 64, or the folder's config)")
-    p.add_argument("--regions", default=None,
-                   help="corrclip (required): class-agnostic regions: a folder of <stem>.npz (instance_mask) / .png "
-                        "id maps / .json RLE masks (the official default: pre-generated SAM2 masks), or sam (needs "
-                        "--sam-weights), slic or felzenszwalb (scikit-image)")
-    p.add_argument("--sam-weights", default=None, help="corrclip --regions sam: a Hugging Face SamModel folder or hub id")
+    """CorrCLIP's options (refused for the other methods): :func:`tag2mask.methods.corrclip.options.add_corrclip_options`."""
+    add_corrclip_options(p)
 
 
 def check_segment_options(args: argparse.Namespace) -> None:
     """Called for every ``--method``: CorrCLIP's options are errors elsewhere; cheap checks before loading."""
     if args.method not in METHODS:
-        reject_options(args, _OWN, f"to --method {args.method} (only to corrclip)")
+        reject_options(args, OPTION_DESTS, f"to --method {args.method} (only to corrclip)")
         return
     reject_options(args, _OLDER_ONLY, f"to --method {args.method} (it has its own last block and refinement)")
-    if args.regions != "sam":
-        reject_options(args, ("sam_weights",), f"to --regions {args.regions} (only to --regions sam)")
+    if args.regions is None:
+        reject_options(args, ("sam_weights",), "without --regions sam")
+    check_region_options(args, "segment")
     if not args.checkpoint and not args.regions:
         raise ValueError("--method corrclip needs --regions DIR|sam|slic|felzenszwalb")
-    if args.regions == "sam" and not args.sam_weights:
-        raise ValueError("--regions sam needs --sam-weights (a Hugging Face SamModel folder or hub id)")
 
 
 def segment_preset(method: str, name: str):
@@ -79,14 +67,14 @@ def build_segmenter(model, vocab, args: argparse.Namespace, preset, overrides: d
     from tag2mask.methods.corrclip.segmenter import corrclip_predictor
 
     allow = bool(getattr(args, "allow_download", False)) or None
-    return corrclip_predictor(model, vocab, "corrclip", dino=args.dino or "dino_vitb8", regions=args.regions,
+    return corrclip_predictor(model, vocab, "corrclip", dino=args.dino or DEFAULT_DINO, regions=args.regions,
                               dino_heads=args.dino_heads, sam_weights=args.sam_weights, allow_download=allow,
                               preset=preset, **overrides)
 
 
 def segment_settings(args: argparse.Namespace, segmenter) -> dict:
     """The settings-guard entries of CorrCLIP's options and its DINO fingerprint (a changed file is a change)."""
-    out = {d: getattr(args, d) for d in _OWN}
+    out = {d: getattr(args, d) for d in OPTION_DESTS}
     out["dino_weights"] = getattr(getattr(segmenter, "dino", None), "fingerprint", None)
     return out
 

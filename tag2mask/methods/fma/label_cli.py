@@ -26,7 +26,10 @@ from tag2mask.cmdline.items import open_items, run_item_job
 from tag2mask.cmdline.options import reject_options
 
 __all__ = ["add_label_options", "check_label_options", "FMA_ONLY", "run_label", "ComputeFMA", "FinishFMA",
-           "FinishSettings", "FMAComputed"]
+           "FinishSettings", "FMAComputed", "RAY_ENGINE", "build_ray_worker"]
+
+#: ``label --method fma --engine ray`` runs (:func:`build_ray_worker`)
+RAY_ENGINE = True
 
 
 #: options only ``--method fma`` uses (so they are errors with CLIP-ES)
@@ -245,6 +248,58 @@ _PROPOSAL_OPTIONS = ("proposals", "n_segments", "compactness", "scale", "min_siz
                      "points_per_side", "points_per_batch", "sam_weights", "allow_download")
 
 
+@dataclass
+class _Built:
+    """What :func:`_build` makes from checked ``args`` (the driver's, and each Ray actor's own)."""
+
+    config: Any  # the prompts run's FMAConfig
+    class_names: list
+    items: Any
+    clip: Any
+    stages: Any  # tag2mask.jobs.overlap.Stages
+    described: str  # the proposal source, as the settings record it
+    alpha: float
+
+
+def _build(args: argparse.Namespace, serial: bool = False) -> _Built:
+    """The prompts run, the items, CLIP with the prompts and the three stages of checked ``args``;
+    ``serial``: no worker processes (a Ray actor runs them one image at a time)."""
+    from tag2mask.cmdline.options import overlap_settings
+    from tag2mask.cmdline.proposal_sources import build_source
+    from tag2mask.methods.fma.inference import FMACams
+    from tag2mask.methods.fma.prompt_run import load_prompts
+
+    config, ctx, meta = load_prompts(args.prompts)
+    class_names = list(config.class_names)
+    args.classes = config.preset  # named in the vocabulary messages of the shared item readers
+    items = _open_items(args, class_names)
+    clip, model = _load_model(args, config, ctx, meta)
+    device = next(clip.parameters()).device
+    kind = _proposal_kind(args)
+    # SAM runs on the device in the compute stage; superpixels / files are built in the finish stage
+    sam = build_source(args, kind, device) if kind == "sam" else None
+    described = sam.describe() if sam is not None else (
+        "none" if kind == "none" else build_source(args, kind, "cpu").describe())
+    alpha = args.alpha if args.alpha is not None else config.stage.bg_alpha
+    workers, batch_size = (0, 1) if serial else overlap_settings(args, device)
+    compute = ComputeFMA(FMACams(model, config.stage.caa), args.save_arrays, sam)
+    stages = _fma_stages(args, items, class_names, alpha, kind, compute, workers, batch_size)
+    return _Built(config, class_names, items, clip, stages, described, alpha)
+
+
+def build_ray_worker(args: argparse.Namespace) -> tuple:
+    """In a Ray actor: ``(items, process)`` of ``label --method fma`` from the command's checked ``args``,
+    CLIP and the prompts loaded here; ``process(sample, data)`` runs the three stages of one image serially
+    (``data``: its bytes as Ray Data read them, decoded by our decoder), as the local serial job does."""
+    built = _build(args, serial=True)
+    stages = built.stages
+
+    def process(sample: Any, data: Any) -> Any:
+        return stages.finish(stages.compute([stages.prepare(sample, data)])[0])
+
+    return built.items, process
+
+
 def run_label(args: argparse.Namespace) -> int:
     """``tag2mask label --method fma`` (options already checked by :func:`check_label_options`)."""
     from tag2mask.cmdline.options import overlap_settings
@@ -252,49 +307,43 @@ def run_label(args: argparse.Namespace) -> int:
     from tag2mask.jobs.overlap import start_worker_server
     from tag2mask.runtime import resolve_device
 
+    ray = getattr(args, "engine", "local") == "ray"
     args.device = device_for_rank(args.device)
-    if overlap_settings(args, resolve_device(args.device))[0] > 0:
+    if not ray and overlap_settings(args, resolve_device(args.device))[0] > 0:
         start_worker_server(_WORKER_PRELOAD)  # the workers' imports overlap the model loading below
     import torch
 
     from tag2mask.cmdline.options import toy_model_warning
-    from tag2mask.cmdline.proposal_sources import build_source
-    from tag2mask.version import __version__
     from tag2mask.evaluation.miou import DEFAULT_MIOU_RULE
-    from tag2mask.methods.fma.inference import FMACams
-    from tag2mask.methods.fma.prompt_run import load_prompts
+    from tag2mask.version import __version__
 
     if args.limit is not None and args.limit < 0:
         raise ValueError(f"--limit must be >= 0, got {args.limit}")
-    out = Path(args.out)
-    config, ctx, meta = load_prompts(args.prompts)
-    class_names = list(config.class_names)
-    args.classes = config.preset  # named in the vocabulary messages of the shared item readers
-    items = _open_items(args, class_names)
-    clip, model = _load_model(args, config, ctx, meta)
-    device = next(clip.parameters()).device
-    warning = toy_model_warning(clip, [args.images])
-    cams = FMACams(model, config.stage.caa)
-    kind = _proposal_kind(args)
-    # SAM runs on the device in the compute stage; superpixels / files are built in the finish stage
-    sam = build_source(args, kind, device) if kind == "sam" else None
-    described = sam.describe() if sam is not None else (
-        "none" if kind == "none" else build_source(args, kind, "cpu").describe())
-    alpha = args.alpha if args.alpha is not None else config.stage.bg_alpha
+    engine = None
+    if ray:
+        from tag2mask.cmdline.options import ray_engine_from_args
+
+        engine = ray_engine_from_args(args, "tag2mask.methods.fma.label_cli:build_ray_worker",
+                                      lambda sample: sample.image_path)
+    # with Ray the driver loads the model for its fingerprint (the settings guard); each actor builds its own
+    built = _build(args, serial=ray)
+    clip, class_names = built.clip, built.class_names
     settings = {
         "method": "fma", "prompts": str(Path(args.prompts).resolve()), "weights": clip.fingerprint,
-        "proposals": described, "alpha": alpha,
+        "proposals": built.described, "alpha": built.alpha,
         "save_arrays": args.save_arrays, "save_proposals": args.save_proposals, "max_pixels": args.max_pixels,
         "max_pixels_policy": args.max_pixels_policy,
     }
-    workers, batch_size = overlap_settings(args, device)
+    warning = toy_model_warning(clip, [args.images])
     record = {
         "tag2mask": __version__, "torch": torch.__version__, "python": platform.python_version(),
-        "command": "label", "method": "fma", "settings": settings, "fma": config.to_dict(),
+        "command": "label", "method": "fma", "settings": settings, "fma": built.config.to_dict(),
         "miou_rule": DEFAULT_MIOU_RULE, "classes": class_names, "weights": getattr(clip, "source_path", None),
-        "device": str(device), "workers": workers, "batch_size": batch_size,
-        "warnings": [warning] if warning else [],
+        "device": str(next(clip.parameters()).device), "workers": built.stages.workers,
+        "batch_size": built.stages.batch_size, "warnings": [warning] if warning else [],
     }
+    if engine is not None:  # what ran: actors, threads per actor and Ray's start-up time
+        record["engine"] = engine.stats
 
     def finalize(run_dir: Path, summary) -> None:
         if args.coco_json:
@@ -302,9 +351,8 @@ def run_label(args: argparse.Namespace) -> int:
 
             record["coco_json"] = write_coco_from_manifest(run_dir, class_names, run_dir / "annotations.json")
 
-    stages = _fma_stages(args, items, class_names, alpha, kind, ComputeFMA(cams, args.save_arrays, sam),
-                         workers, batch_size)
-    return run_item_job(args, items, stages, out, settings, record, finalize, "label fma")
+    return run_item_job(args, built.items, built.stages, Path(args.out), settings, record, finalize, "label fma",
+                        engine=engine)
 
 
 def _open_items(args: argparse.Namespace, class_names: list[str]) -> Any:
@@ -327,7 +375,8 @@ def _fma_stages(args: argparse.Namespace, items: Any, class_names: list[str], al
     from tag2mask.methods.clip_es.label_stages import LabelSettings, PrepareImage
 
     out = Path(args.out)
-    image_root = Path(items.image_dir) if hasattr(items, "image_dir") else Path(items.root) / "JPEGImages"
+    # (a URI prefix stays a string: Path would fold its '//')
+    image_root = items.image_dir if hasattr(items, "image_dir") else Path(items.root) / "JPEGImages"
     prepare = PrepareImage(LabelSettings(
         class_names=tuple(class_names), image_root=str(image_root), out=str(out), max_decode_pixels=args.max_decode_pixels,
         max_pixels=args.max_pixels, max_pixels_policy=args.max_pixels_policy, save_arrays=args.save_arrays,

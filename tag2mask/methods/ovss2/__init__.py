@@ -8,7 +8,7 @@ Paper -> files:
   of the logits): :mod:`.pearl`.
 - The pipeline around them: :mod:`.segmenter` (:class:`NewerOvssSegmenter`); settings ``default`` /
   ``published`` / ``published:<dataset>`` of SC-CLIP, PEARL and CorrCLIP: :mod:`.presets`; the
-  ``segment --method scclip|pearl`` options: :mod:`.segment_cli`; PEARL in ``tag2mask demo``: :mod:`.demo`.
+  ``segment --method scclip|pearl`` options: :mod:`.segment_cli`; SC-CLIP and PEARL in ``tag2mask demo``: :mod:`.demo`.
 Proven against golden outputs of the official code (``tests/data/ovss2``). Docs: docs/open_vocabulary.md.
 """
 

@@ -1,6 +1,7 @@
-"""PEARL on the synthetic scenes of ``tag2mask demo`` (SC-CLIP's fixed block indices need 11+ blocks,
-more than the shipped tiny CLIP's 6, so the registry lists no demo for it; ``benchmarks/ovss2_synth.py``
-builds ``scclip`` with the same factory on a 12-block tiny CLIP)."""
+"""SC-CLIP and PEARL on the synthetic scenes of ``tag2mask demo``.
+
+SC-CLIP's fixed block indices need 11+ blocks, more than the shipped tiny CLIP's 6: ``demo`` and ``serve``
+offer it only when the registry's ``supports`` check passes for the loaded CLIP, and say why otherwise."""
 
 from __future__ import annotations
 

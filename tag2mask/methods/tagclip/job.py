@@ -30,13 +30,15 @@ def tag_item_fn(tagger, items, out: Path, save_arrays: bool):
 
     from tag2mask.data.images import load_image
     from tag2mask.io.atomic import atomic_path, atomic_write_text
+    from tag2mask.io.uri_inputs import relative_input
     from tag2mask.jobs.items import ItemOutput
 
     names = tagger.class_names
 
-    def process(sample) -> ItemOutput:
-        res = tagger(load_image(sample.image_path), keep_arrays=save_arrays)
-        rel = Path(sample.image_path).relative_to(items.image_dir).as_posix()
+    def process(sample, data: Optional[bytes] = None) -> ItemOutput:
+        """``data``: the image file's bytes when already read (the Ray engine); decoded by the same rules."""
+        res = tagger(load_image(sample.image_path, data=data), keep_arrays=save_arrays)
+        rel = relative_input(sample.image_path, items.image_dir)  # a URI prefix's key, too
         rec = {"image": rel, "scores": [float(s) for s in res.scores], "tags": res.tags,
                "tag_names": [names[c] for c in res.tags], "info": res.info}
         path = out / "scores" / f"{sample.name}.json"
@@ -120,6 +122,6 @@ def gt_tags(path: str, names: list[str], files: list[str], preset: str, class_na
 
 def item_source(items, i: int) -> dict:
     """Item ``i``'s input as it is now (its image file's size and time, for ``--resume``)."""
-    from tag2mask.io.manifest import file_state
+    from tag2mask.io.uri_inputs import input_state
 
-    return {"image": file_state(items[i].image_path)}
+    return {"image": input_state(items[i].image_path)}

@@ -16,7 +16,10 @@ from tag2mask.cmdline.options import reject_options
 from tag2mask.methods.clip_es.label_job import check_clip_es_options, run_clip_es_label
 from tag2mask.methods.tagclip.segment import check_image_folder, predict_tags
 
-__all__ = ["add_label_options", "check_label_options", "run_label"]
+__all__ = ["add_label_options", "check_label_options", "run_label", "RAY_ENGINE"]
+
+#: ``label --method tagclip --engine ray`` runs: the tag job and the CLIP-ES job, each in Ray actors
+RAY_ENGINE = True
 
 
 def add_label_options(p: argparse.ArgumentParser) -> None:
