@@ -49,7 +49,7 @@ def add_parser(sub: "argparse._SubParsersAction") -> argparse.ArgumentParser:
                                                    "(default: the classes of its training data)")
     p.add_argument("--allow-download", action="store_true",
                    help="RUN hf://USER/REPO[@REV] only: fetch it when the local Hugging Face cache lacks it "
-                        "(default: the cache only)")
+                        "(without it: the cache only)")
     p.add_argument("--overwrite", action="store_true", help="replace existing output files")
     p.set_defaults(func=run)
     return p
