@@ -15,7 +15,6 @@ import json
 import threading
 import urllib.error
 import urllib.request
-import uuid
 from pathlib import Path
 
 import numpy as np
@@ -25,25 +24,15 @@ from PIL import Image
 
 from tag2mask.methods import registry
 
+from web_client import multipart
+
 OVSS2 = Path(__file__).resolve().parent / "data" / "ovss2"
 INDEX = json.loads((OVSS2 / "index.json").read_text())
 CLASSES = "star, ring, cross; background: grass, sky"
 
 
-def _multipart(fields: dict[str, object]) -> tuple[bytes, str]:
-    boundary = uuid.uuid4().hex
-    parts = []
-    for name, value in fields.items():
-        if isinstance(value, bytes):
-            head = f'Content-Disposition: form-data; name="{name}"; filename="up.png"\r\nContent-Type: image/png'
-            parts.append(f"--{boundary}\r\n{head}\r\n\r\n".encode() + value + b"\r\n")
-        else:
-            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
-    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
-
-
 def _post(url: str, fields: dict[str, object]) -> tuple[int, dict]:
-    body, ctype = _multipart(fields)
+    body, ctype = multipart(fields)
     req = urllib.request.Request(url, data=body, headers={"Content-Type": ctype}, method="POST")
     try:
         with urllib.request.urlopen(req, timeout=120) as resp:

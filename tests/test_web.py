@@ -16,7 +16,6 @@ import threading
 import time
 import urllib.error
 import urllib.request
-import uuid
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 
@@ -26,19 +25,9 @@ from PIL import Image
 
 from tag2mask.cmdline.options import shipped_weights_path
 
+from web_client import multipart
+
 SYNTH_CLASSES = "star, ring, cross, heart; background: grass, water, sky"
-
-
-def _multipart(fields: dict[str, object]) -> tuple[bytes, str]:
-    boundary = uuid.uuid4().hex
-    parts = []
-    for name, value in fields.items():
-        if isinstance(value, bytes):
-            head = f'Content-Disposition: form-data; name="{name}"; filename="{name}.png"\r\nContent-Type: image/png'
-            parts.append(f"--{boundary}\r\n{head}\r\n\r\n".encode() + value + b"\r\n")
-        else:
-            parts.append(f'--{boundary}\r\nContent-Disposition: form-data; name="{name}"\r\n\r\n{value}\r\n'.encode())
-    return b"".join(parts) + f"--{boundary}--\r\n".encode(), f"multipart/form-data; boundary={boundary}"
 
 
 @pytest.fixture(scope="module")
@@ -82,7 +71,7 @@ def server_url(running):
 
 
 def _post(url: str, fields: dict[str, object], headers: dict[str, str] | None = None):
-    body, ctype = _multipart(fields)
+    body, ctype = multipart(fields)
     req = urllib.request.Request(url, data=body, headers={"Content-Type": ctype, **(headers or {})}, method="POST")
     try:
         with urllib.request.urlopen(req, timeout=60) as resp:
