@@ -61,6 +61,8 @@ def test_uri_folder_dataset_matches_the_local_folder(folder):
         assert isinstance(remote, UriFolderDataset) and remote.image_dir == uri
         assert remote.names == local.names and len(remote) == len(local)
         assert [e for e, _ in remote.errors] == [e for e, _ in local.errors]
+        # the same name rule as a local folder (tag_files.safe_image_name), its message naming the URI
+        assert all("outside the image folder" in m and uri in m for _, m in remote.errors)
         for i in range(len(local)):
             a, b = local[i], remote[i]
             assert isinstance(b.image_path, RemoteFile) and a.label_ids == b.label_ids

@@ -15,7 +15,8 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from tag2mask.data.tag_files import LabelFileError, dedupe, names_to_ids, read_labels_file, safe_image_path
+from tag2mask.data.tag_files import (LabelFileError, dedupe, names_to_ids, read_labels_file, safe_image_name,
+                                      safe_image_path)
 
 __all__ = [
     "Sample",
@@ -309,11 +310,10 @@ class UriFolderDataset(FolderDataset):
         if not self.class_names:
             raise ValueError("UriFolderDataset with a labels file needs class_names")
         for entry, names in read_labels_file(labels_file).items():
-            rel = entry.replace("\\", "/")
+            where = f"{labels_file}: entry {entry!r}"
             try:
-                if rel.startswith("/") or ".." in PurePosixPath(rel).parts or rel[1:2] == ":":
-                    raise LabelFileError(f"{labels_file}: entry {entry!r}: image name points outside {self.image_dir}")
-                ids = names_to_ids(names, self.class_names, f"{labels_file}: entry {entry!r}")
+                rel = safe_image_name(self.image_dir, entry, str(labels_file))
+                ids = names_to_ids(names, self.class_names, where)
             except LabelFileError as exc:
                 if strict:
                     raise

@@ -20,7 +20,7 @@ from __future__ import annotations
 import csv
 import io
 from pathlib import Path, PurePosixPath
-from typing import Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 __all__ = [
     "LabelFileError",
@@ -29,6 +29,7 @@ __all__ = [
     "names_to_ids",
     "unknown_class_names",
     "safe_image_path",
+    "safe_image_name",
 ]
 
 
@@ -180,16 +181,28 @@ def unknown_class_names(labels: Mapping[str, Sequence[str]], class_names: Sequen
     return unknown
 
 
+def safe_image_name(image_dir: Any, name: str, where: str = "") -> str:
+    """``name`` as a POSIX path relative to ``image_dir`` (a folder or a URI prefix), checked by its text alone.
+
+    Raises:
+        LabelFileError: invalid or over-long name, absolute path, drive letter or a ``..`` component.
+    """
+    from tag2mask.io.paths import checked_name
+
+    if isinstance(name, str) and ".." in PurePosixPath(name.replace("\\", "/")).parts:
+        prefix = f"{where}: " if where else ""
+        raise LabelFileError(f"{prefix}image name {name!r} points outside the image folder {image_dir} ('..')")
+    return checked_name(image_dir, name, where, error=LabelFileError)
+
+
 def safe_image_path(image_dir: str | Path, name: str, where: str = "") -> Path:
     """Resolve ``name`` inside ``image_dir``, refusing anything that escapes it.
 
     Raises:
-        LabelFileError: absolute path, drive letter, ``..`` component, or a path (or
-            symlink) resolving outside ``image_dir``.
+        LabelFileError: what :func:`safe_image_name` refuses, or a path (or symlink) resolving outside
+            ``image_dir``.
     """
     from tag2mask.io.paths import path_inside
 
-    if ".." in PurePosixPath(name.replace("\\", "/")).parts:
-        prefix = f"{where}: " if where else ""
-        raise LabelFileError(f"{prefix}image name {name!r} points outside the image folder {image_dir} ('..')")
+    safe_image_name(image_dir, name, where)
     return path_inside(image_dir, name, where, error=LabelFileError, must_be_relative=True)

@@ -14,7 +14,7 @@ import os
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, Type, Union
 
-__all__ = ["UnsafePathError", "path_inside", "MAX_NAME_BYTES"]
+__all__ = ["UnsafePathError", "path_inside", "checked_name", "MAX_NAME_BYTES"]
 
 #: longest file-name component accepted (the common file-system limit, in bytes)
 MAX_NAME_BYTES = 255
@@ -27,6 +27,33 @@ class UnsafePathError(ValueError):
 def _reject(error: Type[Exception], where: str, entry: Any, why: str) -> Exception:
     prefix = f"{where}: " if where else ""
     return error(f"{prefix}entry {entry!r} {why}")
+
+
+def checked_name(folder: Any, entry: Any, where: Union[str, Path] = "", error: Type[Exception] = UnsafePathError,
+                 must_be_relative: bool = True) -> str:
+    """The checks of :func:`path_inside` that need no file system: ``entry`` as POSIX text (``\\`` -> ``/``).
+
+    On their own they serve names that are not local files (an object store's keys under a URI prefix,
+    ``folder``); such a caller also refuses ``..`` itself, since there is nothing to resolve against.
+
+    Raises:
+        ``error``: not a string, empty, NUL byte, a component longer than :data:`MAX_NAME_BYTES`, absolute
+        (with ``must_be_relative``), or a drive letter (off Windows).
+    """
+    where = str(where)
+    if not isinstance(entry, str) or not entry or "\x00" in entry:
+        raise _reject(error, where, entry, "is an invalid name (empty, not text, or a NUL byte)")
+    text = entry.replace("\\", "/")
+    win = PureWindowsPath(entry)
+    absolute = PurePosixPath(text).is_absolute() or win.is_absolute() or bool(win.drive)
+    if must_be_relative and absolute:
+        raise _reject(error, where, entry, f"is an absolute path; it must be relative to {folder}")
+    if win.drive and os.name != "nt":
+        raise _reject(error, where, entry, f"names a drive; it must be relative to {folder}")
+    long = next((c for c in PurePosixPath(text).parts if len(c.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES), None)
+    if long is not None:
+        raise _reject(error, where, entry, f"has a name longer than {MAX_NAME_BYTES} bytes")
+    return text
 
 
 def path_inside(folder: Union[str, Path], entry: Any, where: Union[str, Path] = "",
@@ -50,18 +77,7 @@ def path_inside(folder: Union[str, Path], entry: Any, where: Union[str, Path] = 
         later, as an unreadable file).
     """
     where = str(where)
-    if not isinstance(entry, str) or not entry or "\x00" in entry:
-        raise _reject(error, where, entry, "is an invalid name (empty, not text, or a NUL byte)")
-    text = entry.replace("\\", "/")
-    win = PureWindowsPath(entry)
-    absolute = PurePosixPath(text).is_absolute() or win.is_absolute() or bool(win.drive)
-    if must_be_relative and absolute:
-        raise _reject(error, where, entry, f"is an absolute path; it must be relative to {folder}")
-    if win.drive and os.name != "nt":
-        raise _reject(error, where, entry, f"names a drive; it must be relative to {folder}")
-    long = next((c for c in PurePosixPath(text).parts if len(c.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES), None)
-    if long is not None:
-        raise _reject(error, where, entry, f"has a name longer than {MAX_NAME_BYTES} bytes")
+    text = checked_name(folder, entry, where, error, must_be_relative)
     root = Path(folder).resolve()
     lexical = Path(os.path.normpath(root / text))
     try:
