@@ -25,7 +25,7 @@ from PIL import Image
 
 from tag2mask.cmdline.options import shipped_weights_path
 
-from web_client import multipart
+from web_client import multipart, raw_request
 
 SYNTH_CLASSES = "star, ring, cross, heart; background: grass, water, sky"
 
@@ -78,24 +78,6 @@ def _post(url: str, fields: dict[str, object], headers: dict[str, str] | None = 
             return resp.status, resp.read(), resp.headers.get("Content-Type", "")
     except urllib.error.HTTPError as e:
         return e.code, e.read(), e.headers.get("Content-Type", "")
-
-
-def _raw(port: int, data: bytes, timeout: float = 30.0) -> tuple[int, dict[str, str], bytes]:
-    """Send raw bytes, read the whole answer (the server closes after one request)."""
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(data)
-        chunks = []
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    raw = b"".join(chunks)
-    assert raw, "the server closed the connection without an answer"
-    head, _, body = raw.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
-    return int(lines[0].split()[1]), headers, body
 
 
 def _png(h: int, w: int, seed: int = 0) -> bytes:
@@ -262,7 +244,7 @@ def test_bad_content_length(running, length):
     body = b"x" * 200
     req = (f"POST /api/segment HTTP/1.1\r\nHost: 127.0.0.1:{running.port}\r\nContent-Type: multipart/form-data; "
            f"boundary=b\r\nContent-Length: {length}\r\n\r\n").encode() + body
-    status, headers, answer = _raw(running.port, req)
+    status, headers, answer = raw_request(running.port, req)
     assert status in (400, 413) and headers["content-type"] == "application/json"
     assert "Content-Length" in json.loads(answer)["error"] or "at most" in json.loads(answer)["error"]
     if length != "99999999999999999999999":
@@ -271,9 +253,9 @@ def test_bad_content_length(running, length):
 
 def test_missing_content_length_and_chunked(running):
     head = f"POST /api/segment HTTP/1.1\r\nHost: 127.0.0.1:{running.port}\r\nContent-Type: multipart/form-data; boundary=b\r\n"
-    status, _, answer = _raw(running.port, (head + "\r\n").encode())
+    status, _, answer = raw_request(running.port, (head + "\r\n").encode())
     assert status == 400 and "no Content-Length" in json.loads(answer)["error"]
-    status, _, answer = _raw(running.port, (head + "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n").encode())
+    status, _, answer = raw_request(running.port, (head + "Transfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n").encode())
     assert status == 400 and "chunked" in json.loads(answer)["error"]
 
 
@@ -282,18 +264,18 @@ def test_oversized_upload_gets_413_not_a_reset(running):
     body = b"x" * (limit + 1024)
     req = (f"POST /api/segment HTTP/1.1\r\nHost: 127.0.0.1:{running.port}\r\nContent-Type: multipart/form-data; "
            f"boundary=b\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
-    status, _, answer = _raw(running.port, req)
+    status, _, answer = raw_request(running.port, req)
     assert status == 413 and "at most" in json.loads(answer)["error"]
 
 
 def test_unknown_paths_and_methods(running):
-    status, headers, body = _raw(running.port, f"GET /api/nothing HTTP/1.1\r\nHost: localhost:{running.port}\r\n\r\n".encode())
+    status, headers, body = raw_request(running.port, f"GET /api/nothing HTTP/1.1\r\nHost: localhost:{running.port}\r\n\r\n".encode())
     assert status == 404 and headers["content-type"] == "application/json" and json.loads(body)["error"]
-    status, headers, body = _raw(running.port, b"GET /etc/passwd HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    status, headers, body = raw_request(running.port, b"GET /etc/passwd HTTP/1.1\r\nHost: localhost\r\n\r\n")
     assert status == 404 and headers["content-type"].startswith("text/html") and b"root:" not in body
-    status, headers, body = _raw(running.port, b"DELETE /api/segment HTTP/1.1\r\nHost: localhost\r\n\r\n")
+    status, headers, body = raw_request(running.port, b"DELETE /api/segment HTTP/1.1\r\nHost: localhost\r\n\r\n")
     assert status == 405 and headers["allow"] == "POST" and json.loads(body)["error"]
-    status, headers, body = _raw(running.port, b"NONSENSE\r\n\r\n")
+    status, headers, body = raw_request(running.port, b"NONSENSE\r\n\r\n")
     assert status == 400 and json.loads(body)["error"]
 
 
@@ -307,7 +289,7 @@ def test_host_header_and_origin_checks(running):
     for host in (f"evil.example:{port}", "evil.example", f"127.0.0.1.nip.io:{port}"):
         status, body, _ = _post(running.url + "/api/segment", {"image": png, "classes": "star"}, {"Host": host})
         assert status == 403 and "Host" in json.loads(body)["error"], host
-    status, _, _ = _raw(port, f"GET / HTTP/1.1\r\nHost: evil.example:{port}\r\n\r\n".encode())
+    status, _, _ = raw_request(port, f"GET / HTTP/1.1\r\nHost: evil.example:{port}\r\n\r\n".encode())
     assert status == 403
     for host in (f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}"):
         status, _, _ = _post(running.url + "/api/segment", {"image": png, "classes": "star"}, {"Host": host})
@@ -324,9 +306,9 @@ def test_host_header_and_origin_checks(running):
 def test_allowed_host_option(model):
     srv = _Running(model, allowed_hosts=["demo.lab.internal"])
     try:
-        status, _, _ = _raw(srv.port, f"GET / HTTP/1.1\r\nHost: demo.lab.internal:{srv.port}\r\n\r\n".encode())
+        status, _, _ = raw_request(srv.port, f"GET / HTTP/1.1\r\nHost: demo.lab.internal:{srv.port}\r\n\r\n".encode())
         assert status == 200
-        status, _, _ = _raw(srv.port, f"GET / HTTP/1.1\r\nHost: other.lab.internal:{srv.port}\r\n\r\n".encode())
+        status, _, _ = raw_request(srv.port, f"GET / HTTP/1.1\r\nHost: other.lab.internal:{srv.port}\r\n\r\n".encode())
         assert status == 403
     finally:
         srv.close()
@@ -390,7 +372,7 @@ def test_full_queue_gets_503(model):
         hog.sendall(b"POST /api/segment HTTP/1.1\r\nHost: localhost\r\nContent-Type: multipart/form-data; "
                     b"boundary=b\r\nContent-Length: 1000\r\n\r\n")
         time.sleep(0.3)
-        status, headers, body = _raw(srv.port, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        status, headers, body = raw_request(srv.port, b"GET / HTTP/1.1\r\nHost: localhost\r\n\r\n")
         assert status == 503 and "busy" in json.loads(body)["error"] and headers["retry-after"]
         hog.settimeout(10)
         assert hog.recv(100).startswith(b"HTTP/1.0 408"), "the stalled upload is answered at its deadline"

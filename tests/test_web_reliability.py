@@ -6,7 +6,6 @@ Requests go to a server on 127.0.0.1 started here; every answer is read complete
 from __future__ import annotations
 
 import json
-import socket
 import threading
 import time
 
@@ -15,6 +14,8 @@ import pytest
 from tag2mask.cmdline.options import shipped_weights_path
 from tag2mask.web.multipart import MAX_PARTS, MAX_TEXT_FIELD_BYTES, parse_multipart
 from tag2mask.web.service import RequestError
+
+from web_client import raw_request
 
 
 @pytest.fixture(scope="module")
@@ -30,26 +31,9 @@ def port():
     server.server_close()
 
 
-def _raw(port: int, data: bytes, timeout: float = 60.0) -> tuple[int, dict[str, str], bytes]:
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
-        s.sendall(data)
-        chunks = []
-        while True:
-            chunk = s.recv(65536)
-            if not chunk:
-                break
-            chunks.append(chunk)
-    raw = b"".join(chunks)
-    assert raw, "the server closed the connection without an answer"
-    head, _, body = raw.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:])}
-    return int(lines[0].split()[1]), headers, body
-
-
 def _request(port: int, method: str, path: str, body: bytes = b"", headers: str = "") -> tuple[int, dict, bytes]:
     head = (f"{method} {path} HTTP/1.0\r\nHost: 127.0.0.1:{port}\r\nContent-Length: {len(body)}\r\n{headers}\r\n")
-    return _raw(port, head.encode("latin-1") + body)
+    return raw_request(port, head.encode("latin-1") + body, timeout=60.0)
 
 
 @pytest.mark.parametrize("method", ["PUT", "DELETE", "OPTIONS", "PATCH", "BREW"])
