@@ -17,7 +17,7 @@ import math
 import os
 import time
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Iterator, Optional, Union
 
 from tag2mask.jobs.checkpoint import DiskFullError, honour_umask, is_disk_full
 
@@ -105,14 +105,9 @@ def read_log(path: Union[str, Path]) -> list[dict[str, Any]]:
     if not path.is_file():
         return []
     if path.suffix == ".jsonl":
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(rec, dict) and "event" not in rec and "iteration" in rec:
-                    latest[int(rec["iteration"])] = rec
+        for rec in _json_records(path):
+            if "event" not in rec and "iteration" in rec:
+                latest[int(rec["iteration"])] = rec
     else:
         with open(path, newline="", encoding="utf-8", errors="replace") as f:
             for rec in csv.DictReader(f):
@@ -126,18 +121,20 @@ def read_log(path: Union[str, Path]) -> list[dict[str, Any]]:
 
 def read_events(path: Union[str, Path]) -> list[dict[str, Any]]:
     """The ``event`` lines of a ``.jsonl`` log, in order."""
-    out = []
     path = Path(path)
-    if path.is_file():
-        with open(path, encoding="utf-8", errors="replace") as f:
-            for line in f:
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    continue
-                if isinstance(rec, dict) and "event" in rec:
-                    out.append(rec)
-    return out
+    return [rec for rec in _json_records(path) if "event" in rec] if path.is_file() else []
+
+
+def _json_records(path: Path) -> Iterator[dict[str, Any]]:
+    """The JSON objects of a ``.jsonl`` file, in order; lines that do not parse (cut by a kill) are skipped."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for line in f:
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict):
+                yield rec
 
 
 def _number(text: Optional[str]) -> Any:
