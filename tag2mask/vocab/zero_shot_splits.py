@@ -24,7 +24,7 @@ from typing import Optional
 from tag2mask.synth.world import OBJECT_NAMES
 from tag2mask.vocab.classes import VOC_CLASSES
 
-__all__ = ["ZeroShotSplit", "SPLITS", "get_split", "split_names", "COCO_STUFF_171", "PASCAL_CONTEXT_59"]
+__all__ = ["SeenUnseenNames", "ZeroShotSplit", "SPLITS", "get_split", "split_names", "COCO_STUFF_171", "PASCAL_CONTEXT_59"]
 
 #: COCO-Stuff 164k, label order of its ``*_labelTrainIds.png`` (0..170; 255 = ignore)
 COCO_STUFF_171: tuple[str, ...] = (
@@ -63,8 +63,27 @@ PASCAL_CONTEXT_59: tuple[str, ...] = (
 _COCO_STUFF_UNSEEN_IDS = (19, 23, 28, 29, 36, 51, 76, 88, 94, 112, 133, 136, 137, 157, 160)
 
 
+class SeenUnseenNames:
+    """The seen / unseen views of ``class_names`` (label value -> name; index 0 ``"background"`` unless
+    ``background == "none"``) and ``unseen`` names, for the classes that hold those fields."""
+
+    class_names: tuple[str, ...]
+    unseen: tuple[str, ...]
+    background: str
+
+    @property
+    def foreground(self) -> tuple[str, ...]:
+        """The class names without the background entry."""
+        return self.class_names if self.background == "none" else self.class_names[1:]
+
+    @property
+    def seen(self) -> tuple[str, ...]:
+        """Foreground classes that have pixel labels in training (label order)."""
+        return tuple(n for n in self.foreground if n not in self.unseen)
+
+
 @dataclass(frozen=True)
-class ZeroShotSplit:
+class ZeroShotSplit(SeenUnseenNames):
     """A seen / unseen protocol on one data set's labels (see the module docstring).
 
     Attributes:
@@ -92,16 +111,6 @@ class ZeroShotSplit:
             raise ValueError(f"split {self.name}: unseen classes {missing} are not in its class list")
         if self.background != "none" and self.class_names[0] != "background":
             raise ValueError(f"split {self.name}: label 0 must be 'background' when background={self.background!r}")
-
-    @property
-    def foreground(self) -> tuple[str, ...]:
-        """The class names without the background entry."""
-        return self.class_names if self.background == "none" else self.class_names[1:]
-
-    @property
-    def seen(self) -> tuple[str, ...]:
-        """Foreground classes that have pixel labels in training (label order)."""
-        return tuple(n for n in self.foreground if n not in self.unseen)
 
     @property
     def unseen_ids(self) -> tuple[int, ...]:

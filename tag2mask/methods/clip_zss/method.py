@@ -33,6 +33,7 @@ from tag2mask.methods.clip_zss.glm import glm_loss
 from tag2mask.methods.clip_zss.losses import nel_loss
 from tag2mask.methods.clip_zss.regions import IGNORE, fuse_labels, pseudo_regions
 from tag2mask.methods.clip_zss.synthesizer import Synthesizer, bce_to_text, region_centroids
+from tag2mask.vocab.zero_shot_splits import SeenUnseenNames
 
 __all__ = ["ClassLayout", "ClipZss", "UnseenNameError", "embed_class_names", "check_no_unseen"]
 
@@ -45,7 +46,7 @@ class UnseenNameError(AssertionError):
 
 
 @dataclass(frozen=True)
-class ClassLayout:
+class ClassLayout(SeenUnseenNames):
     """How a data set's label values relate to the student's outputs.
 
     ``class_names``: label value ``k`` -> name (index 0 ``background`` unless ``background == "none"``).
@@ -64,15 +65,6 @@ class ClassLayout:
             raise ValueError(f"unseen classes {unknown} are not among the data set's classes")
         if not self.seen:
             raise ValueError("every class is unseen: nothing to train on")
-
-    @property
-    def foreground(self) -> tuple[str, ...]:
-        return self.class_names if self.background == "none" else self.class_names[1:]
-
-    @property
-    def seen(self) -> tuple[str, ...]:
-        """The seen foreground names, label order: the text classes of training."""
-        return tuple(n for n in self.foreground if n not in self.unseen)
 
     @property
     def learned_background(self) -> bool:
