@@ -18,7 +18,7 @@ from typing import Any, Sequence, Union
 
 import torch
 
-from tag2mask.jobs.checkpoint import DiskFullError, honour_umask, is_disk_full, save_checkpoint
+from tag2mask.jobs.checkpoint import DiskFullError, is_disk_full, save_checkpoint
 from tag2mask.runs.layout import CHECKPOINT_FORMAT
 from tag2mask.runs.rng_state import capture_rng_state
 
@@ -225,7 +225,6 @@ def write_config(out: Path, task: Any, options: Any, seed: int) -> None:
     record = {"task": task.name, "config": task.config_dict(), "options": {**asdict(options), "seed": seed},
               "meta": task.checkpoint_meta()}
     atomic_write_text(out / "config.json", json.dumps(record, indent=2, default=str))
-    honour_umask(out / "config.json")
 
 
 def _log_row(ctx: Any, window: _Window, done: int, opt: torch.optim.Optimizer,

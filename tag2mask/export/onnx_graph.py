@@ -185,7 +185,6 @@ def export_onnx(spec: ExportSpec, out: Path, size: Optional[tuple[int, int]] = N
     """
     from tag2mask.io.atomic import atomic_path, atomic_write_text
     from tag2mask.io.palette import voc_palette
-    from tag2mask.jobs.checkpoint import honour_umask
 
     require_onnx()
     if not MIN_OPSET <= opset <= MAX_OPSET:
@@ -216,10 +215,8 @@ def export_onnx(spec: ExportSpec, out: Path, size: Optional[tuple[int, int]] = N
                 hint = "; export at a fixed --size H W instead" if dynamic else ""
                 raise ValueError(f"the {spec.kind} network {spec.source.get('network', '')} does not run in "
                                  f"onnxruntime as exported: {exc}{hint}") from None
-    honour_umask(out)
     palette = voc_palette(len(spec.class_names))[: len(spec.class_names)].tolist()
     sidecar = _sidecar(spec, (h, w), dynamic, opset, palette)
     sidecar["check"] = {"max_abs_logit_diff_onnxruntime_vs_torch": diffs, "input": "standard normal, seed 0"}
     atomic_write_text(sidecar_path(out), json.dumps(sidecar, indent=1) + "\n")
-    honour_umask(sidecar_path(out))
     return sidecar

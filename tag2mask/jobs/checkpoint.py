@@ -63,8 +63,8 @@ def is_disk_full(exc: BaseException) -> bool:
 def honour_umask(path: Union[str, Path]) -> None:
     """Give ``path`` the mode a plain ``open()`` would have (0666 minus the umask).
 
-    Temporary files are created 0600; checkpoints and logs are meant to be shared like any other
-    output, so the final file gets the usual permissions.
+    For files written outside :func:`tag2mask.io.atomic.atomic_path` (which already does this) by a writer that
+    picks its own mode, e.g. safetensors' ``save_file`` (0600): outputs are meant to be shared like any other.
     """
     from tag2mask.io.atomic import current_umask
 
@@ -107,7 +107,6 @@ def save_checkpoint(folder: Union[str, Path], step: int, state: Any, name: Optio
         if is_disk_full(exc):
             raise DiskFullError(path, resume_hint) from None
         raise
-    honour_umask(path)
     try:
         with RunManifest(folder, RECORD) as record:
             record.record(path.name, "ok", outputs=[path.name], bytes=[len(data)],

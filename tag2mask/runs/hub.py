@@ -87,7 +87,6 @@ def write_hub_folder(ckpt: dict[str, Any], out: Path, run_dir: Optional[Path] = 
     from safetensors.torch import save_file
 
     from tag2mask.io.atomic import atomic_path, atomic_write_text
-    from tag2mask.jobs.checkpoint import honour_umask
 
     existing = [n for n in (_WEIGHTS, _CONFIG, _CARD) if (out / n).exists()]
     if existing and not overwrite:
@@ -99,8 +98,6 @@ def write_hub_folder(ckpt: dict[str, Any], out: Path, run_dir: Optional[Path] = 
         save_file(_flatten(ckpt["modules"]), str(tmp), metadata={"format": HUB_FORMAT, "task": ckpt["task"]})
     atomic_write_text(out / _CONFIG, json.dumps(config, indent=1, sort_keys=True) + "\n")
     atomic_write_text(out / _CARD, model_card(ckpt, _eval_report(run_dir) if run_dir is not None else None))
-    for name in (_WEIGHTS, _CONFIG, _CARD):
-        honour_umask(out / name)
     return out
 
 

@@ -123,10 +123,8 @@ def evaluate_source(model: nn.Module, source: SegmentationSource, config: Any, c
                                "miou_unseen": unseen_miou, "hiou": hiou}
     if write_dir is not None and rank == 0:
         from tag2mask.io.atomic import atomic_write_text
-        from tag2mask.jobs.checkpoint import honour_umask
 
         atomic_write_text(write_dir / "eval.json", json.dumps(report, indent=1, allow_nan=False, default=_plain))
-        honour_umask(write_dir / "eval.json")
     return report
 
 
@@ -146,9 +144,6 @@ def export_model(model: nn.Module, path: Path, config: Any) -> Optional[Path]:
         return None
     if not isinstance(model, Segmenter):
         return None
-    from tag2mask.jobs.checkpoint import honour_umask
-
     save_segmenter(model, path, metadata={"class_names": json.dumps(config.class_names),
                                           "trained_by": "tag2mask train segmenter"})
-    honour_umask(path)
     return path

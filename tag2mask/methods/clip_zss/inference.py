@@ -70,10 +70,8 @@ def evaluate_zero_shot(model: nn.Module, source: Any, seg_config: Any, layout: C
               "seen_unseen": {"mIoU_seen": seen, "mIoU_unseen": unseen, "hIoU": hiou}}
     if write_dir is not None and rank == 0:
         from tag2mask.io.atomic import atomic_write_text
-        from tag2mask.jobs.checkpoint import honour_umask
 
         atomic_write_text(write_dir / "eval.json", json.dumps(report, indent=1, allow_nan=False))
-        honour_umask(write_dir / "eval.json")
     return report
 
 

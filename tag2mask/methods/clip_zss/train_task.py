@@ -220,7 +220,6 @@ class ClipZssTask(SegmenterTask):
                 "hiou": su["hIoU"]}
 
     def finish(self, summary: dict[str, Any]) -> None:
-        from tag2mask.jobs.checkpoint import honour_umask
         from tag2mask.models import save_segmenter
 
         out = self.ctx.out_dir
@@ -230,7 +229,6 @@ class ClipZssTask(SegmenterTask):
                 save_segmenter(self.model, out / "model.safetensors", metadata={
                     "class_names": json.dumps(names), "label_offset": str(self.layout.label_offset),
                     "trained_by": "tag2mask train clip-zss"})
-                honour_umask(out / "model.safetensors")
             if self.evaluate_at_end and self.val_source is not None:
                 self.final_eval = evaluate_zero_shot(self.model, self.val_source, self.config, self.layout, self.ctx,
                                                      write_dir=out / "eval")

@@ -96,12 +96,10 @@ def save_prompts(path: Path, ctx: torch.Tensor, config: FMATrainConfig, meta: di
     from safetensors.torch import save as st_save
 
     from tag2mask.io.atomic import atomic_write_bytes
-    from tag2mask.jobs.checkpoint import honour_umask
 
     metadata = {"format": "tag2mask-fma-prompts-1", "config": json.dumps(config.to_dict()),
                 "meta": json.dumps(meta), "iteration": str(int(iteration))}
     atomic_write_bytes(path, st_save({"ctx": ctx.detach().float().cpu().contiguous()}, metadata=metadata))
-    honour_umask(path)
     return path
 
 
